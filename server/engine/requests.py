@@ -1,0 +1,85 @@
+"""A generation request as the engine sees it, and the events it streams back."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from adapters.peft_format import LoraAdapter
+from server.engine.sampling import SamplingParams
+
+FinishReason = Literal["length", "eos_token", "stop_sequence"]
+_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    id: int
+    text: str
+    logprob: float
+    special: bool
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    generated_text: str  # includes a matched stop sequence, as TGI does
+    finish_reason: FinishReason
+    prompt_tokens: int
+    generated_tokens: int
+    seed: int | None
+    tokens: list[dict] = field(default_factory=list)
+    stop_at: int | None = None  # where the matched stop sequence starts in generated_text
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    message: str
+    error_type: str = "internal"
+
+
+Event = TokenEvent | FinishEvent | ErrorEvent
+
+
+@dataclass
+class GenerationRequest:
+    """Created by the HTTP layer, owned by the engine thread once submitted."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: LoraAdapter | None  # resolved at submission: a later replace does not affect it
+    want_details: bool = False
+    request_id: int = field(default_factory=lambda: next(_ids))
+    # events flow from the engine thread to whoever waits (an asyncio queue, or a list in tests)
+    sink: Callable[[Event], None] | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # timings (time.perf_counter seconds)
+    submitted_at: float = field(default_factory=time.perf_counter)
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def adapter_id(self) -> str | None:
+        return self.adapter.adapter_id if self.adapter else None
+
+    def cancel(self) -> None:
+        """Called from any thread: the engine drops the row at the next step."""
+        self.cancelled.set()
+
+    def emit(self, event: Event) -> None:
+        """Called from the engine thread: hand an event to whoever waits for this request."""
+        if self.sink is not None:
+            self.sink(event)
+
+    def timings(self) -> dict[str, float]:
+        start = self.admitted_at or self.submitted_at
+        end = self.finished_at or time.perf_counter()
+        return {
+            "queue_time": start - self.submitted_at,
+            "inference_time": end - start,
+            "time_to_first_token": (self.first_token_at or end) - self.submitted_at,
+        }
