@@ -268,7 +268,7 @@ class Engine:
         params = row.sampler.params
         text = row.detokenizer.text
         stop_at: int | None = None
-        if token in self.eos_ids:
+        if token in self.eos_ids and not params.ignore_eos:
             reason = "eos_token"
         elif params.stop and (match := find_stop(text, params.stop, new_chars)) is not None:
             reason, stop_at = "stop_sequence", match[0]

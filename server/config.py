@@ -1,0 +1,71 @@
+"""Server settings: every option is a CLI flag of `loraplex serve` and an env var LORAPLEX_<NAME>."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+Mode = Literal["unmerged", "merged", "auto"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LORAPLEX_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8080, ge=1, le=65535, description="Port to listen on.")
+    model: str | None = Field(
+        None, description="Local Hugging Face causal-LM directory; default: the embedded SmolLM2-135M-Instruct."
+    )
+    adapter: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Adapters to register at start-up, as ID=PATH (repeatable; env: comma-separated).",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; auto = float32 on CPU, bfloat16 on CUDA."
+    )
+    device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:N.")
+    mode: Mode = Field("unmerged", description="How adapters are applied; only 'unmerged' is implemented so far.")
+    max_batch: int = Field(32, ge=1, le=1024, description="Most requests decoded together.")
+    max_input_tokens: int = Field(2048, ge=1, description="Longest prompt, in tokens.")
+    max_total_tokens: int = Field(4096, ge=2, description="Prompt + new tokens, per request.")
+    max_prefill_tokens: int = Field(4096, ge=1, description="Prompt tokens prefilled in one engine step.")
+    max_loaded_adapters: int = Field(64, ge=1, description="Adapter slots in memory (LRU eviction).")
+    max_rank: int = Field(256, ge=1, description="Largest LoRA rank accepted.")
+    kernel: Literal["segmented", "gather_bmm"] = Field("segmented", description="Batched LoRA kernel.")
+    data_dir: Path = Field(Path("./data"), description="Where adapters are stored.")
+    cache_dir: Path = Field(Path("~/.cache/loraplex"), description="Converted embedded model and caches.")
+    log_level: str = Field("info", description="debug, info, warning, error.")
+
+    @field_validator("adapter", mode="before")
+    @classmethod
+    def _split_adapters(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("adapter")
+    @classmethod
+    def _check_adapter_specs(cls, value: list[str]) -> list[str]:
+        for spec in value:
+            adapter_id, sep, path = spec.partition("=")
+            if not sep or not adapter_id or not path:
+                raise ValueError(f"--adapter {spec!r} must look like ID=PATH")
+        return value
+
+    @field_validator("cache_dir", "data_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    def adapter_specs(self) -> list[tuple[str, Path]]:
+        return [(spec.partition("=")[0], Path(spec.partition("=")[2]).expanduser()) for spec in self.adapter]
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
