@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from server.engine.batch import RunningBatch
+from server.engine.batch import RunningBatch, new_cache
 from server.engine.lora_linear import LoraBatchContext
 
 
@@ -31,7 +31,7 @@ def prefill(
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [N, T]
     ctx.set_rows(slots, device)
-    cache = DynamicCache(config=model.config)
+    cache = new_cache(model.config)
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
