@@ -41,7 +41,8 @@ class LoraBatchContext:
 
     row_slots: torch.Tensor | None = None  # [B] int64, BASE_SLOT for rows without adapter
     active_slots: tuple[int, ...] = ()  # distinct slots >= 0 used by the batch, sorted
-    row_mask_cache: dict[int, torch.Tensor] = field(default_factory=dict)  # r_max -> [B, L*r_max]
+    # (slots, r_max) -> [B, L*r_max]; layers that some adapters skip use a subset of the slots
+    row_mask_cache: dict[tuple[tuple[int, ...], int], torch.Tensor] = field(default_factory=dict)
     kernel: str = "segmented"
     _rows_key: tuple[int, ...] | None = None
 
@@ -66,15 +67,15 @@ class LoraBatchContext:
         """Forget the cached row mask (call after slot contents change)."""
         self._rows_key = None
 
-    def row_mask(self, r_max: int, dtype: torch.dtype) -> torch.Tensor:
-        """``[B, L*r_max]``: 1 where column block l belongs to row i's slot."""
-        mask = self.row_mask_cache.get(r_max)
+    def row_mask(self, slots: tuple[int, ...], r_max: int, dtype: torch.dtype) -> torch.Tensor:
+        """``[B, L*r_max]``: 1 where column block l (slot ``slots[l]``) belongs to row i's slot."""
+        mask = self.row_mask_cache.get((slots, r_max))
         if mask is None or mask.dtype != dtype:
             assert self.row_slots is not None
-            active = torch.tensor(self.active_slots, device=self.row_slots.device)
-            onehot = (self.row_slots[:, None] == active[None, :]).to(dtype)  # [B, L]
+            columns = torch.tensor(slots, device=self.row_slots.device)
+            onehot = (self.row_slots[:, None] == columns[None, :]).to(dtype)  # [B, L]
             mask = onehot.repeat_interleave(r_max, dim=1)  # [B, L*r_max]
-            self.row_mask_cache[r_max] = mask
+            self.row_mask_cache[(slots, r_max)] = mask
         return mask
 
 
@@ -95,8 +96,8 @@ class LoraLinear(nn.Module):
         self.B_stack = torch.zeros(0, out_features, 0, dtype=weight.dtype, device=weight.device)  # [S, d, r_max]
         self.scale = torch.zeros(0, dtype=weight.dtype, device=weight.device)  # [S]
         self.occupied: set[int] = set()
-        # (active slots, A_act, B_act_scaled^T), rebuilt when the batch's slots or a slot's content change
-        self._active_cache: tuple[tuple[int, ...], torch.Tensor, torch.Tensor] | None = None
+        # (batch slots, this layer's slots, A_act, B_act_scaled^T)
+        self._active_cache: tuple[tuple[int, ...], tuple[int, ...], torch.Tensor, torch.Tensor] | None = None
 
     # ---------------------------------------------------------------- slot management
 
@@ -151,7 +152,7 @@ class LoraLinear(nn.Module):
         if ctx.row_slots is None or not self.occupied:
             return y
         if not any(s in self.occupied for s in ctx.active_slots):
-            return y
+            return y  # no adapter of this batch adapts this layer
         if ctx.kernel == "gather_bmm":
             return y + self._delta_gather_bmm(x, ctx)
         return self._add_delta_segmented(x, y, ctx)
@@ -159,30 +160,36 @@ class LoraLinear(nn.Module):
     def _delta_gather_bmm(self, x: torch.Tensor, ctx: LoraBatchContext) -> torch.Tensor:
         """Semantics: ``y[i] += scale[slot[i]] * (x[i] @ A[slot[i]].T) @ B[slot[i]].T``."""
         assert ctx.row_slots is not None
-        slots = ctx.row_slots.clamp(min=0)  # [B]; base rows get scale 0 below
-        scale = torch.where(ctx.row_slots >= 0, self.scale[slots], 0)  # [B]
+        # base rows, and rows whose adapter skips this layer, read slot 0 with scale 0
+        present = (ctx.row_slots >= 0) & (ctx.row_slots < self.A_stack.shape[0])
+        slots = torch.where(present, ctx.row_slots, 0)  # [B]
+        scale = torch.where(present, self.scale[slots], 0)  # [B]
         A = self.A_stack[slots]  # [B, r, k]
         B = self.B_stack[slots]  # [B, d, r]
         h = torch.bmm(x, A.transpose(1, 2))  # [B, T, r]
         return torch.bmm(h, B.transpose(1, 2)) * scale[:, None, None]  # [B, T, d]
 
-    def _active_weights(self, ctx: LoraBatchContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """A and scaled B of the batch's active slots, concatenated along rank (cached per batch)."""
+    def _active_weights(self, ctx: LoraBatchContext) -> tuple[tuple[int, ...], torch.Tensor, torch.Tensor]:
+        """This layer's slots among the batch's, with their A and scaled B concatenated along rank.
+
+        Cached until the batch's slots or a slot's content change.
+        """
         cached = self._active_cache
         if cached is not None and cached[0] == ctx.active_slots:
-            return cached[1], cached[2]
-        idx = torch.tensor(ctx.active_slots, device=self.A_stack.device)
+            return cached[1], cached[2], cached[3]
+        slots = tuple(s for s in ctx.active_slots if s in self.occupied)
+        idx = torch.tensor(slots, device=self.A_stack.device)
         A = self.A_stack[idx].reshape(-1, self.in_features)  # [L*r_max, k]
         B = (self.B_stack[idx] * self.scale[idx][:, None, None]).permute(1, 0, 2)  # [d, L, r_max]
         B_t = B.reshape(self.out_features, -1).t().contiguous()  # [L*r_max, d]
-        self._active_cache = (ctx.active_slots, A, B_t)
-        return A, B_t
+        self._active_cache = (ctx.active_slots, slots, A, B_t)
+        return slots, A, B_t
 
     def _add_delta_segmented(self, x: torch.Tensor, y: torch.Tensor, ctx: LoraBatchContext) -> torch.Tensor:
         """Semantics: ``h = x @ A_act.T; h *= row_mask; y += h @ (scale·B)_act.T``."""
-        A, B_t = self._active_weights(ctx)
+        slots, A, B_t = self._active_weights(ctx)
         h = x @ A.t()  # [B, T, L*r_max]
-        h = h * ctx.row_mask(self.r_max, h.dtype)[:, None, :]
+        h = h * ctx.row_mask(slots, self.r_max, h.dtype)[:, None, :]
         return y + h @ B_t  # [B, T, d]
 
 

@@ -1,0 +1,112 @@
+"""Shared fixtures: a tiny random Llama (unit tests) and the embedded SmolLM2 (integration tests).
+
+No test reaches a model hub. The tokenizer of the tiny model is the embedded model's, converted
+once into the cache dir (``LORAPLEX_CACHE_DIR`` or ``~/.cache/loraplex``).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from server.engine.base_model import embedded_model_dir
+
+CACHE_DIR = Path(os.environ.get("LORAPLEX_CACHE_DIR", "~/.cache/loraplex")).expanduser()
+
+# Tests share 2 cores with nothing else; one intra-op thread avoids oversubscription when
+# tests run servers in threads, and keeps timings of tiny ops stable.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def embedded_dir() -> Path:
+    return embedded_model_dir(CACHE_DIR)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(embedded_dir: Path):
+    return AutoTokenizer.from_pretrained(embedded_dir)
+
+
+def tiny_llama_config(vocab_size: int, **overrides) -> LlamaConfig:
+    values = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=2,
+        pad_token_id=2,
+        bos_token_id=1,
+    )
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tokenizer) -> LlamaForCausalLM:
+    """A random 2-layer Llama with the embedded tokenizer's vocabulary (never modified: copy it)."""
+    torch.manual_seed(1234)
+    model = LlamaForCausalLM(tiny_llama_config(len(tokenizer))).eval()
+    model.requires_grad_(False)
+    return model
+
+
+@pytest.fixture
+def tiny_model(tiny_base) -> LlamaForCausalLM:
+    return copy.deepcopy(tiny_base)
+
+
+@pytest.fixture(scope="session")
+def embedded_model(embedded_dir: Path):
+    model = AutoModelForCausalLM.from_pretrained(embedded_dir, dtype=torch.float32).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def make_peft_adapter(
+    base: torch.nn.Module,
+    out_dir: Path,
+    *,
+    seed: int,
+    b_scale: float = 0.5,
+    **lora_kwargs,
+) -> torch.nn.Module:
+    """Save a PEFT LoRA adapter with random (non-zero) A and B to ``out_dir``; return the PEFT model.
+
+    PEFT initialises B to zero; here both factors are random so the adapter changes outputs.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(init_lora_weights=False, **lora_kwargs)
+    peft_model = get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(b_scale)
+    peft_model.eval()
+    peft_model.save_pretrained(out_dir)
+    return peft_model
+
+
+@pytest.fixture
+def peft_adapter_factory(tmp_path: Path) -> Callable[..., tuple[Path, torch.nn.Module]]:
+    """``factory(base, name, seed=..., **LoraConfig kwargs) -> (adapter dir, PEFT model)``."""
+
+    def factory(base: torch.nn.Module, name: str, *, seed: int = 0, b_scale: float = 0.5, **kwargs):
+        out = tmp_path / name
+        kwargs.setdefault("r", 8)
+        kwargs.setdefault("lora_alpha", 16)
+        kwargs.setdefault("target_modules", ["q_proj", "v_proj"])
+        return out, make_peft_adapter(base, out, seed=seed, b_scale=b_scale, **kwargs)
+
+    return factory

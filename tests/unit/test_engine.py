@@ -1,0 +1,250 @@
+"""The engine on a tiny random Llama: mixed batches equal solo runs, PEFT and the dense reference."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from adapters.peft_format import load_adapter_dir
+from server.engine.engine import Engine, EngineConfig, RequestRejected
+from server.engine.forward import prefill
+from server.engine.lora_linear import BASE_SLOT
+from tests.engine_helpers import outcome, run_many, run_one, submit
+
+PROMPTS = ["Hello there, how are", "The quick brown fox", "A", "Once upon a time in a land far away there lived"]
+ADAPTER_CONFIGS = {
+    "qv": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+    "all_rslora": dict(r=4, lora_alpha=8, target_modules="all-linear", use_rslora=True),
+    "patterns": dict(
+        r=8,
+        lora_alpha=16,
+        target_modules=["k_proj", "o_proj", "down_proj", "up_proj"],
+        rank_pattern={"o_proj": 2, "layers.1.mlp.down_proj": 12},
+        alpha_pattern={"up_proj": 5.0},
+    ),
+    "layers": dict(r=6, lora_alpha=3, target_modules=["gate_proj", "q_proj"], layers_to_transform=[1]),
+}
+
+
+def _engine(model, tokenizer, **config) -> Engine:
+    return Engine(model, tokenizer, EngineConfig(**config))
+
+
+@pytest.fixture
+def setup(tiny_base, tokenizer, peft_adapter_factory):
+    """An engine on a copy of the tiny model, its adapters, and PEFT's models for the same adapters."""
+    engine = _engine(copy.deepcopy(tiny_base), tokenizer)
+    adapters, peft_models = {}, {}
+    for seed, (name, kwargs) in enumerate(ADAPTER_CONFIGS.items()):
+        path, peft_models[name] = peft_adapter_factory(tiny_base, name, seed=seed, **kwargs)
+        adapters[name] = load_adapter_dir(path, name, engine.base_shapes)
+    return engine, adapters, peft_models
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text)["input_ids"]
+
+
+@pytest.mark.parametrize("kernel", ["segmented", "gather_bmm"])
+def test_mixed_batch_rows_equal_solo_and_peft_generate(setup, tiny_base, tokenizer, kernel) -> None:
+    engine, adapters, peft_models = setup
+    engine.ctx.kernel = kernel
+    jobs = [(p, name) for p in PROMPTS for name in [None, *adapters]]
+    mixed = run_many(engine, [(_ids(tokenizer, p), adapters.get(n)) for p, n in jobs], max_new_tokens=10)
+    for (prompt, name), got in zip(jobs, mixed, strict=True):
+        solo = run_one(engine, _ids(tokenizer, prompt), adapters.get(name), max_new_tokens=10)
+        assert got.tokens == solo.tokens, (prompt, name)
+        model = tiny_base if name is None else peft_models[name]
+        inputs = tokenizer(prompt, return_tensors="pt")
+        with torch.no_grad():
+            ref = model.generate(**inputs, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=2)
+        assert got.tokens == ref[0, inputs["input_ids"].shape[1] :].tolist(), (prompt, name)
+
+
+def _dense_merged(base, adapter):
+    """The dense reference: a copy of the base model with W <- W + s·B·A in float64 then cast."""
+    model = copy.deepcopy(base)
+    for name, w in adapter.layers.items():
+        linear = model.get_submodule(name)
+        delta = w.scale * (w.B.double() @ w.A.double())
+        linear.weight.data = (linear.weight.double() + delta).to(linear.weight.dtype)
+    return model
+
+
+def test_prefill_logits_equal_peft_and_dense_reference(setup, tiny_base, tokenizer) -> None:
+    engine, adapters, peft_models = setup
+    prompts = [_ids(tokenizer, p) for p in PROMPTS]
+    names = list(adapters)
+    slots = {n: engine.slots.acquire(adapters[n]) for n in names}
+    row_names = [names[i % len(names)] for i in range(len(prompts))] + [None]
+    row_prompts = [*prompts, prompts[0]]
+    row_slots = [BASE_SLOT if n is None else slots[n] for n in row_names]
+    logits, _, _ = prefill(engine.model, engine.ctx, row_prompts, row_slots, pad_id=2)
+    for i, name in enumerate(row_names):
+        ids = torch.tensor([row_prompts[i]])
+        with torch.no_grad():
+            if name is None:
+                ref = tiny_base(ids).logits[0, -1]
+                dense = ref
+            else:
+                ref = peft_models[name](input_ids=ids).logits[0, -1]
+                dense = _dense_merged(tiny_base, adapters[name])(ids).logits[0, -1]
+        torch.testing.assert_close(logits[i], ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits[i], dense, rtol=1e-4, atol=1e-4)
+
+
+def test_adapters_change_the_output(setup, tokenizer) -> None:
+    engine, adapters, _ = setup
+    base = run_one(engine, _ids(tokenizer, PROMPTS[0]), None, max_new_tokens=12).tokens
+    assert all(run_one(engine, _ids(tokenizer, PROMPTS[0]), a, max_new_tokens=12).tokens != base for a in adapters.values())
+
+
+def test_requests_join_a_running_batch_and_match_solo(setup, tokenizer) -> None:
+    engine, adapters, _ = setup
+    names = [None, "qv", "patterns", "all_rslora", "layers", None]
+    solo = [run_one(engine, _ids(tokenizer, PROMPTS[i % 4]), adapters.get(n), max_new_tokens=9).tokens
+            for i, n in enumerate(names)]  # fmt: skip
+    pending = []
+    for i, name in enumerate(names):  # one newcomer every two steps, while others decode
+        pending.append(submit(engine, _ids(tokenizer, PROMPTS[i % 4]), adapters.get(name), max_new_tokens=9)[1])
+        engine._drain_inbox(block=False)
+        engine.step()
+        engine.step()
+        assert engine.num_running <= len(names)
+    engine.run_until_idle()
+    assert [outcome(e).tokens for e in pending] == solo
+
+
+def test_finished_rows_leave_at_once(setup, tokenizer) -> None:
+    engine, adapters, _ = setup
+    short = submit(engine, _ids(tokenizer, PROMPTS[0]), adapters["qv"], max_new_tokens=2)[1]
+    long = submit(engine, _ids(tokenizer, PROMPTS[1]), None, max_new_tokens=6)[1]
+    engine._drain_inbox(block=False)
+    engine.step()  # prefill (token 1) + decode (token 2): the short one is done
+    assert outcome(short).finish is not None and outcome(short).finish.finish_reason == "length"
+    assert engine.num_running == 1
+    assert engine.slots._resident[adapters["qv"].key].in_use == 0
+    engine.run_until_idle()
+    assert len(outcome(long).tokens) == 6
+
+
+def test_cancel_frees_the_row_and_the_slot(setup, tokenizer) -> None:
+    engine, adapters, _ = setup
+    request, events = submit(engine, _ids(tokenizer, PROMPTS[0]), adapters["qv"], max_new_tokens=50)
+    other = submit(engine, _ids(tokenizer, PROMPTS[1]), None, max_new_tokens=5)[1]
+    engine._drain_inbox(block=False)
+    engine.step()
+    request.cancel()
+    engine.step()
+    assert engine.num_running == 1
+    assert outcome(events).error is not None and outcome(events).error.error_type == "cancelled"
+    assert engine.slots._resident[adapters["qv"].key].in_use == 0
+    engine.run_until_idle()
+    assert len(outcome(other).tokens) == 5
+
+
+def test_max_batch_is_respected(setup, tokenizer) -> None:
+    engine, adapters, _ = setup
+    engine.config = EngineConfig(max_batch=3)
+    pending = [submit(engine, _ids(tokenizer, PROMPTS[i % 4]), None, max_new_tokens=4)[1] for i in range(7)]
+    engine._drain_inbox(block=False)
+    while engine.num_running or engine.num_waiting:
+        engine.step()
+        assert engine.num_running <= 3
+    assert all(len(outcome(e).tokens) == 4 for e in pending)
+
+
+def test_slot_lru_eviction_never_evicts_in_use(tiny_base, tokenizer, peft_adapter_factory) -> None:
+    engine = _engine(copy.deepcopy(tiny_base), tokenizer, max_loaded_adapters=2)
+    adapters = [
+        load_adapter_dir(peft_adapter_factory(tiny_base, f"a{i}", seed=i)[0], f"a{i}", engine.base_shapes)
+        for i in range(3)
+    ]
+    solo = [run_one(engine, _ids(tokenizer, PROMPTS[0]), a, max_new_tokens=6).tokens for a in adapters]
+    assert engine.slots.evictions >= 1 and len(engine.slots.resident_keys) == 2
+    # three adapters at once with two slots: the third waits for a slot, then runs correctly
+    outs = run_many(engine, [(_ids(tokenizer, PROMPTS[0]), a) for a in adapters], max_new_tokens=6)
+    assert [o.tokens for o in outs] == solo
+
+
+def test_stop_sequence_and_eos(setup, tokenizer) -> None:
+    engine, _, _ = setup
+    free = run_one(engine, _ids(tokenizer, PROMPTS[0]), None, max_new_tokens=12)
+    text = tokenizer.decode(free.tokens)
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    stopped = run_one(engine, _ids(tokenizer, PROMPTS[0]), None, max_new_tokens=12, stop=(stop,))
+    assert stopped.finish.finish_reason == "stop_sequence"
+    assert stopped.finish.generated_text.endswith(stop)
+    assert stop not in stopped.finish.generated_text[: -len(stop)]
+    # EOS: make token 2 (eos) the only possible token by a huge repetition penalty on everything else? simpler:
+    engine.eos_ids = frozenset({free.tokens[3]})
+    eos = run_one(engine, _ids(tokenizer, PROMPTS[0]), None, max_new_tokens=12)
+    assert eos.finish.finish_reason == "eos_token" and eos.tokens == free.tokens[:4]
+    ignored = run_one(engine, _ids(tokenizer, PROMPTS[0]), None, max_new_tokens=12, ignore_eos=True)
+    assert ignored.tokens == free.tokens and ignored.finish.finish_reason == "length"
+
+
+def test_seeded_sampling_is_reproducible(setup, tokenizer) -> None:
+    engine, adapters, _ = setup
+    ids = _ids(tokenizer, PROMPTS[2])
+    params = dict(max_new_tokens=12, do_sample=True, temperature=1.5, top_k=50, top_p=0.95)
+    a = run_one(engine, ids, adapters["qv"], seed=7, **params)
+    b = run_one(engine, ids, adapters["qv"], seed=7, **params)
+    c = run_one(engine, ids, adapters["qv"], seed=8, **params)
+    assert a.tokens == b.tokens and a.finish.seed == 7
+    assert a.tokens != c.tokens
+    unseeded = run_one(engine, ids, None, **params)
+    assert unseeded.finish.seed is not None  # the drawn seed is reported, so the run can be repeated
+    again = run_one(engine, ids, None, seed=unseeded.finish.seed, **params)
+    assert again.tokens == unseeded.tokens
+
+
+def test_top_k_one_is_greedy(setup, tokenizer) -> None:
+    engine, adapters, _ = setup
+    ids = _ids(tokenizer, PROMPTS[3])
+    greedy = run_one(engine, ids, adapters["patterns"], max_new_tokens=8).tokens
+    assert run_one(engine, ids, adapters["patterns"], max_new_tokens=8, do_sample=True, top_k=1, seed=3).tokens == greedy
+
+
+def test_repetition_penalty_matches_hf(setup, tiny_base, tokenizer) -> None:
+    engine, _, _ = setup
+    inputs = tokenizer(PROMPTS[1], return_tensors="pt")
+    got = run_one(engine, inputs["input_ids"][0].tolist(), None, max_new_tokens=10, repetition_penalty=1.8).tokens
+    with torch.no_grad():
+        ref = tiny_base.generate(**inputs, max_new_tokens=10, do_sample=False, repetition_penalty=1.8,
+                                 eos_token_id=None, pad_token_id=2)  # fmt: skip
+    assert got == ref[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def test_limits_are_enforced(setup, tokenizer) -> None:
+    engine, _, _ = setup
+    engine.config = EngineConfig(max_input_tokens=4, max_total_tokens=10)
+    with pytest.raises(RequestRejected, match="max-input-tokens"):
+        submit(engine, list(range(3, 9)), None)
+    with pytest.raises(RequestRejected, match="at most 7"):
+        submit(engine, [5, 6, 7], None, max_new_tokens=8)
+    with pytest.raises(RequestRejected, match="empty"):
+        submit(engine, [], None)
+
+
+def test_gpt2_conv1d_fan_in_fan_out_matches_peft(tokenizer, peft_adapter_factory) -> None:
+    """Any HF causal LM: GPT-2 keeps its linear weights transposed (Conv1D, fan_in_fan_out)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(5)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=128))
+    base.eval()
+    path, peft_model = peft_adapter_factory(
+        base, "gpt2", r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True
+    )
+    engine = _engine(copy.deepcopy(base), tokenizer)
+    adapter = load_adapter_dir(path, "gpt2", engine.base_shapes)
+    assert adapter.config.fan_in_fan_out
+    for prompt in PROMPTS[:2]:
+        inputs = tokenizer(prompt, return_tensors="pt")
+        got = run_one(engine, inputs["input_ids"][0].tolist(), adapter, max_new_tokens=8).tokens
+        with torch.no_grad():
+            ref = peft_model.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=2)
+        assert got == ref[0, inputs["input_ids"].shape[1] :].tolist()
