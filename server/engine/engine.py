@@ -69,6 +69,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self.steps = 0
+        self.peak_batch = 0  # most rows decoded together since start
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -171,6 +172,7 @@ class Engine:
         if admitted:
             self._prefill(admitted)
         if self._batch is not None:
+            self.peak_batch = max(self.peak_batch, len(self._batch))
             logits = decode_one_token(self.model, self.ctx, self._batch)
             self._advance(self._batch, logits)
             self._remove_finished()
