@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from adapters.synthetic import make_random_peft_adapter
 from server.engine.base_model import embedded_model_dir
 
 CACHE_DIR = Path(os.environ.get("LORAPLEX_CACHE_DIR", "~/.cache/loraplex")).expanduser()
@@ -72,30 +73,8 @@ def embedded_model(embedded_dir: Path):
     return model
 
 
-def make_peft_adapter(
-    base: torch.nn.Module,
-    out_dir: Path,
-    *,
-    seed: int,
-    b_scale: float = 0.5,
-    **lora_kwargs,
-) -> torch.nn.Module:
-    """Save a PEFT LoRA adapter with random (non-zero) A and B to ``out_dir``; return the PEFT model.
-
-    PEFT initialises B to zero; here both factors are random so the adapter changes outputs.
-    """
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    config = LoraConfig(init_lora_weights=False, **lora_kwargs)
-    peft_model = get_peft_model(copy.deepcopy(base), config)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.mul_(b_scale)
-    peft_model.eval()
-    peft_model.save_pretrained(out_dir)
-    return peft_model
+# Kept under this name for the tests; the implementation is shared with the benchmarks.
+make_peft_adapter = make_random_peft_adapter
 
 
 @pytest.fixture
