@@ -38,7 +38,9 @@ SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "F16": (torch.float16, 2),
     "BF16": (torch.bfloat16, 2),
 }
-_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>A|B)(?:\.[A-Za-z0-9_-]+)?\.weight$")
+_KEY_RE = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>A|B)(?:\.[A-Za-z0-9_-]+)?\.weight$"
+)
 
 
 class AdapterError(ValueError):
@@ -270,7 +272,8 @@ def _refuse_unsupported(data: Mapping[str, Any]) -> None:
 def _number_map(data: Mapping[str, Any], key: str, *, integer: bool) -> dict[str, Any]:
     value = data.get(key) or {}
     ok = isinstance(value, dict) and all(
-        isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in value.items()
+        isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+        for k, v in value.items()
     )
     if ok and integer:
         ok = all(isinstance(v, int) and v >= 1 for v in value.values())
@@ -291,7 +294,9 @@ def check_safetensors_header(data: bytes | memoryview) -> dict[str, dict[str, An
     """
     size = len(data)
     if size < 8:
-        raise AdapterError(f"{WEIGHTS_FILE} is truncated ({size} bytes); re-upload the file.", "invalid_weights")
+        raise AdapterError(
+            f"{WEIGHTS_FILE} is truncated ({size} bytes); re-upload the file.", "invalid_weights"
+        )
     (header_len,) = struct.unpack("<Q", bytes(data[:8]))
     if header_len > MAX_SAFETENSORS_HEADER_BYTES:
         raise AdapterError(
@@ -307,7 +312,9 @@ def check_safetensors_header(data: bytes | memoryview) -> dict[str, dict[str, An
     try:
         header = json.loads(bytes(data[8 : 8 + header_len]))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"{WEIGHTS_FILE} has a header that is not JSON: {exc}.", "invalid_weights") from exc
+        raise AdapterError(
+            f"{WEIGHTS_FILE} has a header that is not JSON: {exc}.", "invalid_weights"
+        ) from exc
     if not isinstance(header, dict):
         raise AdapterError(f"{WEIGHTS_FILE} header must be a JSON object.", "invalid_weights")
     body = size - 8 - header_len
@@ -316,7 +323,9 @@ def check_safetensors_header(data: bytes | memoryview) -> dict[str, dict[str, An
         if name == "__metadata__":
             continue
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-            raise AdapterError(f"{WEIGHTS_FILE}: tensor {name!r} has a malformed header entry.", "invalid_weights")
+            raise AdapterError(
+                f"{WEIGHTS_FILE}: tensor {name!r} has a malformed header entry.", "invalid_weights"
+            )
         dtype = info["dtype"]
         if dtype not in SAFETENSORS_DTYPES:
             raise AdapterError(
@@ -333,7 +342,9 @@ def check_safetensors_header(data: bytes | memoryview) -> dict[str, dict[str, An
             and all(isinstance(o, int) for o in offsets)
         )
         if not valid:
-            raise AdapterError(f"{WEIGHTS_FILE}: tensor {name!r} has a malformed header entry.", "invalid_weights")
+            raise AdapterError(
+                f"{WEIGHTS_FILE}: tensor {name!r} has a malformed header entry.", "invalid_weights"
+            )
         start, end = offsets
         expected = math.prod(shape) * SAFETENSORS_DTYPES[dtype][1]
         if not (0 <= start <= end <= body) or end - start != expected:
@@ -425,7 +436,9 @@ def _pair_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.
                 "unsupported",
             )
         if "lora_magnitude_vector" in key:
-            raise AdapterError(f"tensor {key!r} belongs to a DoRA adapter; DoRA is not supported yet.", "unsupported")
+            raise AdapterError(
+                f"tensor {key!r} belongs to a DoRA adapter; DoRA is not supported yet.", "unsupported"
+            )
         match = _KEY_RE.match(key)
         if match is None:
             raise AdapterError(
@@ -468,7 +481,9 @@ def _check_layer(
                 "incompatible",
             )
         if not torch.isfinite(tensor).all():
-            raise AdapterError(f"tensor '{module}.{name}.weight' contains NaN or Inf values.", "invalid_weights")
+            raise AdapterError(
+                f"tensor '{module}.{name}.weight' contains NaN or Inf values.", "invalid_weights"
+            )
     return LoraLayerWeights(A=A.contiguous(), B=B.contiguous(), scale=config.scale_for(module))
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
-from adapters.registry import AdapterRegistry
+from adapters.store import AdapterStore
 from server.api.errors import ApiError
 from server.config import Settings
 from server.engine.base_model import LoadedBase
@@ -20,8 +21,46 @@ def get_engine(request: Request) -> Engine:
     return engine
 
 
-def get_registry(request: Request) -> AdapterRegistry:
-    return request.app.state.registry
+def get_store(request: Request) -> AdapterStore:
+    return request.app.state.store
+
+
+async def get_registry(request: Request) -> AdapterStore:
+    """The adapter store, with the adapter the JSON body names already in host memory.
+
+    ``build_request`` resolves ids synchronously; reading a cold adapter from disk there would
+    stall the event loop (and with it every stream). So the adapter named by the body
+    (``parameters.adapter_id``, ``adapter_id`` or ``model``) is loaded here in a worker thread,
+    and pinned on ``request.state`` until the request ends.
+    """
+    store = request.app.state.registry
+    if (
+        hasattr(store, "aget")
+        and request.method == "POST"
+        and "json" in request.headers.get("content-type", "")
+    ):
+        pinned = []
+        for name in _named_adapters(await request.body()):
+            if name in store:
+                pinned.append(await store.aget(name))
+        request.state.prefetched_adapters = pinned
+    return store
+
+
+def _named_adapters(body: bytes) -> list[str]:
+    try:
+        data: Any = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return []
+    if not isinstance(data, dict):
+        return []
+    params = data.get("parameters")
+    candidates = [
+        params.get("adapter_id") if isinstance(params, dict) else None,
+        data.get("adapter_id"),
+        data.get("model"),
+    ]
+    return list(dict.fromkeys(c for c in candidates if isinstance(c, str) and c))
 
 
 def get_base(request: Request) -> LoadedBase:
@@ -33,6 +72,7 @@ def get_app_settings(request: Request) -> Settings:
 
 
 EngineDep = Annotated[Engine, Depends(get_engine)]
-RegistryDep = Annotated[AdapterRegistry, Depends(get_registry)]
+RegistryDep = Annotated[AdapterStore, Depends(get_registry)]
+StoreDep = Annotated[AdapterStore, Depends(get_store)]
 BaseDep = Annotated[LoadedBase, Depends(get_base)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]

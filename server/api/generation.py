@@ -7,7 +7,7 @@ import contextlib
 
 from fastapi import Request
 
-from adapters.registry import AdapterRegistry
+from adapters.registry import AdapterLookup
 from server.api.errors import ApiError, adapter_not_found
 from server.engine.engine import Engine
 from server.engine.requests import ErrorEvent, FinishEvent, GenerationRequest, TokenEvent
@@ -18,20 +18,30 @@ DISCONNECT_POLL_SECONDS = 0.25
 
 def build_request(
     engine: Engine,
-    registry: AdapterRegistry,
+    registry: AdapterLookup,
     prompt_ids: list[int],
     params: SamplingParams,
     adapter_id: str | None,
     want_details: bool = False,
 ) -> GenerationRequest:
-    """Resolve ``adapter_id`` (404 when unknown: never a silent fall-back to the base)."""
+    """Resolve ``adapter_id`` (404 when unknown: never a silent fall-back to the base).
+
+    The adapter is resolved once, here: a later replace or delete does not change this request,
+    and the registry keeps the version's files until the request is gone (``track``). Routes that
+    take ``RegistryDep`` get the adapter their JSON body names prefetched into host memory off the
+    event loop (see ``server.api.deps.get_registry``), so this lookup does not read the disk.
+    """
     adapter = None
     if adapter_id is not None:
         adapter = registry.get(adapter_id)
         if adapter is None:
             raise adapter_not_found(adapter_id)
-    request = GenerationRequest(prompt_ids=prompt_ids, params=params, adapter=adapter, want_details=want_details)
+    request = GenerationRequest(
+        prompt_ids=prompt_ids, params=params, adapter=adapter, want_details=want_details
+    )
     engine.validate(request)
+    if adapter is not None:
+        registry.track(request, adapter)
     return request
 
 

@@ -1,0 +1,200 @@
+"""POST /adapters (upload), GET /adapters, GET /adapters/{id}, DELETE /adapters/{id}.
+
+Uploads are untrusted: the body size is capped by ``UploadLimitMiddleware`` (413), archives are
+read by ``adapters.archive`` (no extraction, no links, no pickles), the adapter is validated
+against the base model before anything is written, and the store writes atomically. Every
+refusal is ``{"error": message, "error_type": kind}``:
+
+    400 bad adapter_id, not multipart, wrong fields     409 id exists (use ?replace=true)
+    404 unknown adapter                                 413 body or unpacked archive too large
+    422 invalid archive or adapter (AdapterError)       503 base model still loading
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, FastAPI, Path, Query, Request, Response
+from fastapi.responses import JSONResponse
+from starlette.datastructures import FormData, UploadFile
+
+from adapters.archive import AdapterFiles, ArchiveError, read_archive, read_parts
+from adapters.store import (
+    AdapterExists,
+    AdapterRecord,
+    AdapterStore,
+    InvalidAdapterId,
+    StoreError,
+    StoreNotReady,
+    UnknownAdapter,
+    check_adapter_id,
+    derive_adapter_id,
+    sha256_hex,
+)
+from server.api.deps import SettingsDep, StoreDep
+from server.api.errors import ApiError, adapter_not_found, error_response
+
+router = APIRouter(tags=["adapters"])
+
+_STORE_STATUS: dict[type[StoreError], int] = {
+    InvalidAdapterId: 400,
+    UnknownAdapter: 404,
+    AdapterExists: 409,
+    StoreNotReady: 503,
+}
+_ARCHIVE_STATUS = {"too_large": 413, "invalid_upload": 400}
+_FORM_LIMITS = {"max_files": 8, "max_fields": 8}
+_USAGE = (
+    "send multipart/form-data with either two parts in field 'files' (adapter_config.json and "
+    "adapter_model.safetensors) or one part in field 'archive' (.zip, .tar, .tar.gz, .tgz), and optionally "
+    "a field 'adapter_id'."
+)
+_UPLOAD_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "files": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "adapter_config.json and adapter_model.safetensors",
+                        },
+                        "archive": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": ".zip/.tar/.tar.gz/.tgz, the two files at its root or in one folder",
+                        },
+                        "adapter_id": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
+                    },
+                }
+            }
+        },
+    }
+}
+AdapterIdPath = Annotated[str, Path(description="Adapter id.")]
+
+
+@router.post("/adapters", status_code=201, openapi_extra=_UPLOAD_OPENAPI)
+async def upload_adapter(
+    request: Request,
+    store: StoreDep,
+    settings: SettingsDep,
+    replace: Annotated[bool, Query(description="Replace an existing adapter with this id.")] = False,
+) -> JSONResponse:
+    """Upload a PEFT LoRA adapter; 201 with its summary."""
+    if not store.ready:
+        raise StoreNotReady(
+            "the base model is still loading (uploads are validated against it); retry shortly."
+        )
+    form = await _read_form(request)
+    try:
+        adapter_id = _form_adapter_id(form)
+        if adapter_id is not None:
+            store.check_can_put(adapter_id, replace=replace)
+        files = await asyncio.to_thread(_read_upload, form, settings.max_upload_mb << 20)
+        if adapter_id is None:
+            adapter_id = derive_adapter_id(files.name, sha256_hex(files.weights))
+        previous = store.record(adapter_id)
+        record = await asyncio.to_thread(store.put, adapter_id, files, replace=replace)
+    finally:
+        await form.close()
+    if previous is not None and previous.key != record.key:
+        _retire_from_memory(request, previous)
+    return JSONResponse(
+        record.summary(), status_code=201, headers={"Location": f"/adapters/{record.adapter_id}"}
+    )
+
+
+@router.get("/adapters")
+async def list_adapters(store: StoreDep) -> list[dict]:
+    """Summaries of every stored adapter, by id."""
+    return [record.summary() for record in store.records()]
+
+
+@router.get("/adapters/{adapter_id}")
+async def get_adapter(adapter_id: AdapterIdPath, store: StoreDep) -> dict:
+    return _record(store, adapter_id).summary()
+
+
+@router.delete("/adapters/{adapter_id}", status_code=204)
+async def delete_adapter(adapter_id: AdapterIdPath, store: StoreDep, request: Request) -> Response:
+    """Delete now for new requests; running ones finish, and the files go when the last one ends."""
+    _record(store, adapter_id)
+    record = await asyncio.to_thread(store.delete, adapter_id)
+    _retire_from_memory(request, record)
+    return Response(status_code=204)
+
+
+def _retire_from_memory(request: Request, record: AdapterRecord) -> None:
+    """Free the old version's memory slot once its last running row ends (delete, replace)."""
+    engine = getattr(request.app.state, "engine", None)
+    if engine is not None:
+        engine.retire(record.key)
+
+
+def _record(store: AdapterStore, adapter_id: str) -> AdapterRecord:
+    check_adapter_id(adapter_id)
+    record = store.record(adapter_id)
+    if record is None:
+        raise adapter_not_found(adapter_id)
+    return record
+
+
+async def _read_form(request: Request) -> FormData:
+    content_type = request.headers.get("content-type", "")
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise ApiError(
+            400, f"POST /adapters got content-type {content_type or 'none'!r}; {_USAGE}", "invalid_multipart"
+        )
+    try:
+        return await request.form(**_FORM_LIMITS)
+    except Exception as exc:  # malformed multipart, too many parts, client gone (413 overrides the answer)
+        detail = getattr(exc, "detail", None) or str(exc) or type(exc).__name__
+        raise ApiError(
+            400, f"the body is not valid multipart/form-data ({detail}); {_USAGE}", "invalid_multipart"
+        ) from exc
+
+
+def _form_adapter_id(form: FormData) -> str | None:
+    values = form.getlist("adapter_id")
+    if not values:
+        return None
+    if len(values) > 1 or not isinstance(values[0], str):
+        raise InvalidAdapterId("give adapter_id once, as a plain form field.")
+    return check_adapter_id(values[0])
+
+
+def _read_upload(form: FormData, max_bytes: int) -> AdapterFiles:
+    """The adapter's two files from field 'files' or 'archive' (runs in a worker thread)."""
+    unexpected = sorted(set(form.keys()) - {"files", "archive", "adapter_id"})
+    if unexpected:
+        raise ArchiveError(f"unexpected form field(s) {', '.join(unexpected)}; {_USAGE}", "invalid_upload")
+    files, archives = form.getlist("files"), form.getlist("archive")
+    parts = [*files, *archives]
+    if not all(isinstance(p, UploadFile) for p in parts):
+        raise ArchiveError(f"fields 'files' and 'archive' must be file parts (with a filename); {_USAGE}",
+                           "invalid_upload")  # fmt: skip
+    if bool(files) == bool(archives) or len(archives) > 1:
+        raise ArchiveError(
+            f"got {len(files)} 'files' and {len(archives)} 'archive' parts; {_USAGE}", "invalid_upload"
+        )
+    if archives:
+        archive = archives[0]
+        return read_archive(archive.file, archive.filename, max_bytes)  # type: ignore[union-attr]
+    return read_parts([(p.filename, p.file) for p in files], max_bytes)  # type: ignore[union-attr]
+
+
+def install_adapter_error_handlers(app: FastAPI) -> None:
+    """Store refusals -> 400/404/409/503; archive refusals -> 400/413/422 (AdapterError's 422 otherwise)."""
+
+    @app.exception_handler(StoreError)
+    async def _store_error(_: Request, exc: StoreError) -> JSONResponse:
+        return error_response(_STORE_STATUS.get(type(exc), 400), exc.message, exc.error_type)
+
+    @app.exception_handler(ArchiveError)
+    async def _archive_error(_: Request, exc: ArchiveError) -> JSONResponse:
+        return error_response(_ARCHIVE_STATUS.get(exc.error_type, 422), exc.message, exc.error_type)

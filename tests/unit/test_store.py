@@ -1,0 +1,371 @@
+"""adapters.store and adapters.host_cache: atomic persistence, reconcile, versions, tiers, usage tracking."""
+
+from __future__ import annotations
+
+import gc
+import json
+import sqlite3
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters.archive import AdapterFiles
+from adapters.host_cache import HostCache, adapter_nbytes
+from adapters.peft_format import AdapterError, LoraAdapter, LoraConfigSpec, LoraLayerWeights
+from adapters.store import (
+    AdapterExists,
+    AdapterStore,
+    DataDirLocked,
+    InvalidAdapterId,
+    StoreNotReady,
+    UnknownAdapter,
+    check_adapter_id,
+    derive_adapter_id,
+)
+from tests.adapter_files import linear_shapes, make_adapter
+
+SUMMARY_FIELDS = [
+    "id", "rank", "lora_alpha", "use_rslora", "target_modules", "layers", "parameters", "bytes", "sha256",
+    "created_at",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def shapes(tiny_base):
+    return linear_shapes(tiny_base)
+
+
+@pytest.fixture
+def files(tiny_base):
+    def make(seed: int = 0, **kwargs) -> AdapterFiles:
+        config, weights = make_adapter(tiny_base, seed=seed, **kwargs)
+        return AdapterFiles(config, weights)
+
+    return make
+
+
+@pytest.fixture
+def open_store(tmp_path, shapes):
+    opened: list[AdapterStore] = []
+
+    def open_(data_dir: Path = tmp_path / "data", **kwargs) -> AdapterStore:
+        store = AdapterStore(data_dir, **kwargs)
+        store.bind_base(shapes, max_rank=64)
+        opened.append(store)
+        return store
+
+    yield open_
+    for store in opened:
+        store.close()
+
+
+def folders(store: AdapterStore) -> list[str]:
+    return sorted(p.name for p in store.adapters_dir.iterdir())
+
+
+class Owner:
+    """Stands in for a GenerationRequest: something weak-referenceable that lives while it runs."""
+
+
+def wait_for(predicate, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        gc.collect()
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_put_get_and_summary(open_store, files) -> None:
+    store = open_store()
+    upload = files(seed=1)
+    record = store.put("a", upload)
+    summary = record.summary()
+    assert list(summary) == SUMMARY_FIELDS
+    assert summary["id"] == "a" and summary["rank"] == 8 and summary["lora_alpha"] == 16.0
+    assert summary["use_rslora"] is False and summary["target_modules"] == ["q_proj", "v_proj"]
+    assert summary["layers"] == 4 and summary["bytes"] == upload.size
+    assert summary["parameters"] == sum(8 * (s.in_features + s.out_features) for s in _qv(store))
+    assert len(summary["sha256"]) == 64 and summary["created_at"].endswith("Z")
+    assert datetime.fromisoformat(summary["created_at"].replace("Z", "+00:00")).tzinfo is not None
+    adapter = store.get("a")
+    assert (
+        isinstance(adapter, LoraAdapter) and adapter.version == record.version and adapter.key == record.key
+    )
+    assert store.ids() == ["a"] and "a" in store and store.get("b") is None
+    assert folders(store) == [record.folder] and not list(store.tmp_dir.iterdir())
+    stored = store.folder_of(record)
+    assert (stored / "adapter_config.json").read_bytes() == upload.config
+    assert (stored / "adapter_model.safetensors").read_bytes() == upload.weights
+
+
+def _qv(store: AdapterStore):
+    return [s for name, s in store.base_shapes.items() if name.endswith(("q_proj", "v_proj"))]
+
+
+def test_existing_id_needs_replace_and_replace_changes_the_version(open_store, files) -> None:
+    store = open_store()
+    first = store.put("a", files(seed=1))
+    old = store.get("a")
+    with pytest.raises(AdapterExists, match=r"replace=true"):
+        store.put("a", files(seed=2))
+    second = store.put("a", files(seed=2), replace=True)
+    assert second.version != first.version and second.sha256 != first.sha256
+    new = store.get("a")
+    assert new.key != old.key
+    assert not torch.equal(next(iter(new.layers.values())).A, next(iter(old.layers.values())).A)
+    assert folders(store) == [second.folder]  # nothing ran on the old version: its files went at once
+    again = store.put("a", files(seed=2), replace=True)  # same bytes, still a new version
+    assert again.version != second.version
+
+
+def test_bad_ids(open_store, files) -> None:
+    store = open_store()
+    for bad in ["", "../x", "a/b", ".hidden", "-x", "x" * 65, "a b", "é"]:
+        with pytest.raises(InvalidAdapterId):
+            store.put(bad, files())
+    assert check_adapter_id("A1._-z") == "A1._-z" and check_adapter_id("x" * 64)
+    assert folders(store) == [] and store.ids() == []
+
+
+def test_derive_adapter_id() -> None:
+    sha = "ab" * 32
+    assert derive_adapter_id("my-adapter", sha) == "my-adapter"
+    assert derive_adapter_id("My Adapter (v2)", sha) == "My-Adapter-v2"
+    assert derive_adapter_id("../../etc", sha) == "etc"
+    assert derive_adapter_id("...", sha) == f"adapter-{sha[:12]}"
+    assert derive_adapter_id(None, sha) == f"adapter-{sha[:12]}"
+    assert len(derive_adapter_id("x" * 200, sha)) == 64
+
+
+def test_invalid_adapter_stores_nothing(open_store, files) -> None:
+    store = open_store()  # max_rank=64
+    with pytest.raises(AdapterError, match="rank 128"):
+        store.put("a", files(r=128))
+    assert store.ids() == [] and folders(store) == [] and not list(store.tmp_dir.iterdir())
+
+
+def test_validation_needs_the_base(tmp_path, files) -> None:
+    store = AdapterStore(tmp_path / "d")
+    try:
+        with pytest.raises(StoreNotReady, match="loading"):
+            store.put("a", files())
+    finally:
+        store.close()
+
+
+def test_persists_across_reopen(open_store, files, tmp_path) -> None:
+    store = open_store()
+    records = [store.put(f"a{i}", files(seed=i)) for i in range(3)]
+    before = store.get("a1")
+    store.delete("a2")
+    store.close()
+    store = open_store()
+    assert store.records() == records[:2]
+    after = store.get("a1")
+    assert after.key == before.key
+    for name in after.layers:
+        assert torch.equal(after.layers[name].A, before.layers[name].A)
+    assert store.put("a3", files(seed=3)).version not in {r.version for r in records}  # seq never repeats
+
+
+def test_reconcile_after_a_crash(open_store, files, tmp_path) -> None:
+    store = open_store()
+    keep = store.put("keep", files(seed=1))
+    gone = store.put("gone", files(seed=2))
+    short = store.put("short", files(seed=3))
+    store.close()
+    data = tmp_path / "data"
+    (data / "tmp" / "half-written").mkdir()  # killed while staging
+    (data / "tmp" / "half-written" / "adapter_model.safetensors").write_bytes(b"\x00" * 10)
+    orphan = data / "adapters" / "orphan@v99-00000000"  # renamed, transaction never committed
+    orphan.mkdir()
+    (orphan / "adapter_config.json").write_text("{}")
+    for path in (data / "adapters" / gone.folder).iterdir():  # a row whose files are gone
+        path.unlink()
+    (data / "adapters" / gone.folder).rmdir()
+    weights = data / "adapters" / short.folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4])  # a row whose files are the wrong size
+
+    store = open_store()
+    assert store.ids() == ["keep"]
+    assert folders(store) == [keep.folder] and not list(store.tmp_dir.iterdir())
+    assert store.get("keep") is not None
+    rows = sqlite3.connect(data / "index.sqlite3").execute("SELECT id FROM adapters").fetchall()
+    assert rows == [("keep",)]
+
+
+def test_a_failed_commit_leaves_nothing(open_store, files, monkeypatch) -> None:
+    store = open_store()
+    store.put("a", files(seed=1))
+
+    def broken_transaction():
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(store, "_transaction", broken_transaction)
+    with pytest.raises(sqlite3.OperationalError):
+        store.put("b", files(seed=2))
+    with pytest.raises(sqlite3.OperationalError):
+        store.put("a", files(seed=3), replace=True)
+    assert store.ids() == ["a"] and len(folders(store)) == 1 and not list(store.tmp_dir.iterdir())
+    monkeypatch.undo()
+    assert store.put("b", files(seed=2)).adapter_id == "b"
+
+
+def test_delete(open_store, files) -> None:
+    store = open_store()
+    record = store.put("a", files())
+    with pytest.raises(UnknownAdapter, match="'zz'"):
+        store.delete("zz")
+    assert store.delete("a") == record
+    assert store.ids() == [] and folders(store) == [] and store.get("a") is None
+
+
+def test_files_stay_while_a_request_uses_the_version(open_store, files) -> None:
+    store = open_store()
+    v1 = store.put("a", files(seed=1))
+    owner = Owner()
+    store.track(owner, store.get("a"))
+    v2 = store.put("a", files(seed=2), replace=True)
+    assert folders(store) == sorted([v1.folder, v2.folder]) and store.in_use("a") == 1
+    owner2 = Owner()
+    store.track(owner2, store.get("a"))
+    store.delete("a")
+    assert store.ids() == [] and folders(store) == sorted([v1.folder, v2.folder])
+    del owner
+    assert wait_for(lambda: folders(store) == [v2.folder])
+    del owner2
+    assert wait_for(lambda: folders(store) == [])
+    assert store.in_use("a") == 0
+
+
+def test_keep_identical(open_store, files, tiny_base) -> None:
+    store = open_store()
+    first = store.put("a", files(seed=1))
+    assert store.put("a", files(seed=1), replace=True, keep_identical=True) == first
+    config, weights = make_adapter(tiny_base, seed=1, alpha=32)  # same weights, another config
+    changed = store.put("a", AdapterFiles(config, weights), replace=True, keep_identical=True)
+    assert changed.version != first.version and changed.sha256 == first.sha256 and changed.lora_alpha == 32
+
+
+def test_one_server_per_data_dir(open_store, tmp_path) -> None:
+    store = open_store()
+    with pytest.raises(DataDirLocked, match="another loraplex server"):
+        AdapterStore(tmp_path / "data")
+    store.close()
+    open_store()  # released on close
+
+
+def test_concurrent_puts(open_store, files) -> None:
+    store = open_store()
+    uploads = [files(seed=i) for i in range(6)]
+    errors: list[Exception] = []
+
+    def put(i: int) -> None:
+        try:
+            store.put("same", uploads[i])
+        except AdapterExists as exc:
+            errors.append(exc)
+        store.put(f"own{i}", uploads[i])
+
+    threads = [threading.Thread(target=put, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 5  # exactly one upload took the id
+    assert store.ids() == ["own0", "own1", "own2", "own3", "own4", "own5", "same"]
+    assert len(folders(store)) == 7 and not list(store.tmp_dir.iterdir())
+
+
+def test_corrupt_files_are_reported(open_store, files) -> None:
+    store = open_store(host_cache_bytes=0)
+    record = store.put("a", files())
+    store.put("b", files(seed=1))  # pushes 'a' out of the (empty) host cache
+    weights = store.folder_of(record) / "adapter_model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(AdapterError, match="corrupt") as info:
+        store.get("a")
+    assert info.value.error_type == "store_corrupt"
+
+
+def test_host_tier_reads_disk_only_on_a_miss(open_store, files) -> None:
+    store = open_store()
+    store.put("probe", files(seed=0))
+    size = adapter_nbytes(store.get("probe"))
+    store.close()
+    store = open_store(host_cache_bytes=2 * size)  # room for two adapters
+    store.put("x", files(seed=1))
+    store.put("y", files(seed=2))
+    y_held = store.get("y")  # a hit; from now on something (this test) holds y, as a running request would
+    misses = store.cache.misses
+    first = store.get("probe")  # read from disk; evicts x, the least recently used
+    assert store.cache.misses == misses + 1 and store.record("x").key not in store.cache
+    assert store.get("probe") is first and store.cache.misses == misses + 1
+    x = store.get("x")  # read from disk again; evicts y
+    assert store.cache.misses == misses + 2 and store.record("y").key not in store.cache
+    assert store.get("y") is y_held and store.cache.misses == misses + 2  # held elsewhere: no disk read
+    assert x.version == store.record("x").version
+
+
+async def test_aget_loads_in_a_worker_thread(open_store, files) -> None:
+    store = open_store(host_cache_bytes=0)
+    store.put("a", files())
+    store.put("b", files(seed=1))
+    seen: list[str] = []
+    original = store._load
+
+    def spy(record):
+        seen.append(threading.current_thread().name)
+        return original(record)
+
+    store._load = spy  # type: ignore[method-assign]
+    adapter = await store.aget("a")
+    assert adapter is not None and seen and seen[0] != threading.main_thread().name
+    assert await store.aget("missing") is None
+
+
+def _toy(key: str, numel: int) -> LoraAdapter:
+    config = LoraConfigSpec(r=1, lora_alpha=1.0, target_modules=["q"])
+    layer = LoraLayerWeights(A=torch.zeros(1, numel), B=torch.zeros(1, 1), scale=1.0)
+    adapter_id, _, version = key.partition("@")
+    return LoraAdapter(adapter_id=adapter_id, config=config, layers={"q": layer}, version=version)
+
+
+def test_host_cache_lru_by_bytes() -> None:
+    a, b, c = _toy("a@1", 255), _toy("b@1", 255), _toy("c@1", 255)  # 1 KiB each
+    cache = HostCache(max_bytes=2048)
+    cache.put(a)
+    cache.put(b)
+    assert cache.get("a@1") is a  # a is now the most recent
+    cache.put(c)
+    assert cache.keys() == ["a@1", "c@1"] and cache.nbytes == 2048
+    assert cache.get("b@1") is b  # evicted from the LRU but still alive here: found again
+    del b
+    gc.collect()
+    cache.put(_toy("d@1", 255))
+    cache.put(_toy("e@1", 255))
+    assert cache.get("b@1") is None
+    cache.drop("e@1")
+    assert "e@1" not in cache
+    big = _toy("big@1", 10_000)
+    cache.put(big)
+    assert cache.keys() == ["big@1"]  # the last one put stays, even over budget
+
+
+def test_index_holds_the_summary(open_store, files, tmp_path) -> None:
+    store = open_store()
+    record = store.put("a", files(r=4, targets=("q_proj",)))
+    row = (
+        sqlite3.connect(tmp_path / "data" / "index.sqlite3")
+        .execute("SELECT rank, layers, target_modules, folder FROM adapters")
+        .fetchone()
+    )
+    assert row == (4, 2, json.dumps(["q_proj"]), record.folder)
