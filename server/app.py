@@ -1,7 +1,9 @@
-"""create_app(): the FastAPI application; its lifespan loads the model and starts the engine.
+"""create_app(): the FastAPI application; its lifespan opens the adapter store, loads the model
+and starts the engine.
 
 Loading runs in a background thread so the server answers at once: ``/health`` says 503
-until the engine runs, then 200.
+until the engine runs, then 200. The store (``--data-dir``) opens first, so stored adapters are
+listed during loading; uploads wait for the base model (503) since validation needs its shapes.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from adapters.peft_format import load_adapter_dir
-from adapters.registry import AdapterRegistry
+from adapters.archive import read_adapter_dir
+from adapters.store import AdapterStore
 from server import __version__
-from server.api import generate, health
+from server.api import adapters, admin, generate, health
 from server.api.errors import install_error_handlers
+from server.api.upload_limit import UploadLimitMiddleware
 from server.config import Settings
 from server.engine.base_model import LoadedBase, load_base
 from server.engine.engine import Engine, EngineConfig
@@ -41,21 +44,28 @@ def engine_config(settings: Settings, base: LoadedBase) -> EngineConfig:
         max_loaded_adapters=settings.max_loaded_adapters,
         max_prefill_tokens=settings.max_prefill_tokens,
         kernel=settings.kernel,
+        mode=settings.mode,
+        switch_wait=settings.switch_wait,
+        checkpoint_dir=base.path if base.path.is_dir() else None,
     )
 
 
-def build_engine(settings: Settings, base: LoadedBase, registry: AdapterRegistry) -> Engine:
+def build_engine(settings: Settings, base: LoadedBase, store: AdapterStore) -> Engine:
     """Wrap the model for LoRA, register the start-up adapters, start the engine thread."""
-    if settings.mode != "unmerged":
-        raise ValueError(f"--mode {settings.mode} is not implemented yet; use --mode unmerged.")
     engine = Engine(base.model, base.tokenizer, engine_config(settings, base))
-    for adapter_id, path in settings.adapter_specs():
-        adapter = load_adapter_dir(path, adapter_id, engine.base_shapes, max_rank=settings.max_rank)
-        registry.add(adapter)
-        log.info("adapter %s loaded from %s (rank %d, %d layers)", adapter_id, path, adapter.max_rank,
-                 len(adapter.layers))
+    store.bind_base(engine.base_shapes, settings.max_rank)
+    register_startup_adapters(settings, store)
     engine.start()
     return engine
+
+
+def register_startup_adapters(settings: Settings, store: AdapterStore) -> None:
+    """``--adapter ID=PATH`` into the store: kept when identical, else replaced."""
+    for adapter_id, path in settings.adapter_specs():
+        files = read_adapter_dir(path, settings.max_upload_mb << 20)
+        record = store.put(adapter_id, files, replace=True, keep_identical=True)
+        log.info("adapter %s registered from %s as %s (rank %d, %d layers)", adapter_id, path,
+                 record.version, record.rank, record.layers)  # fmt: skip
 
 
 def create_app(settings: Settings | None = None, loader: BaseLoader = default_loader) -> FastAPI:
@@ -64,7 +74,10 @@ def create_app(settings: Settings | None = None, loader: BaseLoader = default_lo
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings
-        app.state.registry = AdapterRegistry()
+        store = await asyncio.to_thread(
+            AdapterStore, settings.data_dir, host_cache_bytes=settings.host_cache_mb << 20
+        )
+        app.state.store = app.state.registry = store
         app.state.engine = None
         app.state.load_error = None
 
@@ -72,7 +85,7 @@ def create_app(settings: Settings | None = None, loader: BaseLoader = default_lo
             try:
                 base = loader(settings)
                 app.state.base = base
-                app.state.engine = build_engine(settings, base, app.state.registry)
+                app.state.engine = build_engine(settings, base, store)
                 log.info("ready: %s on %s (%s)", base.name, base.device, str(base.dtype))
             except Exception as exc:
                 app.state.load_error = str(exc)
@@ -86,9 +99,14 @@ def create_app(settings: Settings | None = None, loader: BaseLoader = default_lo
             await asyncio.gather(loading, return_exceptions=True)
             if app.state.engine is not None:
                 app.state.engine.shutdown()
+            store.close()
 
     app = FastAPI(title="loraplex", version=__version__, lifespan=lifespan)
+    app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_mb << 20, paths=("/adapters",))
     install_error_handlers(app)
+    adapters.install_adapter_error_handlers(app)
     app.include_router(health.router)
     app.include_router(generate.router)
+    app.include_router(admin.router)
+    app.include_router(adapters.router)
     return app

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 Mode = Literal["unmerged", "merged", "auto"]
 
@@ -19,7 +18,8 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8080, ge=1, le=65535, description="Port to listen on.")
     model: str | None = Field(
-        None, description="Local Hugging Face causal-LM directory; default: the embedded SmolLM2-135M-Instruct."
+        None,
+        description="Local Hugging Face causal-LM directory; default: the embedded SmolLM2-135M-Instruct.",
     )
     adapter: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -29,7 +29,13 @@ class Settings(BaseSettings):
         "auto", description="Weights dtype; auto = float32 on CPU, bfloat16 on CUDA."
     )
     device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:N.")
-    mode: Mode = Field("unmerged", description="How adapters are applied; only 'unmerged' is implemented so far.")
+    mode: Mode = Field(
+        "auto",
+        description="unmerged (batched LoRA), merged (hot-swap, bit-exact restore) or auto (per step).",
+    )
+    switch_wait: float = Field(
+        0.5, ge=0, description="Merged mode: seconds a request for another adapter waits."
+    )
     max_batch: int = Field(32, ge=1, le=1024, description="Most requests decoded together.")
     max_input_tokens: int = Field(2048, ge=1, description="Longest prompt, in tokens.")
     max_total_tokens: int = Field(4096, ge=2, description="Prompt + new tokens, per request.")
@@ -37,7 +43,15 @@ class Settings(BaseSettings):
     max_loaded_adapters: int = Field(64, ge=1, description="Adapter slots in memory (LRU eviction).")
     max_rank: int = Field(256, ge=1, description="Largest LoRA rank accepted.")
     kernel: Literal["segmented", "gather_bmm"] = Field("segmented", description="Batched LoRA kernel.")
-    data_dir: Path = Field(Path("./data"), description="Where adapters are stored.")
+    data_dir: Path = Field(Path("./data"), description="Where adapters are stored (folders + SQLite index).")
+    max_upload_mb: int = Field(
+        512, ge=1, description="Largest adapter upload (request body and unpacked archive), MiB."
+    )
+    host_cache_mb: int = Field(
+        1024,
+        ge=0,
+        description="Parsed adapters kept in host memory (LRU), MiB; adapters in use are always kept.",
+    )
     cache_dir: Path = Field(Path("~/.cache/loraplex"), description="Converted embedded model and caches.")
     log_level: str = Field("info", description="debug, info, warning, error.")
 

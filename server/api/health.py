@@ -31,6 +31,8 @@ async def info(engine: EngineDep, base: BaseDep, registry: RegistryDep, settings
         "dtype": str(base.dtype).removeprefix("torch."),
         "device": str(base.device),
         "mode": settings.mode,
+        "merged_adapter": engine.merged_adapter_id,
+        "swaps": engine.stats.swaps,
         "kernel": engine.config.kernel,
         "limits": {
             "max_batch": engine.config.max_batch,

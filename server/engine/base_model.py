@@ -42,7 +42,9 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for but CUDA is not available; use --device cpu or auto.")
+        raise ValueError(
+            f"device {device!r} was asked for but CUDA is not available; use --device cpu or auto."
+        )
     return resolved
 
 

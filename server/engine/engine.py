@@ -8,19 +8,27 @@ Every iteration (a *step*):
 3. decode one token for every running row, each row with its own adapter slot;
 4. finished rows leave at once and their adapter slots are released.
 
-HTTP handlers never touch the model: they call :meth:`Engine.submit` and await events.
+The serving mode (unmerged, merged, auto; see ``scheduler.py``) decides which requests may join
+and which adapter, if any, is folded into the weights (``merge.py``). Rows of the merged adapter
+read no LoRA slot: the weights already hold their update.
+
+HTTP handlers never touch the model: they call :meth:`Engine.submit` and await events; admin
+operations run on the engine thread between steps through :meth:`Engine.call`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
 import time
-from collections import deque
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -31,8 +39,10 @@ from server.engine.detokenize import IncrementalDetokenizer, find_stop
 from server.engine.forward import decode_one_token, prefill
 from server.engine.lora_linear import BASE_SLOT, LoraBatchContext
 from server.engine.lora_model import AdapterSlots, attach_lora_layers, base_linear_shapes
+from server.engine.merge import MergeManager
 from server.engine.requests import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent
 from server.engine.sampling import RowSampler, choose_next_tokens
+from server.engine.scheduler import AdapterKey, AutoPolicy, key_of, plan_merged
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +55,31 @@ class EngineConfig:
     max_loaded_adapters: int = 64
     max_prefill_tokens: int = 4096  # prompt tokens prefilled in one step (at least one request)
     kernel: str = "segmented"  # or "gather_bmm"
+    mode: Literal["unmerged", "merged", "auto"] = "unmerged"
+    switch_wait: float = 0.5  # merged mode: seconds another adapter's request waits before a switch
+    auto_min_uniform_steps: int = 8  # auto mode: fewest uniform steps before merging
+    checkpoint_dir: Path | None = None  # safetensors checkpoint to restore base weights from
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    peak_batch: int = 0  # most rows decoded together since start
+    batch_sizes: Counter[int] = field(default_factory=Counter)  # decode steps by batch size
+    swaps: int = 0
+    swap_seconds: float = 0.0
+
+
+@dataclass
+class _Control:
+    """A function to run on the engine thread; returns ``RETRY`` to be tried again next step."""
+
+    fn: Callable[[], Any]
+    future: concurrent.futures.Future
+    needs_unmerged: bool = False  # stop admitting merged rows so the batch can drain
+
+
+RETRY = object()
 
 
 class RequestRejected(ValueError):
@@ -52,7 +87,9 @@ class RequestRejected(ValueError):
 
 
 class Engine:
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: EngineConfig) -> None:
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: EngineConfig
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
@@ -63,13 +100,17 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eos_ids = _eos_ids(model, tokenizer)
         self.special_ids = frozenset(tokenizer.all_special_ids) | self.eos_ids
-        self._inbox: queue.SimpleQueue[GenerationRequest] = queue.SimpleQueue()
+        self.merger = MergeManager(
+            self.lora_layers, config.checkpoint_dir, can_merge=config.mode != "unmerged"
+        )
+        self.auto = AutoPolicy(min_uniform_steps=config.auto_min_uniform_steps)
+        self.stats = EngineStats()
+        self._inbox: queue.SimpleQueue[GenerationRequest | _Control] = queue.SimpleQueue()
         self._waiting: deque[GenerationRequest] = deque()
+        self._controls: list[_Control] = []
         self._batch: RunningBatch | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self.steps = 0
-        self.peak_batch = 0  # most rows decoded together since start
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -96,6 +137,22 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self._waiting) + self._inbox.qsize()
 
+    @property
+    def steps(self) -> int:
+        return self.stats.steps
+
+    @property
+    def peak_batch(self) -> int:
+        return self.stats.peak_batch
+
+    @peak_batch.setter
+    def peak_batch(self, value: int) -> None:
+        self.stats.peak_batch = value
+
+    @property
+    def merged_adapter_id(self) -> str | None:
+        return self.merger.merged.adapter_id if self.merger.merged is not None else None
+
     # ------------------------------------------------------------------ submission (any thread)
 
     def validate(self, request: GenerationRequest) -> None:
@@ -121,6 +178,46 @@ class Engine:
         request.submitted_at = time.perf_counter()
         self._inbox.put(request)
 
+    def call(self, fn: Callable[[], Any], *, needs_unmerged: bool = False) -> concurrent.futures.Future:
+        """Run ``fn`` on the engine thread between steps; ``fn`` may return ``RETRY`` to wait a step."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(_Control(fn, future, needs_unmerged))
+        return future
+
+    def verify_base(self) -> concurrent.futures.Future:
+        """Unmerge as soon as no merged row runs, then compare the weights' digest with the one at load."""
+
+        def check() -> Any:
+            if self.merger.merged is not None:
+                if self._batch is not None:
+                    return RETRY
+                self._set_merged(None)
+            now = self.merger.digest()
+            return {
+                "intact": now == self.merger.digest_at_load,
+                "sha256_now": now,
+                "sha256_at_load": self.merger.digest_at_load,
+                "swaps_since_load": self.merger.stats.swaps,
+            }
+
+        return self.call(check, needs_unmerged=True)
+
+    def retire(self, key: str) -> concurrent.futures.Future:
+        """Drop an adapter version from its memory slot once no running row uses it."""
+
+        def evict() -> Any:
+            if key in self.slots and not self.slots.evict(key):
+                return RETRY
+            return key
+
+        return self.call(evict)
+
+    def verify_base_now(self) -> dict[str, Any]:
+        """:meth:`verify_base` for callers that drive the engine themselves (tests, no thread)."""
+        future = self.verify_base()
+        self.run_until_idle()
+        return future.result(timeout=0)
+
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Event]:
         """Submit and yield the request's events; leaving early (client gone) cancels it."""
         loop = asyncio.get_running_loop()
@@ -140,7 +237,7 @@ class Engine:
 
     def _run(self) -> None:
         while not self._stopping.is_set():
-            idle = self._batch is None and not self._waiting
+            idle = self._batch is None and not self._waiting and not self._controls
             self._drain_inbox(block=idle)
             try:
                 self.step()
@@ -151,32 +248,111 @@ class Engine:
     def _drain_inbox(self, block: bool) -> None:
         try:
             if block:
-                self._waiting.append(self._inbox.get(timeout=0.05))
+                self._accept(self._inbox.get(timeout=0.05))
             while True:
-                self._waiting.append(self._inbox.get_nowait())
+                self._accept(self._inbox.get_nowait())
         except queue.Empty:
             pass
+
+    def _accept(self, item: GenerationRequest | _Control) -> None:
+        if isinstance(item, _Control):
+            self._controls.append(item)
+        else:
+            self._waiting.append(item)
+
+    def _run_controls(self) -> None:
+        pending = []
+        for control in self._controls:
+            try:
+                result = control.fn()
+            except Exception as exc:
+                control.future.set_exception(exc)
+                continue
+            if result is RETRY:
+                pending.append(control)
+            else:
+                control.future.set_result(result)
+        self._controls = pending
 
     def run_until_idle(self, max_steps: int = 100_000) -> None:
         """Run steps on the calling thread until nothing is left (tests, benchmarks, no thread)."""
         for _ in range(max_steps):
             self._drain_inbox(block=False)
-            if self._batch is None and not self._waiting:
+            if self._batch is None and not self._waiting and not self._controls:
                 return
             self.step()
         raise RuntimeError("engine did not go idle")
 
     def step(self) -> None:
+        self._run_controls()
         self._drop_cancelled()
-        admitted = self._admit()
+        admitted = self._admit_merged() if self.config.mode == "merged" else self._admit()
+        if self.config.mode == "auto":
+            self._auto_switch(admitted)
         if admitted:
             self._prefill(admitted)
         if self._batch is not None:
-            self.peak_batch = max(self.peak_batch, len(self._batch))
-            logits = decode_one_token(self.model, self.ctx, self._batch)
-            self._advance(self._batch, logits)
+            batch = self._batch
+            self.stats.peak_batch = max(self.stats.peak_batch, len(batch))
+            self.stats.batch_sizes[len(batch)] += 1
+            start = time.perf_counter()
+            logits = decode_one_token(self.model, self.ctx, batch, self._slots_for(batch.rows))
+            if self.merger.merged is None:
+                self.auto.observe_step(time.perf_counter() - start)
+            self._advance(batch, logits)
             self._remove_finished()
-        self.steps += 1
+        self.stats.steps += 1
+
+    # ------------------------------------------------------------------ merged and auto modes
+
+    def _slots_for(self, rows: list[Row]) -> list[int]:
+        """The slot each row reads: none for rows of the merged adapter (the weights hold it)."""
+        merged = self.merger.merged
+        if merged is None:
+            return [r.slot for r in rows]
+        return [BASE_SLOT if key_of(r.request) == merged.key else r.slot for r in rows]
+
+    def _set_merged(self, adapter) -> None:
+        seconds = self.merger.merge(adapter)
+        if seconds:
+            self.stats.swaps = self.merger.stats.swaps
+            self.stats.swap_seconds = self.merger.stats.swap_seconds
+            log.info("merged %s in %.3f s", adapter.adapter_id if adapter else "nothing (base)", seconds)
+
+    def _drain_requested(self) -> bool:
+        return any(c.needs_unmerged for c in self._controls) and self.merger.merged is not None
+
+    def _admit_merged(self) -> list[Row]:
+        merged = self.merger.merged
+        plan = plan_merged(
+            self._waiting, merged.key if merged else None, self._batch is None, self.config.switch_wait
+        )
+        if plan.switch_to is not None:
+            self._set_merged(plan.switch_to.adapter)
+        if not plan.admit or self._drain_requested():
+            return []
+        return self._admit(only_key=plan.admit_key)
+
+    def _auto_switch(self, admitted: list[Row]) -> None:
+        """Auto mode: merge the one adapter all traffic wants, unmerge when traffic mixes."""
+        merged = self.merger.merged
+        rows = [*(self._batch.rows if self._batch else []), *admitted]  # every row of the next forward
+        if self._drain_requested():
+            self._set_merged(None)  # rows in auto mode hold slots: they go on unmerged seamlessly
+            return
+        wanted: set[AdapterKey] = {key_of(r) for r in self._waiting} | {key_of(r.request) for r in rows}
+        if not wanted:
+            return
+        decision = self.auto.decide(
+            wanted, merged.key if merged else None, self.merger.stats.last_swap_seconds
+        )
+        if decision == "keep":
+            return
+        if decision is None:
+            self._set_merged(None)
+            return
+        candidates = [r.request for r in rows] + list(self._waiting)
+        self._set_merged(next(r.adapter for r in candidates if key_of(r) == decision))
 
     # ------------------------------------------------------------------ scheduling
 
@@ -190,17 +366,25 @@ class Engine:
                     row.request.emit(ErrorEvent("request cancelled", "cancelled"))
             self._remove_finished()
 
-    def _admit(self) -> list[Row]:
-        """Take waiting requests into free rows, FIFO, within the prefill token budget."""
+    def _admit(self, only_key: AdapterKey | str = "any") -> list[Row]:
+        """Take waiting requests into free rows, FIFO, within the prefill token budget.
+
+        ``only_key``: in merged mode, only requests for the merged adapter (or None: the base).
+        """
         free = self.config.max_batch - self.num_running
         budget = self.config.max_prefill_tokens
         admitted: list[Row] = []
         still_waiting: deque[GenerationRequest] = deque()
+        needs_slot = self.config.mode != "merged"
         while self._waiting:
             request = self._waiting.popleft()
             n = len(request.prompt_ids)
             fits = free > 0 and (not admitted or n <= budget)
-            if not fits or (request.adapter is not None and not self.slots.can_acquire(request.adapter.key)):
+            if only_key != "any" and key_of(request) != only_key:
+                fits = False
+            if not fits or (
+                needs_slot and request.adapter is not None and not self.slots.can_acquire(request.adapter.key)
+            ):
                 still_waiting.append(request)
                 continue
             admitted.append(self._new_row(request))
@@ -210,7 +394,8 @@ class Engine:
         return admitted
 
     def _new_row(self, request: GenerationRequest) -> Row:
-        slot = self.slots.acquire(request.adapter) if request.adapter is not None else BASE_SLOT
+        uses_slot = request.adapter is not None and self.config.mode != "merged"
+        slot = self.slots.acquire(request.adapter) if uses_slot else BASE_SLOT
         request.admitted_at = time.perf_counter()
         return Row(
             request=request,
@@ -224,7 +409,7 @@ class Engine:
     def _prefill(self, rows: list[Row]) -> None:
         try:
             logits, cache, mask = prefill(
-                self.model, self.ctx, [r.request.prompt_ids for r in rows], [r.slot for r in rows], self.pad_id
+                self.model, self.ctx, [r.request.prompt_ids for r in rows], self._slots_for(rows), self.pad_id
             )
         except Exception:
             for row in rows:
@@ -310,7 +495,7 @@ class Engine:
             batch.keep(keep)
 
     def _release(self, row: Row) -> None:
-        if row.request.adapter is not None:
+        if row.slot != BASE_SLOT and row.request.adapter is not None:
             self.slots.release(row.request.adapter.key)
 
     def _fail_all(self, message: str) -> None:

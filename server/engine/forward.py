@@ -44,15 +44,20 @@ def prefill(
 
 
 @torch.inference_mode()
-def decode_one_token(model: PreTrainedModel, ctx: LoraBatchContext, batch: RunningBatch) -> torch.Tensor:
-    """Feed every row its next input token; return the logits for the token after it: [B, V]."""
+def decode_one_token(
+    model: PreTrainedModel, ctx: LoraBatchContext, batch: RunningBatch, slots: list[int]
+) -> torch.Tensor:
+    """Feed every row its next input token (row i reads adapter slot ``slots[i]``).
+
+    Returns the logits for the token after it: [B, V].
+    """
     device = model.device
     rows = batch.rows
     input_ids = torch.tensor([[r.next_input] for r in rows], dtype=torch.long, device=device)  # [B, 1]
     position_ids = torch.tensor([[r.length] for r in rows], dtype=torch.long, device=device)  # [B, 1]
     ones = torch.ones((len(rows), 1), dtype=batch.attention_mask.dtype, device=device)
     attention_mask = torch.cat([batch.attention_mask, ones], dim=1)  # [B, P+1]
-    ctx.set_rows([r.slot for r in rows], device)
+    ctx.set_rows(slots, device)
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,

@@ -92,8 +92,12 @@ class LoraLinear(nn.Module):
         self._dtype = weight.dtype
         self._device = weight.device
         # Stacked slots; allocated lazily and grown when an adapter needs more room.
-        self.A_stack = torch.zeros(0, 0, in_features, dtype=weight.dtype, device=weight.device)  # [S, r_max, k]
-        self.B_stack = torch.zeros(0, out_features, 0, dtype=weight.dtype, device=weight.device)  # [S, d, r_max]
+        self.A_stack = torch.zeros(
+            0, 0, in_features, dtype=weight.dtype, device=weight.device
+        )  # [S, r_max, k]
+        self.B_stack = torch.zeros(
+            0, out_features, 0, dtype=weight.dtype, device=weight.device
+        )  # [S, d, r_max]
         self.scale = torch.zeros(0, dtype=weight.dtype, device=weight.device)  # [S]
         self.occupied: set[int] = set()
         # (batch slots, this layer's slots, A_act, B_act_scaled^T)

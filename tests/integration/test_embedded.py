@@ -14,7 +14,11 @@ ADAPTERS = {
     "all": dict(r=16, lora_alpha=32, target_modules="all-linear"),
     "rs": dict(r=4, lora_alpha=8, target_modules=["o_proj", "down_proj"], use_rslora=True),
     "pattern": dict(
-        r=8, lora_alpha=8, target_modules=["k_proj", "up_proj"], rank_pattern={"up_proj": 4}, alpha_pattern={"k_proj": 32}
+        r=8,
+        lora_alpha=8,
+        target_modules=["k_proj", "up_proj"],
+        rank_pattern={"up_proj": 4},
+        alpha_pattern={"k_proj": 32},
     ),
 }
 QUESTIONS = [
@@ -26,7 +30,9 @@ QUESTIONS = [
 
 
 def chat(tokenizer, question: str) -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +52,8 @@ def served(embedded_model, tokenizer, tmp_path_factory):
 
 def _generate(client, prompt: str, adapter: str | None, n: int = 16) -> list[int]:
     r = client.post(
-        "/generate", json={"inputs": prompt, "parameters": {"adapter_id": adapter, "max_new_tokens": n, "details": True}}
+        "/generate",
+        json={"inputs": prompt, "parameters": {"adapter_id": adapter, "max_new_tokens": n, "details": True}},
     )
     assert r.status_code == 200, r.text
     return [t["id"] for t in r.json()["details"]["tokens"]]
@@ -54,7 +61,9 @@ def _generate(client, prompt: str, adapter: str | None, n: int = 16) -> list[int
 
 def test_base_answers_sensibly(served, tokenizer) -> None:
     client, _ = served
-    r = client.post("/generate", json={"inputs": chat(tokenizer, QUESTIONS[0]), "parameters": {"max_new_tokens": 20}})
+    r = client.post(
+        "/generate", json={"inputs": chat(tokenizer, QUESTIONS[0]), "parameters": {"max_new_tokens": 20}}
+    )
     assert r.json()["generated_text"] == "The capital of France is Paris."
     assert r.json()["details"]["finish_reason"] == "eos_token"
 

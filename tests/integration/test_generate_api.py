@@ -25,7 +25,7 @@ def test_health_info(client) -> None:
     assert client.get("/health").json() == {"status": "ok"}
     info = client.get("/info").json()
     assert info["model"] == "tiny-llama" and info["device"] == "cpu" and info["dtype"] == "float32"
-    assert info["mode"] == "unmerged" and info["adapters"] == ["qv"]
+    assert info["mode"] == "auto" and info["merged_adapter"] is None and info["adapters"] == ["qv"]
     assert info["limits"]["max_batch"] == 32 and info["limits"]["max_total_tokens"] == 256
 
 
@@ -55,7 +55,9 @@ def test_adapter_changes_output_and_base_is_default(client) -> None:
 def test_stream_matches_generate(client) -> None:
     whole = _generate(client, max_new_tokens=6, adapter_id="qv").json()
     with client.stream(
-        "POST", "/generate_stream", json={"inputs": "Hello there", "parameters": {"max_new_tokens": 6, "adapter_id": "qv"}}
+        "POST",
+        "/generate_stream",
+        json={"inputs": "Hello there", "parameters": {"max_new_tokens": 6, "adapter_id": "qv"}},
     ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
@@ -97,7 +99,12 @@ def test_invalid_parameters_are_422(client, parameters, words) -> None:
 
 def test_bad_bodies(client) -> None:
     assert client.post("/generate", json={"parameters": {}}).status_code == 422
-    assert client.post("/generate", content=b"not json", headers={"content-type": "application/json"}).status_code == 422
+    assert (
+        client.post(
+            "/generate", content=b"not json", headers={"content-type": "application/json"}
+        ).status_code
+        == 422
+    )
     r = client.post("/generate", json={"inputs": "", "parameters": {}})
     assert r.status_code == 422 and "empty" in r.json()["error"]
 

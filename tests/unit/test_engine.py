@@ -13,7 +13,12 @@ from server.engine.forward import prefill
 from server.engine.lora_linear import BASE_SLOT
 from tests.engine_helpers import outcome, run_many, run_one, submit
 
-PROMPTS = ["Hello there, how are", "The quick brown fox", "A", "Once upon a time in a land far away there lived"]
+PROMPTS = [
+    "Hello there, how are",
+    "The quick brown fox",
+    "A",
+    "Once upon a time in a land far away there lived",
+]
 ADAPTER_CONFIGS = {
     "qv": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
     "all_rslora": dict(r=4, lora_alpha=8, target_modules="all-linear", use_rslora=True),
@@ -59,7 +64,9 @@ def test_mixed_batch_rows_equal_solo_and_peft_generate(setup, tiny_base, tokeniz
         model = tiny_base if name is None else peft_models[name]
         inputs = tokenizer(prompt, return_tensors="pt")
         with torch.no_grad():
-            ref = model.generate(**inputs, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=2)
+            ref = model.generate(
+                **inputs, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=2
+            )
         assert got.tokens == ref[0, inputs["input_ids"].shape[1] :].tolist(), (prompt, name)
 
 
@@ -98,7 +105,10 @@ def test_prefill_logits_equal_peft_and_dense_reference(setup, tiny_base, tokeniz
 def test_adapters_change_the_output(setup, tokenizer) -> None:
     engine, adapters, _ = setup
     base = run_one(engine, _ids(tokenizer, PROMPTS[0]), None, max_new_tokens=12).tokens
-    assert all(run_one(engine, _ids(tokenizer, PROMPTS[0]), a, max_new_tokens=12).tokens != base for a in adapters.values())
+    assert all(
+        run_one(engine, _ids(tokenizer, PROMPTS[0]), a, max_new_tokens=12).tokens != base
+        for a in adapters.values()
+    )
 
 
 def test_requests_join_a_running_batch_and_match_solo(setup, tokenizer) -> None:
@@ -108,7 +118,9 @@ def test_requests_join_a_running_batch_and_match_solo(setup, tokenizer) -> None:
             for i, n in enumerate(names)]  # fmt: skip
     pending = []
     for i, name in enumerate(names):  # one newcomer every two steps, while others decode
-        pending.append(submit(engine, _ids(tokenizer, PROMPTS[i % 4]), adapters.get(name), max_new_tokens=9)[1])
+        pending.append(
+            submit(engine, _ids(tokenizer, PROMPTS[i % 4]), adapters.get(name), max_new_tokens=9)[1]
+        )
         engine._drain_inbox(block=False)
         engine.step()
         engine.step()
@@ -146,7 +158,7 @@ def test_cancel_frees_the_row_and_the_slot(setup, tokenizer) -> None:
 
 
 def test_max_batch_is_respected(setup, tokenizer) -> None:
-    engine, adapters, _ = setup
+    engine, _, _ = setup
     engine.config = EngineConfig(max_batch=3)
     pending = [submit(engine, _ids(tokenizer, PROMPTS[i % 4]), None, max_new_tokens=4)[1] for i in range(7)]
     engine._drain_inbox(block=False)
@@ -205,13 +217,18 @@ def test_top_k_one_is_greedy(setup, tokenizer) -> None:
     engine, adapters, _ = setup
     ids = _ids(tokenizer, PROMPTS[3])
     greedy = run_one(engine, ids, adapters["patterns"], max_new_tokens=8).tokens
-    assert run_one(engine, ids, adapters["patterns"], max_new_tokens=8, do_sample=True, top_k=1, seed=3).tokens == greedy
+    assert (
+        run_one(engine, ids, adapters["patterns"], max_new_tokens=8, do_sample=True, top_k=1, seed=3).tokens
+        == greedy
+    )
 
 
 def test_repetition_penalty_matches_hf(setup, tiny_base, tokenizer) -> None:
     engine, _, _ = setup
     inputs = tokenizer(PROMPTS[1], return_tensors="pt")
-    got = run_one(engine, inputs["input_ids"][0].tolist(), None, max_new_tokens=10, repetition_penalty=1.8).tokens
+    got = run_one(
+        engine, inputs["input_ids"][0].tolist(), None, max_new_tokens=10, repetition_penalty=1.8
+    ).tokens
     with torch.no_grad():
         ref = tiny_base.generate(**inputs, max_new_tokens=10, do_sample=False, repetition_penalty=1.8,
                                  eos_token_id=None, pad_token_id=2)  # fmt: skip
@@ -234,7 +251,9 @@ def test_gpt2_conv1d_fan_in_fan_out_matches_peft(tokenizer, peft_adapter_factory
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(5)
-    base = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=128))
+    base = GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=128)
+    )
     base.eval()
     path, peft_model = peft_adapter_factory(
         base, "gpt2", r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True
@@ -246,5 +265,7 @@ def test_gpt2_conv1d_fan_in_fan_out_matches_peft(tokenizer, peft_adapter_factory
         inputs = tokenizer(prompt, return_tensors="pt")
         got = run_one(engine, inputs["input_ids"][0].tolist(), adapter, max_new_tokens=8).tokens
         with torch.no_grad():
-            ref = peft_model.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=2)
+            ref = peft_model.generate(
+                **inputs, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=2
+            )
         assert got == ref[0, inputs["input_ids"].shape[1] :].tolist()

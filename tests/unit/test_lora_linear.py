@@ -26,7 +26,11 @@ def _factors(seed: int, r: int, k: int = 24, d: int = 40) -> tuple[torch.Tensor,
 def test_each_row_equals_dense_reference(kernel: str, seq_len: int) -> None:
     ctx = LoraBatchContext(kernel=kernel)
     layer = _layer(ctx)
-    adapters = {0: (*_factors(1, 4), 2.0), 1: (*_factors(2, 8), 0.5), 3: (*_factors(3, 2), 1.5)}  # ranks differ
+    adapters = {
+        0: (*_factors(1, 4), 2.0),
+        1: (*_factors(2, 8), 0.5),
+        3: (*_factors(3, 2), 1.5),
+    }  # ranks differ
     for slot, (A, B, s) in adapters.items():
         layer.set_slot(slot, A, B, s)
     row_slots = [0, BASE_SLOT, 1, 3, 0, BASE_SLOT, 3]

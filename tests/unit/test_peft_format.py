@@ -130,12 +130,18 @@ def test_shape_mismatch_names_tensor_and_both_shapes(tmp_path, shapes) -> None:
     ("mutate", "words"),
     [
         (lambda t: t.pop("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"), "no lora_B"),
-        (lambda t: t.update({"base_model.model.model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}), "not a LoRA"),
+        (
+            lambda t: t.update({"base_model.model.model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}),
+            "not a LoRA",
+        ),
         (
             lambda t: t.update({"base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(2, 5)}),
             "embedding",
         ),
-        (lambda t: t["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].fill_(float("nan")), "NaN"),
+        (
+            lambda t: t["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].fill_(float("nan")),
+            "NaN",
+        ),
         (
             lambda t: [t.pop(k) for k in list(t) if "layers.1." in k],
             "have no weights",

@@ -1,0 +1,225 @@
+"""Merged hot-swap: fold one adapter into the base weights, and restore the base bit for bit.
+
+    merge(M):    W ← round(W_base + s·B·A)          (the product and the sum in float32)
+    swap(M→N):   W ← W_base (restored, not subtracted) ; W ← round(W_base + s'·B'·A')
+
+Subtracting the old delta (``W − s·B·A``) drifts: each round-trip through bfloat16/float16
+rounding loses bits, and the error compounds over swaps. loraplex never subtracts: it restores
+the affected layers from an exact source of the original weights, so the base is the same bits
+after any number of swaps. Sources, in order of preference:
+
+* the model's own safetensors checkpoint, read with ``pread`` layer by layer (no extra resident
+  memory: a few MB of temporary buffer per layer, the file stays in the OS page cache), used for
+  every layer whose checkpoint copy, cast to the serving dtype, reproduces the loaded weight
+  exactly (checked once at start-up);
+* otherwise an in-memory copy of that layer's original weight, on the CPU (100% of those
+  layers' weights; only models without a usable checkpoint pay it).
+
+A digest of all target weights is taken at load; :meth:`MergeManager.digest` proves the base is
+intact (``POST /admin/verify-base``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from adapters.peft_format import SAFETENSORS_DTYPES, LoraAdapter
+from server.engine.lora_linear import LoraLinear, linear_shape
+
+
+@dataclass
+class _TensorLocation:
+    path: Path
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+class CheckpointIndex:
+    """Where each tensor of a (possibly sharded) safetensors checkpoint lies on disk."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.locations: dict[str, _TensorLocation] = {}
+        files = sorted(model_dir.glob("*.safetensors")) if model_dir.is_dir() else []
+        for path in files:
+            with path.open("rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(header_len))
+            for name, info in header.items():
+                if name == "__metadata__" or info.get("dtype") not in SAFETENSORS_DTYPES:
+                    continue
+                start, end = info["data_offsets"]
+                self.locations[name] = _TensorLocation(
+                    path,
+                    8 + header_len + start,
+                    end - start,
+                    SAFETENSORS_DTYPES[info["dtype"]][0],
+                    tuple(info["shape"]),
+                )
+
+    def read(self, name: str) -> torch.Tensor | None:
+        """The tensor as stored, read with pread into a fresh CPU buffer; None when absent."""
+        loc = self.locations.get(name)
+        if loc is None:
+            return None
+        tensor = torch.empty(loc.shape, dtype=loc.dtype)
+        self._pread_into(loc, tensor)
+        return tensor
+
+    def read_into(self, name: str, out: torch.Tensor) -> bool:
+        """Read straight into ``out`` when it is a contiguous CPU tensor of the stored dtype and shape.
+
+        Saves a buffer and a copy per layer; returns False when ``out`` does not qualify.
+        """
+        loc = self.locations.get(name)
+        if loc is None or out.device.type != "cpu" or not out.is_contiguous():
+            return False
+        if out.dtype != loc.dtype or tuple(out.shape) != loc.shape:
+            return False
+        self._pread_into(loc, out)
+        return True
+
+    @staticmethod
+    def _pread_into(loc: _TensorLocation, out: torch.Tensor) -> None:
+        view = memoryview(out.detach().view(torch.uint8).reshape(-1).numpy())  # [nbytes], shares out's memory
+        fd = os.open(loc.path, os.O_RDONLY)
+        try:
+            done = 0
+            while done < loc.nbytes:
+                read = os.preadv(fd, [view[done:]], loc.offset + done)
+                if read <= 0:
+                    raise OSError(f"{loc.path} ended early while restoring a weight")
+                done += read
+        finally:
+            os.close(fd)
+
+
+def _weight(layer: LoraLinear) -> torch.Tensor:
+    return layer.base.weight
+
+
+def _delta(layer: LoraLinear, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale · B @ A in float32 on the weight's device, laid out like the weight."""
+    weight = _weight(layer)
+    delta = scale * (B.to(weight.device, torch.float32) @ A.to(weight.device, torch.float32))  # [d, k]
+    fan_in_fan_out = linear_shape(layer.base)[2]  # type: ignore[index]
+    return delta.t() if fan_in_fan_out else delta
+
+
+@dataclass
+class SwapStats:
+    swaps: int = 0  # changes of the merged adapter (merge, unmerge or both)
+    swap_seconds: float = 0.0
+    last_swap_seconds: float = 0.0
+    history: list[float] = field(default_factory=list, repr=False)  # recent swap durations
+
+
+class MergeManager:
+    """Owns the merged state of the base weights. Engine thread only."""
+
+    def __init__(
+        self, layers: dict[str, LoraLinear], checkpoint_dir: Path | None, *, can_merge: bool
+    ) -> None:
+        """``can_merge=False`` (unmerged mode) prepares no restore source and costs no memory."""
+        self.layers = layers
+        self.merged: LoraAdapter | None = None
+        self.can_merge = can_merge
+        self.stats = SwapStats()
+        self._checkpoint = (
+            CheckpointIndex(checkpoint_dir) if can_merge and checkpoint_dir is not None else None
+        )
+        self._copies: dict[str, torch.Tensor] = {}  # layers the checkpoint cannot restore exactly
+        self._from_checkpoint: set[str] = set()
+        if can_merge:
+            for name, layer in layers.items():
+                if self._checkpoint_restores(name, _weight(layer)):
+                    self._from_checkpoint.add(name)
+                else:
+                    self._copies[name] = _weight(layer).detach().to("cpu", copy=True)
+        self.digest_at_load = self.digest()
+
+    # ------------------------------------------------------------------ sources of the original
+
+    def _checkpoint_restores(self, name: str, weight: torch.Tensor) -> bool:
+        original = self._checkpoint.read(f"{name}.weight") if self._checkpoint is not None else None
+        if original is None or original.shape != weight.shape:
+            return False
+        return torch.equal(original.to(weight.dtype), weight.detach().cpu())
+
+    @property
+    def extra_bytes(self) -> int:
+        """Resident memory this manager keeps beyond the model (the in-memory copies)."""
+        return sum(t.numel() * t.element_size() for t in self._copies.values())
+
+    @property
+    def restored_from_checkpoint(self) -> int:
+        return len(self._from_checkpoint)
+
+    def _restore(self, name: str) -> None:
+        weight = _weight(self.layers[name])
+        if name in self._from_checkpoint:
+            assert self._checkpoint is not None
+            if self._checkpoint.read_into(f"{name}.weight", weight.data):
+                return
+            original = self._checkpoint.read(f"{name}.weight")
+            assert original is not None
+        else:
+            original = self._copies[name]
+        weight.data.copy_(original.to(weight.dtype))
+
+    # ------------------------------------------------------------------ merging
+
+    def merge(self, adapter: LoraAdapter | None) -> float:
+        """Make ``adapter`` (None: the bare base) the one folded into the weights; return seconds."""
+        if adapter is self.merged or (
+            adapter is not None and self.merged is not None and adapter.key == self.merged.key
+        ):
+            return 0.0
+        if not self.can_merge:
+            raise RuntimeError("merging needs --mode merged or auto")
+        start = time.perf_counter()
+        with torch.no_grad():
+            if self.merged is not None:
+                for name in self.merged.layers:
+                    self._restore(name)
+            if adapter is not None:
+                for name, w in adapter.layers.items():
+                    layer = self.layers[name]
+                    weight = _weight(layer)
+                    delta = _delta(layer, w.A, w.B, w.scale)
+                    if weight.dtype == torch.float32:
+                        weight.data.add_(delta)  # the same float32 sum, without a temporary
+                    else:
+                        weight.data.copy_((weight.float() + delta).to(weight.dtype))
+        self.merged = adapter
+        if weight_device_is_cuda(self.layers):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        self.stats.swaps += 1
+        self.stats.swap_seconds += seconds
+        self.stats.last_swap_seconds = seconds
+        self.stats.history = [*self.stats.history[-31:], seconds]
+        return seconds
+
+    def digest(self) -> str:
+        """sha256 over every target weight's bytes, in a fixed order."""
+        h = hashlib.sha256()
+        for name in sorted(self.layers):
+            weight = _weight(self.layers[name]).detach()
+            h.update(name.encode())
+            h.update(weight.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+
+def weight_device_is_cuda(layers: dict[str, LoraLinear]) -> bool:
+    first = next(iter(layers.values()), None)
+    return first is not None and _weight(first).is_cuda

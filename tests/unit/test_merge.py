@@ -1,0 +1,225 @@
+"""Merged hot-swap: the base weights come back bit for bit after any number of swaps."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from adapters.peft_format import load_adapter_dir
+from server.engine.engine import Engine, EngineConfig
+from server.engine.lora_linear import LoraBatchContext
+from server.engine.lora_model import attach_lora_layers, base_linear_shapes
+from server.engine.merge import MergeManager
+from server.engine.requests import GenerationRequest
+from server.engine.sampling import SamplingParams
+from server.engine.scheduler import AutoPolicy, plan_merged
+from tests.engine_helpers import outcome, run_many, run_one, submit
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+PROMPTS = ["Hello there, how are", "The quick brown fox", "A", "Once upon a time in a land far away"]
+
+
+@pytest.fixture(scope="module")
+def saved(tiny_base, tmp_path_factory):
+    """The tiny model saved as safetensors, and four all-linear adapters for it."""
+    from tests.conftest import make_peft_adapter
+
+    root = tmp_path_factory.mktemp("merge")
+    tiny_base.save_pretrained(root / "model")
+    paths = []
+    for i in range(4):
+        target = ["q_proj", "v_proj", "down_proj"] if i % 2 else "all-linear"
+        make_peft_adapter(
+            tiny_base, root / f"a{i}", seed=i, r=4 + 4 * i, lora_alpha=16, target_modules=target
+        )
+        paths.append(root / f"a{i}")
+    return root / "model", paths
+
+
+def _wrapped(model_dir, dtype):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    layers = attach_lora_layers(model, LoraBatchContext())
+    return model, layers
+
+
+def _adapters(paths, layers):
+    shapes = base_linear_shapes(layers)
+    return [load_adapter_dir(p, f"a{i}", shapes) for i, p in enumerate(paths)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("source", ["checkpoint", "copy"])
+def test_thousand_random_swaps_restore_the_base_bit_for_bit(saved, dtype, source) -> None:
+    model_dir, paths = saved
+    _, layers = _wrapped(model_dir, dtype)
+    originals = {n: layer.base.weight.detach().clone() for n, layer in layers.items()}
+    adapters = _adapters(paths, layers)
+    manager = MergeManager(layers, model_dir if source == "checkpoint" else None, can_merge=True)
+    if source == "checkpoint":
+        assert manager.restored_from_checkpoint == len(layers) and manager.extra_bytes == 0
+    else:
+        assert manager.extra_bytes == sum(w.numel() * w.element_size() for w in originals.values())
+    rng = random.Random(0)
+    for _ in range(1000):
+        manager.merge(rng.choice([*adapters, None]))
+    assert manager.stats.swaps > 500
+    manager.merge(None)
+    assert manager.digest() == manager.digest_at_load
+    for name, layer in layers.items():
+        assert torch.equal(layer.base.weight, originals[name]), name
+
+
+def test_naive_subtract_and_add_drifts_in_bfloat16(saved) -> None:
+    """What the exact restore avoids: W - sBA + sBA is not W after rounding."""
+    model_dir, paths = saved
+    _, layers = _wrapped(model_dir, torch.bfloat16)
+    adapter = _adapters(paths, layers)[0]
+    name, w = next(iter(adapter.layers.items()))
+    weight = layers[name].base.weight.detach().clone()
+    original = weight.clone()
+    delta = (w.scale * w.B @ w.A).to(torch.bfloat16)
+    for _ in range(100):
+        weight += delta
+        weight -= delta
+    assert (weight.float() - original.float()).abs().max() > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_merged_weight_is_the_dense_reference(saved, dtype) -> None:
+    model_dir, paths = saved
+    _, layers = _wrapped(model_dir, dtype)
+    adapters = _adapters(paths, layers)
+    originals = {n: layer.base.weight.detach().clone() for n, layer in layers.items()}
+    manager = MergeManager(layers, model_dir, can_merge=True)
+    manager.merge(adapters[1])
+    manager.merge(adapters[0])  # a swap: restore a1's layers, then add a0
+    for name, layer in layers.items():
+        expected = originals[name]
+        if name in adapters[0].layers:
+            w = adapters[0].layers[name]
+            expected = (expected.float() + w.scale * (w.B @ w.A)).to(dtype)
+        assert torch.equal(layer.base.weight, expected), name
+
+
+def test_unmerged_mode_prepares_nothing(saved) -> None:
+    model_dir, _ = saved
+    _, layers = _wrapped(model_dir, torch.float32)
+    manager = MergeManager(layers, model_dir, can_merge=False)
+    assert manager.extra_bytes == 0 and manager.restored_from_checkpoint == 0
+    with pytest.raises(RuntimeError, match="merged or auto"):
+        manager.merge(_adapters(saved[1], layers)[0])
+
+
+# ----------------------------------------------------------------------------- engine modes
+
+
+def _engine(saved, tokenizer, mode: str, **config):
+    model_dir, paths = saved
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    engine = Engine(model, tokenizer, EngineConfig(mode=mode, checkpoint_dir=model_dir, **config))
+    return engine, _adapters(paths, engine.lora_layers)
+
+
+@pytest.mark.parametrize("mode", ["merged", "auto"])
+def test_concurrent_requests_for_four_adapters_equal_their_solo_outputs(saved, tokenizer, mode) -> None:
+    reference, adapters = _engine(saved, tokenizer, "unmerged")
+    jobs = [(tokenizer(PROMPTS[i % 4])["input_ids"], [None, *adapters][i % 5]) for i in range(15)]
+    solo = [run_one(reference, ids, a, max_new_tokens=12).tokens for ids, a in jobs]
+    engine, adapters = _engine(saved, tokenizer, mode, switch_wait=0.0)
+    jobs = [(ids, None if a is None else adapters[int(a.adapter_id[1:])]) for ids, a in jobs]
+    outs = run_many(engine, jobs, max_new_tokens=12)
+    assert [o.tokens for o in outs] == solo
+    if mode == "merged":
+        assert engine.stats.swaps >= 4  # every adapter was merged in turn
+    assert engine.verify_base_now()["intact"]
+
+
+def test_merged_mode_solo_outputs_equal_unmerged(saved, tokenizer) -> None:
+    unmerged, ua = _engine(saved, tokenizer, "unmerged")
+    merged, ma = _engine(saved, tokenizer, "merged")
+    for i, prompt in enumerate(PROMPTS):
+        ids = tokenizer(prompt)["input_ids"]
+        assert (
+            run_one(merged, ids, ma[i], max_new_tokens=10).tokens
+            == run_one(unmerged, ids, ua[i], max_new_tokens=10).tokens
+        )
+    assert merged.merged_adapter_id == "a3"
+
+
+def test_auto_merges_uniform_traffic_and_unmerges_for_mixed(saved, tokenizer) -> None:
+    engine, adapters = _engine(saved, tokenizer, "auto", auto_min_uniform_steps=3)
+    ids = tokenizer(PROMPTS[0])["input_ids"]
+    solo = run_one(engine, ids, adapters[0], max_new_tokens=20)
+    assert engine.merged_adapter_id == "a0"  # 20 steps of one adapter: merged
+    _, events = submit(engine, ids, adapters[0], max_new_tokens=20)
+    engine._drain_inbox(block=False)
+    engine.step()
+    assert engine.merged_adapter_id == "a0"
+    _, other = submit(engine, ids, adapters[1], max_new_tokens=5)  # mixed: unmerge at once
+    engine._drain_inbox(block=False)
+    engine.step()
+    assert engine.merged_adapter_id is None
+    engine.run_until_idle()
+    assert outcome(events).tokens == solo.tokens
+    assert outcome(other).tokens == run_one(engine, ids, adapters[1], max_new_tokens=5).tokens
+
+
+def test_verify_base_drains_a_merged_batch_first(saved, tokenizer) -> None:
+    engine, adapters = _engine(saved, tokenizer, "merged")
+    ids = tokenizer(PROMPTS[1])["input_ids"]
+    _, events = submit(engine, ids, adapters[2], max_new_tokens=6)
+    engine._drain_inbox(block=False)
+    engine.step()
+    assert engine.merged_adapter_id == "a2"
+    future = engine.verify_base()
+    _, later = submit(engine, ids, adapters[2], max_new_tokens=3)  # not admitted until verified
+    engine.run_until_idle()
+    result = future.result(timeout=0)
+    assert (
+        result["intact"]
+        and result["sha256_now"] == result["sha256_at_load"]
+        and result["swaps_since_load"] >= 2
+    )
+    assert len(outcome(events).tokens) == 6 and len(outcome(later).tokens) == 3
+
+
+# ----------------------------------------------------------------------------- policies
+
+
+def _request(adapter_key: str | None, age: float) -> GenerationRequest:
+    adapter = None
+    if adapter_key is not None:
+        adapter = type("A", (), {"key": adapter_key, "adapter_id": adapter_key})()
+    request = GenerationRequest(prompt_ids=[1], params=SamplingParams(), adapter=adapter)  # type: ignore[arg-type]
+    request.submitted_at = time.perf_counter() - age
+    return request
+
+
+def test_plan_merged_bounded_waiting() -> None:
+    # others waited less than switch_wait while matching requests exist: keep serving the merged one
+    plan = plan_merged([_request("m", 0.0), _request("x", 0.1)], "m", batch_empty=False, switch_wait=1.0)
+    assert plan.admit and plan.admit_key == "m" and plan.switch_to is None
+    # the other waited long enough: stop admitting m so the batch drains
+    plan = plan_merged([_request("m", 0.0), _request("x", 2.0)], "m", batch_empty=False, switch_wait=1.0)
+    assert not plan.admit
+    # drained: switch to the oldest other request's adapter
+    waiting = [_request("m", 0.0), _request("y", 3.0), _request("x", 2.0)]
+    plan = plan_merged(waiting, "m", batch_empty=True, switch_wait=1.0)
+    assert plan.switch_to is waiting[1] and plan.admit_key == "y"
+    # nothing else for m: switch as soon as the batch is empty, whatever the wait
+    plan = plan_merged([_request(None, 0.0)], "m", batch_empty=True, switch_wait=10.0)
+    assert plan.switch_to is not None and plan.admit_key is None
+
+
+def test_auto_policy_hysteresis() -> None:
+    policy = AutoPolicy(min_uniform_steps=4)
+    assert [policy.decide({"a"}, None, 0.0) for _ in range(4)] == ["keep", "keep", "keep", "a"]
+    assert policy.decide({"a", "b"}, "a", 0.0) is None  # mixed: unmerge at once
+    assert policy.decide({"a", None}, None, 0.0) == "keep"
+    assert policy.decide({None}, None, 0.0) == "keep"  # base-only traffic: nothing to merge
+    policy.observe_step(0.01)
+    assert policy.steps_needed(swap_seconds=0.5) == 100  # ski rental: merge + unmerge = 100 steps
