@@ -164,6 +164,22 @@ class MergeManager:
     def restored_from_checkpoint(self) -> int:
         return len(self._from_checkpoint)
 
+    def original_weight(self, name: str) -> torch.Tensor:
+        """The base weight of layer ``name`` as loaded, whatever is merged now; safe from any thread.
+
+        Unmerged mode never changes the weights, so they are read as they are; merged and auto
+        modes read the restore source (checkpoint or in-memory copy). Returns a CPU tensor [out, in]
+        (Conv1D layers are transposed to that layout).
+        """
+        layer = self.layers[name]
+        if not self.can_merge:
+            original = _weight(layer).detach().to("cpu", copy=True)
+        elif name in self._from_checkpoint:
+            original = self._checkpoint.read(f"{name}.weight").to(_weight(layer).dtype)  # type: ignore[union-attr]
+        else:
+            original = self._copies[name].clone()
+        return original.t() if linear_shape(layer.base)[2] else original  # type: ignore[index]
+
     def _restore(self, name: str) -> None:
         weight = _weight(self.layers[name])
         if name in self._from_checkpoint:
