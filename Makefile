@@ -33,6 +33,7 @@ test-unit: setup
 
 bench: setup
 	$(PY) bench/throughput.py
+	$(PY) bench/swap.py
 
 lint: setup
 	$(VENV)/bin/ruff check .
