@@ -183,18 +183,23 @@ class LoraLinear(nn.Module):
             return cached[1], cached[2], cached[3]
         slots = tuple(s for s in ctx.active_slots if s in self.occupied)
         idx = torch.tensor(slots, device=self.A_stack.device)
-        A = self.A_stack[idx].reshape(-1, self.in_features)  # [L*r_max, k]
+        A_t = self.A_stack[idx].reshape(-1, self.in_features).t().contiguous()  # [k, L*r_max]
         B = (self.B_stack[idx] * self.scale[idx][:, None, None]).permute(1, 0, 2)  # [d, L, r_max]
         B_t = B.reshape(self.out_features, -1).t().contiguous()  # [L*r_max, d]
-        self._active_cache = (ctx.active_slots, slots, A, B_t)
-        return slots, A, B_t
+        self._active_cache = (ctx.active_slots, slots, A_t, B_t)
+        return slots, A_t, B_t
 
     def _add_delta_segmented(self, x: torch.Tensor, y: torch.Tensor, ctx: LoraBatchContext) -> torch.Tensor:
-        """Semantics: ``h = x @ A_act.T; h *= row_mask; y += h @ (scale·B)_act.T``."""
-        slots, A, B_t = self._active_weights(ctx)
-        h = x @ A.t()  # [B, T, L*r_max]
-        h = h * ctx.row_mask(slots, self.r_max, h.dtype)[:, None, :]
-        return y + h @ B_t  # [B, T, d]
+        """Semantics: ``h = x @ A_act.T; h *= row_mask; y += h @ (scale·B)_act.T``.
+
+        In place on the base output (a fresh tensor): no temporaries beyond ``h``.
+        """
+        slots, A_t, B_t = self._active_weights(ctx)
+        batch, seq = x.shape[0], x.shape[1]
+        h = torch.mm(x.reshape(batch * seq, -1), A_t)  # [B*T, L*r_max]
+        h.view(batch, seq, -1).mul_(ctx.row_mask(slots, self.r_max, h.dtype)[:, None, :])
+        y.view(batch * seq, -1).addmm_(h, B_t)  # [B*T, d]
+        return y
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int, bool] | None:
