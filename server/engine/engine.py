@@ -239,11 +239,15 @@ class Engine:
         while not self._stopping.is_set():
             idle = self._batch is None and not self._waiting and not self._controls
             self._drain_inbox(block=idle)
-            try:
-                self.step()
-            except Exception as exc:  # a failure must fail the requests, never kill the engine
-                log.exception("engine step failed")
-                self._fail_all(f"generation failed: {exc}")
+            self.step_safely()
+
+    def step_safely(self) -> None:
+        """One step; a failure fails the requests involved, never the engine."""
+        try:
+            self.step()
+        except Exception as exc:
+            log.exception("engine step failed")
+            self._fail_all(f"generation failed: {exc}")
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -411,8 +415,10 @@ class Engine:
             logits, cache, mask = prefill(
                 self.model, self.ctx, [r.request.prompt_ids for r in rows], self._slots_for(rows), self.pad_id
             )
-        except Exception:
-            for row in rows:
+        except Exception as exc:
+            for row in rows:  # not in the batch yet: _fail_all would not reach them
+                row.request.finished_at = time.perf_counter()
+                row.request.emit(ErrorEvent(f"generation failed: {exc}"))
                 self._release(row)
             raise
         batch = RunningBatch(rows=rows, cache=cache, attention_mask=mask)

@@ -269,3 +269,27 @@ def test_gpt2_conv1d_fan_in_fan_out_matches_peft(tokenizer, peft_adapter_factory
                 **inputs, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=2
             )
         assert got == ref[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def test_a_failing_forward_fails_its_requests_and_the_engine_goes_on(setup, tokenizer, monkeypatch) -> None:
+    engine, adapters, _ = setup
+    import server.engine.engine as engine_module
+
+    running = submit(engine, _ids(tokenizer, PROMPTS[0]), adapters["qv"], max_new_tokens=30)[1]
+    engine._drain_inbox(block=False)
+    engine.step()
+    real_prefill = engine_module.prefill
+
+    def broken_prefill(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(engine_module, "prefill", broken_prefill)
+    newcomer = submit(engine, _ids(tokenizer, PROMPTS[1]), adapters["patterns"], max_new_tokens=5)[1]
+    engine._drain_inbox(block=False)
+    engine.step_safely()
+    for events in (running, newcomer):
+        error = outcome(events).error
+        assert error is not None and "out of memory" in error.message
+    assert all(r.in_use == 0 for r in engine.slots._resident.values())
+    monkeypatch.setattr(engine_module, "prefill", real_prefill)
+    assert len(run_one(engine, _ids(tokenizer, PROMPTS[2]), adapters["qv"], max_new_tokens=4).tokens) == 4
