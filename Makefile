@@ -34,6 +34,7 @@ test-unit: setup
 bench: setup
 	$(PY) bench/throughput.py
 	$(PY) bench/swap.py
+	$(PY) bench/analysis.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

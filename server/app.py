@@ -13,17 +13,20 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from adapters.archive import read_adapter_dir
 from adapters.store import AdapterStore
 from server import __version__
-from server.api import adapters, admin, generate, health
+from server.api import adapters, admin, analysis, generate, health, openai, prometheus
 from server.api.errors import install_error_handlers
+from server.api.middleware import RequestContextMiddleware
+from server.api.security import QueueGate, authorizer, warn_if_open
 from server.api.upload_limit import UploadLimitMiddleware
 from server.config import Settings
 from server.engine.base_model import LoadedBase, load_base
 from server.engine.engine import Engine, EngineConfig
+from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,7 @@ def create_app(settings: Settings | None = None, loader: BaseLoader = default_lo
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings
+        warn_if_open(settings)
         store = await asyncio.to_thread(
             AdapterStore, settings.data_dir, host_cache_bytes=settings.host_cache_mb << 20
         )
@@ -101,12 +105,26 @@ def create_app(settings: Settings | None = None, loader: BaseLoader = default_lo
                 app.state.engine.shutdown()
             store.close()
 
-    app = FastAPI(title="loraplex", version=__version__, lifespan=lifespan)
+    app = FastAPI(
+        title="loraplex", version=__version__, lifespan=lifespan, dependencies=[Depends(authorizer(settings))]
+    )
     app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_mb << 20, paths=("/adapters",))
+    app.state.metrics = Metrics(
+        lambda: (getattr(app.state, "engine", None), getattr(app.state, "store", None))
+    )
+    app.add_middleware(  # outermost: request id, access log and metrics cover every answer, 413s too
+        RequestContextMiddleware,
+        metrics=app.state.metrics,
+        gate=QueueGate(settings.max_queue),
+        request_timeout=settings.request_timeout,
+    )
     install_error_handlers(app)
     adapters.install_adapter_error_handlers(app)
     app.include_router(health.router)
     app.include_router(generate.router)
     app.include_router(admin.router)
+    app.include_router(analysis.router)  # before adapters: /adapters/compare is not an id
     app.include_router(adapters.router)
+    app.include_router(openai.router)
+    app.include_router(prometheus.router)
     return app

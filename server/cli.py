@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from clients.cli import register as register_client_commands
 
 app = typer.Typer(help="loraplex: one base model, many LoRA adapters.", no_args_is_help=True)
 
@@ -43,6 +44,15 @@ def serve(
     ] = None,
     max_upload_mb: Annotated[int | None, typer.Option(help="Largest adapter upload in MB (512).")] = None,
     host_cache_mb: Annotated[int | None, typer.Option(help="Host-memory adapter cache in MB (1024).")] = None,
+    max_queue: Annotated[
+        int | None, typer.Option(help="Running + waiting requests before new ones get 429 (256).")
+    ] = None,
+    request_timeout: Annotated[
+        float | None, typer.Option(help="Seconds per generation request before 504 (default: none).")
+    ] = None,
+    log_format: Annotated[
+        str | None, typer.Option(help="text (default) or json (one object per line).")
+    ] = None,
 ) -> None:
     """Start the HTTP server. Each option is also an env var LORAPLEX_<NAME> (flags win)."""
     options = {
@@ -50,25 +60,63 @@ def serve(
         "mode": mode, "max_batch": max_batch, "max_input_tokens": max_input_tokens,
         "max_total_tokens": max_total_tokens, "max_loaded_adapters": max_loaded_adapters, "max_rank": max_rank,
         "data_dir": data_dir, "cache_dir": cache_dir, "log_level": log_level, "switch_wait": switch_wait,
-        "max_upload_mb": max_upload_mb, "host_cache_mb": host_cache_mb,
+        "max_upload_mb": max_upload_mb, "host_cache_mb": host_cache_mb, "max_queue": max_queue,
+        "request_timeout": request_timeout, "log_format": log_format,
     }  # fmt: skip
     import uvicorn
     from pydantic import ValidationError
 
     from server.app import create_app
     from server.config import Settings
+    from server.logs import configure_logging
 
     given = {name: value for name, value in options.items() if value is not None}
     try:
         settings = Settings(**given)
     except ValidationError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower()
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        log_config=None,  # configure_logging did it: text or JSON, with request ids
+        access_log=False,  # RequestContextMiddleware writes the access line, with the request id
     )
+
+
+@app.command()
+def analyze(
+    path: Annotated[Path, typer.Argument(help="Local PEFT adapter directory.")],
+    base: Annotated[
+        str | None, typer.Option(help="Local HF base model directory (default: the embedded model).")
+    ] = None,
+) -> None:
+    """Spectral analysis of a local adapter against its base model: no server needed."""
+    import importlib.util
+    import json
+
+    if importlib.util.find_spec("adapters.report") is None:
+        typer.echo(
+            "error: adapter analysis is not available yet in this version of loraplex "
+            "(adapters.report is missing).",
+            err=True,
+        )
+        raise typer.Exit(2)
+    from adapters import report
+
+    result = report.analyze_local(path, base)
+    formatter = getattr(report, "format_report", None)
+    if isinstance(result, str):
+        typer.echo(result)
+    elif formatter is not None:
+        typer.echo(formatter(result))
+    elif result is not None:
+        typer.echo(json.dumps(result, indent=2, default=str))
+
+
+register_client_commands(app)
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Mode = Literal["unmerged", "merged", "auto"]
@@ -54,6 +54,22 @@ class Settings(BaseSettings):
     )
     cache_dir: Path = Field(Path("~/.cache/loraplex"), description="Converted embedded model and caches.")
     log_level: str = Field("info", description="debug, info, warning, error.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text, or json: one JSON object per line, with the request id."
+    )
+    # Access and load control (server/api/security.py). Keys come from the environment only:
+    # command-line flags would show them in `ps`.
+    api_key: SecretStr | None = Field(
+        None, description="Bearer token for generation and read routes (unset: open access)."
+    )
+    admin_key: SecretStr | None = Field(
+        None,
+        description="Bearer token for upload, replace, delete, shrink and /admin/* (also valid for reads).",
+    )
+    max_queue: int = Field(256, ge=1, description="Running + waiting requests before new ones get 429.")
+    request_timeout: float | None = Field(
+        None, gt=0, description="Seconds a generation request may take before it is cancelled (504)."
+    )
 
     @field_validator("adapter", mode="before")
     @classmethod
@@ -70,6 +86,11 @@ class Settings(BaseSettings):
             if not sep or not adapter_id or not path:
                 raise ValueError(f"--adapter {spec!r} must look like ID=PATH")
         return value
+
+    @field_validator("api_key", "admin_key", mode="before")
+    @classmethod
+    def _empty_key_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("cache_dir", "data_dir")
     @classmethod

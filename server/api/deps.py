@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -42,9 +43,21 @@ async def get_registry(request: Request) -> AdapterStore:
         pinned = []
         for name in _named_adapters(await request.body()):
             if name in store:
-                pinned.append(await store.aget(name))
+                pinned.append(await _timed_aget(request, store, name))
         request.state.prefetched_adapters = pinned
     return store
+
+
+async def _timed_aget(request: Request, store: AdapterStore, name: str) -> Any:
+    """``store.aget``, timing reads from disk into ``loraplex_adapter_load_seconds`` (cache hits are not loads)."""
+    metrics = getattr(request.app.state, "metrics", None)
+    record = store.record(name)
+    cold = record is not None and record.key not in store.cache
+    started = time.perf_counter()
+    adapter = await store.aget(name)
+    if cold and adapter is not None and metrics is not None:
+        metrics.adapter_load_seconds.observe(time.perf_counter() - started)
+    return adapter
 
 
 def _named_adapters(body: bytes) -> list[str]:

@@ -16,7 +16,9 @@ log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    def __init__(self, status_code: int, message: str, error_type: str, headers: dict[str, str] | None = None):
+    def __init__(
+        self, status_code: int, message: str, error_type: str, headers: dict[str, str] | None = None
+    ):
         super().__init__(message)
         self.status_code = status_code
         self.message = message
@@ -34,7 +36,9 @@ def adapter_not_found(adapter_id: str) -> ApiError:
 
 
 def error_response(status_code: int, message: str, error_type: str, headers: dict[str, str] | None = None):
-    return JSONResponse({"error": message, "error_type": error_type}, status_code=status_code, headers=headers)
+    return JSONResponse(
+        {"error": message, "error_type": error_type}, status_code=status_code, headers=headers
+    )
 
 
 def _format_validation(exc: RequestValidationError) -> str:

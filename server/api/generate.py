@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.api.deps import EngineDep, RegistryDep
-from server.api.generation import build_request, run_to_completion, timing_headers, tokenize
+from server.api.generation import build_request, run_to_completion, stream_events, timing_headers, tokenize
 from server.api.schemas import Details, GenerateRequest, GenerateResponse, StreamResponse, Token
 from server.engine.requests import ErrorEvent, FinishEvent, GenerationRequest, TokenEvent
 
@@ -30,7 +30,9 @@ def _details(request: GenerationRequest, finish: FinishEvent) -> Details:
 @router.post("/generate", response_model=GenerateResponse)
 async def generate(body: GenerateRequest, engine: EngineDep, registry: RegistryDep, http_request: Request):
     p = body.parameters
-    request = build_request(engine, registry, tokenize(engine, body.inputs), p.sampling(), p.adapter_id, p.details)
+    request = build_request(
+        engine, registry, tokenize(engine, body.inputs), p.sampling(), p.adapter_id, p.details
+    )
     finish, _ = await run_to_completion(engine, request, http_request)
     response = GenerateResponse(generated_text=finish.generated_text, details=_details(request, finish))
     payload = response.model_dump()
@@ -40,14 +42,18 @@ async def generate(body: GenerateRequest, engine: EngineDep, registry: RegistryD
 
 
 @router.post("/generate_stream")
-async def generate_stream(body: GenerateRequest, engine: EngineDep, registry: RegistryDep) -> StreamingResponse:
+async def generate_stream(
+    body: GenerateRequest, engine: EngineDep, registry: RegistryDep
+) -> StreamingResponse:
     """Server-sent events, one per token; the last one carries ``generated_text`` and ``details``."""
     p = body.parameters
-    request = build_request(engine, registry, tokenize(engine, body.inputs), p.sampling(), p.adapter_id, p.details)
+    request = build_request(
+        engine, registry, tokenize(engine, body.inputs), p.sampling(), p.adapter_id, p.details
+    )
 
     async def events() -> AsyncIterator[str]:
         pending: TokenEvent | None = None  # held back one event so the last token carries the details
-        async for event in engine.stream(request):
+        async for event in stream_events(engine, request):
             if isinstance(event, TokenEvent):
                 if pending is not None:
                     yield _sse(StreamResponse(token=_token(pending)).model_dump())

@@ -1,19 +1,30 @@
-"""Glue shared by every generation route: resolve the adapter, tokenize, run, time."""
+"""Glue shared by every generation route: resolve the adapter, tokenize, run, time.
+
+Every route goes through :func:`build_request` and :func:`stream_events` (directly, or through
+:func:`run_to_completion`), so admission control (``--max-queue``), the request timeout and the
+request metrics live here once (see ``server.api.context``).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections.abc import AsyncIterator
 
 from fastapi import Request
 
 from adapters.registry import AdapterLookup
+from server.api.context import RequestContext, current
 from server.api.errors import ApiError, adapter_not_found
+from server.api.security import admit_generation
 from server.engine.engine import Engine
-from server.engine.requests import ErrorEvent, FinishEvent, GenerationRequest, TokenEvent
+from server.engine.requests import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent
 from server.engine.sampling import SamplingParams
 
 DISCONNECT_POLL_SECONDS = 0.25
+# HTTP status of a request whose stream ended with an ErrorEvent of this type (else 500)
+ERROR_STATUS = {"cancelled": 499, "timeout": 504}
 
 
 def build_request(
@@ -31,6 +42,7 @@ def build_request(
     take ``RegistryDep`` get the adapter their JSON body names prefetched into host memory off the
     event loop (see ``server.api.deps.get_registry``), so this lookup does not read the disk.
     """
+    admit_generation(engine.num_running + engine.num_waiting)  # 429 when --max-queue is reached
     adapter = None
     if adapter_id is not None:
         adapter = registry.get(adapter_id)
@@ -42,6 +54,8 @@ def build_request(
     engine.validate(request)
     if adapter is not None:
         registry.track(request, adapter)
+    if (context := current()) is not None:
+        context.note_adapter(request.adapter_id)
     return request
 
 
@@ -56,13 +70,13 @@ async def run_to_completion(
 
     async def consume() -> tuple[FinishEvent, list[TokenEvent]]:
         tokens: list[TokenEvent] = []
-        async for event in engine.stream(request):
+        async for event in stream_events(engine, request):
             if isinstance(event, TokenEvent):
                 tokens.append(event)
             elif isinstance(event, FinishEvent):
                 return event, tokens
             elif isinstance(event, ErrorEvent):
-                raise ApiError(500 if event.error_type == "internal" else 499, event.message, event.error_type)
+                raise ApiError(ERROR_STATUS.get(event.error_type, 500), event.message, event.error_type)
         raise ApiError(500, "generation ended without a result", "internal")
 
     task = asyncio.create_task(consume())
@@ -81,6 +95,59 @@ async def run_to_completion(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, ApiError):
                 await task
+
+
+async def stream_events(engine: Engine, request: GenerationRequest) -> AsyncIterator[Event]:
+    """``engine.stream(request)`` with the request timeout and the request metrics around it.
+
+    Past the deadline (``--request-timeout``) the request is cancelled and the stream ends with
+    ``ErrorEvent(..., "timeout")``: a JSON route answers 504, a streaming one sends it as its last
+    event. A stream that ends with an error, or that the client leaves, is counted with its real
+    outcome (``ERROR_STATUS``; 499 when the client left) instead of the 200 it started with.
+    """
+    context = current()
+    deadline = context.deadline if context is not None else None
+    observer = None
+    if context is not None and context.metrics is not None:
+        observer = context.metrics.observer(request, context.adapter_label)
+    events = engine.stream(request)
+    ended = False
+    try:
+        while True:
+            try:
+                event = await _next_event(events, deadline)
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:
+                request.cancel()
+                event = _timeout_event(context)
+            if observer is not None:
+                observer.see(event)
+            ended = isinstance(event, (FinishEvent, ErrorEvent))
+            if isinstance(event, ErrorEvent) and context is not None:
+                context.outcome_status = ERROR_STATUS.get(event.error_type, 500)
+            yield event
+            if ended:
+                return
+    finally:
+        if not ended and context is not None:
+            context.outcome_status = ERROR_STATUS["cancelled"]  # the client left mid-stream
+        await events.aclose()  # type: ignore[attr-defined]  # engine.stream: an async generator
+
+
+async def _next_event(events: AsyncIterator[Event], deadline: float | None) -> Event:
+    if deadline is None:
+        return await anext(events)
+    return await asyncio.wait_for(anext(events), timeout=max(deadline - time.perf_counter(), 0.0))
+
+
+def _timeout_event(context: RequestContext | None) -> ErrorEvent:
+    limit = f"{context.timeout:g} s " if context is not None and context.timeout is not None else ""
+    return ErrorEvent(
+        f"the request took longer than the server's request timeout {limit}(--request-timeout) and was "
+        "cancelled; ask for fewer tokens (max_new_tokens / max_tokens) or retry when the server is less busy.",
+        "timeout",
+    )
 
 
 def timing_headers(request: GenerationRequest) -> dict[str, str]:

@@ -1,0 +1,161 @@
+"""The official ``openai`` SDK against a real server (tiny model, loopback): /v1/models,
+/v1/completions and /v1/chat/completions, streaming and not, with an adapter and without."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import make_peft_adapter
+from tests.live_server import start_live_server
+
+BASE = "tiny-llama"
+PROMPT = "Hello there, how are"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_base, tokenizer, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("openai")
+    make_peft_adapter(tiny_base, workdir / "qv", seed=3, b_scale=0.5, r=8, lora_alpha=16,
+                      target_modules=["q_proj", "v_proj"])  # fmt: skip
+    live = start_live_server(
+        tiny_base, tokenizer, workdir, adapter=[f"qv={workdir / 'qv'}"], max_total_tokens=256
+    )
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as c:
+        yield c
+
+
+def _generate(server, inputs: str, adapter_id: str | None, n: int) -> dict:
+    body = {"inputs": inputs, "parameters": {"adapter_id": adapter_id, "max_new_tokens": n}}
+    return httpx.post(server.url + "/generate", json=body, timeout=30).json()
+
+
+def test_models_lists_base_and_adapters(client) -> None:
+    models = {m.id: m for m in client.models.list().data}
+    assert set(models) == {BASE, "qv"}
+    assert models["qv"].model_extra["parent"] == BASE and models[BASE].model_extra["parent"] is None
+    assert all(m.object == "model" and m.owned_by == "loraplex" for m in models.values())
+
+
+@pytest.mark.parametrize("model", [BASE, "qv"])
+def test_completion_matches_generate_and_counts_usage(server, client, model) -> None:
+    reply = client.completions.create(model=model, prompt=PROMPT, max_tokens=6, temperature=0)
+    expected = _generate(server, PROMPT, None if model == BASE else "qv", 6)
+    choice = reply.choices[0]
+    assert reply.model == model and reply.object == "text_completion" and reply.id.startswith("cmpl-")
+    assert choice.text == expected["generated_text"]
+    assert choice.finish_reason == ("length" if expected["details"]["finish_reason"] == "length" else "stop")
+    usage = reply.usage
+    assert usage.prompt_tokens == expected["details"]["prompt_tokens"]
+    assert usage.completion_tokens == expected["details"]["generated_tokens"]
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_adapter_changes_the_completion(client) -> None:
+    texts = {m: client.completions.create(model=m, prompt=PROMPT, max_tokens=8, temperature=0).choices[0].text
+             for m in (BASE, "qv")}  # fmt: skip
+    assert texts[BASE] != texts["qv"]
+
+
+@pytest.mark.parametrize("model", [BASE, "qv"])
+def test_completion_stream_equals_whole(client, model) -> None:
+    whole = client.completions.create(model=model, prompt=PROMPT, max_tokens=7, temperature=0)
+    chunks = list(
+        client.completions.create(
+            model=model, prompt=PROMPT, max_tokens=7, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    usage_chunk = chunks[-1]
+    assert usage_chunk.choices == [] and usage_chunk.usage.completion_tokens == whole.usage.completion_tokens
+    text_chunks = chunks[:-1]
+    assert "".join(c.choices[0].text for c in text_chunks) == whole.choices[0].text
+    assert text_chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert all(c.choices[0].finish_reason is None for c in text_chunks[:-1])
+    assert len({c.id for c in chunks}) == 1
+
+
+@pytest.mark.parametrize("model", [BASE, "qv"])
+def test_chat_uses_the_template_stream_and_not(server, client, tokenizer, model) -> None:
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    reply = client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0)
+    templated = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    expected = _generate(server, templated, None if model == BASE else "qv", 6)
+    message = reply.choices[0].message
+    assert reply.object == "chat.completion" and message.role == "assistant"
+    assert message.content == expected["generated_text"]
+    assert reply.usage.prompt_tokens == expected["details"]["prompt_tokens"]
+
+    chunks = list(client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0,
+                                                 stream=True))  # fmt: skip
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == message.content
+    assert chunks[-1].choices[0].finish_reason == reply.choices[0].finish_reason
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+
+
+def test_stop_sequence_is_excluded_stream_and_not(client) -> None:
+    full = client.completions.create(model="qv", prompt=PROMPT, max_tokens=16, temperature=0).choices[0].text
+    stripped = full.strip()
+    assert len(stripped) >= 4, f"need some text to cut: {full!r}"
+    stop = stripped[len(stripped) // 2 : len(stripped) // 2 + 2]
+    expected = full[: full.find(stop)]
+    for stops in (stop, [stop, "\x00never"]):
+        cut = client.completions.create(model="qv", prompt=PROMPT, max_tokens=16, temperature=0, stop=stops)
+        assert cut.choices[0].text == expected and cut.choices[0].finish_reason == "stop"
+        streamed = client.completions.create(
+            model="qv", prompt=PROMPT, max_tokens=16, temperature=0, stop=stops, stream=True
+        )
+        chunks = list(streamed)
+        assert "".join(c.choices[0].text for c in chunks) == expected
+        assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_seed_makes_sampling_repeatable(client) -> None:
+    def sample() -> str:
+        reply = client.completions.create(model="qv", prompt=PROMPT, max_tokens=8, temperature=0.9, top_p=0.95,
+                                          seed=7)  # fmt: skip
+        return reply.choices[0].text
+
+    assert sample() == sample()
+
+
+def test_unknown_model_is_404_in_openai_shape(server, client) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        client.completions.create(model="nope", prompt=PROMPT, max_tokens=2)
+    assert info.value.body["code"] == "model_not_found" and "'nope'" in info.value.body["message"]
+    raw = httpx.post(server.url + "/v1/chat/completions",
+                     json={"model": "nope", "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
+    assert raw.status_code == 404
+    error = raw.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == "model" and error["type"] == "invalid_request_error"
+
+
+def test_n_above_one_and_unsupported_fields_are_refused(client) -> None:
+    with pytest.raises(openai.UnprocessableEntityError) as info:
+        client.completions.create(model=BASE, prompt=PROMPT, max_tokens=2, n=2)
+    assert "n=1" in info.value.body["message"] and info.value.body["param"] == "n"
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.completions.create(model=BASE, prompt=PROMPT, max_tokens=2, logprobs=2)
+    with pytest.raises(openai.UnprocessableEntityError) as info:
+        client.completions.create(model=BASE, prompt=PROMPT, max_tokens=10_000)
+    assert "256" in info.value.body["message"]
+
+
+def test_token_id_prompt(client, tokenizer) -> None:
+    ids = tokenizer(PROMPT)["input_ids"]
+    by_ids = client.completions.create(model=BASE, prompt=ids, max_tokens=5, temperature=0).choices[0].text
+    by_text = (
+        client.completions.create(model=BASE, prompt=PROMPT, max_tokens=5, temperature=0).choices[0].text
+    )
+    assert by_ids == by_text
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.completions.create(model=BASE, prompt=[10**9], max_tokens=2)

@@ -1,0 +1,63 @@
+"""A real uvicorn server on 127.0.0.1 (a free port), in a thread, for clients that need a URL.
+
+Used by the tests of the ``openai`` SDK, the Python client and the CLI: they speak real HTTP
+over loopback, so streaming, disconnects and headers behave as in production.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import torch
+import uvicorn
+from fastapi import FastAPI
+
+from server.app import create_app
+from server.config import Settings
+from tests.api_helpers import loaded_base
+
+
+@dataclass
+class LiveServer:
+    url: str
+    app: FastAPI
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_live_server(model: torch.nn.Module, tokenizer, workdir: Path, **settings) -> LiveServer:
+    """Serve a copy of ``model`` (named ``tiny-llama``); returns once /health says 200."""
+    port = free_port()
+    settings.setdefault("data_dir", workdir / "data")
+    settings.setdefault("cache_dir", workdir / "cache")
+    app = create_app(Settings(port=port, **settings), loader=lambda _: loaded_base(model, tokenizer))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return LiveServer(url, app, server, thread)
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or not thread.is_alive():
+            server.should_exit = True
+            raise RuntimeError(f"server on {url} did not become ready")
+        time.sleep(0.05)

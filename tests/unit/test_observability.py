@@ -1,0 +1,100 @@
+"""Metrics collectors, JSON logs and OpenAI request translation, without a server."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+from pydantic import ValidationError
+
+from server.api.context import RequestContext, activate, deactivate
+from server.api.openai_schemas import ChatCompletionRequest, CompletionRequest
+from server.logs import make_handler
+from server.metrics import Metrics, batch_size_histogram
+from tests.prom import metric_value
+
+
+def _buckets(family) -> dict[str, float]:
+    return {s.labels["le"]: s.value for s in family.samples if s.name.endswith("_bucket")}
+
+
+@pytest.mark.parametrize("sizes", [Counter({1: 3, 4: 2, 40: 1}), [1, 1, 1, 4, 4, 40]])
+def test_batch_size_histogram_from_counter_or_list(sizes) -> None:
+    family = batch_size_histogram(sizes)
+    buckets = _buckets(family)
+    assert buckets["1"] == 3 and buckets["2"] == 3 and buckets["4"] == 5 and buckets["32"] == 5
+    assert buckets["64"] == 6 and buckets["+Inf"] == 6
+    assert next(s.value for s in family.samples if s.name.endswith("_sum")) == 3 + 8 + 40
+
+
+def test_engine_without_stats_reports_zeros() -> None:
+    engine = SimpleNamespace(num_running=2, num_waiting=1, peak_batch=3, steps=5,
+                             slots=SimpleNamespace(loads=4, evictions=1, resident_keys=["a@1"]))  # fmt: skip
+    text = Metrics(lambda: (engine, None)).exposition().decode()
+    assert (
+        metric_value(text, "loraplex_running_requests") == 2
+        and metric_value(text, "loraplex_swaps_total") == 0
+    )
+    assert (
+        metric_value(text, "loraplex_adapters_loaded") == 1
+        and metric_value(text, "loraplex_batch_size_count") == 0
+    )
+    assert metric_value(text, "loraplex_adapter_slot_evictions_total") == 1
+    empty = Metrics(lambda: (None, None)).exposition().decode()  # before the model is loaded
+    assert metric_value(empty, "loraplex_running_requests") == 0
+
+
+def test_json_log_lines_carry_the_request_id() -> None:
+    stream = io.StringIO()
+    logger = logging.getLogger("loraplex.test.json")
+    logger.addHandler(make_handler("json", stream))
+    logger.propagate = False
+    token = activate(RequestContext(request_id="rid-1", route="/x", started=0.0))
+    try:
+        logger.warning("inside %s", "a request")
+    finally:
+        deactivate(token)
+    logger.warning("outside")
+    inside, outside = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert (
+        inside["request_id"] == "rid-1"
+        and inside["message"] == "inside a request"
+        and inside["level"] == "warning"
+    )
+    assert outside["request_id"] is None
+
+
+def test_openai_sampling_translation() -> None:
+    greedy = CompletionRequest(model="m", prompt="p", temperature=0, top_p=0.5, stop="x").sampling(5)
+    assert not greedy.samples and greedy.stop == ("x",) and greedy.max_new_tokens == 5
+    default = CompletionRequest(model="m", prompt="p").sampling(5)
+    assert default.samples and default.temperature is None  # OpenAI's default: temperature 1, sampling
+    warm = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], temperature=0.7,
+                                 top_p=0.9, seed=3, max_completion_tokens=7)  # fmt: skip
+    params = warm.sampling(warm.token_limit)
+    assert (params.temperature, params.top_p, params.seed, params.max_new_tokens) == (0.7, 0.9, 3, 7)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"n": 2}, {"prompt": ["a", "b"]}, {"echo": True}, {"logprobs": 1}, {"stop": [""]}, {"frequency_penalty": 0.5},
+     {"temperature": 3}],
+)  # fmt: skip
+def test_openai_requests_refuse_what_loraplex_cannot_honour(fields) -> None:
+    with pytest.raises(ValidationError):
+        CompletionRequest(**{"model": "m", "prompt": "p", **fields})
+
+
+def test_chat_messages_flatten_text_parts() -> None:
+    request = ChatCompletionRequest(model="m", messages=[
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+    ])  # fmt: skip
+    assert [m.template_dict() for m in request.messages] == [
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"}]  # fmt: skip
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest(model="m", messages=[{"role": "user", "content": [{"type": "image_url"}]}])
