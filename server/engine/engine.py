@@ -423,12 +423,7 @@ class Engine:
             raise
         batch = RunningBatch(rows=rows, cache=cache, attention_mask=mask)
         self._advance(batch, logits)
-        keep = []
-        for i, row in enumerate(batch.rows):
-            if row.request.finished_at is None:
-                keep.append(i)
-            else:
-                self._release(row)
+        keep = self._release_finished(batch)
         if not keep:
             return
         batch.keep(keep)
@@ -489,16 +484,21 @@ class Engine:
         batch = self._batch
         if batch is None:
             return
+        keep = self._release_finished(batch)
+        if not keep:
+            self._batch = None
+        else:
+            batch.keep(keep)
+
+    def _release_finished(self, batch: RunningBatch) -> list[int]:
+        """Release the slots of finished rows; return the indices of the rows still running."""
         keep = []
         for i, row in enumerate(batch.rows):
             if row.request.finished_at is None:
                 keep.append(i)
             else:
                 self._release(row)
-        if not keep:
-            self._batch = None
-        else:
-            batch.keep(keep)
+        return keep
 
     def _release(self, row: Row) -> None:
         if row.slot != BASE_SLOT and row.request.adapter is not None:

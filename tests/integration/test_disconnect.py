@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 
 import httpx
 import pytest
 import torch
-import uvicorn
 from transformers import LlamaForCausalLM
 
-from server.app import create_app
-from server.config import Settings
-from tests.api_helpers import loaded_base
 from tests.conftest import tiny_llama_config
+from tests.live_server import start_live_server
 
 LONG = {"max_new_tokens": 4000, "ignore_eos": True}
 
@@ -24,28 +19,9 @@ LONG = {"max_new_tokens": 4000, "ignore_eos": True}
 def server(tokenizer, tmp_path):
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(len(tokenizer), max_position_embeddings=8192)).eval()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    settings = Settings(port=port, data_dir=tmp_path / "d", cache_dir=tmp_path / "c", max_total_tokens=4096)
-    app = create_app(settings, loader=lambda _: loaded_base(model, tokenizer))
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield url, app
-    srv.should_exit = True
-    thread.join(10)
+    live = start_live_server(model, tokenizer, tmp_path, max_total_tokens=4096)
+    yield live.url, live.app
+    live.stop()
 
 
 def _wait_idle(app, seconds: float = 3.0) -> bool:
