@@ -94,26 +94,15 @@ def analyze(
     ] = None,
 ) -> None:
     """Spectral analysis of a local adapter against its base model: no server needed."""
-    import importlib.util
-    import json
+    from adapters.peft_format import AdapterError
+    from adapters.report import analyze_local, format_report
 
-    if importlib.util.find_spec("adapters.report") is None:
-        typer.echo(
-            "error: adapter analysis is not available yet in this version of loraplex "
-            "(adapters.report is missing).",
-            err=True,
-        )
-        raise typer.Exit(2)
-    from adapters import report
-
-    result = report.analyze_local(path, base)
-    formatter = getattr(report, "format_report", None)
-    if isinstance(result, str):
-        typer.echo(result)
-    elif formatter is not None:
-        typer.echo(formatter(result))
-    elif result is not None:
-        typer.echo(json.dumps(result, indent=2, default=str))
+    try:
+        result = analyze_local(path, base)
+    except (AdapterError, FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(format_report(result))
 
 
 register_client_commands(app)

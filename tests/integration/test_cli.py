@@ -94,7 +94,7 @@ def test_errors_are_messages_not_tracebacks(run, tmp_path) -> None:
     assert run("generate", "Hi", "--url", "http://127.0.0.1:1", "--max-new-tokens", "0").exit_code == 2
 
 
-def test_analyze_uses_adapters_report_or_says_it_is_missing(monkeypatch, adapter_dir) -> None:
+def test_analyze_calls_adapters_report_and_reports_bad_paths(monkeypatch, adapter_dir, tmp_path) -> None:
     runner = CliRunner()
     fake = types.ModuleType("adapters.report")
     fake.__spec__ = importlib.machinery.ModuleSpec("adapters.report", None)
@@ -107,8 +107,9 @@ def test_analyze_uses_adapters_report_or_says_it_is_missing(monkeypatch, adapter
     assert done.exit_code == 0 and done.stdout.strip() == "layers: 4"
     assert calls == [(adapter_dir, "/models/x")]
 
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "adapters.report" else 1
-    )
-    missing = runner.invoke(app, ["analyze", str(adapter_dir)])
-    assert missing.exit_code == 2 and "not available yet" in missing.stderr
+    def refuse(path, base):
+        raise FileNotFoundError(f"{path} has no adapter_config.json")
+
+    fake.analyze_local = refuse
+    bad = runner.invoke(app, ["analyze", str(tmp_path)])
+    assert bad.exit_code == 2 and "no adapter_config.json" in bad.stderr and "Traceback" not in bad.stderr
