@@ -1,7 +1,7 @@
 """Analysis pictures of a trained demo adapter and of a random adapter of the same rank and targets.
 
 Writes ``docs/images/analysis-trained.png`` and ``docs/images/analysis-random.png`` and prints the
-numbers quoted in ``docs/analysis.md`` (mean effective rank, stable rank, energy rank). The random
+numbers quoted in the README (section "Looking inside an adapter") (mean effective rank, stable rank, energy rank). The random
 adapter has PEFT-initialised A and a random B (both factors random, as in ``adapters.synthetic``).
 
 Run (after ``examples/train_demo_adapters.py``):
