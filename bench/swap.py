@@ -163,6 +163,15 @@ def run_engine(
     return len(plan) * new_tokens / (time.perf_counter() - start)
 
 
+def median_of_rounds(rounds: int, runs: dict) -> dict[str, float]:
+    """Run every entry once per round, in turn; keep each entry's median."""
+    results: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            results[name].append(run())
+    return {name: median(values) for name, values in results.items()}
+
+
 def workloads(n: int, seed: int = 0) -> dict[str, list[int | None]]:
     rng = random.Random(seed)
     ninety = [0 if rng.random() < 0.9 else rng.randrange(1, 8) for _ in range(n)]
@@ -181,6 +190,7 @@ def main() -> None:
     parser.add_argument("--drift-swaps", type=int, default=10_000)
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="throughput runs per system (median kept)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/swap-cpu.md")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -201,18 +211,32 @@ def main() -> None:
         print("latency", latency, flush=True)
         drifted = drift(model_dir, layer0, args.drift_swaps)
         print("drift", drifted, flush=True)
-        single = {
-            "base": run_engine(model_dir, tokenizer, full[:1], "unmerged", [None] * 16, args.new_tokens),
-            "merged": run_engine(model_dir, tokenizer, full[:1], "merged", [0] * 16, args.new_tokens),
-            "unmerged": run_engine(model_dir, tokenizer, full[:1], "unmerged", [0] * 16, args.new_tokens),
-        }
+        # This machine is noisy: every throughput is the median of --rounds runs, the systems
+        # compared taking turns within each round.
+        single_runs = {"base": (None, "unmerged"), "merged": (0, "merged"), "unmerged": (0, "unmerged")}
+        single = median_of_rounds(
+            args.rounds,
+            {
+                name: (
+                    lambda a=adapter, m=mode: run_engine(
+                        model_dir, tokenizer, full[:1], m, [a] * 16, args.new_tokens
+                    )
+                )
+                for name, (adapter, mode) in single_runs.items()
+            },
+        )
         print("single", single, flush=True)
         modes = {}
         for name, plan in workloads(args.requests).items():
-            modes[name] = {
-                mode: run_engine(model_dir, tokenizer, full, mode, plan, args.new_tokens)
-                for mode in ("merged", "unmerged", "auto")
-            }
+            modes[name] = median_of_rounds(
+                args.rounds,
+                {
+                    mode: (
+                        lambda m=mode, p=plan: run_engine(model_dir, tokenizer, full, m, p, args.new_tokens)
+                    )
+                    for mode in ("merged", "unmerged", "auto")
+                },
+            )
             print(name, modes[name], flush=True)
 
     report = render(args, latency, drifted, single, modes)
@@ -255,7 +279,8 @@ def render(args, latency, drifted, single, modes) -> str:
         f"| loraplex | {drifted['loraplex']:.3g} {'(met: 0)' if drifted['loraplex'] == 0 else '(missed: target 0)'} |",
         f"| PEFT merge/unmerge | {drifted['peft']:.3g} |",
         "",
-        f"## Decode throughput, 16 requests of one adapter, {args.new_tokens} new tokens",
+        f"## Decode throughput, 16 requests of one adapter, {args.new_tokens} new tokens "
+        f"(median of {args.rounds} rounds)",
         "",
         "| serving | tokens/s | vs base only |",
         "| --- | ---: | ---: |",
@@ -264,7 +289,8 @@ def render(args, latency, drifted, single, modes) -> str:
         f"{'(met: >= 0.97x)' if merged_vs_base >= 0.97 else '(missed: target >= 0.97x)'} |",
         f"| unmerged | {single['unmerged']:.1f} | {single['unmerged'] / single['base']:.2f}x |",
         "",
-        f"## Serving modes, {args.requests} requests at once, {args.new_tokens} new tokens each (tokens/s)",
+        f"## Serving modes, {args.requests} requests at once, {args.new_tokens} new tokens each "
+        f"(tokens/s, median of {args.rounds} rounds)",
         "",
         "| workload | merged | unmerged | auto | auto vs best (target within 5%) |",
         "| --- | ---: | ---: | ---: | ---: |",
