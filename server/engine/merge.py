@@ -140,6 +140,11 @@ class MergeManager:
         self._copies: dict[str, torch.Tensor] = {}  # layers the checkpoint cannot restore exactly
         self._from_checkpoint: set[str] = set()
         if can_merge:
+            for layer in layers.values():
+                # Weights loaded from safetensors may still be copy-on-write pages of the mmap'd
+                # file: the first merge would pay ~1-2 s of page faults (measured), and auto mode
+                # would take that as the price of every swap. Own them now, at start-up.
+                _weight(layer).data = _weight(layer).data.clone()
             for name, layer in layers.items():
                 if self._checkpoint_restores(name, _weight(layer)):
                     self._from_checkpoint.add(name)
