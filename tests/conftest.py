@@ -25,6 +25,16 @@ CACHE_DIR = Path(os.environ.get("LORAPLEX_CACHE_DIR", "~/.cache/loraplex")).expa
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """Tiny matrices gain nothing from threads, and on a busy 2-core box torch's spinning
+    intra-op pool (next to numpy's BLAS pool) can slow such tests a hundredfold."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def embedded_dir() -> Path:
     return embedded_model_dir(CACHE_DIR)

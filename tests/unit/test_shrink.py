@@ -14,14 +14,7 @@ from adapters.spectral import LowRankFactors, delta_svd
 D, K, R = 48, 72, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_torch_thread():
-    """Tiny matrices gain nothing from threads, and on a busy 2-core box torch's spinning
-    intra-op pool (next to numpy's BLAS pool) can slow these tests a hundredfold."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def make_factors(seed: int = 0, r: int = R, scale: float = 0.75) -> LowRankFactors:

@@ -45,14 +45,7 @@ DIAG_KEYS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_torch_thread():
-    """Tiny matrices gain nothing from threads, and on a busy 2-core box torch's spinning
-    intra-op pool (next to numpy's BLAS pool) can slow these tests a hundredfold."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 # --------------------------------------------------------------------------- helpers
