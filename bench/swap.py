@@ -34,8 +34,7 @@ from adapters.synthetic import make_random_peft_adapter
 from bench.common import ROOT, machine_description, median
 from server.engine.base_model import embedded_model_dir
 from server.engine.engine import Engine, EngineConfig
-from server.engine.lora_linear import LoraBatchContext
-from server.engine.lora_model import attach_lora_layers, base_linear_shapes
+from server.engine.hf_runner import HFRunner
 from server.engine.merge import MergeManager
 from server.engine.requests import GenerationRequest
 from server.engine.sampling import SamplingParams
@@ -57,11 +56,10 @@ def load(model_dir: Path, dtype: torch.dtype):
 
 
 def swap_latency(model_dir: Path, adapter_dirs: list[Path], swaps: int) -> dict[str, float]:
-    model = load(model_dir, torch.float32)
-    layers = attach_lora_layers(model, LoraBatchContext())
-    shapes = base_linear_shapes(layers)
+    runner = HFRunner(load(model_dir, torch.float32), own_weights=True)
+    layers, shapes = runner.layers, runner.base_shapes
     adapters = [load_adapter_dir(p, p.name, shapes) for p in adapter_dirs[:2]]
-    manager = MergeManager(layers, model_dir, can_merge=True)
+    manager = MergeManager(runner.weight_targets, model_dir, can_merge=True)
     manager.merge(adapters[0])
     ours = []
     for i in range(swaps):
@@ -103,13 +101,12 @@ def swap_latency(model_dir: Path, adapter_dirs: list[Path], swaps: int) -> dict[
 
 
 def drift(model_dir: Path, adapter_dirs: list[Path], swaps: int) -> dict[str, float]:
-    model = load(model_dir, torch.bfloat16)
-    layers = attach_lora_layers(model, LoraBatchContext())
-    shapes = base_linear_shapes(layers)
+    runner = HFRunner(load(model_dir, torch.bfloat16), own_weights=True)
+    layers, shapes = runner.layers, runner.base_shapes
     adapters = [load_adapter_dir(p, p.name, shapes) for p in adapter_dirs[:2]]
     touched = sorted(adapters[0].layers)
     originals = {n: layers[n].base.weight.detach().clone() for n in touched}
-    manager = MergeManager(layers, model_dir, can_merge=True)
+    manager = MergeManager(runner.weight_targets, model_dir, can_merge=True)
     for i in range(swaps):
         manager.merge(adapters[i % 2])
     manager.merge(None)
@@ -137,7 +134,7 @@ def run_engine(
     model_dir, tokenizer, adapter_dirs, mode: str, plan: list[int | None], new_tokens: int
 ) -> float:
     """Tokens/s for requests (adapter index or None per request), all submitted at once."""
-    engine = Engine(
+    engine = Engine.for_hf_model(
         load(model_dir, torch.float32), tokenizer, EngineConfig(mode=mode, checkpoint_dir=model_dir)
     )
     adapters = [load_adapter_dir(p, p.name, engine.base_shapes) for p in adapter_dirs]

@@ -55,7 +55,7 @@ def engine_config(settings: Settings, base: LoadedBase) -> EngineConfig:
 
 def build_engine(settings: Settings, base: LoadedBase, store: AdapterStore) -> Engine:
     """Wrap the model for LoRA, register the start-up adapters, start the engine thread."""
-    engine = Engine(base.model, base.tokenizer, engine_config(settings, base))
+    engine = Engine.for_hf_model(base.model, base.tokenizer, engine_config(settings, base))
     store.bind_base(engine.base_shapes, settings.max_rank)
     register_startup_adapters(settings, store)
     engine.start()

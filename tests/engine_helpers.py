@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from adapters.peft_format import LoraAdapter
 from server.engine.engine import Engine
@@ -45,3 +46,10 @@ def run_many(engine: Engine, jobs: list[tuple[list[int], LoraAdapter | None]], *
     pending = [submit(engine, ids, adapter, **params)[1] for ids, adapter in jobs]
     engine.run_until_idle()
     return [outcome(events) for events in pending]
+
+
+def verify_base_now(engine: Engine) -> dict[str, Any]:
+    """``Engine.verify_base`` for tests that drive the engine themselves (no thread)."""
+    future = engine.verify_base()
+    engine.run_until_idle()
+    return future.result(timeout=0)

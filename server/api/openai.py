@@ -205,7 +205,7 @@ def chat_prompt_ids(engine: Engine, messages: list[dict[str, str]]) -> list[int]
 
 
 def _checked_ids(engine: Engine, ids: list[int]) -> list[int]:
-    vocab = engine.model.get_input_embeddings().num_embeddings
+    vocab = engine.runner.vocab_size
     bad = next((i for i in ids if not 0 <= i < vocab), None)
     if bad is not None:
         raise ApiError(422, f"prompt token id {bad} is outside the vocabulary [0, {vocab}).", "validation")

@@ -1,4 +1,4 @@
-"""The running batch: its rows and a left-padded KV cache that rows join and leave between steps.
+"""The Hugging Face runner's KV state: a left-padded cache that sequences join and leave between steps.
 
 Layout (``P`` = cache length, left padding marked ``.``)::
 
@@ -20,35 +20,13 @@ This works with any Hugging Face causal LM that takes a ``DynamicCache``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
-
-from server.engine.detokenize import IncrementalDetokenizer
-from server.engine.sampling import RowSampler
-
-if TYPE_CHECKING:
-    from server.engine.requests import GenerationRequest
-
-
-@dataclass
-class Row:
-    """One request while it is in the running batch."""
-
-    request: GenerationRequest
-    slot: int  # adapter slot, BASE_SLOT for the bare base
-    sampler: RowSampler
-    detokenizer: IncrementalDetokenizer
-    seen: torch.Tensor  # [n] prompt + generated ids (for the repetition penalty)
-    length: int  # real (non-padding) tokens in the cache for this row
-    next_input: int = -1  # the token to feed at the next decode step
-    generated: int = 0
-    tokens: list[dict[str, Any]] = field(default_factory=list)  # details, when asked for
-
 
 HEADROOM_TOKENS = 64  # spare room left after every copy of a layer's buffer
 
@@ -116,12 +94,13 @@ def _layers(cache: DynamicCache) -> list[GrowableLayer]:
 
 @dataclass
 class RunningBatch:
-    rows: list[Row]
+    seq_ids: list[int]  # the engine's sequence id of each cache row
+    lengths: list[int]  # real (non-padding) tokens in the cache, per row
     cache: DynamicCache
     attention_mask: torch.Tensor  # [B, P] 1 for real tokens, 0 for left padding
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.seq_ids)
 
     @property
     def cache_length(self) -> int:
@@ -138,22 +117,24 @@ class RunningBatch:
         self.attention_mask = torch.cat(
             [_pad_left_mask(self.attention_mask, length), _pad_left_mask(other.attention_mask, length)], dim=0
         )
-        self.rows.extend(other.rows)
+        self.seq_ids.extend(other.seq_ids)
+        self.lengths.extend(other.lengths)
 
     def keep(self, indices: list[int]) -> None:
         """Keep only these rows (in this order)."""
-        if len(indices) == len(self.rows):
+        if indices == list(range(len(self.seq_ids))):
             return
         index = torch.tensor(indices, dtype=torch.long, device=self.attention_mask.device)
         for layer in _layers(self.cache):
             layer.set_kv(layer.keys.index_select(0, index), layer.values.index_select(0, index))
         self.attention_mask = self.attention_mask.index_select(0, index)
-        self.rows = [self.rows[i] for i in indices]
+        self.seq_ids = [self.seq_ids[i] for i in indices]
+        self.lengths = [self.lengths[i] for i in indices]
         self.trim()
 
     def trim(self) -> None:
         """Drop the leading columns that are padding in every row."""
-        if not self.rows:
+        if not self.seq_ids:
             return
         real = self.attention_mask.any(dim=0)  # [P]
         first = int(real.float().argmax())

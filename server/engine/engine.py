@@ -12,6 +12,11 @@ The serving mode (unmerged, merged, auto; see ``scheduler.py``) decides which re
 and which adapter, if any, is folded into the weights (``merge.py``). Rows of the merged adapter
 read no LoRA slot: the weights already hold their update.
 
+The engine knows nothing of the model's code: a :class:`~server.engine.runner.ModelRunner` owns
+the weights, the KV memory and the forward passes. When the runner's KV memory is full, new
+requests wait; when a running row cannot grow, the newest row is preempted (its KV memory freed)
+and recomputed later from its prompt and the tokens it already streamed.
+
 HTTP handlers never touch the model: they call :meth:`Engine.submit` and await events; admin
 operations run on the engine thread between steps through :meth:`Engine.call`.
 """
@@ -34,13 +39,13 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapters.peft_format import BaseLinearShape
-from server.engine.batch import Row, RunningBatch
 from server.engine.detokenize import IncrementalDetokenizer, find_stop
-from server.engine.forward import decode_one_token, prefill
-from server.engine.lora_linear import BASE_SLOT, LoraBatchContext
-from server.engine.lora_model import AdapterSlots, attach_lora_layers, base_linear_shapes
+from server.engine.lora_linear import BASE_SLOT, Kernel
+from server.engine.lora_model import AdapterSlots
 from server.engine.merge import MergeManager
 from server.engine.requests import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent
+from server.engine.row import Row
+from server.engine.runner import DecodeInput, ModelRunner, PrefillInput
 from server.engine.sampling import RowSampler, choose_next_tokens
 from server.engine.scheduler import AdapterKey, AutoPolicy, key_of, plan_merged
 
@@ -54,8 +59,8 @@ class EngineConfig:
     max_total_tokens: int = 4096
     max_loaded_adapters: int = 64
     max_prefill_tokens: int = 4096  # prompt tokens prefilled in one step (at least one request)
-    kernel: str = "segmented"  # or "gather_bmm"
-    mode: Literal["unmerged", "merged", "auto"] = "unmerged"
+    kernel: Kernel = "segmented"  # or "gather_bmm"
+    mode: Literal["unmerged", "merged", "auto"] = "auto"
     switch_wait: float = 0.5  # merged mode: seconds another adapter's request waits before a switch
     auto_min_uniform_steps: int = 8  # auto mode: fewest uniform steps before merging
     checkpoint_dir: Path | None = None  # safetensors checkpoint to restore base weights from
@@ -68,6 +73,7 @@ class EngineStats:
     batch_sizes: Counter[int] = field(default_factory=Counter)  # decode steps by batch size
     swaps: int = 0
     swap_seconds: float = 0.0
+    preemptions: int = 0  # rows whose KV memory was taken back and recomputed later
 
 
 @dataclass
@@ -88,29 +94,42 @@ class RequestRejected(ValueError):
 
 class Engine:
     def __init__(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: EngineConfig
+        self,
+        runner: ModelRunner,
+        tokenizer: PreTrainedTokenizerBase,
+        config: EngineConfig,
+        eos_ids: frozenset[int] = frozenset(),
     ) -> None:
-        self.model = model
+        """``eos_ids``: tokens that end a generation besides the tokenizer's own EOS."""
+        self.runner = runner
         self.tokenizer = tokenizer
         self.config = config
-        self.ctx = LoraBatchContext(kernel=config.kernel)
-        self.lora_layers = attach_lora_layers(model, ctx=self.ctx)
-        self.base_shapes: dict[str, BaseLinearShape] = base_linear_shapes(self.lora_layers)
-        self.slots = AdapterSlots(self.lora_layers, self.ctx, config.max_loaded_adapters)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.base_shapes: dict[str, BaseLinearShape] = runner.base_shapes
+        self.slots = AdapterSlots(runner.lora_targets, config.max_loaded_adapters, runner.slots_changed)
+        self.eos_ids = eos_ids | _token_ids(getattr(tokenizer, "eos_token_id", None))
         self.special_ids = frozenset(tokenizer.all_special_ids) | self.eos_ids
         self.merger = MergeManager(
-            self.lora_layers, config.checkpoint_dir, can_merge=config.mode != "unmerged"
+            runner.weight_targets, config.checkpoint_dir, can_merge=config.mode != "unmerged"
         )
         self.auto = AutoPolicy(min_uniform_steps=config.auto_min_uniform_steps)
         self.stats = EngineStats()
         self._inbox: queue.SimpleQueue[GenerationRequest | _Control] = queue.SimpleQueue()
         self._waiting: deque[GenerationRequest] = deque()
         self._controls: list[_Control] = []
-        self._batch: RunningBatch | None = None
+        self._rows: list[Row] = []  # the running batch, in the order the runner decodes it
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+
+    @classmethod
+    def for_hf_model(
+        cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: EngineConfig
+    ) -> Engine:
+        """An engine on a Hugging Face model through :class:`HFRunner`."""
+        from server.engine.hf_runner import HFRunner
+
+        runner = HFRunner(model, kernel=config.kernel, own_weights=config.mode != "unmerged")
+        generation_config = getattr(model, "generation_config", None)
+        return cls(runner, tokenizer, config, _token_ids(getattr(generation_config, "eos_token_id", None)))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -131,7 +150,7 @@ class Engine:
 
     @property
     def num_running(self) -> int:
-        return len(self._batch) if self._batch else 0
+        return len(self._rows)
 
     @property
     def num_waiting(self) -> int:
@@ -144,10 +163,6 @@ class Engine:
     @property
     def peak_batch(self) -> int:
         return self.stats.peak_batch
-
-    @peak_batch.setter
-    def peak_batch(self, value: int) -> None:
-        self.stats.peak_batch = value
 
     @property
     def merged_adapter_id(self) -> str | None:
@@ -189,7 +204,7 @@ class Engine:
 
         def check() -> Any:
             if self.merger.merged is not None:
-                if self._batch is not None:
+                if self._rows:
                     return RETRY
                 self._set_merged(None)
             now = self.merger.digest()
@@ -212,12 +227,6 @@ class Engine:
 
         return self.call(evict)
 
-    def verify_base_now(self) -> dict[str, Any]:
-        """:meth:`verify_base` for callers that drive the engine themselves (tests, no thread)."""
-        future = self.verify_base()
-        self.run_until_idle()
-        return future.result(timeout=0)
-
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Event]:
         """Submit and yield the request's events; leaving early (client gone) cancels it."""
         loop = asyncio.get_running_loop()
@@ -237,7 +246,7 @@ class Engine:
 
     def _run(self) -> None:
         while not self._stopping.is_set():
-            idle = self._batch is None and not self._waiting and not self._controls
+            idle = not self._rows and not self._waiting and not self._controls
             self._drain_inbox(block=idle)
             self.step_safely()
 
@@ -282,7 +291,7 @@ class Engine:
         """Run steps on the calling thread until nothing is left (tests, benchmarks, no thread)."""
         for _ in range(max_steps):
             self._drain_inbox(block=False)
-            if self._batch is None and not self._waiting and not self._controls:
+            if not self._rows and not self._waiting and not self._controls:
                 return
             self.step()
         raise RuntimeError("engine did not go idle")
@@ -295,15 +304,19 @@ class Engine:
             self._auto_switch(admitted)
         if admitted:
             self._prefill(admitted)
-        if self._batch is not None:
-            batch = self._batch
-            self.stats.peak_batch = max(self.stats.peak_batch, len(batch))
-            self.stats.batch_sizes[len(batch)] += 1
+        self._preempt_until_rows_fit()
+        if self._rows:
+            rows = self._rows
+            self.stats.peak_batch = max(self.stats.peak_batch, len(rows))
+            self.stats.batch_sizes[len(rows)] += 1
             start = time.perf_counter()
-            logits = decode_one_token(self.model, self.ctx, batch, self._slots_for(batch.rows))
+            slots = self._slots_for(rows)
+            logits = self.runner.decode(
+                [DecodeInput(r.seq_id, r.next_input, slot) for r, slot in zip(rows, slots, strict=True)]
+            )
             if self.merger.merged is None:
                 self.auto.observe_step(time.perf_counter() - start)
-            self._advance(batch, logits)
+            self._advance(rows, logits)
             self._remove_finished()
         self.stats.steps += 1
 
@@ -329,7 +342,7 @@ class Engine:
     def _admit_merged(self) -> list[Row]:
         merged = self.merger.merged
         plan = plan_merged(
-            self._waiting, merged.key if merged else None, self._batch is None, self.config.switch_wait
+            self._waiting, merged.key if merged else None, not self._rows, self.config.switch_wait
         )
         if plan.switch_to is not None:
             self._set_merged(plan.switch_to.adapter)
@@ -340,7 +353,7 @@ class Engine:
     def _auto_switch(self, admitted: list[Row]) -> None:
         """Auto mode: merge the one adapter all traffic wants, unmerge when traffic mixes."""
         merged = self.merger.merged
-        rows = [*(self._batch.rows if self._batch else []), *admitted]  # every row of the next forward
+        rows = [*self._rows, *admitted]  # every row of the next forward
         if self._drain_requested():
             self._set_merged(None)  # rows in auto mode hold slots: they go on unmerged seamlessly
             return
@@ -363,12 +376,11 @@ class Engine:
     def _drop_cancelled(self) -> None:
         if any(r.cancelled.is_set() for r in self._waiting):
             self._waiting = deque(r for r in self._waiting if not r.cancelled.is_set())
-        if self._batch is not None:
-            for row in self._batch.rows:
-                if row.request.cancelled.is_set() and row.request.finished_at is None:
-                    row.request.finished_at = time.perf_counter()
-                    row.request.emit(ErrorEvent("request cancelled", "cancelled"))
-            self._remove_finished()
+        for row in self._rows:
+            if row.request.cancelled.is_set() and row.request.finished_at is None:
+                row.request.finished_at = time.perf_counter()
+                row.request.emit(ErrorEvent("request cancelled", "cancelled"))
+        self._remove_finished()
 
     def _admit(self, only_key: AdapterKey | str = "any") -> list[Row]:
         """Take waiting requests into free rows, FIFO, within the prefill token budget.
@@ -380,10 +392,11 @@ class Engine:
         admitted: list[Row] = []
         still_waiting: deque[GenerationRequest] = deque()
         needs_slot = self.config.mode != "merged"
+        kv_tokens = 0  # prompt tokens admitted this step, for the runner's KV memory
         while self._waiting:
             request = self._waiting.popleft()
-            n = len(request.prompt_ids)
-            fits = free > 0 and (not admitted or n <= budget)
+            n = len(_recompute_ids(request))
+            fits = free > 0 and (not admitted or n <= budget) and self.runner.can_admit(kv_tokens + n)
             if only_key != "any" and key_of(request) != only_key:
                 fits = False
             if not fits or (
@@ -394,54 +407,67 @@ class Engine:
             admitted.append(self._new_row(request))
             free -= 1
             budget -= n
+            kv_tokens += n
         self._waiting = still_waiting
         return admitted
 
     def _new_row(self, request: GenerationRequest) -> Row:
         uses_slot = request.adapter is not None and self.config.mode != "merged"
         slot = self.slots.acquire(request.adapter) if uses_slot else BASE_SLOT
+        preempted = request.preempted_row
+        if preempted is not None:  # recompute: the row goes on where it stopped
+            request.preempted_row = None
+            preempted.slot = slot
+            return preempted
         request.admitted_at = time.perf_counter()
+        device = self.runner.device
         return Row(
             request=request,
             slot=slot,
-            sampler=RowSampler.create(request.params, self.model.device),
+            sampler=RowSampler.create(request.params, device),
             detokenizer=IncrementalDetokenizer(self.tokenizer),
-            seen=torch.tensor(request.prompt_ids, dtype=torch.long, device=self.model.device),
-            length=len(request.prompt_ids),
+            seen=torch.tensor(request.prompt_ids, dtype=torch.long, device=device),
         )
 
     def _prefill(self, rows: list[Row]) -> None:
+        """Prefill newcomers (and preempted rows, from their prompt and streamed tokens)."""
+        inputs = [
+            PrefillInput(r.seq_id, _recompute_ids(r.request, r), 0, slot)
+            for r, slot in zip(rows, self._slots_for(rows), strict=True)
+        ]
         try:
-            logits, cache, mask = prefill(
-                self.model, self.ctx, [r.request.prompt_ids for r in rows], self._slots_for(rows), self.pad_id
-            )
+            logits = self.runner.prefill(inputs).logits
         except Exception as exc:
             for row in rows:  # not in the batch yet: _fail_all would not reach them
                 row.request.finished_at = time.perf_counter()
                 row.request.emit(ErrorEvent(f"generation failed: {exc}"))
                 self._release(row)
+            self.runner.release(r.seq_id for r in rows)
             raise
-        batch = RunningBatch(rows=rows, cache=cache, attention_mask=mask)
-        self._advance(batch, logits)
-        keep = self._release_finished(batch)
-        if not keep:
-            return
-        batch.keep(keep)
-        if self._batch is None:
-            self._batch = batch
-        else:
-            self._batch.extend(batch)
+        self._rows.extend(rows)
+        self._advance(rows, logits)
+        self._remove_finished()
 
-    def _advance(self, batch: RunningBatch, logits: torch.Tensor) -> None:
+    def _preempt_until_rows_fit(self) -> None:
+        """Free KV memory for the next decode step by preempting the newest rows (recomputed later)."""
+        while len(self._rows) > 1 and not self.runner.can_decode([r.seq_id for r in self._rows]):
+            row = self._rows.pop()
+            self.runner.release([row.seq_id])
+            self._release(row)
+            row.request.preempted_row = row
+            self.stats.preemptions += 1
+            self._waiting.appendleft(row.request)
+            log.info("preempted request %d (KV memory full); it will be recomputed", row.request.request_id)
+
+    def _advance(self, rows: list[Row], logits: torch.Tensor) -> None:
         """Choose each row's next token, stream it, and finish rows that are done."""
-        rows = batch.rows
         tokens, logprobs = choose_next_tokens(logits, [r.sampler for r in rows], [r.seen for r in rows])
         now = time.perf_counter()
         for row, token, logprob in zip(rows, tokens.tolist(), logprobs.tolist(), strict=True):
             request = row.request
             if request.first_token_at is None:
                 request.first_token_at = now
-            row.generated += 1
+            row.generated_ids.append(token)
             row.next_input = token
             if row.sampler.params.repetition_penalty not in (None, 1.0):
                 row.seen = torch.cat([row.seen, tokens.new_tensor([token])])
@@ -481,45 +507,39 @@ class Engine:
         )
 
     def _remove_finished(self) -> None:
-        batch = self._batch
-        if batch is None:
+        """Finished rows leave the batch at once: their slots and KV memory are released."""
+        finished = [r for r in self._rows if r.request.finished_at is not None]
+        if not finished:
             return
-        keep = self._release_finished(batch)
-        if not keep:
-            self._batch = None
-        else:
-            batch.keep(keep)
-
-    def _release_finished(self, batch: RunningBatch) -> list[int]:
-        """Release the slots of finished rows; return the indices of the rows still running."""
-        keep = []
-        for i, row in enumerate(batch.rows):
-            if row.request.finished_at is None:
-                keep.append(i)
-            else:
-                self._release(row)
-        return keep
+        for row in finished:
+            self._release(row)
+        self.runner.release(r.seq_id for r in finished)
+        self._rows = [r for r in self._rows if r.request.finished_at is None]
 
     def _release(self, row: Row) -> None:
         if row.slot != BASE_SLOT and row.request.adapter is not None:
             self.slots.release(row.request.adapter.key)
 
     def _fail_all(self, message: str) -> None:
-        rows = self._batch.rows if self._batch else []
-        for row in rows:
+        for row in self._rows:
             if row.request.finished_at is None:
                 row.request.finished_at = time.perf_counter()
                 row.request.emit(ErrorEvent(message))
             self._release(row)
-        self._batch = None
+        self.runner.release(r.seq_id for r in self._rows)
+        self._rows = []
 
 
-def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), tokenizer):
-        eos = getattr(source, "eos_token_id", None)
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif isinstance(eos, (list, tuple)):
-            ids.update(int(e) for e in eos)
-    return frozenset(ids)
+def _recompute_ids(request: GenerationRequest, row: Row | None = None) -> list[int]:
+    """The tokens to prefill: the prompt, plus what a preempted row already streamed."""
+    row = row or request.preempted_row
+    return request.prompt_ids if row is None else [*request.prompt_ids, *row.generated_ids]
+
+
+def _token_ids(value: Any) -> frozenset[int]:
+    """An ``eos_token_id`` setting (an int, a list of ints or None) as a set."""
+    if isinstance(value, int):
+        return frozenset({value})
+    if isinstance(value, (list, tuple)):
+        return frozenset(int(v) for v in value)
+    return frozenset()

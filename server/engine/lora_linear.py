@@ -25,11 +25,13 @@ not correctness: padded rows of A and columns of B are zero.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
 
 BASE_SLOT = -1
+Kernel = Literal["segmented", "gather_bmm"]
 
 
 @dataclass
@@ -43,7 +45,6 @@ class LoraBatchContext:
     active_slots: tuple[int, ...] = ()  # distinct slots >= 0 used by the batch, sorted
     # (slots, r_max) -> [B, L*r_max]; layers that some adapters skip use a subset of the slots
     row_mask_cache: dict[tuple[tuple[int, ...], int], torch.Tensor] = field(default_factory=dict)
-    kernel: str = "segmented"
     _rows_key: tuple[int, ...] | None = None
 
     def set_rows(self, row_slots: list[int], device: torch.device | str) -> None:
@@ -59,9 +60,6 @@ class LoraBatchContext:
         self.active_slots = active
         self.row_slots = torch.tensor(row_slots, dtype=torch.long, device=device) if active else None
         self.row_mask_cache = {}
-
-    def clear(self) -> None:
-        self.set_rows([], "cpu")
 
     def invalidate(self) -> None:
         """Forget the cached row mask (call after slot contents change)."""
@@ -82,12 +80,22 @@ class LoraBatchContext:
 class LoraLinear(nn.Module):
     """Wraps a linear layer (``nn.Linear`` or GPT-2 ``Conv1D``) with stacked LoRA slots."""
 
-    def __init__(self, base: nn.Module, in_features: int, out_features: int, ctx: LoraBatchContext) -> None:
+    def __init__(
+        self,
+        base: nn.Module,
+        in_features: int,
+        out_features: int,
+        ctx: LoraBatchContext,
+        kernel: Kernel = "segmented",
+    ) -> None:
         super().__init__()
         self.base = base
         self.in_features = in_features
         self.out_features = out_features
+        self.fan_in_fan_out = bool(linear_shape(base)[2])  # type: ignore[index]
         self.ctx = ctx
+        # the kernel is bound once: no string comparison in the forward
+        self._add_delta = self._add_delta_gather_bmm if kernel == "gather_bmm" else self._add_delta_segmented
         weight = base.weight
         self._dtype = weight.dtype
         self._device = weight.device
@@ -157,11 +165,9 @@ class LoraLinear(nn.Module):
             return y
         if not any(s in self.occupied for s in ctx.active_slots):
             return y  # no adapter of this batch adapts this layer
-        if ctx.kernel == "gather_bmm":
-            return y + self._delta_gather_bmm(x, ctx)
-        return self._add_delta_segmented(x, y, ctx)
+        return self._add_delta(x, y, ctx)
 
-    def _delta_gather_bmm(self, x: torch.Tensor, ctx: LoraBatchContext) -> torch.Tensor:
+    def _add_delta_gather_bmm(self, x: torch.Tensor, y: torch.Tensor, ctx: LoraBatchContext) -> torch.Tensor:
         """Semantics: ``y[i] += scale[slot[i]] * (x[i] @ A[slot[i]].T) @ B[slot[i]].T``."""
         assert ctx.row_slots is not None
         # base rows, and rows whose adapter skips this layer, read slot 0 with scale 0
@@ -171,7 +177,7 @@ class LoraLinear(nn.Module):
         A = self.A_stack[slots]  # [B, r, k]
         B = self.B_stack[slots]  # [B, d, r]
         h = torch.bmm(x, A.transpose(1, 2))  # [B, T, r]
-        return torch.bmm(h, B.transpose(1, 2)) * scale[:, None, None]  # [B, T, d]
+        return y + torch.bmm(h, B.transpose(1, 2)) * scale[:, None, None]  # [B, T, d]
 
     def _active_weights(self, ctx: LoraBatchContext) -> tuple[tuple[int, ...], torch.Tensor, torch.Tensor]:
         """This layer's slots among the batch's, with their A and scaled B concatenated along rank.

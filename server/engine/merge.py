@@ -26,13 +26,14 @@ import json
 import os
 import struct
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from adapters.peft_format import SAFETENSORS_DTYPES, LoraAdapter
-from server.engine.lora_linear import LoraLinear, linear_shape
+from server.engine.runner import WeightTarget
 
 
 @dataclass
@@ -103,16 +104,11 @@ class CheckpointIndex:
             os.close(fd)
 
 
-def _weight(layer: LoraLinear) -> torch.Tensor:
-    return layer.base.weight
-
-
-def _delta(layer: LoraLinear, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+def _delta(target: WeightTarget, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
     """scale · B @ A in float32 on the weight's device, laid out like the weight."""
-    weight = _weight(layer)
+    weight = target.weight
     delta = scale * (B.to(weight.device, torch.float32) @ A.to(weight.device, torch.float32))  # [d, k]
-    fan_in_fan_out = linear_shape(layer.base)[2]  # type: ignore[index]
-    return delta.t() if fan_in_fan_out else delta
+    return delta.t() if target.fan_in_fan_out else delta
 
 
 @dataclass
@@ -127,10 +123,13 @@ class MergeManager:
     """Owns the merged state of the base weights. Engine thread only."""
 
     def __init__(
-        self, layers: dict[str, LoraLinear], checkpoint_dir: Path | None, *, can_merge: bool
+        self, targets: Mapping[str, WeightTarget], checkpoint_dir: Path | None, *, can_merge: bool
     ) -> None:
-        """``can_merge=False`` (unmerged mode) prepares no restore source and costs no memory."""
-        self.layers = layers
+        """``can_merge=False`` (unmerged mode) prepares no restore source and costs no memory.
+
+        The runner owns the weights (merging runners copy mmap'd checkpoint pages at start-up).
+        """
+        self.targets = targets
         self.merged: LoraAdapter | None = None
         self.can_merge = can_merge
         self.stats = SwapStats()
@@ -140,22 +139,18 @@ class MergeManager:
         self._copies: dict[str, torch.Tensor] = {}  # layers the checkpoint cannot restore exactly
         self._from_checkpoint: set[str] = set()
         if can_merge:
-            for layer in layers.values():
-                # Weights loaded from safetensors may still be copy-on-write pages of the mmap'd
-                # file: the first merge would pay ~1-2 s of page faults (measured), and auto mode
-                # would take that as the price of every swap. Own them now, at start-up.
-                _weight(layer).data = _weight(layer).data.clone()
-            for name, layer in layers.items():
-                if self._checkpoint_restores(name, _weight(layer)):
+            for name, target in targets.items():
+                if self._checkpoint_restores(target):
                     self._from_checkpoint.add(name)
                 else:
-                    self._copies[name] = _weight(layer).detach().to("cpu", copy=True)
+                    self._copies[name] = target.weight.detach().to("cpu", copy=True)
         self.digest_at_load = self.digest()
 
     # ------------------------------------------------------------------ sources of the original
 
-    def _checkpoint_restores(self, name: str, weight: torch.Tensor) -> bool:
-        original = self._checkpoint.read(f"{name}.weight") if self._checkpoint is not None else None
+    def _checkpoint_restores(self, target: WeightTarget) -> bool:
+        weight = target.weight
+        original = self._checkpoint.read(target.checkpoint_key) if self._checkpoint is not None else None
         if original is None or original.shape != weight.shape:
             return False
         return torch.equal(original.to(weight.dtype), weight.detach().cpu())
@@ -176,22 +171,23 @@ class MergeManager:
         modes read the restore source (checkpoint or in-memory copy). Returns a CPU tensor [out, in]
         (Conv1D layers are transposed to that layout).
         """
-        layer = self.layers[name]
+        target = self.targets[name]
         if not self.can_merge:
-            original = _weight(layer).detach().to("cpu", copy=True)
+            original = target.weight.detach().to("cpu", copy=True)
         elif name in self._from_checkpoint:
-            original = self._checkpoint.read(f"{name}.weight").to(_weight(layer).dtype)  # type: ignore[union-attr]
+            original = self._checkpoint.read(target.checkpoint_key).to(target.weight.dtype)  # type: ignore[union-attr]
         else:
             original = self._copies[name].clone()
-        return original.t() if linear_shape(layer.base)[2] else original  # type: ignore[index]
+        return original.t() if target.fan_in_fan_out else original
 
     def _restore(self, name: str) -> None:
-        weight = _weight(self.layers[name])
+        target = self.targets[name]
+        weight = target.weight
         if name in self._from_checkpoint:
             assert self._checkpoint is not None
-            if self._checkpoint.read_into(f"{name}.weight", weight.data):
+            if self._checkpoint.read_into(target.checkpoint_key, weight.data):
                 return
-            original = self._checkpoint.read(f"{name}.weight")
+            original = self._checkpoint.read(target.checkpoint_key)
             assert original is not None
         else:
             original = self._copies[name]
@@ -214,15 +210,15 @@ class MergeManager:
                     self._restore(name)
             if adapter is not None:
                 for name, w in adapter.layers.items():
-                    layer = self.layers[name]
-                    weight = _weight(layer)
-                    delta = _delta(layer, w.A, w.B, w.scale)
+                    target = self.targets[name]
+                    weight = target.weight
+                    delta = _delta(target, w.A, w.B, w.scale)
                     if weight.dtype == torch.float32:
                         weight.data.add_(delta)  # the same float32 sum, without a temporary
                     else:
                         weight.data.copy_((weight.float() + delta).to(weight.dtype))
         self.merged = adapter
-        if weight_device_is_cuda(self.layers):
+        if _on_cuda(self.targets):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         self.stats.swaps += 1
@@ -234,13 +230,13 @@ class MergeManager:
     def digest(self) -> str:
         """sha256 over every target weight's bytes, in a fixed order."""
         h = hashlib.sha256()
-        for name in sorted(self.layers):
-            weight = _weight(self.layers[name]).detach()
+        for name in sorted(self.targets):
+            weight = self.targets[name].weight.detach()
             h.update(name.encode())
             h.update(weight.cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
 
-def weight_device_is_cuda(layers: dict[str, LoraLinear]) -> bool:
-    first = next(iter(layers.values()), None)
-    return first is not None and _weight(first).is_cuda
+def _on_cuda(targets: Mapping[str, WeightTarget]) -> bool:
+    first = next(iter(targets.values()), None)
+    return first is not None and first.weight.is_cuda

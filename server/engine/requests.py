@@ -7,10 +7,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from adapters.peft_format import LoraAdapter
 from server.engine.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from server.engine.row import Row
 
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
 _ids = itertools.count(1)
@@ -56,6 +59,7 @@ class GenerationRequest:
     # events flow from the engine thread to whoever waits (an asyncio queue, or a list in tests)
     sink: Callable[[Event], None] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    preempted_row: Row | None = None  # set while waiting to be recomputed after a preemption
     # timings (time.perf_counter seconds)
     submitted_at: float = field(default_factory=time.perf_counter)
     admitted_at: float | None = None

@@ -87,7 +87,7 @@ def test_sixteen_concurrent_requests_equal_their_solo_outputs(served, tokenizer)
     solo = [_generate(client, prompt, adapter) for prompt, adapter in jobs]
     assert len({tuple(s) for s in solo}) > 5  # adapters really differ
     engine = client.app.state.engine
-    engine.peak_batch = 0
+    engine.stats.peak_batch = 0
     with cf.ThreadPoolExecutor(16) as pool:
         concurrent = list(pool.map(lambda job: _generate(client, *job), jobs))
     assert concurrent == solo

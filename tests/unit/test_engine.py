@@ -9,8 +9,8 @@ import torch
 
 from adapters.peft_format import load_adapter_dir
 from server.engine.engine import Engine, EngineConfig, RequestRejected
-from server.engine.forward import prefill
 from server.engine.lora_linear import BASE_SLOT
+from server.engine.runner import PrefillInput
 from tests.engine_helpers import outcome, run_many, run_one, submit
 
 PROMPTS = [
@@ -34,13 +34,20 @@ ADAPTER_CONFIGS = {
 
 
 def _engine(model, tokenizer, **config) -> Engine:
-    return Engine(model, tokenizer, EngineConfig(**config))
+    config.setdefault("mode", "unmerged")
+    return Engine.for_hf_model(model, tokenizer, EngineConfig(**config))
 
 
 @pytest.fixture
-def setup(tiny_base, tokenizer, peft_adapter_factory):
+def kernel() -> str:
+    """The LoRA kernel of the ``setup`` engine; tests parametrize it to run both."""
+    return "segmented"
+
+
+@pytest.fixture
+def setup(tiny_base, tokenizer, peft_adapter_factory, kernel):
     """An engine on a copy of the tiny model, its adapters, and PEFT's models for the same adapters."""
-    engine = _engine(copy.deepcopy(tiny_base), tokenizer)
+    engine = _engine(copy.deepcopy(tiny_base), tokenizer, kernel=kernel)
     adapters, peft_models = {}, {}
     for seed, (name, kwargs) in enumerate(ADAPTER_CONFIGS.items()):
         path, peft_models[name] = peft_adapter_factory(tiny_base, name, seed=seed, **kwargs)
@@ -55,7 +62,6 @@ def _ids(tokenizer, text: str) -> list[int]:
 @pytest.mark.parametrize("kernel", ["segmented", "gather_bmm"])
 def test_mixed_batch_rows_equal_solo_and_peft_generate(setup, tiny_base, tokenizer, kernel) -> None:
     engine, adapters, peft_models = setup
-    engine.ctx.kernel = kernel
     jobs = [(p, name) for p in PROMPTS for name in [None, *adapters]]
     mixed = run_many(engine, [(_ids(tokenizer, p), adapters.get(n)) for p, n in jobs], max_new_tokens=10)
     for (prompt, name), got in zip(jobs, mixed, strict=True):
@@ -88,7 +94,8 @@ def test_prefill_logits_equal_peft_and_dense_reference(setup, tiny_base, tokeniz
     row_names = [names[i % len(names)] for i in range(len(prompts))] + [None]
     row_prompts = [*prompts, prompts[0]]
     row_slots = [BASE_SLOT if n is None else slots[n] for n in row_names]
-    logits, _, _ = prefill(engine.model, engine.ctx, row_prompts, row_slots, pad_id=2)
+    inputs = [PrefillInput(i, p, 0, s) for i, (p, s) in enumerate(zip(row_prompts, row_slots, strict=True))]
+    logits = engine.runner.prefill(inputs).logits
     for i, name in enumerate(row_names):
         ids = torch.tensor([row_prompts[i]])
         with torch.no_grad():
@@ -273,17 +280,14 @@ def test_gpt2_conv1d_fan_in_fan_out_matches_peft(tokenizer, peft_adapter_factory
 
 def test_a_failing_forward_fails_its_requests_and_the_engine_goes_on(setup, tokenizer, monkeypatch) -> None:
     engine, adapters, _ = setup
-    import server.engine.engine as engine_module
-
     running = submit(engine, _ids(tokenizer, PROMPTS[0]), adapters["qv"], max_new_tokens=30)[1]
     engine._drain_inbox(block=False)
     engine.step()
-    real_prefill = engine_module.prefill
 
     def broken_prefill(*args, **kwargs):
         raise RuntimeError("out of memory (simulated)")
 
-    monkeypatch.setattr(engine_module, "prefill", broken_prefill)
+    monkeypatch.setattr(engine.runner, "prefill", broken_prefill)
     newcomer = submit(engine, _ids(tokenizer, PROMPTS[1]), adapters["patterns"], max_new_tokens=5)[1]
     engine._drain_inbox(block=False)
     engine.step_safely()
@@ -291,5 +295,5 @@ def test_a_failing_forward_fails_its_requests_and_the_engine_goes_on(setup, toke
         error = outcome(events).error
         assert error is not None and "out of memory" in error.message
     assert all(r.in_use == 0 for r in engine.slots._resident.values())
-    monkeypatch.setattr(engine_module, "prefill", real_prefill)
+    monkeypatch.undo()
     assert len(run_one(engine, _ids(tokenizer, PROMPTS[2]), adapters["qv"], max_new_tokens=4).tokens) == 4

@@ -11,9 +11,9 @@ from server.engine.lora_linear import BASE_SLOT, LoraBatchContext, LoraLinear
 KERNELS = ["segmented", "gather_bmm"]
 
 
-def _layer(ctx: LoraBatchContext, k: int = 24, d: int = 40) -> LoraLinear:
+def _layer(ctx: LoraBatchContext, k: int = 24, d: int = 40, kernel: str = "segmented") -> LoraLinear:
     torch.manual_seed(0)
-    return LoraLinear(nn.Linear(k, d, bias=True), k, d, ctx)
+    return LoraLinear(nn.Linear(k, d, bias=True), k, d, ctx, kernel=kernel)
 
 
 def _factors(seed: int, r: int, k: int = 24, d: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,8 +24,8 @@ def _factors(seed: int, r: int, k: int = 24, d: int = 40) -> tuple[torch.Tensor,
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("seq_len", [1, 5])
 def test_each_row_equals_dense_reference(kernel: str, seq_len: int) -> None:
-    ctx = LoraBatchContext(kernel=kernel)
-    layer = _layer(ctx)
+    ctx = LoraBatchContext()
+    layer = _layer(ctx, kernel=kernel)
     adapters = {
         0: (*_factors(1, 4), 2.0),
         1: (*_factors(2, 8), 0.5),

@@ -11,13 +11,12 @@ from transformers import AutoModelForCausalLM
 
 from adapters.peft_format import load_adapter_dir
 from server.engine.engine import Engine, EngineConfig
-from server.engine.lora_linear import LoraBatchContext
-from server.engine.lora_model import attach_lora_layers, base_linear_shapes
+from server.engine.hf_runner import HFRunner
 from server.engine.merge import MergeManager
 from server.engine.requests import GenerationRequest
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import AutoPolicy, plan_merged
-from tests.engine_helpers import outcome, run_many, run_one, submit
+from tests.engine_helpers import outcome, run_many, run_one, submit, verify_base_now
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 PROMPTS = ["Hello there, how are", "The quick brown fox", "A", "Once upon a time in a land far away"]
@@ -40,25 +39,26 @@ def saved(tiny_base, tmp_path_factory):
     return root / "model", paths
 
 
-def _wrapped(model_dir, dtype):
+def _wrapped(model_dir, dtype) -> HFRunner:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
-    layers = attach_lora_layers(model, LoraBatchContext())
-    return model, layers
+    return HFRunner(model, own_weights=True)
 
 
-def _adapters(paths, layers):
-    shapes = base_linear_shapes(layers)
-    return [load_adapter_dir(p, f"a{i}", shapes) for i, p in enumerate(paths)]
+def _adapters(paths, runner):
+    return [load_adapter_dir(p, f"a{i}", runner.base_shapes) for i, p in enumerate(paths)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("source", ["checkpoint", "copy"])
 def test_thousand_random_swaps_restore_the_base_bit_for_bit(saved, dtype, source) -> None:
     model_dir, paths = saved
-    _, layers = _wrapped(model_dir, dtype)
+    runner = _wrapped(model_dir, dtype)
+    layers = runner.layers
     originals = {n: layer.base.weight.detach().clone() for n, layer in layers.items()}
-    adapters = _adapters(paths, layers)
-    manager = MergeManager(layers, model_dir if source == "checkpoint" else None, can_merge=True)
+    adapters = _adapters(paths, runner)
+    manager = MergeManager(
+        runner.weight_targets, model_dir if source == "checkpoint" else None, can_merge=True
+    )
     if source == "checkpoint":
         assert manager.restored_from_checkpoint == len(layers) and manager.extra_bytes == 0
     else:
@@ -76,8 +76,9 @@ def test_thousand_random_swaps_restore_the_base_bit_for_bit(saved, dtype, source
 def test_naive_subtract_and_add_drifts_in_bfloat16(saved) -> None:
     """What the exact restore avoids: W - sBA + sBA is not W after rounding."""
     model_dir, paths = saved
-    _, layers = _wrapped(model_dir, torch.bfloat16)
-    adapter = _adapters(paths, layers)[0]
+    runner = _wrapped(model_dir, torch.bfloat16)
+    layers = runner.layers
+    adapter = _adapters(paths, runner)[0]
     name, w = next(iter(adapter.layers.items()))
     weight = layers[name].base.weight.detach().clone()
     original = weight.clone()
@@ -91,10 +92,11 @@ def test_naive_subtract_and_add_drifts_in_bfloat16(saved) -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_merged_weight_is_the_dense_reference(saved, dtype) -> None:
     model_dir, paths = saved
-    _, layers = _wrapped(model_dir, dtype)
-    adapters = _adapters(paths, layers)
+    runner = _wrapped(model_dir, dtype)
+    layers = runner.layers
+    adapters = _adapters(paths, runner)
     originals = {n: layer.base.weight.detach().clone() for n, layer in layers.items()}
-    manager = MergeManager(layers, model_dir, can_merge=True)
+    manager = MergeManager(runner.weight_targets, model_dir, can_merge=True)
     manager.merge(adapters[1])
     manager.merge(adapters[0])  # a swap: restore a1's layers, then add a0
     for name, layer in layers.items():
@@ -107,11 +109,11 @@ def test_merged_weight_is_the_dense_reference(saved, dtype) -> None:
 
 def test_unmerged_mode_prepares_nothing(saved) -> None:
     model_dir, _ = saved
-    _, layers = _wrapped(model_dir, torch.float32)
-    manager = MergeManager(layers, model_dir, can_merge=False)
+    runner = _wrapped(model_dir, torch.float32)
+    manager = MergeManager(runner.weight_targets, model_dir, can_merge=False)
     assert manager.extra_bytes == 0 and manager.restored_from_checkpoint == 0
     with pytest.raises(RuntimeError, match="merged or auto"):
-        manager.merge(_adapters(saved[1], layers)[0])
+        manager.merge(_adapters(saved[1], runner)[0])
 
 
 # ----------------------------------------------------------------------------- engine modes
@@ -120,8 +122,10 @@ def test_unmerged_mode_prepares_nothing(saved) -> None:
 def _engine(saved, tokenizer, mode: str, **config):
     model_dir, paths = saved
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    engine = Engine(model, tokenizer, EngineConfig(mode=mode, checkpoint_dir=model_dir, **config))
-    return engine, _adapters(paths, engine.lora_layers)
+    engine = Engine.for_hf_model(
+        model, tokenizer, EngineConfig(mode=mode, checkpoint_dir=model_dir, **config)
+    )
+    return engine, _adapters(paths, engine.runner)
 
 
 @pytest.mark.parametrize("mode", ["merged", "auto"])
@@ -135,7 +139,7 @@ def test_concurrent_requests_for_four_adapters_equal_their_solo_outputs(saved, t
     assert [o.tokens for o in outs] == solo
     if mode == "merged":
         assert engine.stats.swaps >= 4  # every adapter was merged in turn
-    assert engine.verify_base_now()["intact"]
+    assert verify_base_now(engine)["intact"]
 
 
 def test_merged_mode_solo_outputs_equal_unmerged(saved, tokenizer) -> None:

@@ -16,13 +16,12 @@ from adapters.peft_format import (
     load_adapter_dir,
     parse_adapter_config,
 )
-from server.engine.lora_linear import LoraBatchContext
-from server.engine.lora_model import attach_lora_layers, base_linear_shapes
+from server.engine.hf_runner import HFRunner
 
 
 @pytest.fixture
 def shapes(tiny_model) -> dict[str, BaseLinearShape]:
-    return base_linear_shapes(attach_lora_layers(tiny_model, LoraBatchContext()))
+    return HFRunner(tiny_model).base_shapes
 
 
 def _peft_layers(peft_model):

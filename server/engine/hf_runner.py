@@ -1,0 +1,188 @@
+"""HFRunner: the model runner for any Hugging Face causal LM (eager forward, left-padded cache).
+
+Every linear layer LoRA may target is wrapped in a :class:`LoraLinear` (the output head excluded);
+newcomers are prefilled as their own left-padded batch and joined to the running batch's cache
+(``batch.py``). This is the portable path: the native runner is faster where it applies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from server.engine.batch import RunningBatch, new_cache
+from server.engine.lora_linear import Kernel, LoraBatchContext, LoraLinear, linear_shape
+from server.engine.runner import (
+    DecodeInput,
+    LoraTarget,
+    ModelRunner,
+    PrefillInput,
+    PrefillOutput,
+    WeightTarget,
+)
+
+
+def attach_lora_layers(
+    model: nn.Module, ctx: LoraBatchContext, kernel: Kernel = "segmented"
+) -> dict[str, LoraLinear]:
+    """Wrap every linear layer LoRA may target (the output head excluded) in a :class:`LoraLinear`.
+
+    Returns the wrappers by the wrapped module's original name (``model.layers.0.self_attn.q_proj``),
+    the names PEFT adapters use.
+    """
+    output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    targets: list[tuple[str, nn.Module, tuple[int, int, bool]]] = []
+    for name, module in model.named_modules():
+        shape = linear_shape(module)
+        if shape is not None and module is not output_head and not isinstance(module, LoraLinear):
+            targets.append((name, module, shape))
+    layers: dict[str, LoraLinear] = {}
+    for name, module, (in_features, out_features, _) in targets:
+        wrapper = LoraLinear(module, in_features, out_features, ctx, kernel=kernel)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, wrapper)
+        layers[name] = wrapper
+    return layers
+
+
+class HFRunner(ModelRunner):
+    """Runs a ``PreTrainedModel``; rows of the running batch are in the order the engine sent them."""
+
+    name = "hf"
+
+    def __init__(
+        self, model: PreTrainedModel, *, kernel: Kernel = "segmented", own_weights: bool = False
+    ) -> None:
+        """``own_weights``: copy the target weights into memory this process owns (see below)."""
+        self.model = model
+        self.ctx = LoraBatchContext()
+        self.layers = attach_lora_layers(model, self.ctx, kernel)
+        self.device = model.device
+        self.dtype = next(model.parameters()).dtype
+        self.vocab_size = int(model.get_input_embeddings().num_embeddings)
+        limit = getattr(model.config, "max_position_embeddings", None)
+        self.max_positions = int(limit) if limit else None
+        self._batch: RunningBatch | None = None
+        if own_weights:
+            # Weights loaded from safetensors may still be copy-on-write pages of the mmap'd file:
+            # the first merge would pay ~1-2 s of page faults (measured), and auto mode would take
+            # that as the price of every swap. Merging runners own them from start-up.
+            for layer in self.layers.values():
+                layer.base.weight.data = layer.base.weight.data.clone()
+        self._weight_targets = {
+            name: WeightTarget(layer.base.weight, f"{name}.weight", layer.fan_in_fan_out)
+            for name, layer in self.layers.items()
+        }
+
+    @property
+    def lora_targets(self) -> Mapping[str, LoraTarget]:
+        return self.layers
+
+    @property
+    def weight_targets(self) -> Mapping[str, WeightTarget]:
+        return self._weight_targets
+
+    def slots_changed(self) -> None:
+        self.ctx.invalidate()
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self._batch) if self._batch is not None else 0
+
+    # ------------------------------------------------------------------ forward passes
+
+    @torch.inference_mode()
+    def prefill(self, inputs: Sequence[PrefillInput]) -> PrefillOutput:
+        """Run the prompts as one left-padded batch, then join them to the running batch."""
+        if any(i.start != 0 for i in inputs):
+            raise ValueError("HFRunner prefills whole prompts only (no chunked prefill)")
+        prompts = [list(i.token_ids) for i in inputs]
+        n, length = len(prompts), max(len(p) for p in prompts)
+        input_ids = torch.full((n, length), 0, dtype=torch.long)
+        attention_mask = torch.zeros((n, length), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, length - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            attention_mask[row, length - len(prompt) :] = 1
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [N, T]
+        self.ctx.set_rows([i.slot for i in inputs], self.device)
+        want_all = any(i.want_token_logprobs for i in inputs)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=new_cache(self.model.config),
+            use_cache=True,
+            logits_to_keep=0 if want_all else 1,
+        )
+        logits = out.logits  # [N, T or 1, V]
+        output = PrefillOutput(logits=logits[:, -1, :])
+        for row, item in enumerate(inputs):
+            if item.want_token_logprobs:
+                output.token_logprobs[item.seq_id] = _token_logprobs(logits[row], prompts[row])
+        joined = RunningBatch(
+            seq_ids=[i.seq_id for i in inputs],
+            lengths=[len(p) for p in prompts],
+            cache=out.past_key_values,
+            attention_mask=attention_mask,
+        )
+        if self._batch is None:
+            self._batch = joined
+        else:
+            self._batch.extend(joined)
+        return output
+
+    @torch.inference_mode()
+    def decode(self, inputs: Sequence[DecodeInput]) -> torch.Tensor:
+        """Feed every sequence its next token; returns the logits for the token after it: [B, V]."""
+        batch = self._in_order([i.seq_id for i in inputs])
+        device = self.device
+        input_ids = torch.tensor([[i.token_id] for i in inputs], dtype=torch.long, device=device)  # [B, 1]
+        position_ids = torch.tensor([[n] for n in batch.lengths], dtype=torch.long, device=device)  # [B, 1]
+        ones = torch.ones((len(inputs), 1), dtype=batch.attention_mask.dtype, device=device)
+        attention_mask = torch.cat([batch.attention_mask, ones], dim=1)  # [B, P+1]
+        self.ctx.set_rows([i.slot for i in inputs], device)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=batch.cache,
+            use_cache=True,
+        )
+        batch.attention_mask = attention_mask
+        batch.lengths = [n + 1 for n in batch.lengths]
+        return out.logits[:, -1, :]
+
+    def release(self, seq_ids: Iterable[int]) -> None:
+        batch = self._batch
+        if batch is None:
+            return
+        gone = set(seq_ids)
+        keep = [i for i, s in enumerate(batch.seq_ids) if s not in gone]
+        if not keep:
+            self._batch = None
+        else:
+            batch.keep(keep)
+
+    def _in_order(self, seq_ids: list[int]) -> RunningBatch:
+        """The running batch with its rows in ``seq_ids``' order (the engine's; normally already so)."""
+        batch = self._batch
+        if batch is None or sorted(batch.seq_ids) != sorted(seq_ids):
+            raise RuntimeError("decode asked for sequences the runner does not hold")
+        if batch.seq_ids != seq_ids:
+            position = {s: i for i, s in enumerate(batch.seq_ids)}
+            batch.keep([position[s] for s in seq_ids])
+        return batch
+
+
+def _token_logprobs(logits: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+    """logits: [T, V] (left padding in front) -> [len(tokens) - 1] log p(tokens[j] | tokens[:j])."""
+    n = len(tokens)
+    if n < 2:
+        return logits.new_zeros(0, dtype=torch.float32)
+    positions = logits[-n:-1].float().log_softmax(-1)  # [n-1, V]: position j predicts tokens[j+1]
+    return positions.gather(1, torch.tensor(tokens[1:], device=logits.device)[:, None])[:, 0]

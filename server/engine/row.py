@@ -1,0 +1,35 @@
+"""A request while it is in the running batch: its sampler, detokenizer and progress."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from server.engine.detokenize import IncrementalDetokenizer
+from server.engine.sampling import RowSampler
+
+if TYPE_CHECKING:
+    from server.engine.requests import GenerationRequest
+
+
+@dataclass
+class Row:
+    request: GenerationRequest
+    slot: int  # adapter slot, BASE_SLOT for the bare base (or the merged adapter)
+    sampler: RowSampler
+    detokenizer: IncrementalDetokenizer
+    seen: torch.Tensor  # [n] prompt + generated ids (for the repetition penalty)
+    next_input: int = -1  # the token to feed at the next decode step
+    generated_ids: list[int] = field(default_factory=list)  # what was streamed (recompute after preemption)
+    tokens: list[dict[str, Any]] = field(default_factory=list)  # details, when asked for
+
+    @property
+    def generated(self) -> int:
+        return len(self.generated_ids)
+
+    @property
+    def seq_id(self) -> int:
+        """The runner's name for this row's sequence."""
+        return self.request.request_id

@@ -1,0 +1,153 @@
+"""The model-runner seam: what the engine asks of a model implementation.
+
+    Engine (scheduling, sampling, streaming, modes; knows nothing of Hugging Face)
+      │  prefill([PrefillInput]) -> PrefillOutput      new prompts (or prompt chunks) join
+      │  decode([DecodeInput])   -> logits [B, V]      one token for every running sequence
+      │  release(seq_ids)                              finished / cancelled / preempted rows leave
+      ▼
+    ModelRunner (owns the weights, the KV memory and the forward passes)
+      ├─ HFRunner          any Hugging Face causal LM (left-padded growable cache)
+      └─ NativeLlamaRunner Llama / Mistral / Qwen2: fused projections, paged KV memory
+
+A runner knows sequences by the engine's ``seq_id`` and keeps each one's KV state between calls.
+Every input names the adapter slot its row reads (``BASE_SLOT``: none), so the merged mode can
+send the merged adapter's rows as base rows.
+
+Adapters reach the runner's LoRA layers through :attr:`ModelRunner.lora_targets` (one
+:class:`LoraTarget` per PEFT module name, ``model.layers.0.self_attn.q_proj``), which
+:class:`~server.engine.lora_model.AdapterSlots` fills; the merge manager folds adapters into the
+weights named by :attr:`ModelRunner.weight_targets`. A fused projection (q/k/v in one matrix)
+exposes one target per PEFT name, each writing its own slice: the scheduler and the merge manager
+never learn how a runner lays its weights out.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from adapters.peft_format import BaseLinearShape
+
+
+@dataclass(frozen=True)
+class PrefillInput:
+    """Tokens to add to a sequence's cache before it decodes.
+
+    A runner whose ``supports_chunked_prefill`` is False gets whole prompts only (``start == 0``).
+    """
+
+    seq_id: int
+    token_ids: Sequence[int]  # the new tokens: a whole prompt, or the next chunk of one
+    start: int  # tokens of this sequence already in the cache (0 for a new sequence)
+    slot: int  # adapter slot, BASE_SLOT for none
+    want_token_logprobs: bool = False  # also return log p(token_ids[j] | everything before), j >= 1
+
+
+@dataclass
+class PrefillOutput:
+    logits: torch.Tensor  # [N, V] next-token logits after each input's last token, in input order
+    # seq_id -> [len(token_ids) - 1] log-probabilities of token_ids[1:], for inputs that asked
+    token_logprobs: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DecodeInput:
+    seq_id: int
+    token_id: int  # the token to append (the last one sampled)
+    slot: int
+
+
+@dataclass(frozen=True)
+class KvUsage:
+    """The runner's KV memory, in tokens. ``capacity`` None: grows on demand (no budget)."""
+
+    used_tokens: int
+    capacity: int | None
+    bytes_reserved: int = 0
+
+
+class LoraTarget(Protocol):
+    """One adaptable linear layer as PEFT names it: where an adapter's factors are placed."""
+
+    in_features: int
+    out_features: int
+    fan_in_fan_out: bool  # the base weight is stored [in, out] (GPT-2 Conv1D)
+
+    def set_slot(self, slot: int, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
+        """Place an adapter's A: [r, in] and B: [out, r] with its scale in ``slot``."""
+
+    def clear_slot(self, slot: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class WeightTarget:
+    """A base weight the merge manager may fold an adapter into, and restore bit for bit.
+
+    ``weight`` is the live tensor the forward reads (for a fused projection: a view of its rows),
+    laid out as in the checkpoint: ``[out, in]``, or ``[in, out]`` when ``fan_in_fan_out``.
+    """
+
+    weight: torch.Tensor
+    checkpoint_key: str  # the tensor's name in the model's safetensors checkpoint
+    fan_in_fan_out: bool = False
+
+
+class ModelRunner(ABC):
+    """Owns a base model's weights, KV memory and forward passes. Engine thread only."""
+
+    name: str  # "hf" or "native": shown in /info
+    device: torch.device
+    dtype: torch.dtype
+    vocab_size: int
+    max_positions: int | None  # the model's context length, None when unknown
+    supports_chunked_prefill: bool = False
+
+    @property
+    @abstractmethod
+    def lora_targets(self) -> Mapping[str, LoraTarget]:
+        """Adaptable layers by PEFT module name (output head excluded)."""
+
+    @property
+    @abstractmethod
+    def weight_targets(self) -> Mapping[str, WeightTarget]:
+        """The base weight behind each of :attr:`lora_targets`, for merging."""
+
+    @property
+    def base_shapes(self) -> dict[str, BaseLinearShape]:
+        """What adapters are validated against: each target's shape and layout."""
+        return {
+            name: BaseLinearShape(
+                out_features=t.out_features, in_features=t.in_features, fan_in_fan_out=t.fan_in_fan_out
+            )
+            for name, t in self.lora_targets.items()
+        }
+
+    def slots_changed(self) -> None:  # noqa: B027 - optional hook
+        """Called after adapters were placed in or removed from slots (drop cached batch data)."""
+
+    @abstractmethod
+    def prefill(self, inputs: Sequence[PrefillInput]) -> PrefillOutput:
+        """Add tokens to sequences' caches (new sequences are created); return their next-token logits."""
+
+    @abstractmethod
+    def decode(self, inputs: Sequence[DecodeInput]) -> torch.Tensor:
+        """Append one token to each running sequence; return next-token logits [B, V] in input order."""
+
+    @abstractmethod
+    def release(self, seq_ids: Iterable[int]) -> None:
+        """Forget these sequences and free their KV memory (unknown ids are ignored)."""
+
+    def kv_usage(self) -> KvUsage:
+        return KvUsage(used_tokens=0, capacity=None)
+
+    def can_admit(self, num_tokens: int) -> bool:
+        """True when a new sequence of ``num_tokens`` prompt tokens fits in free KV memory now."""
+        return True
+
+    def can_decode(self, seq_ids: Sequence[int]) -> bool:
+        """True when each of these sequences can grow by one token without preempting anyone."""
+        return True
