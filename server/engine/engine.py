@@ -187,6 +187,12 @@ class Engine:
                 f"got {n} + {request.params.max_new_tokens}. Lower max_new_tokens to at most "
                 f"{max(cfg.max_total_tokens - n, 0)}."
             )
+        capacity = self.runner.kv_usage().capacity
+        if capacity is not None and n + request.params.max_new_tokens > capacity:
+            raise RequestRejected(
+                f"`inputs` tokens + `max_new_tokens` ({n} + {request.params.max_new_tokens}) exceed the server's "
+                f"KV memory of {capacity} tokens (--kv-cache-tokens / --kv-cache-memory); lower max_new_tokens."
+            )
 
     def submit(self, request: GenerationRequest) -> None:
         self.validate(request)

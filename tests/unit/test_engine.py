@@ -9,8 +9,9 @@ import torch
 
 from adapters.peft_format import load_adapter_dir
 from server.engine.engine import Engine, EngineConfig, RequestRejected
+from server.engine.hf_runner import HFRunner
 from server.engine.lora_linear import BASE_SLOT
-from server.engine.runner import PrefillInput
+from server.engine.runner import KvUsage, PrefillInput
 from tests.engine_helpers import outcome, run_many, run_one, submit
 
 PROMPTS = [
@@ -297,3 +298,69 @@ def test_a_failing_forward_fails_its_requests_and_the_engine_goes_on(setup, toke
     assert all(r.in_use == 0 for r in engine.slots._resident.values())
     monkeypatch.undo()
     assert len(run_one(engine, _ids(tokenizer, PROMPTS[2]), adapters["qv"], max_new_tokens=4).tokens) == 4
+
+
+class BoundedRunner(HFRunner):
+    """An HFRunner with a KV budget in tokens, to exercise the engine's admission and preemption."""
+
+    def __init__(self, model, capacity: int) -> None:
+        super().__init__(model)
+        self.capacity = capacity
+        self.lengths: dict[int, int] = {}
+        self.peak = 0
+
+    def _account(self) -> None:
+        self.peak = max(self.peak, sum(self.lengths.values()))
+        assert self.peak <= self.capacity, "the engine let the KV memory overflow"
+
+    def prefill(self, inputs):
+        for item in inputs:
+            self.lengths[item.seq_id] = len(item.token_ids)
+        self._account()
+        return super().prefill(inputs)
+
+    def decode(self, inputs):
+        for item in inputs:
+            self.lengths[item.seq_id] += 1
+        self._account()
+        return super().decode(inputs)
+
+    def release(self, seq_ids) -> None:
+        seq_ids = list(seq_ids)
+        for seq_id in seq_ids:
+            self.lengths.pop(seq_id, None)
+        super().release(seq_ids)
+
+    def kv_usage(self) -> KvUsage:
+        return KvUsage(used_tokens=sum(self.lengths.values()), capacity=self.capacity)
+
+    def can_admit(self, num_tokens: int) -> bool:
+        return sum(self.lengths.values()) + num_tokens <= self.capacity
+
+    def can_decode(self, seq_ids) -> bool:
+        return sum(self.lengths.values()) + len(seq_ids) <= self.capacity
+
+
+def test_requests_beyond_the_kv_memory_wait_or_are_preempted_and_still_equal_solo(
+    setup, tiny_base, tokenizer
+) -> None:
+    engine, adapters, _ = setup
+    jobs = [(PROMPTS[i], [None, "qv", "patterns", "layers"][i]) for i in range(4)]
+    params = [dict(max_new_tokens=24), dict(max_new_tokens=24, do_sample=True, seed=7, temperature=0.9)]
+    solo = [
+        run_one(engine, _ids(tokenizer, p), adapters.get(n), **params[i % 2]).tokens
+        for i, (p, n) in enumerate(jobs)
+    ]
+    bounded = Engine(
+        BoundedRunner(copy.deepcopy(tiny_base), capacity=64), tokenizer, EngineConfig(mode="unmerged")
+    )
+    pending = [
+        submit(bounded, _ids(tokenizer, p), adapters.get(n), **params[i % 2])[1]
+        for i, (p, n) in enumerate(jobs)
+    ]
+    bounded.run_until_idle()
+    assert [outcome(events).tokens for events in pending] == solo
+    assert bounded.stats.preemptions >= 1
+    assert bounded.runner.peak <= 64 and bounded.runner.lengths == {}
+    with pytest.raises(RequestRejected, match="KV memory of 64 tokens"):
+        submit(bounded, _ids(tokenizer, PROMPTS[0]), None, max_new_tokens=70)
