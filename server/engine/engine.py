@@ -117,6 +117,7 @@ class Engine:
         self._waiting: deque[GenerationRequest] = deque()
         self._controls: list[_Control] = []
         self._rows: list[Row] = []  # the running batch, in the order the runner decodes it
+        self._prefilling: list[Row] = []  # admitted, prompt not yet all in the KV cache (FIFO)
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
 
@@ -150,7 +151,12 @@ class Engine:
 
     @property
     def num_running(self) -> int:
-        return len(self._rows)
+        """Rows admitted: decoding, or still prefilling their prompt."""
+        return len(self._rows) + len(self._prefilling)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._rows or self._prefilling or self._waiting or self._controls)
 
     @property
     def num_waiting(self) -> int:
@@ -210,7 +216,7 @@ class Engine:
 
         def check() -> Any:
             if self.merger.merged is not None:
-                if self._rows:
+                if self._rows or self._prefilling:
                     return RETRY
                 self._set_merged(None)
             now = self.merger.digest()
@@ -252,7 +258,7 @@ class Engine:
 
     def _run(self) -> None:
         while not self._stopping.is_set():
-            idle = not self._rows and not self._waiting and not self._controls
+            idle = not self.busy
             self._drain_inbox(block=idle)
             self.step_safely()
 
@@ -297,7 +303,7 @@ class Engine:
         """Run steps on the calling thread until nothing is left (tests, benchmarks, no thread)."""
         for _ in range(max_steps):
             self._drain_inbox(block=False)
-            if not self._rows and not self._waiting and not self._controls:
+            if not self.busy:
                 return
             self.step()
         raise RuntimeError("engine did not go idle")
@@ -308,8 +314,9 @@ class Engine:
         admitted = self._admit_merged() if self.config.mode == "merged" else self._admit()
         if self.config.mode == "auto":
             self._auto_switch(admitted)
-        if admitted:
-            self._prefill(admitted)
+        self._prefilling.extend(admitted)
+        if self._prefilling:
+            self._prefill_step()
         self._preempt_until_rows_fit()
         if self._rows:
             rows = self._rows
@@ -348,7 +355,7 @@ class Engine:
     def _admit_merged(self) -> list[Row]:
         merged = self.merger.merged
         plan = plan_merged(
-            self._waiting, merged.key if merged else None, not self._rows, self.config.switch_wait
+            self._waiting, merged.key if merged else None, not self.num_running, self.config.switch_wait
         )
         if plan.switch_to is not None:
             self._set_merged(plan.switch_to.adapter)
@@ -359,7 +366,7 @@ class Engine:
     def _auto_switch(self, admitted: list[Row]) -> None:
         """Auto mode: merge the one adapter all traffic wants, unmerge when traffic mixes."""
         merged = self.merger.merged
-        rows = [*self._rows, *admitted]  # every row of the next forward
+        rows = [*self._rows, *self._prefilling, *admitted]  # every row of the next forwards
         if self._drain_requested():
             self._set_merged(None)  # rows in auto mode hold slots: they go on unmerged seamlessly
             return
@@ -382,27 +389,32 @@ class Engine:
     def _drop_cancelled(self) -> None:
         if any(r.cancelled.is_set() for r in self._waiting):
             self._waiting = deque(r for r in self._waiting if not r.cancelled.is_set())
-        for row in self._rows:
+        for row in [*self._rows, *self._prefilling]:
             if row.request.cancelled.is_set() and row.request.finished_at is None:
                 row.request.finished_at = time.perf_counter()
                 row.request.emit(ErrorEvent("request cancelled", "cancelled"))
         self._remove_finished()
 
     def _admit(self, only_key: AdapterKey | str = "any") -> list[Row]:
-        """Take waiting requests into free rows, FIFO, within the prefill token budget.
+        """Take waiting requests into free rows, FIFO, while their prompts fit in free KV memory.
 
+        A runner without chunked prefill prefills whole prompts in the step that admits them, so
+        they must also fit the step's prefill token budget (the first one always does).
         ``only_key``: in merged mode, only requests for the merged adapter (or None: the base).
         """
         free = self.config.max_batch - self.num_running
+        chunked = self.runner.supports_chunked_prefill
         budget = self.config.max_prefill_tokens
         admitted: list[Row] = []
         still_waiting: deque[GenerationRequest] = deque()
         needs_slot = self.config.mode != "merged"
-        kv_tokens = 0  # prompt tokens admitted this step, for the runner's KV memory
+        # prompt tokens promised to admitted rows but not yet in the KV cache
+        kv_tokens = sum(len(r.prefill_ids) - r.prefilled for r in self._prefilling)
         while self._waiting:
             request = self._waiting.popleft()
             n = len(_recompute_ids(request))
-            fits = free > 0 and (not admitted or n <= budget) and self.runner.can_admit(kv_tokens + n)
+            in_budget = chunked or not admitted or n <= budget
+            fits = free > 0 and in_budget and self.runner.can_admit(kv_tokens + n)
             if only_key != "any" and key_of(request) != only_key:
                 fits = False
             if not fits or (
@@ -420,26 +432,54 @@ class Engine:
     def _new_row(self, request: GenerationRequest) -> Row:
         uses_slot = request.adapter is not None and self.config.mode != "merged"
         slot = self.slots.acquire(request.adapter) if uses_slot else BASE_SLOT
-        preempted = request.preempted_row
-        if preempted is not None:  # recompute: the row goes on where it stopped
+        row = request.preempted_row
+        if row is not None:  # recompute: the row goes on where it stopped
             request.preempted_row = None
-            preempted.slot = slot
-            return preempted
-        request.admitted_at = time.perf_counter()
-        device = self.runner.device
-        return Row(
-            request=request,
-            slot=slot,
-            sampler=RowSampler.create(request.params, device),
-            detokenizer=IncrementalDetokenizer(self.tokenizer),
-            seen=torch.tensor(request.prompt_ids, dtype=torch.long, device=device),
-        )
+            row.slot = slot
+        else:
+            request.admitted_at = time.perf_counter()
+            device = self.runner.device
+            row = Row(
+                request=request,
+                slot=slot,
+                sampler=RowSampler.create(request.params, device),
+                detokenizer=IncrementalDetokenizer(self.tokenizer),
+                seen=torch.tensor(request.prompt_ids, dtype=torch.long, device=device),
+            )
+        row.prefill_ids = _recompute_ids(request, row)
+        row.prefilled = 0
+        return row
 
-    def _prefill(self, rows: list[Row]) -> None:
-        """Prefill newcomers (and preempted rows, from their prompt and streamed tokens)."""
+    def _prefill_step(self) -> None:
+        """Prefill the next prompt chunks, oldest rows first, within ``max_prefill_tokens``.
+
+        A runner with chunked prefill takes part of a long prompt now and the rest in later steps,
+        so running rows keep decoding meanwhile; other runners take whole prompts. Rows whose prompt
+        is complete sample their first token and join the running batch.
+        """
+        chunked = self.runner.supports_chunked_prefill
+        budget = self.config.max_prefill_tokens
+        chunks: list[tuple[Row, int]] = []  # (row, tokens to prefill now)
+        total = 0
+        for row in self._prefilling:
+            remaining = len(row.prefill_ids) - row.prefilled
+            take = min(remaining, budget - total) if chunked else remaining
+            if take <= 0 or (chunks and not chunked and total + take > budget):
+                break
+            if not self.runner.can_admit(total + take):
+                break  # KV memory is short: rows finishing or preemption will make room
+            chunks.append((row, take))
+            total += take
+        if not chunks:
+            if not self._rows and len(self._prefilling) > 1:
+                self._preempt(self._prefilling[-1])  # prefilling rows hold each other's room
+            return
+        rows = [row for row, _ in chunks]
         inputs = [
-            PrefillInput(r.seq_id, _recompute_ids(r.request, r), 0, slot)
-            for r, slot in zip(rows, self._slots_for(rows), strict=True)
+            PrefillInput(
+                row.seq_id, row.prefill_ids[row.prefilled : row.prefilled + take], row.prefilled, slot
+            )
+            for (row, take), slot in zip(chunks, self._slots_for(rows), strict=True)
         ]
         try:
             logits = self.runner.prefill(inputs).logits
@@ -449,21 +489,43 @@ class Engine:
                 row.request.emit(ErrorEvent(f"generation failed: {exc}"))
                 self._release(row)
             self.runner.release(r.seq_id for r in rows)
+            self._prefilling = [r for r in self._prefilling if r.request.finished_at is None]
             raise
-        self._rows.extend(rows)
-        self._advance(rows, logits)
+        done: list[int] = []
+        for i, (row, take) in enumerate(chunks):
+            row.prefilled += take
+            if row.prefilled == len(row.prefill_ids):
+                done.append(i)
+        if not done:
+            return
+        joined = [rows[i] for i in done]
+        self._prefilling = [r for r in self._prefilling if r.prefilled < len(r.prefill_ids)]
+        self._rows.extend(joined)
+        self._advance(joined, logits[done] if len(done) < len(rows) else logits)
         self._remove_finished()
 
     def _preempt_until_rows_fit(self) -> None:
         """Free KV memory for the next decode step by preempting the newest rows (recomputed later)."""
-        while len(self._rows) > 1 and not self.runner.can_decode([r.seq_id for r in self._rows]):
-            row = self._rows.pop()
-            self.runner.release([row.seq_id])
-            self._release(row)
-            row.request.preempted_row = row
-            self.stats.preemptions += 1
-            self._waiting.appendleft(row.request)
-            log.info("preempted request %d (KV memory full); it will be recomputed", row.request.request_id)
+        while self._rows and not self.runner.can_decode([r.seq_id for r in self._rows]):
+            if self._prefilling:
+                self._preempt(self._prefilling[-1])
+            elif len(self._rows) > 1:
+                self._preempt(self._rows[-1])
+            else:
+                break  # one row always fits: requests larger than the KV memory are refused
+
+    def _preempt(self, row: Row) -> None:
+        """Take a row's KV memory back; it waits at the head of the queue and is recomputed."""
+        if row in self._prefilling:
+            self._prefilling.remove(row)
+        else:
+            self._rows.remove(row)
+        self.runner.release([row.seq_id])
+        self._release(row)
+        row.request.preempted_row = row
+        self.stats.preemptions += 1
+        self._waiting.appendleft(row.request)
+        log.info("preempted request %d (KV memory full); it will be recomputed", row.request.request_id)
 
     def _advance(self, rows: list[Row], logits: torch.Tensor) -> None:
         """Choose each row's next token, stream it, and finish rows that are done."""
@@ -514,26 +576,28 @@ class Engine:
 
     def _remove_finished(self) -> None:
         """Finished rows leave the batch at once: their slots and KV memory are released."""
-        finished = [r for r in self._rows if r.request.finished_at is not None]
+        finished = [r for r in (*self._rows, *self._prefilling) if r.request.finished_at is not None]
         if not finished:
             return
         for row in finished:
             self._release(row)
         self.runner.release(r.seq_id for r in finished)
         self._rows = [r for r in self._rows if r.request.finished_at is None]
+        self._prefilling = [r for r in self._prefilling if r.request.finished_at is None]
 
     def _release(self, row: Row) -> None:
         if row.slot != BASE_SLOT and row.request.adapter is not None:
             self.slots.release(row.request.adapter.key)
 
     def _fail_all(self, message: str) -> None:
-        for row in self._rows:
+        rows = [*self._rows, *self._prefilling]
+        for row in rows:
             if row.request.finished_at is None:
                 row.request.finished_at = time.perf_counter()
                 row.request.emit(ErrorEvent(message))
             self._release(row)
-        self.runner.release(r.seq_id for r in self._rows)
-        self._rows = []
+        self.runner.release(r.seq_id for r in rows)
+        self._rows, self._prefilling = [], []
 
 
 def _recompute_ids(request: GenerationRequest, row: Row | None = None) -> list[int]:

@@ -24,6 +24,8 @@ class Row:
     next_input: int = -1  # the token to feed at the next decode step
     generated_ids: list[int] = field(default_factory=list)  # what was streamed (recompute after preemption)
     tokens: list[dict[str, Any]] = field(default_factory=list)  # details, when asked for
+    prefill_ids: list[int] = field(default_factory=list)  # what to put in the KV cache before decoding
+    prefilled: int = 0  # how many of prefill_ids are in the KV cache (chunked prefill)
 
     @property
     def generated(self) -> int:

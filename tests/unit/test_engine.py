@@ -364,3 +364,66 @@ def test_requests_beyond_the_kv_memory_wait_or_are_preempted_and_still_equal_sol
     assert bounded.runner.peak <= 64 and bounded.runner.lengths == {}
     with pytest.raises(RequestRejected, match="KV memory of 64 tokens"):
         submit(bounded, _ids(tokenizer, PROMPTS[0]), None, max_new_tokens=70)
+
+
+class ChunkingRunner(BoundedRunner):
+    """Takes prompts in chunks (the engine's chunked-prefill path) by re-running the prefix so far."""
+
+    supports_chunked_prefill = True
+
+    def __init__(self, model, capacity: int) -> None:
+        super().__init__(model, capacity)
+        self.prefixes: dict[int, list[int]] = {}
+        self.calls: list[tuple[str, int]] = []  # ("prefill", tokens) or ("decode", rows)
+
+    def prefill(self, inputs):
+        fresh = []
+        for item in inputs:
+            prefix = self.prefixes.get(item.seq_id, [])
+            assert item.start == len(prefix), "a chunk must continue its sequence"
+            self.prefixes[item.seq_id] = [*prefix, *item.token_ids]
+            HFRunner.release(self, [item.seq_id])
+            fresh.append(PrefillInput(item.seq_id, self.prefixes[item.seq_id], 0, item.slot))
+        self.calls.append(("prefill", sum(len(i.token_ids) for i in inputs)))
+        for item in inputs:
+            self.lengths[item.seq_id] = self.lengths.get(item.seq_id, 0) + len(item.token_ids)
+        self._account()
+        return HFRunner.prefill(self, fresh)
+
+    def decode(self, inputs):
+        self.calls.append(("decode", len(inputs)))
+        decoding = {i.seq_id for i in inputs}
+        partial = [s for s in self._batch.seq_ids if s not in decoding]  # re-run with their next chunk
+        HFRunner.release(self, partial)
+        return super().decode(inputs)
+
+    def release(self, seq_ids) -> None:
+        seq_ids = list(seq_ids)
+        for seq_id in seq_ids:
+            self.prefixes.pop(seq_id, None)
+        super().release(seq_ids)
+
+
+def test_long_prompts_are_prefilled_in_chunks_while_running_rows_decode(setup, tiny_base, tokenizer) -> None:
+    engine, adapters, _ = setup
+    long_prompt = _ids(tokenizer, " ".join(PROMPTS * 3))
+    assert len(long_prompt) > 40
+    jobs = [(_ids(tokenizer, PROMPTS[0]), adapters["qv"]), (_ids(tokenizer, PROMPTS[1]), None)]
+    solo = [
+        run_one(engine, ids, a, max_new_tokens=16).tokens
+        for ids, a in [*jobs, (long_prompt, adapters["layers"])]
+    ]
+    runner = ChunkingRunner(copy.deepcopy(tiny_base), capacity=4096)
+    chunked = Engine(runner, tokenizer, EngineConfig(mode="unmerged", max_prefill_tokens=8))
+    pending = [submit(chunked, ids, a, max_new_tokens=16)[1] for ids, a in jobs]
+    chunked._drain_inbox(block=False)
+    chunked.step()  # the short prompts start decoding before the long one arrives
+    pending.append(submit(chunked, long_prompt, adapters["layers"], max_new_tokens=16)[1])
+    chunked.run_until_idle()
+    assert [outcome(events).tokens for events in pending] == solo
+    prefills = [n for kind, n in runner.calls if kind == "prefill"]
+    assert max(prefills) <= 8 and sum(prefills) >= len(long_prompt)
+    # decode steps ran between the long prompt's chunks: no step waited for the whole prompt
+    kinds = [kind for kind, _ in runner.calls]
+    first, last = kinds.index("prefill"), len(kinds) - 1 - kinds[::-1].index("prefill")
+    assert kinds[first:last].count("decode") >= len(long_prompt) // 8 - 1
