@@ -53,6 +53,21 @@ def serve(
     log_format: Annotated[
         str | None, typer.Option(help="text (default) or json (one object per line).")
     ] = None,
+    kernel: Annotated[
+        str | None, typer.Option(help="Batched LoRA kernel: segmented (default), gather_bmm.")
+    ] = None,
+    runner: Annotated[
+        str | None, typer.Option(help="auto (default: native where supported), native or hf.")
+    ] = None,
+    kv_cache_tokens: Annotated[int | None, typer.Option(help="Native runner: KV memory in tokens.")] = None,
+    kv_cache_memory: Annotated[
+        str | None, typer.Option(help="Native runner: KV memory budget, e.g. 512MiB, 2GiB.")
+    ] = None,
+    compile: Annotated[str | None, typer.Option(help="Native runner: auto (default), on, off.")] = None,
+    max_prefill_tokens: Annotated[
+        int | None,
+        typer.Option(help="Prompt tokens prefilled per engine step (4096); longer prompts are chunked."),
+    ] = None,
 ) -> None:
     """Start the HTTP server. Each option is also an env var LORAPLEX_<NAME> (flags win)."""
     options = {
@@ -61,7 +76,9 @@ def serve(
         "max_total_tokens": max_total_tokens, "max_loaded_adapters": max_loaded_adapters, "max_rank": max_rank,
         "data_dir": data_dir, "cache_dir": cache_dir, "log_level": log_level, "switch_wait": switch_wait,
         "max_upload_mb": max_upload_mb, "host_cache_mb": host_cache_mb, "max_queue": max_queue,
-        "request_timeout": request_timeout, "log_format": log_format,
+        "request_timeout": request_timeout, "log_format": log_format, "kernel": kernel, "runner": runner,
+        "kv_cache_tokens": kv_cache_tokens, "kv_cache_memory": kv_cache_memory, "compile": compile,
+        "max_prefill_tokens": max_prefill_tokens,
     }  # fmt: skip
     import uvicorn
     from pydantic import ValidationError

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -43,6 +44,24 @@ class Settings(BaseSettings):
     max_loaded_adapters: int = Field(64, ge=1, description="Adapter slots in memory (LRU eviction).")
     max_rank: int = Field(256, ge=1, description="Largest LoRA rank accepted.")
     kernel: Literal["segmented", "gather_bmm"] = Field("segmented", description="Batched LoRA kernel.")
+    runner: Literal["auto", "native", "hf"] = Field(
+        "auto",
+        description="Model runner: native (Llama, Mistral, Qwen2: fused projections, paged KV memory), "
+        "hf (any Hugging Face causal LM), or auto (native where the model_type is supported).",
+    )
+    kv_cache_tokens: int | None = Field(
+        None, ge=16, description="Native runner: KV memory in tokens, allocated at start-up."
+    )
+    kv_cache_memory: str | None = Field(
+        None,
+        description="Native runner: KV memory budget, e.g. 512MiB or 2GiB (a bare number is MiB); "
+        "used when --kv-cache-tokens is not set. Default: 384MiB on the CPU, 90% of free GPU memory on CUDA.",
+    )
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Native runner: capture decode steps as graphs for batch-size buckets at start-up "
+        "(auto: CUDA graphs on CUDA, plain eager on the CPU; on: also torch.compile on the CPU).",
+    )
     data_dir: Path = Field(Path("./data"), description="Where adapters are stored (folders + SQLite index).")
     max_upload_mb: int = Field(
         512, ge=1, description="Largest adapter upload (request body and unpacked archive), MiB."
@@ -92,6 +111,17 @@ class Settings(BaseSettings):
     def _empty_key_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("kv_cache_memory")
+    @classmethod
+    def _check_memory(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_bytes(value)  # raises ValueError with the accepted forms
+        return value
+
+    @property
+    def kv_cache_bytes(self) -> int | None:
+        return parse_bytes(self.kv_cache_memory) if self.kv_cache_memory is not None else None
+
     @field_validator("cache_dir", "data_dir")
     @classmethod
     def _expand(cls, value: Path) -> Path:
@@ -99,6 +129,30 @@ class Settings(BaseSettings):
 
     def adapter_specs(self) -> list[tuple[str, Path]]:
         return [(spec.partition("=")[0], Path(spec.partition("=")[2]).expanduser()) for spec in self.adapter]
+
+
+_UNITS = {
+    "": 1 << 20,
+    "b": 1,
+    "kb": 10**3,
+    "kib": 1 << 10,
+    "mb": 10**6,
+    "mib": 1 << 20,
+    "gb": 10**9,
+    "gib": 1 << 30,
+}
+
+
+def parse_bytes(text: str) -> int:
+    """``512MiB``, ``2GB``, ``1.5GiB`` or a bare number of MiB -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ValueError(f"{text!r} is not a memory size: write e.g. 512MiB, 2GiB, 800MB or a number of MiB")
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"memory size {text!r} must be positive")
+    return size
 
 
 @lru_cache

@@ -168,6 +168,27 @@ class EngineCollector(Collector):
             "loraplex_adapter_slot_evictions", "Adapters evicted from a slot (LRU).", _num(slots, "evictions")
         )
         yield _counter("loraplex_engine_steps", "Engine steps.", _num(engine, "steps"))
+        yield _counter(
+            "loraplex_preemptions",
+            "Rows whose KV memory was taken back when it ran out; they are recomputed later.",
+            _num(stats, "preemptions"),
+        )
+        runner = getattr(engine, "runner", None)
+        if runner is not None:
+            kv = runner.kv_usage()
+            yield _gauge("loraplex_kv_cache_used_tokens", "Tokens held in the KV memory.", kv.used_tokens)
+            if kv.capacity is not None:
+                yield _gauge(
+                    "loraplex_kv_cache_capacity_tokens", "Tokens the KV memory holds in all.", kv.capacity
+                )
+                yield _gauge(
+                    "loraplex_kv_cache_free_tokens",
+                    "Tokens free in the KV memory.",
+                    kv.capacity - kv.used_tokens,
+                )
+                yield _gauge(
+                    "loraplex_kv_cache_bytes", "Bytes reserved for the KV memory.", kv.bytes_reserved
+                )
         yield _counter("loraplex_swaps", "Merged-mode adapter swaps (merge/unmerge).", _num(stats, "swaps"))
         yield _counter(
             "loraplex_swap_seconds", "Seconds spent swapping merged adapters.", _num(stats, "swap_seconds")

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from server import __version__
 from server.api.deps import BaseDep, EngineDep, RegistryDep, SettingsDep
+
+if TYPE_CHECKING:
+    from server.engine.engine import Engine
 
 router = APIRouter(tags=["health"])
 
@@ -22,6 +27,17 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
+def _kv_cache(engine: Engine) -> dict:
+    kv = engine.runner.kv_usage()
+    return {
+        "used_tokens": kv.used_tokens,
+        "capacity_tokens": kv.capacity,  # null: grows on demand (the Hugging Face runner)
+        "free_tokens": None if kv.capacity is None else kv.capacity - kv.used_tokens,
+        "bytes_reserved": kv.bytes_reserved,
+        "preemptions": engine.stats.preemptions,
+    }
+
+
 @router.get("/info")
 async def info(engine: EngineDep, base: BaseDep, registry: RegistryDep, settings: SettingsDep) -> dict:
     return {
@@ -34,6 +50,8 @@ async def info(engine: EngineDep, base: BaseDep, registry: RegistryDep, settings
         "merged_adapter": engine.merged_adapter_id,
         "swaps": engine.stats.swaps,
         "kernel": engine.config.kernel,
+        "runner": engine.runner.name,
+        "kv_cache": _kv_cache(engine),
         "limits": {
             "max_batch": engine.config.max_batch,
             "max_input_tokens": engine.config.max_input_tokens,

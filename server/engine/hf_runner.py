@@ -17,6 +17,7 @@ from server.engine.batch import RunningBatch, new_cache
 from server.engine.lora_linear import Kernel, LoraBatchContext, LoraLinear, linear_shape
 from server.engine.runner import (
     DecodeInput,
+    KvUsage,
     LoraTarget,
     ModelRunner,
     PrefillInput,
@@ -156,6 +157,11 @@ class HFRunner(ModelRunner):
         batch.attention_mask = attention_mask
         batch.lengths = [n + 1 for n in batch.lengths]
         return out.logits[:, -1, :]
+
+    def kv_usage(self) -> KvUsage:
+        """The padded cache grows on demand: no capacity; used = rows x cache length (padding included)."""
+        batch = self._batch
+        return KvUsage(used_tokens=len(batch) * batch.cache_length if batch is not None else 0, capacity=None)
 
     def release(self, seq_ids: Iterable[int]) -> None:
         batch = self._batch
