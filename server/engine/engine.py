@@ -43,6 +43,7 @@ from server.engine.detokenize import IncrementalDetokenizer, find_stop
 from server.engine.lora_linear import BASE_SLOT, Kernel
 from server.engine.lora_model import AdapterSlots
 from server.engine.merge import MergeManager
+from server.engine.outbox import Outbox
 from server.engine.requests import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent
 from server.engine.row import Row
 from server.engine.runner import DecodeInput, ModelRunner, PrefillInput
@@ -116,6 +117,7 @@ class Engine:
         self._inbox: queue.SimpleQueue[GenerationRequest | _Control] = queue.SimpleQueue()
         self._waiting: deque[GenerationRequest] = deque()
         self._controls: list[_Control] = []
+        self._outbox = Outbox()  # events for asyncio consumers, handed over once per step
         self._rows: list[Row] = []  # the running batch, in the order the runner decodes it
         self._prefilling: list[Row] = []  # admitted, prompt not yet all in the KV cache (FIFO)
         self._thread: threading.Thread | None = None
@@ -243,7 +245,7 @@ class Engine:
         """Submit and yield the request's events; leaving early (client gone) cancels it."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
-        request.sink = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+        request.sink = self._outbox.sink(loop, events)
         self.submit(request)
         try:
             while True:
@@ -269,6 +271,7 @@ class Engine:
         except Exception as exc:
             log.exception("engine step failed")
             self._fail_all(f"generation failed: {exc}")
+            self._outbox.flush()
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -309,6 +312,12 @@ class Engine:
         raise RuntimeError("engine did not go idle")
 
     def step(self) -> None:
+        try:
+            self._step()
+        finally:
+            self._outbox.flush()
+
+    def _step(self) -> None:
         self._run_controls()
         self._drop_cancelled()
         admitted = self._admit_merged() if self.config.mode == "merged" else self._admit()
