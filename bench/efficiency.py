@@ -1,0 +1,289 @@
+"""Engine efficiency against this machine's floor, in one run: runners, batch sizes, LoRA, HTTP.
+
+The floor is the work every engine must do in a decode step: one pass over all the model's
+linear layers (the LM head included) with the real weights at the same batch size, plain
+``x @ W.T`` and nothing else. At these batch sizes a step is bound by streaming the weights from
+memory, so floor time / step time says how much of a step is overhead (attention, norms, LoRA,
+Python, sampling). Measured in the same run as the steps, interleaved, medians of many.
+
+1. decode step of the engine (no HTTP) for each runner at batch 1, 16 and 64: base rows only,
+   and rows spread over 4 all-linear rank-16 adapters (the LoRA overhead is the ratio);
+2. over HTTP: 16 concurrent base requests of 96 new tokens through `loraplex serve` (prefill
+   included), against the same workload submitted to the engine directly; efficiency =
+   floor(16) x 96 steps / wall time;
+3. start-up time (process start to /health 200, graph capture included) and peak RSS.
+
+Run: `make bench` or `.venv/bin/python bench/efficiency.py [--runners native,hf]`;
+results in bench/results/efficiency-<device>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+from safetensors import safe_open
+from transformers import AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from adapters.peft_format import LoraAdapter, load_adapter_dir
+from bench.common import ROOT, ServerProcess, machine_description, write_random_adapter
+from server.engine.base_model import embedded_model_dir
+from server.engine.engine import Engine, EngineConfig
+from server.engine.requests import GenerationRequest
+from server.engine.sampling import SamplingParams
+
+BATCHES = (1, 16, 64)
+NUM_ADAPTERS = 4
+PROMPT = "Tell me about the history of bread, from the first flat loaves to the modern bakery."
+HTTP_REQUESTS = 16
+HTTP_NEW_TOKENS = 96
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- the floor
+
+
+def linear_weights(model_dir: Path, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """Every linear layer's weight [out, in] as the checkpoint stores it, plus the LM head."""
+    weights: dict[str, torch.Tensor] = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                if name.endswith("proj.weight") or name in ("lm_head.weight", "model.embed_tokens.weight"):
+                    weights[name] = f.get_tensor(name).to(device, dtype)
+    if "lm_head.weight" not in weights:  # tied embeddings: the head reads the embedding matrix
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    weights.pop("model.embed_tokens.weight", None)
+    return list(weights.values())
+
+
+def floor_seconds(weights: list[torch.Tensor], batch: int, reps: int) -> float:
+    """Median time of one pass of ``x @ W.T`` over every weight, x: [batch, in]."""
+    device, dtype = weights[0].device, weights[0].dtype
+    inputs = {w.shape[1]: torch.randn(batch, w.shape[1], device=device, dtype=dtype) for w in weights}
+    times = []
+    with torch.inference_mode():
+        for _ in range(reps + 2):
+            sync(device)
+            start = time.perf_counter()
+            for w in weights:
+                torch.mm(inputs[w.shape[1]], w.t())
+            sync(device)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times[2:])
+
+
+# ----------------------------------------------------------------------------- engine steps
+
+
+def build_engine(runner: str, model_dir: Path, dtype: torch.dtype, device: torch.device, **config) -> Engine:
+    from server.engine.base_model import build_engine_for_dir
+
+    return build_engine_for_dir(model_dir, runner, dtype, device, EngineConfig(mode="unmerged", **config))
+
+
+def decode_step_seconds(
+    engine: Engine, prompt_ids: list[int], adapters: list[LoraAdapter | None], steps: int
+) -> float:
+    """Median decode-step time with ``len(adapters)`` rows running (row i reads adapters[i])."""
+    params = SamplingParams(max_new_tokens=steps + 8, ignore_eos=True)
+    for adapter in adapters:
+        engine.submit(GenerationRequest(list(prompt_ids), params, adapter, sink=lambda _: None))
+    engine._drain_inbox(block=False)
+    while engine.num_waiting or len(engine._rows) < len(adapters):
+        engine.step()  # admission and prefill, not measured
+    engine.step()
+    times = []
+    for _ in range(steps):
+        sync(engine.runner.device)
+        start = time.perf_counter()
+        engine.step()
+        sync(engine.runner.device)
+        times.append(time.perf_counter() - start)
+    for row in engine._rows:
+        row.request.cancel()
+    engine.run_until_idle()
+    return statistics.median(times)
+
+
+def engine_workload_seconds(engine: Engine, prompt_ids: list[int], requests: int, new_tokens: int) -> float:
+    """Wall time for ``requests`` base requests of ``new_tokens`` each, submitted at once (prefill included)."""
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    sync(engine.runner.device)
+    start = time.perf_counter()
+    for _ in range(requests):
+        engine.submit(GenerationRequest(list(prompt_ids), params, None, sink=lambda _: None))
+    engine.run_until_idle()
+    sync(engine.runner.device)
+    return time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- HTTP
+
+
+async def _http_round(url: str, requests: int, new_tokens: int) -> float:
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": new_tokens, "ignore_eos": True}}
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=requests + 4)) as client:
+        start = time.perf_counter()
+        responses = await asyncio.gather(
+            *(client.post(url + "/generate", json=body) for _ in range(requests))
+        )
+        elapsed = time.perf_counter() - start
+    for response in responses:
+        response.raise_for_status()
+        assert response.json()["details"]["generated_tokens"] == new_tokens
+    return elapsed
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runners", default="native,hf", help="runners to measure, in order")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians kept)")
+    parser.add_argument("--steps", type=int, default=16, help="decode steps timed per measurement")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--model", type=Path, default=None, help="model directory (default: embedded)")
+    parser.add_argument("--no-http", action="store_true", help="skip the HTTP part")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if device.type == "cpu":
+        torch.set_num_threads(min(2, torch.get_num_threads()))
+    model_dir = args.model or embedded_model_dir(Path("~/.cache/loraplex").expanduser())
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompt_ids = tokenizer(PROMPT)["input_ids"]
+    runners = [r for r in args.runners.split(",") if r]
+    weights = linear_weights(model_dir, dtype, device)
+
+    floors: dict[int, list[float]] = {b: [] for b in BATCHES}
+    steps: dict[tuple[str, str, int], list[float]] = {}
+    workload: dict[str, list[float]] = {r: [] for r in runners}
+    with tempfile.TemporaryDirectory() as tmp:
+        engines = {r: build_engine(r, model_dir, dtype, device, max_batch=max(BATCHES)) for r in runners}
+        adapter_dirs = make_adapters(engines[runners[0]], Path(tmp))
+        adapters = {
+            r: [load_adapter_dir(p, p.name, e.base_shapes) for p in adapter_dirs] for r, e in engines.items()
+        }
+        for _ in range(args.rounds):
+            for batch in BATCHES:
+                floors[batch].append(floor_seconds(weights, batch, args.steps))
+                for runner, engine in engines.items():
+                    mixed = [adapters[runner][i % NUM_ADAPTERS] for i in range(batch)]
+                    for name, rows in (("base", [None] * batch), ("lora", mixed)):
+                        steps.setdefault((runner, name, batch), []).append(
+                            decode_step_seconds(engine, prompt_ids, rows, args.steps)
+                        )
+            for runner, engine in engines.items():
+                workload[runner].append(
+                    engine_workload_seconds(engine, prompt_ids, HTTP_REQUESTS, HTTP_NEW_TOKENS)
+                )
+        del engines
+        http = {} if args.no_http else measure_http(runners, model_dir, args, Path(tmp))
+
+    med = {k: statistics.median(v) for k, v in steps.items()}
+    floor = {b: statistics.median(v) for b, v in floors.items()}
+    report = render(args, runners, floor, med, {r: statistics.median(v) for r, v in workload.items()}, http)
+    out = args.out or ROOT / f"bench/results/efficiency-{device.type}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report)
+    print(report)
+
+
+def make_adapters(engine: Engine, root: Path) -> list[Path]:
+    """Four random all-linear rank-16 adapters for the engine's base (PEFT format on disk)."""
+    return [
+        write_random_adapter(engine.base_shapes, root / f"all-linear-r16-{i}", seed=i, r=16, lora_alpha=32)
+        for i in range(NUM_ADAPTERS)
+    ]
+
+
+def measure_http(runners: list[str], model_dir: Path, args, root: Path) -> dict[str, dict[str, float]]:
+    """Per runner: start-up seconds, HTTP wall seconds (median of rounds), peak RSS in MiB."""
+    results = {}
+    for runner in runners:
+        start = time.perf_counter()
+        server = ServerProcess.start(
+            ["--runner", runner, "--mode", "unmerged", "--data-dir", str(root / f"data-{runner}"),
+             "--device", args.device, "--dtype", args.dtype, *(["--model", str(model_dir)] if args.model else [])]
+        )  # fmt: skip
+        startup = time.perf_counter() - start
+        try:
+            asyncio.run(_http_round(server.url, HTTP_REQUESTS, 4))  # warm-up
+            walls = [
+                asyncio.run(_http_round(server.url, HTTP_REQUESTS, HTTP_NEW_TOKENS))
+                for _ in range(args.rounds)
+            ]
+            peak = server.memory_kib("VmHWM") / 1024
+        finally:
+            server.stop()
+        results[runner] = {"startup": startup, "wall": statistics.median(walls), "peak_mib": peak}
+    return results
+
+
+def render(args, runners, floor, step, workload, http) -> str:
+    ms = 1000.0
+    lines = [
+        "# Engine efficiency against the floor",
+        "",
+        f"- date: {dt.date.today().isoformat()}",
+        f"- machine: {machine_description()}",
+        f"- command: `.venv/bin/python bench/efficiency.py {' '.join(sys.argv[1:])}`".rstrip(),
+        f"- model: {args.model or 'embedded SmolLM2-135M-Instruct'}, {args.dtype}, {args.device}; "
+        f"{args.rounds} interleaved rounds, median of {args.steps} steps each",
+        "- floor: one pass of `x @ W.T` over every linear layer (LM head included), real weights, same batch",
+        "- efficiency = floor / step; LoRA rows: 4 random all-linear rank-16 adapters, row i reads adapter i mod 4",
+        "",
+        "| runner | batch | floor ms | base step ms | efficiency | 4 adapters step ms | efficiency | LoRA overhead |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for runner in runners:
+        for b in BATCHES:
+            base, lora = step[(runner, "base", b)], step[(runner, "lora", b)]
+            lines.append(
+                f"| {runner} | {b} | {floor[b] * ms:.1f} | {base * ms:.1f} | {floor[b] / base:.2f} | "
+                f"{lora * ms:.1f} | {floor[b] / lora:.2f} | {100 * (lora / base - 1):+.1f}% |"
+            )
+    ideal = floor[16] * HTTP_NEW_TOKENS
+    lines += [
+        "",
+        f"## {HTTP_REQUESTS} concurrent base requests of {HTTP_NEW_TOKENS} tokens, prefill included",
+        "",
+        f"Ideal (floor at batch 16 x {HTTP_NEW_TOKENS} steps): {ideal:.2f} s.",
+        "",
+        "| runner | engine only s | efficiency | over HTTP s | efficiency | served / engine | start-up s | peak RSS MiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for runner in runners:
+        engine_s = workload[runner]
+        h = http.get(runner)
+        http_cells = (
+            f"{h['wall']:.2f} | {ideal / h['wall']:.2f} | {engine_s / h['wall']:.2f} | {h['startup']:.1f} | "
+            f"{h['peak_mib']:.0f}"
+            if h
+            else "- | - | - | - | -"
+        )
+        lines.append(f"| {runner} | {engine_s:.2f} | {ideal / engine_s:.2f} | {http_cells} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
