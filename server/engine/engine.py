@@ -419,11 +419,12 @@ class Engine:
         needs_slot = self.config.mode != "merged"
         # prompt tokens promised to admitted rows but not yet in the KV cache
         kv_tokens = sum(len(r.prefill_ids) - r.prefilled for r in self._prefilling)
+        kv_sequences = len(self._prefilling)
         while self._waiting:
             request = self._waiting.popleft()
             n = len(_recompute_ids(request))
             in_budget = chunked or not admitted or n <= budget
-            fits = free > 0 and in_budget and self.runner.can_admit(kv_tokens + n)
+            fits = free > 0 and in_budget and self.runner.can_admit(kv_tokens + n, kv_sequences + 1)
             if only_key != "any" and key_of(request) != only_key:
                 fits = False
             if not fits or (
@@ -435,6 +436,7 @@ class Engine:
             free -= 1
             budget -= n
             kv_tokens += n
+            kv_sequences += 1
         self._waiting = still_waiting
         return admitted
 
@@ -475,7 +477,7 @@ class Engine:
             take = min(remaining, budget - total) if chunked else remaining
             if take <= 0 or (chunks and not chunked and total + take > budget):
                 break
-            if not self.runner.can_admit(total + take):
+            if not self.runner.can_admit(total + take, len(chunks) + 1):
                 break  # KV memory is short: rows finishing or preemption will make room
             chunks.append((row, take))
             total += take

@@ -77,38 +77,30 @@ class LoraBatchContext:
         return mask
 
 
-class LoraLinear(nn.Module):
-    """Wraps a linear layer (``nn.Linear`` or GPT-2 ``Conv1D``) with stacked LoRA slots."""
+class LoraSlotBank:
+    """One adaptable output's stacked, rank-padded adapter slots and the kernels that apply them.
+
+    A plain linear layer owns one bank; a fused projection (q/k/v in one matrix) owns one bank per
+    part and lets each add into its own column slice of the fused output. A bank is the
+    ``LoraTarget`` of its PEFT module name.
+    """
+
+    fan_in_fan_out = False  # banks store A: [r, in] and B: [out, r] whatever the base layout
 
     def __init__(
-        self,
-        base: nn.Module,
-        in_features: int,
-        out_features: int,
-        ctx: LoraBatchContext,
-        kernel: Kernel = "segmented",
+        self, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device, kernel: Kernel
     ) -> None:
-        super().__init__()
-        self.base = base
         self.in_features = in_features
         self.out_features = out_features
-        self.fan_in_fan_out = bool(linear_shape(base)[2])  # type: ignore[index]
-        self.ctx = ctx
+        self._dtype, self._device = dtype, device
         # the kernel is bound once: no string comparison in the forward
-        self._add_delta = self._add_delta_gather_bmm if kernel == "gather_bmm" else self._add_delta_segmented
-        weight = base.weight
-        self._dtype = weight.dtype
-        self._device = weight.device
+        self.add_delta = self._add_delta_gather_bmm if kernel == "gather_bmm" else self._add_delta_segmented
         # Stacked slots; allocated lazily and grown when an adapter needs more room.
-        self.A_stack = torch.zeros(
-            0, 0, in_features, dtype=weight.dtype, device=weight.device
-        )  # [S, r_max, k]
-        self.B_stack = torch.zeros(
-            0, out_features, 0, dtype=weight.dtype, device=weight.device
-        )  # [S, d, r_max]
-        self.scale = torch.zeros(0, dtype=weight.dtype, device=weight.device)  # [S]
+        self.A_stack = torch.zeros(0, 0, in_features, dtype=dtype, device=device)  # [S, r_max, k]
+        self.B_stack = torch.zeros(0, out_features, 0, dtype=dtype, device=device)  # [S, d, r_max]
+        self.scale = torch.zeros(0, dtype=dtype, device=device)  # [S]
         self.occupied: set[int] = set()
-        # (batch slots, this layer's slots, A_act, B_act_scaled^T)
+        # (batch slots, this bank's slots, A_act^T, (scale·B)_act^T)
         self._active_cache: tuple[tuple[int, ...], tuple[int, ...], torch.Tensor, torch.Tensor] | None = None
 
     # ---------------------------------------------------------------- slot management
@@ -156,31 +148,30 @@ class LoraLinear(nn.Module):
         B = self.B_stack[slot].float()
         return float(self.scale[slot]) * (B @ A)
 
-    # ---------------------------------------------------------------- forward
+    def applies_to(self, ctx: LoraBatchContext) -> bool:
+        """True when some row of the batch reads an adapter that adapts this output."""
+        return ctx.row_slots is not None and any(s in self.occupied for s in ctx.active_slots)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)  # [B, T, d]
-        ctx = self.ctx
-        if ctx.row_slots is None or not self.occupied:
-            return y
-        if not any(s in self.occupied for s in ctx.active_slots):
-            return y  # no adapter of this batch adapts this layer
-        return self._add_delta(x, y, ctx)
+    # ---------------------------------------------------------------- kernels
 
-    def _add_delta_gather_bmm(self, x: torch.Tensor, y: torch.Tensor, ctx: LoraBatchContext) -> torch.Tensor:
-        """Semantics: ``y[i] += scale[slot[i]] * (x[i] @ A[slot[i]].T) @ B[slot[i]].T``."""
+    def _add_delta_gather_bmm(self, x: torch.Tensor, y: torch.Tensor, ctx: LoraBatchContext) -> None:
+        """Semantics: ``y[i] += scale[slot[i]] * (x[i] @ A[slot[i]].T) @ B[slot[i]].T``.
+
+        x: [B, T, k]; y: [B*T, d], possibly a column slice of a wider output.
+        """
         assert ctx.row_slots is not None
-        # base rows, and rows whose adapter skips this layer, read slot 0 with scale 0
+        # base rows, and rows whose adapter skips this output, read slot 0 with scale 0
         present = (ctx.row_slots >= 0) & (ctx.row_slots < self.A_stack.shape[0])
         slots = torch.where(present, ctx.row_slots, 0)  # [B]
         scale = torch.where(present, self.scale[slots], 0)  # [B]
         A = self.A_stack[slots]  # [B, r, k]
         B = self.B_stack[slots]  # [B, d, r]
         h = torch.bmm(x, A.transpose(1, 2))  # [B, T, r]
-        return y + torch.bmm(h, B.transpose(1, 2)) * scale[:, None, None]  # [B, T, d]
+        delta = torch.bmm(h, B.transpose(1, 2)) * scale[:, None, None]  # [B, T, d]
+        y.add_(delta.reshape(y.shape))
 
     def _active_weights(self, ctx: LoraBatchContext) -> tuple[tuple[int, ...], torch.Tensor, torch.Tensor]:
-        """This layer's slots among the batch's, with their A and scaled B concatenated along rank.
+        """This bank's slots among the batch's, with their A and scaled B concatenated along rank.
 
         Cached until the batch's slots or a slot's content change.
         """
@@ -195,16 +186,51 @@ class LoraLinear(nn.Module):
         self._active_cache = (ctx.active_slots, slots, A_t, B_t)
         return slots, A_t, B_t
 
-    def _add_delta_segmented(self, x: torch.Tensor, y: torch.Tensor, ctx: LoraBatchContext) -> torch.Tensor:
+    def _add_delta_segmented(self, x: torch.Tensor, y: torch.Tensor, ctx: LoraBatchContext) -> None:
         """Semantics: ``h = x @ A_act.T; h *= row_mask; y += h @ (scale·B)_act.T``.
 
-        In place on the base output (a fresh tensor): no temporaries beyond ``h``.
+        x: [B, T, k]; y: [B*T, d] (a view: written in place, no temporaries beyond ``h``).
         """
         slots, A_t, B_t = self._active_weights(ctx)
         batch, seq = x.shape[0], x.shape[1]
         h = torch.mm(x.reshape(batch * seq, -1), A_t)  # [B*T, L*r_max]
         h.view(batch, seq, -1).mul_(ctx.row_mask(slots, self.r_max, h.dtype)[:, None, :])
-        y.view(batch * seq, -1).addmm_(h, B_t)  # [B*T, d]
+        y.addmm_(h, B_t)  # [B*T, d]
+
+
+class LoraLinear(nn.Module):
+    """Wraps a linear layer (``nn.Linear`` or GPT-2 ``Conv1D``) with stacked LoRA slots."""
+
+    def __init__(
+        self,
+        base: nn.Module,
+        in_features: int,
+        out_features: int,
+        ctx: LoraBatchContext,
+        kernel: Kernel = "segmented",
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.in_features = in_features
+        self.out_features = out_features
+        self.fan_in_fan_out = bool(linear_shape(base)[2])  # type: ignore[index]
+        self.ctx = ctx
+        self.bank = LoraSlotBank(in_features, out_features, base.weight.dtype, base.weight.device, kernel)
+
+    def set_slot(self, slot: int, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
+        """Place one adapter's factors (A: [r, k], B: [d, r]) in ``slot``."""
+        self.bank.set_slot(slot, A, B, scale)
+
+    def clear_slot(self, slot: int) -> None:
+        self.bank.clear_slot(slot)
+
+    def delta_weight(self, slot: int) -> torch.Tensor:
+        return self.bank.delta_weight(slot)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)  # [B, T, d], a fresh tensor: the delta is added in place
+        if self.bank.applies_to(self.ctx):
+            self.bank.add_delta(x, y.view(-1, self.out_features), self.ctx)
         return y
 
 

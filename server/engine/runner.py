@@ -144,8 +144,9 @@ class ModelRunner(ABC):
     def kv_usage(self) -> KvUsage:
         return KvUsage(used_tokens=0, capacity=None)
 
-    def can_admit(self, num_tokens: int) -> bool:
-        """True when a new sequence of ``num_tokens`` prompt tokens fits in free KV memory now."""
+    def can_admit(self, num_tokens: int, num_sequences: int = 1) -> bool:
+        """True when ``num_tokens`` more prompt tokens, over ``num_sequences`` sequences, fit in free
+        KV memory now."""
         return True
 
     def can_decode(self, seq_ids: Sequence[int]) -> bool:

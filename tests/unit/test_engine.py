@@ -334,7 +334,7 @@ class BoundedRunner(HFRunner):
     def kv_usage(self) -> KvUsage:
         return KvUsage(used_tokens=sum(self.lengths.values()), capacity=self.capacity)
 
-    def can_admit(self, num_tokens: int) -> bool:
+    def can_admit(self, num_tokens: int, num_sequences: int = 1) -> bool:
         return sum(self.lengths.values()) + num_tokens <= self.capacity
 
     def can_decode(self, seq_ids) -> bool:

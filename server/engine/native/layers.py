@@ -1,0 +1,112 @@
+"""Building blocks of the native Llama-family model: RMSNorm, RoPE, fused projections with LoRA.
+
+A fused projection computes several PEFT modules' outputs with one matrix:
+
+    x ──► W_qkv x  = [ q | k | v ]            W_qkv = cat(W_q, W_k, W_v)  [q+2kv, hidden]
+    │                  ▲   ▲   ▲
+    └──► bank_q ───────┘   │   │   each part has its own stacked adapter slots (LoraSlotBank),
+    └──► bank_k ───────────┘   │   adds s·B(Ax) into its own column slice, and skips the batch
+    └──► bank_v ───────────────┘   when none of its rows' adapters adapts that part
+
+so an adapter that targets q and v only leaves k untouched, and each part is merged into its
+own rows of the fused weight (``weight_views``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from server.engine.lora_linear import Kernel, LoraBatchContext, LoraSlotBank
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: [N, hidden]; normalised in float32 and scaled in the input dtype (as Hugging Face does)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2] (float32), with Llama-3 or linear scaling when configured."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling is None:
+        return inv_freq
+    kind = scaling.get("rope_type", scaling.get("type"))
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor
+    if kind != "llama3":
+        raise ValueError(f"rope_scaling type {kind!r} is not supported by the native runner (llama3, linear)")
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_supported(scaling: dict[str, Any] | None) -> bool:
+    return scaling is None or scaling.get("rope_type", scaling.get("type")) in ("llama3", "linear", "default")
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions: [N] -> cos, sin: [N, 1, head_dim] in ``dtype``."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # [N, head_dim/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [N, heads, head_dim], rotated by position (the rotate-half convention)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class FusedLinear:
+    """``y = x @ W.T (+ b)`` for parts fused along the output, each part with its own adapter slots."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,  # [sum of part sizes, in]
+        bias: torch.Tensor | None,
+        parts: list[tuple[str, int]],  # (PEFT module name, output size) in output order
+        ctx: LoraBatchContext,
+        kernel: Kernel,
+    ) -> None:
+        self.weight = weight
+        self.bias = bias
+        self.ctx = ctx
+        in_features = weight.shape[1]
+        self.spans: list[tuple[int, int]] = []
+        self.banks: dict[str, LoraSlotBank] = {}
+        start = 0
+        for name, size in parts:
+            self.spans.append((start, start + size))
+            self.banks[name] = LoraSlotBank(in_features, size, weight.dtype, weight.device, kernel)
+            start += size
+        assert start == weight.shape[0], "parts must cover the fused output"
+        self._bank_spans = list(zip(self.banks.values(), self.spans, strict=True))
+
+    def weight_views(self) -> dict[str, torch.Tensor]:
+        """Each part's rows of the fused weight (views: merging writes through)."""
+        return {name: self.weight[s:e] for name, (s, e) in zip(self.banks, self.spans, strict=True)}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, in] -> [N, out]."""
+        y = F.linear(x, self.weight, self.bias)
+        ctx = self.ctx
+        if ctx.row_slots is not None:
+            x3 = x.view(x.shape[0], 1, x.shape[1])  # rows are tokens: [N, 1, in]
+            for bank, (s, e) in self._bank_spans:
+                if bank.applies_to(ctx):
+                    bank.add_delta(x3, y[:, s:e], ctx)
+        return y

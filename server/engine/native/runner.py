@@ -1,0 +1,207 @@
+"""NativeLlamaRunner: Llama, Mistral and Qwen2 on loraplex's own model code and paged KV memory."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from server.engine.lora_linear import Kernel, LoraBatchContext
+from server.engine.native.config import NativeConfig
+from server.engine.native.kv_cache import PagedKVCache
+from server.engine.native.model import AttentionPlan, LlamaModel, read_checkpoint
+from server.engine.runner import (
+    DecodeInput,
+    KvUsage,
+    LoraTarget,
+    ModelRunner,
+    PrefillInput,
+    PrefillOutput,
+    WeightTarget,
+)
+
+log = logging.getLogger(__name__)
+
+BLOCK_SIZE = 16
+DEFAULT_CPU_KV_BYTES = 384 << 20  # keeps the embedded model's server under ~1.6 GB RSS
+DEFAULT_GPU_KV_FRACTION = 0.9  # of the GPU memory free after the weights
+
+
+class NativeLlamaRunner(ModelRunner):
+    """Fused q/k/v and gate/up projections, paged KV memory, chunked prefill, per-token adapters."""
+
+    name = "native"
+    supports_chunked_prefill = True
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        kernel: Kernel = "segmented",
+        kv_cache_tokens: int | None = None,
+        kv_cache_bytes: int | None = None,
+        max_batch: int = 32,
+        max_seq_len: int = 4096,
+        block_size: int = BLOCK_SIZE,
+    ) -> None:
+        """KV memory: ``kv_cache_tokens`` if given, else ``kv_cache_bytes``, else a default budget
+        (384 MiB on the CPU, 90% of the free GPU memory on CUDA); never more than
+        ``max_batch`` x ``max_seq_len`` tokens, since no more can be in use at once."""
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.ctx = LoraBatchContext()
+        config = NativeConfig.from_dict(json.loads((Path(model_dir) / "config.json").read_text()))
+        self.model = LlamaModel(
+            config, read_checkpoint(Path(model_dir)), dtype, self.device, self.ctx, kernel
+        )
+        self.config = config
+        self.vocab_size = config.vocab_size
+        limits = [p for p in (config.max_positions, config.sliding_window) if p]
+        self.max_positions = min(limits) if limits else None  # Mistral: full attention within its window
+        per_token = PagedKVCache.bytes_per_token(
+            config.num_layers, config.num_kv_heads, config.head_dim, dtype
+        )
+        tokens = kv_cache_tokens or self._default_tokens(kv_cache_bytes, per_token)
+        tokens = min(tokens, max_batch * max_seq_len)
+        self.kv = PagedKVCache(
+            num_layers=config.num_layers,
+            num_kv_heads=config.num_kv_heads,
+            head_dim=config.head_dim,
+            num_blocks=max(1, tokens // block_size),
+            block_size=block_size,
+            dtype=dtype,
+            device=self.device,
+        )
+        log.info(
+            "native runner: %s, KV memory %d tokens (%.0f MiB) in blocks of %d",
+            config.model_type, self.kv.capacity_tokens, self.kv.bytes_reserved / 2**20, block_size,
+        )  # fmt: skip
+        self._targets: dict[str, LoraTarget] = {}
+        self._weights: dict[str, WeightTarget] = {}
+        for projection in self.model.projections():
+            views = projection.weight_views()
+            for name, bank in projection.banks.items():
+                self._targets[name] = bank
+                self._weights[name] = WeightTarget(views[name], f"{name}.weight")
+
+    def _default_tokens(self, budget: int | None, per_token: int) -> int:
+        if budget is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = int(free * DEFAULT_GPU_KV_FRACTION)
+            else:
+                budget = DEFAULT_CPU_KV_BYTES
+        return max(budget // per_token, BLOCK_SIZE)
+
+    # ------------------------------------------------------------------ seam: targets, memory
+
+    @property
+    def lora_targets(self) -> Mapping[str, LoraTarget]:
+        return self._targets
+
+    @property
+    def weight_targets(self) -> Mapping[str, WeightTarget]:
+        return self._weights
+
+    def slots_changed(self) -> None:
+        self.ctx.invalidate()
+
+    def kv_usage(self) -> KvUsage:
+        return KvUsage(self.kv.used_tokens, self.kv.capacity_tokens, self.kv.bytes_reserved)
+
+    def can_admit(self, num_tokens: int, num_sequences: int = 1) -> bool:
+        return self.kv.can_admit(num_tokens, num_sequences)
+
+    def can_decode(self, seq_ids: Sequence[int]) -> bool:
+        return self.kv.can_grow(list(seq_ids))
+
+    def release(self, seq_ids: Iterable[int]) -> None:
+        for seq_id in seq_ids:
+            self.kv.release(seq_id)
+
+    # ------------------------------------------------------------------ forward passes
+
+    def prefill(self, inputs: Sequence[PrefillInput]) -> PrefillOutput:
+        """Pack every input's tokens into one pass; each chunk attends to its sequence's cache."""
+        tokens: list[int] = []
+        positions: list[int] = []
+        blocks: list[int] = []
+        offsets: list[int] = []
+        token_slots: list[int] = []
+        chunks: list[tuple[int, int, torch.Tensor]] = []
+        for item in inputs:
+            known = self.kv.sequences.get(item.seq_id)
+            if (known.length if known is not None else 0) != item.start:
+                raise ValueError(f"sequence {item.seq_id}: chunk starts at {item.start}, cache holds {known}")
+            count = len(item.token_ids)
+            new_blocks, new_offsets = self.kv.extend(item.seq_id, count)
+            tokens.extend(item.token_ids)
+            positions.extend(range(item.start, item.start + count))
+            blocks.extend(new_blocks)
+            offsets.extend(new_offsets)
+            token_slots.extend([item.slot] * count)
+            table = torch.tensor(self.kv.sequences[item.seq_id].blocks, dtype=torch.long, device=self.device)
+            chunks.append((item.start, count, table))
+        plan = AttentionPlan(
+            write_blocks=torch.tensor(blocks, dtype=torch.long, device=self.device),
+            write_offsets=torch.tensor(offsets, dtype=torch.long, device=self.device),
+            decode=False,
+            chunks=chunks,
+        )
+        hidden = self._forward(tokens, positions, token_slots, plan)  # [N, H]
+        ends = torch.tensor(
+            [sum(c[1] for c in chunks[: i + 1]) - 1 for i in range(len(chunks))], device=self.device
+        )
+        output = PrefillOutput(logits=self.model.logits(hidden.index_select(0, ends)))
+        first = 0
+        for item, (_, count, _) in zip(inputs, chunks, strict=True):
+            if item.want_token_logprobs:
+                output.token_logprobs[item.seq_id] = self._token_logprobs(
+                    hidden[first : first + count], item.token_ids
+                )
+            first += count
+        return output
+
+    def decode(self, inputs: Sequence[DecodeInput]) -> torch.Tensor:
+        seq_ids = [i.seq_id for i in inputs]
+        positions = [self.kv.sequences[s].length for s in seq_ids]
+        blocks: list[int] = []
+        offsets: list[int] = []
+        for seq_id in seq_ids:
+            block, offset = self.kv.extend(seq_id, 1)
+            blocks += block
+            offsets += offset
+        device = self.device
+        plan = AttentionPlan(
+            write_blocks=torch.tensor(blocks, dtype=torch.long, device=device),
+            write_offsets=torch.tensor(offsets, dtype=torch.long, device=device),
+            decode=True,
+            block_table=self.kv.block_table(seq_ids, device),
+            lengths=torch.tensor([p + 1 for p in positions], dtype=torch.long, device=device),
+        )
+        hidden = self._forward([i.token_id for i in inputs], positions, [i.slot for i in inputs], plan)
+        return self.model.logits(hidden)
+
+    def _forward(
+        self, tokens: list[int], positions: list[int], slots: list[int], plan: AttentionPlan
+    ) -> torch.Tensor:
+        self.ctx.set_rows(slots, self.device)
+        return self.model.forward(
+            torch.tensor(tokens, dtype=torch.long, device=self.device),
+            torch.tensor(positions, dtype=torch.long, device=self.device),
+            plan,
+            self.kv,
+        )
+
+    def _token_logprobs(self, hidden: torch.Tensor, tokens: Sequence[int]) -> torch.Tensor:
+        """hidden: [count, H] -> [count - 1] log p(tokens[j] | tokens[:j]) within the chunk."""
+        if len(tokens) < 2:
+            return hidden.new_zeros(0, dtype=torch.float32)
+        logprobs = self.model.logits(hidden[:-1]).float().log_softmax(-1)  # [count-1, V]
+        targets = torch.tensor(list(tokens[1:]), device=hidden.device)[:, None]
+        return logprobs.gather(1, targets)[:, 0]

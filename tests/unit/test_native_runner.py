@@ -1,0 +1,272 @@
+"""The native runner against Hugging Face's model code, PEFT and the dense W + s·B·A reference."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+from adapters.peft_format import load_adapter_dir
+from server.engine.engine import Engine, EngineConfig
+from server.engine.lora_linear import BASE_SLOT
+from server.engine.lora_model import AdapterSlots
+from server.engine.merge import MergeManager
+from server.engine.native import NativeLlamaRunner, supports
+from server.engine.runner import DecodeInput, PrefillInput
+from tests.engine_helpers import outcome, run_many, run_one, submit
+
+SMALL = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    max_position_embeddings=512, eos_token_id=2, pad_token_id=2, bos_token_id=1,
+)  # fmt: skip
+LLAMA3_ROPE = {
+    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32, "rope_theta": 500000.0,
+}  # fmt: skip
+ARCHITECTURES = {
+    "llama": lambda v: LlamaConfig(vocab_size=v, **SMALL),
+    "llama3-rope-tied": lambda v: LlamaConfig(
+        vocab_size=v, rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True, **SMALL
+    ),
+    "mistral": lambda v: MistralConfig(vocab_size=v, sliding_window=None, **SMALL),
+    "qwen2": lambda v: Qwen2Config(vocab_size=v, **SMALL),
+}
+PROMPTS = [
+    [1, 15, 27, 300, 41, 9],
+    [1, 7],
+    [1, 99, 98, 97, 96, 95, 94, 93, 92, 91, 90, 89, 88, 87, 86, 85, 84, 83, 2],
+]
+
+
+def _saved(tmp_path_factory, name: str, vocab: int = 512):
+    torch.manual_seed(7)
+    model = AutoModelForCausalLM.from_config(ARCHITECTURES[name](vocab)).eval()
+    if name == "qwen2":  # make the q/k/v biases matter
+        for module in model.modules():
+            if getattr(module, "bias", None) is not None:
+                torch.nn.init.normal_(module.bias, std=0.5)
+    path = tmp_path_factory.mktemp(name)
+    model.save_pretrained(path)
+    return model, path
+
+
+@pytest.fixture(scope="module", params=list(ARCHITECTURES))
+def arch(request, tmp_path_factory):
+    return (request.param, *_saved(tmp_path_factory, request.param))
+
+
+def _runner(path, **kwargs) -> NativeLlamaRunner:
+    kwargs.setdefault("kv_cache_tokens", 1024)
+    return NativeLlamaRunner(path, **kwargs)
+
+
+def _hf_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]  # [T, V]
+
+
+def test_supports_by_model_type() -> None:
+    assert supports({"model_type": "llama", "hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 1,
+                     "intermediate_size": 8, "vocab_size": 8})  # fmt: skip
+    assert not supports({"model_type": "gpt2"})
+    config = ARCHITECTURES["llama"](64).to_dict() | {"rope_parameters": {"rope_type": "yarn", "factor": 2.0}}
+    assert not supports(config)  # unsupported RoPE kinds fall back to the HF runner
+
+
+def test_prefill_and_decode_logits_equal_hugging_face(arch) -> None:
+    _, model, path = arch
+    runner = _runner(path)
+    out = runner.prefill([PrefillInput(i, p, 0, BASE_SLOT) for i, p in enumerate(PROMPTS)])
+    for i, prompt in enumerate(PROMPTS):
+        torch.testing.assert_close(out.logits[i], _hf_logits(model, prompt)[-1], rtol=1e-4, atol=1e-4)
+    sequences = [list(p) for p in PROMPTS]
+    for step in range(5):  # decode a few tokens for every sequence together
+        nxt = [(7 * step + 3 * i) % 500 + 3 for i in range(len(PROMPTS))]
+        logits = runner.decode([DecodeInput(i, t, BASE_SLOT) for i, t in enumerate(nxt)])
+        for i, token in enumerate(nxt):
+            sequences[i].append(token)
+            torch.testing.assert_close(logits[i], _hf_logits(model, sequences[i])[-1], rtol=1e-4, atol=1e-4)
+
+
+def test_chunked_prefill_equals_one_shot_and_token_logprobs(arch) -> None:
+    _, model, path = arch
+    prompt = PROMPTS[2]
+    runner = _runner(path)
+    whole = runner.prefill([PrefillInput(0, prompt, 0, BASE_SLOT, want_token_logprobs=True)])
+    runner.prefill([PrefillInput(1, prompt[:5], 0, BASE_SLOT)])
+    runner.prefill([PrefillInput(1, prompt[5:12], 5, BASE_SLOT), PrefillInput(2, prompt[:3], 0, BASE_SLOT)])
+    last = runner.prefill([PrefillInput(1, prompt[12:], 12, BASE_SLOT)])
+    torch.testing.assert_close(last.logits[0], whole.logits[0], rtol=1e-4, atol=1e-4)
+    ref = _hf_logits(model, prompt).log_softmax(-1)
+    expected = ref[:-1].gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
+    torch.testing.assert_close(whole.token_logprobs[0], expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="starts at"):
+        runner.prefill([PrefillInput(1, [5], 3, BASE_SLOT)])
+
+
+ADAPTERS = {
+    "all": dict(r=4, lora_alpha=8, target_modules="all-linear"),
+    "qv": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+    "patterns": dict(
+        r=8, lora_alpha=16, target_modules=["k_proj", "o_proj", "down_proj", "up_proj"],
+        rank_pattern={"o_proj": 2}, alpha_pattern={"up_proj": 5.0},
+    ),
+    "layers": dict(r=6, lora_alpha=3, target_modules=["gate_proj", "q_proj"], layers_to_transform=[1]),
+}  # fmt: skip
+
+
+def _dense(base, adapter):
+    model = copy.deepcopy(base)
+    for name, w in adapter.layers.items():
+        linear = model.get_submodule(name)
+        linear.weight.data = (linear.weight.double() + w.scale * (w.B.double() @ w.A.double())).float()
+    return model
+
+
+@pytest.mark.parametrize("kernel", ["segmented", "gather_bmm"])
+def test_mixed_adapter_rows_equal_peft_and_the_dense_reference(arch, kernel, peft_adapter_factory) -> None:
+    name, model, path = arch
+    runner = _runner(path, kernel=kernel)
+    slots = AdapterSlots(runner.lora_targets, 8, runner.slots_changed)
+    adapters, pefts = {}, {}
+    for seed, (adapter_name, kwargs) in enumerate(ADAPTERS.items()):
+        adapter_dir, pefts[adapter_name] = peft_adapter_factory(
+            model, f"{name}-{adapter_name}", seed=seed, **kwargs
+        )
+        adapters[adapter_name] = load_adapter_dir(adapter_dir, adapter_name, runner.base_shapes)
+    rows = [None, *ADAPTERS, None, "qv"]
+    inputs = [
+        PrefillInput(i, PROMPTS[i % 3], 0, BASE_SLOT if a is None else slots.acquire(adapters[a]))
+        for i, a in enumerate(rows)
+    ]
+    logits = runner.prefill(inputs).logits
+    for i, adapter_name in enumerate(rows):
+        ids = torch.tensor([PROMPTS[i % 3]])
+        with torch.no_grad():
+            if adapter_name is None:
+                ref = model(ids).logits[0, -1]
+            else:
+                ref = pefts[adapter_name](input_ids=ids).logits[0, -1]
+                dense = _dense(model, adapters[adapter_name])(ids).logits[0, -1]
+                torch.testing.assert_close(logits[i], dense, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits[i], ref, rtol=1e-4, atol=1e-4)
+    decoded = runner.decode([DecodeInput(i.seq_id, 5, i.slot) for i in inputs])
+    for i, adapter_name in enumerate(rows):
+        ids = torch.tensor([[*PROMPTS[i % 3], 5]])
+        with torch.no_grad():
+            ref = (model if adapter_name is None else pefts[adapter_name])(input_ids=ids).logits[0, -1]
+        torch.testing.assert_close(decoded[i], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_kv_memory_accounting_at_the_boundary(tmp_path_factory) -> None:
+    _, path = _saved(tmp_path_factory, "llama")
+    runner = _runner(path, kv_cache_tokens=64)  # 4 blocks of 16
+    assert runner.kv_usage().capacity == 64 and runner.kv_usage().bytes_reserved > 0
+    assert runner.can_admit(64) and not runner.can_admit(65) and not runner.can_admit(60, num_sequences=2)
+    runner.prefill([PrefillInput(0, list(range(3, 35)), 0, BASE_SLOT)])  # 32 tokens: 2 blocks
+    runner.prefill([PrefillInput(1, list(range(3, 19)), 0, BASE_SLOT)])  # 16 tokens: 1 block
+    assert runner.kv_usage().used_tokens == 48 and runner.can_admit(16) and not runner.can_admit(17)
+    assert runner.can_decode([0]) and not runner.can_decode([0, 1])  # each needs a new block; 1 is free
+    runner.prefill([PrefillInput(2, [3, 4], 0, BASE_SLOT)])  # takes the last block
+    assert not runner.can_decode([0]) and runner.can_decode([2])
+    runner.release([0])
+    assert runner.can_decode([1, 2]) and runner.kv_usage().used_tokens == 18
+    runner.release([1, 2])
+    assert runner.kv_usage().used_tokens == 0 and runner.kv.free_blocks == 4
+
+
+def test_merging_into_fused_weights_restores_the_base_bit_for_bit(
+    tmp_path_factory, peft_adapter_factory
+) -> None:
+    model, path = _saved(tmp_path_factory, "qwen2")
+    runner = _runner(path)
+    adapters = []
+    for seed, (name, kwargs) in enumerate(ADAPTERS.items()):
+        adapter_dir, _ = peft_adapter_factory(model, f"m-{name}", seed=seed, **kwargs)
+        adapters.append(load_adapter_dir(adapter_dir, name, runner.base_shapes))
+    fused = [p.weight.clone() for p in runner.model.projections()]
+    manager = MergeManager(runner.weight_targets, path, can_merge=True)
+    assert manager.restored_from_checkpoint == len(runner.weight_targets)
+    unmerged_slots = AdapterSlots(runner.lora_targets, 4, runner.slots_changed)
+    slot = unmerged_slots.acquire(adapters[0])
+    want = runner.prefill([PrefillInput(0, PROMPTS[0], 0, slot)]).logits[0]
+    manager.merge(adapters[0])
+    got = runner.prefill([PrefillInput(1, PROMPTS[0], 0, BASE_SLOT)]).logits[0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # merged = unmerged
+    rng = random.Random(0)
+    for _ in range(200):
+        manager.merge(rng.choice([*adapters, None]))
+    manager.merge(None)
+    assert manager.digest() == manager.digest_at_load
+    for before, projection in zip(fused, runner.model.projections(), strict=True):
+        assert torch.equal(before, projection.weight)
+
+
+# ----------------------------------------------------------------------------- through the engine
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory, tokenizer):
+    torch.manual_seed(1234)
+    from tests.conftest import tiny_llama_config
+
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(len(tokenizer))).eval()
+    path = tmp_path_factory.mktemp("engine-llama")
+    model.save_pretrained(path)
+    return model, path
+
+
+def _jobs(tokenizer, adapters):
+    texts = [
+        "Hello there, how are",
+        "The quick brown fox",
+        "A",
+        "Once upon a time in a land far away there lived",
+    ]
+    names = [None, *adapters, None]
+    return [
+        (tokenizer(texts[i % 4])["input_ids"], adapters.get(n) if n else None)
+        for i, n in enumerate(names * 2)
+    ]
+
+
+def test_engine_outputs_equal_the_hf_runner_and_peft(llama, tokenizer, peft_adapter_factory) -> None:
+    model, path = llama
+    native = Engine(_runner(path, kv_cache_tokens=4096), tokenizer, EngineConfig(mode="unmerged"))
+    hf = Engine.for_hf_model(copy.deepcopy(model), tokenizer, EngineConfig(mode="unmerged"))
+    adapters, pefts = {}, {}
+    for seed, (name, kwargs) in enumerate(ADAPTERS.items()):
+        adapter_dir, pefts[name] = peft_adapter_factory(model, name, seed=seed, **kwargs)
+        adapters[name] = load_adapter_dir(adapter_dir, name, native.base_shapes)
+    jobs = _jobs(tokenizer, adapters)
+    mixed = run_many(native, jobs, max_new_tokens=10)
+    assert [o.tokens for o in mixed] == [o.tokens for o in run_many(hf, jobs, max_new_tokens=10)]
+    for (ids, adapter), got in zip(jobs, mixed, strict=True):
+        assert got.tokens == run_one(native, ids, adapter, max_new_tokens=10).tokens  # solo = mixed
+        reference = model if adapter is None else pefts[adapter.adapter_id]
+        with torch.no_grad():
+            ref = reference.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, eos_token_id=None,
+                                     pad_token_id=2)  # fmt: skip
+        assert got.tokens == ref[0, len(ids) :].tolist()
+
+
+def test_more_requests_than_the_kv_memory_holds_all_complete_correctly(llama, tokenizer) -> None:
+    _, path = llama
+    reference = Engine(_runner(path, kv_cache_tokens=4096), tokenizer, EngineConfig(mode="unmerged"))
+    jobs = _jobs(tokenizer, {})
+    solo = [run_one(reference, ids, None, max_new_tokens=24).tokens for ids, _ in jobs]
+    small = _runner(path, kv_cache_tokens=96)  # 6 blocks: the 8 requests need ~16
+    engine = Engine(small, tokenizer, EngineConfig(mode="unmerged", max_prefill_tokens=16))
+    pending = [submit(engine, ids, None, max_new_tokens=24)[1] for ids, _ in jobs]
+    peak = 0
+    for _ in range(10_000):
+        engine._drain_inbox(block=False)
+        if not engine.busy:
+            break
+        engine.step()
+        peak = max(peak, small.kv.used_tokens)
+    assert [outcome(events).tokens for events in pending] == solo
+    assert engine.stats.preemptions >= 1 and peak <= 96 and small.kv.free_blocks == 6
