@@ -25,17 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from adapters.peft_format import CONFIG_FILE, PICKLE_WEIGHT_FILES, WEIGHTS_FILE, AdapterError
+from adapters.errors import AdapterError, ArchiveError
+from adapters.peft_format import CONFIG_FILE, PICKLE_WEIGHT_FILES, WEIGHTS_FILE
 
 MAX_MEMBERS = 256  # a PEFT adapter folder holds 2-4 files; anything near this is not an adapter
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 _CHUNK = 1 << 20
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")
-
-
-class ArchiveError(AdapterError):
-    """An upload whose container (parts, archive, folder) is unusable, before the adapter is parsed."""
 
 
 @dataclass(frozen=True)

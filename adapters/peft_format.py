@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from adapters.errors import AdapterError
+
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_WEIGHT_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
@@ -41,15 +43,6 @@ SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = {
 _KEY_RE = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>A|B)(?:\.[A-Za-z0-9_-]+)?\.weight$"
 )
-
-
-class AdapterError(ValueError):
-    """An adapter that cannot be served; ``error_type`` classifies it for the HTTP layer."""
-
-    def __init__(self, message: str, error_type: str = "invalid_adapter") -> None:
-        super().__init__(message)
-        self.message = message
-        self.error_type = error_type
 
 
 @dataclass(frozen=True)

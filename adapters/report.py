@@ -1,9 +1,9 @@
 """Analyses for people: a text report (``loraplex analyze PATH``) and a self-contained HTML page.
 
-:func:`analyze_local` analyses a PEFT adapter directory on disk against a base model loaded in
-this process (no server needed); :func:`format_report` turns any analysis document into the
-summary and per-layer table the CLI prints; :func:`render_html` builds the page served at
-``GET /adapters/{id}/analysis.html`` (figures inlined as base64 PNG, so the file stands alone).
+:func:`format_report` turns any analysis document into the summary and per-layer table the CLI
+prints; :func:`render_html` builds the page served at ``GET /adapters/{id}/analysis.html``
+(figures inlined as base64 PNG, so the file stands alone). Analysing an adapter directory against
+a model loaded in this process is ``server.analyze_local`` (it loads the base model).
 """
 
 from __future__ import annotations
@@ -11,10 +11,7 @@ from __future__ import annotations
 import base64
 import html
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
-
-from adapters.analysis import BaseStatsCache, analyze, weights_digest
 
 # (header, explanation) of each per-layer column, shared by the text table and the HTML page.
 COLUMNS: tuple[tuple[str, str], ...] = (
@@ -31,47 +28,6 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("E90", "components holding 90% of the energy Σσ²"),
     ("rec.", "recommended rank, sv_fro at 0.9 (minimal)"),
 )
-
-
-# --------------------------------------------------------------------------- local analysis
-
-
-def analyze_local(path: str | Path, base: str | None = None, *, cache_dir: Path | None = None) -> dict:
-    """Analyse the PEFT adapter in directory ``path`` against ``base`` (a local HF model directory,
-    or None for the embedded SmolLM2), loaded here on the CPU in float32.
-
-    The base-weight statistics are cached in ``<cache_dir>/analysis`` (default: the server's
-    ``LORAPLEX_CACHE_DIR``), keyed like the server's, so either one reuses the other's work.
-    """
-    from torch import nn
-
-    from adapters.peft_format import BaseLinearShape, load_adapter_dir
-    from server.config import Settings
-    from server.engine.base_model import load_base
-    from server.engine.lora_linear import linear_shape
-
-    cache_dir = Path(cache_dir) if cache_dir is not None else Settings().cache_dir
-    loaded = load_base(base, "float32", "cpu", cache_dir)
-    model: nn.Module = loaded.model
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    modules = {
-        name: (module, shape)
-        for name, module in model.named_modules()
-        if (shape := linear_shape(module)) is not None and module is not head
-    }
-    shapes = {name: BaseLinearShape(out_features=o, in_features=i, fan_in_fan_out=t)
-              for name, (_, (i, o, t)) in modules.items()}  # fmt: skip
-    adapter_dir = Path(path).expanduser()
-    adapter = load_adapter_dir(adapter_dir, adapter_dir.resolve().name or "adapter", shapes)
-
-    def weight(name: str):  # [out, in]
-        module, (_, _, fan_in_fan_out) = modules[name]
-        W = module.weight.detach()
-        return W.t() if fan_in_fan_out else W
-
-    digest = weights_digest((name, module.weight) for name, (module, _) in modules.items())
-    cache = BaseStatsCache(cache_dir / "analysis", loaded.name, digest)
-    return analyze(adapter, weight, cache)
 
 
 # --------------------------------------------------------------------------- formatting
@@ -192,6 +148,6 @@ def render_html(result: dict[str, Any], figures: dict[str, bytes]) -> str:
 <h2>Columns</h2>
 <dl class="legend">{legend}</dl>
 <p>Exact SVD of ΔW = s·B·A from its factors (QR of B and Aᵀ, SVD of the r×r core); formulas in
-design.md §5. JSON: <code>GET /adapters/{esc(result["adapter_id"])}/analysis</code>.</p>
+docs/analysis.md in the loraplex repository. JSON: <code>GET /adapters/{esc(result["adapter_id"])}/analysis</code>.</p>
 </body></html>
 """

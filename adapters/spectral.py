@@ -1,6 +1,6 @@
 """Spectral diagnostics of LoRA updates: exact SVD of ΔW from its factors, base-model context.
 
-Math (design.md §5)
+Math (docs/analysis.md)
 -------------------
 
     ΔW = s · B @ A                       B: [d, r]   A: [r, k]   (d = out, k = in)

@@ -1,7 +1,7 @@
 """Spectral analysis speed: factored (QR + r x r SVD) vs dense (form ΔW, full SVD), embedded model.
 
 Workload: one random rank-16 LoRA adapter on all 210 linear layers of SmolLM2-135M-Instruct
-(float32 weights), the full per-layer analysis of design.md §5 (singular values, subspace
+(float32 weights), the full per-layer analysis of docs/analysis.md (singular values, subspace
 factors U^T W V, amplification, base alignment, ranks, ...), base-weight statistics cached.
 
 - loraplex: ``adapters.analysis.analyze`` (ΔW = Q_B (s R_B R_A^T) Q_A^T, SVD of the 16 x 16 core);
@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adapters.analysis import BaseStatsCache, analyze
 from adapters.peft_format import BaseLinearShape, LoraAdapter, load_adapter_dir
 from adapters.spectral import DeltaSVD, LowRankFactors, delta_svd, layer_diagnostics
-from adapters.synthetic import make_random_peft_adapter
 from bench.common import ROOT, machine_description
 from server.engine.base_model import embedded_model_dir
 from server.engine.lora_linear import linear_shape
+from tests.synthetic import make_random_peft_adapter
 
 RANK = 16
 RESULTS = ROOT / "bench" / "results" / "analysis-cpu.md"
@@ -154,7 +154,7 @@ def main() -> None:
         f"- machine: {machine_description()}",
         f"- command: `make bench  (.venv/bin/python bench/analysis.py --repeats {args.repeats})`",
         f"- workload: one random rank-{RANK} adapter (lora_alpha {2 * RANK}) on all {len(adapter.layers)} linear "
-        "layers of SmolLM2-135M-Instruct (float32), the full per-layer analysis of design.md §5; fastest of "
+        "layers of SmolLM2-135M-Instruct (float32), the full per-layer analysis of docs/analysis.md; fastest of "
         f"{args.repeats} runs (float64 dense: {max(1, args.repeats - 1)})",
         "- loraplex: QR of B and A^T, SVD of the r x r core (float64), never forms ΔW; dense: form ΔW = s·B·A, "
         "`torch.linalg.svd`, then the same diagnostics from that SVD",

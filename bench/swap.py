@@ -30,7 +30,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapters.peft_format import load_adapter_dir
-from adapters.synthetic import make_random_peft_adapter
 from bench.common import ROOT, machine_description, median
 from server.engine.base_model import embedded_model_dir
 from server.engine.engine import Engine, EngineConfig
@@ -38,6 +37,7 @@ from server.engine.hf_runner import HFRunner
 from server.engine.merge import MergeManager
 from server.engine.requests import GenerationRequest
 from server.engine.sampling import SamplingParams
+from tests.synthetic import make_random_peft_adapter
 
 ALL_LINEAR = dict(r=16, lora_alpha=32, target_modules="all-linear")
 LAYER0 = dict(

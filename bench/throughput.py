@@ -34,9 +34,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adapters.synthetic import make_random_peft_adapter
 from bench.common import ROOT, ServerProcess, machine_description, median, percentile
 from server.engine.base_model import embedded_model_dir
+from tests.synthetic import make_random_peft_adapter
 
 QUESTIONS = [
     "What is the capital of France?",

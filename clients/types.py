@@ -87,7 +87,7 @@ class AdapterSummary:
 
 @dataclass(frozen=True)
 class Analysis:
-    """``GET /adapters/{id}/analysis``: a summary and one entry per adapted module (design.md §5)."""
+    """``GET /adapters/{id}/analysis``: a summary and one entry per adapted module (docs/analysis.md)."""
 
     adapter_id: str
     rank: int

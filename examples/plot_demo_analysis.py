@@ -2,7 +2,7 @@
 
 Writes ``docs/images/analysis-trained.png`` and ``docs/images/analysis-random.png`` and prints the
 numbers quoted in the README (section "Looking inside an adapter") (mean effective rank, stable rank, energy rank). The random
-adapter has PEFT-initialised A and a random B (both factors random, as in ``adapters.synthetic``).
+adapter has PEFT-initialised A and a random B (both factors random, as in ``tests.synthetic``).
 
 Run (after ``examples/train_demo_adapters.py``):
     .venv/bin/python examples/plot_demo_analysis.py [--adapter examples/adapters/caps]
@@ -22,10 +22,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapters import plots
-from adapters.report import analyze_local
-from adapters.synthetic import make_random_peft_adapter
+from server.analyze_local import analyze_local
 from server.config import Settings
 from server.engine.base_model import load_base
+from tests.synthetic import make_random_peft_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,11 +20,12 @@ from adapters.store import AdapterStore
 from server import __version__
 from server.api import adapters, admin, analysis, generate, health, openai, prometheus
 from server.api.errors import install_error_handlers
+from server.api.load_control import QueueGate
 from server.api.middleware import RequestContextMiddleware
-from server.api.security import QueueGate, authorizer, warn_if_open
+from server.api.security import authorizer, warn_if_open
 from server.api.upload_limit import UploadLimitMiddleware
 from server.config import Settings
-from server.engine.base_model import LoadedBase, load_base
+from server.engine.base_model import LoadedBase, choose_runner, load_base, load_native, model_dir_of
 from server.engine.engine import Engine, EngineConfig
 from server.metrics import Metrics
 
@@ -34,6 +35,20 @@ BaseLoader = Callable[[Settings], LoadedBase]
 
 
 def default_loader(settings: Settings) -> LoadedBase:
+    """The native runner where the model's ``model_type`` allows it (``--runner``), else HF's code."""
+    path, _ = model_dir_of(settings.model, settings.cache_dir)
+    if choose_runner(settings.runner, path) == "native":
+        return load_native(
+            settings.model,
+            settings.dtype,
+            settings.device,
+            settings.cache_dir,
+            kernel=settings.kernel,
+            kv_cache_tokens=settings.kv_cache_tokens,
+            kv_cache_bytes=settings.kv_cache_bytes,
+            max_batch=settings.max_batch,
+            max_seq_len=settings.max_total_tokens,
+        )
     return load_base(settings.model, settings.dtype, settings.device, settings.cache_dir)
 
 
@@ -124,7 +139,6 @@ def create_app(settings: Settings | None = None, loader: BaseLoader = default_lo
         request_timeout=settings.request_timeout,
     )
     install_error_handlers(app)
-    adapters.install_adapter_error_handlers(app)
     app.include_router(health.router)
     app.include_router(generate.router)
     app.include_router(admin.router)

@@ -111,8 +111,9 @@ def analyze(
     ] = None,
 ) -> None:
     """Spectral analysis of a local adapter against its base model: no server needed."""
-    from adapters.peft_format import AdapterError
-    from adapters.report import analyze_local, format_report
+    from adapters.errors import AdapterError
+    from adapters.report import format_report
+    from server.analyze_local import analyze_local
 
     try:
         result = analyze_local(path, base)

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.config import Settings
-from server.engine.base_model import LoadedBase
+from server.engine.base_model import LoadedBase, load_native
 
 
 def loaded_base(
@@ -28,13 +28,40 @@ def loaded_base(
     )
 
 
+def native_loader(model_path: Path):
+    """A loader that runs the checkpoint in ``model_path`` on the native runner (float32, CPU)."""
+
+    def load(settings: Settings) -> LoadedBase:
+        return load_native(
+            str(model_path), "float32", "cpu", settings.cache_dir, kernel=settings.kernel,
+            kv_cache_tokens=settings.kv_cache_tokens, max_batch=settings.max_batch,
+            max_seq_len=settings.max_total_tokens,
+        )  # fmt: skip
+
+    return load
+
+
 def start_client(
-    model: torch.nn.Module, tokenizer, tmp_path: Path, *, model_path: Path | None = None, **settings
+    model: torch.nn.Module,
+    tokenizer,
+    tmp_path: Path,
+    *,
+    model_path: Path | None = None,
+    runner: str = "hf",
+    **settings,
 ) -> TestClient:
-    """A TestClient whose app runs its lifespan (engine thread) and is ready (/health 200)."""
+    """A TestClient whose app runs its lifespan (engine thread) and is ready (/health 200).
+
+    ``runner="native"`` serves ``model_path`` on the native runner instead of a copy of ``model``.
+    """
     settings.setdefault("data_dir", tmp_path / "data")
     settings.setdefault("cache_dir", tmp_path / "cache")
-    app = create_app(Settings(**settings), loader=lambda _: loaded_base(model, tokenizer, path=model_path))
+    if runner == "native":
+        assert model_path is not None, "the native runner loads a checkpoint directory"
+        loader = native_loader(model_path)
+    else:
+        loader = lambda _: loaded_base(model, tokenizer, path=model_path)  # noqa: E731
+    app = create_app(Settings(**settings), loader=loader)
     client = TestClient(app)
     client.__enter__()
     deadline = time.monotonic() + 60

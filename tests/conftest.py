@@ -15,8 +15,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from adapters.synthetic import make_random_peft_adapter
 from server.engine.base_model import embedded_model_dir
+from tests.synthetic import make_random_peft_adapter
 
 CACHE_DIR = Path(os.environ.get("LORAPLEX_CACHE_DIR", "~/.cache/loraplex")).expanduser()
 

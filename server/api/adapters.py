@@ -15,35 +15,20 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, FastAPI, Path, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.datastructures import FormData, UploadFile
 
-from adapters.archive import AdapterFiles, ArchiveError, read_archive, read_parts
-from adapters.store import (
-    AdapterExists,
-    AdapterRecord,
-    AdapterStore,
-    InvalidAdapterId,
-    StoreError,
-    StoreNotReady,
-    UnknownAdapter,
-    check_adapter_id,
-    derive_adapter_id,
-    sha256_hex,
-)
+from adapters.archive import AdapterFiles, read_archive, read_parts
+from adapters.errors import ArchiveError, InvalidAdapterId, StoreNotReady
+from adapters.index import AdapterRecord
+from adapters.registry import AdapterRepository
+from adapters.store import check_adapter_id, derive_adapter_id, sha256_hex
 from server.api.deps import SettingsDep, StoreDep
-from server.api.errors import ApiError, adapter_not_found, error_response
+from server.api.errors import ApiError, adapter_not_found
 
 router = APIRouter(tags=["adapters"])
 
-_STORE_STATUS: dict[type[StoreError], int] = {
-    InvalidAdapterId: 400,
-    UnknownAdapter: 404,
-    AdapterExists: 409,
-    StoreNotReady: 503,
-}
-_ARCHIVE_STATUS = {"too_large": 413, "invalid_upload": 400}
 _FORM_LIMITS = {"max_files": 8, "max_fields": 8}
 _USAGE = (
     "send multipart/form-data with either two parts in field 'files' (adapter_config.json and "
@@ -117,13 +102,13 @@ async def list_adapters(store: StoreDep) -> list[dict]:
 
 @router.get("/adapters/{adapter_id}")
 async def get_adapter(adapter_id: AdapterIdPath, store: StoreDep) -> dict:
-    return _record(store, adapter_id).summary()
+    return stored_record(store, adapter_id).summary()
 
 
 @router.delete("/adapters/{adapter_id}", status_code=204)
 async def delete_adapter(adapter_id: AdapterIdPath, store: StoreDep, request: Request) -> Response:
     """Delete now for new requests; running ones finish, and the files go when the last one ends."""
-    _record(store, adapter_id)
+    stored_record(store, adapter_id)
     record = await asyncio.to_thread(store.delete, adapter_id)
     _retire_from_memory(request, record)
     return Response(status_code=204)
@@ -136,7 +121,8 @@ def _retire_from_memory(request: Request, record: AdapterRecord) -> None:
         engine.retire(record.key)
 
 
-def _record(store: AdapterStore, adapter_id: str) -> AdapterRecord:
+def stored_record(store: AdapterRepository, adapter_id: str) -> AdapterRecord:
+    """The current record of ``adapter_id``: 400 for an invalid id, 404 for an unknown one."""
     check_adapter_id(adapter_id)
     record = store.record(adapter_id)
     if record is None:
@@ -186,15 +172,3 @@ def _read_upload(form: FormData, max_bytes: int) -> AdapterFiles:
         archive = archives[0]
         return read_archive(archive.file, archive.filename, max_bytes)  # type: ignore[union-attr]
     return read_parts([(p.filename, p.file) for p in files], max_bytes)  # type: ignore[union-attr]
-
-
-def install_adapter_error_handlers(app: FastAPI) -> None:
-    """Store refusals -> 400/404/409/503; archive refusals -> 400/413/422 (AdapterError's 422 otherwise)."""
-
-    @app.exception_handler(StoreError)
-    async def _store_error(_: Request, exc: StoreError) -> JSONResponse:
-        return error_response(_STORE_STATUS.get(type(exc), 400), exc.message, exc.error_type)
-
-    @app.exception_handler(ArchiveError)
-    async def _archive_error(_: Request, exc: ArchiveError) -> JSONResponse:
-        return error_response(_ARCHIVE_STATUS.get(exc.error_type, 422), exc.message, exc.error_type)

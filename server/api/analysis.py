@@ -1,7 +1,7 @@
 """Adapter analysis routes: spectral diagnostics, plots, comparison, shrinking, download.
 
     GET  /adapters/compare?a=ID&b=ID[&layers=REGEX]   subspace similarity φ per shared module
-    GET  /adapters/{id}/analysis[?layers=REGEX]        design.md §5 diagnostics, JSON
+    GET  /adapters/{id}/analysis[?layers=REGEX]        docs/analysis.md diagnostics, JSON
     GET  /adapters/{id}/analysis.png                   spectra, σ1/σmax(W) heatmap, effective rank
     GET  /adapters/{id}/analysis.html                  the figures and the per-layer table, one page
     POST /adapters/{id}/shrink                         {"method", "value", "new_id"} -> 201, new adapter
@@ -42,8 +42,10 @@ from adapters.analysis import (
     filter_analysis,
     shrink_adapter,
 )
-from adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, AdapterError, LoraAdapter
-from adapters.store import AdapterRecord, AdapterStore, check_adapter_id, sha256_hex
+from adapters.index import AdapterRecord
+from adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter
+from adapters.registry import AdapterRepository
+from server.api.adapters import stored_record
 from server.api.deps import EngineDep, StoreDep
 from server.api.errors import ApiError, adapter_not_found
 
@@ -115,16 +117,8 @@ ServiceDep = Annotated[AnalysisService, Depends(get_service)]
 # --------------------------------------------------------------------------- helpers
 
 
-def _record(store: AdapterStore, adapter_id: str) -> AdapterRecord:
-    check_adapter_id(adapter_id)
-    record = store.record(adapter_id)
-    if record is None:
-        raise adapter_not_found(adapter_id)
-    return record
-
-
-async def _adapter(store: AdapterStore, adapter_id: str) -> LoraAdapter:
-    _record(store, adapter_id)
+async def _adapter(store: AdapterRepository, adapter_id: str) -> LoraAdapter:
+    stored_record(store, adapter_id)
     adapter = await store.aget(adapter_id)
     if adapter is None:  # deleted meanwhile
         raise adapter_not_found(adapter_id)
@@ -139,7 +133,7 @@ def _check_layers(layers: str | None) -> None:
 
 
 async def _analysis(
-    service: AnalysisService, store: AdapterStore, adapter_id: str, layers: str | None
+    service: AnalysisService, store: AdapterRepository, adapter_id: str, layers: str | None
 ) -> dict:
     _check_layers(layers)
 
@@ -177,7 +171,7 @@ async def compare_adapters(
 async def adapter_analysis(
     adapter_id: AdapterIdPath, store: StoreDep, service: ServiceDep, layers: LayersQuery = None
 ) -> dict:
-    """Spectral diagnostics per adapted layer (design.md §5) and their summary."""
+    """Spectral diagnostics per adapted layer (docs/analysis.md) and their summary."""
     return await _analysis(service, store, adapter_id, layers)
 
 
@@ -235,7 +229,7 @@ async def shrink(
 async def download(adapter_id: AdapterIdPath, store: StoreDep) -> Response:
     """The stored adapter as a zip holding ``<id>/adapter_config.json`` and ``<id>/adapter_model.safetensors``
     (upload it back with ``POST /adapters``, field 'archive')."""
-    _record(store, adapter_id)
+    stored_record(store, adapter_id)
     record, body = await asyncio.to_thread(_zip_current, store, adapter_id)
     headers = {
         "Content-Disposition": f'attachment; filename="{record.adapter_id}.zip"',
@@ -244,26 +238,16 @@ async def download(adapter_id: AdapterIdPath, store: StoreDep) -> Response:
     return Response(body, media_type="application/zip", headers=headers)
 
 
-def _zip_current(store: AdapterStore, adapter_id: str) -> tuple[AdapterRecord, bytes]:
-    """Zip the current version's two files; retried when a replace removes them mid-read."""
-    for _ in range(3):
-        record = store.record(adapter_id)
-        if record is None:
-            break
-        folder = store.folder_of(record)
-        try:
-            config, weights = (folder / CONFIG_FILE).read_bytes(), (folder / WEIGHTS_FILE).read_bytes()
-        except FileNotFoundError:
-            continue
-        if sha256_hex(weights) != record.sha256:
-            raise AdapterError(
-                f"the stored files of adapter {adapter_id!r} are corrupt (sha256 mismatch); "
-                "upload it again with ?replace=true.",
-                "store_corrupt",
-            )
-        buffer = io.BytesIO()
-        with zipfile.ZipFile(buffer, "w") as zf:
-            zf.writestr(f"{adapter_id}/{CONFIG_FILE}", config, zipfile.ZIP_DEFLATED)
-            zf.writestr(f"{adapter_id}/{WEIGHTS_FILE}", weights, zipfile.ZIP_STORED)  # floats barely compress
-        return record, buffer.getvalue()
-    raise adapter_not_found(adapter_id)
+def _zip_current(store: AdapterRepository, adapter_id: str) -> tuple[AdapterRecord, bytes]:
+    """Zip the current version's two files (read and checked by the store)."""
+    found = store.read_files(adapter_id)
+    if found is None:
+        raise adapter_not_found(adapter_id)
+    record, files = found
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        zf.writestr(f"{adapter_id}/{CONFIG_FILE}", files.config, zipfile.ZIP_DEFLATED)
+        zf.writestr(
+            f"{adapter_id}/{WEIGHTS_FILE}", files.weights, zipfile.ZIP_STORED
+        )  # floats barely compress
+    return record, buffer.getvalue()

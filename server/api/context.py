@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from server.api.security import QueueGate
+    from server.api.load_control import QueueGate
     from server.metrics import Metrics
 
 BASE_LABEL = "__base__"  # the adapter label of requests for the bare base model (PEFT's reserved name)

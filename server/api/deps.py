@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
-from adapters.store import AdapterStore
+from adapters.registry import AdapterRepository
 from server.api.errors import ApiError
 from server.config import Settings
 from server.engine.base_model import LoadedBase
@@ -22,11 +22,11 @@ def get_engine(request: Request) -> Engine:
     return engine
 
 
-def get_store(request: Request) -> AdapterStore:
+def get_store(request: Request) -> AdapterRepository:
     return request.app.state.store
 
 
-async def get_registry(request: Request) -> AdapterStore:
+async def get_registry(request: Request) -> AdapterRepository:
     """The adapter store, with the adapter the JSON body names already in host memory.
 
     ``build_request`` resolves ids synchronously; reading a cold adapter from disk there would
@@ -48,11 +48,10 @@ async def get_registry(request: Request) -> AdapterStore:
     return store
 
 
-async def _timed_aget(request: Request, store: AdapterStore, name: str) -> Any:
+async def _timed_aget(request: Request, store: AdapterRepository, name: str) -> Any:
     """``store.aget``, timing reads from disk into ``loraplex_adapter_load_seconds`` (cache hits are not loads)."""
     metrics = getattr(request.app.state, "metrics", None)
-    record = store.record(name)
-    cold = record is not None and record.key not in store.cache
+    cold = name in store and not store.is_cached(name)
     started = time.perf_counter()
     adapter = await store.aget(name)
     if cold and adapter is not None and metrics is not None:
@@ -85,7 +84,7 @@ def get_app_settings(request: Request) -> Settings:
 
 
 EngineDep = Annotated[Engine, Depends(get_engine)]
-RegistryDep = Annotated[AdapterStore, Depends(get_registry)]
-StoreDep = Annotated[AdapterStore, Depends(get_store)]
+RegistryDep = Annotated[AdapterRepository, Depends(get_registry)]
+StoreDep = Annotated[AdapterRepository, Depends(get_store)]
 BaseDep = Annotated[LoadedBase, Depends(get_base)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]

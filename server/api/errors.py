@@ -1,4 +1,26 @@
-"""One error shape for the whole API: ``{"error": message, "error_type": kind}``."""
+"""One error table for the whole API: each kind of error has one status and one ``error_type``.
+
+Every router raises (or lets through) the exceptions below; :func:`as_api_error` turns any of
+them into an :class:`ApiError`, and the handlers render it: ``{"error": message, "error_type":
+kind}`` on loraplex's routes, OpenAI's ``{"error": {"message", "type", "param", "code"}}`` on
+the OpenAI routes (``server.api.openai``), with the same status either way.
+
+    exception (most specific first)      status   error_type
+    ApiError                             its own  its own
+    InvalidAdapterId                     400      invalid_adapter_id
+    UnknownAdapter                       404      adapter_not_found
+    AdapterExists                        409      adapter_exists
+    StoreNotReady                        503      not_ready
+    StoreError (any other)               400      its own
+    ArchiveError too_large               413      too_large
+    ArchiveError invalid_upload          400      invalid_upload
+    AdapterError (ArchiveError too)      422      its own (invalid_adapter, invalid_config, ...)
+    RequestRejected                      422      validation
+    RequestValidationError               422      validation
+    HTTPException                        its own  http
+
+This module imports no model code (no torch): a test checks it.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +31,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapters.peft_format import AdapterError
-from server.engine.engine import RequestRejected
+from adapters.errors import (
+    AdapterError,
+    AdapterExists,
+    ArchiveError,
+    InvalidAdapterId,
+    StoreError,
+    StoreNotReady,
+    UnknownAdapter,
+)
+from server.engine.errors import RequestRejected
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +54,43 @@ class ApiError(Exception):
         self.message = message
         self.error_type = error_type
         self.headers = headers
+
+
+STORE_STATUS: dict[type[StoreError], int] = {
+    InvalidAdapterId: 400,
+    UnknownAdapter: 404,
+    AdapterExists: 409,
+    StoreNotReady: 503,
+}
+ARCHIVE_STATUS = {"too_large": 413, "invalid_upload": 400}
+HANDLED: tuple[type[Exception], ...] = (
+    ApiError,
+    StoreError,
+    AdapterError,
+    RequestRejected,
+    RequestValidationError,
+    StarletteHTTPException,
+)
+
+
+def as_api_error(exc: Exception) -> ApiError:
+    """The table above, applied to one of the ``HANDLED`` exceptions."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, StoreError):
+        status = next((s for kind, s in STORE_STATUS.items() if isinstance(exc, kind)), 400)
+        return ApiError(status, exc.message, exc.error_type)
+    if isinstance(exc, ArchiveError):
+        return ApiError(ARCHIVE_STATUS.get(exc.error_type, 422), exc.message, exc.error_type)
+    if isinstance(exc, AdapterError):
+        return ApiError(422, exc.message, exc.error_type)
+    if isinstance(exc, RequestRejected):
+        return ApiError(422, str(exc), "validation")
+    if isinstance(exc, RequestValidationError):
+        return ApiError(422, format_validation(exc), "validation")
+    if isinstance(exc, StarletteHTTPException):
+        return ApiError(exc.status_code, str(exc.detail), "http", getattr(exc, "headers", None))
+    raise TypeError(f"{type(exc).__name__} is not in the error table")
 
 
 def adapter_not_found(adapter_id: str) -> ApiError:
@@ -41,31 +108,21 @@ def error_response(status_code: int, message: str, error_type: str, headers: dic
     )
 
 
-def _format_validation(exc: RequestValidationError) -> str:
+def format_validation(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors():
         location = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        parts.append(f"{location}: {err.get('msg')}" if location else str(err.get("msg")))
+        msg = str(err.get("msg", "")).removeprefix("Value error, ")
+        parts.append(f"{location}: {msg}" if location else msg)
     return "invalid request: " + "; ".join(parts)
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status_code, exc.message, exc.error_type, exc.headers)
+    """Render every exception of the table as ``{"error", "error_type"}`` with its status."""
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, _format_validation(exc), "validation")
+    async def handle(_: Request, exc: Exception) -> JSONResponse:
+        error = as_api_error(exc)
+        return error_response(error.status_code, error.message, error.error_type, error.headers)
 
-    @app.exception_handler(RequestRejected)
-    async def _rejected(_: Request, exc: RequestRejected) -> JSONResponse:
-        return error_response(422, str(exc), "validation")
-
-    @app.exception_handler(AdapterError)
-    async def _adapter(_: Request, exc: AdapterError) -> JSONResponse:
-        return error_response(422, exc.message, exc.error_type)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), "http", getattr(exc, "headers", None))
+    for kind in HANDLED:
+        app.add_exception_handler(kind, handle)

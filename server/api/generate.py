@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -11,6 +10,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from server.api.deps import EngineDep, RegistryDep
 from server.api.generation import build_request, run_to_completion, stream_events, timing_headers, tokenize
 from server.api.schemas import Details, GenerateRequest, GenerateResponse, StreamResponse, Token
+from server.api.sse import sse, sse_response
 from server.engine.requests import ErrorEvent, FinishEvent, GenerationRequest, TokenEvent
 
 router = APIRouter(tags=["generate"])
@@ -56,24 +56,19 @@ async def generate_stream(
         async for event in stream_events(engine, request):
             if isinstance(event, TokenEvent):
                 if pending is not None:
-                    yield _sse(StreamResponse(token=_token(pending)).model_dump())
+                    yield sse(StreamResponse(token=_token(pending)).model_dump())
                 pending = event
             elif isinstance(event, FinishEvent):
                 last = pending or TokenEvent(id=-1, text="", logprob=0.0, special=True)
                 final = StreamResponse(
                     token=_token(last), generated_text=event.generated_text, details=_details(request, event)
                 )
-                yield _sse(final.model_dump(exclude_none=False))
+                yield sse(final.model_dump(exclude_none=False))
             elif isinstance(event, ErrorEvent):
-                yield _sse({"error": event.message, "error_type": event.error_type})
+                yield sse({"error": event.message, "error_type": event.error_type})
 
-    headers = {"x-adapter-id": request.adapter_id or "", "Cache-Control": "no-cache"}
-    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+    return sse_response(events(), request)
 
 
 def _token(event: TokenEvent) -> Token:
     return Token(id=event.id, text=event.text, logprob=event.logprob, special=event.special)
-
-
-def _sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload)}\n\n"

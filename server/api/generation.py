@@ -17,7 +17,7 @@ from fastapi import Request
 from adapters.registry import AdapterLookup
 from server.api.context import RequestContext, current
 from server.api.errors import ApiError, adapter_not_found
-from server.api.security import admit_generation
+from server.api.load_control import admit_generation
 from server.engine.engine import Engine
 from server.engine.requests import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent
 from server.engine.sampling import SamplingParams

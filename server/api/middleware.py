@@ -20,7 +20,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.context import RequestContext, activate, deactivate
-from server.api.security import QueueGate
+from server.api.load_control import QueueGate
 from server.metrics import Metrics
 
 GENERATION_ROUTES = frozenset({"/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions"})

@@ -12,7 +12,6 @@ OpenAI does; streams hold back text that may begin one, see ``stop_holdback``), 
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -21,14 +20,12 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapters.peft_format import AdapterError
-from adapters.store import AdapterStore, StoreError, StoreNotReady
+from adapters.registry import AdapterRepository
 from server.api.deps import BaseDep, EngineDep, RegistryDep, StoreDep
-from server.api.errors import ApiError
+from server.api.errors import HANDLED, ApiError, as_api_error
 from server.api.generation import (
     ERROR_STATUS,
     build_request,
@@ -42,9 +39,10 @@ from server.api.openai_schemas import (
     ChatCompletionRequest,
     CompletionRequest,
 )
+from server.api.sse import sse, sse_response
 from server.api.stop_holdback import StopHoldback
 from server.engine.base_model import LoadedBase
-from server.engine.engine import Engine, RequestRejected
+from server.engine.engine import Engine
 from server.engine.requests import ErrorEvent, FinishEvent, GenerationRequest, TokenEvent
 
 _STARTED = int(time.time())
@@ -88,22 +86,11 @@ class OpenAIRoute(APIRoute):
         async def route(request: Request) -> Response:
             try:
                 return await handler(request)
-            except ApiError as exc:
-                return openai_error(exc.status_code, exc.message, exc.error_type, headers=exc.headers)
             except RequestValidationError as exc:
-                return _validation_error(exc)
-            except RequestRejected as exc:
-                return openai_error(422, str(exc), "validation")
-            except AdapterError as exc:
-                return openai_error(422, exc.message, exc.error_type)
-            except StoreError as exc:
-                return openai_error(
-                    503 if isinstance(exc, StoreNotReady) else 400, exc.message, exc.error_type
-                )
-            except StarletteHTTPException as exc:
-                return openai_error(
-                    exc.status_code, str(exc.detail), "http", headers=getattr(exc, "headers", None)
-                )
+                return _validation_error(exc)  # names the offending field in ``param``
+            except HANDLED as exc:  # the API's one error table, in OpenAI's body
+                error = as_api_error(exc)
+                return openai_error(error.status_code, error.message, error.error_type, headers=error.headers)
 
         return route
 
@@ -135,7 +122,7 @@ def _epoch(iso: str) -> int:
         return _STARTED
 
 
-def resolve_model(model: str, base: LoadedBase, registry: AdapterStore) -> str | None:
+def resolve_model(model: str, base: LoadedBase, registry: AdapterRepository) -> str | None:
     """The adapter id ``model`` names (None: the base model); 404 in OpenAI's terms otherwise."""
     if model == base.name:
         return None
@@ -163,7 +150,7 @@ async def completions(
     request = build_request(engine, registry, prompt_ids, body.sampling(max_tokens), adapter_id)
     reply = _Reply(body.model, chat=False)
     if body.stream:
-        return _sse_response(reply.stream(engine, request, body.stops, body.include_usage), request)
+        return sse_response(reply.stream(engine, request, body.stops, body.include_usage), request)
     finish, _ = await run_to_completion(engine, request, http_request)
     return JSONResponse(reply.whole(finish), headers=timing_headers(request))
 
@@ -182,7 +169,7 @@ async def chat_completions(
     request = build_request(engine, registry, prompt_ids, body.sampling(max_tokens), adapter_id)
     reply = _Reply(body.model, chat=True)
     if body.stream:
-        return _sse_response(reply.stream(engine, request, body.stops, body.include_usage), request)
+        return sse_response(reply.stream(engine, request, body.stops, body.include_usage), request)
     finish, _ = await run_to_completion(engine, request, http_request)
     return JSONResponse(reply.whole(finish), headers=timing_headers(request))
 
@@ -275,27 +262,18 @@ class _Reply:
         usage chunk if asked for, ``[DONE]``. An error ends the stream as ``{"error": {...}}``."""
         holdback = StopHoldback(stops)
         if self.chat:
-            yield _sse(self.chunk("", first=True))
+            yield sse(self.chunk("", first=True))
         async for event in stream_events(engine, request):
             if isinstance(event, TokenEvent):
                 piece = holdback.push(event.text)
                 if piece:
-                    yield _sse(self.chunk(piece))
+                    yield sse(self.chunk(piece))
             elif isinstance(event, FinishEvent):
-                yield _sse(self.chunk(holdback.finish(openai_text(event)), openai_finish_reason(event)))
+                yield sse(self.chunk(holdback.finish(openai_text(event)), openai_finish_reason(event)))
                 if include_usage:
-                    yield _sse(self._envelope(self.chunk_object, [], usage=usage(event)))
+                    yield sse(self._envelope(self.chunk_object, [], usage=usage(event)))
             elif isinstance(event, ErrorEvent):
-                yield _sse(
+                yield sse(
                     error_body(ERROR_STATUS.get(event.error_type, 500), event.message, event.error_type)
                 )
         yield "data: [DONE]\n\n"
-
-
-def _sse_response(events: AsyncIterator[str], request: GenerationRequest) -> StreamingResponse:
-    headers = {"x-adapter-id": request.adapter_id or "", "Cache-Control": "no-cache"}
-    return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-
-
-def _sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload)}\n\n"

@@ -188,3 +188,38 @@ def load_base(model: str | None, dtype: str, device: str, cache_dir: Path) -> Lo
     return LoadedBase(
         hf_model, tokenizer, name, path, resolved_dtype, resolved_device, eos_ids=eos_ids_of(path)
     )
+
+
+def load_native(
+    model: str | None,
+    dtype: str,
+    device: str,
+    cache_dir: Path,
+    **runner_options: Any,
+) -> LoadedBase:
+    """Load the base on the native runner (Llama family); ``runner_options`` go to its constructor."""
+    from server.engine.native import NativeLlamaRunner
+
+    resolved_device = resolve_device(device)
+    resolved_dtype = resolve_dtype(dtype, resolved_device)
+    path, name = model_dir_of(model, cache_dir)
+    runner = NativeLlamaRunner(path, dtype=resolved_dtype, device=resolved_device, **runner_options)
+    return LoadedBase(
+        None, load_tokenizer(path), name, path, resolved_dtype, resolved_device, runner, eos_ids_of(path)
+    )
+
+
+def build_engine_for_dir(model_dir: Path, runner: str, dtype: torch.dtype, device: torch.device, config: Any):
+    """An engine on ``model_dir`` with the named runner (benchmarks and scripts: no server)."""
+    from server.engine.engine import Engine
+
+    if runner == "native":
+        from server.engine.native import NativeLlamaRunner
+
+        native = NativeLlamaRunner(
+            model_dir, dtype=dtype, device=device, kernel=config.kernel, max_batch=config.max_batch,
+            max_seq_len=config.max_total_tokens,
+        )  # fmt: skip
+        return Engine(native, load_tokenizer(model_dir), config, eos_ids_of(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    return Engine.for_hf_model(model, load_tokenizer(model_dir), config)

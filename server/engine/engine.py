@@ -40,6 +40,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapters.peft_format import BaseLinearShape
 from server.engine.detokenize import IncrementalDetokenizer, find_stop
+from server.engine.errors import RequestRejected
 from server.engine.lora_linear import BASE_SLOT, Kernel
 from server.engine.lora_model import AdapterSlots
 from server.engine.merge import MergeManager
@@ -87,10 +88,6 @@ class _Control:
 
 
 RETRY = object()
-
-
-class RequestRejected(ValueError):
-    """A request the engine will not run (too long, bad parameters); the HTTP layer makes it a 422."""
 
 
 class Engine:

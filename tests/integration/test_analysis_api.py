@@ -348,7 +348,7 @@ def test_shrink_is_the_truncated_svd_and_serves_it(server, tiny_base, tokenizer)
 
 
 def _expected_rank(method: str, value: float, S: np.ndarray, base_norm: float) -> int:
-    """The minimal kept rank per method, written out from design.md §5 (brute force over k)."""
+    """The minimal kept rank per method, written out from docs/analysis.md (brute force over k)."""
     ok = {
         "rank": lambda k: k >= value,
         "sv_ratio": lambda k: k == len(S) or S[k] < S[0] / value,

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import json
-import sys
-import types
 
 import pytest
 from typer.testing import CliRunner
 
-import adapters
 from server.cli import app
 from tests.conftest import make_peft_adapter
 from tests.live_server import free_port, start_live_server
@@ -94,15 +89,20 @@ def test_errors_are_messages_not_tracebacks(run, tmp_path) -> None:
     assert run("generate", "Hi", "--url", "http://127.0.0.1:1", "--max-new-tokens", "0").exit_code == 2
 
 
-def test_analyze_calls_adapters_report_and_reports_bad_paths(monkeypatch, adapter_dir, tmp_path) -> None:
+def test_analyze_calls_analyze_local_and_reports_bad_paths(monkeypatch, adapter_dir, tmp_path) -> None:
+    import adapters.report
+    import server.analyze_local
+
     runner = CliRunner()
-    fake = types.ModuleType("adapters.report")
-    fake.__spec__ = importlib.machinery.ModuleSpec("adapters.report", None)
     calls = []
-    fake.analyze_local = lambda path, base: calls.append((path, base)) or {"summary": {"layers": 4}}
-    fake.format_report = lambda result: f"layers: {result['summary']['layers']}"
-    monkeypatch.setitem(sys.modules, "adapters.report", fake)
-    monkeypatch.setattr(adapters, "report", fake, raising=False)
+    monkeypatch.setattr(
+        server.analyze_local,
+        "analyze_local",
+        lambda path, base: calls.append((path, base)) or {"summary": {"layers": 4}},
+    )
+    monkeypatch.setattr(
+        adapters.report, "format_report", lambda result: f"layers: {result['summary']['layers']}"
+    )
     done = runner.invoke(app, ["analyze", str(adapter_dir), "--base", "/models/x"])
     assert done.exit_code == 0 and done.stdout.strip() == "layers: 4"
     assert calls == [(adapter_dir, "/models/x")]
@@ -110,6 +110,6 @@ def test_analyze_calls_adapters_report_and_reports_bad_paths(monkeypatch, adapte
     def refuse(path, base):
         raise FileNotFoundError(f"{path} has no adapter_config.json")
 
-    fake.analyze_local = refuse
+    monkeypatch.setattr(server.analyze_local, "analyze_local", refuse)
     bad = runner.invoke(app, ["analyze", str(tmp_path)])
     assert bad.exit_code == 2 and "no adapter_config.json" in bad.stderr and "Traceback" not in bad.stderr

@@ -35,9 +35,9 @@ def chat(tokenizer, question: str) -> str:
     )
 
 
-@pytest.fixture(scope="module")
-def served(embedded_model, tokenizer, tmp_path_factory):
-    """A running app with four PEFT-made adapters on the embedded model, plus the PEFT models."""
+@pytest.fixture(scope="module", params=["native", "hf"])
+def served(embedded_model, tokenizer, embedded_dir, tmp_path_factory, request):
+    """A running app with four PEFT-made adapters on the embedded model (on each runner), plus the PEFT models."""
     from tests.conftest import make_peft_adapter
 
     root = tmp_path_factory.mktemp("embedded")
@@ -45,7 +45,10 @@ def served(embedded_model, tokenizer, tmp_path_factory):
     for seed, (name, kwargs) in enumerate(ADAPTERS.items()):
         peft_models[name] = make_peft_adapter(embedded_model, root / name, seed=seed, b_scale=0.02, **kwargs)
         specs.append(f"{name}={root / name}")
-    client = start_client(embedded_model, tokenizer, root, adapter=specs)
+    client = start_client(
+        embedded_model, tokenizer, root, adapter=specs, model_path=embedded_dir, runner=request.param
+    )
+    assert client.get("/info").json()["runner"] == request.param
     yield client, peft_models
     client.__exit__(None, None, None)
 

@@ -22,13 +22,19 @@ def adapter_specs(embedded_model, tmp_path_factory):
     return root, specs
 
 
-def _serve(embedded_model, tokenizer, embedded_dir, adapter_specs, mode: str):
+@pytest.fixture(scope="module", params=["native", "hf"])
+def runner(request) -> str:
+    return request.param
+
+
+def _serve(embedded_model, tokenizer, embedded_dir, adapter_specs, mode: str, runner: str):
     root, specs = adapter_specs
     return start_client(
         embedded_model,
         tokenizer,
-        root / mode,
+        root / f"{mode}-{runner}",
         model_path=embedded_dir,
+        runner=runner,
         adapter=specs,
         mode=mode,
         switch_wait=0.2,
@@ -43,8 +49,8 @@ def _tokens(client, prompt: str, adapter: str | None) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def unmerged_outputs(embedded_model, tokenizer, embedded_dir, adapter_specs):
-    client = _serve(embedded_model, tokenizer, embedded_dir, adapter_specs, "unmerged")
+def unmerged_outputs(embedded_model, tokenizer, embedded_dir, adapter_specs, runner):
+    client = _serve(embedded_model, tokenizer, embedded_dir, adapter_specs, "unmerged", runner)
     jobs = [(chat(tokenizer, QUESTIONS[i % 4]), [None, *ADAPTERS][i % 5]) for i in range(10)]
     outputs = [_tokens(client, prompt, adapter) for prompt, adapter in jobs]
     client.__exit__(None, None, None)
@@ -53,10 +59,10 @@ def unmerged_outputs(embedded_model, tokenizer, embedded_dir, adapter_specs):
 
 @pytest.mark.parametrize("mode", ["merged", "auto"])
 def test_mode_equals_unmerged_solo_and_concurrent(
-    embedded_model, tokenizer, embedded_dir, adapter_specs, unmerged_outputs, mode
+    embedded_model, tokenizer, embedded_dir, adapter_specs, unmerged_outputs, mode, runner
 ) -> None:
     jobs, expected = unmerged_outputs
-    client = _serve(embedded_model, tokenizer, embedded_dir, adapter_specs, mode)
+    client = _serve(embedded_model, tokenizer, embedded_dir, adapter_specs, mode, runner)
     try:
         solo = [_tokens(client, prompt, adapter) for prompt, adapter in jobs]
         assert solo == expected

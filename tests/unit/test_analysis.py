@@ -26,8 +26,9 @@ from adapters.analysis import (
     weights_digest,
 )
 from adapters.peft_format import LoraConfigSpec
-from adapters.report import analyze_local, format_report, render_html
+from adapters.report import format_report, render_html
 from adapters.store import parse_adapter_files
+from server.analyze_local import analyze_local
 from tests.adapter_files import adapter_config, adapter_tensors, linear_shapes
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -190,7 +191,7 @@ def tiny_dir(tiny_base, tokenizer, tmp_path_factory) -> Path:
 
 
 def test_analyze_local_and_text_report(tiny_base, tiny_dir: Path, tmp_path: Path) -> None:
-    from adapters.synthetic import make_random_peft_adapter
+    from tests.synthetic import make_random_peft_adapter
 
     adapter_dir = tmp_path / "my-adapter"
     make_random_peft_adapter(

@@ -61,3 +61,31 @@ def test_no_keys_is_open_and_empty_keys_are_unset() -> None:
     s = Settings(api_key="", admin_key="  ")
     assert s.api_key is None and s.admin_key is None
     assert _status(s, "admin", None) == 200 and _status(s, "read", None) == 200
+
+
+def test_api_modules_that_run_no_model_do_not_import_torch() -> None:
+    """Auth, load control and the error table stay light: importing them loads no model code."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, server.api.security, server.api.load_control, server.api.errors; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_adapters_never_import_the_server() -> None:
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "adapters"
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            assert not any(n == "server" or n.startswith("server.") for n in names), (
+                f"{path.name} imports {names}"
+            )

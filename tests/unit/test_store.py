@@ -14,18 +14,10 @@ import pytest
 import torch
 
 from adapters.archive import AdapterFiles
+from adapters.errors import AdapterError, AdapterExists, InvalidAdapterId, StoreNotReady, UnknownAdapter
 from adapters.host_cache import HostCache, adapter_nbytes
-from adapters.peft_format import AdapterError, LoraAdapter, LoraConfigSpec, LoraLayerWeights
-from adapters.store import (
-    AdapterExists,
-    AdapterStore,
-    DataDirLocked,
-    InvalidAdapterId,
-    StoreNotReady,
-    UnknownAdapter,
-    check_adapter_id,
-    derive_adapter_id,
-)
+from adapters.peft_format import LoraAdapter, LoraConfigSpec, LoraLayerWeights
+from adapters.store import AdapterStore, DataDirLocked, check_adapter_id, derive_adapter_id
 from tests.adapter_files import linear_shapes, make_adapter
 
 SUMMARY_FIELDS = [
@@ -64,7 +56,7 @@ def open_store(tmp_path, shapes):
 
 
 def folders(store: AdapterStore) -> list[str]:
-    return sorted(p.name for p in store.adapters_dir.iterdir())
+    return sorted(p.name for p in store.blobs.versions_dir.iterdir())
 
 
 class Owner:
@@ -98,8 +90,8 @@ def test_put_get_and_summary(open_store, files) -> None:
         isinstance(adapter, LoraAdapter) and adapter.version == record.version and adapter.key == record.key
     )
     assert store.ids() == ["a"] and "a" in store and store.get("b") is None
-    assert folders(store) == [record.folder] and not list(store.tmp_dir.iterdir())
-    stored = store.folder_of(record)
+    assert folders(store) == [record.folder] and not list(store.blobs.tmp_dir.iterdir())
+    stored = store.blobs.versions_dir / record.folder
     assert (stored / "adapter_config.json").read_bytes() == upload.config
     assert (stored / "adapter_model.safetensors").read_bytes() == upload.weights
 
@@ -147,7 +139,7 @@ def test_invalid_adapter_stores_nothing(open_store, files) -> None:
     store = open_store()  # max_rank=64
     with pytest.raises(AdapterError, match="rank 128"):
         store.put("a", files(r=128))
-    assert store.ids() == [] and folders(store) == [] and not list(store.tmp_dir.iterdir())
+    assert store.ids() == [] and folders(store) == [] and not list(store.blobs.tmp_dir.iterdir())
 
 
 def test_validation_needs_the_base(tmp_path, files) -> None:
@@ -194,7 +186,7 @@ def test_reconcile_after_a_crash(open_store, files, tmp_path) -> None:
 
     store = open_store()
     assert store.ids() == ["keep"]
-    assert folders(store) == [keep.folder] and not list(store.tmp_dir.iterdir())
+    assert folders(store) == [keep.folder] and not list(store.blobs.tmp_dir.iterdir())
     assert store.get("keep") is not None
     rows = sqlite3.connect(data / "index.sqlite3").execute("SELECT id FROM adapters").fetchall()
     assert rows == [("keep",)]
@@ -207,12 +199,12 @@ def test_a_failed_commit_leaves_nothing(open_store, files, monkeypatch) -> None:
     def broken_transaction():
         raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setattr(store, "_transaction", broken_transaction)
+    monkeypatch.setattr(store.index, "_transaction", broken_transaction)
     with pytest.raises(sqlite3.OperationalError):
         store.put("b", files(seed=2))
     with pytest.raises(sqlite3.OperationalError):
         store.put("a", files(seed=3), replace=True)
-    assert store.ids() == ["a"] and len(folders(store)) == 1 and not list(store.tmp_dir.iterdir())
+    assert store.ids() == ["a"] and len(folders(store)) == 1 and not list(store.blobs.tmp_dir.iterdir())
     monkeypatch.undo()
     assert store.put("b", files(seed=2)).adapter_id == "b"
 
@@ -232,7 +224,7 @@ def test_files_stay_while_a_request_uses_the_version(open_store, files) -> None:
     owner = Owner()
     store.track(owner, store.get("a"))
     v2 = store.put("a", files(seed=2), replace=True)
-    assert folders(store) == sorted([v1.folder, v2.folder]) and store.in_use("a") == 1
+    assert folders(store) == sorted([v1.folder, v2.folder])
     owner2 = Owner()
     store.track(owner2, store.get("a"))
     store.delete("a")
@@ -241,7 +233,6 @@ def test_files_stay_while_a_request_uses_the_version(open_store, files) -> None:
     assert wait_for(lambda: folders(store) == [v2.folder])
     del owner2
     assert wait_for(lambda: folders(store) == [])
-    assert store.in_use("a") == 0
 
 
 def test_keep_identical(open_store, files, tiny_base) -> None:
@@ -280,14 +271,14 @@ def test_concurrent_puts(open_store, files) -> None:
         t.join()
     assert len(errors) == 5  # exactly one upload took the id
     assert store.ids() == ["own0", "own1", "own2", "own3", "own4", "own5", "same"]
-    assert len(folders(store)) == 7 and not list(store.tmp_dir.iterdir())
+    assert len(folders(store)) == 7 and not list(store.blobs.tmp_dir.iterdir())
 
 
 def test_corrupt_files_are_reported(open_store, files) -> None:
     store = open_store(host_cache_bytes=0)
     record = store.put("a", files())
     store.put("b", files(seed=1))  # pushes 'a' out of the (empty) host cache
-    weights = store.folder_of(record) / "adapter_model.safetensors"
+    weights = (store.blobs.versions_dir / record.folder) / "adapter_model.safetensors"
     blob = bytearray(weights.read_bytes())
     blob[-1] ^= 0xFF
     weights.write_bytes(bytes(blob))

@@ -85,7 +85,11 @@ class LlamaModel:
             b = torch.cat([get(f"{prefix}.{p}.bias") for p, _ in parts]) if bias else None
             return FusedLinear(weight, b, [(f"{prefix}.{p}", n) for p, n in parts], ctx, kernel)
 
-        self.embed = get("model.embed_tokens.weight")  # [V, H]
+        # Tied checkpoints keep one copy of the shared matrix, under either name.
+        embed_name = (
+            "model.embed_tokens.weight" if "model.embed_tokens.weight" in tensors else "lm_head.weight"
+        )
+        self.embed = get(embed_name)  # [V, H]
         head = tensors.get("lm_head.weight")
         self.lm_head = (
             self.embed if c.tie_word_embeddings or head is None else head.to(device, dtype)

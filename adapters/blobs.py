@@ -1,0 +1,134 @@
+"""Where the files of each adapter version live: a blob backend, and the local-directory one.
+
+The store names a version's files by a key (``<id>@<version>``) and never learns where or how
+they are kept; a remote backend (object storage, another node) implements the same five calls.
+
+Local layout::
+
+    <root>/adapters/<id>@<version>/   adapter_config.json + adapter_model.safetensors
+    <root>/tmp/<random>/              uploads being written
+
+``stage`` writes and fsyncs into ``tmp/``; ``commit`` renames into ``adapters/`` and fsyncs the
+directory: a crash leaves either no version or a whole one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Protocol
+
+from adapters.archive import AdapterFiles
+from adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
+
+log = logging.getLogger(__name__)
+
+
+class BlobBackend(Protocol):
+    """The files of adapter versions, by key. Thread-safe; every write is all or nothing."""
+
+    def stage(self, files: AdapterFiles) -> str:
+        """Write files durably where readers cannot see them yet; return a staging handle."""
+
+    def commit(self, handle: str, key: str) -> None:
+        """Publish staged files under ``key`` (atomic)."""
+
+    def discard(self, handle: str) -> None:
+        """Forget staged files that were not committed."""
+
+    def read(self, key: str) -> AdapterFiles:
+        """The files stored under ``key``; FileNotFoundError when gone."""
+
+    def size(self, key: str) -> int | None:
+        """Bytes stored under ``key`` (both files), None when missing."""
+
+    def delete(self, key: str) -> None: ...
+
+    def stored_keys(self) -> list[str]:
+        """Every committed key (start-up repair compares them with the index)."""
+
+    def clear_staging(self) -> None:
+        """Drop uploads that never committed (start-up repair)."""
+
+
+class LocalBlobBackend:
+    """Adapter files in folders under a local directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.versions_dir = root / "adapters"
+        self.tmp_dir = root / "tmp"
+        for directory in (self.versions_dir, self.tmp_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+
+    def stage(self, files: AdapterFiles) -> str:
+        handle = uuid.uuid4().hex
+        staged = self.tmp_dir / handle
+        staged.mkdir()
+        try:
+            for name, data in ((CONFIG_FILE, files.config), (WEIGHTS_FILE, files.weights)):
+                with open(staged / name, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            fsync_dir(staged)
+        except BaseException:
+            remove(staged)
+            raise
+        return handle
+
+    def commit(self, handle: str, key: str) -> None:
+        os.rename(self.tmp_dir / handle, self.versions_dir / key)
+        fsync_dir(self.versions_dir)
+
+    def discard(self, handle: str) -> None:
+        remove(self.tmp_dir / handle)
+
+    def read(self, key: str) -> AdapterFiles:
+        folder = self.versions_dir / key
+        return AdapterFiles(
+            config=(folder / CONFIG_FILE).read_bytes(), weights=(folder / WEIGHTS_FILE).read_bytes()
+        )
+
+    def size(self, key: str) -> int | None:
+        folder = self.versions_dir / key
+        try:
+            return (folder / CONFIG_FILE).stat().st_size + (folder / WEIGHTS_FILE).stat().st_size
+        except OSError:
+            return None
+
+    def delete(self, key: str) -> None:
+        remove(self.versions_dir / key)
+
+    def stored_keys(self) -> list[str]:
+        return sorted(entry.name for entry in self.versions_dir.iterdir())
+
+    def clear_staging(self) -> None:
+        for leftover in self.tmp_dir.iterdir():
+            log.info("removing unfinished upload %s", leftover)
+            remove(leftover)
+        fsync_dir(self.tmp_dir)
+        fsync_dir(self.versions_dir)
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover (Windows)
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

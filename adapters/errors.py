@@ -1,0 +1,45 @@
+"""Why an adapter or a store operation was refused: one exception per reason the client can fix.
+
+Torch-free on purpose: the HTTP layer's error table imports these without loading model code.
+"""
+
+from __future__ import annotations
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be served; ``error_type`` classifies it for the HTTP layer."""
+
+    def __init__(self, message: str, error_type: str = "invalid_adapter") -> None:
+        super().__init__(message)
+        self.message = message
+        self.error_type = error_type
+
+
+class ArchiveError(AdapterError):
+    """An upload whose container (parts, archive, folder) is unusable, before the adapter is parsed."""
+
+
+class StoreError(Exception):
+    """A store operation refused for a reason the client can fix; the API maps the class to a status."""
+
+    error_type = "store_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidAdapterId(StoreError):
+    error_type = "invalid_adapter_id"
+
+
+class AdapterExists(StoreError):
+    error_type = "adapter_exists"
+
+
+class UnknownAdapter(StoreError):
+    error_type = "adapter_not_found"
+
+
+class StoreNotReady(StoreError):
+    error_type = "not_ready"

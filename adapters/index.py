@@ -1,0 +1,154 @@
+"""The adapter index: one SQLite row per stored adapter (its current version), and the record type.
+
+The index is the source of truth for what exists: a version's files count only once its row
+is committed (see ``store.py`` for the write order and the start-up repair).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+INDEX_FILE = "index.sqlite3"
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS adapters (
+    id             TEXT PRIMARY KEY,
+    version        TEXT NOT NULL,
+    folder         TEXT NOT NULL UNIQUE,
+    sha256         TEXT NOT NULL,   -- of adapter_model.safetensors
+    config_sha256  TEXT NOT NULL,   -- of adapter_config.json
+    bytes          INTEGER NOT NULL,
+    created_at     TEXT NOT NULL,   -- ISO 8601, UTC
+    rank           INTEGER NOT NULL,
+    lora_alpha     REAL NOT NULL,
+    use_rslora     INTEGER NOT NULL,
+    target_modules TEXT NOT NULL,   -- JSON: a list of names, or a regex / 'all-linear' string
+    layers         INTEGER NOT NULL,
+    parameters     INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+_COLUMNS = (
+    "id, version, folder, sha256, config_sha256, bytes, created_at, rank, lora_alpha, use_rslora, "
+    "target_modules, layers, parameters"
+)
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """One stored adapter version, as the index holds it."""
+
+    adapter_id: str
+    version: str
+    folder: str  # the blob key of its files: <id>@<version>
+    sha256: str
+    config_sha256: str
+    bytes: int
+    created_at: str
+    rank: int  # the largest rank over its modules (config r unless rank_pattern raises it)
+    lora_alpha: float
+    use_rslora: bool
+    target_modules: list[str] | str
+    layers: int  # adapted modules
+    parameters: int  # LoRA parameters, A and B of every module
+
+    @property
+    def key(self) -> str:
+        return f"{self.adapter_id}@{self.version}"
+
+    def summary(self) -> dict[str, Any]:
+        """The API's adapter summary (exactly these fields)."""
+        return {
+            "id": self.adapter_id,
+            "rank": self.rank,
+            "lora_alpha": self.lora_alpha,
+            "use_rslora": self.use_rslora,
+            "target_modules": self.target_modules,
+            "layers": self.layers,
+            "parameters": self.parameters,
+            "bytes": self.bytes,
+            "sha256": self.sha256,
+            "created_at": self.created_at,
+        }
+
+    def _row(self) -> tuple:
+        return (
+            self.adapter_id, self.version, self.folder, self.sha256, self.config_sha256, self.bytes,
+            self.created_at, self.rank, self.lora_alpha, int(self.use_rslora),
+            json.dumps(self.target_modules), self.layers, self.parameters,
+        )  # fmt: skip
+
+    @classmethod
+    def _from_row(cls, row: tuple) -> AdapterRecord:
+        (
+            aid,
+            version,
+            folder,
+            sha,
+            config_sha,
+            size,
+            created,
+            rank,
+            alpha,
+            rslora,
+            targets,
+            layers,
+            params,
+        ) = row
+        return cls(
+            aid, version, folder, sha, config_sha, size, created, rank, alpha, bool(rslora),
+            json.loads(targets), layers, params,
+        )  # fmt: skip
+
+
+class AdapterIndex:
+    """The SQLite index (WAL, synchronous=FULL). Writers serialise through the store's write lock."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def records(self) -> list[AdapterRecord]:
+        return [AdapterRecord._from_row(row) for row in self._db.execute(f"SELECT {_COLUMNS} FROM adapters")]
+
+    def next_seq(self) -> int:
+        """The next version number: never repeats, even after deletes."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()
+        return (row[0] if row else 0) + 1
+
+    def save(self, record: AdapterRecord, seq: int) -> None:
+        """Insert or replace ``record`` and remember ``seq``, in one transaction."""
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('seq', ?)", (seq,))
+            db.execute(
+                f"INSERT OR REPLACE INTO adapters ({_COLUMNS}) VALUES ({', '.join('?' * 13)})", record._row()
+            )
+
+    def delete(self, adapter_id: str) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM adapters WHERE id = ?", (adapter_id,))
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
