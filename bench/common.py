@@ -28,8 +28,9 @@ def machine_description() -> str:
     except OSError:
         pass
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     return (
-        f"{cpu}, {os.cpu_count()} cores, {mem_gb:.0f} GiB RAM, Python {platform.python_version()}, "
+        f"{cpu}, {os.cpu_count()} cores, {mem_gb:.0f} GiB RAM{gpu}, Python {platform.python_version()}, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
     )
 
@@ -114,4 +115,77 @@ def write_random_adapter(
     save_file(tensors, str(out_dir / "adapter_model.safetensors"))
     config = {"peft_type": "LORA", "r": r, "lora_alpha": lora_alpha, "target_modules": "all-linear"}
     (out_dir / "adapter_config.json").write_text(json.dumps(config))
+    return out_dir
+
+
+RANDOM_PRESETS = {
+    # the embedded model's shapes
+    "smollm2-135m": dict(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
+    ),
+    # Llama-3-8B's shapes
+    "llama3-8b": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
+    ),
+}  # fmt: skip
+
+
+def write_random_llama(out_dir: Path, preset: str, dtype: torch.dtype, device: str = "cpu") -> Path:
+    """A Llama checkpoint with random weights and the shapes of ``preset``, plus a word-level
+    tokenizer ``t0 .. t<V-1>`` (no download: speed depends on shapes, not on trained values)."""
+    import json
+
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    c = RANDOM_PRESETS[preset]
+    h, inter, heads, kv = (
+        c["hidden_size"],
+        c["intermediate_size"],
+        c["num_attention_heads"],
+        c["num_key_value_heads"],
+    )
+    d = h // heads
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return (
+            (torch.randn(*shape, generator=generator, device=device, dtype=torch.float32) * 0.02)
+            .to(dtype)
+            .cpu()
+        )
+
+    tensors = {
+        "model.embed_tokens.weight": rand(c["vocab_size"], h),
+        "model.norm.weight": torch.ones(h, dtype=dtype),
+    }
+    if not c["tie_word_embeddings"]:
+        tensors["lm_head.weight"] = rand(c["vocab_size"], h)
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        for name, shape in (
+            ("self_attn.q_proj", (heads * d, h)), ("self_attn.k_proj", (kv * d, h)), ("self_attn.v_proj", (kv * d, h)),
+            ("self_attn.o_proj", (h, heads * d)), ("mlp.gate_proj", (inter, h)), ("mlp.up_proj", (inter, h)),
+            ("mlp.down_proj", (h, inter)),
+        ):  # fmt: skip
+            tensors[f"{p}.{name}.weight"] = rand(*shape)
+        tensors[f"{p}.input_layernorm.weight"] = torch.ones(h, dtype=dtype)
+        tensors[f"{p}.post_attention_layernorm.weight"] = torch.ones(h, dtype=dtype)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "model.safetensors"))
+    config = {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 8192, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": str(dtype)[6:], **c,
+    }  # fmt: skip
+    (out_dir / "config.json").write_text(json.dumps(config))
+    vocab = {f"t{i}": i for i in range(c["vocab_size"])}
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=word_level, unk_token="t0", pad_token="t0", eos_token="t2"
+    )
+    tokenizer.save_pretrained(out_dir)
     return out_dir

@@ -11,7 +11,14 @@ Python, sampling). Measured in the same run as the steps, interleaved, medians o
 2. over HTTP: 16 concurrent base requests of 96 new tokens through `loraplex serve` (prefill
    included), against the same workload submitted to the engine directly; efficiency =
    floor(16) x 96 steps / wall time;
-3. start-up time (process start to /health 200, graph capture included) and peak RSS.
+3. start-up time (process start to /health 200, graph capture included) and peak RSS;
+4. with ``--peft``: the mixed workload (32 requests spread over 4 adapters and the base, 64 new
+   tokens each, EOS ignored) through the engine against PEFT's mixed-batch ``generate`` on the
+   same model and device.
+
+``--random-model smollm2-135m|llama3-8b`` measures a randomly initialised Llama of those shapes
+(speed depends on shapes only; nothing is downloaded), e.g. on a GPU:
+``python bench/efficiency.py --device cuda --dtype bfloat16 --random-model llama3-8b --runners native --no-http``.
 
 Run: `make bench` or `.venv/bin/python bench/efficiency.py [--runners native,hf]`;
 results in bench/results/efficiency-<device>.md.
@@ -36,7 +43,7 @@ from transformers import AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapters.peft_format import LoraAdapter, load_adapter_dir
-from bench.common import ROOT, ServerProcess, machine_description, write_random_adapter
+from bench.common import ROOT, ServerProcess, machine_description, write_random_adapter, write_random_llama
 from server.engine.base_model import embedded_model_dir
 from server.engine.engine import Engine, EngineConfig
 from server.engine.requests import GenerationRequest
@@ -163,28 +170,41 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--model", type=Path, default=None, help="model directory (default: embedded)")
     parser.add_argument("--no-http", action="store_true", help="skip the HTTP part")
+    parser.add_argument(
+        "--random-model", default=None, help="a random Llama of these shapes (bench/common.py)"
+    )
+    parser.add_argument("--peft", action="store_true", help="also compare the mixed workload with PEFT")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if device.type == "cpu":
         torch.set_num_threads(min(2, torch.get_num_threads()))
-    model_dir = args.model or embedded_model_dir(Path("~/.cache/loraplex").expanduser())
+    batches = [int(b) for b in args.batches.split(",")]
+    scratch = tempfile.TemporaryDirectory()
+    if args.random_model:
+        model_dir = write_random_llama(Path(scratch.name) / "model", args.random_model, dtype, args.device)
+        args.model = f"random {args.random_model}"
+        text = " ".join(f"t{7 * i + 3}" for i in range(24))
+    else:
+        model_dir = args.model or embedded_model_dir(Path("~/.cache/loraplex").expanduser())
+        text = PROMPT
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompt_ids = tokenizer(PROMPT)["input_ids"]
+    prompt_ids = tokenizer(text)["input_ids"]
     runners = [r for r in args.runners.split(",") if r]
     weights = linear_weights(model_dir, dtype, device)
 
-    floors: dict[int, list[float]] = {b: [] for b in BATCHES}
+    floors: dict[int, list[float]] = {b: [] for b in batches}
     steps: dict[tuple[str, str, int], list[float]] = {}
     workload: dict[str, list[float]] = {r: [] for r in runners}
     with tempfile.TemporaryDirectory() as tmp:
-        engines = {r: build_engine(r, model_dir, dtype, device, max_batch=max(BATCHES)) for r in runners}
+        engines = {r: build_engine(r, model_dir, dtype, device, max_batch=max(batches)) for r in runners}
         adapter_dirs = make_adapters(engines[runners[0]], Path(tmp))
         adapters = {
             r: [load_adapter_dir(p, p.name, e.base_shapes) for p in adapter_dirs] for r, e in engines.items()
         }
         for _ in range(args.rounds):
-            for batch in BATCHES:
+            for batch in batches:
                 floors[batch].append(floor_seconds(weights, batch, args.steps))
                 for runner, engine in engines.items():
                     mixed = [adapters[runner][i % NUM_ADAPTERS] for i in range(batch)]
@@ -196,12 +216,20 @@ def main() -> None:
                 workload[runner].append(
                     engine_workload_seconds(engine, prompt_ids, HTTP_REQUESTS, HTTP_NEW_TOKENS)
                 )
+        peft = (
+            measure_peft(engines[runners[0]], model_dir, adapter_dirs, prompt_ids, dtype, device)
+            if args.peft
+            else {}
+        )
         del engines
         http = {} if args.no_http else measure_http(runners, model_dir, args, Path(tmp))
+    scratch.cleanup()
 
     med = {k: statistics.median(v) for k, v in steps.items()}
     floor = {b: statistics.median(v) for b, v in floors.items()}
-    report = render(args, runners, floor, med, {r: statistics.median(v) for r, v in workload.items()}, http)
+    report = render(
+        args, runners, batches, floor, med, {r: statistics.median(v) for r, v in workload.items()}, http, peft
+    )
     out = args.out or ROOT / f"bench/results/efficiency-{device.type}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report)
@@ -239,7 +267,49 @@ def measure_http(runners: list[str], model_dir: Path, args, root: Path) -> dict[
     return results
 
 
-def render(args, runners, floor, step, workload, http) -> str:
+def measure_peft(
+    engine: Engine, model_dir: Path, adapter_dirs, prompt_ids, dtype, device, rounds: int = 2
+) -> dict:
+    """Tokens/s of the mixed workload: this engine against PEFT's mixed-batch ``generate``."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    requests, new_tokens = 32, 64
+    names = [None if i % 5 == 4 else i % 5 for i in range(requests)]
+    adapters = [load_adapter_dir(p, p.name, engine.base_shapes) for p in adapter_dirs]
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    ours = []
+    for _ in range(rounds):
+        sync(device)
+        start = time.perf_counter()
+        for n in names:
+            engine.submit(
+                GenerationRequest(
+                    list(prompt_ids), params, None if n is None else adapters[n], sink=lambda _: None
+                )
+            )
+        engine.run_until_idle()
+        sync(device)
+        ours.append(requests * new_tokens / (time.perf_counter() - start))
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    model = PeftModel.from_pretrained(base, adapter_dirs[0], adapter_name="a0")
+    for i, path in enumerate(adapter_dirs[1:], start=1):
+        model.load_adapter(path, adapter_name=f"a{i}")
+    ids = torch.tensor([prompt_ids] * requests, device=device)
+    adapter_names = ["__base__" if n is None else f"a{n}" for n in names]
+    theirs = []
+    with torch.inference_mode():
+        for _ in range(rounds):
+            sync(device)
+            start = time.perf_counter()
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=adapter_names,
+                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
+            sync(device)
+            theirs.append(requests * new_tokens / (time.perf_counter() - start))
+    return {"loraplex": statistics.median(ours), "peft": statistics.median(theirs)}
+
+
+def render(args, runners, batches, floor, step, workload, http, peft) -> str:
     ms = 1000.0
     lines = [
         "# Engine efficiency against the floor",
@@ -256,12 +326,22 @@ def render(args, runners, floor, step, workload, http) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for runner in runners:
-        for b in BATCHES:
+        for b in batches:
             base, lora = step[(runner, "base", b)], step[(runner, "lora", b)]
             lines.append(
                 f"| {runner} | {b} | {floor[b] * ms:.1f} | {base * ms:.1f} | {floor[b] / base:.2f} | "
                 f"{lora * ms:.1f} | {floor[b] / lora:.2f} | {100 * (lora / base - 1):+.1f}% |"
             )
+    if peft:
+        lines += [
+            "",
+            "## Mixed workload against PEFT (32 requests over 4 adapters + base, 64 tokens, same device)",
+            "",
+            f"loraplex ({runners[0]} runner, engine): {peft['loraplex']:.0f} tok/s; PEFT mixed-batch generate: "
+            f"{peft['peft']:.0f} tok/s; ratio {peft['loraplex'] / peft['peft']:.2f}x.",
+        ]
+    if 16 not in floor:
+        return "\n".join(lines) + "\n"
     ideal = floor[16] * HTTP_NEW_TOKENS
     lines += [
         "",
