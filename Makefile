@@ -32,6 +32,7 @@ test-unit: setup
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
 
 bench: setup
+	$(PY) bench/efficiency.py
 	$(PY) bench/throughput.py
 	$(PY) bench/swap.py
 	$(PY) bench/analysis.py

@@ -57,11 +57,6 @@ class Settings(BaseSettings):
         description="Native runner: KV memory budget, e.g. 512MiB or 2GiB (a bare number is MiB); "
         "used when --kv-cache-tokens is not set. Default: 384MiB on the CPU, 90% of free GPU memory on CUDA.",
     )
-    compile: Literal["auto", "on", "off"] = Field(
-        "auto",
-        description="Native runner: capture decode steps as graphs for batch-size buckets at start-up "
-        "(auto: CUDA graphs on CUDA, plain eager on the CPU; on: also torch.compile on the CPU).",
-    )
     data_dir: Path = Field(Path("./data"), description="Where adapters are stored (folders + SQLite index).")
     max_upload_mb: int = Field(
         512, ge=1, description="Largest adapter upload (request body and unpacked archive), MiB."

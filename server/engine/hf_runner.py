@@ -74,25 +74,14 @@ class HFRunner(ModelRunner):
             # that as the price of every swap. Merging runners own them from start-up.
             for layer in self.layers.values():
                 layer.base.weight.data = layer.base.weight.data.clone()
+        self._lora_targets: Mapping[str, LoraTarget] = self.layers
         self._weight_targets = {
             name: WeightTarget(layer.base.weight, f"{name}.weight", layer.fan_in_fan_out)
             for name, layer in self.layers.items()
         }
 
-    @property
-    def lora_targets(self) -> Mapping[str, LoraTarget]:
-        return self.layers
-
-    @property
-    def weight_targets(self) -> Mapping[str, WeightTarget]:
-        return self._weight_targets
-
     def slots_changed(self) -> None:
         self.ctx.invalidate()
-
-    @property
-    def num_sequences(self) -> int:
-        return len(self._batch) if self._batch is not None else 0
 
     # ------------------------------------------------------------------ forward passes
 

@@ -97,7 +97,11 @@ class WeightTarget:
 
 
 class ModelRunner(ABC):
-    """Owns a base model's weights, KV memory and forward passes. Engine thread only."""
+    """Owns a base model's weights, KV memory and forward passes. Engine thread only.
+
+    A subclass sets ``_lora_targets`` and ``_weight_targets`` (and the attributes below) in its
+    constructor.
+    """
 
     name: str  # "hf" or "native": shown in /info
     device: torch.device
@@ -105,16 +109,18 @@ class ModelRunner(ABC):
     vocab_size: int
     max_positions: int | None  # the model's context length, None when unknown
     supports_chunked_prefill: bool = False
+    _lora_targets: Mapping[str, LoraTarget]
+    _weight_targets: Mapping[str, WeightTarget]
 
     @property
-    @abstractmethod
     def lora_targets(self) -> Mapping[str, LoraTarget]:
         """Adaptable layers by PEFT module name (output head excluded)."""
+        return self._lora_targets
 
     @property
-    @abstractmethod
     def weight_targets(self) -> Mapping[str, WeightTarget]:
         """The base weight behind each of :attr:`lora_targets`, for merging."""
+        return self._weight_targets
 
     @property
     def base_shapes(self) -> dict[str, BaseLinearShape]:

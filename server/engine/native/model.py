@@ -7,6 +7,7 @@ Shapes: ``N`` tokens of a step (a decode step: one per sequence), ``H`` hidden s
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,22 +40,37 @@ class AttentionPlan:
     decode: bool  # one token per sequence (batched attention) or prompt chunks (per sequence)
     block_table: torch.Tensor | None = None  # decode: [B, max blocks]
     lengths: torch.Tensor | None = None  # decode: [B] tokens in cache, the new one included
+    beyond: torch.Tensor | None = None  # decode: [B, 1, 1, T] True past each sequence's length
     chunks: list[tuple[int, int, torch.Tensor]] | None = None  # prefill: (start, count, block ids)
 
 
-def read_checkpoint(model_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a (possibly sharded) safetensors checkpoint, by name."""
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(
-            f"{model_dir} has no *.safetensors checkpoint (the native runner reads those)"
-        )
-    tensors: dict[str, torch.Tensor] = {}
-    for path in files:
-        with safe_open(str(path), "pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                tensors[name] = f.get_tensor(name)
-    return tensors
+class Checkpoint(Mapping[str, torch.Tensor]):
+    """The tensors of a (possibly sharded) safetensors checkpoint, each read when accessed.
+
+    Reading lazily keeps the peak memory of loading near the model's own size, instead of the
+    whole checkpoint twice (the raw tensors and their fused copies).
+    """
+
+    def __init__(self, model_dir: Path) -> None:
+        files = sorted(model_dir.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(
+                f"{model_dir} has no *.safetensors checkpoint (the native runner reads those)"
+            )
+        self._files = [safe_open(str(path), "pt") for path in files]
+        self._where = {name: f for f in self._files for name in f.keys()}  # noqa: SIM118 - no __iter__
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._where[name].get_tensor(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._where
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
 
 
 class LlamaModel:
@@ -63,7 +79,7 @@ class LlamaModel:
     def __init__(
         self,
         config: NativeConfig,
-        tensors: dict[str, torch.Tensor],
+        tensors: Mapping[str, torch.Tensor],
         dtype: torch.dtype,
         device: torch.device,
         ctx: LoraBatchContext,
@@ -90,10 +106,8 @@ class LlamaModel:
             "model.embed_tokens.weight" if "model.embed_tokens.weight" in tensors else "lm_head.weight"
         )
         self.embed = get(embed_name)  # [V, H]
-        head = tensors.get("lm_head.weight")
-        self.lm_head = (
-            self.embed if c.tie_word_embeddings or head is None else head.to(device, dtype)
-        )  # [V, H]
+        untied = not c.tie_word_embeddings and "lm_head.weight" in tensors and embed_name != "lm_head.weight"
+        self.lm_head = get("lm_head.weight") if untied else self.embed  # [V, H]
         self.final_norm = get("model.norm.weight")
         self.layers: list[Layer] = []
         for i in range(c.num_layers):
@@ -112,6 +126,7 @@ class LlamaModel:
                     down=fused(mlp, [("down_proj", c.hidden_size)], False),
                 )
             )
+        self._kv_heads = torch.arange(c.num_kv_heads, device=device)
         self.inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling).to(device)
         self.scale = c.head_dim**-0.5
         self.dtype, self.device = dtype, device
@@ -121,7 +136,7 @@ class LlamaModel:
         cls, model_dir: Path, dtype: torch.dtype, device: torch.device, ctx: LoraBatchContext, kernel: Kernel
     ) -> LlamaModel:
         config = NativeConfig.from_dict(json.loads((model_dir / "config.json").read_text()))
-        return cls(config, read_checkpoint(model_dir), dtype, device, ctx, kernel)
+        return cls(config, Checkpoint(model_dir), dtype, device, ctx, kernel)
 
     def projections(self) -> list[FusedLinear]:
         return [p for layer in self.layers for p in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
@@ -159,8 +174,7 @@ class LlamaModel:
 
     def _gather(self, pool: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
         """pool: [blocks, KVH, block, D], block_table: [B, nb] -> [B, KVH, nb * block, D] (one copy)."""
-        heads = torch.arange(pool.shape[1], device=pool.device)
-        gathered = pool[block_table[:, None, :], heads[None, :, None]]  # [B, KVH, nb, block, D]
+        gathered = pool[block_table[:, None, :], self._kv_heads[None, :, None]]  # [B, KVH, nb, block, D]
         b, kvh, nb, bs, d = gathered.shape
         return gathered.view(b, kvh, nb * bs, d)
 
@@ -169,15 +183,14 @@ class LlamaModel:
     ) -> torch.Tensor:
         """q: [B, heads, D], one token per sequence -> [B, heads * D]."""
         c = self.config
-        assert plan.block_table is not None and plan.lengths is not None
+        assert plan.block_table is not None and plan.beyond is not None
         b = q.shape[0]
         keys = self._gather(k_pool, plan.block_table)  # [B, KVH, T, D]
         values = self._gather(v_pool, plan.block_table)
         groups = c.num_heads // c.num_kv_heads
         query = q.view(b, c.num_kv_heads, groups, c.head_dim)  # head h reads KV head h // G
         scores = torch.matmul(query, keys.transpose(-1, -2)).mul_(self.scale)  # [B, KVH, G, T]
-        beyond = torch.arange(keys.shape[2], device=q.device)[None, :] >= plan.lengths[:, None]  # [B, T]
-        scores.masked_fill_(beyond[:, None, None, :], float("-inf"))
+        scores.masked_fill_(plan.beyond, float("-inf"))
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         out = torch.matmul(probs, values)  # [B, KVH, G, D]
         return out.reshape(b, c.num_heads * c.head_dim)

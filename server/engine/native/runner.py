@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -12,7 +12,7 @@ import torch
 from server.engine.lora_linear import Kernel, LoraBatchContext
 from server.engine.native.config import NativeConfig
 from server.engine.native.kv_cache import PagedKVCache
-from server.engine.native.model import AttentionPlan, LlamaModel, read_checkpoint
+from server.engine.native.model import AttentionPlan, Checkpoint, LlamaModel
 from server.engine.runner import (
     DecodeInput,
     KvUsage,
@@ -56,9 +56,7 @@ class NativeLlamaRunner(ModelRunner):
         self.dtype = dtype
         self.ctx = LoraBatchContext()
         config = NativeConfig.from_dict(json.loads((Path(model_dir) / "config.json").read_text()))
-        self.model = LlamaModel(
-            config, read_checkpoint(Path(model_dir)), dtype, self.device, self.ctx, kernel
-        )
+        self.model = LlamaModel(config, Checkpoint(Path(model_dir)), dtype, self.device, self.ctx, kernel)
         self.config = config
         self.vocab_size = config.vocab_size
         limits = [p for p in (config.max_positions, config.sliding_window) if p]
@@ -81,13 +79,13 @@ class NativeLlamaRunner(ModelRunner):
             "native runner: %s, KV memory %d tokens (%.0f MiB) in blocks of %d",
             config.model_type, self.kv.capacity_tokens, self.kv.bytes_reserved / 2**20, block_size,
         )  # fmt: skip
-        self._targets: dict[str, LoraTarget] = {}
-        self._weights: dict[str, WeightTarget] = {}
+        self._lora_targets: dict[str, LoraTarget] = {}
+        self._weight_targets: dict[str, WeightTarget] = {}
         for projection in self.model.projections():
             views = projection.weight_views()
             for name, bank in projection.banks.items():
-                self._targets[name] = bank
-                self._weights[name] = WeightTarget(views[name], f"{name}.weight")
+                self._lora_targets[name] = bank
+                self._weight_targets[name] = WeightTarget(views[name], f"{name}.weight")
 
     def _default_tokens(self, budget: int | None, per_token: int) -> int:
         if budget is None:
@@ -99,14 +97,6 @@ class NativeLlamaRunner(ModelRunner):
         return max(budget // per_token, BLOCK_SIZE)
 
     # ------------------------------------------------------------------ seam: targets, memory
-
-    @property
-    def lora_targets(self) -> Mapping[str, LoraTarget]:
-        return self._targets
-
-    @property
-    def weight_targets(self) -> Mapping[str, WeightTarget]:
-        return self._weights
 
     def slots_changed(self) -> None:
         self.ctx.invalidate()
@@ -177,12 +167,17 @@ class NativeLlamaRunner(ModelRunner):
             blocks += block
             offsets += offset
         device = self.device
+        block_table = self.kv.block_table(seq_ids, device)  # [B, nb]
+        lengths = torch.tensor([p + 1 for p in positions], dtype=torch.long, device=device)
+        width = block_table.shape[1] * self.kv.block_size
+        beyond = torch.arange(width, device=device)[None, :] >= lengths[:, None]  # [B, T], once per step
         plan = AttentionPlan(
             write_blocks=torch.tensor(blocks, dtype=torch.long, device=device),
             write_offsets=torch.tensor(offsets, dtype=torch.long, device=device),
             decode=True,
-            block_table=self.kv.block_table(seq_ids, device),
-            lengths=torch.tensor([p + 1 for p in positions], dtype=torch.long, device=device),
+            block_table=block_table,
+            lengths=lengths,
+            beyond=beyond[:, None, None, :],
         )
         hidden = self._forward([i.token_id for i in inputs], positions, [i.slot for i in inputs], plan)
         return self.model.logits(hidden)
