@@ -23,8 +23,9 @@ from server.engine.requests import ErrorEvent, Event, FinishEvent, GenerationReq
 from server.engine.sampling import SamplingParams
 
 DISCONNECT_POLL_SECONDS = 0.25
-# HTTP status of a request whose stream ended with an ErrorEvent of this type (else 500)
-ERROR_STATUS = {"cancelled": 499, "timeout": 504}
+# HTTP status of a request whose stream ended with an ErrorEvent of this type (else 500); 424 is
+# what TGI answers for a failed generation (its clients raise GenerationError)
+ERROR_STATUS = {"cancelled": 499, "timeout": 504, "generation": 424}
 
 
 def build_request(

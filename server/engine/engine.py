@@ -43,7 +43,7 @@ from server.engine.detokenize import IncrementalDetokenizer, find_stop
 from server.engine.lora_linear import BASE_SLOT, Kernel
 from server.engine.lora_model import AdapterSlots
 from server.engine.merge import MergeManager
-from server.engine.requests import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent
+from server.engine.requests import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent, TopToken
 from server.engine.row import Row
 from server.engine.runner import DecodeInput, ModelRunner, PrefillInput
 from server.engine.sampling import RowSampler, choose_next_tokens
@@ -432,18 +432,25 @@ class Engine:
     def _prefill(self, rows: list[Row]) -> None:
         """Prefill newcomers (and preempted rows, from their prompt and streamed tokens)."""
         inputs = [
-            PrefillInput(r.seq_id, _recompute_ids(r.request, r), 0, slot)
+            PrefillInput(
+                r.seq_id, _recompute_ids(r.request, r), 0, slot, want_token_logprobs=_wants_prompt(r)
+            )
             for r, slot in zip(rows, self._slots_for(rows), strict=True)
         ]
         try:
-            logits = self.runner.prefill(inputs).logits
+            output = self.runner.prefill(inputs)
         except Exception as exc:
             for row in rows:  # not in the batch yet: _fail_all would not reach them
                 row.request.finished_at = time.perf_counter()
-                row.request.emit(ErrorEvent(f"generation failed: {exc}"))
+                row.request.emit(ErrorEvent(f"generation failed: {exc}", "generation"))
                 self._release(row)
             self.runner.release(r.seq_id for r in rows)
             raise
+        logits = output.logits
+        for row in rows:
+            if _wants_prompt(row):
+                values = output.token_logprobs.get(row.seq_id)
+                row.request.prompt_logprobs = [] if values is None else values.float().tolist()
         self._rows.extend(rows)
         self._advance(rows, logits)
         self._remove_finished()
@@ -461,9 +468,15 @@ class Engine:
 
     def _advance(self, rows: list[Row], logits: torch.Tensor) -> None:
         """Choose each row's next token, stream it, and finish rows that are done."""
-        tokens, logprobs = choose_next_tokens(logits, [r.sampler for r in rows], [r.seen for r in rows])
+        tokens, logprobs, top = choose_next_tokens(
+            logits,
+            [r.sampler for r in rows],
+            [r.seen for r in rows],
+            generated=[r.generated_ids for r in rows],
+            top_n=[r.request.top_n_tokens for r in rows],
+        )
         now = time.perf_counter()
-        for row, token, logprob in zip(rows, tokens.tolist(), logprobs.tolist(), strict=True):
+        for row, token, logprob, best in zip(rows, tokens.tolist(), logprobs.tolist(), top, strict=True):
             request = row.request
             if request.first_token_at is None:
                 request.first_token_at = now
@@ -473,10 +486,19 @@ class Engine:
                 row.seen = torch.cat([row.seen, tokens.new_tensor([token])])
             special = token in self.special_ids
             text = "" if special else row.detokenizer.add(token)
+            top_tokens = tuple(self._top_token(i, lp) for i, lp in best)
             if request.want_details:
-                row.tokens.append({"id": token, "text": text, "logprob": logprob, "special": special})
-            request.emit(TokenEvent(id=token, text=text, logprob=logprob, special=special))
+                row.tokens.append({"id": token, "text": text, "logprob": logprob, "special": special,
+                                   "top_tokens": top_tokens})  # fmt: skip
+            request.emit(
+                TokenEvent(id=token, text=text, logprob=logprob, special=special, top_tokens=top_tokens)
+            )
             self._maybe_finish(row, token, len(text))
+
+    def _top_token(self, token: int, logprob: float) -> TopToken:
+        """A most-likely alternative, its text decoded alone (as TGI reports them)."""
+        special = token in self.special_ids
+        return TopToken(token, self.tokenizer.decode([token]), logprob, special)
 
     def _maybe_finish(self, row: Row, token: int, new_chars: int) -> None:
         params = row.sampler.params
@@ -503,6 +525,7 @@ class Engine:
                 seed=row.sampler.seed,
                 tokens=row.tokens,
                 stop_at=stop_at,
+                prompt_logprobs=request.prompt_logprobs,
             )
         )
 
@@ -524,10 +547,15 @@ class Engine:
         for row in self._rows:
             if row.request.finished_at is None:
                 row.request.finished_at = time.perf_counter()
-                row.request.emit(ErrorEvent(message))
+                row.request.emit(ErrorEvent(message, "generation"))
             self._release(row)
         self.runner.release(r.seq_id for r in self._rows)
         self._rows = []
+
+
+def _wants_prompt(row: Row) -> bool:
+    """Prompt log-probabilities are computed at the first prefill only (not when recomputing)."""
+    return row.request.want_prompt_logprobs and row.request.prompt_logprobs is None
 
 
 def _recompute_ids(request: GenerationRequest, row: Row | None = None) -> list[int]:
