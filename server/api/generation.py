@@ -98,6 +98,19 @@ async def run_to_completion(
                 await task
 
 
+async def run_many(
+    engine: Engine, requests: list[GenerationRequest], http_request: Request
+) -> list[FinishEvent]:
+    """Run several requests together (best_of, n: they batch); one failing stops the others."""
+    tasks = [asyncio.create_task(run_to_completion(engine, r, http_request)) for r in requests]
+    try:
+        results = await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()  # no-op for finished ones
+    return [finish for finish, _ in results]
+
+
 async def stream_events(engine: Engine, request: GenerationRequest) -> AsyncIterator[Event]:
     """``engine.stream(request)`` with the request timeout and the request metrics around it.
 

@@ -14,7 +14,6 @@ Shapes follow the clients' models (``text_generation.types``, ``lorax.types``): 
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 from fastapi import Request
 
 from adapters.registry import AdapterLookup
-from server.api.generation import build_request, run_to_completion, stream_events, tokenize
+from server.api.generation import build_request, run_many, stream_events, tokenize
 from server.api.schemas import GenerateParameters
 from server.engine.engine import Engine
 from server.engine.requests import ErrorEvent, FinishEvent, GenerationRequest, TokenEvent, TopToken
@@ -69,13 +68,7 @@ class TgiGeneration:
 
     async def run(self, http_request: Request) -> tuple[dict[str, Any], GenerationRequest]:
         """Run every candidate; the response body and the winning request (for its timings)."""
-        tasks = [asyncio.create_task(run_to_completion(self.engine, r, http_request)) for r in self.requests]
-        try:
-            results = await asyncio.gather(*tasks)
-        finally:
-            for task in tasks:
-                task.cancel()  # no-op for finished ones; a failed candidate stops the others
-        finishes = [finish for finish, _ in results]
+        finishes = await run_many(self.engine, self.requests, http_request)
         prefill = self.prefill(finishes[0])
         best = max(range(len(finishes)), key=lambda i: _mean_logprob(finishes[i]))
         details = self.details(self.requests[best], finishes[best], prefill)
