@@ -21,6 +21,7 @@ from server import __version__
 from server.api import adapters, admin, analysis, generate, health, openai, prometheus
 from server.api.errors import install_error_handlers
 from server.api.middleware import RequestContextMiddleware
+from server.api.openapi_contract import install_openapi_contract
 from server.api.security import QueueGate, authorizer, warn_if_open
 from server.api.upload_limit import UploadLimitMiddleware
 from server.config import Settings
@@ -127,4 +128,5 @@ def create_app(settings: Settings | None = None, loader: BaseLoader = default_lo
     app.include_router(adapters.router)
     app.include_router(openai.router)
     app.include_router(prometheus.router)
+    install_openapi_contract(app, settings.max_total_tokens)
     return app

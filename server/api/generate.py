@@ -24,7 +24,7 @@ from server.api.tgi_generate import TgiGeneration
 
 router = APIRouter(tags=["generate"])
 
-_GENERATION_ERRORS = error_responses(401, 404, 422, 424, 429, 499, 503, 504)
+_GENERATION_ERRORS = error_responses(401, 404, 422, 424, 429, 503, 504)
 _SSE = {
     "text/event-stream": {
         "schema": StreamResponse.model_json_schema(ref_template="#/components/schemas/{model}")

@@ -56,7 +56,7 @@ from server.engine.requests import ErrorEvent, FinishEvent, GenerationRequest, T
 _STARTED = int(time.time())
 TGI_PLACEHOLDER_MODEL = "tgi"  # the model TGI's clients name; the base model unless an adapter has that id
 SYSTEM_FINGERPRINT = f"loraplex-{__version__}"
-_OPENAI_ERRORS = (401, 404, 422, 424, 429, 499, 503, 504)
+_OPENAI_ERRORS = (401, 404, 422, 424, 429, 503, 504)
 _ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
 _PARAM_OF_CODE = {"model_not_found": "model", "adapter_not_found": "model"}
 

@@ -44,19 +44,19 @@ def _refuse(message: str):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     include_usage: bool = False
 
 
 class _OpenAIRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)  # JSON types as the schema states them
 
     model: str = Field(..., description="An adapter id, or the base model's name for no adapter.")
     max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
     temperature: float | None = Field(None, ge=0, le=2, description="0: greedy; default 1.")
     top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass.")
     stop: str | list[str] | None = Field(None, description="Stop sequences, excluded from the text.")
-    seed: int | None = Field(None, ge=0, lt=2**63, description="Same seed, same output.")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Same seed, same output.")
     n: int | None = Field(1, ge=1, le=MAX_CHOICES, description="Choices to generate (seed + i for choice i).")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -144,18 +144,18 @@ class CompletionRequest(_OpenAIRequest):
 
 
 class ResponseFormatText(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     type: Literal["text"]
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None

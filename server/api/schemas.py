@@ -26,9 +26,12 @@ def _only_null(what: str, hint: str) -> Any:
 
 
 class GenerateParameters(BaseModel):
-    """``parameters`` of the TGI/LoRAX request. Every field their clients send is accepted."""
+    """``parameters`` of the TGI/LoRAX request. Every field their clients send is accepted.
 
-    model_config = ConfigDict(extra="forbid")
+    Strict: JSON types as the schema states them (no 0 for false, no "5" for 5).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     adapter_id: str | None = Field(None, description="Adapter to apply; null for the bare base model.")
     adapter_source: Literal["local"] | None = Field(
@@ -53,7 +56,7 @@ class GenerateParameters(BaseModel):
         le=2,
         description="Subtracts penalty × count of the token in the output so far (OpenAI's).",
     )
-    seed: int | None = Field(None, ge=0, lt=2**63, description="Random seed; same seed, same output.")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Random seed; same seed, same output.")
     stop: list[StopSequence] = Field(
         default_factory=list, max_length=MAX_STOP_SEQUENCES, description="Stop sequences (at most 16)."
     )
@@ -95,7 +98,7 @@ class GenerateParameters(BaseModel):
     @field_validator("watermark", mode="wrap")
     @classmethod
     def _no_watermark(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
-        if value is True:
+        if value is not None and value is not False:  # 0 == False: a Literal alone would take 0
             raise ValueError("watermark is not supported by loraplex; send false or leave it out.")
         return handler(value)
 
@@ -142,7 +145,7 @@ class StreamParameters(GenerateParameters):
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     inputs: str = Field(..., min_length=1, description="The prompt, used as given (no chat template).")
     parameters: GenerateParameters | None = Field(None, description="Generation parameters; null: defaults.")

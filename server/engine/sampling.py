@@ -154,8 +154,12 @@ def choose_next_tokens(
         if params.penalises_output and generated is not None:
             row = apply_output_penalties(row, generated[i], params.frequency_penalty, params.presence_penalty)
         if params.samples:
-            probs = _warp(row, params).softmax(-1)
-            chosen[i] = torch.multinomial(probs, 1, generator=sampler.generator)[0]
+            warped = _warp(row, params)
+            probs = warped.softmax(-1)
+            if torch.isfinite(probs).all():
+                chosen[i] = torch.multinomial(probs, 1, generator=sampler.generator)[0]
+            else:  # extreme settings (a temperature near 0) overflow: their limit is greedy
+                chosen[i] = warped.nan_to_num(nan=float("-inf")).argmax()
         else:
             chosen[i] = row.argmax()
     picked_logprobs = logprobs.gather(1, chosen[:, None])[:, 0]
