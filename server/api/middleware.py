@@ -23,7 +23,9 @@ from server.api.context import RequestContext, activate, deactivate
 from server.api.load_control import QueueGate
 from server.metrics import Metrics
 
-GENERATION_ROUTES = frozenset({"/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions"})
+GENERATION_ROUTES = frozenset(
+    {"/", "/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions"}
+)
 QUIET_ROUTES = frozenset({"/health", "/metrics"})  # polled by machines: access-logged at debug level
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 

@@ -12,9 +12,11 @@ OpenAI does; streams hold back text that may begin one, see ``stop_holdback``), 
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -24,21 +26,25 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 from adapters.registry import AdapterRepository
+from server import __version__
 from server.api.deps import BaseDep, EngineDep, RegistryDep, StoreDep
 from server.api.errors import HANDLED, ApiError, as_api_error
 from server.api.generation import (
     ERROR_STATUS,
     build_request,
-    run_to_completion,
+    run_many,
     stream_events,
     timing_headers,
     tokenize,
 )
+from server.api.openai_logprobs import CompletionLogprobs, chat_entry, chat_logprobs
 from server.api.openai_schemas import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
     ChatCompletionRequest,
     CompletionRequest,
+    _OpenAIRequest,
 )
+from server.api.openapi_errors import OpenAIErrorResponse, error_responses
 from server.api.sse import sse, sse_response
 from server.api.stop_holdback import StopHoldback
 from server.engine.base_model import LoadedBase
@@ -46,6 +52,9 @@ from server.engine.engine import Engine
 from server.engine.requests import ErrorEvent, FinishEvent, GenerationRequest, TokenEvent
 
 _STARTED = int(time.time())
+TGI_PLACEHOLDER_MODEL = "tgi"  # the model TGI's clients name; the base model unless an adapter has that id
+SYSTEM_FINGERPRINT = f"loraplex-{__version__}"
+_OPENAI_ERRORS = (401, 404, 422, 424, 429, 503, 504)
 _ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
 _PARAM_OF_CODE = {"model_not_found": "model", "adapter_not_found": "model"}
 
@@ -128,6 +137,8 @@ def resolve_model(model: str, base: LoadedBase, registry: AdapterRepository) -> 
         return None
     if model in registry:
         return model
+    if model == TGI_PLACEHOLDER_MODEL:  # TGI's chat client always sends it
+        return None
     raise ApiError(
         404,
         f"the model {model!r} does not exist on this server: use the base model's name {base.name!r} or an "
@@ -139,7 +150,7 @@ def resolve_model(model: str, base: LoadedBase, registry: AdapterRepository) -> 
 # --------------------------------------------------------------------------- completions
 
 
-@router.post("/completions")
+@router.post("/completions", responses=error_responses(*_OPENAI_ERRORS, model=OpenAIErrorResponse))
 async def completions(
     body: CompletionRequest, engine: EngineDep, base: BaseDep, registry: RegistryDep, http_request: Request
 ) -> Response:
@@ -147,15 +158,19 @@ async def completions(
     prompt = body.single_prompt()
     prompt_ids = tokenize(engine, prompt) if isinstance(prompt, str) else _checked_ids(engine, prompt)
     max_tokens = body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS
-    request = build_request(engine, registry, prompt_ids, body.sampling(max_tokens), adapter_id)
-    reply = _Reply(body.model, chat=False)
-    if body.stream:
-        return sse_response(reply.stream(engine, request, body.stops, body.include_usage), request)
-    finish, _ = await run_to_completion(engine, request, http_request)
-    return JSONResponse(reply.whole(finish), headers=timing_headers(request))
+    wants = _Wants(
+        logprobs=body.logprobs is not None,
+        top=body.logprobs or 0,
+        echo=bool(body.echo),
+        prompt_text=prompt if isinstance(prompt, str) else engine.tokenizer.decode(prompt_ids),
+    )
+    requests = _requests(engine, registry, body, prompt_ids, max_tokens, adapter_id, wants)
+    return await _answer(
+        _Reply(body.model, False, engine, wants, prompt_ids), body, engine, requests, http_request
+    )
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", responses=error_responses(*_OPENAI_ERRORS, model=OpenAIErrorResponse))
 async def chat_completions(
     body: ChatCompletionRequest,
     engine: EngineDep,
@@ -166,12 +181,60 @@ async def chat_completions(
     adapter_id = resolve_model(body.model, base, registry)
     prompt_ids = chat_prompt_ids(engine, [m.template_dict() for m in body.messages])
     max_tokens = body.token_limit or max(engine.config.max_total_tokens - len(prompt_ids), 1)
-    request = build_request(engine, registry, prompt_ids, body.sampling(max_tokens), adapter_id)
-    reply = _Reply(body.model, chat=True)
+    wants = _Wants(logprobs=body.wants_logprobs, top=body.top_logprobs or 0)
+    requests = _requests(engine, registry, body, prompt_ids, max_tokens, adapter_id, wants)
+    return await _answer(
+        _Reply(body.model, True, engine, wants, prompt_ids), body, engine, requests, http_request
+    )
+
+
+@dataclass(frozen=True)
+class _Wants:
+    """What a reply carries besides the text: log-probabilities (top N), the prompt (echo)."""
+
+    logprobs: bool = False
+    top: int = 0
+    echo: bool = False
+    prompt_text: str = ""
+
+
+def _requests(
+    engine: Engine,
+    registry: RegistryDep,
+    body: _OpenAIRequest,
+    prompt_ids: list[int],
+    max_tokens: int,
+    adapter_id: str | None,
+    wants: _Wants,
+) -> list[GenerationRequest]:
+    """One engine request per choice (``n``); choice i samples with seed + i."""
+    requests = []
+    for choice in range(body.choices):
+        request = build_request(
+            engine,
+            registry,
+            prompt_ids,
+            body.sampling(max_tokens, choice),
+            adapter_id,
+            want_details=wants.logprobs,
+        )
+        request.top_n_tokens = wants.top
+        request.want_prompt_logprobs = wants.echo and wants.logprobs
+        requests.append(request)
+    return requests
+
+
+async def _answer(
+    reply: _Reply,
+    body: _OpenAIRequest,
+    engine: Engine,
+    requests: list[GenerationRequest],
+    http_request: Request,
+) -> Response:
     if body.stream:
-        return sse_response(reply.stream(engine, request, body.stops, body.include_usage), request)
-    finish, _ = await run_to_completion(engine, request, http_request)
-    return JSONResponse(reply.whole(finish), headers=timing_headers(request))
+        return sse_response(reply.stream(engine, requests, body.stops, body.include_usage), requests[0])
+    finishes = await run_many(engine, requests, http_request)
+    return JSONResponse(reply.whole(finishes), headers=timing_headers(requests[0]))
 
 
 def chat_prompt_ids(engine: Engine, messages: list[dict[str, str]]) -> list[int]:
@@ -213,67 +276,159 @@ def openai_text(finish: FinishEvent) -> str:
     return finish.generated_text
 
 
-def usage(finish: FinishEvent) -> dict[str, int]:
-    return {
-        "prompt_tokens": finish.prompt_tokens,
-        "completion_tokens": finish.generated_tokens,
-        "total_tokens": finish.prompt_tokens + finish.generated_tokens,
-    }
+def usage(finishes: list[FinishEvent]) -> dict[str, int]:
+    """The prompt counts once; every choice's tokens count."""
+    prompt = finishes[0].prompt_tokens
+    completion = sum(f.generated_tokens for f in finishes)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 class _Reply:
     """Builds one response's bodies (whole, or as stream chunks) with a shared id and timestamp."""
 
-    def __init__(self, model: str, *, chat: bool) -> None:
+    def __init__(self, model: str, chat: bool, engine: Engine, wants: _Wants, prompt_ids: list[int]) -> None:
         self.model = model
         self.chat = chat
+        self.wants = wants
+        self.prompt_ids = prompt_ids
+        self.decode = engine.tokenizer.decode
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.whole_object = "chat.completion" if chat else "text_completion"
         self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
 
     def _envelope(self, obj: str, choices: list[dict], **extra: Any) -> dict:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices,
-                **extra}  # fmt: skip
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices, **extra}  # fmt: skip
 
-    def whole(self, finish: FinishEvent) -> dict:
-        text, reason = openai_text(finish), openai_finish_reason(finish)
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": reason}
+    def whole(self, finishes: list[FinishEvent]) -> dict:
+        prompt_logprobs = finishes[0].prompt_logprobs
+        choices = []
+        for index, finish in enumerate(finishes):
+            text, reason = openai_text(finish), openai_finish_reason(finish)
+            choice: dict[str, Any] = {"index": index, "logprobs": self._logprobs(finish, prompt_logprobs),
+                                      "finish_reason": reason}  # fmt: skip
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = self.wants.prompt_text + text if self.wants.echo else text
+            choices.append(choice)
+        return self._envelope(self.whole_object, choices, usage=usage(finishes))
+
+    def _logprobs(self, finish: FinishEvent, prompt_logprobs: list[float] | None) -> dict | None:
+        if not self.wants.logprobs:
+            return None
         if self.chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        return self._envelope(self.whole_object, [choice], usage=usage(finish))
-
-    def chunk(self, text: str, finish_reason: str | None = None, *, first: bool = False) -> dict:
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
-        if self.chat:  # the first chunk announces the role; later ones carry content only
-            choice["delta"] = (
-                {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+            return chat_logprobs(
+                [chat_entry(t["id"], t["logprob"], t["top_tokens"], self.decode) for t in finish.tokens]
             )
+        logprobs = CompletionLogprobs(self.decode)
+        if self.wants.echo:
+            logprobs.add_prompt(self.prompt_ids, prompt_logprobs)
+        for t in finish.tokens:
+            logprobs.add(t["id"], t["logprob"], t["top_tokens"])
+        return logprobs.take()
+
+    def chunk(self, index: int, text: str, finish_reason: str | None = None, logprobs: dict | None = None,
+              *, first: bool = False) -> dict:  # fmt: skip
+        choice: dict[str, Any] = {"index": index, "logprobs": logprobs, "finish_reason": finish_reason}
+        if self.chat:  # the role in every delta: TGI's client reads it from each chunk
+            choice["delta"] = {
+                "role": "assistant",
+                "content": text if (text or first) else None,
+                "tool_calls": None,
+            }
         else:
             choice["text"] = text
         return self._envelope(self.chunk_object, [choice])
 
     async def stream(
-        self, engine: Engine, request: GenerationRequest, stops: list[str], include_usage: bool
+        self, engine: Engine, requests: list[GenerationRequest], stops: list[str], include_usage: bool
     ) -> AsyncIterator[str]:
-        """SSE: text chunks (stop sequences held back), a last chunk with ``finish_reason``, the
-        usage chunk if asked for, ``[DONE]``. An error ends the stream as ``{"error": {...}}``."""
+        """SSE: each choice's chunks (interleaved when n > 1), the usage chunk if asked for, ``[DONE]``."""
+        finishes: list[FinishEvent] = []
+        choices = [self._stream_choice(i, engine, r, stops, finishes) for i, r in enumerate(requests)]
+        async for chunk in _merge(choices):
+            yield chunk
+        if include_usage and len(finishes) == len(requests):
+            yield sse(self._envelope(self.chunk_object, [], usage=usage(finishes)))
+        yield "data: [DONE]\n\n"
+
+    async def _stream_choice(
+        self,
+        index: int,
+        engine: Engine,
+        request: GenerationRequest,
+        stops: list[str],
+        finishes: list[FinishEvent],
+    ) -> AsyncIterator[str]:
+        """One choice: text chunks (stop sequences held back), a last chunk with ``finish_reason``.
+
+        With logprobs, every token gives a chunk (its text may be empty while held back) carrying
+        that token's log-probabilities. An error ends the stream as ``{"error": {...}}``.
+        """
         holdback = StopHoldback(stops)
+        completion = CompletionLogprobs(self.decode, len(self.wants.prompt_text) if self.wants.echo else 0)
         if self.chat:
-            yield sse(self.chunk("", first=True))
+            yield sse(self.chunk(index, "", first=True))
+        echo = self.wants.echo and not self.chat
         async for event in stream_events(engine, request):
+            if echo:  # the prompt first; its log-probabilities exist once the prefill ran
+                echo = False
+                yield sse(self.chunk(index, self.wants.prompt_text, logprobs=self._prompt_logprobs(request)))
             if isinstance(event, TokenEvent):
                 piece = holdback.push(event.text)
-                if piece:
-                    yield sse(self.chunk(piece))
+                if self.wants.logprobs:
+                    if self.chat:
+                        logprobs = chat_logprobs(
+                            [chat_entry(event.id, event.logprob, event.top_tokens, self.decode)]
+                        )
+                    else:
+                        completion.add(event.id, event.logprob, event.top_tokens)
+                        logprobs = completion.take()
+                    yield sse(self.chunk(index, piece, logprobs=logprobs))
+                elif piece:
+                    yield sse(self.chunk(index, piece))
             elif isinstance(event, FinishEvent):
-                yield sse(self.chunk(holdback.finish(openai_text(event)), openai_finish_reason(event)))
-                if include_usage:
-                    yield sse(self._envelope(self.chunk_object, [], usage=usage(event)))
+                finishes.append(event)
+                yield sse(self.chunk(index, holdback.finish(openai_text(event)), openai_finish_reason(event)))
             elif isinstance(event, ErrorEvent):
                 yield sse(
                     error_body(ERROR_STATUS.get(event.error_type, 500), event.message, event.error_type)
                 )
-        yield "data: [DONE]\n\n"
+
+    def _prompt_logprobs(self, request: GenerationRequest) -> dict | None:
+        if not self.wants.logprobs:
+            return None
+        prompt = CompletionLogprobs(self.decode)
+        prompt.add_prompt(self.prompt_ids, request.prompt_logprobs)
+        return prompt.take()
+
+
+async def _merge(streams: list[AsyncIterator[str]]) -> AsyncIterator[str]:
+    """Items of several async iterators as they come (n > 1 choices stream together)."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield item
+        return
+    queue: asyncio.Queue[str | None] = asyncio.Queue()
+
+    async def pump(stream: AsyncIterator[str]) -> None:
+        try:
+            async for item in stream:
+                await queue.put(item)
+        finally:
+            await queue.put(None)
+
+    tasks = [asyncio.create_task(pump(s)) for s in streams]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()

@@ -1,8 +1,9 @@
 """Request bodies of the OpenAI-compatible routes, and their translation to ``SamplingParams``.
 
 Unknown fields are ignored (OpenAI clients send many), but fields that would change the answer
-and that loraplex does not implement (``n > 1``, ``logprobs``, ``echo``, tools, penalties...)
-are refused with a 422 naming the field, never silently dropped.
+and that loraplex does not implement (``best_of > 1``, ``suffix``, ``logit_bias``, tools, a
+``response_format`` other than text) are refused with a 422 naming the field, never silently
+dropped. Their schemas say so (``const``/``maxItems``), so the OpenAPI contract matches.
 
 Sampling follows OpenAI, not TGI: ``temperature`` defaults to 1 (sampling); ``temperature: 0``
 is greedy decoding.
@@ -12,44 +13,67 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
 from server.api.schemas import MAX_STOP_SEQUENCES
 from server.engine.sampling import SamplingParams
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_CHOICES = 8  # most choices (n) in one request
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs (OpenAI's limit)
+MAX_COMPLETION_LOGPROBS = 5  # completions' logprobs (OpenAI's limit)
+
+
+def _refuse(message: str):
+    """A wrap validator: values the schema allows pass, others get ``message`` (not pydantic's)."""
+
+    def check(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValueError as exc:
+            raise ValueError(message) from exc
+
+    return check
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     include_usage: bool = False
 
 
 class _OpenAIRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)  # JSON types as the schema states them
 
     model: str = Field(..., description="An adapter id, or the base model's name for no adapter.")
     max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
     temperature: float | None = Field(None, ge=0, le=2, description="0: greedy; default 1.")
     top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass.")
     stop: str | list[str] | None = Field(None, description="Stop sequences, excluded from the text.")
-    seed: int | None = Field(None, ge=0, lt=2**63, description="Same seed, same output.")
-    n: int = Field(1, description="Only 1 is supported.")
-    stream: bool = False
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Same seed, same output.")
+    n: int | None = Field(1, ge=1, le=MAX_CHOICES, description="Choices to generate (seed + i for choice i).")
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    frequency_penalty: float | None = Field(
+        None, ge=-2, le=2, description="logit -= f × count in the output."
+    )
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="logit -= p if in the output.")
+    logit_bias: dict[str, float] | None = Field(None, max_length=0, description="Not supported: {} or null.")
 
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError(
-                f"only n=1 is supported, got {value}; send {value} requests (with different seeds)"
-            )
-        return value
+    _logit_bias = field_validator("logit_bias", mode="wrap")(
+        _refuse("is not supported by loraplex; leave it out")
+    )
+
+    @property
+    def choices(self) -> int:
+        return self.n or 1
 
     @field_validator("stop")
     @classmethod
@@ -61,20 +85,6 @@ class _OpenAIRequest(BaseModel):
             raise ValueError("stop sequences must be non-empty strings")
         return stops
 
-    @field_validator("frequency_penalty", "presence_penalty")
-    @classmethod
-    def _no_penalty(cls, value: float | None) -> float | None:
-        if value not in (None, 0, 0.0):
-            raise ValueError("is not supported by loraplex; leave it out or send 0")
-        return value
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value:
-            raise ValueError("is not supported by loraplex; leave it out")
-        return value
-
     @property
     def stops(self) -> list[str]:
         return self.stop if isinstance(self.stop, list) else []
@@ -83,17 +93,23 @@ class _OpenAIRequest(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
-    def sampling(self, max_new_tokens: int) -> SamplingParams:
+    def sampling(self, max_new_tokens: int, choice: int = 0) -> SamplingParams:
+        """The engine's parameters for choice ``choice`` (seed + choice when a seed is given)."""
         temperature = 1.0 if self.temperature is None else self.temperature
+        seed = None if self.seed is None else (self.seed + choice) % 2**63
+        penalties = {"frequency_penalty": self.frequency_penalty, "presence_penalty": self.presence_penalty}
         if temperature == 0:
-            return SamplingParams(max_new_tokens=max_new_tokens, seed=self.seed, stop=tuple(self.stops))
+            return SamplingParams(
+                max_new_tokens=max_new_tokens, seed=seed, stop=tuple(self.stops), **penalties
+            )
         return SamplingParams(
             max_new_tokens=max_new_tokens,
             do_sample=True,
             temperature=None if temperature == 1.0 else temperature,
             top_p=None if self.top_p in (None, 1.0) else self.top_p,
-            seed=self.seed,
+            seed=seed,
             stop=tuple(self.stops),
+            **penalties,
         )
 
 
@@ -102,23 +118,18 @@ Prompt = str | list[str] | list[int] | list[list[int]]
 
 class CompletionRequest(_OpenAIRequest):
     prompt: Prompt = Field(..., description="One prompt: text, or token ids.")
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
-    logprobs: int | None = None
+    echo: bool | None = Field(False, description="Prepend the prompt to the text (and its logprobs).")
+    suffix: Literal[""] | None = Field(None, description="Insertion is not supported: null or empty.")
+    best_of: Literal[1] | None = Field(None, description="Only 1; use n for several choices.")
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_COMPLETION_LOGPROBS, description="Log-probabilities of the tokens and the top N."
+    )
+
+    _suffix = field_validator("suffix", mode="wrap")(_refuse("suffix (insertion) is not supported"))
+    _best_of = field_validator("best_of", mode="wrap")(_refuse("best_of > 1 is not supported; use n"))
 
     @model_validator(mode="after")
     def _unsupported(self) -> CompletionRequest:
-        if self.echo:
-            raise ValueError("echo=true is not supported; prepend the prompt yourself")
-        if self.suffix:
-            raise ValueError("suffix (insertion) is not supported")
-        if self.best_of not in (None, 1):
-            raise ValueError("best_of > 1 is not supported")
-        if self.logprobs is not None:
-            raise ValueError(
-                "logprobs is not supported on /v1/completions; use POST /generate with details=true"
-            )
         prompt = self.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) and len(prompt) != 1:
             raise ValueError(f"one prompt per request is supported, got {len(prompt)}; send one request each")
@@ -132,14 +143,19 @@ class CompletionRequest(_OpenAIRequest):
         return prompt
 
 
+class ResponseFormatText(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["text"]
+
+
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
@@ -160,23 +176,25 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_OpenAIRequest):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens.")
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    tools: list[Any] | None = None
+    logprobs: bool | None = Field(None, description="Return each token's log-probability.")
+    top_logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="Also the N most likely tokens at each step (implies logprobs).",
+    )
+    tools: list[Any] | None = Field(None, max_length=0, description="Function calling is not supported.")
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormatText | None = Field(None, description="Only text for now.")
 
-    @model_validator(mode="after")
-    def _unsupported(self) -> ChatCompletionRequest:
-        if self.logprobs or self.top_logprobs:
-            raise ValueError(
-                "logprobs is not supported on /v1/chat/completions; use POST /generate with details=true"
-            )
-        if self.tools:
-            raise ValueError("tools (function calling) are not supported")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError("response_format other than text is not supported")
-        return self
+    _tools = field_validator("tools", mode="wrap")(_refuse("tools (function calling) are not supported"))
+    _format = field_validator("response_format", mode="wrap")(
+        _refuse("response_format other than text is not supported yet")
+    )
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return bool(self.logprobs or self.top_logprobs)
 
     @property
     def token_limit(self) -> int | None:

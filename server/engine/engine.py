@@ -45,7 +45,7 @@ from server.engine.lora_linear import BASE_SLOT, Kernel
 from server.engine.lora_model import AdapterSlots
 from server.engine.merge import MergeManager
 from server.engine.outbox import Outbox
-from server.engine.requests import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent
+from server.engine.requests import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent, TopToken
 from server.engine.row import Row
 from server.engine.runner import DecodeInput, ModelRunner, PrefillInput
 from server.engine.sampling import RowSampler, choose_next_tokens
@@ -471,8 +471,10 @@ class Engine:
         total = 0
         for row in self._prefilling:
             remaining = len(row.prefill_ids) - row.prefilled
-            take = min(remaining, budget - total) if chunked else remaining
-            if take <= 0 or (chunks and not chunked and total + take > budget):
+            # prompt log-probabilities are computed over one whole-prompt pass: such a row is not chunked
+            whole = not chunked or _wants_prompt(row)
+            take = remaining if whole else min(remaining, budget - total)
+            if take <= 0 or (chunks and whole and total + take > budget):
                 break
             if not self.runner.can_admit(total + take, len(chunks) + 1):
                 break  # KV memory is short: rows finishing or preemption will make room
@@ -485,22 +487,30 @@ class Engine:
         rows = [row for row, _ in chunks]
         inputs = [
             PrefillInput(
-                row.seq_id, row.prefill_ids[row.prefilled : row.prefilled + take], row.prefilled, slot
+                row.seq_id,
+                row.prefill_ids[row.prefilled : row.prefilled + take],
+                row.prefilled,
+                slot,
+                want_token_logprobs=_wants_prompt(row),
             )
             for (row, take), slot in zip(chunks, self._slots_for(rows), strict=True)
         ]
         try:
-            logits = self.runner.prefill(inputs).logits
+            output = self.runner.prefill(inputs)
         except Exception as exc:
             for row in rows:  # not in the batch yet: _fail_all would not reach them
                 row.request.finished_at = time.perf_counter()
-                row.request.emit(ErrorEvent(f"generation failed: {exc}"))
+                row.request.emit(ErrorEvent(f"generation failed: {exc}", "generation"))
                 self._release(row)
             self.runner.release(r.seq_id for r in rows)
             self._prefilling = [r for r in self._prefilling if r.request.finished_at is None]
             raise
+        logits = output.logits
         done: list[int] = []
         for i, (row, take) in enumerate(chunks):
+            if _wants_prompt(row):  # asked for: the whole prompt was prefilled at once
+                values = output.token_logprobs.get(row.seq_id)
+                row.request.prompt_logprobs = [] if values is None else values.float().tolist()
             row.prefilled += take
             if row.prefilled == len(row.prefill_ids):
                 done.append(i)
@@ -537,9 +547,15 @@ class Engine:
 
     def _advance(self, rows: list[Row], logits: torch.Tensor) -> None:
         """Choose each row's next token, stream it, and finish rows that are done."""
-        tokens, logprobs = choose_next_tokens(logits, [r.sampler for r in rows], [r.seen for r in rows])
+        tokens, logprobs, top = choose_next_tokens(
+            logits,
+            [r.sampler for r in rows],
+            [r.seen for r in rows],
+            generated=[r.generated_ids for r in rows],
+            top_n=[r.request.top_n_tokens for r in rows],
+        )
         now = time.perf_counter()
-        for row, token, logprob in zip(rows, tokens.tolist(), logprobs.tolist(), strict=True):
+        for row, token, logprob, best in zip(rows, tokens.tolist(), logprobs.tolist(), top, strict=True):
             request = row.request
             if request.first_token_at is None:
                 request.first_token_at = now
@@ -549,10 +565,19 @@ class Engine:
                 row.seen = torch.cat([row.seen, tokens.new_tensor([token])])
             special = token in self.special_ids
             text = "" if special else row.detokenizer.add(token)
+            top_tokens = tuple(self._top_token(i, lp) for i, lp in best)
             if request.want_details:
-                row.tokens.append({"id": token, "text": text, "logprob": logprob, "special": special})
-            request.emit(TokenEvent(id=token, text=text, logprob=logprob, special=special))
+                row.tokens.append({"id": token, "text": text, "logprob": logprob, "special": special,
+                                   "top_tokens": top_tokens})  # fmt: skip
+            request.emit(
+                TokenEvent(id=token, text=text, logprob=logprob, special=special, top_tokens=top_tokens)
+            )
             self._maybe_finish(row, token, len(text))
+
+    def _top_token(self, token: int, logprob: float) -> TopToken:
+        """A most-likely alternative, its text decoded alone (as TGI reports them)."""
+        special = token in self.special_ids
+        return TopToken(token, self.tokenizer.decode([token]), logprob, special)
 
     def _maybe_finish(self, row: Row, token: int, new_chars: int) -> None:
         params = row.sampler.params
@@ -579,6 +604,7 @@ class Engine:
                 seed=row.sampler.seed,
                 tokens=row.tokens,
                 stop_at=stop_at,
+                prompt_logprobs=request.prompt_logprobs,
             )
         )
 
@@ -602,10 +628,15 @@ class Engine:
         for row in rows:
             if row.request.finished_at is None:
                 row.request.finished_at = time.perf_counter()
-                row.request.emit(ErrorEvent(message))
+                row.request.emit(ErrorEvent(message, "generation"))
             self._release(row)
         self.runner.release(r.seq_id for r in rows)
         self._rows, self._prefilling = [], []
+
+
+def _wants_prompt(row: Row) -> bool:
+    """Prompt log-probabilities are computed at the first prefill only (not when recomputing)."""
+    return row.request.want_prompt_logprobs and row.request.prompt_logprobs is None
 
 
 def _recompute_ids(request: GenerationRequest, row: Row | None = None) -> list[int]:

@@ -20,11 +20,22 @@ _ids = itertools.count(1)
 
 
 @dataclass(frozen=True)
+class TopToken:
+    """One of the most likely tokens at a position (``top_n_tokens``, ``top_logprobs``)."""
+
+    id: int
+    text: str
+    logprob: float
+    special: bool
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     id: int
     text: str
     logprob: float
     special: bool
+    top_tokens: tuple[TopToken, ...] = ()  # the request's top_n_tokens most likely, when asked
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,8 @@ class FinishEvent:
     seed: int | None
     tokens: list[dict] = field(default_factory=list)
     stop_at: int | None = None  # where the matched stop sequence starts in generated_text
+    # log p(prompt[j] | prompt[:j]) for j >= 1, when the request asked (want_prompt_logprobs)
+    prompt_logprobs: list[float] | None = None
 
 
 @dataclass(frozen=True)
@@ -55,11 +68,14 @@ class GenerationRequest:
     params: SamplingParams
     adapter: LoraAdapter | None  # resolved at submission: a later replace does not affect it
     want_details: bool = False
+    want_prompt_logprobs: bool = False  # log-probabilities of the prompt's tokens (TGI's prefill details)
+    top_n_tokens: int = 0  # report this many most likely tokens at each step (0: none)
     request_id: int = field(default_factory=lambda: next(_ids))
     # events flow from the engine thread to whoever waits (an asyncio queue, or a list in tests)
     sink: Callable[[Event], None] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     preempted_row: Row | None = None  # set while waiting to be recomputed after a preemption
+    prompt_logprobs: list[float] | None = None  # set by the engine at prefill, when asked
     # timings (time.perf_counter seconds)
     submitted_at: float = field(default_factory=time.perf_counter)
     admitted_at: float | None = None

@@ -3,9 +3,14 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
+import text_generation
+import text_generation.types
+import torch
 
 from tests.conftest import make_peft_adapter
 from tests.live_server import start_live_server
@@ -139,15 +144,103 @@ def test_unknown_model_is_404_in_openai_shape(server, client) -> None:
     assert error["param"] == "model" and error["type"] == "invalid_request_error"
 
 
-def test_n_above_one_and_unsupported_fields_are_refused(client) -> None:
+def test_unsupported_fields_are_refused(client) -> None:
     with pytest.raises(openai.UnprocessableEntityError) as info:
-        client.completions.create(model=BASE, prompt=PROMPT, max_tokens=2, n=2)
-    assert "n=1" in info.value.body["message"] and info.value.body["param"] == "n"
+        client.completions.create(model=BASE, prompt=PROMPT, max_tokens=2, n=9)
+    assert info.value.body["param"] == "n"
+    with pytest.raises(openai.UnprocessableEntityError) as info:
+        client.completions.create(model=BASE, prompt=PROMPT, max_tokens=2, best_of=2)
+    assert "best_of" in info.value.body["message"]
+    with pytest.raises(openai.UnprocessableEntityError) as info:
+        client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                       response_format={"type": "json_object"})  # fmt: skip
+    assert "response_format" in info.value.body["message"]
     with pytest.raises(openai.UnprocessableEntityError):
-        client.completions.create(model=BASE, prompt=PROMPT, max_tokens=2, logprobs=2)
+        client.completions.create(model=BASE, prompt=PROMPT, max_tokens=2, logprobs=6)
     with pytest.raises(openai.UnprocessableEntityError) as info:
         client.completions.create(model=BASE, prompt=PROMPT, max_tokens=10_000)
     assert "256" in info.value.body["message"]
+
+
+def test_chat_logprobs_match_generate(server, client, tokenizer) -> None:
+    messages = [{"role": "user", "content": "Hi"}]
+    reply = client.chat.completions.create(model="qv", messages=messages, max_tokens=5, temperature=0,
+                                           logprobs=True, top_logprobs=3, response_format={"type": "text"})  # fmt: skip
+    templated = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    body = {"inputs": templated, "parameters": {"adapter_id": "qv", "max_new_tokens": 5, "details": True}}
+    expected = httpx.post(server.url + "/generate", json=body, timeout=30).json()["details"]["tokens"]
+    content = reply.choices[0].logprobs.content
+    assert [round(c.logprob, 4) for c in content] == [round(t["logprob"], 4) for t in expected]
+    assert [c.token for c in content] == [tokenizer.decode([t["id"]]) for t in expected]
+    for entry in content:  # greedy: the chosen token is the most likely one
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].token == entry.token
+        assert entry.bytes == list(entry.token.encode())
+    chunks = list(client.chat.completions.create(model="qv", messages=messages, max_tokens=5, temperature=0,
+                                                 logprobs=True, stream=True))  # fmt: skip
+    streamed = [
+        c
+        for chunk in chunks
+        for c in (((chunk.choices[0].logprobs or None) and chunk.choices[0].logprobs.content) or [])
+    ]
+    assert [round(c.logprob, 4) for c in streamed] == [round(c.logprob, 4) for c in content]
+
+
+def test_completion_logprobs_and_echo(client, tiny_base, tokenizer) -> None:
+    reply = client.completions.create(
+        model=BASE, prompt=PROMPT, max_tokens=4, temperature=0, logprobs=2, echo=True
+    )
+    choice = reply.choices[0]
+    ids = tokenizer(PROMPT)["input_ids"]
+    assert choice.text.startswith(PROMPT)
+    logprobs = choice.logprobs
+    assert len(logprobs.tokens) == len(ids) + 4 and logprobs.token_logprobs[0] is None
+    with torch.no_grad():
+        logits = tiny_base(torch.tensor([ids])).logits[0].log_softmax(-1)
+    reference = [logits[j, ids[j + 1]].item() for j in range(len(ids) - 1)]
+    assert logprobs.token_logprobs[1 : len(ids)] == pytest.approx(reference, abs=1e-4)
+    assert all(len(top) == 2 for top in logprobs.top_logprobs[len(ids) :])
+    assert logprobs.text_offset[len(ids)] == len(PROMPT)
+    streamed = list(client.completions.create(model=BASE, prompt=PROMPT, max_tokens=4, temperature=0, logprobs=2,
+                                              echo=True, stream=True))  # fmt: skip
+    assert "".join(c.choices[0].text for c in streamed) == choice.text
+    tokens = [t for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert tokens == logprobs.tokens
+
+
+def test_n_choices_stream_and_not(client) -> None:
+    reply = client.completions.create(model="qv", prompt=PROMPT, max_tokens=5, temperature=0.9, seed=3, n=3)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    single = client.completions.create(model="qv", prompt=PROMPT, max_tokens=5, temperature=0.9, seed=4)
+    assert reply.choices[1].text == single.choices[0].text  # choice i samples with seed + i
+    assert (
+        reply.usage.completion_tokens == sum(5 for _ in reply.choices) or reply.usage.completion_tokens <= 15
+    )
+    chunks = list(client.chat.completions.create(
+        model="qv", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0.9, seed=3, n=2,
+        stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    texts = {0: "", 1: ""}
+    for chunk in chunks[:-1]:
+        texts[chunk.choices[0].index] += chunk.choices[0].delta.content or ""
+    whole = client.chat.completions.create(model="qv", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                           temperature=0.9, seed=3, n=2)  # fmt: skip
+    assert texts == {c.index: c.message.content for c in whole.choices}
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_tgi_chat_client(server) -> None:
+    """TGI's own chat client names the model "tgi" and reads role and system_fingerprint from every chunk."""
+    tgi = text_generation.Client(server.url, timeout=30)
+    messages = [text_generation.types.Message(role="user", content="Hi")]
+    reply = tgi.chat(messages=messages, max_tokens=4, temperature=0.0001, seed=1)
+    assert reply.choices[0].message.content
+    chunks = []
+    with pytest.raises(json.JSONDecodeError):  # text-generation 0.7.0 cannot parse OpenAI's closing `[DONE]`
+        for chunk in tgi.chat(messages=messages, max_tokens=4, temperature=0.0001, seed=1, stream=True):
+            chunks.append(chunk)
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        == reply.choices[0].message.content
+    )
 
 
 def test_token_id_prompt(client, tokenizer) -> None:
