@@ -1,6 +1,6 @@
 """Paged KV memory: allocated once at start-up, handed out in fixed-size blocks.
 
-    k_pool, v_pool: [layers, num_blocks, kv_heads, block_size, head_dim]
+    k_pool, v_pool: [layers, num_blocks, block_size, kv_heads, head_dim]
 
     sequence 7:  block table [12, 3, 40]   length 37   (block_size 16: 16 + 16 + 5 used)
     sequence 9:  block table [5]           length 9
@@ -39,7 +39,10 @@ class PagedKVCache:
     ) -> None:
         if num_blocks < 1:
             raise ValueError("the KV memory must hold at least one block")
-        shape = (num_layers, num_blocks, num_kv_heads, block_size, head_dim)
+        # Token-major blocks: a block is one contiguous [block_size, kv_heads, D] piece, so a
+        # sequence's context is gathered with one index_select over whole blocks and read as
+        # [kv_heads, T, D] through a transposed view (no per-head indexing, no second copy).
+        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
         self.k_pool = torch.zeros(shape, dtype=dtype, device=device)
         self.v_pool = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size

@@ -24,10 +24,13 @@ from server.engine.lora_linear import Kernel, LoraBatchContext, LoraSlotBank
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x: [N, hidden]; normalised in float32 and scaled in the input dtype (as Hugging Face does)."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    """x: [N, hidden]; normalised in float32 and scaled in the input dtype (as Hugging Face does).
+
+    ``F.rms_norm`` is one fused kernel (about half the time of the five elementwise ops).
+    """
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
+    return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -65,10 +68,21 @@ def rope_cos_sin(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [N, heads, head_dim], rotated by position (the rotate-half convention)."""
+    """x: [N, heads, head_dim], rotated by position (the rotate-half convention) into a new tensor.
+
+    Hugging Face's ``x·cos + rotate_half(x)·sin`` per half (the two halves of cos and sin are equal):
+    ``out₁ = x₁·c − x₂·s``, ``out₂ = x₂·c + x₁·s``; no concatenated temporary.
+    """
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    c, s = cos[..., :half], sin[..., :half]  # [N, 1, D/2]
+    x1, x2 = x[..., :half], x[..., half:]
+    out = torch.empty_like(x)
+    out1, out2 = out[..., :half], out[..., half:]
+    torch.mul(x1, c, out=out1)
+    out1.addcmul_(x2, s, value=-1)
+    torch.mul(x2, c, out=out2)
+    out2.addcmul_(x1, s)
+    return out
 
 
 class FusedLinear:
@@ -100,13 +114,28 @@ class FusedLinear:
         """Each part's rows of the fused weight (views: merging writes through)."""
         return {name: self.weight[s:e] for name, (s, e) in zip(self.banks, self.spans, strict=True)}
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [N, in] -> [N, out]."""
-        y = F.linear(x, self.weight, self.bias)
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [N, in] -> [N, out_features], written into ``out`` when given (a reused buffer)."""
+        if out is None:
+            y = F.linear(x, self.weight, self.bias)
+        elif self.bias is None:
+            y = torch.mm(x, self.weight.t(), out=out)
+        else:
+            y = torch.addmm(self.bias, x, self.weight.t(), out=out)
+        self._add_lora(x, y)
+        return y
+
+    def add_to(self, x: torch.Tensor, residual: torch.Tensor) -> None:
+        """``residual += x @ W.T (+ b)`` plus the rows' adapters, in place (no output tensor)."""
+        residual.addmm_(x, self.weight.t())
+        if self.bias is not None:
+            residual.add_(self.bias)
+        self._add_lora(x, residual)
+
+    def _add_lora(self, x: torch.Tensor, y: torch.Tensor) -> None:
         ctx = self.ctx
         if ctx.row_slots is not None:
             x3 = x.view(x.shape[0], 1, x.shape[1])  # rows are tokens: [N, 1, in]
             for bank, (s, e) in self._bank_spans:
                 if bank.applies_to(ctx):
                     bank.add_delta(x3, y[:, s:e], ctx)
-        return y

@@ -40,7 +40,7 @@ class AttentionPlan:
     decode: bool  # one token per sequence (batched attention) or prompt chunks (per sequence)
     block_table: torch.Tensor | None = None  # decode: [B, max blocks]
     lengths: torch.Tensor | None = None  # decode: [B] tokens in cache, the new one included
-    beyond: torch.Tensor | None = None  # decode: [B, 1, 1, T] True past each sequence's length
+    attend: torch.Tensor | None = None  # decode: [B, 1, 1, T] True up to each sequence's length
     chunks: list[tuple[int, int, torch.Tensor]] | None = None  # prefill: (start, count, block ids)
 
 
@@ -127,7 +127,6 @@ class LlamaModel:
                     down=fused(mlp, [("down_proj", c.hidden_size)], False),
                 )
             )
-        self._kv_heads = torch.arange(c.num_kv_heads, device=device)
         self.inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling).to(device)
         self.scale = c.head_dim**-0.5
         self.dtype, self.device = dtype, device
@@ -150,50 +149,64 @@ class LlamaModel:
     ) -> torch.Tensor:
         """tokens, positions: [N] -> final hidden states [N, H] (before the LM head)."""
         c = self.config
-        x = F.embedding(tokens, self.embed)  # [N, H]
+        x = F.embedding(tokens, self.embed)  # [N, H]: the residual stream, updated in place
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.dtype)  # [N, 1, D]
         n = tokens.shape[0]
+        # The wide intermediates live in buffers made once per step and reused by every layer: on
+        # the CPU a fresh multi-megabyte tensor per layer costs page faults comparable to a matmul.
+        qkv = x.new_empty(n, c.q_size + 2 * c.kv_size)
+        gate_up = x.new_empty(n, 2 * c.intermediate_size)
+        act = x.new_empty(n, c.intermediate_size)
+        gate, up = gate_up[:, : c.intermediate_size], gate_up[:, c.intermediate_size :]
         for index, layer in enumerate(self.layers):
             h = rms_norm(x, layer.input_norm, c.rms_norm_eps)
-            qkv = layer.qkv(h)  # [N, q + 2 kv]
-            q = qkv[:, : c.q_size].view(n, c.num_heads, c.head_dim)
-            k = qkv[:, c.q_size : c.q_size + c.kv_size].view(n, c.num_kv_heads, c.head_dim)
+            layer.qkv(h, out=qkv)  # [N, q + 2 kv]
+            # q and k are adjacent in the fused output: one rotation for both
+            qk = apply_rope(qkv[:, : c.q_size + c.kv_size].view(n, -1, c.head_dim), cos, sin)
+            q, k = qk[:, : c.num_heads], qk[:, c.num_heads :]  # [N, heads, D], [N, KVH, D]
             v = qkv[:, c.q_size + c.kv_size :].view(n, c.num_kv_heads, c.head_dim)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            k_pool, v_pool = kv.k_pool[index], kv.v_pool[index]  # [blocks, KVH, block, D]
-            k_pool[plan.write_blocks, :, plan.write_offsets] = k
-            v_pool[plan.write_blocks, :, plan.write_offsets] = v
+            k_pool, v_pool = kv.k_pool[index], kv.v_pool[index]  # [blocks, block, KVH, D]
+            k_pool[plan.write_blocks, plan.write_offsets] = k
+            v_pool[plan.write_blocks, plan.write_offsets] = v
             if plan.decode:
                 attn = self._decode_attention(q, k_pool, v_pool, plan)
             else:
                 attn = self._prefill_attention(q, k_pool, v_pool, plan)
-            x = x + layer.o_proj(attn)
+            layer.o_proj.add_to(attn, x)  # x += o_proj(attn)
             h = rms_norm(x, layer.post_norm, c.rms_norm_eps)
-            gate, up = layer.gate_up(h).chunk(2, dim=-1)  # [N, I] each
-            x = x + layer.down(F.silu(gate) * up)
+            layer.gate_up(h, out=gate_up)  # [N, 2 I]
+            torch.mul(F.silu(gate, inplace=True), up, out=act)  # [N, I]
+            layer.down.add_to(act, x)  # x += down(act)
         return rms_norm(x, self.final_norm, c.rms_norm_eps)
 
-    def _gather(self, pool: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
-        """pool: [blocks, KVH, block, D], block_table: [B, nb] -> [B, KVH, nb * block, D] (one copy)."""
-        gathered = pool[block_table[:, None, :], self._kv_heads[None, :, None]]  # [B, KVH, nb, block, D]
-        b, kvh, nb, bs, d = gathered.shape
-        return gathered.view(b, kvh, nb * bs, d)
+    @staticmethod
+    def _gather(pool: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+        """pool: [blocks, block, KVH, D], block_table: [B, nb] -> [B, KVH, nb * block, D].
+
+        One copy of whole blocks (``index_select``); the head-major result is a transposed view.
+        """
+        b, nb = block_table.shape
+        _, bs, kvh, d = pool.shape
+        gathered = pool.index_select(0, block_table.reshape(-1))  # [B * nb, block, KVH, D]
+        return gathered.view(b, nb * bs, kvh, d).transpose(1, 2)
 
     def _decode_attention(
         self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: AttentionPlan
     ) -> torch.Tensor:
         """q: [B, heads, D], one token per sequence -> [B, heads * D]."""
         c = self.config
-        assert plan.block_table is not None and plan.beyond is not None
+        assert plan.block_table is not None and plan.attend is not None
         b = q.shape[0]
         keys = self._gather(k_pool, plan.block_table)  # [B, KVH, T, D]
         values = self._gather(v_pool, plan.block_table)
-        groups = c.num_heads // c.num_kv_heads
-        query = q.view(b, c.num_kv_heads, groups, c.head_dim)  # head h reads KV head h // G
-        scores = torch.matmul(query, keys.transpose(-1, -2)).mul_(self.scale)  # [B, KVH, G, T]
-        scores.masked_fill_(plan.beyond, float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        out = torch.matmul(probs, values)  # [B, KVH, G, D]
+        out = F.scaled_dot_product_attention(
+            q[:, :, None, :],  # [B, heads, 1, D]
+            keys,
+            values,
+            attn_mask=plan.attend,  # [B, 1, 1, T] True where a context position exists
+            scale=self.scale,
+            enable_gqa=True,  # head h reads KV head h // G: K and V are never repeated
+        )  # [B, heads, 1, D]
         return out.reshape(b, c.num_heads * c.head_dim)
 
     def _prefill_attention(
@@ -202,24 +215,22 @@ class LlamaModel:
         """q: [N, heads, D] packed prompt chunks -> [N, heads * D]; causal within each sequence."""
         c = self.config
         assert plan.chunks is not None
-        groups = c.num_heads // c.num_kv_heads
         outputs = []
         first = 0
         for start, count, blocks in plan.chunks:
             total = start + count
-            keys = self._gather(k_pool, blocks[None])[0, :, :total]  # [KVH, total, D]
-            values = self._gather(v_pool, blocks[None])[0, :, :total]
-            query = q[first : first + count].permute(1, 0, 2)  # [heads, count, D]
-            query = query.reshape(c.num_kv_heads, groups * count, c.head_dim)
-            scores = torch.matmul(query, keys.transpose(-1, -2)).mul_(self.scale)  # [KVH, G*count, total]
-            scores = scores.view(c.num_kv_heads, groups, count, total)
-            rows = torch.arange(count, device=q.device)[:, None] + start
-            future = torch.arange(total, device=q.device)[None, :] > rows  # [count, total]
-            scores.masked_fill_(future, float("-inf"))
-            probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-            out = torch.matmul(probs.view(c.num_kv_heads, groups * count, total), values)  # [KVH, G*count, D]
-            out = out.view(c.num_heads, count, c.head_dim).permute(1, 0, 2)  # [count, heads, D]
-            outputs.append(out.reshape(count, c.num_heads * c.head_dim))
+            keys = self._gather(k_pool, blocks[None])[:, :, :total]  # [1, KVH, total, D]
+            values = self._gather(v_pool, blocks[None])[:, :, :total]
+            query = q[first : first + count].transpose(0, 1)[None]  # [1, heads, count, D]
+            if start == 0:  # the chunk is the whole context so far: plain causal attention
+                mask, causal = None, True
+            else:  # a continued prompt: every cached token is visible, the chunk causally
+                rows = torch.arange(count, device=q.device)[:, None] + start
+                mask, causal = torch.arange(total, device=q.device)[None, :] <= rows, False  # [count, total]
+            out = F.scaled_dot_product_attention(
+                query, keys, values, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=True
+            )  # [1, heads, count, D]
+            outputs.append(out[0].transpose(0, 1).reshape(count, c.num_heads * c.head_dim))
             first += count
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 

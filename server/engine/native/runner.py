@@ -170,14 +170,14 @@ class NativeLlamaRunner(ModelRunner):
         block_table = self.kv.block_table(seq_ids, device)  # [B, nb]
         lengths = torch.tensor([p + 1 for p in positions], dtype=torch.long, device=device)
         width = block_table.shape[1] * self.kv.block_size
-        beyond = torch.arange(width, device=device)[None, :] >= lengths[:, None]  # [B, T], once per step
+        attend = torch.arange(width, device=device)[None, :] < lengths[:, None]  # [B, T], once per step
         plan = AttentionPlan(
             write_blocks=torch.tensor(blocks, dtype=torch.long, device=device),
             write_offsets=torch.tensor(offsets, dtype=torch.long, device=device),
             decode=True,
             block_table=block_table,
             lengths=lengths,
-            beyond=beyond[:, None, None, :],
+            attend=attend[:, None, None, :],
         )
         hidden = self._forward([i.token_id for i in inputs], positions, [i.slot for i in inputs], plan)
         return self.model.logits(hidden)
