@@ -91,6 +91,30 @@ def test_prefill_and_decode_logits_equal_hugging_face(arch) -> None:
             torch.testing.assert_close(logits[i], _hf_logits(model, sequences[i])[-1], rtol=1e-4, atol=1e-4)
 
 
+def test_bfloat16_logits_track_hugging_face_in_bfloat16(arch) -> None:
+    """The dtype GPU users serve in: both implementations round differently, so the check is that
+    the native runner is as close to the float32 truth as Hugging Face's own bfloat16 forward."""
+    _, model, path = arch
+    runner = _runner(path, dtype=torch.bfloat16)
+    hf16 = copy.deepcopy(model).to(torch.bfloat16)
+    out = runner.prefill([PrefillInput(i, p, 0, BASE_SLOT) for i, p in enumerate(PROMPTS)])
+    sequences = [list(p) for p in PROMPTS]
+    steps = [out.logits]
+    for step in range(3):
+        nxt = [(5 * step + 11 * i) % 500 + 3 for i in range(len(PROMPTS))]
+        steps.append(runner.decode([DecodeInput(i, t, BASE_SLOT) for i, t in enumerate(nxt)]))
+        for i, token in enumerate(nxt):
+            sequences[i].append(token)
+    for i in range(len(PROMPTS)):
+        for step, logits in enumerate(steps):
+            ids = sequences[i][: len(PROMPTS[i]) + step]
+            truth = _hf_logits(model, ids)[-1]
+            hf_error = (_hf_logits(hf16, ids)[-1].float() - truth).abs().max()
+            native_error = (logits[i].float() - truth).abs().max()
+            assert logits[i].dtype == torch.bfloat16
+            assert native_error <= 2 * hf_error + 1e-2, (i, step, float(native_error), float(hf_error))
+
+
 def test_chunked_prefill_equals_one_shot_and_token_logprobs(arch) -> None:
     _, model, path = arch
     prompt = PROMPTS[2]
