@@ -131,7 +131,7 @@ def create_app(settings: Settings | None = None, loader: BaseLoader = default_lo
         title="loraplex",
         version=__version__,
         lifespan=lifespan,
-        dependencies=[Depends(authorizer(settings)), Depends(refuse_while_draining)],
+        dependencies=[Depends(refuse_while_draining), Depends(authorizer(settings))],
     )
     app.state.drain = Drain(settings.shutdown_timeout)
     app.add_middleware(DrainMiddleware, drain=app.state.drain)

@@ -19,8 +19,6 @@ This module imports no model code (no torch).
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 import time
 from types import FrameType
 
@@ -38,48 +36,39 @@ CANCEL_GRACE_SECONDS = 2.0  # after the timeout: how long cancelled requests get
 
 
 class Drain:
-    """Whether the server is draining, and how many requests that were admitted still run."""
+    """Whether the server is draining, and how many requests that were admitted still run.
+
+    Lock-free on purpose: every method runs on the event loop's thread, and :meth:`begin` runs
+    in the signal handler, which Python also runs on that thread, between two bytecodes of
+    whatever the loop was doing. A lock held there would deadlock; plain attribute writes
+    cannot tear.
+    """
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
         self.draining = False
         self.started_at: float | None = None
-        self._in_flight = 0
-        self._lock = threading.Lock()
-
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
+        self.in_flight = 0
 
     def begin(self) -> None:
         """Stop admitting; the requests in flight now are the ones waited for."""
-        with self._lock:
-            if self.draining:
-                return
-            self.draining = True
+        if not self.draining:
             self.started_at = time.monotonic()
-            running = self._in_flight
-        log.info(
-            "draining: new requests get 503; waiting up to %g s for %d running request(s) (--shutdown-timeout)",
-            self.timeout,
-            running,
-        )
+            self.draining = True
 
     def enter(self) -> bool:
         """Count a request that arrives; False (not counted) when the server is draining."""
-        with self._lock:
-            if self.draining:
-                return False
-            self._in_flight += 1
-            return True
+        if self.draining:
+            return False
+        self.in_flight += 1
+        return True
 
     def leave(self) -> None:
-        with self._lock:
-            self._in_flight -= 1
+        self.in_flight -= 1
 
     def finished(self) -> bool:
         """True once the requests in flight have ended."""
-        return self.draining and self._in_flight == 0
+        return self.draining and self.in_flight == 0
 
     def expired(self) -> bool:
         """True once ``--shutdown-timeout`` has passed since the drain began."""
@@ -123,18 +112,26 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, drain: Drain) -> None:
         super().__init__(config)
         self.drain = drain
+        self._announced = self._announced_force = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Not uvicorn's: that one records the signal to re-raise it after shutdown (exit by signal).
+        # A signal handler: set flags only, on_tick does the rest (and the logging).
         if self.drain.draining:
-            log.warning("%s again: shutting down now without waiting", signal.Signals(sig).name)
-            self.should_exit = self.force_exit = True
+            self.should_exit = self.force_exit = True  # a second signal: stop waiting
             return
-        log.info("%s received", signal.Signals(sig).name)
         self.drain.begin()
 
     async def on_tick(self, counter: int) -> bool:
         if self.drain.draining and not self.should_exit:
+            if not self._announced:
+                self._announced = True
+                log.info(
+                    "shutdown signal: draining; new requests get 503, %d running request(s) get up to %g s "
+                    "(--shutdown-timeout)",
+                    self.drain.in_flight,
+                    self.drain.timeout,
+                )
             if self.drain.finished():
                 log.info("drained: every running request finished; shutting down")
                 self.config.timeout_graceful_shutdown = CANCEL_GRACE_SECONDS  # idle connections only
@@ -147,4 +144,7 @@ class DrainingServer(uvicorn.Server):
                 )
                 self.config.timeout_graceful_shutdown = CANCEL_GRACE_SECONDS
                 self.should_exit = True
+        elif self.force_exit and not self._announced_force:
+            self._announced_force = True
+            log.warning("second shutdown signal: exiting without waiting for running requests")
         return await super().on_tick(counter)
