@@ -75,7 +75,7 @@ def test_sigterm_refuses_new_requests_finishes_running_ones_and_exits_0(servers,
 def test_requests_still_running_at_the_shutdown_timeout_are_cut_off_and_the_exit_is_0(
     servers, tiny_base, tmp_path
 ) -> None:
-    server = servers("--shutdown-timeout", "1")
+    server = servers("--shutdown-timeout", "1", "--upload-timeout", "60")  # the upload outlives the drain
     config, weights = make_adapter(tiny_base, seed=1)
     upload = SlowUpload(server.url, config, weights)  # never finished: still running at the timeout
     wait_until(lambda: _in_flight(server.url) == 2, 10, "the upload to be in flight")  # it + /info
