@@ -7,6 +7,7 @@ Local layout::
 
     <root>/adapters/<id>@<version>/   adapter_config.json + adapter_model.safetensors
     <root>/tmp/<random>/              uploads being written
+    <root>/quarantine/<time>-<key>/   what start-up repair set aside (the entry + REASON.txt)
 
 ``stage`` writes and fsyncs into ``tmp/``; ``commit`` renames into ``adapters/`` and fsyncs the
 directory: a crash leaves either no version or a whole one.
@@ -18,6 +19,7 @@ import contextlib
 import logging
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Protocol
@@ -54,13 +56,18 @@ class BlobBackend(Protocol):
     def clear_staging(self) -> None:
         """Drop uploads that never committed (start-up repair)."""
 
+    def quarantine(self, key: str, reason: str) -> str:
+        """Set the files under ``key`` aside (never served, never deleted) with ``reason``; where to."""
+
 
 class LocalBlobBackend:
     """Adapter files in folders under a local directory."""
 
     def __init__(self, root: Path) -> None:
+        self.root = root
         self.versions_dir = root / "adapters"
         self.tmp_dir = root / "tmp"
+        self.quarantine_dir = root / "quarantine"
         for directory in (self.versions_dir, self.tmp_dir):
             directory.mkdir(parents=True, exist_ok=True)
 
@@ -112,6 +119,24 @@ class LocalBlobBackend:
             remove(leftover)
         fsync_dir(self.tmp_dir)
         fsync_dir(self.versions_dir)
+
+    def quarantine(self, key: str, reason: str) -> str:
+        """Move ``adapters/<key>`` (a folder, or a stray file) to ``quarantine/<time>-<key>/``."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = self.quarantine_dir / f"{stamp}-{key}"
+        suffix = 1
+        while target.exists():
+            suffix += 1
+            target = self.quarantine_dir / f"{stamp}-{key}-{suffix}"
+        target.mkdir(parents=True)
+        source = self.versions_dir / key
+        if source.exists() or source.is_symlink():
+            os.rename(source, target / key)
+        (target / "REASON.txt").write_text(reason + "\n")
+        fsync_dir(target)
+        fsync_dir(self.quarantine_dir)
+        fsync_dir(self.versions_dir)
+        return str(target.relative_to(self.root))
 
 
 def remove(path: Path) -> None:

@@ -5,6 +5,8 @@ Torch-free on purpose: the HTTP layer's error table imports these without loadin
 
 from __future__ import annotations
 
+import errno
+
 
 class AdapterError(ValueError):
     """An adapter that cannot be served; ``error_type`` classifies it for the HTTP layer."""
@@ -43,3 +45,24 @@ class UnknownAdapter(StoreError):
 
 class StoreNotReady(StoreError):
     error_type = "not_ready"
+
+
+class StoreFull(StoreError):
+    """The disk (or quota) ran out while an upload was written; nothing of it was kept."""
+
+    error_type = "insufficient_storage"
+
+
+# errno values that mean "no room to write": no space, quota exceeded, file too large for the fs
+# or for the process's RLIMIT_FSIZE
+STORAGE_FULL_ERRNOS = frozenset(
+    code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EFBIG) if code is not None
+)
+
+
+def is_storage_full(exc: BaseException) -> bool:
+    """True for an OSError or SQLite error that says the disk or quota is full."""
+    if isinstance(exc, OSError) and exc.errno in STORAGE_FULL_ERRNOS:
+        return True
+    # sqlite3.OperationalError (SQLITE_FULL) has no errno; its message is fixed by SQLite
+    return type(exc).__name__ == "OperationalError" and "disk is full" in str(exc)

@@ -2,6 +2,11 @@
 
 The index is the source of truth for what exists: a version's files count only once its row
 is committed (see ``store.py`` for the write order and the start-up repair).
+
+It also lists the blob keys whose files may lie on disk without a row *on purpose*
+(``pending``): a version being committed (between the rename and its row) and a replaced or
+deleted version waiting for its last request. Start-up repair removes those; files without a
+row that are not listed there did not come from this store's writes and are quarantined.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ CREATE TABLE IF NOT EXISTS adapters (
     parameters     INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS pending (folder TEXT PRIMARY KEY);  -- files that may lack a row on purpose
 """
 _COLUMNS = (
     "id, version, folder, sha256, config_sha256, bytes, created_at, rank, lora_alpha, use_rslora, "
@@ -128,17 +134,43 @@ class AdapterIndex:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()
         return (row[0] if row else 0) + 1
 
-    def save(self, record: AdapterRecord, seq: int) -> None:
-        """Insert or replace ``record`` and remember ``seq``, in one transaction."""
+    def save(self, record: AdapterRecord, seq: int, retired: str | None = None) -> None:
+        """Insert or replace ``record`` and remember ``seq``, in one transaction.
+
+        ``record.folder`` stops being pending (it has its row now); ``retired``, the folder of the
+        version it replaces, becomes pending until its files are removed.
+        """
         with self._transaction() as db:
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('seq', ?)", (seq,))
             db.execute(
                 f"INSERT OR REPLACE INTO adapters ({_COLUMNS}) VALUES ({', '.join('?' * 13)})", record._row()
             )
+            db.execute("DELETE FROM pending WHERE folder = ?", (record.folder,))
+            if retired is not None:
+                db.execute("INSERT OR IGNORE INTO pending (folder) VALUES (?)", (retired,))
 
-    def delete(self, adapter_id: str) -> None:
+    def delete(self, adapter_id: str, retired: str | None = None) -> None:
+        """Drop ``adapter_id``'s row; its folder ``retired`` becomes pending in the same transaction."""
         with self._transaction() as db:
             db.execute("DELETE FROM adapters WHERE id = ?", (adapter_id,))
+            if retired is not None:
+                db.execute("INSERT OR IGNORE INTO pending (folder) VALUES (?)", (retired,))
+
+    def add_pending(self, folder: str) -> None:
+        """``folder``'s files are about to appear before their row (a commit's rename)."""
+        with self._transaction() as db:
+            db.execute("INSERT OR IGNORE INTO pending (folder) VALUES (?)", (folder,))
+
+    def forget_pending(self, folders: list[str] | None = None) -> None:
+        """The files of ``folders`` (None: every pending one) are gone."""
+        with self._transaction() as db:
+            if folders is None:
+                db.execute("DELETE FROM pending")
+            else:
+                db.executemany("DELETE FROM pending WHERE folder = ?", [(f,) for f in folders])
+
+    def pending(self) -> set[str]:
+        return {row[0] for row in self._db.execute("SELECT folder FROM pending")}
 
     def close(self) -> None:
         self._db.close()

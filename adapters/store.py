@@ -13,14 +13,21 @@ Layout of a local data dir (one server per data dir: ``.lock`` enforces it)::
 
 Every write is atomic: the files are staged (written and fsynced where readers cannot see them),
 committed under their key (a rename, fsynced), then the index row is written in one
-transaction. A crash at any point leaves either the old state or the new one; start-up
-reconciles what a crash can leave behind:
+transaction. Before the rename the key is marked *pending* in the index; the row's transaction
+clears the mark, and the transaction that replaces or deletes a version marks the old key
+pending until its files are removed. A crash at any point leaves either the old state or the
+new one; start-up reconciles what a crash (or a damaged disk) can leave behind:
 
 - staged uploads are removed (an upload that never finished);
-- an index row whose files are missing (or of the wrong size) is dropped;
-- files without an index row are **removed, not re-indexed**: they are either an upload whose
-  transaction never committed (the client never got a 201) or a replaced/deleted version
-  whose removal was pending, and re-indexing would resurrect a deleted adapter.
+- files without an index row whose key is pending are removed, **not re-indexed**: an upload
+  whose transaction never committed (the client never got a 201) or a replaced/deleted version
+  whose removal was pending; re-indexing would resurrect a deleted adapter;
+- what is corrupt is **quarantined** (moved to ``<data_dir>/quarantine/`` with a REASON.txt,
+  logged as a warning, listed in :attr:`AdapterStore.repairs`), and everything else is served:
+  an index row whose files are missing or of the wrong size (a truncated safetensors) loses its
+  row, and files no row refers to and that no write of this store left (copied in by hand, an
+  index restored from a backup) are set aside rather than deleted.
+- A full disk during an upload raises :class:`StoreFull` (HTTP 507) and keeps nothing of it.
 
 Readers never reach into folders: they call :meth:`AdapterStore.get` (parsed) or
 :meth:`AdapterStore.read_files` (the verified bytes).
@@ -37,8 +44,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import json
 import logging
 import re
+import sqlite3
 import threading
 import weakref
 from collections import Counter
@@ -48,7 +57,15 @@ from pathlib import Path
 
 from adapters.archive import AdapterFiles
 from adapters.blobs import BlobBackend, LocalBlobBackend
-from adapters.errors import AdapterError, AdapterExists, InvalidAdapterId, StoreNotReady, UnknownAdapter
+from adapters.errors import (
+    AdapterError,
+    AdapterExists,
+    InvalidAdapterId,
+    StoreFull,
+    StoreNotReady,
+    UnknownAdapter,
+    is_storage_full,
+)
 from adapters.host_cache import HostCache
 from adapters.index import INDEX_FILE, AdapterIndex, AdapterRecord
 from adapters.peft_format import (
@@ -159,6 +176,7 @@ class AdapterStore:
         self._retired: dict[str, str] = {}  # adapter key -> blob key to delete when its last user ends
         self._load_locks: dict[str, threading.Lock] = {}
         self.disk_loads = 0  # adapters read back from the blob backend into host memory
+        self.repairs: list[dict[str, str]] = []  # what start-up repair set aside, and why
         try:
             self.index = AdapterIndex(self.data_dir / INDEX_FILE)
             self._reconcile()
@@ -207,23 +225,41 @@ class AdapterStore:
             self._lock_file = None
 
     def _reconcile(self) -> None:
-        """Repair what a crash can leave: see the module docstring for the policy."""
+        """Repair what a crash can leave, set aside what is corrupt: see the module docstring."""
         self.blobs.clear_staging()
         kept: dict[str, AdapterRecord] = {}
         for record in self.index.records():
             size = self.blobs.size(record.folder)
-            if size is None or size != record.bytes:
-                problem = "its files are missing" if size is None else f"its files hold {size} bytes"
-                log.warning("dropping adapter %s from the index: %s (the index says %d bytes)",
-                            record.adapter_id, problem, record.bytes)  # fmt: skip
-                self.index.delete(record.adapter_id)
-            else:
+            if size == record.bytes:
                 kept[record.adapter_id] = record
+                continue
+            problem = (
+                "its files are missing"
+                if size is None
+                else f"its files hold {size} bytes, not {record.bytes}"
+            )
+            where = self.blobs.quarantine(
+                record.folder, f"index row of adapter {record.adapter_id!r} dropped at start-up: {problem}.\n"
+                f"the row was: {json.dumps(record.summary())}",
+            )  # fmt: skip
+            log.warning("adapter %s is not served: %s; its row is dropped and what is left went to %s",
+                        record.adapter_id, problem, where)  # fmt: skip
+            self.index.delete(record.adapter_id)
+            self.repairs.append({"key": record.key, "action": "quarantined", "reason": problem, "to": where})
         keys = {r.folder for r in kept.values()}
+        pending = self.index.pending()
         for key in self.blobs.stored_keys():
-            if key not in keys:
-                log.info("removing stored files %s: no index row refers to them", key)
+            if key in keys:
+                continue
+            if key in pending:  # an upload killed before its row, or a version whose removal was pending
+                log.info("removing stored files %s: left by an interrupted write or removal", key)
                 self.blobs.delete(key)
+                continue
+            problem = "no index row refers to it (it was not written by this store)"
+            where = self.blobs.quarantine(key, f"{key}: {problem}")
+            log.warning("%s in the data dir is not served: %s; moved to %s", key, problem, where)
+            self.repairs.append({"key": key, "action": "quarantined", "reason": problem, "to": where})
+        self.index.forget_pending()
         self._records = kept
 
     # ------------------------------------------------------------------ reading
@@ -344,16 +380,29 @@ class AdapterStore:
             del self._users[key]
             blob_key = self._retired.pop(key, None)
         if blob_key is not None:
-            threading.Thread(target=self.blobs.delete, args=(blob_key,), daemon=True).start()
+            threading.Thread(target=self._remove_files, args=(blob_key,), daemon=True).start()
 
     def _retire(self, record: AdapterRecord) -> None:
-        """Forget a version; delete its files now, or when its last running request ends."""
+        """Forget a version (its folder is pending in the index already); delete its files now, or
+        when its last running request ends."""
         self.cache.drop(record.key)
         with self._state:
             if self._users.get(record.key, 0) > 0:
                 self._retired[record.key] = record.folder
                 return
-        self.blobs.delete(record.folder)
+        self._remove_files(record.folder, locked=True)
+
+    def _remove_files(self, blob_key: str, *, locked: bool = False) -> None:
+        """Delete a retired version's files, then its pending mark (a crash between: start-up removes them)."""
+        self.blobs.delete(blob_key)
+        try:
+            if locked:  # the caller holds the write lock
+                self.index.forget_pending([blob_key])
+                return
+            with self._write_lock:
+                self.index.forget_pending([blob_key])
+        except sqlite3.ProgrammingError:  # the store closed meanwhile: start-up clears the mark
+            pass
 
     # ------------------------------------------------------------------ writing
 
@@ -392,16 +441,26 @@ class AdapterStore:
         ):
             return current
         adapter = self.validate(adapter_id, files)
-        staged = self.blobs.stage(files)
-        committed = False
         try:
-            with self._write_lock:
-                record = self._commit(adapter, files, staged, sha, config_sha, replace=replace)
-                committed = True
-                return record
-        finally:
-            if not committed:
-                self.blobs.discard(staged)
+            staged = self.blobs.stage(files)
+            committed = False
+            try:
+                with self._write_lock:
+                    record = self._commit(adapter, files, staged, sha, config_sha, replace=replace)
+                    committed = True
+                    return record
+            finally:
+                if not committed:
+                    self.blobs.discard(staged)
+        except Exception as exc:
+            if not is_storage_full(exc):
+                raise
+            log.error("adapter %s (%d bytes) not stored: the disk is full (%s)", adapter_id, files.size, exc)
+            raise StoreFull(
+                f"the server's disk is full: adapter {adapter_id!r} ({files.size} bytes) was not stored and "
+                "nothing of it was kept; the operator must free space in --data-dir (or delete adapters "
+                "that are no longer needed), then upload again."
+            ) from exc
 
     def _commit(
         self,
@@ -434,9 +493,10 @@ class AdapterStore:
             layers=len(adapter.layers),
             parameters=adapter.num_parameters,
         )
+        self.index.add_pending(record.folder)
         self.blobs.commit(staged, record.folder)
         try:
-            self.index.save(record, seq)
+            self.index.save(record, seq, retired=previous.folder if previous is not None else None)
         except BaseException:
             self.blobs.delete(record.folder)
             raise
@@ -456,7 +516,7 @@ class AdapterStore:
                 raise UnknownAdapter(
                     f"adapter {adapter_id!r} is not stored on this server; list adapters with GET /adapters."
                 )
-            self.index.delete(adapter_id)
+            self.index.delete(adapter_id, retired=record.folder)
             with self._state:
                 del self._records[adapter_id]
             self._retire(record)

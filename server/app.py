@@ -19,6 +19,7 @@ from adapters.archive import read_adapter_dir
 from adapters.store import AdapterStore
 from server import __version__
 from server.api import adapters, admin, analysis, generate, health, openai, prometheus
+from server.api.drain import Drain, DrainMiddleware, refuse_while_draining
 from server.api.errors import install_error_handlers
 from server.api.load_control import QueueGate
 from server.api.middleware import RequestContextMiddleware
@@ -127,9 +128,19 @@ def create_app(settings: Settings | None = None, loader: BaseLoader = default_lo
             store.close()
 
     app = FastAPI(
-        title="loraplex", version=__version__, lifespan=lifespan, dependencies=[Depends(authorizer(settings))]
+        title="loraplex",
+        version=__version__,
+        lifespan=lifespan,
+        dependencies=[Depends(refuse_while_draining), Depends(authorizer(settings))],
     )
-    app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_mb << 20, paths=("/adapters",))
+    app.state.drain = Drain(settings.shutdown_timeout)
+    app.add_middleware(DrainMiddleware, drain=app.state.drain)
+    app.add_middleware(
+        UploadLimitMiddleware,
+        max_bytes=settings.max_upload_mb << 20,
+        paths=("/adapters",),
+        timeout=settings.upload_timeout,
+    )
     app.state.metrics = Metrics(
         lambda: (getattr(app.state, "engine", None), getattr(app.state, "store", None))
     )

@@ -67,6 +67,14 @@ def serve(
         int | None,
         typer.Option(help="Prompt tokens prefilled per engine step (4096); longer prompts are chunked."),
     ] = None,
+    shutdown_timeout: Annotated[
+        float | None,
+        typer.Option(help="On SIGTERM: seconds running requests get to finish before exit (30)."),
+    ] = None,
+    upload_timeout: Annotated[
+        float | None,
+        typer.Option(help="Seconds a client may take to send a whole upload before 408 (300)."),
+    ] = None,
 ) -> None:
     """Start the HTTP server. Each option is also an env var LORAPLEX_<NAME> (flags win)."""
     options = {
@@ -77,11 +85,13 @@ def serve(
         "max_upload_mb": max_upload_mb, "host_cache_mb": host_cache_mb, "max_queue": max_queue,
         "request_timeout": request_timeout, "log_format": log_format, "kernel": kernel, "runner": runner,
         "kv_cache_tokens": kv_cache_tokens, "kv_cache_memory": kv_cache_memory,
-        "max_prefill_tokens": max_prefill_tokens,
+        "max_prefill_tokens": max_prefill_tokens, "shutdown_timeout": shutdown_timeout,
+        "upload_timeout": upload_timeout,
     }  # fmt: skip
     import uvicorn
     from pydantic import ValidationError
 
+    from server.api.drain import DrainingServer
     from server.app import create_app
     from server.config import Settings
     from server.logs import configure_logging
@@ -92,14 +102,19 @@ def serve(
     except ValidationError as exc:
         raise typer.BadParameter(str(exc)) from exc
     configure_logging(settings.log_level, settings.log_format)
-    uvicorn.run(
-        create_app(settings),
+    application = create_app(settings)
+    config = uvicorn.Config(
+        application,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
         log_config=None,  # configure_logging did it: text or JSON, with request ids
         access_log=False,  # RequestContextMiddleware writes the access line, with the request id
     )
+    server = DrainingServer(config, application.state.drain)  # SIGTERM drains, then exits 0
+    server.run()
+    if not server.started:
+        raise typer.Exit(3)  # start-up failed (uvicorn's own exit status for it)
 
 
 @app.command()

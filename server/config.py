@@ -84,6 +84,16 @@ class Settings(BaseSettings):
     request_timeout: float | None = Field(
         None, gt=0, description="Seconds a generation request may take before it is cancelled (504)."
     )
+    shutdown_timeout: float = Field(
+        30.0,
+        ge=0,
+        description="On SIGTERM: seconds running requests get to finish (new ones get 503) before exit.",
+    )
+    upload_timeout: float = Field(
+        300.0,
+        gt=0,
+        description="Seconds a client may take to send an upload's whole body before it is cut off (408).",
+    )
 
     @field_validator("adapter", mode="before")
     @classmethod

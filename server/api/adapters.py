@@ -7,7 +7,8 @@ refusal is ``{"error": message, "error_type": kind}``:
 
     400 bad adapter_id, not multipart, wrong fields     409 id exists (use ?replace=true)
     404 unknown adapter                                 413 body or unpacked archive too large
-    422 invalid archive or adapter (AdapterError)       503 base model still loading
+    408 body slower than --upload-timeout               422 invalid archive or adapter (AdapterError)
+    503 base model still loading, or shutting down      507 disk full: nothing was stored
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import FormData, UploadFile
 
 from adapters.archive import AdapterFiles, read_archive, read_parts
-from adapters.errors import ArchiveError, InvalidAdapterId, StoreNotReady
+from adapters.errors import ArchiveError, InvalidAdapterId, StoreFull, StoreNotReady, is_storage_full
 from adapters.index import AdapterRecord
 from adapters.registry import AdapterRepository
 from adapters.store import check_adapter_id, derive_adapter_id, sha256_hex
@@ -139,6 +140,11 @@ async def _read_form(request: Request) -> FormData:
     try:
         return await request.form(**_FORM_LIMITS)
     except Exception as exc:  # malformed multipart, too many parts, client gone (413 overrides the answer)
+        if is_storage_full(exc) or is_storage_full(exc.__cause__ or exc.__context__ or exc):
+            raise StoreFull(
+                "the server's disk is full: the upload could not be received and nothing of it was kept; "
+                "the operator must free space (the temporary directory and --data-dir), then upload again."
+            ) from exc
         detail = getattr(exc, "detail", None) or str(exc) or type(exc).__name__
         raise ApiError(
             400, f"the body is not valid multipart/form-data ({detail}); {_USAGE}", "invalid_multipart"

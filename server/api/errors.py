@@ -11,6 +11,7 @@ the OpenAI routes (``server.api.openai``), with the same status either way.
     UnknownAdapter                       404      adapter_not_found
     AdapterExists                        409      adapter_exists
     StoreNotReady                        503      not_ready
+    StoreFull (disk or quota full)       507      insufficient_storage
     StoreError (any other)               400      its own
     ArchiveError too_large               413      too_large
     ArchiveError invalid_upload          400      invalid_upload
@@ -18,6 +19,11 @@ the OpenAI routes (``server.api.openai``), with the same status either way.
     RequestRejected                      422      validation
     RequestValidationError               422      validation
     HTTPException                        its own  http
+
+Raised as ApiError by the app-wide rules, built here so the statuses stay in this one table:
+
+    shutting_down()   (SIGTERM drain)    503      shutting_down, Retry-After
+    upload_timed_out() (slow body)       408      upload_timeout
 
 This module imports no model code (no torch): a test checks it.
 """
@@ -37,6 +43,7 @@ from adapters.errors import (
     ArchiveError,
     InvalidAdapterId,
     StoreError,
+    StoreFull,
     StoreNotReady,
     UnknownAdapter,
 )
@@ -61,6 +68,7 @@ STORE_STATUS: dict[type[StoreError], int] = {
     UnknownAdapter: 404,
     AdapterExists: 409,
     StoreNotReady: 503,
+    StoreFull: 507,
 }
 ARCHIVE_STATUS = {"too_large": 413, "invalid_upload": 400}
 HANDLED: tuple[type[Exception], ...] = (
@@ -99,6 +107,28 @@ def adapter_not_found(adapter_id: str) -> ApiError:
         f"adapter {adapter_id!r} is not known to this server; list adapters with GET /adapters "
         "or upload it with POST /adapters.",
         "adapter_not_found",
+    )
+
+
+def shutting_down(retry_after: int) -> ApiError:
+    """A request that arrived after SIGTERM (see ``server.api.drain``)."""
+    return ApiError(
+        503,
+        f"the server is shutting down and takes no new requests; retry in {retry_after} s (against the "
+        "restarted server or another replica).",
+        "shutting_down",
+        headers={"Retry-After": str(retry_after)},
+    )
+
+
+def upload_timed_out(seconds: float, received: int) -> ApiError:
+    """An upload whose body did not arrive within ``--upload-timeout`` (a stalled or trickling client)."""
+    return ApiError(
+        408,
+        f"the upload's body did not arrive within {seconds:g} s (--upload-timeout; {received} bytes came); "
+        "the connection is closed. Send the whole body at once, from a faster link, or ask the operator "
+        "to raise --upload-timeout.",
+        "upload_timeout",
     )
 
 

@@ -22,6 +22,9 @@ async def health(request: Request) -> JSONResponse:
     error = getattr(request.app.state, "load_error", None)
     if error is not None:
         return JSONResponse({"status": "failed", "error": error}, status_code=503)
+    drain = getattr(request.app.state, "drain", None)
+    if drain is not None and drain.draining:  # balancers: send new traffic elsewhere
+        return JSONResponse({"status": "draining"}, status_code=503, headers=drain.refusal().headers)
     if engine is None or not engine.running:
         return JSONResponse({"status": "loading"}, status_code=503)
     return JSONResponse({"status": "ok"})
@@ -39,7 +42,9 @@ def _kv_cache(engine: Engine) -> dict:
 
 
 @router.get("/info")
-async def info(engine: EngineDep, base: BaseDep, registry: RegistryDep, settings: SettingsDep) -> dict:
+async def info(
+    request: Request, engine: EngineDep, base: BaseDep, registry: RegistryDep, settings: SettingsDep
+) -> dict:
     return {
         "version": __version__,
         "model": base.name,
@@ -62,6 +67,14 @@ async def info(engine: EngineDep, base: BaseDep, registry: RegistryDep, settings
         },
         "adapters": registry.ids(),
         "adapters_loaded": [key.partition("@")[0] for key in engine.slots.resident_keys],
+        "adapter_slot_users": engine.slots.in_use,
         "running_requests": engine.num_running,
         "waiting_requests": engine.num_waiting,
+        "http_requests_in_flight": _in_flight(request),
     }
+
+
+def _in_flight(request: Request) -> int | None:
+    """HTTP requests being answered (uploads and streams to their last byte), this one included."""
+    drain = getattr(request.app.state, "drain", None)
+    return drain.in_flight if drain is not None else None

@@ -47,7 +47,7 @@ def route_statuses(method: str, path: str, operation: dict[str, Any]) -> set[int
     if path.startswith("/adapters"):
         codes |= {400, 404}  # a malformed or unknown adapter id
     if method == "POST" and path.startswith("/adapters"):
-        codes |= {409, 413}  # the id exists; the upload is too large
+        codes |= {408, 409, 413, 507}  # too slow; the id exists; too large; the disk is full
     if path in GENERATION_ROUTES:
         codes |= {404, 422, 424, 429, 504}
     return codes

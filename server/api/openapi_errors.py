@@ -25,8 +25,11 @@ DESCRIPTIONS = {
     429: "Over --max-queue (error_type `overloaded`); retry after `Retry-After` seconds",
     499: "The client went away before the answer",
     500: "Internal error",
-    503: "The model is still loading (error_type `not_ready`)",
+    408: "The upload's body did not arrive within --upload-timeout (error_type `upload_timeout`)",
+    503: "The model is still loading (error_type `not_ready`), or the server is shutting down "
+    "(error_type `shutting_down`, retry after `Retry-After` seconds)",
     504: "Over --request-timeout (error_type `timeout`)",
+    507: "The disk is full: the upload was not stored (error_type `insufficient_storage`)",
 }
 
 

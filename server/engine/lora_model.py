@@ -44,6 +44,11 @@ class AdapterSlots:
     def resident_keys(self) -> list[str]:
         return list(self._resident)
 
+    @property
+    def in_use(self) -> int:
+        """Running rows holding a slot (each row counts once): 0 whenever the engine is idle."""
+        return sum(r.in_use for r in list(self._resident.values()))  # list(): read from other threads
+
     def can_acquire(self, key: str) -> bool:
         """True when the adapter is resident or a slot is free or evictable."""
         if key in self._resident or len(self._resident) < self.capacity:

@@ -9,92 +9,14 @@ listed adapters' folders and no staging leftovers.
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
-import pytest
 
 from tests.adapter_files import CONFIG, WEIGHTS, files_parts, make_adapter
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class ServerProcess:
-    def __init__(self, model_dir: Path, data_dir: Path, log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "LORAPLEX_MAX_UPLOAD_MB": "64"}
-        command = [
-            *(sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)),
-            *("--model", str(model_dir), "--data-dir", str(data_dir), "--log-level", "warning"),
-            *("--cache-dir", str(data_dir.parent / "cache")),
-        ]
-        self.log = log.open("ab")
-        self.proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while True:
-            assert self.proc.poll() is None, f"server exited: {log.read_text()[-3000:]}"
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"server did not start: {log.read_text()[-3000:]}"
-            time.sleep(0.1)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-        self.log.close()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
-        self.log.close()
-
-
-@pytest.fixture
-def model_dir(tiny_base, tokenizer, tmp_path) -> Path:
-    path = tmp_path / "tiny-model"
-    tiny_base.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture
-def servers(model_dir, tmp_path) -> Iterator:
-    started: list[ServerProcess] = []
-
-    def start() -> ServerProcess:
-        server = ServerProcess(model_dir, tmp_path / "data", tmp_path / "server.log")
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        if server.proc.poll() is None:
-            server.kill()
+from tests.server_process import SlowUpload
 
 
 def generate(url: str, adapter_id: str) -> str:
@@ -102,28 +24,6 @@ def generate(url: str, adapter_id: str) -> str:
     r = httpx.post(url + "/generate", json=body, timeout=30)
     assert r.status_code == 200, r.text
     return r.json()["generated_text"]
-
-
-def start_slow_upload(url: str, config: bytes, weights: bytes) -> socket.socket:
-    """Send the headers and about half of a multipart body, then stall (a slow client)."""
-    boundary = "slowboundary"
-    part = 'Content-Disposition: form-data; name="files"; filename="{}"\r\n\r\n'
-    body = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="adapter_id"\r\n\r\nslow\r\n'
-        f"--{boundary}\r\n{part.format(CONFIG)}".encode()
-        + config
-        + f"\r\n--{boundary}\r\n{part.format(WEIGHTS)}".encode()
-        + weights
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    port = int(url.rsplit(":", 1)[1])
-    sock = socket.create_connection(("127.0.0.1", port))
-    head = (
-        "POST /adapters HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-        f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode()
-    sock.sendall(head + body[: len(body) // 2])
-    return sock
 
 
 def test_sigkill_during_uploads_leaves_a_consistent_store(servers, tiny_base, tmp_path) -> None:
@@ -134,7 +34,7 @@ def test_sigkill_during_uploads_leaves_a_consistent_store(servers, tiny_base, tm
     early_text = generate(server.url, "early")
 
     big_config, _ = make_adapter(tiny_base, seed=2)
-    slow = start_slow_upload(server.url, big_config, b"\0" * (8 << 20))
+    slow = SlowUpload(server.url, big_config, b"\0" * (8 << 20))
 
     acked: list[str] = []
     stop = threading.Event()

@@ -64,12 +64,14 @@ def test_no_keys_is_open_and_empty_keys_are_unset() -> None:
 
 
 def test_api_modules_that_run_no_model_do_not_import_torch() -> None:
-    """Auth, load control and the error table stay light: importing them loads no model code."""
+    """Auth, load control, the drain, the upload limits and the error table stay light: importing
+    them loads no model code."""
     import subprocess
     import sys
 
     code = (
-        "import sys, server.api.security, server.api.load_control, server.api.errors; "
+        "import sys, server.api.security, server.api.load_control, server.api.errors, server.api.drain, "
+        "server.api.upload_limit; "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

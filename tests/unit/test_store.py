@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import sqlite3
@@ -14,7 +15,14 @@ import pytest
 import torch
 
 from adapters.archive import AdapterFiles
-from adapters.errors import AdapterError, AdapterExists, InvalidAdapterId, StoreNotReady, UnknownAdapter
+from adapters.errors import (
+    AdapterError,
+    AdapterExists,
+    InvalidAdapterId,
+    StoreFull,
+    StoreNotReady,
+    UnknownAdapter,
+)
 from adapters.host_cache import HostCache, adapter_nbytes
 from adapters.peft_format import LoraAdapter, LoraConfigSpec, LoraLayerWeights
 from adapters.store import AdapterStore, DataDirLocked, check_adapter_id, derive_adapter_id
@@ -184,12 +192,102 @@ def test_reconcile_after_a_crash(open_store, files, tmp_path) -> None:
     weights = data / "adapters" / short.folder / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4])  # a row whose files are the wrong size
 
+    stray = data / "adapters" / "notes.safetensors"  # a file no index row refers to
+    stray.write_bytes(b"copied in by hand")
+
     store = open_store()
     assert store.ids() == ["keep"]
     assert folders(store) == [keep.folder] and not list(store.blobs.tmp_dir.iterdir())
     assert store.get("keep") is not None
     rows = sqlite3.connect(data / "index.sqlite3").execute("SELECT id FROM adapters").fetchall()
     assert rows == [("keep",)]
+    # what is bad was set aside, not deleted, and each is listed with its reason
+    assert sorted(r["key"] for r in store.repairs) == sorted(
+        [gone.key, short.key, "orphan@v99-00000000", "notes.safetensors"]
+    )
+    quarantined = {p.name.split("-", 1)[1]: p for p in (data / "quarantine").iterdir()}
+    assert sorted(quarantined) == sorted([gone.folder, short.folder, orphan.name, stray.name])
+    assert (quarantined[short.folder] / short.folder / "adapter_model.safetensors").stat().st_size > 0
+    reason = (quarantined[short.folder] / "REASON.txt").read_text()
+    assert f"its files hold {short.bytes - 4} bytes, not {short.bytes}" in reason
+    assert "files are missing" in (quarantined[gone.folder] / "REASON.txt").read_text()
+    assert (quarantined[stray.name] / stray.name).read_bytes() == b"copied in by hand"
+    assert "no index row" in (quarantined[stray.name] / "REASON.txt").read_text()
+
+
+def test_files_left_by_an_interrupted_commit_or_removal_are_removed_not_quarantined(
+    open_store, files, tmp_path, monkeypatch
+) -> None:
+    store = open_store()
+    old = store.put("a", files(seed=1))
+    # killed between the commit's rename and its row: the key is pending, the row never came
+    monkeypatch.setattr(store.index, "save", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(store.blobs, "delete", lambda key: None)  # (the process died: no clean-up)
+    with pytest.raises(KeyboardInterrupt):
+        store.put("b", files(seed=2))
+    monkeypatch.undo()
+    # killed between a delete's transaction and the removal of its files: its key stays pending
+    monkeypatch.setattr(store, "_remove_files", lambda key, locked=False: None)
+    store.delete("a")
+    monkeypatch.undo()
+    assert len(folders(store)) == 2 and len(store.index.pending()) == 2
+    store.close()
+
+    store = open_store()
+    assert store.ids() == [] and folders(store) == [] and store.repairs == []
+    assert not (tmp_path / "data" / "quarantine").exists()
+    assert store.index.pending() == set()
+    assert old.key not in store.cache
+
+
+def test_a_full_disk_while_writing_an_upload_keeps_nothing_and_the_store_goes_on(
+    open_store, files, monkeypatch
+) -> None:
+    import adapters.blobs
+
+    store = open_store()
+    store.put("a", files(seed=1))
+    real_open = open
+
+    class HalfWrite:
+        """A file whose writes stop halfway with ENOSPC, as on a full disk."""
+
+        def __init__(self, path, mode):
+            self.f = real_open(path, mode)
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(adapters.blobs, "open", HalfWrite, raising=False)
+    with pytest.raises(StoreFull, match=r"disk is full: adapter 'b' .* nothing of it was kept"):
+        store.put("b", files(seed=2))
+    with pytest.raises(StoreFull):
+        store.put("a", files(seed=3), replace=True)
+    monkeypatch.undo()
+
+    def index_full(*args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(store.index, "save", index_full)
+    with pytest.raises(StoreFull):
+        store.put("b", files(seed=2))
+    monkeypatch.undo()
+
+    assert store.ids() == ["a"] and len(folders(store)) == 1 and not list(store.blobs.tmp_dir.iterdir())
+    assert store.get("a") is not None
+    assert store.put("b", files(seed=2)).adapter_id == "b"
+    store.close()
+    assert open_store().ids() == ["a", "b"]
 
 
 def test_a_failed_commit_leaves_nothing(open_store, files, monkeypatch) -> None:
