@@ -89,3 +89,18 @@ def test_requests_still_running_at_the_shutdown_timeout_are_cut_off_and_the_exit
     assert not list((tmp_path / "data" / "tmp").iterdir())
     rows = sqlite3.connect(tmp_path / "data" / "index.sqlite3").execute("SELECT id FROM adapters").fetchall()
     assert rows == []
+
+
+def test_a_second_signal_exits_without_waiting_for_the_drain(servers, tiny_base) -> None:
+    server = servers("--shutdown-timeout", "60", "--upload-timeout", "120", "--log-level", "info")
+    config, weights = make_adapter(tiny_base, seed=1)
+    upload = SlowUpload(server.url, config, weights)  # would hold the drain open for 60 s
+    wait_until(lambda: _in_flight(server.url) == 2, 10, "the upload to be in flight")  # it + /info
+    server.signal(signal.SIGTERM)
+    wait_until(lambda: _draining(server.url), 10, "/health to say draining")
+    started = time.monotonic()
+    server.signal(signal.SIGTERM)
+    server.proc.wait(30)
+    assert time.monotonic() - started < 20  # well short of the 60 s drain
+    upload.close()
+    assert "second shutdown signal: exiting without waiting for running requests" in server.log_text()
