@@ -26,9 +26,8 @@ from server.metrics import Metrics
 GENERATION_ROUTES = frozenset(
     {"/", "/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions"}
 )
-QUIET_ROUTES = frozenset(
-    {"/health", "/metrics", "/info"}
-)  # polled (machines, the console's live view): debug level
+# Polled (by machines, by the console's live view every second): access-logged at debug level.
+QUIET_ROUTES = frozenset({"/health", "/metrics", "/info"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 access_log = logging.getLogger("loraplex.access")
