@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -24,10 +24,14 @@ CONTENT_SECURITY_POLICY = (
     "object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 )
 
-router = APIRouter(include_in_schema=False)
+router = APIRouter(tags=["console"])
 
 
-@router.get("/")
+@router.get(
+    "/",
+    response_class=HTMLResponse,
+    responses={200: {"description": "The web console's page", "content": {"text/html": {}}}},
+)
 async def console_page() -> FileResponse:
     """The console's single page (``POST /`` stays TGI's generation route)."""
     return FileResponse(

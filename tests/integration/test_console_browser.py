@@ -242,6 +242,8 @@ def test_playground_streams_base_and_two_adapters_side_by_side(console: Console,
         assert int(meta.split()[0]) >= 2, meta
     peak = re.search(r"^loraplex_peak_batch_size (\S+)$", httpx.get(server + "/metrics").text, re.M)
     assert peak and float(peak.group(1)) >= 3  # the three were decoded in one batch
+    expect(page.locator("#pg-batch")).to_contain_text("peak server batch during this run")
+    assert int(page.locator("#pg-batch").get_attribute("data-peak")) >= 2  # polled twice a second
     console.screenshot("playground")
 
     # The requests shown as Python run as shown and give the same (greedy) answers.

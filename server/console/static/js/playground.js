@@ -3,7 +3,7 @@
 // requests go to /v1/chat/completions (model = adapter id or the base model's name); without it
 // the prompt is sent as is to /generate_stream (parameters.adapter_id).
 
-import { getKey, streamEvents } from "./api.js";
+import { api, getKey, streamEvents } from "./api.js";
 import { $, el, showError } from "./ui.js";
 import { state } from "./state.js";
 
@@ -98,10 +98,41 @@ async function run() {
   $("#pg-stop").disabled = false;
   const panels = p.models.map((model) => answerPanel(model));
   $("#pg-outputs").replaceChildren(...panels.map((x) => x.node));
+  const batch = watchBatch();
   await Promise.all(panels.map((panel) => stream(panel, requestFor(panel.model, p), p.chat, controller.signal)));
+  batch.stop();
   if (running === controller) running = null;
   $("#pg-run").disabled = false;
   $("#pg-stop").disabled = true;
+}
+
+/** While the answers stream, GET /info twice a second: the server's batch, and its peak. */
+function watchBatch() {
+  const line = $("#pg-batch");
+  let peak = 0;
+  let stopped = false;
+  const tick = async () => {
+    try {
+      const info = await api("/info");
+      if (stopped) return;
+      peak = Math.max(peak, info.running_requests);
+      line.textContent = `server batch: ${info.running_requests} running, ${info.waiting_requests} waiting · peak during this run: ${peak}`;
+      line.dataset.peak = String(peak);
+    } catch {
+      // the answers show any refusal; this line only stops updating
+    }
+  };
+  line.textContent = "";
+  delete line.dataset.peak;
+  tick();
+  const timer = setInterval(tick, 500);
+  return {
+    stop() {
+      stopped = true;
+      clearInterval(timer);
+      if (peak) line.textContent = `peak server batch during this run: ${peak} requests decoded together`;
+    },
+  };
 }
 
 function answerPanel(model) {
