@@ -309,6 +309,11 @@ def test_analysis_charts_are_drawn_from_the_analysis(console: Console, server: s
     assert tooltip.startswith("σ₁/σ_max(W) = "), tooltip
     console.screenshot("analysis")
 
+    page.fill("#an-layers", r"v_proj$")  # a regex restricts the layers
+    page.click("#an-load")
+    expect(page.locator("#an-status")).to_contain_text("30 layers")
+    assert sum(console.chart("#an-effrank")["points"]) == 30
+
 
 def test_compare_two_adapters_heat_map(console: Console, server: str) -> None:
     page = console.open("compare/caps/pirate")
@@ -372,7 +377,7 @@ def test_live_view_follows_a_running_request(console: Console, server: str) -> N
     before = int(page.locator("[data-stat=generated] .value").inner_text())
     body = {
         "inputs": "Count from one to one hundred:",
-        "parameters": {"adapter_id": "pirate", "max_new_tokens": 48, "ignore_eos": True},
+        "parameters": {"adapter_id": "pirate", "max_new_tokens": 64, "ignore_eos": True},
     }
     worker = threading.Thread(target=lambda: httpx.post(server + "/generate", json=body, timeout=120))
     worker.start()
@@ -380,12 +385,14 @@ def test_live_view_follows_a_running_request(console: Console, server: str) -> N
         expect(page.locator("[data-stat=running] .value")).to_have_text("1")
         expect(page.locator("[data-stat=tps] .value")).not_to_have_text("0")
         expect(page.locator("#live-resident")).to_contain_text("pirate")
+        while worker.is_alive() and console.chart("#live-tps")["points"][0] < 6:  # a few seconds charted
+            page.wait_for_timeout(250)
         console.screenshot("live")
     finally:
         worker.join(120)
     expect(page.locator("[data-stat=running] .value")).to_have_text("0")
     after = int(page.locator("[data-stat=generated] .value").inner_text())
-    assert after - before >= 48
+    assert after - before >= 64
     tps = console.chart("#live-tps")
     assert tps["points"][0] >= 3 and max(tps["values"]) > 0
 

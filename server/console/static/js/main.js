@@ -44,7 +44,7 @@ function showKeyState() {
 
 function openKeyDialog(reason) {
   const dialog = $("#key-dialog");
-  if (reason) $("#key-reason").textContent = reason;
+  $("#key-reason").textContent = reason || "Give the key this server was started with (LORAPLEX_API_KEY or LORAPLEX_ADMIN_KEY).";
   $("#key-input").value = "";
   if (!dialog.open) dialog.showModal();
   $("#key-input").focus();
@@ -71,10 +71,7 @@ function initKeyDialog() {
   window.addEventListener("loraplex:refused", (event) => {
     const err = event.detail;
     if (err.status === 401) {
-      openKeyDialog(
-        `${err.admin ? "This admin action" : "This server"} needs a key: ${err.message} ` +
-          "The key is kept in this tab only and sent as a Bearer token.",
-      );
+      openKeyDialog(`${err.admin ? "This admin action was" : "The server"} refused (401): ${err.message}`);
     }
   });
   showKeyState();
