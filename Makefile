@@ -24,6 +24,10 @@ $(STAMP): pyproject.toml Makefile
 	# The TGI and LoRAX clients, for the tests: they pin huggingface-hub<1.0 (which would pull
 	# transformers back to 4.x) but their own code needs only aiohttp, pydantic and requests.
 	$(PIP) install -q --no-deps $(TGI_CLIENTS)
+	# The web console's browser tests drive Debian's chromium (never a browser Playwright downloads).
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium fonts-liberation; } || \
+	  echo "chromium is missing: the console's browser tests need it (README, Console)"
 	touch $(STAMP)
 
 serve: setup

@@ -27,6 +27,7 @@ from server.api.openapi_contract import install_openapi_contract
 from server.api.security import authorizer, warn_if_open
 from server.api.upload_limit import UploadLimitMiddleware
 from server.config import Settings
+from server.console import install_console
 from server.engine.base_model import LoadedBase, choose_runner, load_base, load_native, model_dir_of
 from server.engine.engine import Engine, EngineConfig
 from server.metrics import Metrics
@@ -158,5 +159,6 @@ def create_app(settings: Settings | None = None, loader: BaseLoader = default_lo
     app.include_router(adapters.router)
     app.include_router(openai.router)
     app.include_router(prometheus.router)
+    install_console(app)  # GET / (the web console) and /console/static/*
     install_openapi_contract(app, settings.max_total_tokens)
     return app

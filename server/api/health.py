@@ -54,6 +54,7 @@ async def info(
         "mode": settings.mode,
         "merged_adapter": engine.merged_adapter_id,
         "swaps": engine.stats.swaps,
+        "generated_tokens": engine.stats.generated_tokens,
         "kernel": engine.config.kernel,
         "runner": engine.runner.name,
         "kv_cache": _kv_cache(engine),

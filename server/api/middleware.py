@@ -26,7 +26,8 @@ from server.metrics import Metrics
 GENERATION_ROUTES = frozenset(
     {"/", "/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions"}
 )
-QUIET_ROUTES = frozenset({"/health", "/metrics"})  # polled by machines: access-logged at debug level
+# Polled (by machines, by the console's live view every second): access-logged at debug level.
+QUIET_ROUTES = frozenset({"/health", "/metrics", "/info"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 access_log = logging.getLogger("loraplex.access")
@@ -51,7 +52,7 @@ class RequestContextMiddleware:
             return
         started = time.perf_counter()
         path = scope["path"].rstrip("/") or "/"
-        generation = path in GENERATION_ROUTES
+        generation = path in GENERATION_ROUTES and scope["method"] == "POST"  # GET / is the console
         context = RequestContext(
             request_id=_request_id(scope),
             route=path,

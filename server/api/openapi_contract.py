@@ -35,7 +35,7 @@ _HTTP_METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
 
 def route_statuses(method: str, path: str, operation: dict[str, Any]) -> set[int]:
     """The error statuses ``method path`` can answer, from the app-wide rules."""
-    if path in OPEN_PATHS:
+    if path in OPEN_PATHS or required_access(method, path) == "open":  # /health, the console's page
         return set()
     codes = {401, 503}  # a key may be required; the base model or the store may still be loading
     if required_access(method, path) == "admin":
@@ -48,7 +48,7 @@ def route_statuses(method: str, path: str, operation: dict[str, Any]) -> set[int
         codes |= {400, 404}  # a malformed or unknown adapter id
     if method == "POST" and path.startswith("/adapters"):
         codes |= {408, 409, 413, 507}  # too slow; the id exists; too large; the disk is full
-    if path in GENERATION_ROUTES:
+    if path in GENERATION_ROUTES and method == "POST":
         codes |= {404, 422, 424, 429, 504}
     return codes
 

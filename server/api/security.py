@@ -4,6 +4,7 @@ Keys are Bearer tokens (``Authorization: Bearer <key>``), compared in constant t
 
     route                                             needs
     /health, /metrics                                 nothing (always open)
+    GET / and /console/* (the web console's files)    nothing (its data calls carry the key)
     /admin/*, and /adapters* except GET/HEAD          the admin key (LORAPLEX_ADMIN_KEY)
     everything else (generation, GET /adapters, ...)  the API key or the admin key
 
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 Access = Literal["open", "read", "admin"]
 OPEN_PATHS = frozenset({"/health", "/metrics"})
+CONSOLE_PREFIX = "/console/"  # the web console's static files (server.console): no data in them
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
@@ -40,6 +42,8 @@ def required_access(method: str, path: str) -> Access:
     path = path.rstrip("/") or "/"
     if path in OPEN_PATHS:
         return "open"
+    if method.upper() in READ_METHODS and (path == "/" or path.startswith(CONSOLE_PREFIX)):
+        return "open"  # the console's page and files; POST / (generation) is not
     if path == "/admin" or path.startswith("/admin/"):
         return "admin"
     if (path == "/adapters" or path.startswith("/adapters/")) and method.upper() not in READ_METHODS:

@@ -76,6 +76,7 @@ class EngineStats:
     swaps: int = 0
     swap_seconds: float = 0.0
     preemptions: int = 0  # rows whose KV memory was taken back and recomputed later
+    generated_tokens: int = 0  # tokens sampled since start (all rows, prefill's first tokens too)
 
 
 @dataclass
@@ -554,6 +555,7 @@ class Engine:
             generated=[r.generated_ids for r in rows],
             top_n=[r.request.top_n_tokens for r in rows],
         )
+        self.stats.generated_tokens += len(rows)
         now = time.perf_counter()
         for row, token, logprob, best in zip(rows, tokens.tolist(), logprobs.tolist(), top, strict=True):
             request = row.request

@@ -17,6 +17,8 @@ from server.config import Settings
         ("GET", "/adapters/a/analysis", "read"), ("GET", "/adapters/compare", "read"), ("POST", "/adapters", "admin"),
         ("DELETE", "/adapters/a", "admin"), ("POST", "/adapters/a/shrink", "admin"), ("POST", "/admin/verify-base", "admin"),
         ("GET", "/admin/anything", "admin"), ("GET", "/adaptersX", "read"), ("GET", "/info", "read"),
+        ("GET", "/", "open"), ("HEAD", "/", "open"), ("POST", "/", "read"), ("GET", "/console/static/js/main.js", "open"),
+        ("POST", "/console/static/x", "read"), ("GET", "/consolex", "read"),
     ],
 )  # fmt: skip
 def test_required_access(method: str, path: str, access: str) -> None:
