@@ -11,6 +11,7 @@ another replica; a second failure, or one after bytes were streamed, is a 503 or
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -67,7 +68,18 @@ class LoraplexIngress:
         versions = await self.store.describe.remote(names) if names else {}
         model_id = next((n for n in names if versions.get(n) is not None), "") if self.affinity else ""
         handle = self.replica.options(stream=True, multiplexed_model_id=model_id)
-        return await self._answer(lambda: handle.forward.remote(call, versions), retry=True)
+        response = await self._answer(lambda: handle.forward.remote(call, versions), retry=True)
+        if path == "/info" and response.status_code == 200:
+            return await self._cluster_info(response)
+        return response
+
+    async def _cluster_info(self, response: StreamingResponse) -> Response:
+        """One replica's /info, with the cluster's adapters (a replica lists only those it cached)."""
+        body = json.loads(b"".join([chunk async for chunk in response.body_iterator]))
+        store = await self.store.status.remote()
+        body["adapters"] = store["adapters"]
+        body["replicas"] = self.expected
+        return JSONResponse(body)
 
     async def _answer(self, start: Callable[[], Any], *, retry: bool) -> Response:
         """Stream a deployment's answer back; retry once on a replica that died before answering."""

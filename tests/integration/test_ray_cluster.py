@@ -212,3 +212,75 @@ def test_replace_and_delete_are_seen_by_every_replica(cluster: Cluster) -> None:
     for report in cluster.replicas():  # the replicas' reports also drop deleted versions at once
         assert "swap" not in report["adapters_cached"]
     assert "swap" not in [a["id"] for a in cluster.client.get("/adapters").json()]
+
+
+def test_info_lists_the_stores_adapters(cluster: Cluster) -> None:
+    info = cluster.client.get("/info").json()
+    assert info["replicas"] == 2 and info["mode"] == "auto"
+    assert set(info["adapters"]) == {a["id"] for a in cluster.client.get("/adapters").json()}
+
+
+def test_metrics_carry_a_replica_label(cluster: Cluster) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    time.sleep(1.5)  # the replicas' last reports
+    text = cluster.client.get("/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    requests = [s for s in families["loraplex_requests"].samples if s.name == "loraplex_requests_total"]
+    assert len({s.labels["replica"] for s in requests}) == 2  # both replicas served generations
+    assert sum(s.value for s in requests if s.labels["adapter"] == "qv" and s.labels["status"] == "200") >= 8
+    assert families["loraplex_replicas_ready"].samples[0].value == 2
+    loads = families["loraplex_replica_adapter_loads"].samples
+    assert {s.labels["adapter"] for s in loads} >= {"qv", "mlp", "up"}
+    assert text.count("# TYPE loraplex_requests_total counter") <= 1  # one family, not one per replica
+
+
+def test_a_killed_replica_is_replaced_and_loses_no_adapter(cluster: Cluster) -> None:
+    """Kill the replica running a request: the request is retried once elsewhere (nothing was
+    sent yet), /health says degraded, Ray starts a new replica, which serves every adapter."""
+    before = cluster.client.get("/health").json()
+    old_ids = {r["replica"] for r in before["replicas"]["detail"]}
+    with cf.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(cluster.generate, PROMPTS[0], "qv", 120)
+        victim = None
+        deadline = time.monotonic() + 20
+        while victim is None and time.monotonic() < deadline:
+            time.sleep(0.3)
+            busy = [r["replica"] for r in cluster.client.get("/health").json()["replicas"]["detail"]
+                    if r["running_requests"] > 0]  # fmt: skip
+            victim = busy[0] if busy else None
+        assert victim is not None, "the long request never showed up in a replica's report"
+        actor = next(
+            a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith("#" + victim)
+        )
+        ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+        killed_at = time.monotonic()
+        answer = running.result(timeout=120)
+    assert answer.status_code == 200, answer.text  # retried on the other replica
+    statuses = set()
+    while True:
+        health = cluster.client.get("/health")
+        statuses.add(health.json()["status"])
+        ids = {r["replica"] for r in health.json()["replicas"]["detail"]}
+        if health.json()["replicas"]["ready"] == 2 and victim not in ids:
+            break
+        assert time.monotonic() - killed_at < 120, "Ray did not replace the killed replica"
+        time.sleep(0.5)
+    print(
+        f"\nreplica {victim} killed; replaced after {time.monotonic() - killed_at:.1f} s; /health said {statuses}"
+    )
+    assert health.json()["retries"] >= 1
+    assert "degraded" in statuses
+    (new,) = ids - old_ids
+    # every adapter is still served exactly as before, the new replica's share included (affinity
+    # keeps most of them on the old replica, which holds them all: it spills when that one is busy)
+    served_new: Counter = Counter()
+    deadline = time.monotonic() + 60
+    while not set(served_new) & {"qv", "mlp", "up"} and time.monotonic() < deadline:
+        with cf.ThreadPoolExecutor(6) as pool:
+            jobs = [(a, p) for a in ("qv", "mlp", "up") for p in PROMPTS]
+            ids_out = list(pool.map(lambda job: _ids(cluster.generate(job[1], job[0])), jobs))
+        assert ids_out == [cluster.reference[job] for job in jobs]
+        served_new = Counter(next(r for r in cluster.replicas() if r["replica"] == new)["requests"])
+    print(f"new replica {new} served: {dict(served_new)}")
+    assert set(served_new) & {"qv", "mlp", "up"}  # adapters fetched from the store, not lost
