@@ -7,7 +7,9 @@ cluster, serves the application on ``--host``/``--port`` and blocks until interr
 from __future__ import annotations
 
 import logging
-import time
+import os
+import signal
+import threading
 from pathlib import Path
 
 import ray
@@ -80,16 +82,26 @@ def build(args: dict[str, str]) -> Application:
 
 
 def run(settings: Settings, replicas: int, address: str | None = None) -> None:
-    """Start a local Ray (or join ``address``), serve on ``settings.host:port``, block until Ctrl-C."""
-    ray.init(address=address, ignore_reinit_error=True)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
-    serve.run(build_app(settings, replicas), name=APP_NAME, route_prefix="/")
-    log.info("loraplex on Ray Serve: %d replica(s), http://%s:%d", replicas, settings.host, settings.port)
+    """Start a local Ray (or join ``address``), serve on ``settings.host:port``, block until Ctrl-C
+    or SIGTERM, then shut the application (and a local Ray) down."""
+    if address is None:  # a local cluster: enough logical CPUs for every replica to be placed
+        ray.init(num_cpus=max(os.cpu_count() or 1, replicas), include_dashboard=False)
+    else:
+        ray.init(address=address)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        while True:
-            time.sleep(3600)
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        serve.run(build_app(settings, replicas), name=APP_NAME, route_prefix="/")
+        log.info(
+            "loraplex on Ray Serve: %d replica(s) at http://%s:%d", replicas, settings.host, settings.port
+        )
+        stop.wait()
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
+        if address is None:
+            serve.shutdown()
+        else:  # leave the cluster's other applications (and Serve itself) running
+            serve.delete(APP_NAME)
         ray.shutdown()
