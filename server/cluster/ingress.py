@@ -29,6 +29,7 @@ from server.cluster.routing import adapter_names, target_of
 
 log = logging.getLogger(__name__)
 
+MULTIPLEXED_HEADER = "serve_multiplexed_model_id"  # Ray Serve's header for the multiplexed id
 REPORT_MAX_AGE = 5.0  # seconds: a replica not heard from for longer counts as gone
 REPLICA_GONE = (ray_errors.RayActorError, ray_errors.ActorUnavailableError)
 
@@ -65,6 +66,9 @@ class LoraplexIngress:
                 lambda: self.store.options(stream=True).forward.remote(call), retry=False
             )
         names = adapter_names(path, request.query_params, body)
+        chosen = request.headers.get(MULTIPLEXED_HEADER)  # a client may name the affinity key itself
+        if chosen:
+            names = list(dict.fromkeys([chosen, *names]))
         versions = await self.store.describe.remote(names) if names else {}
         model_id = next((n for n in names if versions.get(n) is not None), "") if self.affinity else ""
         handle = self.replica.options(stream=True, multiplexed_model_id=model_id)

@@ -16,15 +16,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+import ray  # the `loraplex[ray]` extra: `make setup` installs it
+from ray import serve
 
-ray = pytest.importorskip("ray")  # the `loraplex[ray]` extra: `make setup` installs it
-from ray import serve  # noqa: E402
-
-from server.cluster.app import APP_NAME, build_app  # noqa: E402
-from server.config import Settings  # noqa: E402
-from tests.api_helpers import start_client  # noqa: E402
-from tests.conftest import CACHE_DIR, make_peft_adapter  # noqa: E402
-from tests.live_server import free_port  # noqa: E402
+from server.cluster.app import APP_NAME, build_app
+from server.config import Settings
+from tests.api_helpers import start_client
+from tests.conftest import CACHE_DIR, make_peft_adapter
+from tests.live_server import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -168,6 +167,17 @@ def test_affinity_keeps_each_adapter_on_one_replica(cluster: Cluster) -> None:
     print(f"multiplexed loads per replica: { {r['replica']: r['loads'] for r in after} }")
     for name in names:  # each adapter's requests went to one replica
         assert len([rid for rid, c in served.items() if c[name]]) == 1, served
+
+    # Ray's header names the affinity key; the body still chooses the adapter that runs
+    (holder,) = [rid for rid, c in served.items() if c["mlp"]]
+    headers = {"serve_multiplexed_model_id": "mlp"}
+    for prompt in PROMPTS:
+        params = {"adapter_id": "up", "max_new_tokens": NEW_TOKENS, "details": True}
+        r = cluster.client.post("/generate", json={"inputs": prompt, "parameters": params}, headers=headers)
+        assert _ids(r) == cluster.reference["up", prompt]
+    routed = _served(after, cluster.replicas())
+    assert routed[holder]["mlp"] == len(PROMPTS), routed
+    after = cluster.replicas()
 
     with cf.ThreadPoolExecutor(6) as pool:  # concurrent: 6 at a time, 3 adapters
         adapters = ["qv", "mlp", "up"] * 4
