@@ -168,6 +168,13 @@ def test_affinity_keeps_each_adapter_on_one_replica(cluster: Cluster) -> None:
     for name in names:  # each adapter's requests went to one replica
         assert len([rid for rid, c in served.items() if c[name]]) == 1, served
 
+    # per-replica merging: each replica's own traffic was one adapter, so its auto mode merged it
+    merged = {r["replica"]: (r["merged_adapter"], r["swaps"]) for r in after}
+    print(f"merged adapter and swaps per replica: {merged}")
+    for rid, counts in served.items():
+        (only,) = counts
+        assert merged[rid][0] == only and merged[rid][1] >= 1, merged
+
     # Ray's header names the affinity key; the body still chooses the adapter that runs
     (holder,) = [rid for rid, c in served.items() if c["mlp"]]
     headers = {"serve_multiplexed_model_id": "mlp"}
