@@ -75,6 +75,13 @@ def serve(
         float | None,
         typer.Option(help="Seconds a client may take to send a whole upload before 408 (300)."),
     ] = None,
+    ray: Annotated[
+        bool, typer.Option("--ray", help="Serve on Ray Serve: --replicas engines behind one endpoint.")
+    ] = False,
+    replicas: Annotated[int, typer.Option(min=1, help="With --ray: engine replicas (1).")] = 1,
+    ray_address: Annotated[
+        str | None, typer.Option(help="With --ray: join this Ray cluster (e.g. auto, ray://head:10001).")
+    ] = None,
 ) -> None:
     """Start the HTTP server. Each option is also an env var LORAPLEX_<NAME> (flags win)."""
     options = {
@@ -102,6 +109,9 @@ def serve(
     except ValidationError as exc:
         raise typer.BadParameter(str(exc)) from exc
     configure_logging(settings.log_level, settings.log_format)
+    if ray or ray_address is not None or replicas != 1:
+        _serve_on_ray(settings, ray, replicas, ray_address)
+        return
     application = create_app(settings)
     config = uvicorn.Config(
         application,
@@ -115,6 +125,18 @@ def serve(
     server.run()
     if not server.started:
         raise typer.Exit(3)  # start-up failed (uvicorn's own exit status for it)
+
+
+def _serve_on_ray(settings, ray: bool, replicas: int, ray_address: str | None) -> None:
+    """``serve --ray``: the cluster of ``server.cluster`` (needs the ``loraplex[ray]`` extra)."""
+    if not ray:
+        raise typer.BadParameter("--replicas and --ray-address need --ray.")
+    try:
+        from server.cluster.app import run
+    except ImportError as exc:
+        typer.echo(f"error: --ray needs Ray Serve: pip install 'loraplex[ray]' ({exc})", err=True)
+        raise typer.Exit(2) from exc
+    run(settings, replicas, ray_address)
 
 
 @app.command()

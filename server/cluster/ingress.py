@@ -1,0 +1,163 @@
+"""``LoraplexIngress``: the cluster's HTTP entry (Ray Serve's proxy sends every request here).
+
+- ``/health`` and ``/metrics`` describe the whole cluster, from the replicas' reports to the store;
+- adapter management goes to the store (:func:`.routing.target_of`);
+- everything else goes to a replica, with the adapter id it names as Ray's multiplexed model id
+  (``""`` for the base model), so requests for an adapter stick to replicas that hold it.
+
+A replica that dies before its answer started (Ray raises an actor error) costs one retry on
+another replica; a second failure, or one after bytes were streamed, is a 503 or a cut stream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from ray import exceptions as ray_errors
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from server.api.errors import error_response
+from server.cluster.asgi_bridge import HttpCall, ResponseStart
+from server.cluster.metrics_merge import merge_expositions
+from server.cluster.routing import adapter_names, target_of
+
+log = logging.getLogger(__name__)
+
+MULTIPLEXED_HEADER = "serve_multiplexed_model_id"  # Ray Serve's header for the multiplexed id
+REPORT_MAX_AGE = 5.0  # seconds: a replica not heard from for longer counts as gone
+REPLICA_GONE = (ray_errors.RayActorError, ray_errors.ActorUnavailableError)
+
+
+class LoraplexIngress:
+    """Ray Serve deployment: routes HTTP requests to the store or to a replica (see module doc)."""
+
+    def __init__(self, replica: Any, store: Any, replicas: int, affinity: bool = True) -> None:
+        self.replica = replica  # DeploymentHandle of LoraplexReplica
+        self.store = store  # DeploymentHandle of LoraplexStore
+        self.expected = replicas
+        self.affinity = affinity  # False: no multiplexed id, plain load balancing (bench/cluster.py)
+        self.retries = 0  # requests retried once because their replica died before answering
+
+    async def __call__(self, request: Request) -> Response:
+        method, path = request.method, request.url.path
+        target = target_of(method, path)
+        if target == "health":
+            return await self.health()
+        if target == "metrics":
+            return await self.metrics()
+        if target == "unsupported":
+            return error_response(
+                501,
+                f"{method} {path} is not available on a Ray cluster (the shrunk adapter would stay on one "
+                "replica); shrink on a single `loraplex serve` and upload the result to the cluster.",
+                "not_supported_in_cluster",
+            )
+        body = await request.body()
+        client = (request.client.host, request.client.port) if request.client else ("127.0.0.1", 0)
+        call = HttpCall(method, path, request.url.query.encode(), list(request.headers.raw), body, client)
+        if target == "store":
+            return await self._answer(
+                lambda: self.store.options(stream=True).forward.remote(call), retry=False
+            )
+        names = adapter_names(path, request.query_params, body)
+        chosen = request.headers.get(MULTIPLEXED_HEADER)  # a client may name the affinity key itself
+        if chosen:
+            names = list(dict.fromkeys([chosen, *names]))
+        versions = await self.store.describe.remote(names) if names else {}
+        model_id = next((n for n in names if versions.get(n) is not None), "") if self.affinity else ""
+        handle = self.replica.options(stream=True, multiplexed_model_id=model_id)
+        response = await self._answer(lambda: handle.forward.remote(call, versions), retry=True)
+        if path == "/info" and response.status_code == 200:
+            return await self._cluster_info(response)
+        return response
+
+    async def _cluster_info(self, response: StreamingResponse) -> Response:
+        """One replica's /info, with the cluster's adapters (a replica lists only those it cached)."""
+        body = json.loads(b"".join([chunk async for chunk in response.body_iterator]))
+        store = await self.store.status.remote()
+        body["adapters"] = store["adapters"]
+        body["replicas"] = self.expected
+        return JSONResponse(body)
+
+    async def _answer(self, start: Callable[[], Any], *, retry: bool) -> Response:
+        """Stream a deployment's answer back; retry once on a replica that died before answering."""
+        for attempt in range(2 if retry else 1):
+            stream = start()
+            try:
+                first = await stream.__anext__()
+            except REPLICA_GONE as exc:
+                log.warning("replica failed before answering (attempt %d): %s", attempt + 1, exc)
+                if attempt == 0 and retry:
+                    self.retries += 1
+                continue
+            except StopAsyncIteration:
+                break
+            except ray_errors.RayTaskError as exc:
+                log.error("request failed in the cluster: %s", exc)
+                return error_response(
+                    500, f"the request failed inside the cluster: {exc.cause!r}", "internal"
+                )
+            assert isinstance(first, ResponseStart)
+            response = StreamingResponse(_rest(stream), status_code=first.status)
+            response.raw_headers = list(first.headers)
+            return response
+        return error_response(
+            503, "the replica serving this request stopped before answering (Ray restarts it); retry shortly.",
+            "replica_unavailable", {"Retry-After": "1"},
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ cluster health and metrics
+
+    async def _reports(self) -> dict[str, dict[str, Any]]:
+        return await self.store.replica_reports.remote(REPORT_MAX_AGE)
+
+    async def health(self) -> JSONResponse:
+        """200 while at least one replica serves (``degraded`` below ``--replicas``), else 503."""
+        reports, store = await self._reports(), await self.store.status.remote()
+        ready = sorted(rid for rid, r in reports.items() if r["ready"])
+        if store["error"] is not None:
+            status, code = "failed", 503
+        elif not ready or not store["ready"]:
+            status, code = "loading", 503
+        else:
+            status, code = ("ok" if len(ready) >= self.expected else "degraded"), 200
+        detail = [{k: v for k, v in r.items() if k not in ("metrics", "received")} for r in reports.values()]
+        body = {
+            "status": status,
+            "replicas": {"ready": len(ready), "expected": self.expected, "detail": detail},
+            "store": {"ready": store["ready"], "adapters": len(store["adapters"])},
+            "retries": self.retries,
+        }
+        if store["error"] is not None:
+            body["error"] = store["error"]
+        return JSONResponse(body, status_code=code)
+
+    async def metrics(self) -> Response:
+        """Every replica's metrics with a ``replica`` label, plus the cluster's own gauges."""
+        reports = await self._reports()
+        ready = GaugeMetricFamily("loraplex_replicas_ready", "Replicas serving (reported in the last 5 s).")
+        ready.add_metric([], sum(1 for r in reports.values() if r["ready"]))
+        loads = CounterMetricFamily(
+            "loraplex_replica_adapter_loads",
+            "Times a replica's multiplexed loader made an adapter resident (affinity keeps this low).",
+            labels=["replica", "adapter"],
+        )
+        for rid, r in reports.items():
+            for adapter, n in r["loads"].items():
+                loads.add_metric([rid, adapter], n)
+        text = merge_expositions({rid: r["metrics"] for rid, r in reports.items()}, extra=[ready, loads])
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
+
+
+async def _rest(stream: Any) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in stream:
+            yield chunk
+    except REPLICA_GONE as exc:  # the status line is sent: all we can do is end the stream early
+        log.error("replica failed mid-stream; the answer is cut short: %s", exc)

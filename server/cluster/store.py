@@ -1,0 +1,118 @@
+"""``LoraplexStore``: the cluster's one adapter store (the existing index and blob backend).
+
+Uploads, replaces, deletes, listings and downloads run here, through the same routes as on one
+server (``server.api.adapters``). Replicas never share its filesystem: they ask :meth:`describe`
+which version (sha256) an id has now and fetch its files with :meth:`read_files`.
+
+Validating an upload needs the base model's layer shapes; the store holds no model, so the first
+replica that finishes loading sends them (:meth:`bind_base`); until then uploads get 503, as on
+one server while the model loads. The ``--adapter ID=PATH`` start-up adapters are stored then.
+
+Replicas also report their health, counters and metrics here every second (:meth:`report`), which
+is how the ingress answers ``/health`` and ``/metrics`` for the whole cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from fastapi import Depends, FastAPI
+
+from adapters.archive import AdapterFiles
+from adapters.peft_format import BaseLinearShape
+from adapters.store import AdapterStore
+from server import __version__
+from server.api import adapters, analysis
+from server.api.errors import install_error_handlers
+from server.api.security import authorizer, warn_if_open
+from server.api.upload_limit import UploadLimitMiddleware
+from server.app import register_startup_adapters
+from server.cluster.asgi_bridge import HttpCall, ResponseStart, run_asgi
+from server.config import Settings
+
+log = logging.getLogger(__name__)
+
+Version = tuple[str, str]  # (sha256 of the weights, sha256 of the config): what a replica must hold
+
+
+def store_app(settings: Settings, store: AdapterStore) -> FastAPI:
+    """The adapter routes of one server around ``store`` (no engine: analysis routes are not sent here)."""
+    app = FastAPI(title="loraplex-store", version=__version__,
+                  dependencies=[Depends(authorizer(settings))])  # fmt: skip
+    app.state.settings = settings
+    app.state.store = app.state.registry = store
+    app.state.engine = None
+    app.add_middleware(
+        UploadLimitMiddleware,
+        max_bytes=settings.max_upload_mb << 20,
+        paths=("/adapters",),
+        timeout=settings.upload_timeout,
+    )
+    install_error_handlers(app)
+    app.include_router(analysis.router)  # GET /adapters/{id}/download; before adapters, as in create_app
+    app.include_router(adapters.router)
+    return app
+
+
+class LoraplexStore:
+    """Ray Serve deployment (one replica) owning the :class:`AdapterStore` in ``settings.data_dir``."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = Settings(**settings)
+        warn_if_open(self.settings)
+        self.store = AdapterStore(self.settings.data_dir, host_cache_bytes=self.settings.host_cache_mb << 20)
+        self.app = store_app(self.settings, self.store)
+        self.reports: dict[str, dict[str, Any]] = {}
+        self.bind_error: str | None = None
+
+    def bind_base(self, base_shapes: Mapping[str, BaseLinearShape], max_rank: int) -> None:
+        """The base model's shapes from a replica (first call only), then the start-up adapters."""
+        if self.store.ready:
+            return
+        self.store.bind_base(base_shapes, max_rank)
+        try:
+            register_startup_adapters(self.settings, self.store)
+        except Exception as exc:  # a bad --adapter: say so in /health, as one server's start-up would
+            self.bind_error = f"start-up adapter failed: {exc}"
+            log.exception("start-up adapters failed")
+
+    def ready(self) -> bool:
+        return self.store.ready
+
+    def describe(self, names: list[str]) -> dict[str, Version | None]:
+        """The current version of each name: None for names that are not stored adapters."""
+        out: dict[str, Version | None] = {}
+        for name in names:
+            record = self.store.record(name) if isinstance(name, str) else None
+            out[name] = (record.sha256, record.config_sha256) if record is not None else None
+        return out
+
+    def read_files(self, adapter_id: str, sha256: str) -> AdapterFiles | None:
+        """The files of ``adapter_id`` if its current version is ``sha256`` (checked), else None."""
+        found = self.store.read_files(adapter_id)
+        if found is None or found[0].sha256 != sha256:
+            return None
+        return found[1]
+
+    async def forward(self, call: HttpCall) -> AsyncIterator[ResponseStart | bytes]:
+        """Answer one adapter-management request with the store's app (streamed back)."""
+        async for item in run_asgi(self.app, call):
+            yield item
+
+    def report(self, replica_id: str, data: dict[str, Any]) -> dict[str, Version | None]:
+        """A replica's state, sent every second; kept with the time it arrived. The answer: the
+        current versions of the adapters it caches, so it drops deleted and replaced ones at once."""
+        self.reports[replica_id] = {**data, "received": time.monotonic()}
+        return self.describe(data.get("adapters_cached", []))
+
+    def replica_reports(self, max_age: float) -> dict[str, dict[str, Any]]:
+        """The reports of replicas heard from in the last ``max_age`` seconds (others are gone)."""
+        now = time.monotonic()
+        self.reports = {k: v for k, v in self.reports.items() if now - v["received"] < 10 * max_age}
+        return {k: v for k, v in self.reports.items() if now - v["received"] < max_age}
+
+    def status(self) -> dict[str, Any]:
+        return {"ready": self.store.ready, "adapters": self.store.ids(), "error": self.bind_error}
