@@ -32,6 +32,7 @@ from adapters.spectral import LowRankFactors, delta_svd
 class ComposedFiles:
     files: AdapterFiles  # adapter_config.json + adapter_model.safetensors
     layers: list[dict[str, Any]]  # per module: module, rank (composed), stored_rank, relative_error
+    relative_error: float  # of the whole update: √(Σ_modules lost energy / Σ_modules energy)
 
 
 def relative_error(S: torch.Tensor, kept: int) -> float:
@@ -50,6 +51,7 @@ def composed_files(
     truncated SVD of each module's ΔW to at most ``rank`` components."""
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     report: list[dict[str, Any]] = []
+    lost = total = 0.0
     for module in sorted(adapter.layers, key=natural_key):
         layer = adapter.layers[module]
         if rank is None:
@@ -61,6 +63,8 @@ def composed_files(
             truncated = truncate(svd, kept, torch.float32)
             A, B = truncated.A, truncated.B  # [kept, k], [d, kept]
             error = relative_error(svd.S, kept)
+            energy = svd.S.to(torch.float64) ** 2  # [n]
+            lost, total = lost + float(energy[kept:].sum()), total + float(energy.sum())
         factors[module] = (A, B)
         report.append(
             {"module": module, "rank": layer.rank, "stored_rank": int(A.shape[0]), "relative_error": error}
@@ -68,4 +72,5 @@ def composed_files(
     targets = compact_targets(factors, base_modules)
     source = dataclasses.replace(adapter.config, target_modules=targets, layers_to_transform=None)
     config = shrunk_config(source, {m: int(A.shape[0]) for m, (A, _) in factors.items()})
-    return ComposedFiles(files=factor_files(config, factors), layers=report)
+    overall = math.sqrt(lost / total) if total > 0 else 0.0
+    return ComposedFiles(files=factor_files(config, factors), layers=report, relative_error=overall)

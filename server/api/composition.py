@@ -24,13 +24,13 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from adapters.compose import CompositionSpec, compose, composition_digest, seed_of
-from adapters.compose_files import composed_files
+from adapters.compose_files import ComposedFiles, composed_files
 from adapters.errors import StoreNotReady
 from adapters.peft_format import LoraAdapter
 from adapters.registry import AdapterRepository
@@ -157,7 +157,7 @@ async def compose_adapters(
     digest = compositions.digest(sources, weights, spec)
     seed = seed_of(digest)
 
-    def build() -> tuple[Any, list[dict[str, Any]]]:
+    def build() -> ComposedFiles:
         adapter = compose(
             sources,
             weights,
@@ -165,10 +165,10 @@ async def compose_adapters(
             adapter_id=body.new_id,
             max_rank=None if body.rank is not None else settings.max_rank,
         )
-        written = composed_files(adapter, engine.base_shapes, body.rank)
-        return written.files, written.layers
+        return composed_files(adapter, engine.base_shapes, body.rank)
 
-    files, layers = await asyncio.to_thread(build)
+    written = await asyncio.to_thread(build)
+    files, layers = written.files, written.layers
     record = await asyncio.to_thread(store.put, body.new_id, files)
     payload = {
         **record.summary(),
@@ -182,6 +182,7 @@ async def compose_adapters(
             "majority_sign_method": spec.majority_sign_method,
             "seed": seed,
             "rank": body.rank,
+            "relative_error": written.relative_error,
             "max_relative_error": max((layer["relative_error"] for layer in layers), default=0.0),
             "layers": layers,
         },

@@ -12,13 +12,15 @@ import copy
 import io
 import zipfile
 
+import httpx
 import pytest
 import torch
 from peft import PeftModel
 
-from tests.api_helpers import start_client
+from tests.api_helpers import native_loader
 from tests.conftest import make_peft_adapter
 from tests.integration.test_embedded import chat
+from tests.live_server import start_live_server
 
 EXAMPLES = "examples/adapters"
 QUESTIONS = ["What is 12 plus 30?", "Name three colors."]
@@ -33,11 +35,13 @@ def served(embedded_model, tokenizer, embedded_dir, tmp_path_factory):
                       target_modules=["o_proj", "down_proj"])  # fmt: skip
     folders = {"caps": f"{EXAMPLES}/caps", "pirate": f"{EXAMPLES}/pirate", "od": str(root / "od")}
     specs = [f"{name}={path}" for name, path in folders.items()]
-    client = start_client(
-        embedded_model, tokenizer, root, adapter=specs, model_path=embedded_dir, runner="native"
+    live = start_live_server(
+        embedded_model, tokenizer, root, loader=native_loader(embedded_dir), adapter=specs
     )
-    yield client, folders, root
-    client.__exit__(None, None, None)
+    assert live.app.state.engine.runner.name == "native"
+    with httpx.Client(base_url=live.url, timeout=120) as client:
+        yield client, folders, live
+    live.stop()
 
 
 def _tokens(client, prompt: str, **parameters) -> list[int]:
@@ -86,21 +90,21 @@ def test_merged_adapters_equal_peft_add_weighted_adapter(
 
 
 def test_a_composition_is_composed_once_and_batches_with_other_rows(served, tokenizer) -> None:
-    client, _, _ = served
-    service_before = getattr(client.app.state, "compositions", None)
+    client, _, live = served
+    service_before = getattr(live.app.state, "compositions", None)
     before = service_before.compositions if service_before is not None else 0
     merged = {"ids": ["caps", "pirate"], "weights": [0.5, 0.5], "merge_strategy": "dare_ties", "density": 0.7}
     prompt = chat(tokenizer, QUESTIONS[0])
     jobs = [dict(merged_adapters=merged), {}, dict(adapter_id="caps"), dict(adapter_id="caps", adapter_scale=0.0),
             dict(merged_adapters=merged), dict(adapter_id="pirate", adapter_scale=1.0)]  # fmt: skip
     solo = [_tokens(client, prompt, **job) for job in jobs]
-    engine = client.app.state.engine
+    engine = live.app.state.engine
     engine.stats.peak_batch = 0
     with cf.ThreadPoolExecutor(len(jobs)) as pool:
         together = list(pool.map(lambda job: _tokens(client, prompt, **job), jobs))
     assert together == solo
     assert engine.peak_batch >= 4  # they really ran together
-    assert client.app.state.compositions.compositions == before + 1  # DARE seeded: one composition, cached
+    assert live.app.state.compositions.compositions == before + 1  # DARE seeded: one composition, cached
     assert solo[3] == solo[1] and solo[2] != solo[1]  # scale 0: the base; scale 1: the adapter
     reply = client.post(
         "/generate", json={"inputs": prompt, "parameters": {"merged_adapters": merged}}
@@ -147,6 +151,7 @@ def test_compose_with_rank_recompresses_and_reports_the_error(served) -> None:
     assert all(row["rank"] == 16 and row["stored_rank"] == 4 for row in report["layers"])
     errors = [row["relative_error"] for row in report["layers"]]
     assert all(0 < e < 1 for e in errors) and report["max_relative_error"] == max(errors)
+    assert min(errors) < report["relative_error"] < max(errors)  # of the whole update
     prompt = "Hello"
     assert len(_tokens(client, prompt, adapter_id="caps-pirate-r4")) == N  # servable
 
