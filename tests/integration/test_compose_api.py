@@ -10,7 +10,12 @@ from __future__ import annotations
 import concurrent.futures as cf
 import copy
 import io
+import json
+import re
+import subprocess
+import sys
 import zipfile
+from pathlib import Path
 
 import httpx
 import pytest
@@ -22,7 +27,8 @@ from tests.conftest import make_peft_adapter
 from tests.integration.test_embedded import chat
 from tests.live_server import start_live_server
 
-EXAMPLES = "examples/adapters"
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = str(ROOT / "examples/adapters")
 QUESTIONS = ["What is 12 plus 30?", "Name three colors."]
 N = 12
 
@@ -187,3 +193,36 @@ def test_composition_errors_are_clear(served) -> None:
     too_big = client.post("/adapters/compose", json={**compose, "new_id": "x2", "rank": 100_000})
     assert too_big.status_code == 422 and "--max-rank" in too_big.json()["error"]
     assert client.get("/adapters/x1").status_code == 404 and client.get("/adapters/x2").status_code == 404
+
+
+def _readme_block(marker: str, language: str) -> str:
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(rf"<!-- {marker}:.*?-->\n```{language}\n(.*?)```", readme, flags=re.S)
+    assert match, f"the README lost its {marker} block"
+    return match.group(1)
+
+
+def test_readme_compose_blocks_run_as_written(served) -> None:
+    """The README's curl block and its LoRAX / OpenAI block, against the live server (caps and pirate)."""
+    _, _, live = served
+    port = live.url.rsplit(":", 1)[1]
+    script = _readme_block("compose", "bash").replace("localhost:8080", f"127.0.0.1:{port}")
+    done = subprocess.run(["bash", "-e", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    replies = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+    linear, ties, half, stored, served_stored = replies
+    assert (
+        linear["details"]["adapter_id"].startswith("merged:")
+        and ties["details"]["adapter_id"] != linear["details"]["adapter_id"]
+    )
+    assert half["details"]["adapter_id"] == "pirate"
+    assert stored["id"] == "caps-pirate" and stored["rank"] == 8 and stored["compose"]["rank"] == 8
+    assert 0 < stored["compose"]["relative_error"] <= stored["compose"]["max_relative_error"] < 1
+    assert all(r["generated_text"] for r in (linear, ties, half, served_stored))
+    print(
+        *(r["generated_text"] for r in (linear, ties, half, served_stored)), sep="\n"
+    )  # -s: the README quotes
+    clients = _readme_block("compose-clients", "python").replace("http://127.0.0.1:8080", live.url)
+    done = subprocess.run([sys.executable, "-c", clients], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [linear["generated_text"], half["generated_text"]]
