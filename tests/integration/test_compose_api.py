@@ -116,6 +116,8 @@ def test_a_composition_is_composed_once_and_batches_with_other_rows(served, toke
         "/generate", json={"inputs": prompt, "parameters": {"merged_adapters": merged}}
     ).json()
     assert reply["details"]["adapter_id"].startswith("merged:")
+    metrics = client.get("/metrics").text  # one label for every composition, not one per mix
+    assert 'loraplex_requests_total{adapter="__merged__",route="/generate",status="200"}' in metrics
 
 
 def test_compose_endpoint_round_trip_through_peft(served, embedded_model, tokenizer, tmp_path) -> None:

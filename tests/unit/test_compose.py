@@ -15,7 +15,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from adapters.compose import CompositionSpec, compose, dare_prune
+from adapters.compose import CompositionSpec, compose, composition_digest, dare_prune, seed_of
 from adapters.compose_files import composed_files
 from adapters.errors import AdapterError
 from adapters.peft_format import load_adapter_dir
@@ -222,3 +222,18 @@ def test_composed_files_round_trip_and_recompression_error(sources, tiny_base, t
         expected = float(torch.linalg.matrix_norm(full - cut) / torch.linalg.matrix_norm(full))
         assert row["relative_error"] == pytest.approx(expected, abs=1e-5)
         assert (row["relative_error"] > 0) == (row["rank"] > 3)
+
+
+def test_the_digest_names_what_matters_for_the_strategy() -> None:
+    """The cache key and DARE's seed: the sources' sha256, the weights, and only the parameters the
+    strategy uses."""
+    sources = [("a", "1" * 64), ("b", "2" * 64)]
+    linear = composition_digest(sources, [0.5, 0.5], CompositionSpec("linear", density=1.0))
+    assert linear == composition_digest(sources, [0.5, 0.5], CompositionSpec("linear", 0.3, "frequency"))
+    assert linear != composition_digest([("a", "3" * 64), sources[1]], [0.5, 0.5], CompositionSpec())
+    assert linear != composition_digest(sources, [0.5, 0.6], CompositionSpec())
+    ties = composition_digest(sources, [0.5, 0.5], CompositionSpec("ties", 0.5))
+    assert ties != composition_digest(sources, [0.5, 0.5], CompositionSpec("ties", 0.5, "frequency"))
+    dare = composition_digest(sources, [0.5, 0.5], CompositionSpec("dare_linear", 0.5))
+    assert dare == composition_digest(sources, [0.5, 0.5], CompositionSpec("dare_linear", 0.5, "frequency"))
+    assert len({linear, ties, dare}) == 3 and 0 <= seed_of(dare) < 2**63
