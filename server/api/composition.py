@@ -5,7 +5,7 @@
         ─► digest = sha256(ids with their sha256, weights, strategy and its parameters)
         ─► cache hit, or compose once in a worker thread (``adapters.compose``)
         ─► a virtual adapter ``merged:<digest[:16]>`` that takes a slot, merges and batches like any
-           other adapter ('':'' is not allowed in stored ids, so it never collides with one)
+           other adapter (':' is not allowed in stored ids, so it never collides with one)
 
     POST /adapters/compose {sources: [{id, weight}], strategy, density, new_id, rank?}
         ─► the same composition (same digest, same DARE seed), written as a PEFT adapter
