@@ -458,14 +458,17 @@ def shrunk_config(source: LoraConfigSpec, ranks: dict[str, int]) -> dict[str, An
 def peft_files(source: LoraConfigSpec, shrunk: dict[str, ShrunkLayer]) -> AdapterFiles:
     """The two files of a PEFT adapter holding ``shrunk``'s factors (float32 safetensors)."""
     config = shrunk_config(source, {m: s.kept_rank for m, s in shrunk.items()})
+    return factor_files(config, {m: (s.factors.A, s.factors.B) for m, s in shrunk.items()})
+
+
+def factor_files(
+    config: dict[str, Any], factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> AdapterFiles:
+    """``adapter_config.json`` (``config``) and the safetensors of ``{module: (A [r, k], B [d, r])}``."""
     tensors: dict[str, torch.Tensor] = {}
-    for module, s in shrunk.items():
-        tensors[f"base_model.model.{module}.lora_A.weight"] = (
-            s.factors.A.detach().cpu().contiguous()
-        )  # [k', k]
-        tensors[f"base_model.model.{module}.lora_B.weight"] = (
-            s.factors.B.detach().cpu().contiguous()
-        )  # [d, k']
+    for module, (A, B) in factors.items():
+        tensors[f"base_model.model.{module}.lora_A.weight"] = A.detach().cpu().contiguous()  # [r, k]
+        tensors[f"base_model.model.{module}.lora_B.weight"] = B.detach().cpu().contiguous()  # [d, r]
     return AdapterFiles(
         config=(json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
         weights=st_save(tensors, metadata={"format": "pt"}),

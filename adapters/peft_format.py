@@ -140,6 +140,14 @@ class LoraAdapter:
     def num_parameters(self) -> int:
         return sum(w.A.numel() + w.B.numel() for w in self.layers.values())
 
+    def scaled(self, factor: float) -> LoraAdapter:
+        """The same factors with every scale times ``factor`` (ΔW → factor·ΔW), as its own version
+        (``<version>*<factor>``), so it never shares a memory slot or a merge with the original."""
+        if factor == 1.0:
+            return self
+        layers = {m: LoraLayerWeights(A=w.A, B=w.B, scale=w.scale * factor) for m, w in self.layers.items()}
+        return LoraAdapter(self.adapter_id, self.config, layers, version=f"{self.version}*{factor!r}")
+
 
 def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
     """PEFT's ``get_pattern_key``: the first pattern that matches the end of the module name."""

@@ -1,7 +1,9 @@
-"""Schemathesis hooks for ``tests/integration/test_openapi_contract.py``: the one rule a schema cannot
+"""Schemathesis hooks for ``tests/integration/test_openapi_contract.py``: the rules a schema cannot
 state. A generation request's prompt, counted in tokens, plus the tokens it asks for must fit in
-``--max-total-tokens`` (and the prompt in ``--max-input-tokens``); bodies that do not are dropped
-from the generated cases. Limits come from the environment the test sets.
+``--max-total-tokens`` (and the prompt in ``--max-input-tokens``); a composition (``merged_adapters``,
+``POST /adapters/compose``) has one weight per adapter, a density above 0 for ties and DARE, and
+``merged_adapters`` comes without ``adapter_id``. Bodies that break them are dropped from the
+generated cases. Limits come from the environment the test sets.
 """
 
 from __future__ import annotations
@@ -64,9 +66,28 @@ def _asked(body: dict[str, Any]) -> int:
     return 1 if "messages" in body else 16 if "prompt" in body else 64
 
 
+def _composition_ok(body: dict[str, Any]) -> bool:
+    params = body.get("parameters") if isinstance(body.get("parameters"), dict) else {}
+    merged = params.get("merged_adapters")
+    if isinstance(merged, dict):
+        ids, weights = merged.get("ids"), merged.get("weights")
+        if params.get("adapter_id") is not None or not isinstance(ids, list) or not isinstance(weights, list):
+            return False
+        if len(ids) != len(weights):
+            return False
+        return not ((merged.get("merge_strategy") or "linear") != "linear" and merged.get("density") == 0)
+    if isinstance(body.get("sources"), list):  # POST /adapters/compose
+        return not (body.get("strategy", "linear") != "linear" and body.get("density") == 0)
+    return True
+
+
 @schemathesis.hook
 def filter_body(ctx, body: Any) -> bool:
-    if not isinstance(body, dict) or not MAX_TOTAL:
+    if not isinstance(body, dict):
+        return True
+    if not _composition_ok(body):
+        return False
+    if not MAX_TOTAL:
         return True
     prompt = _prompt_tokens(body)
     if prompt is None:

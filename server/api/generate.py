@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
+from server.api.composition import CompositionsDep, resolve_merged
 from server.api.deps import EngineDep, RegistryDep
 from server.api.generation import timing_headers
 from server.api.openapi_errors import error_responses
@@ -33,9 +34,16 @@ _SSE = {
 
 
 @router.post("/generate", response_model=GenerateResponse, responses=_GENERATION_ERRORS)
-async def generate(body: GenerateRequest, engine: EngineDep, registry: RegistryDep, http_request: Request):
+async def generate(
+    body: GenerateRequest,
+    engine: EngineDep,
+    registry: RegistryDep,
+    compositions: CompositionsDep,
+    http_request: Request,
+):
     """Generate text; ``details`` always has the summary, ``tokens``/``prefill`` when asked for."""
-    generation = TgiGeneration.build(engine, registry, body.inputs, body.params)
+    composition = await resolve_merged(compositions, body.params.merged_adapters)
+    generation = TgiGeneration.build(engine, registry, body.inputs, body.params, composition)
     payload, best = await generation.run(http_request)
     return JSONResponse(payload, headers=timing_headers(best))
 
@@ -49,10 +57,11 @@ async def generate(body: GenerateRequest, engine: EngineDep, registry: RegistryD
     },
 )
 async def generate_stream(
-    body: GenerateStreamRequest, engine: EngineDep, registry: RegistryDep
+    body: GenerateStreamRequest, engine: EngineDep, registry: RegistryDep, compositions: CompositionsDep
 ) -> StreamingResponse:
     """Server-sent events, one per token; the last one carries ``generated_text`` and ``details``."""
-    return _stream(TgiGeneration.build(engine, registry, body.inputs, body.params))
+    composition = await resolve_merged(compositions, body.params.merged_adapters)
+    return _stream(TgiGeneration.build(engine, registry, body.inputs, body.params, composition))
 
 
 @router.post(
@@ -71,16 +80,23 @@ async def generate_stream(
     },
 )  # fmt: skip
 async def tgi_compat(
-    body: Annotated[GenerateRequest, Body()], engine: EngineDep, registry: RegistryDep, http_request: Request
+    body: Annotated[GenerateRequest, Body()],
+    engine: EngineDep,
+    registry: RegistryDep,
+    compositions: CompositionsDep,
+    http_request: Request,
 ) -> Any:
     """TGI's compatibility route: dispatches on ``stream``."""
+    composition = await resolve_merged(compositions, body.params.merged_adapters)
     if body.stream:
         try:  # a stream carries one sequence: best_of > 1 is a 422, as in TGI
             stream_body = GenerateStreamRequest.model_validate(body.model_dump())
         except ValidationError as exc:
             raise RequestValidationError(exc.errors()) from exc
-        return _stream(TgiGeneration.build(engine, registry, stream_body.inputs, stream_body.params))
-    generation = TgiGeneration.build(engine, registry, body.inputs, body.params)
+        return _stream(
+            TgiGeneration.build(engine, registry, stream_body.inputs, stream_body.params, composition)
+        )
+    generation = TgiGeneration.build(engine, registry, body.inputs, body.params, composition)
     payload, best = await generation.run(http_request)
     return JSONResponse([payload], headers=timing_headers(best))
 

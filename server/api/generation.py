@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 
 from adapters.registry import AdapterLookup
+from server.api.composition import MERGED_LABEL, Composition
 from server.api.context import RequestContext, current
 from server.api.errors import ApiError, adapter_not_found
 from server.api.load_control import admit_generation
@@ -35,8 +36,13 @@ def build_request(
     params: SamplingParams,
     adapter_id: str | None,
     want_details: bool = False,
+    *,
+    composition: Composition | None = None,
+    adapter_scale: float = 1.0,
 ) -> GenerationRequest:
-    """Resolve ``adapter_id`` (404 when unknown: never a silent fall-back to the base).
+    """Resolve ``adapter_id`` (404 when unknown: never a silent fall-back to the base), or take the
+    adapter of ``composition`` (LoRAX's merged_adapters, resolved by ``server.api.composition``).
+    ``adapter_scale`` multiplies the adapter's update for this request.
 
     The adapter is resolved once, here: a later replace or delete does not change this request,
     and the registry keeps the version's files until the request is gone (``track``). Routes that
@@ -45,18 +51,24 @@ def build_request(
     """
     admit_generation(engine.num_running + engine.num_waiting)  # 429 when --max-queue is reached
     adapter = None
-    if adapter_id is not None:
+    if composition is not None:
+        adapter = composition.adapter
+    elif adapter_id is not None:
         adapter = registry.get(adapter_id)
         if adapter is None:
             raise adapter_not_found(adapter_id)
     request = GenerationRequest(
-        prompt_ids=prompt_ids, params=params, adapter=adapter, want_details=want_details
+        prompt_ids=prompt_ids,
+        params=params,
+        adapter=adapter,
+        adapter_scale=adapter_scale,
+        want_details=want_details,
     )
     engine.validate(request)
-    if adapter is not None:
-        registry.track(request, adapter)
+    for used in composition.sources if composition is not None else [adapter] if adapter is not None else []:
+        registry.track(request, used)
     if (context := current()) is not None:
-        context.note_adapter(request.adapter_id)
+        context.note_adapter(MERGED_LABEL if composition is not None else request.adapter_id)
     return request
 
 

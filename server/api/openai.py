@@ -217,6 +217,7 @@ def _requests(
             body.sampling(max_tokens, choice),
             adapter_id,
             want_details=wants.logprobs,
+            adapter_scale=body.adapter_scale,
         )
         request.top_n_tokens = wants.top
         request.want_prompt_logprobs = wants.echo and wants.logprobs

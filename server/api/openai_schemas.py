@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from server.api.compose_schemas import AdapterScale
 from server.api.schemas import MAX_STOP_SEQUENCES
 from server.engine.sampling import SamplingParams
 
@@ -66,6 +67,7 @@ class _OpenAIRequest(BaseModel):
     )
     presence_penalty: float | None = Field(None, ge=-2, le=2, description="logit -= p if in the output.")
     logit_bias: dict[str, float] | None = Field(None, max_length=0, description="Not supported: {} or null.")
+    adapter_scale: AdapterScale = 1.0  # loraplex's extra body field (openai SDK: extra_body)
 
     _logit_bias = field_validator("logit_bias", mode="wrap")(
         _refuse("is not supported by loraplex; leave it out")

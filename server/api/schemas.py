@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidatorFunctionWrapHandler, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
+from server.api.compose_schemas import AdapterScale, MergedAdapters
 from server.engine.sampling import SamplingParams
 
 MAX_STOP_SEQUENCES = 16
@@ -38,7 +46,10 @@ class GenerateParameters(BaseModel):
         None, description="Where the adapter comes from: only `local` (the server's store) is supported."
     )
     api_token: str | None = Field(None, description="LoRAX's token for private hub adapters; ignored.")
-    merged_adapters: None = Field(None, description="Adapter composition (LoRAX); only null for now.")
+    merged_adapters: MergedAdapters | None = Field(
+        None, description="Compose stored adapters for this request (LoRAX); instead of adapter_id."
+    )
+    adapter_scale: AdapterScale = 1.0
     response_format: None = Field(None, description="Constrained output (LoRAX); only null for now.")
     grammar: None = Field(None, description="Constrained output (TGI); only null for now.")
     max_new_tokens: int | None = Field(
@@ -85,9 +96,6 @@ class GenerateParameters(BaseModel):
         None, description="Watermarking is not supported: false or null."
     )
 
-    _merged = field_validator("merged_adapters", mode="wrap")(
-        _only_null("merged_adapters (adapter composition)", "send null and one adapter_id.")
-    )
     _format = field_validator("response_format", mode="wrap")(
         _only_null("response_format (constrained output)", "send null.")
     )
@@ -101,6 +109,12 @@ class GenerateParameters(BaseModel):
         if value is not None and value is not False:  # 0 == False: a Literal alone would take 0
             raise ValueError("watermark is not supported by loraplex; send false or leave it out.")
         return handler(value)
+
+    @model_validator(mode="after")
+    def _one_adapter_source(self) -> GenerateParameters:
+        if self.adapter_id is not None and self.merged_adapters is not None:
+            raise ValueError("give adapter_id or merged_adapters, not both (as LoRAX requires).")
+        return self
 
     @property
     def candidates(self) -> int:

@@ -21,6 +21,7 @@ from typing import Any
 from fastapi import Request
 
 from adapters.registry import AdapterLookup
+from server.api.composition import Composition
 from server.api.generation import build_request, run_many, stream_events, tokenize
 from server.api.schemas import GenerateParameters
 from server.engine.engine import Engine
@@ -39,8 +40,14 @@ class TgiGeneration:
 
     @classmethod
     def build(
-        cls, engine: Engine, registry: AdapterLookup, inputs: str, params: GenerateParameters
+        cls,
+        engine: Engine,
+        registry: AdapterLookup,
+        inputs: str,
+        params: GenerateParameters,
+        composition: Composition | None = None,
     ) -> TgiGeneration:
+        """``composition``: the resolved ``params.merged_adapters`` (``server.api.composition``)."""
         prompt_ids = tokenize(engine, inputs)
         if params.truncate is not None:
             prompt_ids = prompt_ids[-params.truncate :]
@@ -54,6 +61,8 @@ class TgiGeneration:
                 params.sampling(max_new, candidate),
                 params.adapter_id,
                 want_details=params.details or params.candidates > 1,  # best_of ranks by token logprobs
+                composition=composition,
+                adapter_scale=params.adapter_scale,
             )
             request.want_prompt_logprobs = bool(params.decoder_input_details) and candidate == 0
             request.top_n_tokens = params.top_n

@@ -332,7 +332,10 @@ class Engine:
             start = time.perf_counter()
             slots = self._slots_for(rows)
             logits = self.runner.decode(
-                [DecodeInput(r.seq_id, r.next_input, slot) for r, slot in zip(rows, slots, strict=True)]
+                [
+                    DecodeInput(r.seq_id, r.next_input, slot, r.request.adapter_scale)
+                    for r, slot in zip(rows, slots, strict=True)
+                ]
             )
             if self.merger.merged is None:
                 self.auto.observe_step(time.perf_counter() - start)
@@ -343,7 +346,12 @@ class Engine:
     # ------------------------------------------------------------------ merged and auto modes
 
     def _slots_for(self, rows: list[Row]) -> list[int]:
-        """The slot each row reads: none for rows of the merged adapter (the weights hold it)."""
+        """The slot each row reads: none for rows of the merged adapter (the weights hold it).
+
+        A row's key includes its ``adapter_scale`` (``scheduler.key_of``): a request for the merged
+        adapter at another scale has another key, so it never runs on the merged weights (auto mode
+        unmerges first; merged mode waits or swaps to the scaled adapter).
+        """
         merged = self.merger.merged
         if merged is None:
             return [r.slot for r in rows]
@@ -365,7 +373,7 @@ class Engine:
             self._waiting, merged.key if merged else None, not self.num_running, self.config.switch_wait
         )
         if plan.switch_to is not None:
-            self._set_merged(plan.switch_to.adapter)
+            self._set_merged(plan.switch_to.served_adapter)
         if not plan.admit or self._drain_requested():
             return []
         return self._admit(only_key=plan.admit_key)
@@ -389,7 +397,7 @@ class Engine:
             self._set_merged(None)
             return
         candidates = [r.request for r in rows] + list(self._waiting)
-        self._set_merged(next(r.adapter for r in candidates if key_of(r) == decision))
+        self._set_merged(next(r.served_adapter for r in candidates if key_of(r) == decision))
 
     # ------------------------------------------------------------------ scheduling
 
@@ -493,6 +501,7 @@ class Engine:
                 row.prefilled,
                 slot,
                 want_token_logprobs=_wants_prompt(row),
+                scale=row.request.adapter_scale,
             )
             for (row, take), slot in zip(chunks, self._slots_for(rows), strict=True)
         ]

@@ -99,7 +99,7 @@ class HFRunner(ModelRunner):
             attention_mask[row, length - len(prompt) :] = 1
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [N, T]
-        self.ctx.set_rows([i.slot for i in inputs], self.device)
+        self.ctx.set_rows([i.slot for i in inputs], self.device, [i.scale for i in inputs])
         want_all = any(i.want_token_logprobs for i in inputs)
         out = self.model(
             input_ids=input_ids,
@@ -135,7 +135,7 @@ class HFRunner(ModelRunner):
         position_ids = torch.tensor([[n] for n in batch.lengths], dtype=torch.long, device=device)  # [B, 1]
         ones = torch.ones((len(inputs), 1), dtype=batch.attention_mask.dtype, device=device)
         attention_mask = torch.cat([batch.attention_mask, ones], dim=1)  # [B, P+1]
-        self.ctx.set_rows([i.slot for i in inputs], device)
+        self.ctx.set_rows([i.slot for i in inputs], device, [i.scale for i in inputs])
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -1,22 +1,23 @@
 """LoRA-aware linear layers: many adapters, one batch, the base weight untouched.
 
-    x ──► base(x) = W x ───────────────────────────────┐
-    │                                                  ▼
-    └──► A[slot[i]] x_i ──► scale[slot[i]] · B[slot[i]] (·) ──► + ──► y_i
+    x ──► base(x) = W x ─────────────────────────────────────────────────┐
+    │                                                                    ▼
+    └──► A[slot[i]] x_i ──► row_scale[i] · scale[slot[i]] · B[slot[i]] (·) ──► + ──► y_i
 
 Each wrapped layer keeps the adapters that are resident in memory in stacked, rank-padded
 slots (``A_stack: [S, r_max, k]``, ``B_stack: [S, d, r_max]``, ``scale: [S]``). A forward pass
 reads the row → slot map from a :class:`LoraBatchContext` shared by every layer of the model;
-slot ``-1`` is the bare base (no adapter).
+slot ``-1`` is the bare base (no adapter). A row may also scale its adapter's update
+(``adapter_scale``: 0 is the base, 1 the adapter) without a slot of its own: ``row_scale[i]``.
 
 Two batched kernels compute the same thing:
 
 * ``gather_bmm`` (Punica BGMV semantics, the portable reference):
-  ``y[i] += scale[slot[i]] * (x[i] @ A[slot[i]].T) @ B[slot[i]].T``
+  ``y[i] += row_scale[i] * scale[slot[i]] * (x[i] @ A[slot[i]].T) @ B[slot[i]].T``
 * ``segmented`` (the default): the active slots' A are concatenated once per batch
   composition, so each layer costs one matmul down, one mask, one matmul up:
   ``h = x @ A_act.T;  h *= row_mask;  y += h @ B_act_scaled.T``
-  with ``row_mask[i, j] = 1`` where column j belongs to row i's slot.
+  with ``row_mask[i, j] = row_scale[i]`` where column j belongs to row i's slot, else 0.
 
 Both are checked against the dense ``W + s·B·A`` in the tests. A padded rank costs compute,
 not correctness: padded rows of A and columns of B are zero.
@@ -42,23 +43,39 @@ class LoraBatchContext:
     """
 
     row_slots: torch.Tensor | None = None  # [B] int64, BASE_SLOT for rows without adapter
+    row_scale: torch.Tensor | None = None  # [B] float32 per-row adapter scale; None: every row 1
     active_slots: tuple[int, ...] = ()  # distinct slots >= 0 used by the batch, sorted
     # (slots, r_max) -> [B, L*r_max]; layers that some adapters skip use a subset of the slots
     row_mask_cache: dict[tuple[tuple[int, ...], int], torch.Tensor] = field(default_factory=dict)
-    _rows_key: tuple[int, ...] | None = None
+    _rows_key: tuple | None = None
 
-    def set_rows(self, row_slots: list[int], device: torch.device | str) -> None:
-        """Describe the next batch: ``row_slots[i]`` is the slot of row i (``BASE_SLOT``: none).
+    def set_rows(
+        self, row_slots: list[int], device: torch.device | str, row_scales: list[float] | None = None
+    ) -> None:
+        """Describe the next batch: ``row_slots[i]`` is the slot of row i (``BASE_SLOT``: none),
+        ``row_scales[i]`` the factor on its adapter's update (default 1).
 
         Decode steps repeat the same rows; then nothing is rebuilt.
         """
-        key = tuple(row_slots)
+        scales = None
+        if row_scales is not None and any(
+            s != 1.0 for s, slot in zip(row_scales, row_slots, strict=True) if slot != BASE_SLOT
+        ):
+            scales = tuple(
+                1.0 if slot == BASE_SLOT else float(s) for s, slot in zip(row_scales, row_slots, strict=True)
+            )
+        key = (tuple(row_slots), scales)
         if key == self._rows_key:
             return
         self._rows_key = key
         active = tuple(sorted({s for s in row_slots if s != BASE_SLOT}))
         self.active_slots = active
         self.row_slots = torch.tensor(row_slots, dtype=torch.long, device=device) if active else None
+        self.row_scale = (
+            torch.tensor(scales, dtype=torch.float32, device=device)
+            if active and scales is not None
+            else None
+        )
         self.row_mask_cache = {}
 
     def invalidate(self) -> None:
@@ -66,12 +83,15 @@ class LoraBatchContext:
         self._rows_key = None
 
     def row_mask(self, slots: tuple[int, ...], r_max: int, dtype: torch.dtype) -> torch.Tensor:
-        """``[B, L*r_max]``: 1 where column block l (slot ``slots[l]``) belongs to row i's slot."""
+        """``[B, L*r_max]``: ``row_scale[i]`` (1 by default) where column block l (slot ``slots[l]``)
+        belongs to row i's slot, else 0."""
         mask = self.row_mask_cache.get((slots, r_max))
         if mask is None or mask.dtype != dtype:
             assert self.row_slots is not None
             columns = torch.tensor(slots, device=self.row_slots.device)
             onehot = (self.row_slots[:, None] == columns[None, :]).to(dtype)  # [B, L]
+            if self.row_scale is not None:
+                onehot.mul_(self.row_scale[:, None].to(dtype))
             mask = onehot.repeat_interleave(r_max, dim=1)  # [B, L*r_max]
             self.row_mask_cache[(slots, r_max)] = mask
         return mask
@@ -155,7 +175,7 @@ class LoraSlotBank:
     # ---------------------------------------------------------------- kernels
 
     def _add_delta_gather_bmm(self, x: torch.Tensor, y: torch.Tensor, ctx: LoraBatchContext) -> None:
-        """Semantics: ``y[i] += scale[slot[i]] * (x[i] @ A[slot[i]].T) @ B[slot[i]].T``.
+        """Semantics: ``y[i] += row_scale[i] * scale[slot[i]] * (x[i] @ A[slot[i]].T) @ B[slot[i]].T``.
 
         x: [B, T, k]; y: [B*T, d], possibly a column slice of a wider output.
         """
@@ -164,6 +184,8 @@ class LoraSlotBank:
         present = (ctx.row_slots >= 0) & (ctx.row_slots < self.A_stack.shape[0])
         slots = torch.where(present, ctx.row_slots, 0)  # [B]
         scale = torch.where(present, self.scale[slots], 0)  # [B]
+        if ctx.row_scale is not None:
+            scale = scale * ctx.row_scale.to(scale.dtype)
         A = self.A_stack[slots]  # [B, r, k]
         B = self.B_stack[slots]  # [B, d, r]
         h = torch.bmm(x, A.transpose(1, 2))  # [B, T, r]
@@ -187,7 +209,7 @@ class LoraSlotBank:
         return slots, A_t, B_t
 
     def _add_delta_segmented(self, x: torch.Tensor, y: torch.Tensor, ctx: LoraBatchContext) -> None:
-        """Semantics: ``h = x @ A_act.T; h *= row_mask; y += h @ (scale·B)_act.T``.
+        """Semantics: ``h = x @ A_act.T; h *= row_mask (row_scale where the slot is the row's); y += h @ (scale·B)_act.T``.
 
         x: [B, T, k]; y: [B*T, d] (a view: written in place, no temporaries beyond ``h``).
         """

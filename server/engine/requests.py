@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Literal
 
 from adapters.peft_format import LoraAdapter
@@ -67,6 +68,9 @@ class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams
     adapter: LoraAdapter | None  # resolved at submission: a later replace does not affect it
+    # factor on the adapter's update for this request (0: the base, 1: the adapter); rows apply it
+    # to their adapter's slot (no slot of its own), the merged mode folds adapter.scaled(it)
+    adapter_scale: float = 1.0
     want_details: bool = False
     want_prompt_logprobs: bool = False  # log-probabilities of the prompt's tokens (TGI's prefill details)
     top_n_tokens: int = 0  # report this many most likely tokens at each step (0: none)
@@ -85,6 +89,14 @@ class GenerationRequest:
     @property
     def adapter_id(self) -> str | None:
         return self.adapter.adapter_id if self.adapter else None
+
+    @cached_property
+    def served_adapter(self) -> LoraAdapter | None:
+        """The update this request wants: the adapter scaled by ``adapter_scale`` (its own key when
+        the scale is not 1, so a row at another scale is never served by the adapter's merged weights)."""
+        if self.adapter is None or self.adapter_scale == 1.0:
+            return self.adapter
+        return self.adapter.scaled(self.adapter_scale)
 
     def cancel(self) -> None:
         """Called from any thread: the engine drops the row at the next step."""

@@ -11,7 +11,8 @@
 
 A runner knows sequences by the engine's ``seq_id`` and keeps each one's KV state between calls.
 Every input names the adapter slot its row reads (``BASE_SLOT``: none), so the merged mode can
-send the merged adapter's rows as base rows.
+send the merged adapter's rows as base rows, and the factor on that slot's update (``scale``, the
+request's ``adapter_scale``), which the runner hands to its LoRA layers with the slots.
 
 Adapters reach the runner's LoRA layers through :attr:`ModelRunner.lora_targets` (one
 :class:`LoraTarget` per PEFT module name, ``model.layers.0.self_attn.q_proj``), which
@@ -45,6 +46,7 @@ class PrefillInput:
     start: int  # tokens of this sequence already in the cache (0 for a new sequence)
     slot: int  # adapter slot, BASE_SLOT for none
     want_token_logprobs: bool = False  # also return log p(token_ids[j] | everything before), j >= 1
+    scale: float = 1.0  # factor on the slot's update for this row (the request's adapter_scale)
 
 
 @dataclass
@@ -59,6 +61,7 @@ class DecodeInput:
     seq_id: int
     token_id: int  # the token to append (the last one sampled)
     slot: int
+    scale: float = 1.0  # factor on the slot's update for this row (the request's adapter_scale)
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,13 @@ from dataclasses import dataclass
 
 from server.engine.requests import GenerationRequest
 
-AdapterKey = str | None  # adapter id@version, None for the bare base
+AdapterKey = str | None  # adapter id@version (*scale when not 1), None for the bare base
 
 
 def key_of(request: GenerationRequest) -> AdapterKey:
-    return request.adapter.key if request.adapter is not None else None
+    """What the request needs merged to run as a base row: its adapter at its ``adapter_scale``."""
+    served = request.served_adapter
+    return served.key if served is not None else None
 
 
 @dataclass

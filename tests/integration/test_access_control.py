@@ -74,6 +74,11 @@ def test_admin_routes_need_the_admin_key(keyed, tiny_base) -> None:
     assert [a["id"] for a in keyed.get("/adapters", headers=API).json()] == ["guarded"]
     assert keyed.post("/adapters?replace=true", **upload, headers=API).status_code == 403
     assert keyed.delete("/adapters/guarded", headers=API).status_code == 403
+    compose = {"sources": [{"id": "guarded", "weight": 0.5}], "new_id": "composed"}
+    assert keyed.post("/adapters/compose", json=compose).status_code == 401
+    assert keyed.post("/adapters/compose", json=compose, headers=API).status_code == 403
+    assert keyed.post("/adapters/compose", json=compose, headers=ADMIN).status_code == 201
+    assert keyed.delete("/adapters/composed", headers=ADMIN).status_code == 204
     assert keyed.post("/admin/verify-base", headers=API).status_code == 403
     assert keyed.post("/admin/verify-base", headers=ADMIN).status_code == 200
     assert keyed.delete("/adapters/guarded", headers=ADMIN).status_code == 204

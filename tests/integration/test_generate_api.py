@@ -92,7 +92,7 @@ def test_unknown_adapter_is_404_naming_it(client) -> None:
         ({"top_n_tokens": 21}, "top_n_tokens"),
         ({"watermark": True}, "watermark"),
         ({"adapter_source": "hub"}, "local"),
-        ({"merged_adapters": {"ids": ["a"], "weights": [1.0], "density": 1.0}}, "merged_adapters"),
+        ({"merged_adapters": {"ids": ["a"], "weights": [1.0], "density": 2.0}}, "merged_adapters"),
         ({"response_format": {"type": "json_object", "schema": {}}}, "response_format"),
         ({"truncate": 0}, "truncate"),
         ({"typical_p": 1.5}, "typical_p"),

@@ -42,6 +42,27 @@ def _generate(server, inputs: str, adapter_id: str | None, n: int) -> dict:
     return httpx.post(server.url + "/generate", json=body, timeout=30).json()
 
 
+def test_adapter_scale_as_an_extra_body_field(server, client) -> None:
+    """``adapter_scale`` through the SDK's extra_body: 0 is the base model, 1 the adapter."""
+    base = _generate(server, PROMPT, None, 6)["generated_text"]
+    adapter = _generate(server, PROMPT, "qv", 6)["generated_text"]
+    assert base != adapter
+    for scale, expected in ((0.0, base), (1.0, adapter)):
+        reply = client.completions.create(
+            model="qv", prompt=PROMPT, max_tokens=6, temperature=0, extra_body={"adapter_scale": scale}
+        )
+        assert reply.choices[0].text == expected
+    half = client.completions.create(model="qv", prompt=PROMPT, max_tokens=6, temperature=0,
+                                     extra_body={"adapter_scale": 0.5})  # fmt: skip
+    body = {"inputs": PROMPT, "parameters": {"adapter_id": "qv", "max_new_tokens": 6, "adapter_scale": 0.5}}
+    assert (
+        half.choices[0].text
+        == httpx.post(server.url + "/generate", json=body, timeout=30).json()["generated_text"]
+    )
+    with pytest.raises(openai.UnprocessableEntityError, match="adapter_scale"):
+        client.completions.create(model="qv", prompt=PROMPT, max_tokens=2, extra_body={"adapter_scale": 50})
+
+
 def test_models_lists_base_and_adapters(client) -> None:
     models = {m.id: m for m in client.models.list().data}
     assert set(models) == {BASE, "qv"}

@@ -214,6 +214,30 @@ def test_lorax_async_generate_and_stream(server) -> None:
     assert "".join(e.token.text for e in streamed) == expected["generated_text"]
 
 
+def test_lorax_merged_adapters(server, lrx) -> None:
+    """LoRAX's merged_adapters, sync, streamed and async: the same tokens as /generate; the same
+    adapter twice at [0.5, 0.5] is the adapter; a DARE composition repeats exactly (seeded)."""
+    twice = lorax.MergedAdapters(ids=["qv", "qv"], weights=[0.5, 0.5], merge_strategy="linear", density=1.0)
+    reply = lrx.generate(PROMPT, merged_adapters=twice, max_new_tokens=6, details=True)
+    assert _tokens(reply.details) == _expected_tokens(_generate(server, max_new_tokens=6, adapter_id="qv"))
+    dare = lorax.MergedAdapters(ids=["qv", "qv"], weights=[0.6, 0.3], merge_strategy="dare_ties", density=0.5,
+                                majority_sign_method="frequency")  # fmt: skip
+    expected = _generate(server, max_new_tokens=6, merged_adapters=dare.model_dump())
+    assert expected["details"]["adapter_id"].startswith("merged:")
+    assert expected["generated_text"] != reply.generated_text  # another composition, another answer
+    reply = lrx.generate(PROMPT, merged_adapters=dare, max_new_tokens=6, details=True)
+    assert _tokens(reply.details) == _expected_tokens(expected)
+    streamed = list(lrx.generate_stream(PROMPT, merged_adapters=dare, max_new_tokens=6))
+    assert "".join(e.token.text for e in streamed) == expected["generated_text"]
+
+    async def run():
+        return await lorax.AsyncClient(server.url, timeout=60).generate(
+            PROMPT, merged_adapters=dare, max_new_tokens=6
+        )
+
+    assert asyncio.run(run()).generated_text == expected["generated_text"]
+
+
 def test_lorax_parameters(lrx) -> None:
     reply = lrx.generate(PROMPT, max_new_tokens=4, return_k_alternatives=2, decoder_input_details=True,
                          ignore_eos_token=True, details=True)  # fmt: skip
@@ -235,9 +259,12 @@ def test_lorax_errors_are_the_clients_exceptions(lrx) -> None:
         list(lrx.generate_stream(PROMPT, adapter_id="nope", max_new_tokens=2))
     with pytest.raises(lorax.errors.ValidationError, match="local"):
         lrx.generate(PROMPT, adapter_id="qv", adapter_source="hub", max_new_tokens=2)
-    merged = lorax.MergedAdapters(ids=["qv"], weights=[1.0], density=1.0)
-    with pytest.raises(lorax.errors.ValidationError, match="merged_adapters"):
-        lrx.generate(PROMPT, merged_adapters=merged, max_new_tokens=2)
+    unknown = lorax.MergedAdapters(ids=["qv", "nope"], weights=[1.0, 1.0], density=1.0)
+    with pytest.raises(lorax.errors.NotFoundError, match="nope"):
+        lrx.generate(PROMPT, merged_adapters=unknown, max_new_tokens=2)
+    empty = lorax.MergedAdapters(ids=["qv", "qv"], weights=[1.0, 1.0], merge_strategy="ties", density=0.0)
+    with pytest.raises(lorax.errors.UnprocessableEntityError, match="density"):  # 422 invalid_composition
+        lrx.generate(PROMPT, merged_adapters=empty, max_new_tokens=2)
     with pytest.raises(lorax.errors.ValidationError, match="response_format"):
         lrx.generate(PROMPT, response_format={"type": "json_object", "schema": {}}, max_new_tokens=2)
     with pytest.raises(lorax.errors.ValidationError):

@@ -123,6 +123,7 @@ class NativeLlamaRunner(ModelRunner):
         blocks: list[int] = []
         offsets: list[int] = []
         token_slots: list[int] = []
+        token_scales: list[float] = []
         chunks: list[tuple[int, int, torch.Tensor]] = []
         for item in inputs:
             known = self.kv.sequences.get(item.seq_id)
@@ -135,6 +136,7 @@ class NativeLlamaRunner(ModelRunner):
             blocks.extend(new_blocks)
             offsets.extend(new_offsets)
             token_slots.extend([item.slot] * count)
+            token_scales.extend([item.scale] * count)
             table = torch.tensor(self.kv.sequences[item.seq_id].blocks, dtype=torch.long, device=self.device)
             chunks.append((item.start, count, table))
         plan = AttentionPlan(
@@ -143,7 +145,7 @@ class NativeLlamaRunner(ModelRunner):
             decode=False,
             chunks=chunks,
         )
-        hidden = self._forward(tokens, positions, token_slots, plan)  # [N, H]
+        hidden = self._forward(tokens, positions, token_slots, plan, token_scales)  # [N, H]
         ends = torch.tensor(
             [sum(c[1] for c in chunks[: i + 1]) - 1 for i in range(len(chunks))], device=self.device
         )
@@ -179,13 +181,21 @@ class NativeLlamaRunner(ModelRunner):
             lengths=lengths,
             attend=attend[:, None, None, :],
         )
-        hidden = self._forward([i.token_id for i in inputs], positions, [i.slot for i in inputs], plan)
+        hidden = self._forward(
+            [i.token_id for i in inputs], positions, [i.slot for i in inputs], plan, [i.scale for i in inputs]
+        )
         return self.model.logits(hidden)
 
     def _forward(
-        self, tokens: list[int], positions: list[int], slots: list[int], plan: AttentionPlan
+        self,
+        tokens: list[int],
+        positions: list[int],
+        slots: list[int],
+        plan: AttentionPlan,
+        scales: list[float] | None = None,
     ) -> torch.Tensor:
-        self.ctx.set_rows(slots, self.device)
+        """Rows are tokens: ``slots[j]`` and ``scales[j]`` are token j's adapter slot and scale."""
+        self.ctx.set_rows(slots, self.device, scales)
         return self.model.forward(
             torch.tensor(tokens, dtype=torch.long, device=self.device),
             torch.tensor(positions, dtype=torch.long, device=self.device),
