@@ -35,7 +35,7 @@ _SSE = {
 @router.post("/generate", response_model=GenerateResponse, responses=_GENERATION_ERRORS)
 async def generate(body: GenerateRequest, engine: EngineDep, registry: RegistryDep, http_request: Request):
     """Generate text; ``details`` always has the summary, ``tokens``/``prefill`` when asked for."""
-    generation = TgiGeneration.build(engine, registry, body.inputs, body.params)
+    generation = await TgiGeneration.prepare(engine, registry, body.inputs, body.params)
     payload, best = await generation.run(http_request)
     return JSONResponse(payload, headers=timing_headers(best))
 
@@ -52,7 +52,7 @@ async def generate_stream(
     body: GenerateStreamRequest, engine: EngineDep, registry: RegistryDep
 ) -> StreamingResponse:
     """Server-sent events, one per token; the last one carries ``generated_text`` and ``details``."""
-    return _stream(TgiGeneration.build(engine, registry, body.inputs, body.params))
+    return _stream(await TgiGeneration.prepare(engine, registry, body.inputs, body.params))
 
 
 @router.post(
@@ -79,8 +79,8 @@ async def tgi_compat(
             stream_body = GenerateStreamRequest.model_validate(body.model_dump())
         except ValidationError as exc:
             raise RequestValidationError(exc.errors()) from exc
-        return _stream(TgiGeneration.build(engine, registry, stream_body.inputs, stream_body.params))
-    generation = TgiGeneration.build(engine, registry, body.inputs, body.params)
+        return _stream(await TgiGeneration.prepare(engine, registry, stream_body.inputs, stream_body.params))
+    generation = await TgiGeneration.prepare(engine, registry, body.inputs, body.params)
     payload, best = await generation.run(http_request)
     return JSONResponse([payload], headers=timing_headers(best))
 

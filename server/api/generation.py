@@ -19,6 +19,7 @@ from server.api.context import RequestContext, current
 from server.api.errors import ApiError, adapter_not_found
 from server.api.load_control import admit_generation
 from server.engine.engine import Engine
+from server.engine.grammar import Grammar
 from server.engine.requests import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent
 from server.engine.sampling import SamplingParams
 
@@ -35,8 +36,11 @@ def build_request(
     params: SamplingParams,
     adapter_id: str | None,
     want_details: bool = False,
+    grammar: Grammar | None = None,
 ) -> GenerationRequest:
     """Resolve ``adapter_id`` (404 when unknown: never a silent fall-back to the base).
+
+    ``grammar``: structured output (``server.api.structured``); the request gets its own state of it.
 
     The adapter is resolved once, here: a later replace or delete does not change this request,
     and the registry keeps the version's files until the request is gone (``track``). Routes that
@@ -50,7 +54,7 @@ def build_request(
         if adapter is None:
             raise adapter_not_found(adapter_id)
     request = GenerationRequest(
-        prompt_ids=prompt_ids, params=params, adapter=adapter, want_details=want_details
+        prompt_ids=prompt_ids, params=params, adapter=adapter, want_details=want_details, grammar=grammar
     )
     engine.validate(request)
     if adapter is not None:

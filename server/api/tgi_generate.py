@@ -23,7 +23,9 @@ from fastapi import Request
 from adapters.registry import AdapterLookup
 from server.api.generation import build_request, run_many, stream_events, tokenize
 from server.api.schemas import GenerateParameters
+from server.api.structured import response_grammar
 from server.engine.engine import Engine
+from server.engine.grammar import Grammar
 from server.engine.requests import ErrorEvent, FinishEvent, GenerationRequest, TokenEvent, TopToken
 
 
@@ -38,8 +40,21 @@ class TgiGeneration:
     engine: Engine
 
     @classmethod
-    def build(
+    async def prepare(
         cls, engine: Engine, registry: AdapterLookup, inputs: str, params: GenerateParameters
+    ) -> TgiGeneration:
+        """:meth:`build`, after compiling ``response_format`` (structured output) off the event loop."""
+        grammar = await response_grammar(engine, params.response_format)
+        return cls.build(engine, registry, inputs, params, grammar)
+
+    @classmethod
+    def build(
+        cls,
+        engine: Engine,
+        registry: AdapterLookup,
+        inputs: str,
+        params: GenerateParameters,
+        grammar: Grammar | None = None,
     ) -> TgiGeneration:
         prompt_ids = tokenize(engine, inputs)
         if params.truncate is not None:
@@ -54,6 +69,7 @@ class TgiGeneration:
                 params.sampling(max_new, candidate),
                 params.adapter_id,
                 want_details=params.details or params.candidates > 1,  # best_of ranks by token logprobs
+                grammar=grammar,
             )
             request.want_prompt_logprobs = bool(params.decoder_input_details) and candidate == 0
             request.top_n_tokens = params.top_n
