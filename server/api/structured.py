@@ -8,7 +8,8 @@
 A schema missing or null means any JSON object. The grammar is compiled once per request, off
 the event loop (the first one also builds the tokenizer's byte table, about a second), then each
 engine request (best_of candidate, choice) gets its own grammar state. A schema the grammar
-engine refuses is a 422 ``invalid_schema`` carrying the engine's message.
+engine refuses is a 422 ``validation`` (what the TGI and LoRAX clients raise as ValidationError)
+carrying the engine's message.
 """
 
 from __future__ import annotations
@@ -36,4 +37,4 @@ async def response_grammar(engine: Engine, response_format: ResponseFormatLike |
     try:
         return await run_in_threadpool(engine.grammars.compile_json_schema, schema)
     except GrammarError as exc:
-        raise ApiError(422, f"response_format: {exc}", "invalid_schema") from exc
+        raise ApiError(422, f"response_format: {exc}", "validation") from exc
