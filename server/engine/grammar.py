@@ -58,7 +58,7 @@ class Grammar:
 class GrammarStats:
     """Where structured output spends its time (``bench/structured.py`` reports it)."""
 
-    mask_seconds: float = 0.0  # computing and applying masks, all steps
+    mask_seconds: float = 0.0  # computing and unpacking masks, all steps (applying them is sampling)
     masked_rows: int = 0  # row-steps that had a mask (one per constrained token)
     compiles: int = 0
 
