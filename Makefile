@@ -45,6 +45,7 @@ bench: setup
 	$(PY) bench/swap.py
 	$(PY) bench/analysis.py
 	$(PY) bench/load.py
+	$(PY) bench/structured.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -41,16 +41,15 @@ def free_port() -> int:
 
 
 def start_live_server(
-    model: torch.nn.Module, tokenizer, workdir: Path, loader: BaseLoader | None = None, **settings
+    model: torch.nn.Module | None, tokenizer, workdir: Path, loader: BaseLoader | None = None, **settings
 ) -> LiveServer:
     """Serve a copy of ``model`` (named ``tiny-llama``), or what ``loader`` loads; returns once /health
     says 200."""
     port = free_port()
     settings.setdefault("data_dir", workdir / "data")
     settings.setdefault("cache_dir", workdir / "cache")
-    app = create_app(
-        Settings(port=port, **settings), loader=loader or (lambda _: loaded_base(model, tokenizer))
-    )
+    loader = loader or (lambda _: loaded_base(model, tokenizer))
+    app = create_app(Settings(port=port, **settings), loader=loader)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -43,7 +43,7 @@ async def generate(
 ):
     """Generate text; ``details`` always has the summary, ``tokens``/``prefill`` when asked for."""
     composition = await resolve_merged(compositions, body.params.merged_adapters)
-    generation = TgiGeneration.build(engine, registry, body.inputs, body.params, composition)
+    generation = await TgiGeneration.prepare(engine, registry, body.inputs, body.params, composition)
     payload, best = await generation.run(http_request)
     return JSONResponse(payload, headers=timing_headers(best))
 
@@ -61,7 +61,7 @@ async def generate_stream(
 ) -> StreamingResponse:
     """Server-sent events, one per token; the last one carries ``generated_text`` and ``details``."""
     composition = await resolve_merged(compositions, body.params.merged_adapters)
-    return _stream(TgiGeneration.build(engine, registry, body.inputs, body.params, composition))
+    return _stream(await TgiGeneration.prepare(engine, registry, body.inputs, body.params, composition))
 
 
 @router.post(
@@ -94,9 +94,9 @@ async def tgi_compat(
         except ValidationError as exc:
             raise RequestValidationError(exc.errors()) from exc
         return _stream(
-            TgiGeneration.build(engine, registry, stream_body.inputs, stream_body.params, composition)
+            await TgiGeneration.prepare(engine, registry, stream_body.inputs, stream_body.params, composition)
         )
-    generation = TgiGeneration.build(engine, registry, body.inputs, body.params, composition)
+    generation = await TgiGeneration.prepare(engine, registry, body.inputs, body.params, composition)
     payload, best = await generation.run(http_request)
     return JSONResponse([payload], headers=timing_headers(best))
 

@@ -20,6 +20,7 @@ from server.api.context import RequestContext, current
 from server.api.errors import ApiError, adapter_not_found
 from server.api.load_control import admit_generation
 from server.engine.engine import Engine
+from server.engine.grammar import Grammar
 from server.engine.requests import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent
 from server.engine.sampling import SamplingParams
 
@@ -39,10 +40,13 @@ def build_request(
     *,
     composition: Composition | None = None,
     adapter_scale: float = 1.0,
+    grammar: Grammar | None = None,
 ) -> GenerationRequest:
     """Resolve ``adapter_id`` (404 when unknown: never a silent fall-back to the base), or take the
     adapter of ``composition`` (LoRAX's merged_adapters, resolved by ``server.api.composition``).
     ``adapter_scale`` multiplies the adapter's update for this request.
+
+    ``grammar``: structured output (``server.api.structured``); the request gets its own state of it.
 
     The adapter is resolved once, here: a later replace or delete does not change this request,
     and the registry keeps the version's files until the request is gone (``track``). Routes that
@@ -63,6 +67,7 @@ def build_request(
         adapter=adapter,
         adapter_scale=adapter_scale,
         want_details=want_details,
+        grammar=grammar,
     )
     engine.validate(request)
     for used in composition.sources if composition is not None else [adapter] if adapter is not None else []:

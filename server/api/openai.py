@@ -47,8 +47,10 @@ from server.api.openai_schemas import (
 from server.api.openapi_errors import OpenAIErrorResponse, error_responses
 from server.api.sse import sse, sse_response
 from server.api.stop_holdback import StopHoldback
+from server.api.structured import response_grammar
 from server.engine.base_model import LoadedBase
 from server.engine.engine import Engine
+from server.engine.grammar import Grammar
 from server.engine.requests import ErrorEvent, FinishEvent, GenerationRequest, TokenEvent
 
 _STARTED = int(time.time())
@@ -56,7 +58,11 @@ TGI_PLACEHOLDER_MODEL = "tgi"  # the model TGI's clients name; the base model un
 SYSTEM_FINGERPRINT = f"loraplex-{__version__}"
 _OPENAI_ERRORS = (401, 404, 422, 424, 429, 503, 504)
 _ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
-_PARAM_OF_CODE = {"model_not_found": "model", "adapter_not_found": "model"}
+_PARAM_OF_CODE = {
+    "model_not_found": "model",
+    "adapter_not_found": "model",
+    "invalid_schema": "response_format",
+}
 
 
 # --------------------------------------------------------------------------- errors
@@ -164,7 +170,8 @@ async def completions(
         echo=bool(body.echo),
         prompt_text=prompt if isinstance(prompt, str) else engine.tokenizer.decode(prompt_ids),
     )
-    requests = _requests(engine, registry, body, prompt_ids, max_tokens, adapter_id, wants)
+    grammar = await response_grammar(engine, body.response_format)
+    requests = _requests(engine, registry, body, prompt_ids, max_tokens, adapter_id, wants, grammar)
     return await _answer(
         _Reply(body.model, False, engine, wants, prompt_ids), body, engine, requests, http_request
     )
@@ -182,7 +189,8 @@ async def chat_completions(
     prompt_ids = chat_prompt_ids(engine, [m.template_dict() for m in body.messages])
     max_tokens = body.token_limit or max(engine.config.max_total_tokens - len(prompt_ids), 1)
     wants = _Wants(logprobs=body.wants_logprobs, top=body.top_logprobs or 0)
-    requests = _requests(engine, registry, body, prompt_ids, max_tokens, adapter_id, wants)
+    grammar = await response_grammar(engine, body.response_format)
+    requests = _requests(engine, registry, body, prompt_ids, max_tokens, adapter_id, wants, grammar)
     return await _answer(
         _Reply(body.model, True, engine, wants, prompt_ids), body, engine, requests, http_request
     )
@@ -206,8 +214,9 @@ def _requests(
     max_tokens: int,
     adapter_id: str | None,
     wants: _Wants,
+    grammar: Grammar | None,
 ) -> list[GenerationRequest]:
-    """One engine request per choice (``n``); choice i samples with seed + i."""
+    """One engine request per choice (``n``); choice i samples with seed + i (each has its own grammar state)."""
     requests = []
     for choice in range(body.choices):
         request = build_request(
@@ -218,6 +227,7 @@ def _requests(
             adapter_id,
             want_details=wants.logprobs,
             adapter_scale=body.adapter_scale,
+            grammar=grammar,
         )
         request.top_n_tokens = wants.top
         request.want_prompt_logprobs = wants.echo and wants.logprobs

@@ -1,9 +1,8 @@
 """Request bodies of the OpenAI-compatible routes, and their translation to ``SamplingParams``.
 
 Unknown fields are ignored (OpenAI clients send many), but fields that would change the answer
-and that loraplex does not implement (``best_of > 1``, ``suffix``, ``logit_bias``, tools, a
-``response_format`` other than text) are refused with a 422 naming the field, never silently
-dropped. Their schemas say so (``const``/``maxItems``), so the OpenAPI contract matches.
+and that loraplex does not implement (``best_of > 1``, ``suffix``, ``logit_bias``, tools) are
+refused with a 422 naming the field, never silently dropped. Their schemas say so (``const``/``maxItems``), so the OpenAPI contract matches.
 
 Sampling follows OpenAI, not TGI: ``temperature`` defaults to 1 (sampling); ``temperature: 0``
 is greedy decoding.
@@ -11,7 +10,7 @@ is greedy decoding.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -49,6 +48,53 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class ResponseFormatText(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["text"]
+
+    def output_schema(self) -> None:
+        return None
+
+
+class ResponseFormatJsonObject(BaseModel):
+    """JSON mode: the output is one JSON object."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["json_object"]
+
+    def output_schema(self) -> dict[str, Any] | None:
+        return None  # any JSON object
+
+
+class JsonSchemaSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
+
+    name: str | None = Field(None, description="The schema's name (OpenAI requires one; loraplex does not).")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(
+        None,
+        alias="schema",
+        description="The JSON schema the output validates against; null: any JSON object.",
+    )
+    strict: bool | None = Field(None, description="Accepted; the schema is always enforced.")
+
+
+class ResponseFormatJsonSchema(BaseModel):
+    """Structured output: the output is JSON valid against ``json_schema.schema``."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+    def output_schema(self) -> dict[str, Any] | None:
+        return self.json_schema.schema_
+
+
+OpenAIResponseFormat = Annotated[
+    ResponseFormatText | ResponseFormatJsonObject | ResponseFormatJsonSchema, Field(discriminator="type")
+]
+
+
 class _OpenAIRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)  # JSON types as the schema states them
 
@@ -68,6 +114,11 @@ class _OpenAIRequest(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2, le=2, description="logit -= p if in the output.")
     logit_bias: dict[str, float] | None = Field(None, max_length=0, description="Not supported: {} or null.")
     adapter_scale: AdapterScale = 1.0  # loraplex's extra body field (openai SDK: extra_body)
+    response_format: OpenAIResponseFormat | None = Field(
+        None,
+        description="`text` (or null): free text; `json_object`: a JSON object; `json_schema`: JSON valid "
+        "against `json_schema.schema`.",
+    )
 
     _logit_bias = field_validator("logit_bias", mode="wrap")(
         _refuse("is not supported by loraplex; leave it out")
@@ -145,11 +196,6 @@ class CompletionRequest(_OpenAIRequest):
         return prompt
 
 
-class ResponseFormatText(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-    type: Literal["text"]
-
-
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     type: Literal["text"]
@@ -187,12 +233,8 @@ class ChatCompletionRequest(_OpenAIRequest):
     )
     tools: list[Any] | None = Field(None, max_length=0, description="Function calling is not supported.")
     tool_choice: Any = None
-    response_format: ResponseFormatText | None = Field(None, description="Only text for now.")
 
     _tools = field_validator("tools", mode="wrap")(_refuse("tools (function calling) are not supported"))
-    _format = field_validator("response_format", mode="wrap")(
-        _refuse("response_format other than text is not supported yet")
-    )
 
     @property
     def wants_logprobs(self) -> bool:

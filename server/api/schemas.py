@@ -33,6 +33,22 @@ def _only_null(what: str, hint: str) -> Any:
     return check
 
 
+class ResponseFormat(BaseModel):
+    """LoRAX's ``response_format``: the output is JSON, valid against ``schema`` (see ``server.api.structured``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    type: Literal["json_object"] = Field(..., description="`json_object`: the output is one JSON value.")
+    schema_: dict[str, Any] | None = Field(
+        None,
+        alias="schema",
+        description="A JSON schema the output must validate against; null: any JSON object.",
+    )
+
+    def output_schema(self) -> dict[str, Any] | None:
+        return self.schema_
+
+
 class GenerateParameters(BaseModel):
     """``parameters`` of the TGI/LoRAX request. Every field their clients send is accepted.
 
@@ -50,7 +66,9 @@ class GenerateParameters(BaseModel):
         None, description="Compose stored adapters for this request (LoRAX); instead of adapter_id."
     )
     adapter_scale: AdapterScale = 1.0
-    response_format: None = Field(None, description="Constrained output (LoRAX); only null for now.")
+    response_format: ResponseFormat | None = Field(
+        None, description="Structured output (LoRAX): JSON valid against a schema; null: free text."
+    )
     grammar: None = Field(None, description="Constrained output (TGI); only null for now.")
     max_new_tokens: int | None = Field(
         64, ge=1, description="Most tokens to generate; null: as many as fit in --max-total-tokens."
@@ -96,9 +114,6 @@ class GenerateParameters(BaseModel):
         None, description="Watermarking is not supported: false or null."
     )
 
-    _format = field_validator("response_format", mode="wrap")(
-        _only_null("response_format (constrained output)", "send null.")
-    )
     _grammar = field_validator("grammar", mode="wrap")(
         _only_null("grammar (constrained output)", "send null.")
     )

@@ -24,7 +24,9 @@ from adapters.registry import AdapterLookup
 from server.api.composition import Composition
 from server.api.generation import build_request, run_many, stream_events, tokenize
 from server.api.schemas import GenerateParameters
+from server.api.structured import response_grammar
 from server.engine.engine import Engine
+from server.engine.grammar import Grammar
 from server.engine.requests import ErrorEvent, FinishEvent, GenerationRequest, TokenEvent, TopToken
 
 
@@ -39,6 +41,19 @@ class TgiGeneration:
     engine: Engine
 
     @classmethod
+    async def prepare(
+        cls,
+        engine: Engine,
+        registry: AdapterLookup,
+        inputs: str,
+        params: GenerateParameters,
+        composition: Composition | None = None,
+    ) -> TgiGeneration:
+        """:meth:`build`, after compiling ``response_format`` (structured output) off the event loop."""
+        grammar = await response_grammar(engine, params.response_format)
+        return cls.build(engine, registry, inputs, params, composition, grammar)
+
+    @classmethod
     def build(
         cls,
         engine: Engine,
@@ -46,6 +61,7 @@ class TgiGeneration:
         inputs: str,
         params: GenerateParameters,
         composition: Composition | None = None,
+        grammar: Grammar | None = None,
     ) -> TgiGeneration:
         """``composition``: the resolved ``params.merged_adapters`` (``server.api.composition``)."""
         prompt_ids = tokenize(engine, inputs)
@@ -63,6 +79,7 @@ class TgiGeneration:
                 want_details=params.details or params.candidates > 1,  # best_of ranks by token logprobs
                 composition=composition,
                 adapter_scale=params.adapter_scale,
+                grammar=grammar,
             )
             request.want_prompt_logprobs = bool(params.decoder_input_details) and candidate == 0
             request.top_n_tokens = params.top_n

@@ -5,7 +5,8 @@ Every iteration (a *step*):
 1. drop rows and waiting requests whose client went away;
 2. admit waiting requests into free batch rows (FIFO, skipping those whose adapter cannot get
    a slot yet), prefill them as one small batch, sample their first token, join the batch;
-3. decode one token for every running row, each row with its own adapter slot;
+3. decode one token for every running row, each row with its own adapter slot (and, for
+   structured output, its own grammar: the tokens it may emit next, see ``grammar.py``);
 4. finished rows leave at once and their adapter slots are released.
 
 The serving mode (unmerged, merged, auto; see ``scheduler.py``) decides which requests may join
@@ -41,6 +42,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from adapters.peft_format import BaseLinearShape
 from server.engine.detokenize import IncrementalDetokenizer, find_stop
 from server.engine.errors import RequestRejected
+from server.engine.grammar import GrammarCompiler
 from server.engine.lora_linear import BASE_SLOT, Kernel
 from server.engine.lora_model import AdapterSlots
 from server.engine.merge import MergeManager
@@ -107,6 +109,7 @@ class Engine:
         self.slots = AdapterSlots(runner.lora_targets, config.max_loaded_adapters, runner.slots_changed)
         self.eos_ids = eos_ids | _token_ids(getattr(tokenizer, "eos_token_id", None))
         self.special_ids = frozenset(tokenizer.all_special_ids) | self.eos_ids
+        self.grammars = GrammarCompiler(tokenizer, runner.vocab_size, self.eos_ids)  # structured output
         self.merger = MergeManager(
             runner.weight_targets, config.checkpoint_dir, can_merge=config.mode != "unmerged"
         )
@@ -462,6 +465,7 @@ class Engine:
                 sampler=RowSampler.create(request.params, device),
                 detokenizer=IncrementalDetokenizer(self.tokenizer),
                 seen=torch.tensor(request.prompt_ids, dtype=torch.long, device=device),
+                grammar=self.grammars.matcher(request.grammar) if request.grammar is not None else None,
             )
         row.prefill_ids = _recompute_ids(request, row)
         row.prefilled = 0
@@ -563,6 +567,7 @@ class Engine:
             [r.seen for r in rows],
             generated=[r.generated_ids for r in rows],
             top_n=[r.request.top_n_tokens for r in rows],
+            mask=self.grammars.mask([r.grammar for r in rows], logits.shape[-1]),
         )
         self.stats.generated_tokens += len(rows)
         now = time.perf_counter()
@@ -583,6 +588,11 @@ class Engine:
             request.emit(
                 TokenEvent(id=token, text=text, logprob=logprob, special=special, top_tokens=top_tokens)
             )
+            if row.grammar is not None and (refused := row.grammar.consume(token)) is not None:
+                # unreachable while the mask holds; a grammar bug fails this row, not the engine
+                request.finished_at = time.perf_counter()
+                request.emit(ErrorEvent(f"structured output failed: {refused}", "generation"))
+                continue
             self._maybe_finish(row, token, len(text))
 
     def _top_token(self, token: int, logprob: float) -> TopToken:

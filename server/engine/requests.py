@@ -14,6 +14,7 @@ from adapters.peft_format import LoraAdapter
 from server.engine.sampling import SamplingParams
 
 if TYPE_CHECKING:
+    from server.engine.grammar import Grammar
     from server.engine.row import Row
 
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
@@ -74,6 +75,7 @@ class GenerationRequest:
     want_details: bool = False
     want_prompt_logprobs: bool = False  # log-probabilities of the prompt's tokens (TGI's prefill details)
     top_n_tokens: int = 0  # report this many most likely tokens at each step (0: none)
+    grammar: Grammar | None = None  # structured output: the output must match it (one matcher per row)
     request_id: int = field(default_factory=lambda: next(_ids))
     # events flow from the engine thread to whoever waits (an asyncio queue, or a list in tests)
     sink: Callable[[Event], None] | None = None

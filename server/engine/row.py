@@ -11,6 +11,7 @@ from server.engine.detokenize import IncrementalDetokenizer
 from server.engine.sampling import RowSampler
 
 if TYPE_CHECKING:
+    from server.engine.grammar import RowGrammar
     from server.engine.requests import GenerationRequest
 
 
@@ -26,6 +27,7 @@ class Row:
     tokens: list[dict[str, Any]] = field(default_factory=list)  # details, when asked for
     prefill_ids: list[int] = field(default_factory=list)  # what to put in the KV cache before decoding
     prefilled: int = 0  # how many of prefill_ids are in the KV cache (chunked prefill)
+    grammar: RowGrammar | None = None  # structured output: where the row is in its grammar
 
     @property
     def generated(self) -> int:

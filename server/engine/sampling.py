@@ -10,6 +10,10 @@ Reported log-probabilities (the chosen token's, and the top-n alternatives) are 
 one distribution: the log-softmax of the model's raw logits, before penalties and warpers. So
 the chosen token's log-probability equals its entry among the alternatives, and a value does not
 change with the sampling settings.
+
+Structured output (``grammar.py``) hands a mask of the tokens each row's grammar allows; it
+applies to the row's logits first, before penalties, warpers and the choice (so top-k and top-p
+choose among allowed tokens). Reported log-probabilities stay the model's, unmasked.
 """
 
 from __future__ import annotations
@@ -17,9 +21,12 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+
+if TYPE_CHECKING:
+    from server.engine.grammar import TokenMask
 
 
 @dataclass(frozen=True)
@@ -132,23 +139,31 @@ def choose_next_tokens(
     seen_tokens: list[torch.Tensor],
     generated: Sequence[Sequence[int]] | None = None,
     top_n: Sequence[int] | None = None,
+    mask: TokenMask | None = None,
 ) -> NextTokens:
     """Pick one token per row.
 
     logits: [B, V] (last position); seen_tokens[i]: [n_i] prompt + generated ids of row i (for the
     repetition penalty); generated[i]: the ids row i generated so far (frequency and presence
     penalties; needed only by rows that use them); top_n[i]: how many most likely tokens to report
-    for row i (0: none).
+    for row i (0: none); mask: the tokens the grammar of each constrained row allows (structured
+    output); the other rows' logits are not touched.
     """
     logits = logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
     chosen = logits.argmax(dim=-1)  # [B]; greedy rows without penalty are done
+    masked: dict[int, torch.Tensor] = {}  # constrained row -> its logits, disallowed tokens at -inf [V]
+    if mask is not None:
+        rows = torch.tensor(mask.rows, device=logits.device)
+        constrained = logits[rows].masked_fill(~mask.allowed.to(logits.device), float("-inf"))  # [b, V]
+        chosen[rows] = constrained.argmax(dim=-1)
+        masked = dict(zip(mask.rows, constrained, strict=True))
     for i, sampler in enumerate(samplers):
         params = sampler.params
         penalised = params.repetition_penalty is not None and params.repetition_penalty != 1.0
         if not penalised and not params.samples and not params.penalises_output:
             continue
-        row = logits[i]
+        row = masked.get(i, logits[i])
         if penalised:
             row = apply_repetition_penalty(row, seen_tokens[i], params.repetition_penalty)  # type: ignore[arg-type]
         if params.penalises_output and generated is not None:

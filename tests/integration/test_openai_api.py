@@ -174,7 +174,7 @@ def test_unsupported_fields_are_refused(client) -> None:
     assert "best_of" in info.value.body["message"]
     with pytest.raises(openai.UnprocessableEntityError) as info:
         client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
-                                       response_format={"type": "json_object"})  # fmt: skip
+                                       response_format={"type": "xml"})  # fmt: skip
     assert "response_format" in info.value.body["message"]
     with pytest.raises(openai.UnprocessableEntityError):
         client.completions.create(model=BASE, prompt=PROMPT, max_tokens=2, logprobs=6)

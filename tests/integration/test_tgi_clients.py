@@ -1,5 +1,6 @@
 """The real TGI (``text-generation`` 0.7.0) and LoRAX (``lorax-client`` 0.6.3) Python clients against a
-live server (tiny model, loopback): every generation method, sync and async, streamed and not.
+live server (tiny model, loopback): every generation method, sync and async, streamed and not, and
+LoRAX's ``response_format`` (structured output).
 
 Both clients POST to the server's root URL (TGI's ``POST /``); their outputs must equal what
 ``POST /generate`` answers for the same request. The TGI client has no ``adapter_id`` parameter,
@@ -9,13 +10,16 @@ so adapters are exercised through the LoRAX client.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import threading
 import time
 
 import httpx
+import jsonschema
 import lorax
 import lorax.errors
+import lorax.types
 import pytest
 import text_generation
 import text_generation.errors
@@ -252,6 +256,34 @@ def test_lorax_parameters(lrx) -> None:
     assert len(best.details.best_of_sequences) == 1
 
 
+RECORD = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 6}, "ok": {"type": "boolean"}},
+    "required": ["name", "ok"],
+    "additionalProperties": False,
+}
+
+
+def test_lorax_response_format(lrx, server) -> None:
+    """LoRAX's structured output, as its client sends it: a dict or its ResponseFormat model."""
+    fmt = {"type": "json_object", "schema": RECORD}
+    whole = lrx.generate(PROMPT, response_format=fmt, max_new_tokens=40)
+    assert whole.details.finish_reason == "eos_token"
+    jsonschema.validate(json.loads(whole.generated_text), RECORD)
+    assert whole.generated_text == _generate(server, max_new_tokens=40, response_format=fmt)["generated_text"]
+    streamed = list(lrx.generate_stream(PROMPT, response_format=fmt, max_new_tokens=40))
+    assert "".join(e.token.text for e in streamed) == streamed[-1].generated_text == whole.generated_text
+    typed = lorax.types.ResponseFormat(type="json_object", schema=RECORD)
+    for seed in range(3):
+        sampled = lrx.generate(PROMPT, response_format=typed, max_new_tokens=40, do_sample=True, seed=seed,
+                               adapter_id="qv")  # fmt: skip
+        assert sampled.details.finish_reason == "eos_token"
+        jsonschema.validate(json.loads(sampled.generated_text), RECORD)
+    anything = lrx.generate(PROMPT, response_format={"type": "json_object", "schema": {}}, max_new_tokens=20)
+    assert anything.details.finish_reason == "eos_token"
+    json.loads(anything.generated_text)  # the empty schema: any JSON value
+
+
 def test_lorax_errors_are_the_clients_exceptions(lrx) -> None:
     with pytest.raises(lorax.errors.NotFoundError, match="nope"):
         lrx.generate(PROMPT, adapter_id="nope", max_new_tokens=2)
@@ -265,8 +297,8 @@ def test_lorax_errors_are_the_clients_exceptions(lrx) -> None:
     empty = lorax.MergedAdapters(ids=["qv", "qv"], weights=[1.0, 1.0], merge_strategy="ties", density=0.0)
     with pytest.raises(lorax.errors.UnprocessableEntityError, match="density"):  # 422 invalid_composition
         lrx.generate(PROMPT, merged_adapters=empty, max_new_tokens=2)
-    with pytest.raises(lorax.errors.ValidationError, match="response_format"):
-        lrx.generate(PROMPT, response_format={"type": "json_object", "schema": {}}, max_new_tokens=2)
+    with pytest.raises(lorax.errors.ValidationError, match="Invalid type: strin"):
+        lrx.generate(PROMPT, response_format={"type": "json_object", "schema": {"type": "strin"}})
     with pytest.raises(lorax.errors.ValidationError):
         list(lrx.generate_stream(PROMPT, max_new_tokens=10_000))
 
