@@ -120,6 +120,28 @@ def test_a_composition_is_composed_once_and_batches_with_other_rows(served, toke
     assert 'loraplex_requests_total{adapter="__merged__",route="/generate",status="200"}' in metrics
 
 
+def test_a_composition_with_a_json_schema_gives_valid_json(served, tokenizer) -> None:
+    """merged_adapters and response_format in one request (built separately: they meet here)."""
+    client, _, _ = served
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "integer"}, "words": {"type": "string", "maxLength": 40}},
+        "required": ["answer", "words"],
+        "additionalProperties": False,
+    }
+    merged = {"ids": ["caps", "pirate"], "weights": [0.7, 0.3], "merge_strategy": "linear"}
+    parameters = {"merged_adapters": merged, "max_new_tokens": 60, "details": True,
+                  "response_format": {"type": "json_object", "schema": schema}}  # fmt: skip
+    reply = client.post("/generate", json={"inputs": chat(tokenizer, QUESTIONS[0]), "parameters": parameters})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["details"]["adapter_id"].startswith("merged:")
+    assert body["details"]["finish_reason"] == "eos_token", body
+    value = json.loads(body["generated_text"])
+    assert set(value) == {"answer", "words"} and isinstance(value["answer"], int), value
+    assert len(value["words"]) <= 40
+
+
 def test_compose_endpoint_round_trip_through_peft(served, embedded_model, tokenizer, tmp_path) -> None:
     client, _, _ = served
     body = {"sources": [{"id": "caps", "weight": 0.6}, {"id": "pirate", "weight": 0.5}, {"id": "od", "weight": 1.0}],
