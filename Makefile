@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --no-deps $(TGI_CLIENTS)
 	# The web console's browser tests drive Debian's chromium (never a browser Playwright downloads).
 	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -q && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium fonts-liberation; } || \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium fonts-liberation; } || \
 	  echo "chromium is missing: the console's browser tests need it (README, Console)"
 	touch $(STAMP)
 
