@@ -476,13 +476,14 @@ def test_with_keys_set_the_console_asks_for_a_key_and_admin_actions_say_so(
     browser: Browser, tiny_base, tokenizer, tmp_path
 ) -> None:
     make_peft_adapter(tiny_base, tmp_path / "demo", seed=3, r=4, lora_alpha=8, target_modules=["q_proj"])
+    make_peft_adapter(tiny_base, tmp_path / "other", seed=4, r=4, lora_alpha=8, target_modules=["q_proj"])
     live = start_live_server(
         tiny_base,
         tokenizer,
         tmp_path,
         api_key="read-key",
         admin_key="admin-key",
-        adapter=[f"demo={tmp_path / 'demo'}"],
+        adapter=[f"demo={tmp_path / 'demo'}", f"other={tmp_path / 'other'}"],
     )
     context = browser.new_context(viewport={"width": 1400, "height": 900})
     context.set_default_timeout(30_000)
@@ -508,14 +509,28 @@ def test_with_keys_set_the_console_asks_for_a_key_and_admin_actions_say_so(
         expect(page.locator("#adapters-table tbody tr[data-id=demo]")).to_be_visible()
         console.expect_refusal(403)
 
+        # Composing is an admin action too: refused with the API key, done with the admin key.
+        page.check("#compose-sources input[value=demo]")
+        page.check("#compose-sources input[value=other]")
+        page.fill("#compose-new-id", "demo-other")
+        page.click("#notice-close")
+        page.click("#compose-submit")
+        expect(page.locator("#compose-status")).to_have_text("refused")
+        expect(page.locator("#notice")).to_be_visible()
+        expect(page.locator("#notice-text")).to_contain_text("Admin action refused (403)")
+        console.expect_refusal(403)
+
         page.click("#key-button")
         page.fill("#key-input", "admin-key")
         page.click("#key-save")
+        page.click("#compose-submit")  # the picks and the new id are still there
+        expect(page.locator("#adapters-table tbody tr[data-id=demo-other] td").nth(1)).to_have_text("8")
         delete = page.locator("button[aria-label='Delete demo']")
         delete.click()
         delete.click()
         expect(page.locator("#adapters-table tbody tr[data-id=demo]")).to_have_count(0)
-        assert httpx.get(live.url + "/adapters", headers={"Authorization": "Bearer read-key"}).json() == []
+        left = httpx.get(live.url + "/adapters", headers={"Authorization": "Bearer read-key"}).json()
+        assert sorted(a["id"] for a in left) == ["demo-other", "other"]
         console.check()
     finally:
         context.close()
