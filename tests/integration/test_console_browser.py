@@ -3,7 +3,7 @@
 One ``loraplex serve`` process on the embedded model serves the whole module (``pirate``
 registered at start-up); the tests run in file order and build on each other: upload ``caps``
 through the file input, stream base + caps + pirate side by side, analyse, compare, shrink,
-delete, watch the live view. The last test starts a second server (tiny model, in a thread)
+delete, compose, watch the live view. The last test starts a second server (tiny model, in a thread)
 with both keys set. Every page fails its test if the browser logs an error. The one exception:
 Chromium itself logs "Failed to load resource: the server responded with a status of 4xx" for
 every refused request, so a test that provokes a refusal on purpose (a bad upload, a 401 or
@@ -215,7 +215,6 @@ def test_upload_through_the_file_input_and_by_drop(console: Console, server: str
     expect(page.locator("#adapters-table tbody tr[data-id=caps-dropped]")).to_be_visible()
     stored = {a["id"]: a for a in httpx.get(server + "/adapters").json()}
     assert stored["caps-dropped"]["sha256"] == stored["caps"]["sha256"]
-    console.screenshot("adapters")
 
 
 # --------------------------------------------------------------------------- playground
@@ -368,6 +367,79 @@ def test_shrink_then_delete(console: Console, server: str) -> None:
     assert "caps-dropped" not in [a["id"] for a in httpx.get(server + "/adapters").json()]
 
 
+# --------------------------------------------------------------------------- compose
+
+
+def test_compose_with_weights_and_the_refusals(console: Console, server: str) -> None:
+    page = console.open("adapters")
+    submit = page.locator("#compose-submit")
+    expect(page.locator("#compose-sources input[value=caps-r2]")).to_be_visible()
+    expect(submit).to_be_disabled()  # fewer than two adapters picked
+    page.check("#compose-sources input[value=caps]")
+    page.check("#compose-sources input[value=pirate]")
+    page.fill("[aria-label='Weight of caps']", "1")
+    page.fill("[aria-label='Weight of pirate']", "0.5")
+    page.select_option("#compose-strategy", "linear")
+    expect(page.locator("#compose-density")).to_be_disabled()  # linear ignores it
+    page.fill("#compose-rank", "8")
+    page.fill("#compose-new-id", "caps-pirate")
+    with page.expect_response("**/adapters/compose") as answer:
+        submit.click()
+    assert answer.value.status == 201
+    report = answer.value.json()["compose"]
+    assert [(s["id"], s["weight"]) for s in report["sources"]] == [("caps", 1.0), ("pirate", 0.5)]
+    row = page.locator("#adapters-table tbody tr[data-id=caps-pirate]")
+    expect(row.locator("td").nth(1)).to_have_text("8")
+    assert httpx.get(server + "/adapters/caps-pirate").json()["rank"] == 8
+    expect(page.locator("#compose-result-title")).to_have_text("caps-pirate: caps × 1 + pirate × 0.5")
+    shown_max = page.locator("[data-stat=max_relative_error] .value").inner_text()
+    assert 0 < report["max_relative_error"] < 1 and float(shown_max) == pytest.approx(
+        report["max_relative_error"], rel=1e-2
+    )
+    page.click("#compose-result summary")  # opens the table of modules
+    layers = page.locator("#compose-layers tbody tr")
+    expect(layers).to_have_count(60)
+    worst = layers.first.locator("td")
+    assert worst.nth(1).inner_text() == "16" and worst.nth(2).inner_text() == "8"  # rank 8 + 8 cut to 8
+    assert float(worst.nth(3).inner_text()) == pytest.approx(report["max_relative_error"], rel=1e-2)
+    page.click("#compose-result summary")  # closed again, for a screenshot of the whole view
+    page.evaluate("window.scrollTo(0, 0)")
+    console.screenshot("adapters")
+
+    # DARE: density applies, no rank (stored as composed), the seed of its masks is shown.
+    page.select_option("#compose-strategy", "dare_linear")
+    page.fill("#compose-density", "0.5")
+    page.fill("#compose-rank", "")
+    page.fill("#compose-new-id", "caps-pirate-dare")
+    with page.expect_response("**/adapters/compose") as answer:
+        submit.click()
+    body = answer.value.json()
+    assert answer.value.status == 201 and body["compose"]["density"] == 0.5
+    expect(page.locator("[data-stat=seed] .value")).to_have_text(str(body["compose"]["seed"]))
+    expect(page.locator("[data-stat=max_relative_error] .value")).to_have_text("0 (exact)")
+    expect(page.locator("#adapters-table tbody tr[data-id=caps-pirate-dare] td").nth(1)).to_have_text("8")
+
+    # Refused: ties across different ranks (caps 8, caps-r2 2), then an id that exists.
+    page.uncheck("#compose-sources input[value=pirate]")
+    page.check("#compose-sources input[value=caps-r2]")
+    page.select_option("#compose-strategy", "ties")
+    page.fill("#compose-new-id", "caps-ties")
+    with page.expect_response("**/adapters/compose") as answer:
+        submit.click()
+    refusal = answer.value.json()
+    assert answer.value.status == 422 and refusal["error_type"] == "incompatible_ranks"
+    expect(page.locator("#notice-text")).to_have_text(f"422: {refusal['error']}")
+    page.select_option("#compose-strategy", "linear")
+    page.fill("#compose-new-id", "pirate")
+    with page.expect_response("**/adapters/compose") as answer:
+        submit.click()
+    assert answer.value.status == 409
+    expect(page.locator("#notice-text")).to_have_text(f"409: {answer.value.json()['error']}")
+    console.expect_refusal(422, 409)
+    ids = [a["id"] for a in httpx.get(server + "/adapters").json()]
+    assert "caps-ties" not in ids and ids.count("pirate") == 1
+
+
 # --------------------------------------------------------------------------- live view
 
 
@@ -404,13 +476,14 @@ def test_with_keys_set_the_console_asks_for_a_key_and_admin_actions_say_so(
     browser: Browser, tiny_base, tokenizer, tmp_path
 ) -> None:
     make_peft_adapter(tiny_base, tmp_path / "demo", seed=3, r=4, lora_alpha=8, target_modules=["q_proj"])
+    make_peft_adapter(tiny_base, tmp_path / "other", seed=4, r=4, lora_alpha=8, target_modules=["q_proj"])
     live = start_live_server(
         tiny_base,
         tokenizer,
         tmp_path,
         api_key="read-key",
         admin_key="admin-key",
-        adapter=[f"demo={tmp_path / 'demo'}"],
+        adapter=[f"demo={tmp_path / 'demo'}", f"other={tmp_path / 'other'}"],
     )
     context = browser.new_context(viewport={"width": 1400, "height": 900})
     context.set_default_timeout(30_000)
@@ -436,14 +509,28 @@ def test_with_keys_set_the_console_asks_for_a_key_and_admin_actions_say_so(
         expect(page.locator("#adapters-table tbody tr[data-id=demo]")).to_be_visible()
         console.expect_refusal(403)
 
+        # Composing is an admin action too: refused with the API key, done with the admin key.
+        page.check("#compose-sources input[value=demo]")
+        page.check("#compose-sources input[value=other]")
+        page.fill("#compose-new-id", "demo-other")
+        page.click("#notice-close")
+        page.click("#compose-submit")
+        expect(page.locator("#compose-status")).to_have_text("refused")
+        expect(page.locator("#notice")).to_be_visible()
+        expect(page.locator("#notice-text")).to_contain_text("Admin action refused (403)")
+        console.expect_refusal(403)
+
         page.click("#key-button")
         page.fill("#key-input", "admin-key")
         page.click("#key-save")
+        page.click("#compose-submit")  # the picks and the new id are still there
+        expect(page.locator("#adapters-table tbody tr[data-id=demo-other] td").nth(1)).to_have_text("8")
         delete = page.locator("button[aria-label='Delete demo']")
         delete.click()
         delete.click()
         expect(page.locator("#adapters-table tbody tr[data-id=demo]")).to_have_count(0)
-        assert httpx.get(live.url + "/adapters", headers={"Authorization": "Bearer read-key"}).json() == []
+        left = httpx.get(live.url + "/adapters", headers={"Authorization": "Bearer read-key"}).json()
+        assert sorted(a["id"] for a in left) == ["demo-other", "other"]
         console.check()
     finally:
         context.close()

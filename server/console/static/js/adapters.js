@@ -1,7 +1,9 @@
 // Adapters view: the table of stored adapters (GET /adapters + GET /info for what is resident
-// or merged now), upload (drag-and-drop or file input, XHR progress), shrink and delete.
+// or merged now), upload (drag-and-drop or file input, XHR progress), shrink and delete; the
+// compose card is compose.js.
 
 import { api, uploadAdapter } from "./api.js";
+import * as compose from "./compose.js";
 import { $, el, formatBytes, notify, showError } from "./ui.js";
 import { refreshAdapters, state } from "./state.js";
 
@@ -26,6 +28,7 @@ export function init() {
   $("#shrink-form").addEventListener("submit", submitShrink);
   $("#shrink-cancel").addEventListener("click", () => $("#shrink-dialog").close());
   window.addEventListener("loraplex:adapters", renderTable);
+  compose.init();
 }
 
 export async function show(_params, { fresh = false } = {}) {

@@ -20,7 +20,7 @@ export class ApiError extends Error {
     super(message);
     this.status = status;
     this.type = type || "";
-    this.admin = admin; // the refused call was an admin action (upload, shrink, delete)
+    this.admin = admin; // the refused call was an admin action (upload, compose, shrink, delete)
   }
 
   get refused() {
@@ -64,8 +64,8 @@ function errorFromBody(status, text, admin) {
   return failure;
 }
 
-/** fetch() a JSON route; resolves to the parsed body (null for 204). */
-export async function api(path, { method = "GET", json, admin = false, signal } = {}) {
+/** fetch() a JSON route; resolves to the parsed body (null for 204), `parse(text)` if given. */
+export async function api(path, { method = "GET", json, admin = false, signal, parse } = {}) {
   const init = { method, headers: authHeaders(), signal };
   if (json !== undefined) {
     init.headers["Content-Type"] = "application/json";
@@ -80,7 +80,7 @@ export async function api(path, { method = "GET", json, admin = false, signal } 
   }
   if (!response.ok) throw errorFromBody(response.status, await response.text(), admin);
   if (response.status === 204) return null;
-  return response.json();
+  return parse ? parse(await response.text()) : response.json();
 }
 
 /**
