@@ -1,6 +1,7 @@
 """Load and soak benchmark: a crowd of locust users against a `loraplex serve` it starts on loopback.
 
-Traffic (closed loop, each user waits 0.05-0.3 s between requests), by weight:
+Traffic (closed loop, each user waits 0.05-0.3 s between requests), each user repeating a fixed
+cycle of 20 requests that starts with its bad one (so even a few seconds' run judges every criterion):
   35% POST /generate (greedy), 35% POST /generate_stream (greedy), 25% POST /v1/chat/completions
   (sampled, seeded), 5% bad requests (unknown adapter, out-of-range parameter, malformed JSON,
   invalid adapter id, unknown OpenAI model), spread over the base model and 4 adapters (the two
@@ -159,8 +160,17 @@ class Client(HttpUser):
     """One person using the API: generate, stream, chat, and now and then a bad request."""
 
     wait_time = between(0.05, 0.3)
+    # One cycle: 1 bad, 7 generate, 7 stream, 5 chat (5% / 35% / 35% / 25%), the bad one first.
+    CYCLE = ("bad_request", *("generate", "stream", "chat") * 5, *("generate", "stream") * 2)
 
-    @task(7)
+    def on_start(self) -> None:
+        self.sent = 0
+
+    @task
+    def next_in_cycle(self) -> None:
+        getattr(self, self.CYCLE[self.sent % len(self.CYCLE)])()
+        self.sent += 1
+
     def generate(self) -> None:
         question, adapter = _pick()
         body = {
@@ -173,7 +183,6 @@ class Client(HttpUser):
             RECORD.good("generate", r.status_code, time.perf_counter() - started, tokens, r.text)
             _judge(r, r.status_code == 200)
 
-    @task(7)
     def stream(self) -> None:
         question, adapter = _pick()
         body = {
@@ -196,7 +205,6 @@ class Client(HttpUser):
             RECORD.ttft.append(stamps[0] - started)
             RECORD.itl.extend(b - a for a, b in itertools.pairwise(stamps))
 
-    @task(5)
     def chat(self) -> None:
         question, adapter = _pick()
         body = {
@@ -214,7 +222,6 @@ class Client(HttpUser):
             RECORD.good("chat", r.status_code, time.perf_counter() - started, tokens, r.text)
             _judge(r, r.status_code == 200)
 
-    @task(1)
     def bad_request(self) -> None:
         kind = next(_counter) % 5
         prompt = chat_prompt("Hi")
