@@ -8,7 +8,8 @@ never serves a deleted or replaced version. The running app then resolves ids ex
 server does (404 for unknown ids, the engine's slots, merged or mixed batches in ``--mode auto``).
 
 Affinity: the multiplexed model id is the adapter id (``""`` for the base model, which every
-replica holds, so base requests go to any replica). Ray's router sends a request to a replica that
+replica holds, so base requests go to any replica; ``merged:<digest>`` for a ``merged_adapters``
+composition, whose sources are among the adapters the request names, so they are synced too). Ray's router sends a request to a replica that
 already loaded its adapter; the multiplexed loader (:meth:`LoraplexReplica.load_adapter`, at most
 ``--max-loaded-adapters`` per replica) syncs the adapter and reads it into host memory, and counts
 these loads (``loads`` in the replica's report) so affinity can be measured.
@@ -30,7 +31,7 @@ from ray import serve
 from adapters.store import AdapterStore, sha256_hex
 from server.app import create_app
 from server.cluster.asgi_bridge import HttpCall, ResponseStart, run_asgi
-from server.cluster.store import Version
+from server.cluster.routing import Version, is_composition_key
 from server.config import Settings
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,14 @@ class LoraplexReplica:
             yield item
 
     async def _load_adapter(self, adapter_id: str) -> str:
-        """The multiplexed loader: make ``adapter_id`` resident here (files synced, weights in host memory)."""
+        """The multiplexed loader: make ``adapter_id`` resident here (files synced, weights in host memory).
+
+        A composition's key (``merged:...``) is only counted: :meth:`forward` syncs its sources,
+        and the app composes it on its first request (then keeps it in its composition cache).
+        """
+        if is_composition_key(adapter_id):
+            self.loads[adapter_id] += 1
+            return adapter_id
         versions = await self.store.describe.remote([adapter_id])
         await self.sync(adapter_id, versions.get(adapter_id))
         if adapter_id in self.local:
