@@ -148,11 +148,18 @@ class LoraplexReplica:
         log.info("replica %s: adapter %s deleted (gone from the store)", self.id, adapter_id)
 
     async def _drop_stale(self, current: dict[str, Version | None]) -> None:
-        """Forget local copies the store deleted or replaced (the next request fetches the new one)."""
+        """Forget local copies the store deleted or replaced (the next request fetches the new one).
+
+        ``current`` may be older than a copy a request synced meanwhile (the store answered the
+        report just before a replace): each mismatch is checked again with the store, under the
+        adapter's sync lock, so a copy that is the store's current version is never dropped.
+        """
         for adapter_id, version in current.items():
             if not self._matches(adapter_id, version):
                 async with self._sync_locks.setdefault(adapter_id, asyncio.Lock()):
-                    await asyncio.to_thread(self._drop, adapter_id)
+                    fresh = (await self.store.describe.remote([adapter_id]))[adapter_id]
+                    if not self._matches(adapter_id, fresh):
+                        await asyncio.to_thread(self._drop, adapter_id)
 
     # ------------------------------------------------------------------ health and reports
 

@@ -34,9 +34,10 @@ ADAPTERS = {  # the first two are --adapter start-up adapters of the cluster; "u
 }
 PROMPTS = ["The capital of France is", "Three colors are"]
 NEW_TOKENS = 10
-MIXES = {  # merged_adapters (linear) compared with the single server; "up" is a start-up adapter there
-    "qv+mlp": {"ids": ["qv", "mlp"], "weights": [0.7, 0.5], "merge_strategy": "linear"},
-    "up+mlp": {"ids": ["up", "mlp"], "weights": [0.7, 0.5], "merge_strategy": "linear"},
+MIXES = {  # merged_adapters (linear) compared with the single server; "up" is a start-up adapter there.
+    # The first weight is large so that the two mixes' greedy tokens differ (the adapters are small)
+    "qv+mlp": {"ids": ["qv", "mlp"], "weights": [6.0, 0.5], "merge_strategy": "linear"},
+    "up+mlp": {"ids": ["up", "mlp"], "weights": [6.0, 0.5], "merge_strategy": "linear"},
 }
 COMPOSE = {  # POST /adapters/compose: DARE, so the store must draw the same seeded masks as one server
     "sources": [{"id": "qv", "weight": 1.0}, {"id": "mlp", "weight": 0.5}],
@@ -278,7 +279,7 @@ def test_metrics_carry_a_replica_label(cluster: Cluster) -> None:
 
 
 def _on_both_replicas(cluster: Cluster, params: dict, n: int = 8) -> list[list[int]]:
-    """``n`` concurrent generations of PROMPTS[0]: more than one replica's --max-queue, so both
+    """``n`` concurrent generations of PROMPTS[0]: more than one replica's --max-queue (2), so both
     replicas serve some (as in the replace test); their greedy ids."""
     body = {"inputs": PROMPTS[0], "parameters": {**params, "max_new_tokens": NEW_TOKENS, "details": True}}
     with cf.ThreadPoolExecutor(n) as pool:
@@ -304,14 +305,15 @@ def test_compositions_equal_a_single_server(cluster: Cluster) -> None:
             "adapter_id": "qv", "adapter_scale": 0.5, "max_new_tokens": NEW_TOKENS, "details": True}})
     ) == cluster.reference["qv*0.5", PROMPTS[0]]  # fmt: skip
 
-    # a source replaced in the store: every replica composes the new version
+    # a source replaced in the store: every replica that composed the old version composes the new one
     assert _upload(cluster.client, "src", cluster.root / "qv").status_code == 201
     mix = {**MIXES["qv+mlp"], "ids": ["src", "mlp"]}
-    assert _on_both_replicas(cluster, {"merged_adapters": mix}) == [expected] * 8
+    assert _on_both_replicas(cluster, {"merged_adapters": mix}, n=4) == [expected] * 4
+    assert len([rep for rep in cluster.replicas() if "src" in rep["adapters_cached"]]) == 2
     assert _upload(cluster.client, "src", cluster.root / "up", replace=True).status_code == 201
-    assert (
-        _on_both_replicas(cluster, {"merged_adapters": mix}) == [cluster.reference["up+mlp", PROMPTS[0]]] * 8
-    )
+    replaced = cluster.reference["up+mlp", PROMPTS[0]]
+    assert replaced != expected  # else the next check could not fail
+    assert _on_both_replicas(cluster, {"merged_adapters": mix}, n=4) == [replaced] * 4
 
     # POST /adapters/compose runs in the store: the same adapter (bytes, DARE seed) as one server's
     r = cluster.client.post("/adapters/compose", json=COMPOSE)
