@@ -9,10 +9,11 @@ server does (404 for unknown ids, the engine's slots, merged or mixed batches in
 
 Affinity: the multiplexed model id is the adapter id (``""`` for the base model, which every
 replica holds, so base requests go to any replica; ``merged:<digest>`` for a ``merged_adapters``
-composition, whose sources are among the adapters the request names, so they are synced too). Ray's router sends a request to a replica that
-already loaded its adapter; the multiplexed loader (:meth:`LoraplexReplica.load_adapter`, at most
-``--max-loaded-adapters`` per replica) syncs the adapter and reads it into host memory, and counts
-these loads (``loads`` in the replica's report) so affinity can be measured.
+composition, whose sources are among the adapters the request names, so they are synced too).
+Ray's router sends a request to a replica that already loaded its adapter; the multiplexed loader
+(:meth:`LoraplexReplica.load_adapter`, at most ``--max-loaded-adapters`` per replica) syncs the
+adapter and reads it into host memory, and counts these loads (``loads`` in the replica's report)
+so affinity can be measured.
 """
 
 from __future__ import annotations
