@@ -132,8 +132,9 @@ def compose(
 def composition_digest(
     sources: Iterable[tuple[str, str]], weights: Sequence[float], spec: CompositionSpec
 ) -> str:
-    """sha256 of a composition: the sources as (id, sha256 of their weights), the weights, and the
-    spec's parameters that matter for its strategy. Keys the cache and seeds DARE."""
+    """sha256 of a composition: the sources as (id, content hash: the server passes the sha256 of
+    their weights and of their config), the weights, and the spec's parameters that matter for its
+    strategy. Keys the cache and seeds DARE."""
     canonical = spec.canonical()
     payload = {
         "sources": [list(s) for s in sources],

@@ -34,6 +34,9 @@ class AdapterLookup(Protocol):
 class AdapterRepository(AdapterLookup, Protocol):
     """Everything the HTTP layer does with stored adapters."""
 
+    base_shapes: Mapping[str, BaseLinearShape] | None
+    """The base model's linear layers from :meth:`bind_base` (None before it)."""
+
     @property
     def ready(self) -> bool:
         """True once :meth:`bind_base` gave the base model's shapes (uploads need them)."""

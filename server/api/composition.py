@@ -2,7 +2,8 @@
 
     merged_adapters {ids, weights, merge_strategy, density, majority_sign_method}
         ─► sources from the store (404 for an unknown id)
-        ─► digest = sha256(ids with their sha256, weights, strategy and its parameters)
+        ─► digest = sha256(ids with the sha256 of their weights and config, weights, strategy and its
+           parameters)
         ─► cache hit, or compose once in a worker thread (``adapters.compose``)
         ─► a virtual adapter ``merged:<digest[:16]>`` that takes a slot, merges and batches like any
            other adapter (':' is not allowed in stored ids, so it never collides with one)
@@ -35,7 +36,7 @@ from adapters.errors import StoreNotReady
 from adapters.peft_format import LoraAdapter
 from adapters.registry import AdapterRepository
 from server.api.compose_schemas import ComposeBody, MergedAdapters
-from server.api.deps import EngineDep, SettingsDep, StoreDep
+from server.api.deps import SettingsDep, StoreDep
 from server.api.errors import ApiError, adapter_not_found
 
 router = APIRouter(tags=["adapters"])
@@ -75,12 +76,21 @@ class CompositionService:
         return found
 
     def digest(self, sources: Sequence[LoraAdapter], weights: Sequence[float], spec: CompositionSpec) -> str:
-        return composition_digest([(a.adapter_id, self.sha256_of(a)) for a in sources], weights, spec)
+        return composition_digest([(a.adapter_id, self.content_of(a)) for a in sources], weights, spec)
 
     def sha256_of(self, adapter: LoraAdapter) -> str:
-        """The stored sha256 of this version (its version string if it was replaced meanwhile)."""
+        """The stored sha256 of this version's weights (its version string if it was replaced meanwhile)."""
         record = self.store.record(adapter.adapter_id)
         return record.sha256 if record is not None and record.version == adapter.version else adapter.version
+
+    def content_of(self, adapter: LoraAdapter) -> str:
+        """What identifies this version's content in a digest: the sha256 of its weights and of its
+        config (a replace that changes only ``lora_alpha`` changes ΔW too). Content, not the version
+        string: every cluster replica, and the store, get the same digest (and DARE seed)."""
+        record = self.store.record(adapter.adapter_id)
+        if record is None or record.version != adapter.version:
+            return adapter.version  # replaced meanwhile: a key no current version shares
+        return f"{record.sha256}:{record.config_sha256}"
 
     async def resolve(self, merged: MergedAdapters) -> Composition:
         """The virtual adapter of ``merged_adapters``: from the cache, or composed once now."""
@@ -132,15 +142,18 @@ async def resolve_merged(
 async def compose_adapters(
     body: ComposeBody,
     store: StoreDep,
-    engine: EngineDep,
     compositions: CompositionsDep,
     settings: SettingsDep,
 ) -> JSONResponse:
     """Compose stored adapters (linear, ties, dare_linear, dare_ties) and store the result as ``new_id``,
     a regular PEFT adapter; with ``rank``, each module's ΔW truncated to that rank (exact SVD).
     201 with its summary and, under ``compose``, the sources, the DARE seed and, per module, the
-    composed rank, the stored rank and the relative error ‖ΔW − ΔW_k‖_F / ‖ΔW‖_F."""
-    if not store.ready:
+    composed rank, the stored rank and the relative error ‖ΔW − ΔW_k‖_F / ‖ΔW‖_F.
+
+    Needs only the store (the sources' factors and the base model's shapes it was bound to), not
+    the engine: on a Ray cluster it runs in the store deployment, like an upload."""
+    base_shapes = store.base_shapes
+    if not store.ready or base_shapes is None:
         raise StoreNotReady(
             "the base model is still loading (compositions are validated against it); retry shortly."
         )
@@ -165,7 +178,7 @@ async def compose_adapters(
             adapter_id=body.new_id,
             max_rank=None if body.rank is not None else settings.max_rank,
         )
-        return composed_files(adapter, engine.base_shapes, body.rank)
+        return composed_files(adapter, base_shapes, body.rank)
 
     written = await asyncio.to_thread(build)
     files, layers = written.files, written.layers

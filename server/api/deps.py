@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
+from adapters.compose import MAX_SOURCES
 from adapters.registry import AdapterRepository
 from server.api.errors import ApiError
 from server.config import Settings
@@ -30,9 +31,10 @@ async def get_registry(request: Request) -> AdapterRepository:
     """The adapter store, with the adapter the JSON body names already in host memory.
 
     ``build_request`` resolves ids synchronously; reading a cold adapter from disk there would
-    stall the event loop (and with it every stream). So the adapter named by the body
-    (``parameters.adapter_id``, ``adapter_id`` or ``model``) is loaded here in a worker thread,
-    and pinned on ``request.state`` until the request ends.
+    stall the event loop (and with it every stream). So the adapters named by the body
+    (``parameters.adapter_id``, ``adapter_id`` or ``model``, and the sources of
+    ``parameters.merged_adapters``) are loaded here in a worker thread, and pinned on
+    ``request.state`` until the request ends.
     """
     store = request.app.state.registry
     if (
@@ -60,19 +62,44 @@ async def _timed_aget(request: Request, store: AdapterRepository, name: str) -> 
 
 
 def _named_adapters(body: bytes) -> list[str]:
-    try:
-        data: Any = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return []
-    if not isinstance(data, dict):
+    """Every adapter id a JSON body names: ``parameters.adapter_id``, ``adapter_id``, ``model``,
+    then the sources of ``parameters.merged_adapters`` (a composition needs them all)."""
+    data = _json_object(body)
+    if data is None:
         return []
     params = data.get("parameters")
     candidates = [
         params.get("adapter_id") if isinstance(params, dict) else None,
         data.get("adapter_id"),
         data.get("model"),
+        *_merged_ids(data),
     ]
     return list(dict.fromkeys(c for c in candidates if isinstance(c, str) and c))
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        data: Any = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _merged_adapters(data: dict[str, Any]) -> dict[str, Any] | None:
+    """The body's ``parameters.merged_adapters`` object, if it has one (not validated here)."""
+    params = data.get("parameters")
+    merged = params.get("merged_adapters") if isinstance(params, dict) else None
+    return merged if isinstance(merged, dict) else None
+
+
+def _merged_ids(data: dict[str, Any]) -> list[str]:
+    """The composition's source ids; at most ``MAX_SOURCES`` (a longer list is a 422 anyway, and
+    this runs before validation: it must not make a request pin or fetch unboundedly many)."""
+    merged = _merged_adapters(data)
+    ids = merged.get("ids") if merged is not None else None
+    if not isinstance(ids, list):
+        return []
+    return [i for i in ids[:MAX_SOURCES] if isinstance(i, str) and i]
 
 
 def get_base(request: Request) -> LoadedBase:

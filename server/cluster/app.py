@@ -85,7 +85,9 @@ def run(settings: Settings, replicas: int, address: str | None = None) -> None:
     """Start a local Ray (or join ``address``), serve on ``settings.host:port``, block until Ctrl-C
     or SIGTERM, then shut the application (and a local Ray) down."""
     if address is None:  # a local cluster: enough logical CPUs for every replica to be placed
-        ray.init(num_cpus=max(os.cpu_count() or 1, replicas), include_dashboard=False)
+        # "local", not None: None joins the cluster /tmp/ray/ray_current_cluster names (`ray start`),
+        # and fails when that one is gone; --ray-address auto joins it on purpose
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, replicas), include_dashboard=False)
     else:
         ray.init(address=address)
     stop = threading.Event()

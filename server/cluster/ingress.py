@@ -3,7 +3,8 @@
 - ``/health`` and ``/metrics`` describe the whole cluster, from the replicas' reports to the store;
 - adapter management goes to the store (:func:`.routing.target_of`);
 - everything else goes to a replica, with the adapter id it names as Ray's multiplexed model id
-  (``""`` for the base model), so requests for an adapter stick to replicas that hold it.
+  (``""`` for the base model, ``merged:<digest>`` for a ``merged_adapters`` composition), so
+  requests for an adapter (or a composition) stick to replicas that hold it.
 
 A replica that dies before its answer started (Ray raises an actor error) costs one retry on
 another replica; a second failure, or one after bytes were streamed, is a 503 or a cut stream.
@@ -25,7 +26,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from server.api.errors import error_response
 from server.cluster.asgi_bridge import HttpCall, ResponseStart
 from server.cluster.metrics_merge import merge_expositions
-from server.cluster.routing import adapter_names, target_of
+from server.cluster.routing import adapter_names, affinity_key, target_of
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class LoraplexIngress:
         if chosen:
             names = list(dict.fromkeys([chosen, *names]))
         versions = await self.store.describe.remote(names) if names else {}
-        model_id = next((n for n in names if versions.get(n) is not None), "") if self.affinity else ""
+        model_id = affinity_key(names, versions, body, chosen) if self.affinity else ""
         handle = self.replica.options(stream=True, multiplexed_model_id=model_id)
         response = await self._answer(lambda: handle.forward.remote(call, versions), retry=True)
         if path == "/info" and response.status_code == 200:

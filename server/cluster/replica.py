@@ -8,10 +8,12 @@ never serves a deleted or replaced version. The running app then resolves ids ex
 server does (404 for unknown ids, the engine's slots, merged or mixed batches in ``--mode auto``).
 
 Affinity: the multiplexed model id is the adapter id (``""`` for the base model, which every
-replica holds, so base requests go to any replica). Ray's router sends a request to a replica that
-already loaded its adapter; the multiplexed loader (:meth:`LoraplexReplica.load_adapter`, at most
-``--max-loaded-adapters`` per replica) syncs the adapter and reads it into host memory, and counts
-these loads (``loads`` in the replica's report) so affinity can be measured.
+replica holds, so base requests go to any replica; ``merged:<digest>`` for a ``merged_adapters``
+composition, whose sources are among the adapters the request names, so they are synced too).
+Ray's router sends a request to a replica that already loaded its adapter; the multiplexed loader
+(:meth:`LoraplexReplica.load_adapter`, at most ``--max-loaded-adapters`` per replica) syncs the
+adapter and reads it into host memory, and counts these loads (``loads`` in the replica's report)
+so affinity can be measured.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from ray import serve
 from adapters.store import AdapterStore, sha256_hex
 from server.app import create_app
 from server.cluster.asgi_bridge import HttpCall, ResponseStart, run_asgi
-from server.cluster.store import Version
+from server.cluster.routing import Version, is_composition_key
 from server.config import Settings
 
 log = logging.getLogger(__name__)
@@ -93,7 +95,14 @@ class LoraplexReplica:
             yield item
 
     async def _load_adapter(self, adapter_id: str) -> str:
-        """The multiplexed loader: make ``adapter_id`` resident here (files synced, weights in host memory)."""
+        """The multiplexed loader: make ``adapter_id`` resident here (files synced, weights in host memory).
+
+        A composition's key (``merged:...``) is only counted: :meth:`forward` syncs its sources,
+        and the app composes it on its first request (then keeps it in its composition cache).
+        """
+        if is_composition_key(adapter_id):
+            self.loads[adapter_id] += 1
+            return adapter_id
         versions = await self.store.describe.remote([adapter_id])
         await self.sync(adapter_id, versions.get(adapter_id))
         if adapter_id in self.local:
@@ -140,11 +149,18 @@ class LoraplexReplica:
         log.info("replica %s: adapter %s deleted (gone from the store)", self.id, adapter_id)
 
     async def _drop_stale(self, current: dict[str, Version | None]) -> None:
-        """Forget local copies the store deleted or replaced (the next request fetches the new one)."""
+        """Forget local copies the store deleted or replaced (the next request fetches the new one).
+
+        ``current`` may be older than a copy a request synced meanwhile (the store answered the
+        report just before a replace): each mismatch is checked again with the store, under the
+        adapter's sync lock, so a copy that is the store's current version is never dropped.
+        """
         for adapter_id, version in current.items():
             if not self._matches(adapter_id, version):
                 async with self._sync_locks.setdefault(adapter_id, asyncio.Lock()):
-                    await asyncio.to_thread(self._drop, adapter_id)
+                    fresh = (await self.store.describe.remote([adapter_id]))[adapter_id]
+                    if not self._matches(adapter_id, fresh):
+                        await asyncio.to_thread(self._drop, adapter_id)
 
     # ------------------------------------------------------------------ health and reports
 

@@ -1,8 +1,10 @@
 """``LoraplexStore``: the cluster's one adapter store (the existing index and blob backend).
 
-Uploads, replaces, deletes, listings and downloads run here, through the same routes as on one
-server (``server.api.adapters``). Replicas never share its filesystem: they ask :meth:`describe`
-which version (sha256) an id has now and fetch its files with :meth:`read_files`.
+Uploads, replaces, deletes, listings, downloads and ``POST /adapters/compose`` run here, through
+the same routes as on one server (``server.api.adapters``, ``server.api.composition``): a composed
+adapter is stored like an upload, and replicas fetch it like one. Replicas never share its
+filesystem: they ask :meth:`describe` which version (sha256) an id has now and fetch its files
+with :meth:`read_files`.
 
 Validating an upload needs the base model's layer shapes; the store holds no model, so the first
 replica that finishes loading sends them (:meth:`bind_base`); until then uploads get 503, as on
@@ -25,17 +27,16 @@ from adapters.archive import AdapterFiles
 from adapters.peft_format import BaseLinearShape
 from adapters.store import AdapterStore
 from server import __version__
-from server.api import adapters, analysis
+from server.api import adapters, analysis, composition
 from server.api.errors import install_error_handlers
 from server.api.security import authorizer, warn_if_open
 from server.api.upload_limit import UploadLimitMiddleware
 from server.app import register_startup_adapters
 from server.cluster.asgi_bridge import HttpCall, ResponseStart, run_asgi
+from server.cluster.routing import Version  # what a replica must hold of an adapter
 from server.config import Settings
 
 log = logging.getLogger(__name__)
-
-Version = tuple[str, str]  # (sha256 of the weights, sha256 of the config): what a replica must hold
 
 
 def store_app(settings: Settings, store: AdapterStore) -> FastAPI:
@@ -53,6 +54,7 @@ def store_app(settings: Settings, store: AdapterStore) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(analysis.router)  # GET /adapters/{id}/download; before adapters, as in create_app
+    app.include_router(composition.router)  # POST /adapters/compose: needs the factors and shapes only
     app.include_router(adapters.router)
     return app
 

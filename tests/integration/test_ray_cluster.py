@@ -34,6 +34,15 @@ ADAPTERS = {  # the first two are --adapter start-up adapters of the cluster; "u
 }
 PROMPTS = ["The capital of France is", "Three colors are"]
 NEW_TOKENS = 10
+MIXES = {  # merged_adapters (linear) compared with the single server; "up" is a start-up adapter there.
+    # The first weight is large so that the two mixes' greedy tokens differ (the adapters are small)
+    "qv+mlp": {"ids": ["qv", "mlp"], "weights": [6.0, 0.5], "merge_strategy": "linear"},
+    "up+mlp": {"ids": ["up", "mlp"], "weights": [6.0, 0.5], "merge_strategy": "linear"},
+}
+COMPOSE = {  # POST /adapters/compose: DARE, so the store must draw the same seeded masks as one server
+    "sources": [{"id": "qv", "weight": 1.0}, {"id": "mlp", "weight": 0.5}],
+    "strategy": "dare_linear", "density": 0.5, "new_id": "qvmlp",
+}  # fmt: skip
 
 
 @dataclass
@@ -42,6 +51,7 @@ class Cluster:
     client: httpx.Client
     reference: dict[tuple[str | None, str], list[int]]  # (adapter, prompt) -> a single server's greedy ids
     root: Path
+    composed: dict  # the single server's answer to POST /adapters/compose with COMPOSE
 
     def generate(self, prompt: str, adapter: str | None, n: int = NEW_TOKENS) -> httpx.Response:
         params = {"adapter_id": adapter, "max_new_tokens": n, "details": True}
@@ -83,6 +93,21 @@ def cluster(embedded_model, tokenizer, embedded_dir, tmp_path_factory) -> Iterat
             params = {"adapter_id": adapter, "max_new_tokens": NEW_TOKENS, "details": True}
             r = single.post("/generate", json={"inputs": prompt, "parameters": params})
             reference[adapter, prompt] = _ids(r)  # type: ignore[arg-type]
+    for mix, merged in MIXES.items():
+        params = {"merged_adapters": merged, "max_new_tokens": NEW_TOKENS, "details": True}
+        reference[mix, PROMPTS[0]] = _ids(
+            single.post("/generate", json={"inputs": PROMPTS[0], "parameters": params})
+        )
+    params = {"adapter_id": "qv", "adapter_scale": 0.5, "max_new_tokens": NEW_TOKENS, "details": True}
+    reference["qv*0.5", PROMPTS[0]] = _ids(
+        single.post("/generate", json={"inputs": PROMPTS[0], "parameters": params})
+    )
+    composed = single.post("/adapters/compose", json=COMPOSE)
+    assert composed.status_code == 201, composed.text
+    params = {"adapter_id": COMPOSE["new_id"], "max_new_tokens": NEW_TOKENS, "details": True}
+    reference["qvmlp", PROMPTS[0]] = _ids(
+        single.post("/generate", json={"inputs": PROMPTS[0], "parameters": params})
+    )
     single.__exit__(None, None, None)
 
     port = free_port()
@@ -91,14 +116,15 @@ def cluster(embedded_model, tokenizer, embedded_dir, tmp_path_factory) -> Iterat
         dtype="float32", device="cpu", kv_cache_tokens=1024, max_total_tokens=512, max_queue=2,
     )  # fmt: skip
     started = time.monotonic()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # "local": a new Ray of its own, even where /tmp/ray/ray_current_cluster names another (or a dead) one
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(settings, 2), name=APP_NAME, route_prefix="/")
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
         _wait_ready(client, 2)
         print(f"\ncluster of 2 replicas ready in {time.monotonic() - started:.1f} s")
-        yield Cluster(f"http://127.0.0.1:{port}", client, reference, root)
+        yield Cluster(f"http://127.0.0.1:{port}", client, reference, root, composed.json())
         client.close()
     finally:
         serve.shutdown()
@@ -250,6 +276,57 @@ def test_metrics_carry_a_replica_label(cluster: Cluster) -> None:
     loads = families["loraplex_replica_adapter_loads"].samples
     assert {s.labels["adapter"] for s in loads} >= {"qv", "mlp", "up"}
     assert text.count("# TYPE loraplex_requests_total counter") <= 1  # one family, not one per replica
+
+
+def _on_both_replicas(cluster: Cluster, params: dict, n: int = 8) -> list[list[int]]:
+    """``n`` concurrent generations of PROMPTS[0]: more than one replica's --max-queue (2), so both
+    replicas serve some (as in the replace test); their greedy ids."""
+    body = {"inputs": PROMPTS[0], "parameters": {**params, "max_new_tokens": NEW_TOKENS, "details": True}}
+    with cf.ThreadPoolExecutor(n) as pool:
+        return list(pool.map(lambda _: _ids(cluster.client.post("/generate", json=body)), range(n)))
+
+
+def test_compositions_equal_a_single_server(cluster: Cluster) -> None:
+    """merged_adapters, adapter_scale and POST /adapters/compose through the cluster give one
+    server's tokens on every replica; a replaced source is never composed stale."""
+    before = cluster.replicas()
+    expected = cluster.reference["qv+mlp", PROMPTS[0]]
+    answers = _on_both_replicas(cluster, {"merged_adapters": MIXES["qv+mlp"]})
+    assert answers == [expected] * 8
+    served = _served(before, cluster.replicas())
+    keys = {key for counts in served.values() for key in counts if key.startswith("merged:")}
+    print(f"\nmerged_adapters requests per replica: {served}")
+    assert len(keys) == 1  # one affinity key for the composition, not its first source's
+    assert sum(counts[next(iter(keys))] for counts in served.values()) == 8
+
+    # adapter_scale needs nothing of the cluster: the body goes to the replica as it is
+    assert _ids(
+        cluster.client.post("/generate", json={"inputs": PROMPTS[0], "parameters": {
+            "adapter_id": "qv", "adapter_scale": 0.5, "max_new_tokens": NEW_TOKENS, "details": True}})
+    ) == cluster.reference["qv*0.5", PROMPTS[0]]  # fmt: skip
+
+    # a source replaced in the store: every replica that composed the old version composes the new one
+    assert _upload(cluster.client, "src", cluster.root / "qv").status_code == 201
+    mix = {**MIXES["qv+mlp"], "ids": ["src", "mlp"]}
+    assert _on_both_replicas(cluster, {"merged_adapters": mix}, n=4) == [expected] * 4
+    assert len([rep for rep in cluster.replicas() if "src" in rep["adapters_cached"]]) == 2
+    assert _upload(cluster.client, "src", cluster.root / "up", replace=True).status_code == 201
+    replaced = cluster.reference["up+mlp", PROMPTS[0]]
+    assert replaced != expected  # else the next check could not fail
+    assert _on_both_replicas(cluster, {"merged_adapters": mix}, n=4) == [replaced] * 4
+
+    # POST /adapters/compose runs in the store: the same adapter (bytes, DARE seed) as one server's
+    r = cluster.client.post("/adapters/compose", json=COMPOSE)
+    assert r.status_code == 201, r.text
+    for key in ("sha256", "rank", "layers"):
+        assert r.json()[key] == cluster.composed[key], key
+    assert r.json()["compose"]["seed"] == cluster.composed["compose"]["seed"]
+    assert _on_both_replicas(cluster, {"adapter_id": "qvmlp"}) == [cluster.reference["qvmlp", PROMPTS[0]]] * 8
+    holders = [rep["replica"] for rep in cluster.replicas() if "qvmlp" in rep["adapters_cached"]]
+    assert len(holders) == 2  # fetched from the store by both replicas, like an upload
+    assert cluster.client.post("/adapters/compose", json=COMPOSE).json()["error_type"] == "adapter_exists"
+    for adapter_id in ("src", "qvmlp"):
+        assert cluster.client.delete(f"/adapters/{adapter_id}").status_code == 204
 
 
 def test_a_killed_replica_is_replaced_and_loses_no_adapter(cluster: Cluster) -> None:

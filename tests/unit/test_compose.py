@@ -7,6 +7,7 @@ the entries; a composition served by the engine batches with other adapters and 
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import dataclasses
 import math
@@ -15,13 +16,16 @@ import pytest
 import torch
 from peft import PeftModel
 
+from adapters.archive import AdapterFiles
 from adapters.compose import CompositionSpec, compose, composition_digest, dare_prune, seed_of
 from adapters.compose_files import composed_files
 from adapters.errors import AdapterError
 from adapters.peft_format import load_adapter_dir
-from adapters.store import parse_adapter_files
+from adapters.store import AdapterStore, parse_adapter_files
+from server.api.compose_schemas import MergedAdapters
+from server.api.composition import CompositionService
 from server.engine.engine import Engine, EngineConfig
-from tests.adapter_files import linear_shapes
+from tests.adapter_files import linear_shapes, make_adapter
 from tests.conftest import make_peft_adapter
 from tests.engine_helpers import run_many, run_one
 
@@ -237,3 +241,33 @@ def test_the_digest_names_what_matters_for_the_strategy() -> None:
     dare = composition_digest(sources, [0.5, 0.5], CompositionSpec("dare_linear", 0.5))
     assert dare == composition_digest(sources, [0.5, 0.5], CompositionSpec("dare_linear", 0.5, "frequency"))
     assert len({linear, ties, dare}) == 3 and 0 <= seed_of(dare) < 2**63
+
+
+def test_a_replaced_source_is_never_composed_stale(tiny_base, tmp_path) -> None:
+    """The composition cache is keyed by the sources' content: a replace that keeps the weights but
+    changes the config (``lora_alpha`` 8 -> 16: ΔW doubles) is a new composition, as is one that
+    changes the weights; putting the first version back gives the first composition again."""
+    store = AdapterStore(tmp_path / "store")
+    store.bind_base(linear_shapes(tiny_base), 64)
+    config, weights = make_adapter(tiny_base, seed=1, r=4, alpha=8)
+    store.put("a", AdapterFiles(config, weights))
+    store.put("b", AdapterFiles(*make_adapter(tiny_base, seed=2, r=4, targets=("o_proj",))))
+    service = CompositionService(store, max_rank=64)
+    merged = MergedAdapters(ids=["a", "b"], weights=[1.0, 0.5])
+
+    def q_delta(composition) -> torch.Tensor:  # the composed ΔW of one q_proj: [d, k]
+        return _delta(next(v for k, v in composition.adapter.layers.items() if k.endswith("q_proj")))
+
+    first = asyncio.run(service.resolve(merged))
+    doubled, _ = make_adapter(tiny_base, seed=1, r=4, alpha=16)
+    store.put("a", AdapterFiles(doubled, weights), replace=True)  # the weights' sha256 is unchanged
+    second = asyncio.run(service.resolve(merged))
+    assert second.digest != first.digest and service.compositions == 2
+    torch.testing.assert_close(q_delta(second), 2 * q_delta(first))
+    store.put("a", AdapterFiles(*make_adapter(tiny_base, seed=3, r=4, alpha=16)), replace=True)
+    third = asyncio.run(service.resolve(merged))
+    assert third.digest not in (first.digest, second.digest) and service.compositions == 3
+    store.put("a", AdapterFiles(config, weights), replace=True)  # the first content again
+    again = asyncio.run(service.resolve(merged))
+    assert again.digest == first.digest and service.compositions == 3  # a cache hit, the same seed
+    torch.testing.assert_close(q_delta(again), q_delta(first))
