@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
-from server.api.composition import CompositionsDep, resolve_merged
+from server.api.composition import CompositionsDep
 from server.api.deps import EngineDep, RegistryDep
 from server.api.generation import timing_headers
 from server.api.openapi_errors import error_responses
@@ -42,8 +42,7 @@ async def generate(
     http_request: Request,
 ):
     """Generate text; ``details`` always has the summary, ``tokens``/``prefill`` when asked for."""
-    composition = await resolve_merged(compositions, body.params.merged_adapters)
-    generation = await TgiGeneration.prepare(engine, registry, body.inputs, body.params, composition)
+    generation = await TgiGeneration.prepare(engine, registry, compositions, body.inputs, body.params)
     payload, best = await generation.run(http_request)
     return JSONResponse(payload, headers=timing_headers(best))
 
@@ -60,8 +59,7 @@ async def generate_stream(
     body: GenerateStreamRequest, engine: EngineDep, registry: RegistryDep, compositions: CompositionsDep
 ) -> StreamingResponse:
     """Server-sent events, one per token; the last one carries ``generated_text`` and ``details``."""
-    composition = await resolve_merged(compositions, body.params.merged_adapters)
-    return _stream(await TgiGeneration.prepare(engine, registry, body.inputs, body.params, composition))
+    return _stream(await TgiGeneration.prepare(engine, registry, compositions, body.inputs, body.params))
 
 
 @router.post(
@@ -87,16 +85,17 @@ async def tgi_compat(
     http_request: Request,
 ) -> Any:
     """TGI's compatibility route: dispatches on ``stream``."""
-    composition = await resolve_merged(compositions, body.params.merged_adapters)
     if body.stream:
         try:  # a stream carries one sequence: best_of > 1 is a 422, as in TGI
             stream_body = GenerateStreamRequest.model_validate(body.model_dump())
         except ValidationError as exc:
             raise RequestValidationError(exc.errors()) from exc
         return _stream(
-            await TgiGeneration.prepare(engine, registry, stream_body.inputs, stream_body.params, composition)
+            await TgiGeneration.prepare(
+                engine, registry, compositions, stream_body.inputs, stream_body.params
+            )
         )
-    generation = await TgiGeneration.prepare(engine, registry, body.inputs, body.params, composition)
+    generation = await TgiGeneration.prepare(engine, registry, compositions, body.inputs, body.params)
     payload, best = await generation.run(http_request)
     return JSONResponse([payload], headers=timing_headers(best))
 

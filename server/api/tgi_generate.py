@@ -21,7 +21,7 @@ from typing import Any
 from fastapi import Request
 
 from adapters.registry import AdapterLookup
-from server.api.composition import Composition
+from server.api.composition import Composition, CompositionService, resolve_merged
 from server.api.generation import build_request, run_many, stream_events, tokenize
 from server.api.schemas import GenerateParameters
 from server.api.structured import response_grammar
@@ -45,11 +45,13 @@ class TgiGeneration:
         cls,
         engine: Engine,
         registry: AdapterLookup,
+        compositions: CompositionService,
         inputs: str,
         params: GenerateParameters,
-        composition: Composition | None = None,
     ) -> TgiGeneration:
-        """:meth:`build`, after compiling ``response_format`` (structured output) off the event loop."""
+        """:meth:`build`, after the asynchronous work a request may need: composing its
+        ``merged_adapters`` (cached) and compiling its ``response_format``, both off the event loop."""
+        composition = await resolve_merged(compositions, params.merged_adapters)
         grammar = await response_grammar(engine, params.response_format)
         return cls.build(engine, registry, inputs, params, composition, grammar)
 
