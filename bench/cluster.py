@@ -87,7 +87,7 @@ def one_run(replicas: int, affinity: bool, folders: list[Path], args: argparse.N
         dtype="float32", device="cpu", max_loaded_adapters=args.max_loaded_adapters, kv_cache_tokens=4096,
     )  # fmt: skip
     started = time.monotonic()
-    ray.init(num_cpus=CPUS, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=CPUS, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         app = build_app(settings, replicas, replica_cpus=CPUS / replicas, affinity=affinity)
