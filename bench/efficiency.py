@@ -97,10 +97,20 @@ def floor_seconds(weights: list[torch.Tensor], batch: int, reps: int) -> float:
 # ----------------------------------------------------------------------------- engine steps
 
 
+def runner_flags(runner: str) -> list[str]:
+    """``native``, ``hf`` or ``native-compiled`` (the native runner with ``--compile on``) as CLI flags."""
+    if runner == "native-compiled":
+        return ["--runner", "native", "--compile", "on"]
+    return ["--runner", runner]
+
+
 def build_engine(runner: str, model_dir: Path, dtype: torch.dtype, device: torch.device, **config) -> Engine:
     from server.engine.base_model import build_engine_for_dir
 
-    return build_engine_for_dir(model_dir, runner, dtype, device, EngineConfig(mode="unmerged", **config))
+    kind, compile = ("native", "on") if runner == "native-compiled" else (runner, "auto")
+    return build_engine_for_dir(
+        model_dir, kind, dtype, device, EngineConfig(mode="unmerged", **config), compile=compile
+    )
 
 
 def decode_step_seconds(
@@ -163,7 +173,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--runners", default="native,hf", help="runners to measure, in order")
+    parser.add_argument(
+        "--runners", default="native,hf", help="runners to measure, in order: native, hf, native-compiled"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians kept)")
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed per measurement")
     parser.add_argument("--device", default="cpu")
@@ -250,8 +262,9 @@ def measure_http(runners: list[str], model_dir: Path, args, root: Path) -> dict[
     for runner in runners:
         start = time.perf_counter()
         server = ServerProcess.start(
-            ["--runner", runner, "--mode", "unmerged", "--data-dir", str(root / f"data-{runner}"),
-             "--device", args.device, "--dtype", args.dtype, *(["--model", str(model_dir)] if args.model else [])]
+            [*runner_flags(runner), "--mode", "unmerged", "--data-dir", str(root / f"data-{runner}"),
+             "--device", args.device, "--dtype", args.dtype, *(["--model", str(model_dir)] if args.model else [])],
+            timeout=900.0,  # --compile on compiles at start-up: minutes on a small CPU
         )  # fmt: skip
         startup = time.perf_counter() - start
         try:

@@ -51,6 +51,7 @@ def default_loader(settings: Settings) -> LoadedBase:
             kv_cache_bytes=settings.kv_cache_bytes,
             max_batch=settings.max_batch,
             max_seq_len=settings.max_total_tokens,
+            compile=settings.compile,
         )
     return load_base(settings.model, settings.dtype, settings.device, settings.cache_dir)
 

@@ -63,6 +63,12 @@ def serve(
     kv_cache_memory: Annotated[
         str | None, typer.Option(help="Native runner: KV memory budget, e.g. 512MiB, 2GiB.")
     ] = None,
+    compile: Annotated[
+        str | None,
+        typer.Option(
+            help="Native runner: auto (CUDA graphs on CUDA, eager on CPU), on (also torch.compile on CPU), off."
+        ),
+    ] = None,
     max_prefill_tokens: Annotated[
         int | None,
         typer.Option(help="Prompt tokens prefilled per engine step (4096); longer prompts are chunked."),
@@ -91,7 +97,7 @@ def serve(
         "data_dir": data_dir, "cache_dir": cache_dir, "log_level": log_level, "switch_wait": switch_wait,
         "max_upload_mb": max_upload_mb, "host_cache_mb": host_cache_mb, "max_queue": max_queue,
         "request_timeout": request_timeout, "log_format": log_format, "kernel": kernel, "runner": runner,
-        "kv_cache_tokens": kv_cache_tokens, "kv_cache_memory": kv_cache_memory,
+        "kv_cache_tokens": kv_cache_tokens, "kv_cache_memory": kv_cache_memory, "compile": compile,
         "max_prefill_tokens": max_prefill_tokens, "shutdown_timeout": shutdown_timeout,
         "upload_timeout": upload_timeout,
     }  # fmt: skip

@@ -57,6 +57,11 @@ class Settings(BaseSettings):
         description="Native runner: KV memory budget, e.g. 512MiB or 2GiB (a bare number is MiB); "
         "used when --kv-cache-tokens is not set. Default: 384MiB on the CPU, 90% of free GPU memory on CUDA.",
     )
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Native runner: graph-captured decode. auto: CUDA graphs on CUDA, eager on the CPU "
+        "(compiling measured no faster there); on: also torch.compile on the CPU (minutes at start-up); off: eager.",
+    )
     data_dir: Path = Field(Path("./data"), description="Where adapters are stored (folders + SQLite index).")
     max_upload_mb: int = Field(
         512, ge=1, description="Largest adapter upload (request body and unpacked archive), MiB."

@@ -41,6 +41,16 @@ def _kv_cache(engine: Engine) -> dict:
     }
 
 
+def _decode(engine: Engine) -> dict:
+    """How decode steps run (``--compile``): eager, compile (CPU) or cuda_graphs, and the graphs made."""
+    graphs = getattr(engine.runner, "graphs", None)
+    return {
+        "kind": getattr(engine.runner, "decode_kind", "eager"),
+        "graphs": graphs.captures if graphs is not None else 0,
+        "warm_up_seconds": round(graphs.warm_up_seconds, 2) if graphs is not None else 0.0,
+    }
+
+
 @router.get("/info")
 async def info(
     request: Request, engine: EngineDep, base: BaseDep, registry: RegistryDep, settings: SettingsDep
@@ -57,6 +67,7 @@ async def info(
         "generated_tokens": engine.stats.generated_tokens,
         "kernel": engine.config.kernel,
         "runner": engine.runner.name,
+        "decode": _decode(engine),
         "kv_cache": _kv_cache(engine),
         "limits": {
             "max_batch": engine.config.max_batch,

@@ -209,8 +209,11 @@ def load_native(
     )
 
 
-def build_engine_for_dir(model_dir: Path, runner: str, dtype: torch.dtype, device: torch.device, config: Any):
-    """An engine on ``model_dir`` with the named runner (benchmarks and scripts: no server)."""
+def build_engine_for_dir(
+    model_dir: Path, runner: str, dtype: torch.dtype, device: torch.device, config: Any, compile: str = "auto"
+):
+    """An engine on ``model_dir`` with the named runner (benchmarks and scripts: no server);
+    ``compile`` is the native runner's ``--compile``."""
     from server.engine.engine import Engine
 
     if runner == "native":
@@ -218,7 +221,7 @@ def build_engine_for_dir(model_dir: Path, runner: str, dtype: torch.dtype, devic
 
         native = NativeLlamaRunner(
             model_dir, dtype=dtype, device=device, kernel=config.kernel, max_batch=config.max_batch,
-            max_seq_len=config.max_total_tokens,
+            max_seq_len=config.max_total_tokens, compile=compile,
         )  # fmt: skip
         return Engine(native, load_tokenizer(model_dir), config, eos_ids_of(model_dir))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()

@@ -120,8 +120,10 @@ class LoraSlotBank:
         self.B_stack = torch.zeros(0, out_features, 0, dtype=dtype, device=device)  # [S, d, r_max]
         self.scale = torch.zeros(0, dtype=dtype, device=device)  # [S]
         self.occupied: set[int] = set()
-        # (batch slots, this bank's slots, A_act^T, (scale·B)_act^T)
-        self._active_cache: tuple[tuple[int, ...], tuple[int, ...], torch.Tensor, torch.Tensor] | None = None
+        # (batch slots, this bank's slots, A_act^T, (scale·B)_act^T, slot of each rank column)
+        self._active_cache: (
+            tuple[tuple[int, ...], tuple[int, ...], torch.Tensor, torch.Tensor, torch.Tensor] | None
+        ) = None
 
     # ---------------------------------------------------------------- slot management
 
@@ -192,28 +194,34 @@ class LoraSlotBank:
         delta = torch.bmm(h, B.transpose(1, 2)) * scale[:, None, None]  # [B, T, d]
         y.add_(delta.reshape(y.shape))
 
-    def _active_weights(self, ctx: LoraBatchContext) -> tuple[tuple[int, ...], torch.Tensor, torch.Tensor]:
+    def active_weights(self, ctx: LoraBatchContext) -> tuple[tuple[int, ...], torch.Tensor, torch.Tensor]:
         """This bank's slots among the batch's, with their A and scaled B concatenated along rank.
 
         Cached until the batch's slots or a slot's content change.
         """
         cached = self._active_cache
-        if cached is not None and cached[0] == ctx.active_slots:
-            return cached[1], cached[2], cached[3]
-        slots = tuple(s for s in ctx.active_slots if s in self.occupied)
-        idx = torch.tensor(slots, device=self.A_stack.device)
-        A_t = self.A_stack[idx].reshape(-1, self.in_features).t().contiguous()  # [k, L*r_max]
-        B = (self.B_stack[idx] * self.scale[idx][:, None, None]).permute(1, 0, 2)  # [d, L, r_max]
-        B_t = B.reshape(self.out_features, -1).t().contiguous()  # [L*r_max, d]
-        self._active_cache = (ctx.active_slots, slots, A_t, B_t)
-        return slots, A_t, B_t
+        if cached is None or cached[0] != ctx.active_slots:
+            slots = tuple(s for s in ctx.active_slots if s in self.occupied)
+            idx = torch.tensor(slots, device=self.A_stack.device)
+            A_t = self.A_stack[idx].reshape(-1, self.in_features).t().contiguous()  # [k, L*r_max]
+            B = (self.B_stack[idx] * self.scale[idx][:, None, None]).permute(1, 0, 2)  # [d, L, r_max]
+            B_t = B.reshape(self.out_features, -1).t().contiguous()  # [L*r_max, d]
+            columns = idx.repeat_interleave(self.r_max)  # [L*r_max] the slot of each rank column
+            cached = self._active_cache = (ctx.active_slots, slots, A_t, B_t, columns)
+        return cached[1], cached[2], cached[3]
+
+    def active_columns(self, ctx: LoraBatchContext) -> torch.Tensor:
+        """[L*r_max]: the slot each column of ``active_weights``' A_t belongs to."""
+        self.active_weights(ctx)
+        assert self._active_cache is not None
+        return self._active_cache[4]
 
     def _add_delta_segmented(self, x: torch.Tensor, y: torch.Tensor, ctx: LoraBatchContext) -> None:
         """Semantics: ``h = x @ A_act.T; h *= row_mask (row_scale where the slot is the row's); y += h @ (scale·B)_act.T``.
 
         x: [B, T, k]; y: [B*T, d] (a view: written in place, no temporaries beyond ``h``).
         """
-        slots, A_t, B_t = self._active_weights(ctx)
+        slots, A_t, B_t = self.active_weights(ctx)
         batch, seq = x.shape[0], x.shape[1]
         h = torch.mm(x.reshape(batch * seq, -1), A_t)  # [B*T, L*r_max]
         h.view(batch, seq, -1).mul_(ctx.row_mask(slots, self.r_max, h.dtype)[:, None, :])

@@ -42,7 +42,11 @@ class PagedKVCache:
         # Token-major blocks: a block is one contiguous [block_size, kv_heads, D] piece, so a
         # sequence's context is gathered with one index_select over whole blocks and read as
         # [kv_heads, T, D] through a transposed view (no per-head indexing, no second copy).
-        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        # One block more than is handed out: the scratch block, where the padding rows of a
+        # graph-captured decode step write their K and V (and read them back), so padding never
+        # touches a sequence's cache.
+        shape = (num_layers, num_blocks + 1, block_size, num_kv_heads, head_dim)
+        self.scratch_block = num_blocks
         self.k_pool = torch.zeros(shape, dtype=dtype, device=device)
         self.v_pool = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size

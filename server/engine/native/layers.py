@@ -15,7 +15,7 @@ own rows of the fused weight (``weight_views``).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +85,59 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out
 
 
+def rope_rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rope` as plain tensor expressions (no ``out=`` writes into views), which
+    ``torch.compile`` and CUDA graph capture take as they are."""
+    half = x.shape[-1] // 2
+    c, s = cos[..., :half], sin[..., :half]
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+class SegmentedLora(NamedTuple):
+    """One part's adapters in a step, segmented form: ``delta = ((x @ A_t) * mask) @ B_t`` where
+    ``mask[i, j]`` is row i's scale if column j belongs to row i's slot, else 0.
+
+    The batch's active slots are concatenated along the rank (``LoraSlotBank.active_weights``),
+    so the sizes change with the batch's adapters: for eager and ``torch.compile`` (dynamic) steps.
+    The mask is computed from ``columns`` in the step (no tensor shared between parts: dynamo
+    guards on inputs that alias).
+    """
+
+    A_t: torch.Tensor  # [in, L*r_max]
+    B_t: torch.Tensor  # [L*r_max, out], scaled per slot
+    columns: torch.Tensor  # [L*r_max] the slot each column belongs to
+
+
+class GatheredLora(NamedTuple):
+    """One part's adapters in a step, gathered form (Punica BGMV): every row reads its slot's factors.
+
+    Every tensor keeps its address while the bank's slot stacks keep their shape (slots are
+    written in place): for captured CUDA graphs.
+    """
+
+    A_stack: torch.Tensor  # [S, r_max, in]
+    B_stack: torch.Tensor  # [S, out, r_max]
+    scale: torch.Tensor  # [S] the slots' own scales
+
+
+LoraPart = SegmentedLora | GatheredLora
+
+
+def lora_delta(
+    x: torch.Tensor, part: LoraPart, row_slots: torch.Tensor, row_scale: torch.Tensor
+) -> torch.Tensor:
+    """x: [N, in] -> [N, out], each row's ``row_scale · s · B (A x)`` (row_slots: [N], -1 for none)."""
+    if isinstance(part, SegmentedLora):
+        mask = (row_slots[:, None] == part.columns[None, :]).to(x.dtype) * row_scale[:, None].to(x.dtype)
+        return (x @ part.A_t * mask) @ part.B_t
+    present = (row_slots >= 0) & (row_slots < part.A_stack.shape[0])  # [N]
+    slots = torch.where(present, row_slots, 0)
+    scale = torch.where(present, part.scale[slots], 0) * row_scale.to(part.scale.dtype)  # [N]
+    h = torch.bmm(x[:, None, :], part.A_stack[slots].transpose(1, 2))  # [N, 1, r_max]
+    return torch.bmm(h, part.B_stack[slots].transpose(1, 2))[:, 0] * scale[:, None]  # [N, out]
+
+
 class FusedLinear:
     """``y = x @ W.T (+ b)`` for parts fused along the output, each part with its own adapter slots."""
 
@@ -109,6 +162,7 @@ class FusedLinear:
             start += size
         assert start == weight.shape[0], "parts must cover the fused output"
         self._bank_spans = list(zip(self.banks.values(), self.spans, strict=True))
+        self._null_parts: dict[int, SegmentedLora] = {}
 
     def weight_views(self) -> dict[str, torch.Tensor]:
         """Each part's rows of the fused weight (views: merging writes through)."""
@@ -131,6 +185,52 @@ class FusedLinear:
         if self.bias is not None:
             residual.add_(self.bias)
         self._add_lora(x, residual)
+
+    def apply(
+        self,
+        x: torch.Tensor,
+        lora: tuple[LoraPart | None, ...] | None,
+        row_slots: torch.Tensor,
+        row_scale: torch.Tensor,
+    ) -> torch.Tensor:
+        """x: [N, in] -> [N, out_features] with each part's adapters from ``lora`` (one entry per
+        part, None where no row's adapter adapts it): the graph-friendly form of ``__call__``."""
+        y = F.linear(x, self.weight, self.bias)
+        if lora is not None:
+            for (s, e), part in zip(self.spans, lora, strict=True):
+                if part is not None:
+                    y[:, s:e] += lora_delta(x, part, row_slots, row_scale)
+        return y
+
+    def step_lora(self, ctx: LoraBatchContext, gathered: bool) -> tuple[LoraPart | None, ...]:
+        """This step's adapters per part (see ``apply``).
+
+        Gathered: None for a part no row's adapter adapts (the layout is part of a CUDA graph's
+        key). Segmented: such a part gets a rank-2 zero stand-in instead, so that every batch with
+        adapters has the same structure and one compiled graph (sizes >= 2 are symbolic) serves all.
+        """
+        parts: list[LoraPart | None] = []
+        for bank in self.banks.values():
+            if gathered:
+                applies = bank.applies_to(ctx)
+                parts.append(GatheredLora(bank.A_stack, bank.B_stack, bank.scale) if applies else None)
+            elif bank.applies_to(ctx):
+                _, A_t, B_t = bank.active_weights(ctx)
+                parts.append(SegmentedLora(A_t, B_t, bank.active_columns(ctx)))
+            else:
+                parts.append(self._null_part(bank))
+        return tuple(parts)
+
+    def _null_part(self, bank: LoraSlotBank) -> SegmentedLora:
+        """A segmented part that adds zero (its columns belong to no slot); one per bank, cached."""
+        part = self._null_parts.get(id(bank))
+        if part is None:
+            zeros = bank.A_stack.new_zeros
+            columns = torch.full((2,), -2, dtype=torch.long, device=bank.A_stack.device)
+            part = self._null_parts[id(bank)] = SegmentedLora(
+                zeros(bank.in_features, 2), zeros(2, bank.out_features), columns
+            )
+        return part
 
     def _add_lora(self, x: torch.Tensor, y: torch.Tensor) -> None:
         ctx = self.ctx

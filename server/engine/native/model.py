@@ -18,7 +18,18 @@ from safetensors import safe_open
 from server.engine.lora_linear import Kernel, LoraBatchContext
 from server.engine.native.config import NativeConfig
 from server.engine.native.kv_cache import PagedKVCache
-from server.engine.native.layers import FusedLinear, apply_rope, rms_norm, rope_cos_sin, rope_inv_freq
+from server.engine.native.layers import (
+    FusedLinear,
+    LoraPart,
+    apply_rope,
+    rms_norm,
+    rope_cos_sin,
+    rope_inv_freq,
+    rope_rotated,
+)
+
+# one entry per projection, in ``LlamaModel.projections()`` order; None: no adapter in the step
+StepLora = tuple[tuple[LoraPart | None, ...] | None, ...] | None
 
 
 @dataclass
@@ -178,6 +189,57 @@ class LlamaModel:
             torch.mul(F.silu(gate, inplace=True), up, out=act)  # [N, I]
             layer.down.add_to(act, x)  # x += down(act)
         return rms_norm(x, self.final_norm, c.rms_norm_eps)
+
+    def decode_logits(
+        self,
+        tokens: torch.Tensor,  # [B]
+        positions: torch.Tensor,  # [B]
+        write_blocks: torch.Tensor,  # [B]
+        write_offsets: torch.Tensor,  # [B]
+        block_table: torch.Tensor,  # [B, nb]
+        attend: torch.Tensor,  # [B, 1, 1, nb * block] True up to each row's length
+        k_pool: torch.Tensor,  # [layers, blocks, block, KVH, D]
+        v_pool: torch.Tensor,
+        row_slots: torch.Tensor,  # [B] adapter slot per row, -1 for none
+        row_scale: torch.Tensor,  # [B] float32, the rows' adapter_scale
+        lora: StepLora,
+    ) -> torch.Tensor:
+        """One decode step as a pure function of tensors -> logits [B, V]: what ``torch.compile``
+        (dynamic shapes) compiles and CUDA graphs capture.
+
+        The same arithmetic as ``forward`` + ``logits`` on one token per row, written without the
+        ``out=`` writes into reused buffers (which dynamo rejects) and with the step's adapters as
+        arguments instead of the shared ``LoraBatchContext``. Its only side effect is the new
+        tokens' K and V written into the pools.
+        """
+        c = self.config
+        n = tokens.shape[0]
+        x = F.embedding(tokens, self.embed)  # [B, H]
+        cos, sin = rope_cos_sin(positions, self.inv_freq, self.dtype)  # [B, 1, D]
+        plan = AttentionPlan(write_blocks, write_offsets, True, block_table, None, attend)
+        for index, layer in enumerate(self.layers):
+            parts = lora[4 * index : 4 * index + 4] if lora is not None else (None,) * 4
+            h = rms_norm(x, layer.input_norm, c.rms_norm_eps)
+            qkv = layer.qkv.apply(h, parts[0], row_slots, row_scale)  # [B, q + 2 kv]
+            qk = rope_rotated(qkv[:, : c.q_size + c.kv_size].view(n, -1, c.head_dim), cos, sin)
+            q, k = qk[:, : c.num_heads], qk[:, c.num_heads :]  # [B, heads, D], [B, KVH, D]
+            v = qkv[:, c.q_size + c.kv_size :].view(n, c.num_kv_heads, c.head_dim)
+            k_pool[index].index_put_((write_blocks, write_offsets), k)
+            v_pool[index].index_put_((write_blocks, write_offsets), v)
+            attn = self._decode_attention(q, k_pool[index], v_pool[index], plan)
+            x = x + layer.o_proj.apply(attn, parts[1], row_slots, row_scale)
+            h = rms_norm(x, layer.post_norm, c.rms_norm_eps)
+            gate_up = layer.gate_up.apply(h, parts[2], row_slots, row_scale)  # [B, 2 I]
+            act = F.silu(gate_up[:, : c.intermediate_size]) * gate_up[:, c.intermediate_size :]
+            x = x + layer.down.apply(act, parts[3], row_slots, row_scale)
+        return self.logits(rms_norm(x, self.final_norm, c.rms_norm_eps))
+
+    def step_lora(self, gathered: bool = False) -> StepLora:
+        """The current batch's adapters (from the shared context) as ``decode_logits`` takes them:
+        segmented (sizes follow the batch's adapters) or gathered (sizes fixed by the slot stacks)."""
+        if self.ctx.row_slots is None:
+            return None
+        return tuple(projection.step_lora(self.ctx, gathered) for projection in self.projections())
 
     @staticmethod
     def _gather(pool: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch
 
 from server.engine.lora_linear import Kernel, LoraBatchContext
 from server.engine.native.config import NativeConfig
+from server.engine.native.graphed import CompileMode, GraphedDecode, StepRows, decode_kind
 from server.engine.native.kv_cache import PagedKVCache
 from server.engine.native.model import AttentionPlan, Checkpoint, LlamaModel
 from server.engine.runner import (
@@ -48,10 +49,14 @@ class NativeLlamaRunner(ModelRunner):
         max_batch: int = 32,
         max_seq_len: int = 4096,
         block_size: int = BLOCK_SIZE,
+        compile: CompileMode = "auto",
     ) -> None:
         """KV memory: ``kv_cache_tokens`` if given, else ``kv_cache_bytes``, else a default budget
         (384 MiB on the CPU, 90% of the free GPU memory on CUDA); never more than
-        ``max_batch`` x ``max_seq_len`` tokens, since no more can be in use at once."""
+        ``max_batch`` x ``max_seq_len`` tokens, since no more can be in use at once.
+
+        ``compile``: how decode steps run (``graphed.py``): ``auto`` captures CUDA graphs on CUDA
+        and stays eager on the CPU, ``on`` also compiles on the CPU, ``off`` is always eager."""
         self.device = torch.device(device)
         self.dtype = dtype
         self.ctx = LoraBatchContext()
@@ -79,6 +84,12 @@ class NativeLlamaRunner(ModelRunner):
             "native runner: %s, KV memory %d tokens (%.0f MiB) in blocks of %d",
             config.model_type, self.kv.capacity_tokens, self.kv.bytes_reserved / 2**20, block_size,
         )  # fmt: skip
+        self.decode_kind = decode_kind(compile, self.device)
+        self.graphs: GraphedDecode | None = None
+        if self.decode_kind != "eager":
+            max_blocks = self.kv.blocks_for(min(max_seq_len, self.kv.capacity_tokens))
+            self.graphs = GraphedDecode(self.model, self.kv, self.decode_kind, max_batch, max_blocks)
+            self.graphs.warm_up()
         self._lora_targets: dict[str, LoraTarget] = {}
         self._weight_targets: dict[str, WeightTarget] = {}
         for projection in self.model.projections():
@@ -168,6 +179,19 @@ class NativeLlamaRunner(ModelRunner):
             block, offset = self.kv.extend(seq_id, 1)
             blocks += block
             offsets += offset
+        if self.graphs is not None:
+            return self.graphs.run(
+                StepRows(
+                    tokens=[i.token_id for i in inputs],
+                    positions=positions,
+                    write_blocks=blocks,
+                    write_offsets=offsets,
+                    tables=[list(self.kv.sequences[s].blocks) for s in seq_ids],
+                    lengths=[p + 1 for p in positions],
+                    slots=[i.slot for i in inputs],
+                    scales=[i.scale for i in inputs],
+                )
+            )
         device = self.device
         block_table = self.kv.block_table(seq_ids, device)  # [B, nb]
         lengths = torch.tensor([p + 1 for p in positions], dtype=torch.long, device=device)
