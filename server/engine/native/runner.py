@@ -105,7 +105,8 @@ class NativeLlamaRunner(ModelRunner):
                 budget = int(free * DEFAULT_GPU_KV_FRACTION)
             else:
                 budget = DEFAULT_CPU_KV_BYTES
-        return max(budget // per_token, BLOCK_SIZE)
+        # less one block: the scratch block of padding rows (kv_cache.py) counts in the budget too
+        return max(budget // per_token - BLOCK_SIZE, BLOCK_SIZE)
 
     # ------------------------------------------------------------------ seam: targets, memory
 
