@@ -211,6 +211,7 @@ def main() -> None:
     workload: dict[str, list[float]] = {r: [] for r in runners}
     with tempfile.TemporaryDirectory() as tmp:
         engines = {r: build_engine(r, model_dir, dtype, device, max_batch=max(batches)) for r in runners}
+        graphs = {r: getattr(e.runner, "graphs", None) for r, e in engines.items()}
         adapter_dirs = make_adapters(engines[runners[0]], Path(tmp))
         adapters = {
             r: [load_adapter_dir(p, p.name, e.base_shapes) for p in adapter_dirs] for r, e in engines.items()
@@ -233,6 +234,9 @@ def main() -> None:
             if args.peft
             else {}
         )
+        warm_up = {
+            r: (g.warm_up_seconds, g.captures) for r, g in graphs.items() if g is not None
+        }  # graphs made at start-up, then in all the steps above (recompiles would show here)
         del engines
         http = {} if args.no_http else measure_http(runners, model_dir, args, Path(tmp))
     scratch.cleanup()
@@ -242,6 +246,11 @@ def main() -> None:
     report = render(
         args, runners, batches, floor, med, {r: statistics.median(v) for r, v in workload.items()}, http, peft
     )
+    for runner, (seconds, captures) in warm_up.items():
+        report += (
+            f"\n{runner}: decode graphs compiled or captured at start-up in {seconds:.1f} s; "
+            f"{captures} graphs in all by the end of the run.\n"
+        )
     out = args.out or ROOT / f"bench/results/efficiency-{device.type}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report)
