@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     compile: Literal["auto", "on", "off"] = Field(
         "auto",
         description="Native runner: graph-captured decode. auto: CUDA graphs on CUDA, eager on the CPU "
-        "(compiling measured no faster there); on: also torch.compile on the CPU (minutes at start-up); off: eager.",
+        "(compiling measured no faster there); on: also torch.compile on the CPU (many minutes at start-up); off: eager.",
     )
     data_dir: Path = Field(Path("./data"), description="Where adapters are stored (folders + SQLite index).")
     max_upload_mb: int = Field(

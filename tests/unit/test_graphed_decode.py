@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 import torch
 from torch._dynamo.utils import counters
-from transformers import AutoModelForCausalLM
 
 from adapters.peft_format import load_adapter_dir
 from server.engine.engine import Engine, EngineConfig
@@ -20,7 +19,6 @@ from server.engine.lora_model import AdapterSlots
 from server.engine.merge import MergeManager
 from server.engine.native.graphed import GraphedDecode, StepRows, decode_kind, power_of_two_bucket
 from server.engine.runner import DecodeInput, PrefillInput
-from tests.conftest import tiny_llama_config
 from tests.engine_helpers import run_many, run_one
 from tests.unit.test_native_runner import ADAPTERS, PROMPTS, _runner, _saved
 
@@ -42,7 +40,7 @@ def test_padding_rows_touch_only_the_scratch_block() -> None:
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
+def small_llama(tmp_path_factory):
     return _saved(tmp_path_factory, "llama")
 
 
@@ -62,10 +60,12 @@ def _cuda_graph_stand_in(runner) -> GraphedDecode:
 
 
 @pytest.mark.parametrize("kind", ["compile", "cuda_graphs"])
-def test_graphed_decode_equals_eager_and_peft_over_many_steps(llama, kind, peft_adapter_factory) -> None:
+def test_graphed_decode_equals_eager_and_peft_over_many_steps(
+    small_llama, kind, peft_adapter_factory
+) -> None:
     """Rows for the base and every adapter (some skip parts of the fused projections), decoded for
     20 steps so that contexts cross a block boundary; one row leaves halfway."""
-    model, path = llama
+    model, path = small_llama
     eager = _runner(path, compile="off")
     graphed = _runner(path, compile="on") if kind == "compile" else _runner(path, compile="off")
     if kind == "cuda_graphs":
@@ -99,11 +99,11 @@ def test_graphed_decode_equals_eager_and_peft_over_many_steps(llama, kind, peft_
         torch.testing.assert_close(runs[1][-1][i], ref, rtol=1e-4, atol=1e-4)
 
 
-def test_cuda_graph_stand_in_recaptures_when_slot_stacks_grow(llama, peft_adapter_factory) -> None:
+def test_cuda_graph_stand_in_recaptures_when_slot_stacks_grow(small_llama, peft_adapter_factory) -> None:
     """A graph reads the slot stacks it was captured with. A second adapter makes the banks grow
     their stacks (new storage) while the step's key (bucket, adapted parts) stays the same: the step
     must be captured again, or the new adapter's row would replay the old stacks and read as base."""
-    model, path = llama
+    model, path = small_llama
     runner = _runner(path, compile="off")
     graphs = _cuda_graph_stand_in(runner)
     adapters, pefts = {}, {}
@@ -126,20 +126,19 @@ def test_cuda_graph_stand_in_recaptures_when_slot_stacks_grow(llama, peft_adapte
 
 
 @pytest.fixture(scope="module")
-def engine_llama(tmp_path_factory, tokenizer):
-    torch.manual_seed(1234)
-    model = AutoModelForCausalLM.from_config(tiny_llama_config(len(tokenizer))).eval()
-    path = tmp_path_factory.mktemp("graphed-engine-llama")
-    model.save_pretrained(path)
-    return model, path
+def saved_tiny_base(tiny_base, tmp_path_factory):
+    """conftest's tiny Llama (the embedded tokenizer's vocabulary), saved for the native runner."""
+    path = tmp_path_factory.mktemp("graphed-engine")
+    tiny_base.save_pretrained(path)
+    return tiny_base, path
 
 
 def test_compiled_engine_mixed_merged_and_solo_outputs_agree(
-    engine_llama, tokenizer, peft_adapter_factory
+    saved_tiny_base, tokenizer, peft_adapter_factory
 ) -> None:
     """Through the engine with ``--compile on``: mixed = solo = the eager engine's greedy tokens, and
     merged weights (written in place, read by the compiled graph) = the adapter unmerged."""
-    model, path = engine_llama
+    model, path = saved_tiny_base
     eager = Engine(
         _runner(path, compile="off", kv_cache_tokens=2048), tokenizer, EngineConfig(mode="unmerged")
     )

@@ -20,10 +20,12 @@ in one of three ways:
 Padding rows read token 0 at position 0, write their K/V into the KV memory's scratch block and
 attend to that one position; their logits are dropped. They are base rows (slot -1).
 
-Measured on the embedded model (2-core CPU, float32, ``bench/efficiency.py --compile on``): the
-compiled step is within a few per cent of the eager one (matmuls are ~85% of a step and inductor
-calls the same BLAS), for about 95 s of compilation per graph on two cores. So ``auto`` leaves the
-CPU eager and ``on`` is there for long-running CPU servers that want the last few per cent.
+Measured on the embedded model (2-core CPU, float32, same run, ``bench/results/efficiency-cpu.md``):
+the compiled step is no faster than the eager one at batch 16 (128-135 vs 126-127 ms) and 64
+(243 vs 251-340 ms, noisy), and slower at batch 1 (90-96 vs 52-60 ms: guards over ~700 tensor
+inputs per call); matmuls are most of a step and inductor calls the same BLAS. Compiling the two
+graphs took 5 to 18 minutes on two cores. So ``auto`` leaves the CPU eager; ``on`` exists to
+measure it and for a CPU with cores to spare.
 """
 
 from __future__ import annotations
@@ -137,7 +139,7 @@ class StepTensors:
         for name in self.__dataclass_fields__:
             getattr(self, name).copy_(getattr(other, name))
 
-    def model_args(self, kv: PagedKVCache) -> tuple[torch.Tensor, ...]:
+    def model_args(self, kv: PagedKVCache) -> tuple[torch.Tensor | list[torch.Tensor], ...]:
         """``decode_logits``' tensor arguments, in order (the adapters come after)."""
         return (
             self.tokens, self.positions, self.write_blocks, self.write_offsets, self.block_table, self.attend,
@@ -174,7 +176,7 @@ class GraphedDecode:
         assert kind in ("compile", "cuda_graphs")
         self.model, self.kv, self.kind = model, kv, kind
         self.max_batch, self.max_blocks = max_batch, max_blocks
-        self.device = kv.k_pool.device
+        self.device = kv.k_pool[0].device
         self.warm_up_seconds = 0.0
         self.captures = 0  # graphs compiled or captured so far
         self._compiled: Callable[..., torch.Tensor] | None = None

@@ -198,8 +198,8 @@ class LlamaModel:
         write_offsets: torch.Tensor,  # [B]
         block_table: torch.Tensor,  # [B, nb]
         attend: torch.Tensor,  # [B, 1, 1, nb * block] True up to each row's length
-        k_pool: torch.Tensor,  # [layers, blocks, block, KVH, D]
-        v_pool: torch.Tensor,
+        k_pool: list[torch.Tensor],  # per layer [blocks, block, KVH, D]
+        v_pool: list[torch.Tensor],
         row_slots: torch.Tensor,  # [B] adapter slot per row, -1 for none
         row_scale: torch.Tensor,  # [B] float32, the rows' adapter_scale
         lora: StepLora,
