@@ -194,8 +194,12 @@ class LoraSlotBank:
         delta = torch.bmm(h, B.transpose(1, 2)) * scale[:, None, None]  # [B, T, d]
         y.add_(delta.reshape(y.shape))
 
-    def active_weights(self, ctx: LoraBatchContext) -> tuple[tuple[int, ...], torch.Tensor, torch.Tensor]:
-        """This bank's slots among the batch's, with their A and scaled B concatenated along rank.
+    def active_weights(
+        self, ctx: LoraBatchContext
+    ) -> tuple[tuple[int, ...], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This bank's slots among the batch's, with their A and scaled B concatenated along rank,
+        and the slot each rank column belongs to: (slots, A_t [k, L*r_max], B_t [L*r_max, d],
+        columns [L*r_max]).
 
         Cached until the batch's slots or a slot's content change.
         """
@@ -206,22 +210,16 @@ class LoraSlotBank:
             A_t = self.A_stack[idx].reshape(-1, self.in_features).t().contiguous()  # [k, L*r_max]
             B = (self.B_stack[idx] * self.scale[idx][:, None, None]).permute(1, 0, 2)  # [d, L, r_max]
             B_t = B.reshape(self.out_features, -1).t().contiguous()  # [L*r_max, d]
-            columns = idx.repeat_interleave(self.r_max)  # [L*r_max] the slot of each rank column
+            columns = idx.repeat_interleave(self.r_max)  # [L*r_max]
             cached = self._active_cache = (ctx.active_slots, slots, A_t, B_t, columns)
-        return cached[1], cached[2], cached[3]
-
-    def active_columns(self, ctx: LoraBatchContext) -> torch.Tensor:
-        """[L*r_max]: the slot each column of ``active_weights``' A_t belongs to."""
-        self.active_weights(ctx)
-        assert self._active_cache is not None
-        return self._active_cache[4]
+        return cached[1:]
 
     def _add_delta_segmented(self, x: torch.Tensor, y: torch.Tensor, ctx: LoraBatchContext) -> None:
         """Semantics: ``h = x @ A_act.T; h *= row_mask (row_scale where the slot is the row's); y += h @ (scale·B)_act.T``.
 
         x: [B, T, k]; y: [B*T, d] (a view: written in place, no temporaries beyond ``h``).
         """
-        slots, A_t, B_t = self.active_weights(ctx)
+        slots, A_t, B_t, _ = self.active_weights(ctx)
         batch, seq = x.shape[0], x.shape[1]
         h = torch.mm(x.reshape(batch * seq, -1), A_t)  # [B*T, L*r_max]
         h.view(batch, seq, -1).mul_(ctx.row_mask(slots, self.r_max, h.dtype)[:, None, :])

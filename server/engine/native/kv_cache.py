@@ -117,9 +117,3 @@ class PagedKVCache:
         seq = self.sequences.pop(seq_id, None)
         if seq is not None:
             self._free.extend(reversed(seq.blocks))
-
-    def block_table(self, seq_ids: list[int], device: torch.device) -> torch.Tensor:
-        """[B, max blocks] block ids per sequence, padded with block 0 (masked out by length)."""
-        widest = max(len(self.sequences[s].blocks) for s in seq_ids)
-        rows = [self.sequences[s].blocks + [0] * (widest - len(self.sequences[s].blocks)) for s in seq_ids]
-        return torch.tensor(rows, dtype=torch.long, device=device)

@@ -162,7 +162,7 @@ class FusedLinear:
             start += size
         assert start == weight.shape[0], "parts must cover the fused output"
         self._bank_spans = list(zip(self.banks.values(), self.spans, strict=True))
-        self._null_parts: dict[int, SegmentedLora] = {}
+        self._null_parts: dict[str, SegmentedLora] = {}
 
     def weight_views(self) -> dict[str, torch.Tensor]:
         """Each part's rows of the fused weight (views: merging writes through)."""
@@ -210,24 +210,23 @@ class FusedLinear:
         adapters has the same structure and one compiled graph (sizes >= 2 are symbolic) serves all.
         """
         parts: list[LoraPart | None] = []
-        for bank in self.banks.values():
+        for name, bank in self.banks.items():
             if gathered:
                 applies = bank.applies_to(ctx)
                 parts.append(GatheredLora(bank.A_stack, bank.B_stack, bank.scale) if applies else None)
             elif bank.applies_to(ctx):
-                _, A_t, B_t = bank.active_weights(ctx)
-                parts.append(SegmentedLora(A_t, B_t, bank.active_columns(ctx)))
+                parts.append(SegmentedLora(*bank.active_weights(ctx)[1:]))
             else:
-                parts.append(self._null_part(bank))
+                parts.append(self._null_part(name, bank))
         return tuple(parts)
 
-    def _null_part(self, bank: LoraSlotBank) -> SegmentedLora:
-        """A segmented part that adds zero (its columns belong to no slot); one per bank, cached."""
-        part = self._null_parts.get(id(bank))
+    def _null_part(self, name: str, bank: LoraSlotBank) -> SegmentedLora:
+        """A segmented part that adds zero (its columns belong to no slot); one per part, cached."""
+        part = self._null_parts.get(name)
         if part is None:
             zeros = bank.A_stack.new_zeros
             columns = torch.full((2,), -2, dtype=torch.long, device=bank.A_stack.device)
-            part = self._null_parts[id(bank)] = SegmentedLora(
+            part = self._null_parts[name] = SegmentedLora(
                 zeros(bank.in_features, 2), zeros(2, bank.out_features), columns
             )
         return part

@@ -50,7 +50,6 @@ class AttentionPlan:
     write_offsets: torch.Tensor  # [N] offset in that block
     decode: bool  # one token per sequence (batched attention) or prompt chunks (per sequence)
     block_table: torch.Tensor | None = None  # decode: [B, max blocks]
-    lengths: torch.Tensor | None = None  # decode: [B] tokens in cache, the new one included
     attend: torch.Tensor | None = None  # decode: [B, 1, 1, T] True up to each sequence's length
     chunks: list[tuple[int, int, torch.Tensor]] | None = None  # prefill: (start, count, block ids)
 
@@ -216,7 +215,7 @@ class LlamaModel:
         n = tokens.shape[0]
         x = F.embedding(tokens, self.embed)  # [B, H]
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.dtype)  # [B, 1, D]
-        plan = AttentionPlan(write_blocks, write_offsets, True, block_table, None, attend)
+        plan = AttentionPlan(write_blocks, write_offsets, True, block_table, attend)
         for index, layer in enumerate(self.layers):
             parts = lora[4 * index : 4 * index + 4] if lora is not None else (None,) * 4
             h = rms_norm(x, layer.input_norm, c.rms_norm_eps)

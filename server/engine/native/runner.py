@@ -11,7 +11,7 @@ import torch
 
 from server.engine.lora_linear import Kernel, LoraBatchContext
 from server.engine.native.config import NativeConfig
-from server.engine.native.graphed import CompileMode, GraphedDecode, StepRows, decode_kind
+from server.engine.native.graphed import CompileMode, GraphedDecode, StepRows, StepTensors, decode_kind
 from server.engine.native.kv_cache import PagedKVCache
 from server.engine.native.model import AttentionPlan, Checkpoint, LlamaModel
 from server.engine.runner import (
@@ -69,7 +69,7 @@ class NativeLlamaRunner(ModelRunner):
         per_token = PagedKVCache.bytes_per_token(
             config.num_layers, config.num_kv_heads, config.head_dim, dtype
         )
-        tokens = kv_cache_tokens or self._default_tokens(kv_cache_bytes, per_token)
+        tokens = kv_cache_tokens or self._default_tokens(kv_cache_bytes, per_token, block_size)
         tokens = min(tokens, max_batch * max_seq_len)
         self.kv = PagedKVCache(
             num_layers=config.num_layers,
@@ -98,7 +98,7 @@ class NativeLlamaRunner(ModelRunner):
                 self._lora_targets[name] = bank
                 self._weight_targets[name] = WeightTarget(views[name], f"{name}.weight")
 
-    def _default_tokens(self, budget: int | None, per_token: int) -> int:
+    def _default_tokens(self, budget: int | None, per_token: int, block_size: int) -> int:
         if budget is None:
             if self.device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(self.device)
@@ -106,7 +106,7 @@ class NativeLlamaRunner(ModelRunner):
             else:
                 budget = DEFAULT_CPU_KV_BYTES
         # less one block: the scratch block of padding rows (kv_cache.py) counts in the budget too
-        return max(budget // per_token - BLOCK_SIZE, BLOCK_SIZE)
+        return max(budget // per_token - block_size, block_size)
 
     # ------------------------------------------------------------------ seam: targets, memory
 
@@ -180,36 +180,31 @@ class NativeLlamaRunner(ModelRunner):
             block, offset = self.kv.extend(seq_id, 1)
             blocks += block
             offsets += offset
+        rows = StepRows(
+            tokens=[i.token_id for i in inputs],
+            positions=positions,
+            write_blocks=blocks,
+            write_offsets=offsets,
+            tables=[list(self.kv.sequences[s].blocks) for s in seq_ids],
+            lengths=[p + 1 for p in positions],
+            slots=[i.slot for i in inputs],
+            scales=[i.scale for i in inputs],
+        )
         if self.graphs is not None:
-            return self.graphs.run(
-                StepRows(
-                    tokens=[i.token_id for i in inputs],
-                    positions=positions,
-                    write_blocks=blocks,
-                    write_offsets=offsets,
-                    tables=[list(self.kv.sequences[s].blocks) for s in seq_ids],
-                    lengths=[p + 1 for p in positions],
-                    slots=[i.slot for i in inputs],
-                    scales=[i.scale for i in inputs],
-                )
-            )
-        device = self.device
-        block_table = self.kv.block_table(seq_ids, device)  # [B, nb]
-        lengths = torch.tensor([p + 1 for p in positions], dtype=torch.long, device=device)
-        width = block_table.shape[1] * self.kv.block_size
-        attend = torch.arange(width, device=device)[None, :] < lengths[:, None]  # [B, T], once per step
+            return self.graphs.run(rows)
+        # eager: no padding rows; shorter block tables end in the scratch block (masked out)
+        widest = max(len(t) for t in rows.tables)
+        padded = StepRows.padded(rows, len(inputs), widest, self.kv.scratch_block)
+        step = StepTensors.build(padded, self.kv.block_size, self.device)
         plan = AttentionPlan(
-            write_blocks=torch.tensor(blocks, dtype=torch.long, device=device),
-            write_offsets=torch.tensor(offsets, dtype=torch.long, device=device),
+            write_blocks=step.write_blocks,
+            write_offsets=step.write_offsets,
             decode=True,
-            block_table=block_table,
-            lengths=lengths,
-            attend=attend[:, None, None, :],
+            block_table=step.block_table,
+            attend=step.attend,
         )
-        hidden = self._forward(
-            [i.token_id for i in inputs], positions, [i.slot for i in inputs], plan, [i.scale for i in inputs]
-        )
-        return self.model.logits(hidden)
+        self.ctx.set_rows(rows.slots, self.device, rows.scales)
+        return self.model.logits(self.model.forward(step.tokens, step.positions, plan, self.kv))
 
     def _forward(
         self,
