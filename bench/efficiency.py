@@ -46,6 +46,7 @@ from adapters.peft_format import LoraAdapter, load_adapter_dir
 from bench.common import ROOT, ServerProcess, machine_description, write_random_adapter, write_random_llama
 from server.engine.base_model import embedded_model_dir
 from server.engine.engine import Engine, EngineConfig
+from server.engine.native import onednn
 from server.engine.requests import GenerationRequest
 from server.engine.sampling import SamplingParams
 
@@ -78,8 +79,17 @@ def linear_weights(model_dir: Path, dtype: torch.dtype, device: torch.device) ->
     return list(weights.values())
 
 
+def packed_weights(weights: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """The same weights in oneDNN's packed layout (what the native runner reads on the CPU in
+    float32), or None where that layout does not apply."""
+    if weights[0].device.type != "cpu" or weights[0].dtype != torch.float32 or not onednn.available():
+        return None
+    return [onednn.pack(w) for w in weights]
+
+
 def floor_seconds(weights: list[torch.Tensor], batch: int, reps: int) -> float:
-    """Median time of one pass of ``x @ W.T`` over every weight, x: [batch, in]."""
+    """Median time of one pass of ``x @ W.T`` over every weight, x: [batch, in]; through oneDNN
+    when the weights are packed (``packed_weights``)."""
     device, dtype = weights[0].device, weights[0].dtype
     inputs = {w.shape[1]: torch.randn(batch, w.shape[1], device=device, dtype=dtype) for w in weights}
     times = []
@@ -88,7 +98,10 @@ def floor_seconds(weights: list[torch.Tensor], batch: int, reps: int) -> float:
             sync(device)
             start = time.perf_counter()
             for w in weights:
-                torch.mm(inputs[w.shape[1]], w.t())
+                if w.is_mkldnn:
+                    onednn.linear(inputs[w.shape[1]], w)
+                else:
+                    torch.mm(inputs[w.shape[1]], w.t())
             sync(device)
             times.append(time.perf_counter() - start)
     return statistics.median(times[2:])
@@ -97,19 +110,27 @@ def floor_seconds(weights: list[torch.Tensor], batch: int, reps: int) -> float:
 # ----------------------------------------------------------------------------- engine steps
 
 
+# The native runner's variants the bench can compare in one run: name -> (CLI flags, runner options).
+NATIVE_VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
+    "native": ([], {}),  # defaults: oneDNN-packed weights and eager decode on the CPU
+    "native-dense": (["--weight-layout", "dense"], {"weight_layout": "dense"}),  # plain x @ W.T
+    "native-compiled": (["--compile", "on"], {"compile": "on"}),
+}
+
+
 def runner_flags(runner: str) -> list[str]:
-    """``native``, ``hf`` or ``native-compiled`` (the native runner with ``--compile on``) as CLI flags."""
-    if runner == "native-compiled":
-        return ["--runner", "native", "--compile", "on"]
+    """``hf`` or one of ``NATIVE_VARIANTS`` as the server's CLI flags."""
+    if runner in NATIVE_VARIANTS:
+        return ["--runner", "native", *NATIVE_VARIANTS[runner][0]]
     return ["--runner", runner]
 
 
 def build_engine(runner: str, model_dir: Path, dtype: torch.dtype, device: torch.device, **config) -> Engine:
     from server.engine.base_model import build_engine_for_dir
 
-    kind, compile = ("native", "on") if runner == "native-compiled" else (runner, "auto")
+    kind, options = ("native", NATIVE_VARIANTS[runner][1]) if runner in NATIVE_VARIANTS else (runner, {})
     return build_engine_for_dir(
-        model_dir, kind, dtype, device, EngineConfig(mode="unmerged", **config), compile=compile
+        model_dir, kind, dtype, device, EngineConfig(mode="unmerged", **config), **options
     )
 
 
@@ -174,7 +195,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--runners", default="native,hf", help="runners to measure, in order: native, hf, native-compiled"
+        "--runners",
+        default="native,native-dense,hf",
+        help="runners to measure, in order: native, native-dense, native-compiled, hf",
     )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians kept)")
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed per measurement")
@@ -205,8 +228,10 @@ def main() -> None:
     prompt_ids = tokenizer(text)["input_ids"]
     runners = [r for r in args.runners.split(",") if r]
     weights = linear_weights(model_dir, dtype, device)
+    packed = packed_weights(weights)
 
     floors: dict[int, list[float]] = {b: [] for b in batches}
+    packed_floors: dict[int, list[float]] = {b: [] for b in batches}
     steps: dict[tuple[str, str, int], list[float]] = {}
     workload: dict[str, list[float]] = {r: [] for r in runners}
     with tempfile.TemporaryDirectory() as tmp:
@@ -219,6 +244,8 @@ def main() -> None:
         for _ in range(args.rounds):
             for batch in batches:
                 floors[batch].append(floor_seconds(weights, batch, args.steps))
+                if packed is not None:
+                    packed_floors[batch].append(floor_seconds(packed, batch, args.steps))
                 for runner, engine in engines.items():
                     mixed = [adapters[runner][i % NUM_ADAPTERS] for i in range(batch)]
                     for name, rows in (("base", [None] * batch), ("lora", mixed)):
@@ -243,9 +270,11 @@ def main() -> None:
 
     med = {k: statistics.median(v) for k, v in steps.items()}
     floor = {b: statistics.median(v) for b, v in floors.items()}
+    packed_floor = {b: statistics.median(v) for b, v in packed_floors.items() if v}
     report = render(
-        args, runners, batches, floor, med, {r: statistics.median(v) for r, v in workload.items()}, http, peft
-    )
+        args, runners, batches, floor, packed_floor, med,
+        {r: statistics.median(v) for r, v in workload.items()}, http, peft,
+    )  # fmt: skip
     for runner, (seconds, captures) in warm_up.items():
         report += (
             f"\n{runner}: decode graphs compiled or captured at start-up in {seconds:.1f} s; "
@@ -331,7 +360,7 @@ def measure_peft(
     return {"loraplex": statistics.median(ours), "peft": statistics.median(theirs)}
 
 
-def render(args, runners, batches, floor, step, workload, http, peft) -> str:
+def render(args, runners, batches, floor, packed_floor, step, workload, http, peft) -> str:
     ms = 1000.0
     lines = [
         "# Engine efficiency against the floor",
@@ -342,17 +371,24 @@ def render(args, runners, batches, floor, step, workload, http, peft) -> str:
         f"- model: {args.model or 'embedded SmolLM2-135M-Instruct'}, {args.dtype}, {args.device}; "
         f"{args.rounds} interleaved rounds, median of {args.steps} steps each",
         "- floor: one pass of `x @ W.T` over every linear layer (LM head included), real weights, same batch",
-        "- efficiency = floor / step; LoRA rows: 4 random all-linear rank-16 adapters, row i reads adapter i mod 4",
+        "- packed floor: the same pass through oneDNN with the weights in its packed layout (what the "
+        "native runner reads on the CPU in float32); `-` where that layout does not apply",
+        "- efficiency = floor / step (packed eff. = packed floor / step); LoRA rows: 4 random all-linear "
+        "rank-16 adapters, row i reads adapter i mod 4",
         "",
-        "| runner | batch | floor ms | base step ms | efficiency | 4 adapters step ms | efficiency | LoRA overhead |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| runner | batch | floor ms | packed floor ms | base step ms | efficiency | packed eff. "
+        "| 4 adapters step ms | efficiency | LoRA overhead |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for runner in runners:
         for b in batches:
             base, lora = step[(runner, "base", b)], step[(runner, "lora", b)]
+            packed = packed_floor.get(b)
+            packed_cells = f"{packed * ms:.1f} | " if packed else "- | "
             lines.append(
-                f"| {runner} | {b} | {floor[b] * ms:.1f} | {base * ms:.1f} | {floor[b] / base:.2f} | "
-                f"{lora * ms:.1f} | {floor[b] / lora:.2f} | {100 * (lora / base - 1):+.1f}% |"
+                f"| {runner} | {b} | {floor[b] * ms:.1f} | {packed_cells}{base * ms:.1f} | {floor[b] / base:.2f} | "
+                f"{f'{packed / base:.2f}' if packed else '-'} | {lora * ms:.1f} | {floor[b] / lora:.2f} | "
+                f"{100 * (lora / base - 1):+.1f}% |"
             )
     if peft:
         lines += [

@@ -52,6 +52,7 @@ def default_loader(settings: Settings) -> LoadedBase:
             max_batch=settings.max_batch,
             max_seq_len=settings.max_total_tokens,
             compile=settings.compile,
+            weight_layout=settings.weight_layout,
         )
     return load_base(settings.model, settings.dtype, settings.device, settings.cache_dir)
 

@@ -69,6 +69,10 @@ def serve(
             help="Native runner: auto (CUDA graphs on CUDA, eager on CPU), on (also torch.compile on CPU), off."
         ),
     ] = None,
+    weight_layout: Annotated[
+        str | None,
+        typer.Option(help="Native runner: auto (oneDNN-packed weights on the CPU), packed or dense."),
+    ] = None,
     max_prefill_tokens: Annotated[
         int | None,
         typer.Option(help="Prompt tokens prefilled per engine step (4096); longer prompts are chunked."),
@@ -98,7 +102,7 @@ def serve(
         "max_upload_mb": max_upload_mb, "host_cache_mb": host_cache_mb, "max_queue": max_queue,
         "request_timeout": request_timeout, "log_format": log_format, "kernel": kernel, "runner": runner,
         "kv_cache_tokens": kv_cache_tokens, "kv_cache_memory": kv_cache_memory, "compile": compile,
-        "max_prefill_tokens": max_prefill_tokens, "shutdown_timeout": shutdown_timeout,
+        "weight_layout": weight_layout, "max_prefill_tokens": max_prefill_tokens, "shutdown_timeout": shutdown_timeout,
         "upload_timeout": upload_timeout,
     }  # fmt: skip
     import uvicorn

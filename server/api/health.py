@@ -42,10 +42,13 @@ def _kv_cache(engine: Engine) -> dict:
 
 
 def _decode(engine: Engine) -> dict:
-    """How decode steps run (``--compile``): eager, compile (CPU) or cuda_graphs, and the graphs made."""
+    """How decode steps run (``--compile``): eager, compile (CPU) or cuda_graphs, and the graphs made;
+    ``weights``: the projections' layout (native runner: ``packed`` for oneDNN on the CPU, or
+    ``dense``; the HF runner's are dense)."""
     graphs = getattr(engine.runner, "graphs", None)
     return {
         "kind": getattr(engine.runner, "decode_kind", "eager"),
+        "weights": getattr(engine.runner, "weight_layout", "dense"),
         "graphs": graphs.captures if graphs is not None else 0,
         "warm_up_seconds": round(graphs.warm_up_seconds, 2) if graphs is not None else 0.0,
     }

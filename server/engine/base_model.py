@@ -210,10 +210,16 @@ def load_native(
 
 
 def build_engine_for_dir(
-    model_dir: Path, runner: str, dtype: torch.dtype, device: torch.device, config: Any, compile: str = "auto"
+    model_dir: Path,
+    runner: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    config: Any,
+    compile: str = "auto",
+    weight_layout: str = "auto",
 ):
     """An engine on ``model_dir`` with the named runner (benchmarks and scripts: no server);
-    ``compile`` is the native runner's ``--compile``."""
+    ``compile`` and ``weight_layout`` are the native runner's ``--compile`` and ``--weight-layout``."""
     from server.engine.engine import Engine
 
     if runner == "native":
@@ -221,7 +227,7 @@ def build_engine_for_dir(
 
         native = NativeLlamaRunner(
             model_dir, dtype=dtype, device=device, kernel=config.kernel, max_batch=config.max_batch,
-            max_seq_len=config.max_total_tokens, compile=compile,
+            max_seq_len=config.max_total_tokens, compile=compile, weight_layout=weight_layout,
         )  # fmt: skip
         return Engine(native, load_tokenizer(model_dir), config, eos_ids_of(model_dir))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()

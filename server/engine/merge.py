@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from adapters.peft_format import SAFETENSORS_DTYPES, LoraAdapter
+from adapters.peft_format import SAFETENSORS_DTYPES, LoraAdapter, LoraLayerWeights
 from server.engine.runner import WeightTarget
 
 
@@ -106,8 +106,8 @@ class CheckpointIndex:
 
 def _delta(target: WeightTarget, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
     """scale · B @ A in float32 on the weight's device, laid out like the weight."""
-    weight = target.weight
-    delta = scale * (B.to(weight.device, torch.float32) @ A.to(weight.device, torch.float32))  # [d, k]
+    device = target.device
+    delta = scale * (B.to(device, torch.float32) @ A.to(device, torch.float32))  # [d, k]
     return delta.t() if target.fan_in_fan_out else delta
 
 
@@ -143,17 +143,16 @@ class MergeManager:
                 if self._checkpoint_restores(target):
                     self._from_checkpoint.add(name)
                 else:
-                    self._copies[name] = target.weight.detach().to("cpu", copy=True)
+                    self._copies[name] = target.read().to("cpu", copy=True)
         self.digest_at_load = self.digest()
 
     # ------------------------------------------------------------------ sources of the original
 
     def _checkpoint_restores(self, target: WeightTarget) -> bool:
-        weight = target.weight
         original = self._checkpoint.read(target.checkpoint_key) if self._checkpoint is not None else None
-        if original is None or original.shape != weight.shape:
+        if original is None or original.shape != target.shape:
             return False
-        return torch.equal(original.to(weight.dtype), weight.detach().cpu())
+        return torch.equal(original.to(target.dtype), target.read().cpu())
 
     @property
     def extra_bytes(self) -> int:
@@ -173,25 +172,25 @@ class MergeManager:
         """
         target = self.targets[name]
         if not self.can_merge:
-            original = target.weight.detach().to("cpu", copy=True)
+            original = target.read().to("cpu", copy=True)
         elif name in self._from_checkpoint:
-            original = self._checkpoint.read(target.checkpoint_key).to(target.weight.dtype)  # type: ignore[union-attr]
+            original = self._checkpoint.read(target.checkpoint_key).to(target.dtype)  # type: ignore[union-attr]
         else:
             original = self._copies[name].clone()
         return original.t() if target.fan_in_fan_out else original
 
     def _restore(self, name: str) -> None:
         target = self.targets[name]
-        weight = target.weight
         if name in self._from_checkpoint:
             assert self._checkpoint is not None
-            if self._checkpoint.read_into(target.checkpoint_key, weight.data):
+            live = target.live
+            if live is not None and self._checkpoint.read_into(target.checkpoint_key, live.data):
                 return
             original = self._checkpoint.read(target.checkpoint_key)
             assert original is not None
         else:
             original = self._copies[name]
-        weight.data.copy_(original.to(weight.dtype))
+        target.write(original.to(target.dtype))
 
     # ------------------------------------------------------------------ merging
 
@@ -204,19 +203,19 @@ class MergeManager:
         if not self.can_merge:
             raise RuntimeError("merging needs --mode merged or auto")
         start = time.perf_counter()
+        old = self.merged.layers if self.merged is not None else {}
+        new = adapter.layers if adapter is not None else {}
+        # Name order keeps a layer's modules together, so a runner that stages writes to a fused or
+        # packed weight (the native runner on the CPU) converts each weight once per swap.
+        touched = sorted({*old, *new})
         with torch.no_grad():
-            if self.merged is not None:
-                for name in self.merged.layers:
+            for name in touched:
+                if name in old:
                     self._restore(name)
-            if adapter is not None:
-                for name, w in adapter.layers.items():
-                    target = self.targets[name]
-                    weight = target.weight
-                    delta = _delta(target, w.A, w.B, w.scale)
-                    if weight.dtype == torch.float32:
-                        weight.data.add_(delta)  # the same float32 sum, without a temporary
-                    else:
-                        weight.data.copy_((weight.float() + delta).to(weight.dtype))
+                if name in new:
+                    self._add(name, new[name])
+            for name in touched:
+                self.targets[name].flush()
         self.merged = adapter
         if _on_cuda(self.targets):
             torch.cuda.synchronize()
@@ -227,11 +226,21 @@ class MergeManager:
         self.stats.history = [*self.stats.history[-31:], seconds]
         return seconds
 
+    def _add(self, name: str, w: LoraLayerWeights) -> None:
+        """W ← round(W + s·B·A), the sum in float32."""
+        target = self.targets[name]
+        delta = _delta(target, w.A, w.B, w.scale)
+        live = target.live
+        if live is not None and live.dtype == torch.float32:
+            live.data.add_(delta)  # the same float32 sum, without a temporary
+        else:
+            target.write((target.read().float() + delta).to(target.dtype))
+
     def digest(self) -> str:
         """sha256 over every target weight's bytes, in a fixed order."""
         h = hashlib.sha256()
         for name in sorted(self.targets):
-            weight = self.targets[name].weight.detach()
+            weight = self.targets[name].read()
             h.update(name.encode())
             h.update(weight.cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
@@ -239,4 +248,4 @@ class MergeManager:
 
 def _on_cuda(targets: Mapping[str, WeightTarget]) -> bool:
     first = next(iter(targets.values()), None)
-    return first is not None and first.weight.is_cuda
+    return first is not None and first.device.type == "cuda"

@@ -86,17 +86,48 @@ class LoraTarget(Protocol):
     def clear_slot(self, slot: int) -> None: ...
 
 
-@dataclass(frozen=True)
 class WeightTarget:
     """A base weight the merge manager may fold an adapter into, and restore bit for bit.
 
-    ``weight`` is the live tensor the forward reads (for a fused projection: a view of its rows),
-    laid out as in the checkpoint: ``[out, in]``, or ``[in, out]`` when ``fan_in_fan_out``.
+    Laid out as in the checkpoint: ``[out, in]``, or ``[in, out]`` when ``fan_in_fan_out``. This
+    class holds the live tensor the forward reads (for a fused projection: a view of its rows),
+    which the merge manager updates in place. A runner that keeps a weight in another layout (the
+    native runner's oneDNN-packed CPU weights) subclasses it: ``read`` and ``write`` convert, and
+    ``live`` is None.
     """
 
-    weight: torch.Tensor
-    checkpoint_key: str  # the tensor's name in the model's safetensors checkpoint
-    fan_in_fan_out: bool = False
+    def __init__(self, weight: torch.Tensor, checkpoint_key: str, fan_in_fan_out: bool = False) -> None:
+        self._weight = weight
+        self.checkpoint_key = checkpoint_key  # the tensor's name in the model's safetensors checkpoint
+        self.fan_in_fan_out = fan_in_fan_out  # the base weight is stored [in, out] (GPT-2 Conv1D)
+
+    @property
+    def live(self) -> torch.Tensor | None:
+        """The tensor the forward reads, when it is dense in the checkpoint's layout (else None)."""
+        return self._weight
+
+    @property
+    def shape(self) -> torch.Size:
+        return self._weight.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._weight.device
+
+    def read(self) -> torch.Tensor:
+        """The weight's values now; may be the live tensor itself (do not write into it)."""
+        return self._weight.detach()
+
+    def write(self, values: torch.Tensor) -> None:
+        """Set the weight to ``values`` (same shape); the forward reads them after ``flush``."""
+        self._weight.data.copy_(values)
+
+    def flush(self) -> None:
+        """Finish the writes (a runner that stages them, e.g. to repack once, applies them now)."""
 
 
 class ModelRunner(ABC):

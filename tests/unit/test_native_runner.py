@@ -14,7 +14,7 @@ from server.engine.engine import Engine, EngineConfig
 from server.engine.lora_linear import BASE_SLOT
 from server.engine.lora_model import AdapterSlots
 from server.engine.merge import MergeManager
-from server.engine.native import NativeLlamaRunner, supports
+from server.engine.native import NativeLlamaRunner, onednn, supports
 from server.engine.runner import DecodeInput, PrefillInput
 from tests.engine_helpers import outcome, run_many, run_one, submit
 
@@ -58,6 +58,12 @@ def arch(request, tmp_path_factory):
     return (request.param, *_saved(tmp_path_factory, request.param))
 
 
+@pytest.fixture(params=["packed", "dense"])
+def layout(request) -> str:
+    """The projections' layout (``--weight-layout``): the equality tests run on both."""
+    return request.param
+
+
 def _runner(path, **kwargs) -> NativeLlamaRunner:
     kwargs.setdefault("kv_cache_tokens", 1024)
     return NativeLlamaRunner(path, **kwargs)
@@ -76,9 +82,10 @@ def test_supports_by_model_type() -> None:
     assert not supports(config)  # unsupported RoPE kinds fall back to the HF runner
 
 
-def test_prefill_and_decode_logits_equal_hugging_face(arch) -> None:
+def test_prefill_and_decode_logits_equal_hugging_face(arch, layout) -> None:
     _, model, path = arch
-    runner = _runner(path)
+    runner = _runner(path, weight_layout=layout)
+    assert runner.weight_layout == layout
     out = runner.prefill([PrefillInput(i, p, 0, BASE_SLOT) for i, p in enumerate(PROMPTS)])
     for i, prompt in enumerate(PROMPTS):
         torch.testing.assert_close(out.logits[i], _hf_logits(model, prompt)[-1], rtol=1e-4, atol=1e-4)
@@ -113,6 +120,29 @@ def test_bfloat16_logits_track_hugging_face_in_bfloat16(arch) -> None:
             native_error = (logits[i].float() - truth).abs().max()
             assert logits[i].dtype == torch.bfloat16
             assert native_error <= 2 * hf_error + 1e-2, (i, step, float(native_error), float(hf_error))
+
+
+def test_weight_layout_is_packed_for_eager_float32_on_the_cpu_and_refused_elsewhere(tmp_path_factory) -> None:
+    _, path = _saved(tmp_path_factory, "llama")
+    assert onednn.available()  # the CPU build of PyTorch that `make setup` installs has oneDNN
+    runner = _runner(path)
+    assert runner.weight_layout == "packed"
+    qkv = runner.model.layers[0].qkv
+    assert qkv.weight_targets()["model.layers.0.self_attn.k_proj"].live is None  # no dense copy kept
+    assert _runner(path, dtype=torch.bfloat16).weight_layout == "dense"
+    with pytest.raises(ValueError, match="float32"):
+        _runner(path, dtype=torch.bfloat16, weight_layout="packed")
+    # a target's rows read back exactly what was written, and only those rows change
+    target = qkv.weight_targets()["model.layers.0.self_attn.k_proj"]
+    before = qkv.weight.clone()
+    rows = torch.randn(target.shape)
+    target.write(rows)
+    assert torch.equal(target.read(), rows)
+    start = runner.config.q_size
+    after = qkv.weight
+    assert torch.equal(after[:start], before[:start]) and torch.equal(
+        after[start + len(rows) :], before[start + len(rows) :]
+    )
 
 
 def test_chunked_prefill_equals_one_shot_and_token_logprobs(arch) -> None:
@@ -151,9 +181,11 @@ def _dense(base, adapter):
 
 
 @pytest.mark.parametrize("kernel", ["segmented", "gather_bmm"])
-def test_mixed_adapter_rows_equal_peft_and_the_dense_reference(arch, kernel, peft_adapter_factory) -> None:
+def test_mixed_adapter_rows_equal_peft_and_the_dense_reference(
+    arch, kernel, layout, peft_adapter_factory
+) -> None:
     name, model, path = arch
-    runner = _runner(path, kernel=kernel)
+    runner = _runner(path, kernel=kernel, weight_layout=layout)
     slots = AdapterSlots(runner.lora_targets, 8, runner.slots_changed)
     adapters, pefts = {}, {}
     for seed, (adapter_name, kwargs) in enumerate(ADAPTERS.items()):
@@ -203,10 +235,10 @@ def test_kv_memory_accounting_at_the_boundary(tmp_path_factory) -> None:
 
 
 def test_merging_into_fused_weights_restores_the_base_bit_for_bit(
-    tmp_path_factory, peft_adapter_factory
+    tmp_path_factory, peft_adapter_factory, layout
 ) -> None:
     model, path = _saved(tmp_path_factory, "qwen2")
-    runner = _runner(path)
+    runner = _runner(path, weight_layout=layout)
     adapters = []
     for seed, (name, kwargs) in enumerate(ADAPTERS.items()):
         adapter_dir, _ = peft_adapter_factory(model, f"m-{name}", seed=seed, **kwargs)

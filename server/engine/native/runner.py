@@ -6,10 +6,12 @@ import json
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from server.engine.lora_linear import Kernel, LoraBatchContext
+from server.engine.native import onednn
 from server.engine.native.config import NativeConfig
 from server.engine.native.graphed import CompileMode, GraphedDecode, StepRows, StepTensors, decode_kind
 from server.engine.native.kv_cache import PagedKVCache
@@ -29,6 +31,8 @@ log = logging.getLogger(__name__)
 BLOCK_SIZE = 16
 DEFAULT_CPU_KV_BYTES = 384 << 20  # keeps the embedded model's server under ~1.6 GB RSS
 DEFAULT_GPU_KV_FRACTION = 0.9  # of the GPU memory free after the weights
+
+WeightLayout = Literal["auto", "packed", "dense"]
 
 
 class NativeLlamaRunner(ModelRunner):
@@ -50,18 +54,28 @@ class NativeLlamaRunner(ModelRunner):
         max_seq_len: int = 4096,
         block_size: int = BLOCK_SIZE,
         compile: CompileMode = "auto",
+        weight_layout: WeightLayout = "auto",
     ) -> None:
         """KV memory: ``kv_cache_tokens`` if given, else ``kv_cache_bytes``, else a default budget
         (384 MiB on the CPU, 90% of the free GPU memory on CUDA); never more than
         ``max_batch`` x ``max_seq_len`` tokens, since no more can be in use at once.
 
         ``compile``: how decode steps run (``graphed.py``): ``auto`` captures CUDA graphs on CUDA
-        and stays eager on the CPU, ``on`` also compiles on the CPU, ``off`` is always eager."""
+        and stays eager on the CPU, ``on`` also compiles on the CPU, ``off`` is always eager.
+
+        ``weight_layout``: ``packed`` keeps the projections in oneDNN's packed layout (``onednn.py``:
+        faster on the CPU, same memory), ``dense`` as plain matrices; ``auto`` packs for eager
+        float32 decoding on the CPU where oneDNN is available."""
         self.device = torch.device(device)
         self.dtype = dtype
         self.ctx = LoraBatchContext()
+        self.decode_kind = decode_kind(compile, self.device)
+        self.weight_layout = self._weight_layout(weight_layout)
         config = NativeConfig.from_dict(json.loads((Path(model_dir) / "config.json").read_text()))
-        self.model = LlamaModel(config, Checkpoint(Path(model_dir)), dtype, self.device, self.ctx, kernel)
+        self.model = LlamaModel(
+            config, Checkpoint(Path(model_dir)), dtype, self.device, self.ctx, kernel,
+            packed_weights=self.weight_layout == "packed",
+        )  # fmt: skip
         self.config = config
         self.vocab_size = config.vocab_size
         limits = [p for p in (config.max_positions, config.sliding_window) if p]
@@ -84,7 +98,6 @@ class NativeLlamaRunner(ModelRunner):
             "native runner: %s, KV memory %d tokens (%.0f MiB) in blocks of %d",
             config.model_type, self.kv.capacity_tokens, self.kv.bytes_reserved / 2**20, block_size,
         )  # fmt: skip
-        self.decode_kind = decode_kind(compile, self.device)
         self.graphs: GraphedDecode | None = None
         if self.decode_kind != "eager":
             max_blocks = self.kv.blocks_for(min(max_seq_len, self.kv.capacity_tokens))
@@ -93,10 +106,22 @@ class NativeLlamaRunner(ModelRunner):
         self._lora_targets: dict[str, LoraTarget] = {}
         self._weight_targets: dict[str, WeightTarget] = {}
         for projection in self.model.projections():
-            views = projection.weight_views()
-            for name, bank in projection.banks.items():
-                self._lora_targets[name] = bank
-                self._weight_targets[name] = WeightTarget(views[name], f"{name}.weight")
+            self._lora_targets.update(projection.banks)
+            self._weight_targets.update(projection.weight_targets())
+
+    def _weight_layout(self, wanted: WeightLayout) -> Literal["packed", "dense"]:
+        """Packed needs the CPU, float32, eager decoding (compiled graphs and CUDA graphs read
+        dense matrices) and oneDNN's ops in this PyTorch build."""
+        fits = self.device.type == "cpu" and self.dtype == torch.float32 and self.decode_kind == "eager"
+        if wanted == "dense" or (wanted == "auto" and not (fits and onednn.available())):
+            return "dense"
+        if not fits:
+            raise ValueError(
+                "packed weights need --device cpu, float32 and eager decoding (--compile off/auto)"
+            )
+        if not onednn.available():
+            raise ValueError("packed weights need oneDNN's linear ops, which this PyTorch build lacks")
+        return "packed"
 
     def _default_tokens(self, budget: int | None, per_token: int, block_size: int) -> int:
         if budget is None:
