@@ -252,10 +252,11 @@ def main() -> None:
                         steps.setdefault((runner, name, batch), []).append(
                             decode_step_seconds(engine, prompt_ids, rows, args.steps)
                         )
-            for runner, engine in engines.items():
-                workload[runner].append(
-                    engine_workload_seconds(engine, prompt_ids, HTTP_REQUESTS, HTTP_NEW_TOKENS)
-                )
+            if args.no_http:  # else measured beside the HTTP rounds, interleaved (measure_http)
+                for runner, engine in engines.items():
+                    workload[runner].append(
+                        engine_workload_seconds(engine, prompt_ids, HTTP_REQUESTS, HTTP_NEW_TOKENS)
+                    )
         peft = (
             measure_peft(engines[runners[0]], model_dir, adapter_dirs, prompt_ids, dtype, device)
             if args.peft
@@ -264,8 +265,10 @@ def main() -> None:
         warm_up = {
             r: (g.warm_up_seconds, g.captures) for r, g in graphs.items() if g is not None
         }  # graphs made at start-up, then in all the steps above (recompiles would show here)
+        http = {} if args.no_http else measure_http(engines, prompt_ids, model_dir, args, Path(tmp))
+        for runner, measured in http.items():
+            workload[runner] = measured["engine"]
         del engines
-        http = {} if args.no_http else measure_http(runners, model_dir, args, Path(tmp))
     scratch.cleanup()
 
     med = {k: statistics.median(v) for k, v in steps.items()}
@@ -294,10 +297,14 @@ def make_adapters(engine: Engine, root: Path) -> list[Path]:
     ]
 
 
-def measure_http(runners: list[str], model_dir: Path, args, root: Path) -> dict[str, dict[str, float]]:
-    """Per runner: start-up seconds, HTTP wall seconds (median of rounds), peak RSS in MiB."""
+def measure_http(
+    engines: dict[str, Engine], prompt_ids: list[int], model_dir: Path, args, root: Path
+) -> dict[str, dict]:
+    """Per runner: start-up seconds, HTTP wall seconds (median of rounds), peak RSS in MiB, and the
+    same workload submitted to an engine in this process, in rounds interleaved with the HTTP ones
+    (``engine``: their times), so that served / engine compares the two under the same load."""
     results = {}
-    for runner in runners:
+    for runner, engine in engines.items():
         start = time.perf_counter()
         server = ServerProcess.start(
             [*runner_flags(runner), "--mode", "unmerged", "--data-dir", str(root / f"data-{runner}"),
@@ -307,14 +314,18 @@ def measure_http(runners: list[str], model_dir: Path, args, root: Path) -> dict[
         startup = time.perf_counter() - start
         try:
             asyncio.run(_http_round(server.url, HTTP_REQUESTS, 4))  # warm-up
-            walls = [
-                asyncio.run(_http_round(server.url, HTTP_REQUESTS, HTTP_NEW_TOKENS))
-                for _ in range(args.rounds)
-            ]
+            walls, engine_walls = [], []
+            for _ in range(args.rounds):
+                engine_walls.append(
+                    engine_workload_seconds(engine, prompt_ids, HTTP_REQUESTS, HTTP_NEW_TOKENS)
+                )
+                walls.append(asyncio.run(_http_round(server.url, HTTP_REQUESTS, HTTP_NEW_TOKENS)))
             peak = server.memory_kib("VmHWM") / 1024
         finally:
             server.stop()
-        results[runner] = {"startup": startup, "wall": statistics.median(walls), "peak_mib": peak}
+        results[runner] = {
+            "startup": startup, "wall": statistics.median(walls), "peak_mib": peak, "engine": engine_walls,
+        }  # fmt: skip
     return results
 
 

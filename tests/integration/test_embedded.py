@@ -48,7 +48,10 @@ def served(embedded_model, tokenizer, embedded_dir, tmp_path_factory, request):
     client = start_client(
         embedded_model, tokenizer, root, adapter=specs, model_path=embedded_dir, runner=request.param
     )
-    assert client.get("/info").json()["runner"] == request.param
+    info = client.get("/info").json()
+    assert info["runner"] == request.param
+    # the native runner serves the CPU from oneDNN-packed weights; every check below runs on them
+    assert info["decode"]["weights"] == ("packed" if request.param == "native" else "dense")
     yield client, peft_models
     client.__exit__(None, None, None)
 
