@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     weight_layout: Literal["auto", "packed", "dense"] = Field(
         "auto",
         description="Native runner: the projections' layout. packed: oneDNN's packed layout (CPU, float32, "
-        "eager decode; faster, same memory); dense: plain matrices; auto: packed where it applies.",
+        "eager decode; faster, about the same memory); dense: plain matrices; auto: packed where it applies.",
     )
     data_dir: Path = Field(Path("./data"), description="Where adapters are stored (folders + SQLite index).")
     max_upload_mb: int = Field(

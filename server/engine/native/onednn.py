@@ -1,17 +1,19 @@
 """Linear layers on the CPU through oneDNN, with the weights kept in its packed layout.
 
 At decode batch sizes a step is bound by streaming the weights, and how fast a GEMM streams them
-depends on the layout it reads. Measured on the 2-core CI machine (float32, the embedded model's
-121 linear layers, one pass; ``bench/results/efficiency-cpu.md``):
+depends on the layout it reads. One pass over the embedded model's linear layers (LM head
+included), float32, on the 2-core CI machine (``bench/efficiency.py``: floor and packed floor,
+same run; ``bench/results/efficiency-cpu.md``):
 
-    batch    x @ W.T (MKL)    oneDNN, dense W    oneDNN, packed W
-        1        50 ms             37 ms              33 ms
-       16        99 ms             84 ms              59 ms
-       64       187 ms            164 ms             143 ms
+    batch    x @ W.T (MKL, dense W)    oneDNN, packed W
+        1           58 ms                   43 ms
+       16          108 ms                   69 ms
+       64          240 ms                  173 ms
 
-So the native runner keeps each projection's weight **only** in the packed layout on the CPU
-(no dense copy: the same memory as before) and reads it back (``unpack``, exact: packing is a
-reordering of the values) when the merge manager folds an adapter in or checks the base.
+So the native runner keeps each projection's weight **only** in the packed layout on the CPU (no
+dense copy: peak RSS measured 50-70 MiB above the dense layout, not twice the weights) and reads
+it back (``unpack``, exact: packing is a reordering of the values) when the merge manager folds
+an adapter in or checks the base.
 
 The ops are PyTorch's own (``torch.ops.mkldnn``, what inductor's CPU backend calls); they are
 probed once, and the runner falls back to dense ``F.linear`` where they are missing or disagree.

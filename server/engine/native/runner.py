@@ -64,7 +64,7 @@ class NativeLlamaRunner(ModelRunner):
         and stays eager on the CPU, ``on`` also compiles on the CPU, ``off`` is always eager.
 
         ``weight_layout``: ``packed`` keeps the projections in oneDNN's packed layout (``onednn.py``:
-        faster on the CPU, same memory), ``dense`` as plain matrices; ``auto`` packs for eager
+        faster on the CPU, about the same memory), ``dense`` as plain matrices; ``auto`` packs for eager
         float32 decoding on the CPU where oneDNN is available."""
         self.device = torch.device(device)
         self.dtype = dtype
