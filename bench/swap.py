@@ -57,16 +57,9 @@ def load(model_dir: Path, dtype: torch.dtype):
 
 def swap_latency(model_dir: Path, adapter_dirs: list[Path], swaps: int) -> dict[str, float]:
     runner = HFRunner(load(model_dir, torch.float32), own_weights=True)
-    layers, shapes = runner.layers, runner.base_shapes
-    adapters = [load_adapter_dir(p, p.name, shapes) for p in adapter_dirs[:2]]
-    manager = MergeManager(runner.weight_targets, model_dir, can_merge=True)
-    manager.merge(adapters[0])
-    ours = []
-    for i in range(swaps):
-        start = time.perf_counter()
-        manager.merge(adapters[(i + 1) % 2])
-        ours.append(time.perf_counter() - start)
-    manager.merge(None)
+    layers = runner.layers
+    adapters = [load_adapter_dir(p, p.name, runner.base_shapes) for p in adapter_dirs[:2]]
+    ours = merge_manager_swaps(runner, model_dir, adapters, swaps)
 
     naive = []  # subtract the old update and add the new one in place: what drifts
     pairs = [[(layers[n].base.weight, w) for n, w in a.layers.items()] for a in adapters]
@@ -94,7 +87,38 @@ def swap_latency(model_dir: Path, adapter_dirs: list[Path], swaps: int) -> dict[
         peft_model.set_adapter(names[(i + 1) % 2])
         peft_model.merge_adapter()
         theirs.append(time.perf_counter() - start)
-    return {"loraplex": median(ours), "naive": median(naive), "peft": median(theirs)}
+    native = {
+        layout: native_swap_seconds(model_dir, adapter_dirs, swaps, layout) for layout in ("dense", "packed")
+    }
+    return {
+        "loraplex": ours, "naive": median(naive), "peft": median(theirs),
+        "native-dense": native["dense"], "native-packed": native["packed"],
+    }  # fmt: skip
+
+
+def native_swap_seconds(model_dir: Path, adapter_dirs: list[Path], swaps: int, layout: str) -> float:
+    """Median swap on the native runner's fused weights, dense or oneDNN-packed (``--weight-layout``):
+    the restore and the merge read and write each fused projection through its layout."""
+    from server.engine.native import NativeLlamaRunner
+
+    runner = NativeLlamaRunner(model_dir, kv_cache_tokens=64, weight_layout=layout)
+    adapters = [load_adapter_dir(p, p.name, runner.base_shapes) for p in adapter_dirs[:2]]
+    return merge_manager_swaps(runner, model_dir, adapters, swaps)
+
+
+def merge_manager_swaps(runner, model_dir: Path, adapters: list, swaps: int) -> float:
+    """Median seconds of loraplex's swap (``MergeManager.merge``) between two adapters on a runner;
+    the base is checked to come back bit for bit afterwards."""
+    manager = MergeManager(runner.weight_targets, model_dir, can_merge=True)
+    manager.merge(adapters[0])
+    times = []
+    for i in range(swaps):
+        start = time.perf_counter()
+        manager.merge(adapters[(i + 1) % 2])
+        times.append(time.perf_counter() - start)
+    manager.merge(None)
+    assert manager.digest() == manager.digest_at_load, "the base must come back bit for bit"
+    return median(times)
 
 
 # ----------------------------------------------------------------------------- 2. drift
@@ -262,6 +286,14 @@ def render(args, latency, drifted, single, modes) -> str:
         f"| naive in place (`W -= sBA; W += s'B'A'`, drifts) | {latency['naive'] * 1e3:.1f} | 1.00x |",
         f"| PEFT (`unmerge_adapter` + `set_adapter` + `merge_adapter`) | {latency['peft'] * 1e3:.1f} | "
         f"{latency['peft'] / latency['naive']:.2f}x |",
+        f"| loraplex, native runner, dense fused weights | {latency['native-dense'] * 1e3:.1f} | "
+        f"{latency['native-dense'] / latency['naive']:.2f}x |",
+        f"| loraplex, native runner, oneDNN-packed weights (the CPU default: unpack, merge, pack) | "
+        f"{latency['native-packed'] * 1e3:.1f} | {latency['native-packed'] / latency['naive']:.2f}x |",
+        "",
+        "The first three rows run on Hugging Face's modules (`HFRunner`); the native runner's rows on",
+        "its fused projections, where a swap converts each touched projection out of and back into",
+        "oneDNN's layout once (the price of its faster decode steps, `bench/results/efficiency-cpu.md`).",
         "",
         "Extra memory of loraplex's exact restore: none resident (the original weights are re-read from the",
         "model's safetensors checkpoint with pread; only models without a checkpoint that reproduces the",
