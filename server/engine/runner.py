@@ -97,34 +97,21 @@ class WeightTarget:
     """
 
     def __init__(self, weight: torch.Tensor, checkpoint_key: str, fan_in_fan_out: bool = False) -> None:
-        self._weight = weight
+        # the tensor the forward reads, when it is dense in the checkpoint's layout (else None)
+        self.live: torch.Tensor | None = weight
         self.checkpoint_key = checkpoint_key  # the tensor's name in the model's safetensors checkpoint
         self.fan_in_fan_out = fan_in_fan_out  # the base weight is stored [in, out] (GPT-2 Conv1D)
-
-    @property
-    def live(self) -> torch.Tensor | None:
-        """The tensor the forward reads, when it is dense in the checkpoint's layout (else None)."""
-        return self._weight
-
-    @property
-    def shape(self) -> torch.Size:
-        return self._weight.shape
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._weight.device
+        self.shape, self.dtype, self.device = weight.shape, weight.dtype, weight.device
 
     def read(self) -> torch.Tensor:
         """The weight's values now; may be the live tensor itself (do not write into it)."""
-        return self._weight.detach()
+        assert self.live is not None
+        return self.live.detach()
 
     def write(self, values: torch.Tensor) -> None:
         """Set the weight to ``values`` (same shape); the forward reads them after ``flush``."""
-        self._weight.data.copy_(values)
+        assert self.live is not None
+        self.live.data.copy_(values)
 
     def flush(self) -> None:
         """Finish the writes (a runner that stages them, e.g. to repack once, applies them now)."""

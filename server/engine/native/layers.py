@@ -196,7 +196,6 @@ class FusedLinear:
         packed: bool = False,
         edits: PackedEdits | None = None,
     ) -> None:
-        self.packed = packed
         self._dense: torch.Tensor | None = None if packed else weight
         self._packed: torch.Tensor | None = onednn.pack(weight) if packed else None
         self._edits = (edits or PackedEdits(capacity=1)) if packed else None
@@ -338,24 +337,11 @@ class PackedRows(WeightTarget):
     def __init__(self, linear: FusedLinear, start: int, end: int, checkpoint_key: str) -> None:
         self._linear = linear
         self._start, self._end = start, end
+        self.live = None
         self.checkpoint_key = checkpoint_key
         self.fan_in_fan_out = False
-
-    @property
-    def live(self) -> torch.Tensor | None:
-        return None
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((self._end - self._start, self._linear.in_features))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._linear.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._linear.device
+        self.shape = torch.Size((end - start, linear.in_features))
+        self.dtype, self.device = linear.dtype, linear.device
 
     def read(self) -> torch.Tensor:
         return self._linear.weight[self._start : self._end]
