@@ -111,10 +111,12 @@ def floor_seconds(weights: list[torch.Tensor], batch: int, reps: int) -> float:
 
 
 # The native runner's variants the bench can compare in one run: name -> (CLI flags, runner options).
-NATIVE_VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
-    "native": ([], {}),  # defaults: oneDNN-packed weights and eager decode on the CPU
-    "native-dense": (["--weight-layout", "dense"], {"weight_layout": "dense"}),  # plain x @ W.T
-    "native-compiled": (["--compile", "on"], {"compile": "on"}),
+# name -> (the server's flags, the native runner's options, the engine's config)
+NATIVE_VARIANTS: dict[str, tuple[list[str], dict[str, str], dict[str, str]]] = {
+    "native": ([], {}, {}),  # defaults: oneDNN-packed weights, eager decode, grouped LoRA kernel
+    "native-segmented": (["--kernel", "segmented"], {}, {"kernel": "segmented"}),  # the former default
+    "native-dense": (["--weight-layout", "dense"], {"weight_layout": "dense"}, {}),  # plain x @ W.T
+    "native-compiled": (["--compile", "on"], {"compile": "on"}, {}),
 }
 
 
@@ -128,9 +130,11 @@ def runner_flags(runner: str) -> list[str]:
 def build_engine(runner: str, model_dir: Path, dtype: torch.dtype, device: torch.device, **config) -> Engine:
     from server.engine.base_model import build_engine_for_dir
 
-    kind, options = ("native", NATIVE_VARIANTS[runner][1]) if runner in NATIVE_VARIANTS else (runner, {})
+    kind, options, engine_config = (
+        ("native", *NATIVE_VARIANTS[runner][1:]) if runner in NATIVE_VARIANTS else (runner, {}, {})
+    )
     return build_engine_for_dir(
-        model_dir, kind, dtype, device, EngineConfig(mode="unmerged", **config), **options
+        model_dir, kind, dtype, device, EngineConfig(mode="unmerged", **config, **engine_config), **options
     )
 
 
@@ -196,8 +200,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--runners",
-        default="native,native-dense,hf",
-        help="runners to measure, in order: native, native-dense, native-compiled, hf",
+        default="native,native-segmented,native-dense,hf",
+        help="runners to measure, in order: native, native-segmented, native-dense, native-compiled, hf",
     )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians kept)")
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed per measurement")

@@ -54,7 +54,7 @@ def serve(
         str | None, typer.Option(help="text (default) or json (one object per line).")
     ] = None,
     kernel: Annotated[
-        str | None, typer.Option(help="Batched LoRA kernel: segmented (default), gather_bmm.")
+        str | None, typer.Option(help="Batched LoRA kernel: grouped (default), segmented, gather_bmm.")
     ] = None,
     runner: Annotated[
         str | None, typer.Option(help="auto (default: native where supported), native or hf.")

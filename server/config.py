@@ -43,7 +43,9 @@ class Settings(BaseSettings):
     max_prefill_tokens: int = Field(4096, ge=1, description="Prompt tokens prefilled in one engine step.")
     max_loaded_adapters: int = Field(64, ge=1, description="Adapter slots in memory (LRU eviction).")
     max_rank: int = Field(256, ge=1, description="Largest LoRA rank accepted.")
-    kernel: Literal["segmented", "gather_bmm"] = Field("segmented", description="Batched LoRA kernel.")
+    kernel: Literal["grouped", "segmented", "gather_bmm"] = Field(
+        "grouped", description="Batched LoRA kernel."
+    )
     runner: Literal["auto", "native", "hf"] = Field(
         "auto",
         description="Model runner: native (Llama, Mistral, Qwen2: fused projections, paged KV memory), "

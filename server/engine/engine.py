@@ -63,7 +63,7 @@ class EngineConfig:
     max_total_tokens: int = 4096
     max_loaded_adapters: int = 64
     max_prefill_tokens: int = 4096  # prompt tokens prefilled in one step (at least one request)
-    kernel: Kernel = "segmented"  # or "gather_bmm"
+    kernel: Kernel = "grouped"  # or "segmented", "gather_bmm" (lora_linear.py)
     mode: Literal["unmerged", "merged", "auto"] = "auto"
     switch_wait: float = 0.5  # merged mode: seconds another adapter's request waits before a switch
     auto_min_uniform_steps: int = 8  # auto mode: fewest uniform steps before merging

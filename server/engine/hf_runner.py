@@ -27,7 +27,7 @@ from server.engine.runner import (
 
 
 def attach_lora_layers(
-    model: nn.Module, ctx: LoraBatchContext, kernel: Kernel = "segmented"
+    model: nn.Module, ctx: LoraBatchContext, kernel: Kernel = "grouped"
 ) -> dict[str, LoraLinear]:
     """Wrap every linear layer LoRA may target (the output head excluded) in a :class:`LoraLinear`.
 
@@ -56,7 +56,7 @@ class HFRunner(ModelRunner):
     name = "hf"
 
     def __init__(
-        self, model: PreTrainedModel, *, kernel: Kernel = "segmented", own_weights: bool = False
+        self, model: PreTrainedModel, *, kernel: Kernel = "grouped", own_weights: bool = False
     ) -> None:
         """``own_weights``: copy the target weights into memory this process owns (see below)."""
         self.model = model

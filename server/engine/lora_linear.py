@@ -10,29 +10,92 @@ reads the row → slot map from a :class:`LoraBatchContext` shared by every laye
 slot ``-1`` is the bare base (no adapter). A row may also scale its adapter's update
 (``adapter_scale``: 0 is the base, 1 the adapter) without a slot of its own: ``row_scale[i]``.
 
-Two batched kernels compute the same thing:
+Three batched kernels compute the same thing:
 
+* ``grouped`` (the default; Punica SGMV semantics): the batch's rows are grouped by slot, each
+  group padded to the largest, so every adapter multiplies only its own rows:
+  ``xg = x[rows of each slot]  # [L, m, k]``;  ``h = xg @ A_g`` (``[L, k, r]``, one batched matmul for
+  all parts of a fused projection);  ``y[rows] += h @ (scale·B)_g`` (per part, scattered back with
+  one ``index_add_``). Padding positions carry weight 0.
 * ``gather_bmm`` (Punica BGMV semantics, the portable reference):
   ``y[i] += row_scale[i] * scale[slot[i]] * (x[i] @ A[slot[i]].T) @ B[slot[i]].T``
-* ``segmented`` (the default): the active slots' A are concatenated once per batch
-  composition, so each layer costs one matmul down, one mask, one matmul up:
+* ``segmented``: the active slots' A are concatenated once per batch composition, so each
+  layer costs one matmul down, one mask, one matmul up:
   ``h = x @ A_act.T;  h *= row_mask;  y += h @ B_act_scaled.T``
-  with ``row_mask[i, j] = row_scale[i]`` where column j belongs to row i's slot, else 0.
+  with ``row_mask[i, j] = row_scale[i]`` where column j belongs to row i's slot, else 0. Every
+  row is multiplied by every active adapter (L times the work of ``grouped``); its shapes follow
+  the batch's adapters only, which is what ``torch.compile`` takes (native/graphed.py).
 
-Both are checked against the dense ``W + s·B·A`` in the tests. A padded rank costs compute,
+All three are checked against the dense ``W + s·B·A`` in the tests. A padded rank costs compute,
 not correctness: padded rows of A and columns of B are zero.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
 
 BASE_SLOT = -1
-Kernel = Literal["segmented", "gather_bmm"]
+Kernel = Literal["grouped", "segmented", "gather_bmm"]
+KERNELS: tuple[Kernel, ...] = ("grouped", "segmented", "gather_bmm")
+
+
+@dataclass(frozen=True)
+class RowGroups:
+    """The batch's rows grouped by adapter slot, each group padded to the largest (the layout of
+    the ``grouped`` kernel): grouped position ``l * size + j`` is the j-th row reading ``slots[l]``.
+
+    Rows of the bare base belong to no group; padding positions re-read their group's first row
+    with weight 0. When the rows with an adapter are the batch's last rows, already in slot order
+    (the native runner sorts its decode rows so), the kernel reads and writes them as a block:
+    without padding as plain views, with padding through ``unpad``.
+    """
+
+    slots: tuple[int, ...]  # the batch's active slots, sorted: one group each
+    size: int  # positions per group: the largest group's row count
+    index: torch.Tensor  # [len(slots) * size] int64: the row at each grouped position
+    weight: torch.Tensor | None  # [len(slots), size, 1, 1]: row scale, 0 on padding; None: all 1
+    start: int | None  # rows [start, B) are the grouped rows in group order; None: scattered
+    unpad: torch.Tensor | None  # [B - start]: each of those rows' grouped position; None: no padding
+    identity: bool  # one group of every row in order, all at scale 1: no gather, no scatter
+
+    @staticmethod
+    def build(
+        row_slots: Sequence[int], row_scales: Sequence[float] | None, device: torch.device | str
+    ) -> RowGroups:
+        slots = tuple(sorted({s for s in row_slots if s != BASE_SLOT}))
+        members = {s: [i for i, r in enumerate(row_slots) if r == s] for s in slots}
+        size = max(len(rows) for rows in members.values())
+        index = [0] * (len(slots) * size)
+        weight = [0.0] * (len(slots) * size)
+        positions: list[int] = []  # grouped position of each grouped row, in group order
+        for group, slot in enumerate(slots):
+            rows = members[slot]
+            for j in range(size):  # padding re-reads the group's first row
+                index[group * size + j] = rows[j] if j < len(rows) else rows[0]
+            for j, row in enumerate(rows):
+                weight[group * size + j] = 1.0 if row_scales is None else float(row_scales[row])
+                positions.append(group * size + j)
+        padded = len(positions) < len(index)
+        start = len(row_slots) - len(positions)
+        in_order = [index[p] for p in positions] == list(range(start, len(row_slots)))
+        return RowGroups(
+            slots=slots,
+            size=size,
+            index=torch.tensor(index, dtype=torch.long, device=device),
+            weight=(
+                torch.tensor(weight, dtype=torch.float32, device=device).view(len(slots), size, 1, 1)
+                if padded or row_scales is not None
+                else None
+            ),
+            start=start if in_order else None,
+            unpad=torch.tensor(positions, dtype=torch.long, device=device) if in_order and padded else None,
+            identity=len(slots) == 1 and start == 0 and row_scales is None,
+        )
 
 
 @dataclass
@@ -48,6 +111,7 @@ class LoraBatchContext:
     # (slots, r_max) -> [B, L*r_max]; layers that some adapters skip use a subset of the slots
     row_mask_cache: dict[tuple[tuple[int, ...], int], torch.Tensor] = field(default_factory=dict)
     _rows_key: tuple | None = None
+    _groups: RowGroups | None = None
 
     def set_rows(
         self, row_slots: list[int], device: torch.device | str, row_scales: list[float] | None = None
@@ -77,6 +141,15 @@ class LoraBatchContext:
             else None
         )
         self.row_mask_cache = {}
+        self._groups = None
+
+    def row_groups(self) -> RowGroups:
+        """The rows grouped by slot (``grouped`` kernel), built once per batch composition."""
+        if self._groups is None:
+            assert self._rows_key is not None and self.row_slots is not None
+            row_slots, scales = self._rows_key
+            self._groups = RowGroups.build(row_slots, scales, self.row_slots.device)
+        return self._groups
 
     def invalidate(self) -> None:
         """Forget the cached row mask (call after slot contents change)."""
@@ -113,8 +186,17 @@ class LoraSlotBank:
         self.in_features = in_features
         self.out_features = out_features
         self._dtype, self._device = dtype, device
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown LoRA kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
+        self.kernel: Kernel = kernel
+        self.version = 0  # bumped whenever a slot's content changes (caches key on it)
         # the kernel is bound once: no string comparison in the forward
-        self.add_delta = self._add_delta_gather_bmm if kernel == "gather_bmm" else self._add_delta_segmented
+        if kernel == "grouped":
+            self.add_delta = GroupedLora([self], [(0, out_features)]).add_delta
+        elif kernel == "gather_bmm":
+            self.add_delta = self._add_delta_gather_bmm
+        else:
+            self.add_delta = self._add_delta_segmented
         # Stacked slots; allocated lazily and grown when an adapter needs more room.
         self.A_stack = torch.zeros(0, 0, in_features, dtype=dtype, device=device)  # [S, r_max, k]
         self.B_stack = torch.zeros(0, out_features, 0, dtype=dtype, device=device)  # [S, d, r_max]
@@ -155,6 +237,7 @@ class LoraSlotBank:
         self.scale[slot] = scale
         self.occupied.add(slot)
         self._active_cache = None
+        self.version += 1
 
     def clear_slot(self, slot: int) -> None:
         if slot in self.occupied:
@@ -163,12 +246,26 @@ class LoraSlotBank:
             self.scale[slot] = 0
             self.occupied.discard(slot)
             self._active_cache = None
+            self.version += 1
 
     def delta_weight(self, slot: int) -> torch.Tensor:
         """Dense ``scale · B @ A`` for one slot in float32: [d, k] (tests and merging only)."""
         A = self.A_stack[slot].float()
         B = self.B_stack[slot].float()
         return float(self.scale[slot]) * (B @ A)
+
+    def grouped_factors(self, slots: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors of ``slots`` in the grouped kernel's layout, zero for a slot this bank does
+        not hold: (A_g [L, k, r_max], (scale·B)_g [L, r_max, d])."""
+        held = [s for s in slots if s in self.occupied]
+        A = self.A_stack.new_zeros(len(slots), self.r_max, self.in_features)  # [L, r, k]
+        B = self.B_stack.new_zeros(len(slots), self.r_max, self.out_features)  # [L, r, d]
+        if held:
+            at = torch.tensor([slots.index(s) for s in held], device=A.device)
+            idx = torch.tensor(held, device=A.device)
+            A[at] = self.A_stack[idx]
+            B[at] = (self.B_stack[idx] * self.scale[idx][:, None, None]).transpose(1, 2)
+        return A.transpose(1, 2), B
 
     def applies_to(self, ctx: LoraBatchContext) -> bool:
         """True when some row of the batch reads an adapter that adapts this output."""
@@ -226,6 +323,94 @@ class LoraSlotBank:
         y.addmm_(h, B_t)  # [B*T, d]
 
 
+class _GroupedPart(NamedTuple):
+    start: int  # the part's output columns [start, end)
+    end: int
+    rank_start: int  # its columns [rank_start, rank_end) of the down-projected h
+    rank_end: int
+    B: torch.Tensor  # [L, r, d] scaled by each slot's scale
+
+
+class GroupedLora:
+    """The ``grouped`` kernel for banks that read the same input: one layer's bank, or the parts of
+    a fused projection (each adding into its own output columns ``spans[p]``).
+
+    Per call: one gather of the rows into groups, one batched matmul down for every part (their
+    A concatenated along the rank), one batched matmul up per part, and one ``index_add_`` per run
+    of adjacent parts (q, k, v of an all-linear adapter: one; q and v only: two). A batch of one
+    adapter's rows in order skips the gather and the scatter.
+
+    Compared with ``segmented`` each row meets only its own adapter's factors: measured on the
+    embedded model's shapes (2-core CPU, 4 adapters, cold caches), 1.5x faster at 16 rows and
+    1.7x at 64.
+    """
+
+    def __init__(self, banks: Sequence[LoraSlotBank], spans: Sequence[tuple[int, int]]) -> None:
+        self.banks = list(banks)
+        self.spans = list(spans)
+        self._key: tuple | None = None
+        self._A: torch.Tensor | None = None  # [L, k, R]: every applying part's A_g along the rank
+        self._runs: list[tuple[int, int, list[_GroupedPart]]] = []  # (start, end, adjacent parts)
+
+    def _factors(self, slots: tuple[int, ...]) -> tuple[torch.Tensor | None, list]:
+        """The concatenated A and the parts' runs for the batch's slots, cached until the slots or a
+        bank's contents change."""
+        key = (slots, tuple(bank.version for bank in self.banks))
+        if key != self._key:
+            down: list[torch.Tensor] = []
+            runs: list[tuple[int, int, list[_GroupedPart]]] = []
+            rank = 0
+            for bank, (start, end) in zip(self.banks, self.spans, strict=True):
+                if not any(s in bank.occupied for s in slots):
+                    continue
+                A, B = bank.grouped_factors(slots)
+                part = _GroupedPart(start, end, rank, rank + bank.r_max, B)
+                rank += bank.r_max
+                down.append(A)
+                if runs and runs[-1][1] == start:
+                    runs[-1] = (runs[-1][0], end, [*runs[-1][2], part])
+                else:
+                    runs.append((start, end, [part]))
+            self._A = torch.cat(down, dim=2).contiguous() if down else None
+            self._runs = runs
+            self._key = key
+        return self._A, self._runs
+
+    def add_delta(self, x: torch.Tensor, y: torch.Tensor, ctx: LoraBatchContext) -> None:
+        """x: [B, T, k]; y: [B*T, D] (possibly a column slice of a wider output), written in place."""
+        if ctx.row_slots is None:
+            return
+        A, runs = self._factors(ctx.active_slots)
+        if A is None:
+            return
+        groups = ctx.row_groups()
+        batch, seq, k = x.shape
+        if groups.identity:  # one adapter, every row: plain matmuls, no gather or scatter
+            h = torch.mm(x.reshape(batch * seq, k), A[0])  # [B*T, R]
+            for _, _, parts in runs:
+                for p in parts:
+                    y[:, p.start : p.end].addmm_(h[:, p.rank_start : p.rank_end], p.B[0])
+            return
+        num, size = len(groups.slots), groups.size
+        block = groups.start is not None and groups.unpad is None  # the grouped rows as they lie
+        if block:
+            xg = x.narrow(0, groups.start, num * size).reshape(num, size * seq, k)  # a view
+        else:
+            xg = x.index_select(0, groups.index).view(num, size * seq, k)  # [L, m*T, k]
+        h = torch.bmm(xg, A)  # [L, m*T, R]
+        if groups.weight is not None:
+            h.view(num, size, seq, -1).mul_(groups.weight.to(h.dtype))
+        y3 = y.view(batch, seq, y.shape[-1])
+        for start, end, parts in runs:
+            ups = [torch.bmm(h[:, :, p.rank_start : p.rank_end], p.B) for p in parts]  # [L, m*T, d_p]
+            out = (ups[0] if len(ups) == 1 else torch.cat(ups, dim=2)).view(num * size, seq, end - start)
+            if groups.start is None:  # scattered rows (padding adds 0 to its group's first row)
+                y3[:, :, start:end].index_add_(0, groups.index, out)
+                continue
+            rows = y3[groups.start :, :, start:end]  # [B - start, T, d]
+            rows.add_(out if groups.unpad is None else out.index_select(0, groups.unpad))
+
+
 class LoraLinear(nn.Module):
     """Wraps a linear layer (``nn.Linear`` or GPT-2 ``Conv1D``) with stacked LoRA slots."""
 
@@ -235,7 +420,7 @@ class LoraLinear(nn.Module):
         in_features: int,
         out_features: int,
         ctx: LoraBatchContext,
-        kernel: Kernel = "segmented",
+        kernel: Kernel = "grouped",
     ) -> None:
         super().__init__()
         self.base = base

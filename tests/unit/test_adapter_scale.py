@@ -35,7 +35,7 @@ def saved(tiny_base, tmp_path_factory):
     return root / "model", root / "qvo"
 
 
-def _engine(saved, tokenizer, mode: str, kernel: str = "segmented", runner: str = "hf", **config):
+def _engine(saved, tokenizer, mode: str, kernel: str = "grouped", runner: str = "hf", **config):
     model_dir, adapter_dir = saved
     engine_config = EngineConfig(mode=mode, kernel=kernel, checkpoint_dir=model_dir, **config)
     if runner == "native":
@@ -82,7 +82,7 @@ def _generate(model, ids: list[int], n: int = 10) -> list[int]:
     return out[0, len(ids) :].tolist()
 
 
-@pytest.mark.parametrize("kernel", ["segmented", "gather_bmm"])
+@pytest.mark.parametrize("kernel", ["grouped", "segmented", "gather_bmm"])
 def test_row_scales_equal_the_dense_reference(kernel: str) -> None:
     ctx = LoraBatchContext()
     torch.manual_seed(0)
@@ -106,7 +106,14 @@ def test_row_scales_equal_the_dense_reference(kernel: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("runner", "kernel"), [("hf", "segmented"), ("hf", "gather_bmm"), ("native", "segmented")]
+    ("runner", "kernel"),
+    [
+        ("hf", "grouped"),
+        ("hf", "segmented"),
+        ("hf", "gather_bmm"),
+        ("native", "grouped"),
+        ("native", "segmented"),
+    ],
 )
 def test_scale_zero_is_the_base_and_one_the_adapter_in_one_mixed_batch(
     saved, tiny_base, tokenizer, runner, kernel

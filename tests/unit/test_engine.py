@@ -42,7 +42,7 @@ def _engine(model, tokenizer, **config) -> Engine:
 @pytest.fixture
 def kernel() -> str:
     """The LoRA kernel of the ``setup`` engine; tests parametrize it to run both."""
-    return "segmented"
+    return "grouped"
 
 
 @pytest.fixture
@@ -60,7 +60,7 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text)["input_ids"]
 
 
-@pytest.mark.parametrize("kernel", ["segmented", "gather_bmm"])
+@pytest.mark.parametrize("kernel", ["grouped", "segmented", "gather_bmm"])
 def test_mixed_batch_rows_equal_solo_and_peft_generate(setup, tiny_base, tokenizer, kernel) -> None:
     engine, adapters, peft_models = setup
     jobs = [(p, name) for p in PROMPTS for name in [None, *adapters]]

@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from server.engine.lora_linear import BASE_SLOT, LoraBatchContext, LoraLinear
+from server.engine.lora_linear import BASE_SLOT, LoraBatchContext, LoraLinear, RowGroups
 
-KERNELS = ["segmented", "gather_bmm"]
+KERNELS = ["grouped", "segmented", "gather_bmm"]
 
 
-def _layer(ctx: LoraBatchContext, k: int = 24, d: int = 40, kernel: str = "segmented") -> LoraLinear:
+def _layer(ctx: LoraBatchContext, k: int = 24, d: int = 40, kernel: str = "grouped") -> LoraLinear:
     torch.manual_seed(0)
     return LoraLinear(nn.Linear(k, d, bias=True), k, d, ctx, kernel=kernel)
 
@@ -69,9 +69,10 @@ def test_slot_reuse_and_clear() -> None:
     torch.testing.assert_close(layer.delta_weight(0), torch.zeros(40, 24))
 
 
-def test_row_mask_follows_row_changes() -> None:
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_row_mask_follows_row_changes(kernel: str) -> None:
     ctx = LoraBatchContext()
-    layer = _layer(ctx)
+    layer = _layer(ctx, kernel=kernel)
     A, B = _factors(1, 4)
     layer.set_slot(0, A, B, 1.0)
     x = torch.randn(2, 1, 24)
@@ -81,3 +82,39 @@ def test_row_mask_follows_row_changes() -> None:
     y2 = layer(x)
     torch.testing.assert_close(y1[0], y2[1] + (x[0] - x[1]) @ (layer.base.weight + B @ A).T)
     torch.testing.assert_close(y2[0], layer.base(x[0]))
+
+
+# (row slots, row scales, how the grouped kernel reads them: scattered / block / padded block / identity)
+GROUPED_LAYOUTS = {
+    "scattered": ([0, BASE_SLOT, 1, 0, 1], None),
+    "block": ([BASE_SLOT, 0, 0, 1, 1], None),
+    "padded-block": ([BASE_SLOT, BASE_SLOT, 0, 0, 0, 1], None),
+    "scaled-block": ([0, 0, 1, 1], [0.5, 1.0, 0.0, -2.0]),
+    "identity": ([1, 1, 1], None),
+    "one-adapter-after-base": ([BASE_SLOT, 1, 1], None),
+}
+
+
+@pytest.mark.parametrize("layout", GROUPED_LAYOUTS)
+@pytest.mark.parametrize("seq_len", [1, 3])
+def test_grouped_kernel_reads_every_row_layout_right(layout: str, seq_len: int) -> None:
+    """The grouped kernel's four ways to read rows (gather + scatter, views, views + unpad, plain
+    matmuls) each equal the dense reference, and each layout takes the way meant for it."""
+    row_slots, scales = GROUPED_LAYOUTS[layout]
+    groups = RowGroups.build(row_slots, scales, "cpu")
+    assert (groups.start is None) == (layout == "scattered")
+    assert (groups.unpad is not None) == (layout == "padded-block")
+    assert groups.identity == (layout == "identity")
+    ctx = LoraBatchContext()
+    layer = _layer(ctx, kernel="grouped")
+    adapters = {0: (*_factors(1, 4), 2.0), 1: (*_factors(2, 8), 0.5)}
+    for slot, (A, B, s) in adapters.items():
+        layer.set_slot(slot, A, B, s)
+    x = torch.randn(len(row_slots), seq_len, 24)  # x: [B, T, k]
+    ctx.set_rows(row_slots, "cpu", scales)
+    y = layer(x)
+    W, bias = layer.base.weight, layer.base.bias
+    for i, slot in enumerate(row_slots):
+        c = 1.0 if scales is None else scales[i]
+        dense = W if slot == BASE_SLOT else W + c * adapters[slot][2] * adapters[slot][1] @ adapters[slot][0]
+        torch.testing.assert_close(y[i], x[i] @ dense.T + bias, rtol=1e-5, atol=1e-5)

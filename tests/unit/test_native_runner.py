@@ -180,7 +180,7 @@ def _dense(base, adapter):
     return model
 
 
-@pytest.mark.parametrize("kernel", ["segmented", "gather_bmm"])
+@pytest.mark.parametrize("kernel", ["grouped", "segmented", "gather_bmm"])
 def test_mixed_adapter_rows_equal_peft_and_the_dense_reference(
     arch, kernel, layout, peft_adapter_factory
 ) -> None:

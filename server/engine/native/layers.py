@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from server.engine.lora_linear import Kernel, LoraBatchContext, LoraSlotBank
+from server.engine.lora_linear import GroupedLora, Kernel, LoraBatchContext, LoraSlotBank
 from server.engine.native import onednn
 from server.engine.runner import WeightTarget
 
@@ -212,6 +212,8 @@ class FusedLinear:
             start += size
         assert start == weight.shape[0], "parts must cover the fused output"
         self._bank_spans = list(zip(self.banks.values(), self.spans, strict=True))
+        # grouped: the parts share one gather and one matmul down, so the projection runs them together
+        self._grouped = GroupedLora(list(self.banks.values()), self.spans) if kernel == "grouped" else None
         self._null_parts: dict[str, SegmentedLora] = {}
 
     @property
@@ -325,6 +327,9 @@ class FusedLinear:
         ctx = self.ctx
         if ctx.row_slots is not None:
             x3 = x.view(x.shape[0], 1, x.shape[1])  # rows are tokens: [N, 1, in]
+            if self._grouped is not None:
+                self._grouped.add_delta(x3, y, ctx)
+                return
             for bank, (s, e) in self._bank_spans:
                 if bank.applies_to(ctx):
                     bank.add_delta(x3, y[:, s:e], ctx)

@@ -47,7 +47,7 @@ class NativeLlamaRunner(ModelRunner):
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
-        kernel: Kernel = "segmented",
+        kernel: Kernel = "grouped",
         kv_cache_tokens: int | None = None,
         kv_cache_bytes: int | None = None,
         max_batch: int = 32,
@@ -69,6 +69,7 @@ class NativeLlamaRunner(ModelRunner):
         self.device = torch.device(device)
         self.dtype = dtype
         self.ctx = LoraBatchContext()
+        self.kernel = kernel
         self.decode_kind = decode_kind(compile, self.device)
         self.weight_layout = self._weight_layout(weight_layout)
         config = NativeConfig.from_dict(json.loads((Path(model_dir) / "config.json").read_text()))
@@ -197,6 +198,26 @@ class NativeLlamaRunner(ModelRunner):
         return output
 
     def decode(self, inputs: Sequence[DecodeInput]) -> torch.Tensor:
+        order = self._slot_order(inputs)
+        if order is None:
+            return self._decode(inputs)
+        hidden = self._decode([inputs[i] for i in order], logits=False)  # [B, H] in slot order
+        back = torch.empty(len(order), dtype=torch.long)
+        back[torch.tensor(order)] = torch.arange(len(order))
+        return self.model.logits(hidden.index_select(0, back.to(hidden.device)))
+
+    def _slot_order(self, inputs: Sequence[DecodeInput]) -> list[int] | None:
+        """The rows sorted by adapter slot (the bare base first), when an eager step over several
+        adapters reads them through the grouped kernel: each adapter's rows then lie side by side
+        and the kernel reads and writes them as views, without a gather or a scatter. None when
+        the order would not change or does not matter."""
+        if self.graphs is not None or self.kernel != "grouped":
+            return None
+        slots = [i.slot for i in inputs]
+        order = sorted(range(len(slots)), key=slots.__getitem__)
+        return None if order == list(range(len(slots))) else order
+
+    def _decode(self, inputs: Sequence[DecodeInput], logits: bool = True) -> torch.Tensor:
         seq_ids = [i.seq_id for i in inputs]
         positions = [self.kv.sequences[s].length for s in seq_ids]
         blocks: list[int] = []
@@ -229,7 +250,8 @@ class NativeLlamaRunner(ModelRunner):
             attend=step.attend,
         )
         self.ctx.set_rows(rows.slots, self.device, rows.scales)
-        return self.model.logits(self.model.forward(step.tokens, step.positions, plan, self.kv))
+        hidden = self.model.forward(step.tokens, step.positions, plan, self.kv)  # [B, H]
+        return self.model.logits(hidden) if logits else hidden
 
     def _forward(
         self,
