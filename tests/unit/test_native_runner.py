@@ -145,6 +145,34 @@ def test_weight_layout_is_packed_for_eager_float32_on_the_cpu_and_refused_elsewh
     )
 
 
+def test_packed_merge_copies_unpack_only_rows_read_before_they_are_written(
+    tmp_path_factory, monkeypatch
+) -> None:
+    """A swap rewrites every part of a projection before reading it: no unpack, one pack. Rows
+    left unwritten come back from the packed weight when the copy is packed again."""
+    _, path = _saved(tmp_path_factory, "llama")
+    qkv = _runner(path).model.layers[1].qkv
+    unpack, unpacks = onednn.unpack, []
+    monkeypatch.setattr(onednn, "unpack", lambda w: unpacks.append(w) or unpack(w))
+    targets = qkv.weight_targets()
+    q, k, v = targets
+    written = {name: torch.randn(t.shape) for name, t in targets.items()}
+    for name, target in targets.items():
+        target.write(written[name])
+    assert torch.equal(targets[k].read(), written[k]) and not unpacks
+    targets[q].flush()
+    assert not unpacks and torch.equal(unpack(qkv._packed), torch.cat(list(written.values())))
+    targets[k].write(torch.zeros(targets[k].shape))  # one part only: the others are unpacked at the flush
+    targets[k].flush()
+    assert len(unpacks) == 1
+    expected = torch.cat([written[q], torch.zeros(targets[k].shape), written[v]])
+    assert torch.equal(unpack(qkv._packed), expected)
+    targets[v].read()  # a read alone packs nothing
+    packed = qkv._packed
+    targets[v].flush()
+    assert qkv._packed is packed
+
+
 def test_chunked_prefill_equals_one_shot_and_token_logprobs(arch) -> None:
     _, model, path = arch
     prompt = PROMPTS[2]
