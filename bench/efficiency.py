@@ -276,10 +276,19 @@ def main() -> None:
     scratch.cleanup()
 
     med = {k: statistics.median(v) for k, v in steps.items()}
+    # LoRA overhead from each round's pair (its base and adapter steps ran back to back): this
+    # machine's speed drifts between rounds by more than the overhead itself
+    overhead = {
+        (r, b): statistics.median(
+            lora / base - 1 for base, lora in zip(steps[(r, "base", b)], steps[(r, "lora", b)], strict=True)
+        )
+        for r in runners
+        for b in batches
+    }
     floor = {b: statistics.median(v) for b, v in floors.items()}
     packed_floor = {b: statistics.median(v) for b, v in packed_floors.items() if v}
     report = render(
-        args, runners, batches, floor, packed_floor, med,
+        args, runners, batches, floor, packed_floor, med, overhead,
         {r: statistics.median(v) for r, v in workload.items()}, http, peft,
     )  # fmt: skip
     for runner, (seconds, captures) in warm_up.items():
@@ -375,7 +384,7 @@ def measure_peft(
     return {"loraplex": statistics.median(ours), "peft": statistics.median(theirs)}
 
 
-def render(args, runners, batches, floor, packed_floor, step, workload, http, peft) -> str:
+def render(args, runners, batches, floor, packed_floor, step, overhead, workload, http, peft) -> str:
     ms = 1000.0
     lines = [
         "# Engine efficiency against the floor",
@@ -389,7 +398,8 @@ def render(args, runners, batches, floor, packed_floor, step, workload, http, pe
         "- packed floor: the same pass through oneDNN with the weights in its packed layout (what the "
         "native runner reads on the CPU in float32); `-` where that layout does not apply",
         "- efficiency = floor / step (packed eff. = packed floor / step); LoRA rows: 4 random all-linear "
-        "rank-16 adapters, row i reads adapter i mod 4",
+        "rank-16 adapters, row i reads adapter i mod 4; LoRA overhead: median over rounds of the "
+        "adapter step / base step of the same round, less 1",
         "",
         "| runner | batch | floor ms | packed floor ms | base step ms | efficiency | packed eff. "
         "| 4 adapters step ms | efficiency | LoRA overhead |",
@@ -403,7 +413,7 @@ def render(args, runners, batches, floor, packed_floor, step, workload, http, pe
             lines.append(
                 f"| {runner} | {b} | {floor[b] * ms:.1f} | {packed_cells}{base * ms:.1f} | {floor[b] / base:.2f} | "
                 f"{f'{packed / base:.2f}' if packed else '-'} | {lora * ms:.1f} | {floor[b] / lora:.2f} | "
-                f"{100 * (lora / base - 1):+.1f}% |"
+                f"{100 * overhead[(runner, b)]:+.1f}% |"
             )
     if peft:
         lines += [
