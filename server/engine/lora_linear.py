@@ -340,9 +340,10 @@ class GroupedLora:
     of adjacent parts (q, k, v of an all-linear adapter: one; q and v only: two). A batch of one
     adapter's rows in order skips the gather and the scatter.
 
-    Compared with ``segmented`` each row meets only its own adapter's factors: measured on the
-    embedded model's shapes (2-core CPU, 4 adapters, cold caches), 1.5x faster at 16 rows and
-    1.7x at 64.
+    Compared with ``segmented`` each row meets only its own adapter's factors (L times less
+    arithmetic with L adapters in the batch). On the embedded model with 4 adapters mixed
+    (``bench/efficiency.py``, 2-core CPU), the LoRA overhead of a decode step went from +38% to
+    +23% at 16 rows and from +18% to +9% at 64.
     """
 
     def __init__(self, banks: Sequence[LoraSlotBank], spans: Sequence[tuple[int, int]]) -> None:
