@@ -288,12 +288,14 @@ def render(args, latency, drifted, single, modes) -> str:
         f"{latency['peft'] / latency['naive']:.2f}x |",
         f"| loraplex, native runner, dense fused weights | {latency['native-dense'] * 1e3:.1f} | "
         f"{latency['native-dense'] / latency['naive']:.2f}x |",
-        f"| loraplex, native runner, oneDNN-packed weights (the CPU default: unpack, merge, pack) | "
+        "| loraplex, native runner, oneDNN-packed weights "
+        "(the CPU default: restore and merge into a dense copy, pack once) | "
         f"{latency['native-packed'] * 1e3:.1f} | {latency['native-packed'] / latency['naive']:.2f}x |",
         "",
         "The first three rows run on Hugging Face's modules (`HFRunner`); the native runner's rows on",
-        "its fused projections, where a swap converts each touched projection out of and back into",
-        "oneDNN's layout once (the price of its faster decode steps, `bench/results/efficiency-cpu.md`).",
+        "its fused projections, where a swap packs each touched projection into oneDNN's layout once",
+        "(unpacking it only where some rows are not rewritten first): the price of its faster decode",
+        "steps (`bench/results/efficiency-cpu.md`).",
         "",
         "Extra memory of loraplex's exact restore: none resident (the original weights are re-read from the",
         "model's safetensors checkpoint with pread; only models without a checkpoint that reproduces the",
