@@ -34,14 +34,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from torch import nn
 
 BASE_SLOT = -1
 Kernel = Literal["grouped", "segmented", "gather_bmm"]
-KERNELS: tuple[Kernel, ...] = ("grouped", "segmented", "gather_bmm")
+KERNELS: tuple[Kernel, ...] = get_args(Kernel)
 
 
 @dataclass(frozen=True)
@@ -188,7 +188,6 @@ class LoraSlotBank:
         self._dtype, self._device = dtype, device
         if kernel not in KERNELS:
             raise ValueError(f"unknown LoRA kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
-        self.kernel: Kernel = kernel
         self.version = 0  # bumped whenever a slot's content changes (caches key on it)
         # the kernel is bound once: no string comparison in the forward
         if kernel == "grouped":

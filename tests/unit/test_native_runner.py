@@ -167,7 +167,8 @@ def test_packed_merge_copies_unpack_only_rows_read_before_they_are_written(
     assert len(unpacks) == 1
     expected = torch.cat([written[q], torch.zeros(targets[k].shape), written[v]])
     assert torch.equal(unpack(qkv._packed), expected)
-    targets[v].read()  # a read alone packs nothing
+    targets[v].read()  # a read alone opens nothing (other threads may read) and packs nothing
+    assert not qkv._edits.is_open(qkv)
     packed = qkv._packed
     targets[v].flush()
     assert qkv._packed is packed

@@ -162,12 +162,10 @@ class _OpenWeight:
     dense: torch.Tensor  # [out, in]; rows neither unpacked nor written yet hold garbage
     written: list[tuple[int, int]] = field(default_factory=list)  # row spans set, until filled
     filled: bool = False  # every row holds its value (unpacked, or written)
-    dirty: bool = False  # written since opened: pack again on close
 
 
 class PackedEdits:
-    """Dense copies of packed weights being read or edited (merging), packed again when pushed out
-    or flushed, and only if written.
+    """Dense copies of packed weights being edited (merging), packed again when pushed out or flushed.
 
     A merge writes a fused projection's parts one at a time (q, k, then v). Unpacking and packing
     the whole projection for each part made a swap about 5x slower than on dense weights (measured
@@ -176,47 +174,49 @@ class PackedEdits:
     memory to ``capacity`` projections' dense copies. Rows are unpacked only when read before
     being written: a swap between adapters that both adapt every part of a projection restores
     all its rows from the checkpoint first, so that projection is packed but never unpacked.
+
+    Only writes open a copy (the engine thread, merging); a read of a projection that is not open
+    unpacks it and changes nothing here, so other threads may read base weights (the analysis
+    endpoints in unmerged mode) while the engine runs.
     """
 
     def __init__(self, capacity: int = 4) -> None:
         self.capacity = capacity
-        self._open: dict[FusedLinear, _OpenWeight] = {}  # least recently used first
+        self._open: dict[FusedLinear, _OpenWeight] = {}  # least recently written first
 
     def is_open(self, linear: FusedLinear) -> bool:
         return linear in self._open
 
     def read_rows(self, linear: FusedLinear, start: int, end: int) -> torch.Tensor:
-        """Rows [start, end) of the projection's weight as it is with the writes so far (a view)."""
-        entry = self._opened(linear)
+        """Rows [start, end) of the projection's weight as it is with the writes so far."""
+        entry = self._open.get(linear)
+        if entry is None:
+            assert linear._packed is not None
+            return onednn.unpack(linear._packed)[start:end]
         if not entry.filled and not _covers(entry.written, start, end):
             self._fill(linear, entry)
         return entry.dense[start:end]
 
     def write_rows(self, linear: FusedLinear, start: int, end: int, values: torch.Tensor) -> None:
-        entry = self._opened(linear)
-        entry.dense[start:end] = values
-        entry.dirty = True
-        if not entry.filled:
-            entry.written.append((start, end))
-            entry.filled = _covers(entry.written, 0, entry.dense.shape[0])
-
-    def close(self, linear: FusedLinear) -> None:
-        """Pack the projection's edited weight back (nothing to do when it is not open or unwritten)."""
-        entry = self._open.pop(linear, None)
-        if entry is None or not entry.dirty:
-            return
-        if not entry.filled:
-            self._fill(linear, entry)
-        linear._packed = onednn.pack(entry.dense)
-
-    def _opened(self, linear: FusedLinear) -> _OpenWeight:
         entry = self._open.pop(linear, None)
         if entry is None:
             entry = _OpenWeight(torch.empty(linear.out_features, linear.in_features, dtype=linear.dtype))
         self._open[linear] = entry
         while len(self._open) > self.capacity:
             self.close(next(iter(self._open)))
-        return entry
+        entry.dense[start:end] = values
+        if not entry.filled:
+            entry.written.append((start, end))
+            entry.filled = _covers(entry.written, 0, entry.dense.shape[0])
+
+    def close(self, linear: FusedLinear) -> None:
+        """Pack the projection's edited weight back (nothing to do when it is not open)."""
+        entry = self._open.pop(linear, None)
+        if entry is None:
+            return
+        if not entry.filled:
+            self._fill(linear, entry)
+        linear._packed = onednn.pack(entry.dense)
 
     @staticmethod
     def _fill(linear: FusedLinear, entry: _OpenWeight) -> None:
@@ -274,7 +274,7 @@ class FusedLinear:
 
     def read_rows(self, start: int, end: int) -> torch.Tensor:
         """Rows [start, end) of the weight (dense: a view of the live tensor; packed: of the copy
-        a merge edits, opened if needed)."""
+        a merge is editing, or unpacked now)."""
         if self._dense is not None:
             return self._dense[start:end]
         assert self._edits is not None
