@@ -28,6 +28,7 @@ from server.api.security import authorizer, warn_if_open
 from server.api.upload_limit import UploadLimitMiddleware
 from server.config import Settings
 from server.console import install_console
+from server.engine import sgmv_cpu
 from server.engine.base_model import LoadedBase, choose_runner, load_base, load_native, model_dir_of
 from server.engine.engine import Engine, EngineConfig
 from server.metrics import Metrics
@@ -112,6 +113,7 @@ def create_app(settings: Settings | None = None, loader: BaseLoader = default_lo
 
         def load() -> None:
             try:
+                sgmv_cpu.configure(settings.cpu_kernel, settings.cache_dir)  # before any LoRA layer is built
                 base = loader(settings)
                 app.state.base = base
                 app.state.engine = build_engine(settings, base, store)

@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     kernel: Literal["grouped", "segmented", "gather_bmm"] = Field(
         "grouped", description="Batched LoRA kernel."
     )
+    cpu_kernel: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: on the CPU in float32 the grouped LoRA kernel runs as C compiled on first use "
+        "(needs a C compiler and AVX2/FMA; else PyTorch ops); off: PyTorch ops only.",
+    )
     runner: Literal["auto", "native", "hf"] = Field(
         "auto",
         description="Model runner: native (Llama, Mistral, Qwen2: fused projections, paged KV memory), "

@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from server.engine import sgmv_cpu
 from server.engine.base_model import embedded_model_dir
 from tests.synthetic import make_random_peft_adapter
 
@@ -23,6 +24,13 @@ CACHE_DIR = Path(os.environ.get("LORAPLEX_CACHE_DIR", "~/.cache/loraplex")).expa
 # Tests share 2 cores with nothing else; one intra-op thread avoids oversubscription when
 # tests run servers in threads, and keeps timings of tiny ops stable.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _compiled_lora_kernel_back_on():
+    """Tests may turn the compiled grouped kernel off (tests/kernels.py); the next test starts with it on."""
+    yield
+    sgmv_cpu.configure("auto")
 
 
 @pytest.fixture(scope="module")

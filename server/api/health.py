@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 
 from server import __version__
 from server.api.deps import BaseDep, EngineDep, RegistryDep, SettingsDep
+from server.engine import sgmv_cpu
 
 if TYPE_CHECKING:
     from server.engine.engine import Engine
@@ -44,11 +45,14 @@ def _kv_cache(engine: Engine) -> dict:
 def _decode(engine: Engine) -> dict:
     """How decode steps run (``--compile``): eager, compile (CPU) or cuda_graphs, and the graphs made;
     ``weights``: the projections' layout (native runner: ``packed`` for oneDNN on the CPU, or
-    ``dense``; the HF runner's are dense)."""
+    ``dense``; the HF runner's are dense); ``lora_kernel``: ``compiled`` where the grouped kernel
+    runs as compiled C (``--cpu-kernel``, CPU float32), else ``pytorch``."""
     graphs = getattr(engine.runner, "graphs", None)
+    compiled = sgmv_cpu.used_for(engine.config.kernel, engine.runner.device, engine.runner.dtype)
     return {
         "kind": getattr(engine.runner, "decode_kind", "eager"),
         "weights": getattr(engine.runner, "weight_layout", "dense"),
+        "lora_kernel": "compiled" if compiled else "pytorch",
         "graphs": graphs.captures if graphs is not None else 0,
         "warm_up_seconds": round(graphs.warm_up_seconds, 2) if graphs is not None else 0.0,
     }

@@ -39,6 +39,8 @@ from typing import Literal, NamedTuple, get_args
 import torch
 from torch import nn
 
+from server.engine import sgmv_cpu
+
 BASE_SLOT = -1
 Kernel = Literal["grouped", "segmented", "gather_bmm"]
 KERNELS: tuple[Kernel, ...] = get_args(Kernel)
@@ -62,6 +64,8 @@ class RowGroups:
     start: int | None  # rows [start, B) are the grouped rows in group order; None: scattered
     unpad: torch.Tensor | None  # [B - start]: each of those rows' grouped position; None: no padding
     identity: bool  # one group of every row in order, all at scale 1: no gather, no scatter
+    members: tuple[tuple[int, ...], ...]  # each group's rows, without padding (the compiled kernel)
+    member_weights: tuple[float, ...] | None  # their row scales in the same order; None: all 1
 
     @staticmethod
     def build(
@@ -95,6 +99,12 @@ class RowGroups:
             start=start if in_order else None,
             unpad=torch.tensor(positions, dtype=torch.long, device=device) if in_order and padded else None,
             identity=len(slots) == 1 and start == 0 and row_scales is None,
+            members=tuple(tuple(members[s]) for s in slots),
+            member_weights=(
+                None
+                if row_scales is None
+                else tuple(float(row_scales[row]) for s in slots for row in members[s])
+            ),
         )
 
 
@@ -112,6 +122,7 @@ class LoraBatchContext:
     row_mask_cache: dict[tuple[tuple[int, ...], int], torch.Tensor] = field(default_factory=dict)
     _rows_key: tuple | None = None
     _groups: RowGroups | None = None
+    _compiled_groups: dict[int, sgmv_cpu.GroupsPlan] = field(default_factory=dict)  # by tokens per row
 
     def set_rows(
         self, row_slots: list[int], device: torch.device | str, row_scales: list[float] | None = None
@@ -142,6 +153,7 @@ class LoraBatchContext:
         )
         self.row_mask_cache = {}
         self._groups = None
+        self._compiled_groups = {}
 
     def row_groups(self) -> RowGroups:
         """The rows grouped by slot (``grouped`` kernel), built once per batch composition."""
@@ -150,6 +162,16 @@ class LoraBatchContext:
             row_slots, scales = self._rows_key
             self._groups = RowGroups.build(row_slots, scales, self.row_slots.device)
         return self._groups
+
+    def compiled_groups(self, seq: int) -> sgmv_cpu.GroupsPlan:
+        """The row groups as the compiled kernel reads them, for ``seq`` tokens per row."""
+        plan = self._compiled_groups.get(seq)
+        if plan is None:
+            groups = self.row_groups()
+            plan = self._compiled_groups[seq] = sgmv_cpu.GroupsPlan(
+                groups.members, groups.member_weights, seq
+            )
+        return plan
 
     def invalidate(self) -> None:
         """Forget the cached row mask (call after slot contents change)."""
@@ -351,6 +373,11 @@ class GroupedLora:
         self._key: tuple | None = None
         self._A: torch.Tensor | None = None  # [L, k, R]: every applying part's A_g along the rank
         self._runs: list[tuple[int, int, list[_GroupedPart]]] = []  # (start, end, adjacent parts)
+        # float32 on the CPU: the same kernel compiled from C where it builds (sgmv_cpu.py)
+        first = self.banks[0]
+        on_cpu_fp32 = first._dtype == torch.float32 and torch.device(first._device).type == "cpu"
+        self.compiled = sgmv_cpu.load() if on_cpu_fp32 else None
+        self._plan: sgmv_cpu.FactorsPlan | None = None  # the factors as the compiled kernel reads them
 
     def _factors(self, slots: tuple[int, ...]) -> tuple[torch.Tensor | None, list]:
         """The concatenated A and the parts' runs for the batch's slots, cached until the slots or a
@@ -373,6 +400,18 @@ class GroupedLora:
                     runs.append((start, end, [part]))
             self._A = torch.cat(down, dim=2).contiguous() if down else None
             self._runs = runs
+            self._plan = (
+                sgmv_cpu.FactorsPlan(
+                    self._A,
+                    [
+                        (p.start, p.end - p.start, p.rank_start, p.rank_end - p.rank_start, p.B)
+                        for *_, ps in runs
+                        for p in ps
+                    ],
+                )
+                if self.compiled is not None and self._A is not None
+                else None
+            )
             self._key = key
         return self._A, self._runs
 
@@ -383,8 +422,11 @@ class GroupedLora:
         A, runs = self._factors(ctx.active_slots)
         if A is None:
             return
-        groups = ctx.row_groups()
         batch, seq, k = x.shape
+        if self._plan is not None and x.dtype == torch.float32:  # one call does all of the below
+            self.compiled.add(x.reshape(batch * seq, k), y, ctx.compiled_groups(seq), self._plan)  # type: ignore[union-attr]
+            return
+        groups = ctx.row_groups()
         if groups.identity:  # one adapter, every row: plain matmuls, no gather or scatter
             h = torch.mm(x.reshape(batch * seq, k), A[0])  # [B*T, R]
             for _, _, parts in runs:

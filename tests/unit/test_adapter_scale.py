@@ -20,6 +20,7 @@ from server.engine.requests import Event, GenerationRequest
 from server.engine.sampling import SamplingParams
 from tests.conftest import make_peft_adapter
 from tests.engine_helpers import outcome, verify_base_now
+from tests.kernels import LORA_KERNELS, lora_kernel
 
 PROMPTS = ["Hello there, how are", "The quick brown fox", "Once upon a time in a land far away"]
 SCALES = [0.0, 1.0, 0.5, -1.0]
@@ -82,11 +83,11 @@ def _generate(model, ids: list[int], n: int = 10) -> list[int]:
     return out[0, len(ids) :].tolist()
 
 
-@pytest.mark.parametrize("kernel", ["grouped", "segmented", "gather_bmm"])
+@pytest.mark.parametrize("kernel", LORA_KERNELS)
 def test_row_scales_equal_the_dense_reference(kernel: str) -> None:
     ctx = LoraBatchContext()
     torch.manual_seed(0)
-    layer = LoraLinear(torch.nn.Linear(24, 40), 24, 40, ctx, kernel=kernel)  # type: ignore[arg-type]
+    layer = LoraLinear(torch.nn.Linear(24, 40), 24, 40, ctx, kernel=lora_kernel(kernel))
     g = torch.Generator().manual_seed(1)
     factors = {0: (torch.randn(4, 24, generator=g), torch.randn(40, 4, generator=g), 2.0),
                2: (torch.randn(8, 24, generator=g), torch.randn(40, 8, generator=g), 0.5)}  # fmt: skip
@@ -109,16 +110,18 @@ def test_row_scales_equal_the_dense_reference(kernel: str) -> None:
     ("runner", "kernel"),
     [
         ("hf", "grouped"),
+        ("hf", "grouped-pytorch"),
         ("hf", "segmented"),
         ("hf", "gather_bmm"),
         ("native", "grouped"),
+        ("native", "grouped-pytorch"),
         ("native", "segmented"),
     ],
 )
 def test_scale_zero_is_the_base_and_one_the_adapter_in_one_mixed_batch(
     saved, tiny_base, tokenizer, runner, kernel
 ) -> None:
-    engine, adapter = _engine(saved, tokenizer, "unmerged", kernel=kernel, runner=runner)
+    engine, adapter = _engine(saved, tokenizer, "unmerged", kernel=lora_kernel(kernel), runner=runner)
     jobs = [(tokenizer(p)["input_ids"], adapter, s) for p in PROMPTS for s in SCALES]
     jobs += [(tokenizer(p)["input_ids"], None, 1.0) for p in PROMPTS]
     mixed = _run(engine, jobs)

@@ -13,6 +13,7 @@ from server.engine.hf_runner import HFRunner
 from server.engine.lora_linear import BASE_SLOT
 from server.engine.runner import KvUsage, PrefillInput
 from tests.engine_helpers import outcome, run_many, run_one, submit
+from tests.kernels import LORA_KERNELS, lora_kernel
 
 PROMPTS = [
     "Hello there, how are",
@@ -48,7 +49,7 @@ def kernel() -> str:
 @pytest.fixture
 def setup(tiny_base, tokenizer, peft_adapter_factory, kernel):
     """An engine on a copy of the tiny model, its adapters, and PEFT's models for the same adapters."""
-    engine = _engine(copy.deepcopy(tiny_base), tokenizer, kernel=kernel)
+    engine = _engine(copy.deepcopy(tiny_base), tokenizer, kernel=lora_kernel(kernel))
     adapters, peft_models = {}, {}
     for seed, (name, kwargs) in enumerate(ADAPTER_CONFIGS.items()):
         path, peft_models[name] = peft_adapter_factory(tiny_base, name, seed=seed, **kwargs)
@@ -60,7 +61,7 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text)["input_ids"]
 
 
-@pytest.mark.parametrize("kernel", ["grouped", "segmented", "gather_bmm"])
+@pytest.mark.parametrize("kernel", LORA_KERNELS)
 def test_mixed_batch_rows_equal_solo_and_peft_generate(setup, tiny_base, tokenizer, kernel) -> None:
     engine, adapters, peft_models = setup
     jobs = [(p, name) for p in PROMPTS for name in [None, *adapters]]

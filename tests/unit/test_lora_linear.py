@@ -7,13 +7,12 @@ import torch
 from torch import nn
 
 from server.engine.lora_linear import BASE_SLOT, LoraBatchContext, LoraLinear, RowGroups
-
-KERNELS = ["grouped", "segmented", "gather_bmm"]
+from tests.kernels import LORA_KERNELS, lora_kernel
 
 
 def _layer(ctx: LoraBatchContext, k: int = 24, d: int = 40, kernel: str = "grouped") -> LoraLinear:
     torch.manual_seed(0)
-    return LoraLinear(nn.Linear(k, d, bias=True), k, d, ctx, kernel=kernel)
+    return LoraLinear(nn.Linear(k, d, bias=True), k, d, ctx, kernel=lora_kernel(kernel))
 
 
 def _factors(seed: int, r: int, k: int = 24, d: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,7 +20,7 @@ def _factors(seed: int, r: int, k: int = 24, d: int = 40) -> tuple[torch.Tensor,
     return torch.randn(r, k, generator=g), torch.randn(d, r, generator=g)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", LORA_KERNELS)
 @pytest.mark.parametrize("seq_len", [1, 5])
 def test_each_row_equals_dense_reference(kernel: str, seq_len: int) -> None:
     ctx = LoraBatchContext()
@@ -69,7 +68,7 @@ def test_slot_reuse_and_clear() -> None:
     torch.testing.assert_close(layer.delta_weight(0), torch.zeros(40, 24))
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", LORA_KERNELS)
 def test_row_mask_follows_row_changes(kernel: str) -> None:
     ctx = LoraBatchContext()
     layer = _layer(ctx, kernel=kernel)
@@ -106,7 +105,7 @@ def test_grouped_kernel_reads_every_row_layout_right(layout: str, seq_len: int) 
     assert (groups.unpad is not None) == (layout == "padded-block")
     assert groups.identity == (layout == "identity")
     ctx = LoraBatchContext()
-    layer = _layer(ctx, kernel="grouped")
+    layer = _layer(ctx, kernel="grouped-pytorch")  # the PyTorch form: the compiled one reads no views
     adapters = {0: (*_factors(1, 4), 2.0), 1: (*_factors(2, 8), 0.5)}
     for slot, (A, B, s) in adapters.items():
         layer.set_slot(slot, A, B, s)

@@ -1,0 +1,114 @@
+"""The grouped LoRA kernel compiled from C (server/engine/sgmv_cpu.py) against the dense reference.
+
+The engine-level tests (PEFT, solo = mixed) run it through the ``grouped`` kernel parametrization
+(tests/kernels.py); these cover the shapes its blocking has to get right: partial row tiles,
+ranks and widths that are not multiples of its 16-column blocks, row scales, several tokens per
+row, an output that is a column slice of a wider tensor, and parts an adapter skips.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.engine import sgmv_cpu
+from server.engine.lora_linear import BASE_SLOT, GroupedLora, LoraBatchContext, LoraSlotBank
+
+
+def _can_build_here() -> bool:
+    return shutil.which("cc") is not None and sgmv_cpu._cpu_supports_avx2_fma()
+
+
+def test_the_compiled_kernel_loads_wherever_it_can_be_built() -> None:
+    """On a machine with a C compiler and AVX2/FMA (CI's) the compiled form is what ``grouped``
+    runs; ``--cpu-kernel off`` turns it off; other devices and dtypes never use it."""
+    sgmv_cpu.configure("auto")
+    assert (sgmv_cpu.load() is not None) == _can_build_here()
+    assert sgmv_cpu.used_for("grouped", torch.device("cpu"), torch.float32) == _can_build_here()
+    assert not sgmv_cpu.used_for("segmented", torch.device("cpu"), torch.float32)
+    assert not sgmv_cpu.used_for("grouped", torch.device("cpu"), torch.bfloat16)
+    sgmv_cpu.configure("off")
+    assert sgmv_cpu.load() is None
+    assert GroupedLora([_bank(8, 4, {})], [(0, 4)]).compiled is None
+    with pytest.raises(ValueError, match="auto or off"):
+        sgmv_cpu.configure("on")  # type: ignore[arg-type]
+
+
+def test_a_compiler_that_fails_leaves_the_pytorch_form(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("CC", "false")  # exists, always exits 1
+    assert sgmv_cpu._compile(tmp_path) is None
+    monkeypatch.setenv("CC", "no-such-compiler-here")
+    assert sgmv_cpu._compile(tmp_path) is None
+
+
+def _bank(k: int, d: int, slots: dict[int, tuple[int, int, float]]) -> LoraSlotBank:
+    """A bank with, per slot, random factors of (rank, seed) and a scale."""
+    bank = LoraSlotBank(k, d, torch.float32, torch.device("cpu"), "grouped")
+    for slot, (rank, seed, scale) in slots.items():
+        g = torch.Generator().manual_seed(seed)
+        bank.set_slot(slot, torch.randn(rank, k, generator=g), torch.randn(d, rank, generator=g), scale)
+    return bank
+
+
+# (row slots, row scales, tokens per row)
+BATCHES = {
+    "one-row": ([1], None, 1),
+    "one-adapter-every-row": ([0] * 9, None, 1),
+    "ragged-groups-and-base": ([0, BASE_SLOT, 1, 0, 2, 0, 0, 1, BASE_SLOT, 0, 2], None, 1),
+    "scaled-rows": ([2, 0, 2, 1, 0], [0.5, -1.0, 0.0, 2.0, 1.0], 1),
+    "prefill-tokens": ([1, 0, BASE_SLOT, 1], None, 7),
+}
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize(("k", "widths", "ranks"), [(24, (40, 9), (4, 8)), (37, (16, 100, 7), (16, 5, 24))])
+def test_compiled_kernel_equals_the_dense_reference(batch: str, k: int, widths, ranks) -> None:
+    """Parts of a fused output, each with its own slots (slot 2 skips the first part, slot 1 the
+    last), into a column slice of a wider output; every row against ``y + c · s · B A x``."""
+    if not _can_build_here():
+        pytest.fail("this test needs a C compiler and an AVX2/FMA CPU, as CI has")
+    row_slots, scales, seq = BATCHES[batch]
+    sgmv_cpu.configure("auto")
+    banks, spans, start = [], [], 0
+    for p, (width, rank) in enumerate(zip(widths, ranks, strict=True)):
+        slots = {0: (rank, 10 * p, 2.0), 1: (max(1, rank - 3), 10 * p + 1, 0.5), 2: (rank + 1, 10 * p + 2, -1.5)}
+        if p == 0:
+            del slots[2]
+        if p == len(widths) - 1:
+            del slots[1]
+        banks.append(_bank(k, width, slots))
+        spans.append((start, start + width))
+        start += width
+    lora = GroupedLora(banks, spans)
+    assert lora.compiled is not None
+    ctx = LoraBatchContext()
+    ctx.set_rows(row_slots, "cpu", scales)
+    x = torch.randn(len(row_slots), seq, k)  # x: [B, T, k]
+    wide = torch.randn(len(row_slots) * seq, 3 + start + 5)
+    before = wide.clone()
+    lora.add_delta(x, wide[:, 3 : 3 + start], ctx)  # y: a column slice, row stride wider than it
+    expected = before.clone()
+    for i, slot in enumerate(row_slots):
+        if slot == BASE_SLOT:
+            continue
+        c = 1.0 if scales is None else scales[i]
+        for bank, (s, e) in zip(banks, spans, strict=True):
+            if slot in bank.occupied:
+                delta = c * bank.delta_weight(slot)  # [d, k]
+                expected[i * seq : (i + 1) * seq, 3 + s : 3 + e] += x[i] @ delta.T
+    torch.testing.assert_close(wide, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(wide[:, :3], before[:, :3]) and torch.equal(wide[:, 3 + start :], before[:, 3 + start :])
+
+
+def test_compiled_kernel_refuses_inputs_that_do_not_fit() -> None:
+    if not _can_build_here():
+        pytest.fail("this test needs a C compiler and an AVX2/FMA CPU, as CI has")
+    sgmv_cpu.configure("auto")
+    lora = GroupedLora([_bank(8, 6, {0: (2, 1, 1.0)})], [(0, 6)])
+    ctx = LoraBatchContext()
+    ctx.set_rows([0, 0], "cpu")
+    with pytest.raises(ValueError, match="do not fit"):
+        lora.add_delta(torch.randn(2, 1, 8), torch.zeros(2, 5), ctx)  # y narrower than the part
