@@ -28,6 +28,10 @@ $(STAMP): pyproject.toml Makefile
 	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -q && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium fonts-liberation; } || \
 	  echo "chromium is missing: the console's browser tests need it (README, Console)"
+	# A C compiler for the grouped LoRA kernel's compiled form (server/engine/sgmv_cpu.py).
+	command -v cc >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q gcc libc6-dev; } || \
+	  echo "no C compiler: the LoRA kernel runs as PyTorch ops (slower; README, LoRA kernels)"
 	touch $(STAMP)
 
 serve: setup

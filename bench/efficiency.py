@@ -33,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -44,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapters.peft_format import LoraAdapter, load_adapter_dir
 from bench.common import ROOT, ServerProcess, machine_description, write_random_adapter, write_random_llama
+from server.engine import sgmv_cpu
 from server.engine.base_model import embedded_model_dir
 from server.engine.engine import Engine, EngineConfig
 from server.engine.native import onednn
@@ -112,30 +114,51 @@ def floor_seconds(weights: list[torch.Tensor], batch: int, reps: int) -> float:
 
 # The native runner's variants the bench can compare in one run: name -> (CLI flags, runner options).
 # name -> (the server's flags, the native runner's options, the engine's config)
-NATIVE_VARIANTS: dict[str, tuple[list[str], dict[str, str], dict[str, str]]] = {
-    "native": ([], {}, {}),  # defaults: oneDNN-packed weights, eager decode, grouped LoRA kernel
-    "native-segmented": (["--kernel", "segmented"], {}, {"kernel": "segmented"}),  # the former default
-    "native-dense": (["--weight-layout", "dense"], {"weight_layout": "dense"}, {}),  # plain x @ W.T
-    "native-compiled": (["--compile", "on"], {"compile": "on"}, {}),
+@dataclass(frozen=True)
+class Variant:
+    """A native-runner configuration: its server flags, and the same as runner options, engine
+    config and compiled-kernel setting for the engine built in this process."""
+
+    flags: list[str]
+    runner_options: dict[str, str] = field(default_factory=dict)
+    engine_config: dict[str, str] = field(default_factory=dict)
+    cpu_kernel: str = "auto"
+
+
+NATIVE_VARIANTS: dict[str, Variant] = {
+    "native": Variant(
+        []
+    ),  # defaults: oneDNN-packed weights, eager decode, grouped LoRA kernel compiled from C
+    "native-pytorch-lora": Variant(["--cpu-kernel", "off"], cpu_kernel="off"),  # grouped as PyTorch ops
+    "native-segmented": Variant(["--kernel", "segmented"], engine_config={"kernel": "segmented"}),
+    "native-dense": Variant(
+        ["--weight-layout", "dense"], runner_options={"weight_layout": "dense"}
+    ),  # plain x @ W.T
+    "native-compiled": Variant(["--compile", "on"], runner_options={"compile": "on"}),
 }
 
 
 def runner_flags(runner: str) -> list[str]:
     """``hf`` or one of ``NATIVE_VARIANTS`` as the server's CLI flags."""
     if runner in NATIVE_VARIANTS:
-        return ["--runner", "native", *NATIVE_VARIANTS[runner][0]]
+        return ["--runner", "native", *NATIVE_VARIANTS[runner].flags]
     return ["--runner", runner]
 
 
 def build_engine(runner: str, model_dir: Path, dtype: torch.dtype, device: torch.device, **config) -> Engine:
     from server.engine.base_model import build_engine_for_dir
 
-    kind, options, engine_config = (
-        ("native", *NATIVE_VARIANTS[runner][1:]) if runner in NATIVE_VARIANTS else (runner, {}, {})
-    )
-    return build_engine_for_dir(
-        model_dir, kind, dtype, device, EngineConfig(mode="unmerged", **config, **engine_config), **options
-    )
+    variant = NATIVE_VARIANTS.get(runner)
+    kind = "native" if variant is not None else runner
+    sgmv_cpu.configure(variant.cpu_kernel if variant is not None else "auto")  # read as the layers are built
+    try:
+        return build_engine_for_dir(
+            model_dir, kind, dtype, device,
+            EngineConfig(mode="unmerged", **config, **(variant.engine_config if variant else {})),
+            **(variant.runner_options if variant else {}),
+        )  # fmt: skip
+    finally:
+        sgmv_cpu.configure("auto")
 
 
 def decode_step_seconds(
@@ -200,8 +223,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--runners",
-        default="native,native-segmented,native-dense,hf",
-        help="runners to measure, in order: native, native-segmented, native-dense, native-compiled, hf",
+        default="native,native-pytorch-lora,native-dense,hf",
+        help="runners to measure, in order: " + ", ".join([*NATIVE_VARIANTS, "hf"]),
     )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians kept)")
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed per measurement")
@@ -245,14 +268,15 @@ def main() -> None:
         adapters = {
             r: [load_adapter_dir(p, p.name, e.base_shapes) for p in adapter_dirs] for r, e in engines.items()
         }
-        for _ in range(args.rounds):
+        for round_index in range(args.rounds):
             for batch in batches:
                 floors[batch].append(floor_seconds(weights, batch, args.steps))
                 if packed is not None:
                     packed_floors[batch].append(floor_seconds(packed, batch, args.steps))
                 for runner, engine in engines.items():
                     mixed = [adapters[runner][i % NUM_ADAPTERS] for i in range(batch)]
-                    for name, rows in (("base", [None] * batch), ("lora", mixed)):
+                    pair = [("base", [None] * batch), ("lora", mixed)]
+                    for name, rows in pair if round_index % 2 == 0 else pair[::-1]:  # ABBA: no order bias
                         steps.setdefault((runner, name, batch), []).append(
                             decode_step_seconds(engine, prompt_ids, rows, args.steps)
                         )
@@ -399,7 +423,11 @@ def render(args, runners, batches, floor, packed_floor, step, overhead, workload
         "native runner reads on the CPU in float32); `-` where that layout does not apply",
         "- efficiency = floor / step (packed eff. = packed floor / step); LoRA rows: 4 random all-linear "
         "rank-16 adapters, row i reads adapter i mod 4; LoRA overhead: median over rounds of the "
-        "adapter step / base step of the same round, less 1",
+        "adapter step / base step of the same round, less 1 (the two run back to back, in alternating "
+        "order from round to round)",
+        "- runners: `native` (defaults: the grouped LoRA kernel compiled from C), `native-pytorch-lora` "
+        "(`--cpu-kernel off`: the same kernel as PyTorch ops), `native-segmented` (`--kernel segmented`), "
+        "`native-dense` (`--weight-layout dense`), `hf` (Hugging Face's model code)",
         "",
         "| runner | batch | floor ms | packed floor ms | base step ms | efficiency | packed eff. "
         "| 4 adapters step ms | efficiency | LoRA overhead |",
