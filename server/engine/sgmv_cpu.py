@@ -32,6 +32,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -203,11 +204,11 @@ def _cpu_supports_avx2_fma() -> bool:
 
 def _compile(cache_dir: Path) -> Path | None:
     """The shared library for this source and these flags, compiled once into ``cache_dir``."""
-    compiler = os.environ.get("CC") or "cc"
-    if shutil.which(compiler) is None:
-        log.info("compiled LoRA kernel: no C compiler (%s); using PyTorch ops", compiler)
+    compiler = shlex.split(os.environ.get("CC") or "cc")  # e.g. CC="ccache gcc"
+    if not compiler or shutil.which(compiler[0]) is None:
+        log.info("compiled LoRA kernel: no C compiler (%s); using PyTorch ops", " ".join(compiler))
         return None
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((*compiler, *FLAGS)).encode()).hexdigest()[:16]
     for directory in (cache_dir / "kernels", Path(tempfile.gettempdir()) / "loraplex-kernels"):
         target = directory / f"sgmv_cpu-{digest}.so"
         if target.exists():
@@ -217,7 +218,7 @@ def _compile(cache_dir: Path) -> Path | None:
             with tempfile.TemporaryDirectory(dir=directory) as scratch:
                 built = Path(scratch) / target.name
                 result = subprocess.run(
-                    [compiler, *FLAGS, "-o", str(built), str(SOURCE)],
+                    [*compiler, *FLAGS, "-o", str(built), str(SOURCE)],
                     capture_output=True,
                     text=True,
                     timeout=120,
@@ -225,13 +226,13 @@ def _compile(cache_dir: Path) -> Path | None:
                 if result.returncode != 0:
                     log.warning(
                         "compiled LoRA kernel: %s failed; using PyTorch ops:\n%s",
-                        compiler,
+                        " ".join(compiler),
                         result.stderr[-2000:],
                     )
                     return None
                 os.replace(built, target)  # atomic: a concurrent build leaves one complete file
             return target
-        except OSError as error:  # an unwritable cache: try the next directory
+        except (OSError, subprocess.SubprocessError) as error:  # unwritable cache, hung compiler: next
             log.info("compiled LoRA kernel: cannot build in %s (%s)", directory, error)
     return None
 

@@ -74,7 +74,11 @@ def test_compiled_kernel_equals_the_dense_reference(batch: str, k: int, widths, 
     sgmv_cpu.configure("auto")
     banks, spans, start = [], [], 0
     for p, (width, rank) in enumerate(zip(widths, ranks, strict=True)):
-        slots = {0: (rank, 10 * p, 2.0), 1: (max(1, rank - 3), 10 * p + 1, 0.5), 2: (rank + 1, 10 * p + 2, -1.5)}
+        slots = {
+            0: (rank, 10 * p, 2.0),
+            1: (max(1, rank - 3), 10 * p + 1, 0.5),
+            2: (rank + 1, 10 * p + 2, -1.5),
+        }
         if p == 0:
             del slots[2]
         if p == len(widths) - 1:
@@ -100,7 +104,9 @@ def test_compiled_kernel_equals_the_dense_reference(batch: str, k: int, widths, 
                 delta = c * bank.delta_weight(slot)  # [d, k]
                 expected[i * seq : (i + 1) * seq, 3 + s : 3 + e] += x[i] @ delta.T
     torch.testing.assert_close(wide, expected, rtol=1e-4, atol=1e-4)
-    assert torch.equal(wide[:, :3], before[:, :3]) and torch.equal(wide[:, 3 + start :], before[:, 3 + start :])
+    assert torch.equal(wide[:, :3], before[:, :3]) and torch.equal(
+        wide[:, 3 + start :], before[:, 3 + start :]
+    )
 
 
 def test_compiled_kernel_refuses_inputs_that_do_not_fit() -> None:
