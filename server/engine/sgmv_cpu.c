@@ -107,10 +107,11 @@ static void up_block(float* const y[TILE], const float* B, int64_t r, int64_t w,
 }
 
 /* y[rows] += the grouped LoRA update of x[rows]; x: rows of k floats (row stride x_stride),
- * y: rows whose columns the parts cover (row stride y_stride). Returns 0, or -1 when out of memory
- * (then y is unchanged). */
+ * y: rows whose columns the parts cover (row stride y_stride); num_threads: PyTorch's setting (an
+ * OpenMP thread count is per calling thread, so it is passed, not inherited). Returns 0, or -1 when
+ * out of memory (then y is unchanged). */
 int lora_grouped_add(const float* x, int64_t x_stride, float* y, int64_t y_stride,
-                     const lora_groups* groups, const lora_factors* f) {
+                     const lora_groups* groups, const lora_factors* f, int num_threads) {
   const int64_t k = f->k, R = f->R, down_blocks = R / BLOCK;
   int64_t num_tiles = 0, width = 0, up_items = 0;
   for (int64_t g = 0; g < groups->num_groups; g++)
@@ -124,7 +125,8 @@ int lora_grouped_add(const float* x, int64_t x_stride, float* y, int64_t y_strid
   float* zero_row = calloc((size_t)k, sizeof(float));                  /* x of padding rows */
   int64_t* item_part = malloc(sizeof(int64_t) * (size_t)up_items);     /* phase-2 item -> part */
   int64_t* item_block = malloc(sizeof(int64_t) * (size_t)up_items);    /* -> its first block */
-  float* scratch_rows = malloc(sizeof(float) * (size_t)(omp_get_max_threads() * width)); /* y of padding rows, one per thread */
+  if (num_threads < 1) num_threads = 1;
+  float* scratch_rows = calloc((size_t)(num_threads * width), sizeof(float)); /* y of padding rows, one per thread */
   const int failed = !tiles || !h || !zero_row || !item_part || !item_block || !scratch_rows;
   if (!failed) {
     int64_t t = 0, n = 0;
@@ -136,7 +138,7 @@ int lora_grouped_add(const float* x, int64_t x_stride, float* y, int64_t y_strid
     for (int64_t p = 0; p < f->num_parts; p++)
       for (int64_t b = 0; b * BLOCK < f->part_width[p]; b += UP_BLOCKS) item_part[n] = p, item_block[n++] = b;
 
-#pragma omp parallel
+#pragma omp parallel num_threads(num_threads)
     {
       /* phase 1: h = w * (x @ A_g), one (tile, packed block of A) per item */
 #pragma omp for schedule(static)

@@ -13,14 +13,16 @@ machine (120 projections of the embedded model, rank-16 all-linear adapters; scr
        64 x 4             17.1 ms          9.5 ms
 
 How it is built: on first use the C source is compiled with the system C compiler (``$CC``, else
-``cc``; AVX2, FMA and OpenMP) into ``<cache_dir>/kernels/`` under a name made from a hash of
-the source and flags, then loaded with ctypes and checked once against the PyTorch form on random
-inputs. Without a compiler, on a CPU without AVX2/FMA, or if that check fails, ``load`` returns
+``cc``; AVX2, FMA and OpenMP) into ``<cache_dir>/kernels/`` (where that cannot be written, a
+temporary directory of the process's own, never a shared path) under a name made from a hash of
+the source and flags, then loaded with ctypes and checked once against the dense formula on
+random inputs. ``add`` checks every shape and row count first: the C code trusts its indices. Without a compiler, on a CPU without AVX2/FMA, or if that check fails, ``load`` returns
 None and ``GroupedLora`` keeps its PyTorch ops: same results, slower. ``--cpu-kernel off`` (the
 ``cpu_kernel`` setting) turns the compiled form off.
 
 The library links ``libgomp.so.1``; PyTorch's CPU wheels load one under the same name first, so
-the kernel runs on PyTorch's thread pool and its ``torch.set_num_threads`` setting. The ctypes call
+the kernel runs on PyTorch's thread pool, with ``torch.get_num_threads()`` threads (passed on each
+call: OpenMP keeps that count per calling thread). The ctypes call
 releases the GIL while it runs.
 """
 
@@ -108,6 +110,9 @@ class GroupsPlan:
         for group in members:
             rows.extend(row * seq + t for row in group for t in range(seq))
             starts.append(len(rows))
+        self.num_rows = (
+            max((row for group in members for row in group), default=-1) + 1
+        ) * seq  # x, y need as many
         self._starts = torch.tensor(starts, dtype=torch.int64)
         self._rows = torch.tensor(rows, dtype=torch.int64)
         self._weight = (
@@ -168,18 +173,23 @@ class CompiledSgmv:
         self._fn = library.lora_grouped_add
         self._fn.argtypes = [
             ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-            ctypes.POINTER(_Groups), ctypes.POINTER(_Factors),
+            ctypes.POINTER(_Groups), ctypes.POINTER(_Factors), ctypes.c_int,
         ]  # fmt: skip
         self._fn.restype = ctypes.c_int
 
     def add(self, x: torch.Tensor, y: torch.Tensor, groups: GroupsPlan, factors: FactorsPlan) -> None:
         """``y[rows] += update(x[rows])`` in place. x: [N, k] float32 CPU with unit column stride;
         y: [N, >= factors.width] float32 CPU with unit column stride (a column slice is fine)."""
-        if x.stride(1) != 1 or y.stride(1) != 1 or x.shape[1] != factors.k or y.shape[1] < factors.width:
-            raise ValueError(f"compiled LoRA kernel: x {tuple(x.shape)} / y {tuple(y.shape)} do not fit")
+        fits = all(t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(1) == 1 for t in (x, y))
+        fits = fits and x.shape[1] == factors.k and y.shape[1] >= factors.width
+        if not fits or min(x.shape[0], y.shape[0]) < groups.num_rows:  # the C code trusts every index
+            raise ValueError(
+                f"compiled LoRA kernel: x {tuple(x.shape)} / y {tuple(y.shape)} do not fit "
+                f"{groups.num_rows} rows of {factors.k} -> {factors.width} columns"
+            )
         status = self._fn(
             x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), ctypes.byref(groups.struct),
-            ctypes.byref(factors.struct),
+            ctypes.byref(factors.struct), torch.get_num_threads(),
         )  # fmt: skip
         if status != 0:
             raise MemoryError("compiled LoRA kernel: out of memory for its work buffers")
@@ -209,7 +219,9 @@ def _compile(cache_dir: Path) -> Path | None:
         log.info("compiled LoRA kernel: no C compiler (%s); using PyTorch ops", " ".join(compiler))
         return None
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((*compiler, *FLAGS)).encode()).hexdigest()[:16]
-    for directory in (cache_dir / "kernels", Path(tempfile.gettempdir()) / "loraplex-kernels"):
+    # the cache, else a directory of this process's own: never a shared path another user could fill
+    for directory in (cache_dir / "kernels", None):
+        directory = directory or Path(tempfile.mkdtemp(prefix="loraplex-kernels-"))
         target = directory / f"sgmv_cpu-{digest}.so"
         if target.exists():
             return target
@@ -262,6 +274,14 @@ def _agrees_with_reference(kernel: CompiledSgmv) -> bool:
 
 @functools.cache
 def _build(cache_dir: Path) -> CompiledSgmv | None:
+    try:
+        return _build_and_check(cache_dir)
+    except Exception:  # whatever goes wrong here, the PyTorch form serves: log it, never fail a load
+        log.exception("compiled LoRA kernel: could not be built or checked; using PyTorch ops")
+        return None
+
+
+def _build_and_check(cache_dir: Path) -> CompiledSgmv | None:
     if not _cpu_supports_avx2_fma():
         log.info("compiled LoRA kernel: this CPU lacks AVX2/FMA; using PyTorch ops")
         return None

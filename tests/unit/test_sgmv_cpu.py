@@ -118,3 +118,6 @@ def test_compiled_kernel_refuses_inputs_that_do_not_fit() -> None:
     ctx.set_rows([0, 0], "cpu")
     with pytest.raises(ValueError, match="do not fit"):
         lora.add_delta(torch.randn(2, 1, 8), torch.zeros(2, 5), ctx)  # y narrower than the part
+    ctx.set_rows([0, 0, 0, 0], "cpu")  # rows the tensors below do not have: refused, never read
+    with pytest.raises(ValueError, match="do not fit"):
+        lora.add_delta(torch.randn(2, 1, 8), torch.zeros(2, 6), ctx)
