@@ -378,9 +378,7 @@ class GroupedLora:
         self._A: torch.Tensor | None = None  # [L, k, R]: every applying part's A_g along the rank
         self._runs: list[tuple[int, int, list[_GroupedPart]]] = []  # (start, end, adjacent parts)
         # float32 on the CPU: the same kernel compiled from C where it builds (sgmv_cpu.py)
-        first = self.banks[0]
-        on_cpu_fp32 = first._dtype == torch.float32 and torch.device(first._device).type == "cpu"
-        self.compiled = sgmv_cpu.load() if on_cpu_fp32 else None
+        self.compiled = sgmv_cpu.load_for(self.banks[0]._device, self.banks[0]._dtype)
         self._plan: sgmv_cpu.FactorsPlan | None = None  # the factors as the compiled kernel reads them
 
     def _factors(self, slots: tuple[int, ...]) -> tuple[torch.Tensor | None, list]:

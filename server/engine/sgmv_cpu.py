@@ -16,14 +16,14 @@ How it is built: on first use the C source is compiled with the system C compile
 ``cc``; AVX2, FMA and OpenMP) into ``<cache_dir>/kernels/`` (where that cannot be written, a
 temporary directory of the process's own, never a shared path) under a name made from a hash of
 the source and flags, then loaded with ctypes and checked once against the dense formula on
-random inputs. ``add`` checks every shape and row count first: the C code trusts its indices. Without a compiler, on a CPU without AVX2/FMA, or if that check fails, ``load`` returns
-None and ``GroupedLora`` keeps its PyTorch ops: same results, slower. ``--cpu-kernel off`` (the
+random inputs. ``add`` checks every shape and row count first: the C code trusts its indices.
+Without a compiler, on a CPU without AVX2/FMA, or if that check fails, ``load`` returns None and
+``GroupedLora`` keeps its PyTorch ops: same results, slower. ``--cpu-kernel off`` (the
 ``cpu_kernel`` setting) turns the compiled form off.
 
 The library links ``libgomp.so.1``; PyTorch's CPU wheels load one under the same name first, so
 the kernel runs on PyTorch's thread pool, with ``torch.get_num_threads()`` threads (passed on each
-call: OpenMP keeps that count per calling thread). The ctypes call
-releases the GIL while it runs.
+call: OpenMP keeps that count per calling thread). The ctypes call releases the GIL while it runs.
 """
 
 from __future__ import annotations
@@ -70,9 +70,15 @@ def load() -> CompiledSgmv | None:
     return _build(_settings["cache_dir"])  # type: ignore[arg-type]
 
 
-def used_for(kernel: str, device: torch.device, dtype: torch.dtype) -> bool:
+def load_for(device: torch.device | str, dtype: torch.dtype) -> CompiledSgmv | None:
+    """The compiled kernel for LoRA layers built now on this device and dtype (float32 on the
+    CPU only), or None."""
+    return load() if torch.device(device).type == "cpu" and dtype == torch.float32 else None
+
+
+def used_for(kernel: str, device: torch.device | str, dtype: torch.dtype) -> bool:
     """Whether LoRA layers built now with this kernel, device and dtype run the compiled form."""
-    return kernel == "grouped" and device.type == "cpu" and dtype == torch.float32 and load() is not None
+    return kernel == "grouped" and load_for(device, dtype) is not None
 
 
 class _Groups(ctypes.Structure):

@@ -10,6 +10,7 @@ from typing import Literal
 
 import torch
 
+from server.engine import sgmv_cpu
 from server.engine.lora_linear import Kernel, LoraBatchContext
 from server.engine.native import onednn
 from server.engine.native.config import NativeConfig
@@ -70,6 +71,9 @@ class NativeLlamaRunner(ModelRunner):
         self.dtype = dtype
         self.ctx = LoraBatchContext()
         self.kernel = kernel
+        # the grouped kernel's PyTorch form reads rows sorted by adapter as views (``_slot_order``);
+        # its compiled form reads any row order at the same cost, so decode rows stay as they are
+        self._sort_rows = kernel == "grouped" and not sgmv_cpu.used_for(kernel, self.device, dtype)
         self.decode_kind = decode_kind(compile, self.device)
         self.weight_layout = self._weight_layout(weight_layout)
         config = NativeConfig.from_dict(json.loads((Path(model_dir) / "config.json").read_text()))
@@ -208,10 +212,10 @@ class NativeLlamaRunner(ModelRunner):
 
     def _slot_order(self, inputs: Sequence[DecodeInput]) -> list[int] | None:
         """The rows sorted by adapter slot (the bare base first), when an eager step over several
-        adapters reads them through the grouped kernel: each adapter's rows then lie side by side
-        and the kernel reads and writes them as views, without a gather or a scatter. None when
-        the order would not change or does not matter."""
-        if self.graphs is not None or self.kernel != "grouped":
+        adapters reads them through the grouped kernel's PyTorch form: each adapter's rows then
+        lie side by side and the kernel reads and writes them as views, without a gather or a
+        scatter. None when the order would not change or does not matter."""
+        if self.graphs is not None or not self._sort_rows:
             return None
         slots = [i.slot for i in inputs]
         order = sorted(range(len(slots)), key=slots.__getitem__)
