@@ -102,8 +102,13 @@ async def list_adapters(store: StoreDep) -> list[dict]:
 
 
 @router.get("/adapters/{adapter_id}")
-async def get_adapter(adapter_id: AdapterIdPath, store: StoreDep) -> dict:
-    return stored_record(store, adapter_id).summary()
+async def get_adapter(adapter_id: AdapterIdPath, store: StoreDep, request: Request) -> dict:
+    summary = stored_record(store, adapter_id).summary()
+    sources = getattr(request.app.state, "sources", None)
+    origin = sources.origin(adapter_id) if sources is not None else None
+    if origin is not None:  # fetched from an adapter source: where from, and its objects' versions
+        summary["source"] = origin.summary()
+    return summary
 
 
 @router.delete("/adapters/{adapter_id}", status_code=204)
