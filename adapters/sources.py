@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -291,6 +292,12 @@ class OriginIndex:
 # --------------------------------------------------------------------------- the sources
 
 
+@dataclass
+class _IdLock:
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    users: int = 0
+
+
 class AdapterSources:
     """The configured sources in order, in front of the store (see the module docstring)."""
 
@@ -310,7 +317,7 @@ class AdapterSources:
         self.on_replaced = on_replaced  # the server frees the old version's memory slot
         self.origins = OriginIndex(store.data_dir / SOURCES_FILE)
         self.fetches = 0  # adapters (or new versions) read from a source
-        self._locks: dict[str, threading.Lock] = {}
+        self._locks: dict[str, _IdLock] = {}
         self._locks_lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="adapter-source")
 
@@ -354,7 +361,7 @@ class AdapterSources:
         None when no source has it. ``require_source`` (``adapter_source: s3``): an id stored from
         an upload is refused (:class:`SourceConflict`) rather than served as if it came from S3.
         """
-        with self._lock_for(adapter_id):
+        with self._locked(adapter_id):
             record = self.store.record(adapter_id)
             if record is not None:
                 origin = self.origin(adapter_id)
@@ -369,9 +376,20 @@ class AdapterSources:
                 return self._refreshed(record, origin)
             return self._fetch_new(adapter_id)
 
-    def _lock_for(self, adapter_id: str) -> threading.Lock:
+    @contextlib.contextmanager
+    def _locked(self, adapter_id: str) -> Iterator[None]:
+        """One fetch per id at a time; the lock is dropped with its last user (ids may be anything)."""
         with self._locks_lock:
-            return self._locks.setdefault(adapter_id, threading.Lock())
+            entry = self._locks.setdefault(adapter_id, _IdLock())
+            entry.users += 1
+        try:
+            with entry.lock:
+                yield
+        finally:
+            with self._locks_lock:
+                entry.users -= 1
+                if entry.users == 0:
+                    del self._locks[adapter_id]
 
     def _fetch_new(self, adapter_id: str) -> AdapterRecord | None:
         unavailable: list[SourceUnavailable] = []
