@@ -51,7 +51,8 @@ class LoraplexReplica:
     async def __init__(self, settings: dict[str, Any], store: Any) -> None:
         self.store = store  # DeploymentHandle of LoraplexStore
         self.cache_dir = tempfile.TemporaryDirectory(prefix="loraplex-replica-")
-        local = {**settings, "data_dir": self.cache_dir.name, "adapter": []}  # start-up adapters: the store's
+        # start-up adapters and adapter sources: the store's (replicas never fetch on their own)
+        local = {**settings, "data_dir": self.cache_dir.name, "adapter": [], "adapter_source": []}
         self.settings = Settings(**local)
         self.id = replica_id()
         self.loads: Counter[str] = Counter()  # adapter id -> times the multiplexed loader ran for it
