@@ -144,6 +144,16 @@ def test_missing_and_invalid_adapters(server, s3, tiny_base) -> None:
     assert generate(server, "resident")  # still serving
 
 
+def test_openai_model_names_a_source_adapter(server, s3, tiny_base) -> None:
+    put(s3, "oa-adapter", *make_adapter(tiny_base, seed=7))
+    body = {"prompt": "Hello there", "max_tokens": 6, "temperature": 0}
+    r = server.post("/v1/completions", json={**body, "model": "oa-adapter"})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == generate(server, "oa-adapter", n=6)
+    r = server.post("/v1/completions", json={**body, "model": "oa-missing"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
+
+
 def test_adapter_source_parameter(server, s3, tiny_base) -> None:
     put(s3, "only-in-s3", *make_adapter(tiny_base, seed=6))
     r = post_generate(server, "only-in-s3", adapter_source="local")
@@ -179,7 +189,10 @@ def test_unreachable_source_is_503_and_other_requests_are_served(server) -> None
             time.sleep(0.3)
             started = time.monotonic()
             assert generate(server, "resident")
-            assert stalled.is_alive(), "the other request had to wait for the stalled fetch"
+            base = server.app.state.base.name  # names the base model: no source is asked
+            completion = {"model": base, "prompt": "Hi", "max_tokens": 2}
+            assert server.post("/v1/completions", json=completion).status_code == 200
+            assert stalled.is_alive(), "the other requests had to wait for the stalled fetch"
             assert time.monotonic() - started < 2.5
             stalled.join(30)
             r = answers["r"]
