@@ -155,11 +155,6 @@ def _serve_on_ray(settings, ray: bool, replicas: int, ray_address: str | None) -
     """``serve --ray``: the cluster of ``server.cluster`` (needs the ``loraplex[ray]`` extra)."""
     if not ray:
         raise typer.BadParameter("--replicas and --ray-address need --ray.")
-    if settings.adapter_source:  # the cluster's store deployment does not search sources yet (issue 29)
-        raise typer.BadParameter(
-            "--adapter-source is not supported with --ray yet: serve the sources from one `loraplex serve`, "
-            "or upload the adapters to the cluster with POST /adapters."
-        )
     try:
         from server.cluster.app import run
     except ImportError as exc:

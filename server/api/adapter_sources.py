@@ -38,8 +38,17 @@ def requested_source(data: dict[str, Any] | None) -> str | None:
 
 async def fetch_named(request: Request, names: list[str], wanted: str | None) -> None:
     """Fetch the adapters ``names`` lists that are not stored, as ``wanted`` allows (see above)."""
-    sources: AdapterSources | None = getattr(request.app.state, "sources", None)
-    names = [name for name in names if _may_be_adapter(request, name)]
+    base = getattr(request.app.state, "base", None)
+    await fetch_from_sources(
+        getattr(request.app.state, "sources", None), names, wanted, getattr(base, "name", None)
+    )
+
+
+async def fetch_from_sources(
+    sources: AdapterSources | None, names: list[str], wanted: str | None, base_name: str | None
+) -> None:
+    """:func:`fetch_named` for any holder of the sources (one server's app, the cluster's store)."""
+    names = [name for name in names if _may_be_adapter(name, base_name)]
     if not names or wanted == "local":
         return
     if wanted == "hub":
@@ -62,9 +71,6 @@ async def fetch_named(request: Request, names: list[str], wanted: str | None) ->
             raise not_found(name, sources.uris)
 
 
-def _may_be_adapter(request: Request, name: str) -> bool:
+def _may_be_adapter(name: str, base_name: str | None) -> bool:
     """Whether a source could hold ``name``: a valid adapter id that does not name the base model."""
-    base = getattr(request.app.state, "base", None)
-    return (
-        bool(ADAPTER_ID_RE.match(name)) and name not in _BASE_ALIASES and name != getattr(base, "name", None)
-    )
+    return bool(ADAPTER_ID_RE.match(name)) and name not in _BASE_ALIASES and name != base_name

@@ -206,13 +206,10 @@ def test_unreachable_source_is_503_and_other_requests_are_served(server) -> None
 
 
 def test_serve_checks_the_source_option() -> None:
-    """A malformed source, or sources on a Ray cluster (not supported yet), stop `serve` with a message."""
+    """A malformed source stops `serve` with a message."""
     from typer.testing import CliRunner
 
     from server.cli import app
 
-    runner = CliRunner()
-    bad = runner.invoke(app, ["serve", "--adapter-source", "https://bucket/x"])
+    bad = CliRunner().invoke(app, ["serve", "--adapter-source", "https://bucket/x"])
     assert bad.exit_code == 2 and "not an S3 location" in bad.output
-    ray = runner.invoke(app, ["serve", "--ray", "--adapter-source", "s3://bucket/x"])
-    assert ray.exit_code == 2 and "not supported with --ray" in ray.output
