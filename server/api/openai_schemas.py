@@ -29,6 +29,7 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_CHOICES = 8  # most choices (n) in one request
 MAX_TOP_LOGPROBS = 20  # chat's top_logprobs (OpenAI's limit)
 MAX_COMPLETION_LOGPROBS = 5  # completions' logprobs (OpenAI's limit)
+MAX_BATCH_ROWS = 64  # most prompts x n in one /v1/completions request (each is a row of one batch)
 
 
 def _refuse(message: str):
@@ -114,6 +115,7 @@ class _OpenAIRequest(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2, le=2, description="logit -= p if in the output.")
     logit_bias: dict[str, float] | None = Field(None, max_length=0, description="Not supported: {} or null.")
     adapter_scale: AdapterScale = 1.0  # loraplex's extra body field (openai SDK: extra_body)
+    ignore_eos: bool = Field(False, description="vLLM's extra field: keep generating past EOS (benchmarks).")
     response_format: OpenAIResponseFormat | None = Field(
         None,
         description="`text` (or null): free text; `json_object`: a JSON object; `json_schema`: JSON valid "
@@ -150,11 +152,10 @@ class _OpenAIRequest(BaseModel):
         """The engine's parameters for choice ``choice`` (seed + choice when a seed is given)."""
         temperature = 1.0 if self.temperature is None else self.temperature
         seed = None if self.seed is None else (self.seed + choice) % 2**63
-        penalties = {"frequency_penalty": self.frequency_penalty, "presence_penalty": self.presence_penalty}
+        extra = {"frequency_penalty": self.frequency_penalty, "presence_penalty": self.presence_penalty,
+                 "ignore_eos": self.ignore_eos}  # fmt: skip
         if temperature == 0:
-            return SamplingParams(
-                max_new_tokens=max_new_tokens, seed=seed, stop=tuple(self.stops), **penalties
-            )
+            return SamplingParams(max_new_tokens=max_new_tokens, seed=seed, stop=tuple(self.stops), **extra)
         return SamplingParams(
             max_new_tokens=max_new_tokens,
             do_sample=True,
@@ -162,7 +163,7 @@ class _OpenAIRequest(BaseModel):
             top_p=None if self.top_p in (None, 1.0) else self.top_p,
             seed=seed,
             stop=tuple(self.stops),
-            **penalties,
+            **extra,
         )
 
 
@@ -170,7 +171,13 @@ Prompt = str | list[str] | list[int] | list[list[int]]
 
 
 class CompletionRequest(_OpenAIRequest):
-    prompt: Prompt = Field(..., description="One prompt: text, or token ids.")
+    prompt: Prompt = Field(
+        ...,
+        description="Text, token ids, or a list of either (a batch: one choice per prompt x n, decoded together).",
+    )
+    max_tokens: int | None = Field(
+        None, ge=0, description="Most tokens to generate; 0 with echo: score the prompt."
+    )
     echo: bool | None = Field(False, description="Prepend the prompt to the text (and its logprobs).")
     suffix: Literal[""] | None = Field(None, description="Insertion is not supported: null or empty.")
     best_of: Literal[1] | None = Field(None, description="Only 1; use n for several choices.")
@@ -182,18 +189,25 @@ class CompletionRequest(_OpenAIRequest):
     _best_of = field_validator("best_of", mode="wrap")(_refuse("best_of > 1 is not supported; use n"))
 
     @model_validator(mode="after")
-    def _unsupported(self) -> CompletionRequest:
-        prompt = self.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) and len(prompt) != 1:
-            raise ValueError(f"one prompt per request is supported, got {len(prompt)}; send one request each")
+    def _check_batch(self) -> CompletionRequest:
+        prompts = self.prompts()
+        if len(prompts) * self.choices > MAX_BATCH_ROWS:
+            raise ValueError(
+                f"{len(prompts)} prompts x n={self.choices} make more than {MAX_BATCH_ROWS} choices; "
+                "split the prompts over several requests"
+            )
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError(
+                "max_tokens 0 generates nothing: use it with echo (to score the prompt), or ask for >= 1"
+            )
         return self
 
-    def single_prompt(self) -> str | list[int]:
-        """The prompt as text, or as token ids."""
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts (text, or token ids), in order: a single prompt is a batch of one."""
         prompt: Any = self.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]
-        return prompt
+            return list(prompt)
+        return [prompt]
 
 
 class TextPart(BaseModel):
