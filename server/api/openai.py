@@ -44,6 +44,7 @@ from server.api.openai_schemas import (
     CompletionRequest,
     _OpenAIRequest,
 )
+from server.api.openai_tools import ToolStream, tool_grammar, tool_messages, tool_plan, whole_message
 from server.api.openapi_errors import OpenAIErrorResponse, error_responses
 from server.api.sse import sse, sse_response
 from server.api.stop_holdback import StopHoldback
@@ -233,15 +234,24 @@ async def chat_completions(
     http_request: Request,
 ) -> Response:
     adapter_id = resolve_model(body.model, base, registry)
-    prompt_ids = chat_prompt_ids(engine, [m.template_dict() for m in body.messages])
+    plan = tool_plan(body.tools, body.tool_choice, body.parallel_tool_calls)
+    if plan is not None and body.response_format is not None and body.response_format.type != "text":
+        raise OpenAIError(422, "response_format and tools cannot constrain the same reply: send tool_choice "
+                          '"none" with response_format, or leave response_format out.', "validation", "tools")  # fmt: skip
+    template = getattr(engine.tokenizer, "chat_template", None)
+    messages, template_args = tool_messages([m.template_dict() for m in body.messages], plan, template)
+    prompt_ids = chat_prompt_ids(engine, messages, **template_args)
     max_tokens = body.token_limit or max(engine.config.max_total_tokens - len(prompt_ids), 1)
     check_context(engine, len(prompt_ids), max_tokens, "messages")
     wants = _Wants(logprobs=body.wants_logprobs, top=body.top_logprobs or 0)
-    grammar = await response_grammar(engine, body.response_format)
+    if plan is not None:
+        grammar = await tool_grammar(engine, plan)
+    else:
+        grammar = await response_grammar(engine, body.response_format)
     requests = _requests(engine, registry, body, prompt_ids, max_tokens, adapter_id, wants, grammar)
     # TGI's chat client (which names the model "tgi") requires the role in every delta
     reply = _Reply(body.model, True, engine, wants, [_Prompt(prompt_ids, "")], body.choices,
-                   role_in_every_delta=body.model == TGI_PLACEHOLDER_MODEL)  # fmt: skip
+                   role_in_every_delta=body.model == TGI_PLACEHOLDER_MODEL, tools=plan is not None)  # fmt: skip
     return await _answer(reply, body, engine, requests, http_request)
 
 
@@ -299,7 +309,7 @@ async def _answer(
     return JSONResponse(reply.whole(finishes), headers=timing_headers(requests[0]))
 
 
-def chat_prompt_ids(engine: Engine, messages: list[dict[str, str]]) -> list[int]:
+def chat_prompt_ids(engine: Engine, messages: list[dict[str, Any]], **template_args: Any) -> list[int]:
     """The tokenizer's chat template applied, with the assistant's turn opened."""
     tokenizer = engine.tokenizer
     if not getattr(tokenizer, "chat_template", None):
@@ -310,7 +320,9 @@ def chat_prompt_ids(engine: Engine, messages: list[dict[str, str]]) -> list[int]
             "validation",
         )
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False, **template_args
+        )
     except Exception as exc:  # the template's own checks (e.g. roles must alternate)
         raise ApiError(422, f"the model's chat template refused these messages: {exc}", "validation") from exc
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -349,13 +361,14 @@ class _Reply:
     """Builds one response's bodies (whole, or as stream chunks) with a shared id and timestamp."""
 
     def __init__(self, model: str, chat: bool, engine: Engine, wants: _Wants, prompts: list[_Prompt], n: int,
-                 *, role_in_every_delta: bool = False) -> None:  # fmt: skip
+                 *, role_in_every_delta: bool = False, tools: bool = False) -> None:  # fmt: skip
         self.model = model
         self.chat = chat
         self.wants = wants
         self.prompts = prompts
         self.n = n  # choices per prompt: choice ``index`` answers prompts[index // n]
         self.role_in_every_delta = role_in_every_delta
+        self.tools = tools  # chat: the reply may hold tool calls (server.api.openai_tools)
         self.decode = engine.tokenizer.decode
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -381,7 +394,9 @@ class _Reply:
             text, prompt = self._text(finish), self.prompts[index // self.n]
             choice: dict[str, Any] = {"index": index, "logprobs": self._logprobs(finish, prompt),
                                       "finish_reason": self._finish_reason(finish)}  # fmt: skip
-            if self.chat:
+            if self.chat and self.tools:
+                choice["message"], choice["finish_reason"] = whole_message(text, choice["finish_reason"])
+            elif self.chat:
                 choice["message"] = {"role": "assistant", "content": text}
             else:
                 choice["text"] = prompt.text + text if self.wants.echo else text
@@ -403,9 +418,12 @@ class _Reply:
         return logprobs.take()
 
     def chunk(self, index: int, text: str, finish_reason: str | None = None, logprobs: dict | None = None,
-              *, first: bool = False) -> dict:  # fmt: skip
+              *, first: bool = False, delta: dict | None = None) -> dict:  # fmt: skip
+        """One chunk; ``delta`` (chat) replaces the text's delta (tool-call deltas)."""
         choice: dict[str, Any] = {"index": index, "logprobs": logprobs, "finish_reason": finish_reason}
-        if self.chat and self.role_in_every_delta:  # TGI's shape: its client requires the role in each
+        if self.chat and delta is not None:
+            choice["delta"] = delta
+        elif self.chat and self.role_in_every_delta:  # TGI's shape: its client requires the role in each
             choice["delta"] = {
                 "role": "assistant",
                 "content": text if (text or first) else None,
@@ -446,6 +464,7 @@ class _Reply:
         that token's log-probabilities. An error ends the stream as ``{"error": {...}}``.
         """
         holdback = StopHoldback(stops)
+        tools = ToolStream() if self.tools else None  # the reply may hold tool calls
         prompt = self.prompts[index // self.n]
         completion = CompletionLogprobs(self.decode, len(prompt.text) if self.wants.echo else 0)
         if self.chat:
@@ -457,7 +476,12 @@ class _Reply:
                 yield sse(self.chunk(index, prompt.text, logprobs=self._prompt_logprobs(request, prompt)))
             if isinstance(event, TokenEvent) and not self.wants.generate:
                 continue  # scoring only (max_tokens 0): the one token decoded is not part of the reply
-            if isinstance(event, TokenEvent):
+            if isinstance(event, TokenEvent) and tools is not None:
+                logprobs = self._chat_token_logprobs(event)
+                deltas = tools.push(holdback.push(event.text)) or ([{}] if logprobs else [])
+                for k, delta in enumerate(deltas):  # the token's log-probabilities ride on its first delta
+                    yield sse(self.chunk(index, "", logprobs=logprobs if k == 0 else None, delta=delta))
+            elif isinstance(event, TokenEvent):
                 piece = holdback.push(event.text)
                 if self.wants.logprobs:
                     if self.chat:
@@ -470,6 +494,13 @@ class _Reply:
                     yield sse(self.chunk(index, piece, logprobs=logprobs))
                 elif piece:
                     yield sse(self.chunk(index, piece))
+            elif isinstance(event, FinishEvent) and tools is not None:
+                finishes[index] = event
+                for delta in tools.push(holdback.finish(self._text(event)), final=True):
+                    yield sse(self.chunk(index, "", delta=delta))
+                reason = self._finish_reason(event)
+                yield sse(self.chunk(index, "", "tool_calls" if tools.called and reason != "length" else reason,
+                                     delta={}))  # fmt: skip
             elif isinstance(event, FinishEvent):
                 finishes[index] = event
                 yield sse(self.chunk(index, holdback.finish(self._text(event)), self._finish_reason(event)))
@@ -477,6 +508,11 @@ class _Reply:
                 yield sse(
                     error_body(ERROR_STATUS.get(event.error_type, 500), event.message, event.error_type)
                 )
+
+    def _chat_token_logprobs(self, event: TokenEvent) -> dict | None:
+        if not self.wants.logprobs:
+            return None
+        return chat_logprobs([chat_entry(event.id, event.logprob, event.top_tokens, self.decode)])
 
     def _prompt_logprobs(self, request: GenerationRequest, prompt: _Prompt) -> dict | None:
         if not self.wants.logprobs:

@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI-compatible routes, and their translation to ``SamplingParams``.
 
 Unknown fields are ignored (OpenAI clients send many), but fields that would change the answer
-and that loraplex does not implement (``best_of > 1``, ``suffix``, ``logit_bias``, tools) are
+and that loraplex does not implement (``best_of > 1``, ``suffix``, ``logit_bias``) are
 refused with a 422 naming the field, never silently dropped. Their schemas say so (``const``/``maxItems``), so the OpenAPI contract matches.
 
 Sampling follows OpenAI, not TGI: ``temperature`` defaults to 1 (sampling); ``temperature: 0``
@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from server.api.compose_schemas import AdapterScale
+from server.api.openai_tools import MAX_TOOLS, MessageToolCall, ToolChoice, ToolDef
 from server.api.schemas import MAX_STOP_SEQUENCES
 from server.engine.sampling import SamplingParams
 
@@ -222,16 +223,22 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = Field(None, description="An assistant message's calls.")
+    tool_call_id: str | None = Field(None, description="A tool message: the call it answers.")
 
-    def template_dict(self) -> dict[str, str]:
+    def template_dict(self) -> dict[str, Any]:
         """The message as chat templates expect it (``developer`` is OpenAI's new name for ``system``)."""
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
         role = "system" if self.role == "developer" else self.role
-        message = {"role": role, "content": content or ""}
+        message: dict[str, Any] = {"role": role, "content": content or ""}
         if self.name:
             message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         return message
 
 
@@ -245,10 +252,15 @@ class ChatCompletionRequest(_OpenAIRequest):
         le=MAX_TOP_LOGPROBS,
         description="Also the N most likely tokens at each step (implies logprobs).",
     )
-    tools: list[Any] | None = Field(None, max_length=0, description="Function calling is not supported.")
-    tool_choice: Any = None
-
-    _tools = field_validator("tools", mode="wrap")(_refuse("tools (function calling) are not supported"))
+    tools: list[ToolDef] | None = Field(
+        None, max_length=MAX_TOOLS, description="Functions the model may call (see server.api.openai_tools)."
+    )
+    tool_choice: ToolChoice | None = Field(
+        None, description='"none", "auto" (the default with tools), "required", or a named function.'
+    )
+    parallel_tool_calls: bool | None = Field(
+        None, description="Allow several calls in one reply (default true)."
+    )
 
     @property
     def wants_logprobs(self) -> bool:
