@@ -44,7 +44,14 @@ from server.api.openai_schemas import (
     CompletionRequest,
     _OpenAIRequest,
 )
-from server.api.openai_tools import ToolStream, tool_grammar, tool_messages, tool_plan, whole_message
+from server.api.openai_tools import (
+    ToolPlan,
+    ToolStream,
+    tool_grammar,
+    tool_messages,
+    tool_plan,
+    whole_message,
+)
 from server.api.openapi_errors import OpenAIErrorResponse, error_responses
 from server.api.sse import sse, sse_response
 from server.api.stop_holdback import StopHoldback
@@ -233,6 +240,28 @@ async def chat_completions(
     registry: RegistryDep,
     http_request: Request,
 ) -> Response:
+    chat = await prepare_chat(body, engine, base, registry)
+    # TGI's chat client (which names the model "tgi") requires the role in every delta
+    reply = _Reply(body.model, True, engine, chat.wants, [_Prompt(chat.prompt_ids, "")], body.choices,
+                   role_in_every_delta=body.model == TGI_PLACEHOLDER_MODEL, tools=chat.plan is not None)  # fmt: skip
+    return await _answer(reply, body, engine, chat.requests, http_request)
+
+
+@dataclass(frozen=True)
+class PreparedChat:
+    """A chat request ready to run: its engine requests (one per choice) and what shapes the reply."""
+
+    requests: list[GenerationRequest]
+    prompt_ids: list[int]
+    plan: ToolPlan | None  # the reply may hold tool calls
+    wants: _Wants
+
+
+async def prepare_chat(
+    body: ChatCompletionRequest, engine: Engine, base: LoadedBase, registry: AdapterRepository
+) -> PreparedChat:
+    """The prompt (chat template, tools), the grammar (tools or response_format) and the engine
+    requests; shared by /v1/chat/completions and /v1/responses (``server.api.responses``)."""
     adapter_id = resolve_model(body.model, base, registry)
     plan = tool_plan(body.tools, body.tool_choice, body.parallel_tool_calls)
     if plan is not None and body.response_format is not None and body.response_format.type != "text":
@@ -249,10 +278,7 @@ async def chat_completions(
     else:
         grammar = await response_grammar(engine, body.response_format)
     requests = _requests(engine, registry, body, prompt_ids, max_tokens, adapter_id, wants, grammar)
-    # TGI's chat client (which names the model "tgi") requires the role in every delta
-    reply = _Reply(body.model, True, engine, wants, [_Prompt(prompt_ids, "")], body.choices,
-                   role_in_every_delta=body.model == TGI_PLACEHOLDER_MODEL, tools=plan is not None)  # fmt: skip
-    return await _answer(reply, body, engine, requests, http_request)
+    return PreparedChat(requests, prompt_ids, plan, wants)
 
 
 @dataclass(frozen=True)
