@@ -4,6 +4,8 @@ one request, ``ignore_eos``, OpenAI's context-length error, and the SDK's chat s
 
 from __future__ import annotations
 
+from collections import Counter
+
 import httpx
 import openai
 import pydantic
@@ -78,10 +80,13 @@ def test_max_tokens_zero_without_echo_is_refused(client) -> None:
 
 
 @pytest.mark.parametrize("model", [BASE, "qv"])
-def test_list_of_prompts_is_one_choice_per_prompt_and_n(client, tokenizer, model) -> None:
+def test_list_of_prompts_is_one_choice_per_prompt_and_n(server, client, tokenizer, model) -> None:
+    stats = server.app.state.engine.stats
+    before = Counter(stats.batch_sizes)
     reply = client.completions.create(
         model=model, prompt=PROMPTS, max_tokens=5, temperature=0.8, seed=11, n=2
     )
+    assert max(size for size, steps in (stats.batch_sizes - before).items() if steps) == 6  # one batch
     assert [c.index for c in reply.choices] == list(range(6))
     for index, choice in enumerate(
         reply.choices

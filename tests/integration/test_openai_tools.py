@@ -5,6 +5,7 @@ turns, and 20 requests mixed in one batch (tools and plain rows, base and adapte
 from __future__ import annotations
 
 import json
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
@@ -151,8 +152,10 @@ def test_tool_results_continue_the_conversation(client) -> None:
     assert reply.choices[0].message.content
 
 
-def test_mixed_batch_of_tool_and_plain_rows(client) -> None:
+def test_mixed_batch_of_tool_and_plain_rows(server, client) -> None:
     """20 requests at once (one engine batch): every call's arguments validate; plain rows stay plain."""
+    stats = server.app.state.engine.stats
+    before = Counter(stats.batch_sizes)
 
     def one(i: int):
         model = BASE if i % 2 else "qv"
@@ -178,6 +181,8 @@ def test_mixed_batch_of_tool_and_plain_rows(client) -> None:
             _check_calls(message, {"get_weather"} if isinstance(kind, dict) else set(SCHEMAS))
             calls += len(message.tool_calls)
     assert calls >= 10
+    decoded_together = max(size for size, steps in (stats.batch_sizes - before).items() if steps)
+    assert decoded_together >= 15, stats.batch_sizes - before  # tool, named, auto and plain rows in one step
 
 
 def test_bad_tool_requests_are_refused(client) -> None:
