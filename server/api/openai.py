@@ -205,8 +205,8 @@ async def completions(
     score_only = body.max_tokens == 0  # echo the prompt's log-probabilities, generate nothing
     # one token is generated and dropped when scoring (the engine's rows always decode one)
     max_tokens = 1 if score_only else body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS
-    for prompt in prompts:
-        check_context(engine, len(prompt.ids), 0 if score_only else max_tokens, "prompt")
+    for prompt in prompts:  # (scoring counts the one token decoded: the engine needs room for it)
+        check_context(engine, len(prompt.ids), max_tokens, "prompt")
     wants = _Wants(logprobs=body.logprobs is not None, top=body.logprobs or 0, echo=bool(body.echo),
                    generate=not score_only)  # fmt: skip
     grammar = await response_grammar(engine, body.response_format)
