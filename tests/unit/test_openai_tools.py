@@ -109,3 +109,24 @@ def test_stream_deltas_join_to_the_whole_reply() -> None:
     assert not plain.called and parse_calls("Hello", final=True) is None
     cut, reason = whole_message(text[:30], "length")
     assert reason == "length" and cut == {"role": "assistant", "content": text[:30]}
+
+
+HERMES_LIKE = (
+    "{% if tools %}<tools>{% for t in tools %}{{ t['function']['name'] }};{% endfor %}</tools> reply with <tool_call>"
+    "{% endif %}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] or '' }}"
+    "{% for c in m.get('tool_calls') or [] %}<tool_call>{{ c['function']['arguments'] | tojson }}</tool_call>"
+    "{% endfor %}{% endfor %}"
+)
+
+
+def test_a_template_that_renders_tools_gets_them(tokenizer) -> None:
+    """Through the tokenizer's own apply_chat_template: tools=, and call arguments as a dict."""
+    plan = tool_plan(TOOLS, "auto", True)
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"n": 1}'}}]},
+                {"role": "tool", "content": "42", "tool_call_id": "c"}]  # fmt: skip
+    rendered, extra = tool_messages(messages, plan, HERMES_LIKE)
+    text = tokenizer.apply_chat_template(rendered, chat_template=HERMES_LIKE, tokenize=False, **extra)
+    assert text.startswith("<tools>f;g;</tools>") and '<tool_call>{"n": 1}</tool_call>' in text
+    assert text.endswith("[tool]42")
