@@ -20,7 +20,7 @@ from adapters.index import AdapterRecord
 from adapters.sources import AdapterSources
 from adapters.store import AdapterStore
 from server import __version__
-from server.api import adapters, admin, analysis, composition, generate, health, openai, prometheus
+from server.api import adapters, admin, analysis, composition, generate, health, openai, prometheus, responses
 from server.api.drain import Drain, DrainMiddleware, refuse_while_draining
 from server.api.errors import install_error_handlers
 from server.api.load_control import QueueGate
@@ -186,6 +186,7 @@ def create_app(settings: Settings | None = None, loader: BaseLoader = default_lo
     app.include_router(composition.router)
     app.include_router(adapters.router)
     app.include_router(openai.router)
+    app.include_router(responses.router)
     app.include_router(prometheus.router)
     install_console(app)  # GET / (the web console) and /console/static/*
     install_openapi_contract(app, settings.max_total_tokens)
