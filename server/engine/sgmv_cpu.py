@@ -58,6 +58,11 @@ def configure(mode: CpuKernelMode, cache_dir: Path | None = None) -> None:
         _settings["cache_dir"] = Path(cache_dir).expanduser()
 
 
+def current() -> tuple[CpuKernelMode, Path]:
+    """The configured mode and cache directory (other compiled kernels follow the same settings)."""
+    return _settings["mode"], _settings["cache_dir"]  # type: ignore[return-value]
+
+
 def load() -> CompiledSgmv | None:
     """The compiled kernel, or None when it is turned off or cannot be built here (see above)."""
     if _settings["mode"] == "off":
