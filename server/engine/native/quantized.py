@@ -7,7 +7,7 @@ Two layouts cover every form (``quant_cpu.c`` streams both; k is padded to ``kp`
                   int8: per output channel (group = kp), symmetric: scale = max|w| / 127
                   GGUF Q8_0: group = 32, scale = the block's float16 d
     Q4Weight    q uint8 [out, kp / 2], groups of 32            w = (q + offset) * scale (+ min)
-                  int4: symmetric, offset -8, scale = max|w| / 7 (q - 8 in -7..7)
+                  int4: asymmetric, offset 0, scale = (max - min) / 15, min = the group's min
                   GGUF Q4_0: offset -8, scale = d;  Q4_1: offset 0, scale = d, min = m
 
 A group's 16 bytes hold weight j in the low nibble of byte j and weight j + 16 in its high
@@ -110,14 +110,19 @@ def quantize_int8(weight: torch.Tensor) -> Int8Weight:
 
 
 def quantize_int4(weight: torch.Tensor) -> Q4Weight:
-    """[out, in] -> symmetric 4-bit in groups of 32 along the input (scale = max|w| / 7)."""
+    """[out, in] -> 4-bit in groups of 32 along the input, asymmetric (as GGUF's Q4_1):
+    ``w ≈ q * scale + min`` with min = the group's smallest weight, scale = range / 15.
+
+    Asymmetric rather than symmetric (max|w| / 7, 15 levels of which a group uses about half):
+    measured on the embedded model's perplexity, symmetric cost 1.54x float32's."""
     out, k = weight.shape
     w = F.pad(weight.float(), (0, _padded(k) - k)).view(out, -1, GROUP)  # [out, groups, 32]
-    scale = w.abs().amax(dim=2) / 7  # [out, groups]
+    low, high = w.amin(dim=2), w.amax(dim=2)  # [out, groups]
+    scale = (high - low) / 15
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = (torch.round(w / scale[:, :, None]).clamp_(-7, 7) + 8).to(torch.uint8)  # 1..15
+    q = torch.round((w - low[:, :, None]) / scale[:, :, None]).clamp_(0, 15).to(torch.uint8)  # 0..15
     packed = q[:, :, :16] | (q[:, :, 16:] << 4)  # [out, groups, 16]
-    return Q4Weight(packed.reshape(out, -1).contiguous(), scale.contiguous(), None, -8, k)
+    return Q4Weight(packed.reshape(out, -1).contiguous(), scale.contiguous(), low.contiguous(), 0, k)
 
 
 def quantize(weight: torch.Tensor, kind: Quantization) -> QuantizedWeight:
@@ -195,7 +200,7 @@ def kernel_agrees(kernel: quant_cpu.CompiledQuant) -> bool:
     forms: list[QuantizedWeight] = [quantize_int8(weight), quantize_int4(weight)]
     q4 = forms[1]
     assert isinstance(q4, Q4Weight)
-    forms.append(Q4Weight(q4.q, q4.scale, torch.randn(q4.scale.shape, generator=gen), 0, q4.in_features))
+    forms.append(Q4Weight(q4.q, q4.scale, None, -8, q4.in_features))
     forms.append(Int8Weight(forms[0].q, torch.rand(13, 3, generator=gen), 32, 77))  # type: ignore[union-attr]
     for form in forms:
         for n in (1, 5, 6):

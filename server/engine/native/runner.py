@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import logging
 from collections.abc import Iterable, Sequence
@@ -36,6 +38,14 @@ DEFAULT_GPU_KV_FRACTION = 0.9  # of the GPU memory free after the weights
 
 WeightLayout = Literal["auto", "packed", "dense"]
 ResolvedLayout = Literal["packed", "dense", "quantized"]
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``; elsewhere nothing): loading
+    quantized weights frees far more float32 temporaries than it keeps (measured: the embedded
+    model's int4 RSS once loaded went from about the float32 model's down to int8's)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class NativeLlamaRunner(ModelRunner):
@@ -103,6 +113,8 @@ class NativeLlamaRunner(ModelRunner):
             packed_weights=self.weight_layout == "packed", quantization=quantization, blocks=blocks,
         )  # fmt: skip
         del blocks
+        if quantization != "none":
+            _return_freed_memory()  # quantizing left freed float temporaries in the heap
         self.config = config
         self.vocab_size = config.vocab_size
         limits = [p for p in (config.max_positions, config.sliding_window) if p]
