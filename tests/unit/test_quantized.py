@@ -311,3 +311,32 @@ def test_hostile_gguf_files_are_clear_errors(gguf_base, tmp_path) -> None:
         runner_on(_write_gguf(model, tmp_path / "lie.gguf", {}, shape_lie=True).read_bytes())
     with pytest.raises(GgufError, match=r"blk\.0\.ffn_gate\.weight is F16.*supported: Q8_0, Q4_0, Q4_1"):
         runner_on(_write_gguf(model, tmp_path / "f16.gguf", {"gate_proj": "F16"}).read_bytes())
+
+
+def test_quantizing_in_row_chunks_equals_one_pass() -> None:
+    w = torch.randn(37, 77)
+    for kind, one in (("int8", quantized.quantize_int8), ("int4", quantized.quantize_int4)):
+        assert torch.equal(quantized.quantize(w, kind, rows=8).dequantize(), one(w).dequantize()), kind
+    with pytest.raises(ValueError, match="int8 or int4"):
+        quantized.quantize(w, "gguf")
+
+
+def test_the_read_checkpoint_equals_the_mapped_one(saved, tmp_path) -> None:
+    from server.engine.native.model import Checkpoint, ReadCheckpoint
+
+    _, path = saved
+    mapped, read = Checkpoint(path), ReadCheckpoint(path)
+    assert set(mapped) == set(read) and len(read) == len(mapped)
+    for name in mapped:
+        assert read[name].dtype == mapped[name].dtype and torch.equal(read[name], mapped[name]), name
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    data = next(path.glob("*.safetensors")).read_bytes()
+    (cut / "model.safetensors").write_bytes(data[:-100])
+    with pytest.raises(ValueError, match="truncated"):
+        truncated = ReadCheckpoint(cut)
+        for name in truncated:
+            truncated[name]
+    (cut / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        ReadCheckpoint(cut)

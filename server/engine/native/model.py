@@ -6,6 +6,7 @@ Shapes: ``N`` tokens of a step (a decode step: one per sequence), ``H`` hidden s
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,64 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         return len(self._where)
 
 
+_DTYPES = {  # safetensors dtype names
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+class ReadCheckpoint(Mapping[str, torch.Tensor]):
+    """The tensors of a (possibly sharded) safetensors checkpoint, each read from the file into
+    a fresh buffer when accessed (no memory map).
+
+    For quantized loads: a memory-mapped checkpoint keeps every page it has read resident (and
+    counted in RSS) until it is closed, which is the whole float checkpoint by the end of the
+    load; read this way, the peak is the quantized model plus one float tensor.
+    """
+
+    def __init__(self, model_dir: Path) -> None:
+        files = sorted(model_dir.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(
+                f"{model_dir} has no *.safetensors checkpoint (the native runner reads those)"
+            )
+        self._where: dict[str, tuple[Path, str, list[int], int, int]] = {}
+        for path in files:
+            with path.open("rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                if not 2 <= size <= 100 << 20:
+                    raise ValueError(f"{path}: not a safetensors file (header size {size})")
+                header = json.loads(f.read(size))
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                start, end = info["data_offsets"]
+                self._where[name] = (path, info["dtype"], list(info["shape"]), 8 + size + start, end - start)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        path, dtype, shape, offset, nbytes = self._where[name]
+        if dtype not in _DTYPES:
+            raise ValueError(
+                f"{path}: tensor {name} has dtype {dtype}, which the native runner does not read"
+            )
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        with path.open("rb") as f:
+            f.seek(offset)
+            if f.readinto(buffer.numpy()) != nbytes:
+                raise ValueError(f"{path}: tensor {name} is truncated")
+        return buffer.view(_DTYPES[dtype]).view(shape)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._where
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
 class LlamaModel:
     """Weights (fused where it pays) and the forward pass. Engine thread only."""
 
@@ -154,9 +213,9 @@ class LlamaModel:
         self.embed_q: Int8Weight | None = None
         self.head_q: Int8Weight | None = None
         if quantization in ("int8", "int4"):
-            self.embed_q = quantized.quantize_int8(get(embed_name, copy=False))
+            self.embed_q = quantized.quantize(get(embed_name, copy=False), "int8")
             self.head_q = (
-                quantized.quantize_int8(get("lm_head.weight", copy=False)) if untied else self.embed_q
+                quantized.quantize(get("lm_head.weight", copy=False), "int8") if untied else self.embed_q
             )
             self.embed = self.lm_head = torch.empty(0, c.hidden_size)
         else:

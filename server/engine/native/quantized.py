@@ -125,12 +125,15 @@ def quantize_int4(weight: torch.Tensor) -> Q4Weight:
     return Q4Weight(packed.reshape(out, -1).contiguous(), scale.contiguous(), low.contiguous(), 0, k)
 
 
-def quantize(weight: torch.Tensor, kind: Quantization) -> QuantizedWeight:
-    if kind == "int8":
-        return quantize_int8(weight)
-    if kind == "int4":
-        return quantize_int4(weight)
-    raise ValueError(f"cannot quantize a float weight to {kind!r} (int8 or int4; gguf keeps a file's blocks)")
+def quantize(weight: torch.Tensor, kind: Quantization, rows: int = 2048) -> QuantizedWeight:
+    """``rows`` output rows at a time, so that the float temporaries stay small (a real-size
+    vocabulary's embedding is gigabytes in float32)."""
+    if kind not in ("int8", "int4"):
+        raise ValueError(
+            f"cannot quantize a float weight to {kind!r} (int8 or int4; gguf keeps a file's blocks)"
+        )
+    one = quantize_int8 if kind == "int8" else quantize_int4
+    return cat_rows([one(weight[start : start + rows]) for start in range(0, weight.shape[0], rows)])
 
 
 def cat_rows(weights: list[QuantizedWeight]) -> QuantizedWeight:

@@ -18,7 +18,7 @@ from server.engine.native import onednn
 from server.engine.native.config import NativeConfig
 from server.engine.native.graphed import CompileMode, GraphedDecode, StepRows, StepTensors, decode_kind
 from server.engine.native.kv_cache import PagedKVCache
-from server.engine.native.model import AttentionPlan, Checkpoint, LlamaModel
+from server.engine.native.model import AttentionPlan, Checkpoint, LlamaModel, ReadCheckpoint
 from server.engine.native.quantized import QUANTIZATIONS, Quantization
 from server.engine.runner import (
     DecodeInput,
@@ -109,7 +109,8 @@ class NativeLlamaRunner(ModelRunner):
                 )
             blocks = read_projection_blocks(gguf_file, config)
         self.model = LlamaModel(
-            config, Checkpoint(Path(model_dir)), dtype, self.device, self.ctx, kernel,
+            config, (ReadCheckpoint if quantization != "none" else Checkpoint)(Path(model_dir)), dtype, self.device,
+            self.ctx, kernel,
             packed_weights=self.weight_layout == "packed", quantization=quantization, blocks=blocks,
         )  # fmt: skip
         del blocks
