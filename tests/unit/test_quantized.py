@@ -340,3 +340,14 @@ def test_the_read_checkpoint_equals_the_mapped_one(saved, tmp_path) -> None:
     (cut / "model.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(ValueError, match="not a safetensors file"):
         ReadCheckpoint(cut)
+
+
+def test_serve_refuses_merged_mode_with_quantization_before_loading_anything(monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from server.cli import app
+
+    monkeypatch.setenv("LORAPLEX_QUANTIZATION", "gguf")  # the env var is read too
+    result = CliRunner().invoke(app, ["serve", "--mode", "merged", "--port", "18999"])
+    assert result.exit_code == 2
+    assert "--mode merged cannot be used with --quantization gguf" in " ".join(result.output.split())
