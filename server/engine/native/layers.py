@@ -450,22 +450,7 @@ class QuantizedWriteError(RuntimeError):
     """A merge tried to write into quantized weights (merged mode is refused with quantization)."""
 
 
-class QuantizedRows(WeightTarget):
+class QuantizedRows(PackedRows):
     """Rows [start, end) of a quantized fused projection, as a weight target: ``read``
-    dequantizes (what analysis and compose read); ``write`` is refused (BA cannot be folded into
-    quantized blocks exactly, so merged mode is refused with quantization)."""
-
-    def __init__(self, linear: FusedLinear, start: int, end: int, checkpoint_key: str) -> None:
-        self._linear = linear
-        self._start, self._end = start, end
-        self.live = None
-        self.checkpoint_key = checkpoint_key
-        self.fan_in_fan_out = False
-        self.shape = torch.Size((end - start, linear.in_features))
-        self.dtype, self.device = linear.dtype, linear.device
-
-    def read(self) -> torch.Tensor:
-        return self._linear.read_rows(self._start, self._end)
-
-    def write(self, values: torch.Tensor) -> None:
-        self._linear.write_rows(self._start, self._end, values)
+    dequantizes (what analysis and compose read); ``write`` raises ``QuantizedWriteError`` (BA
+    cannot be folded into quantized blocks exactly, so merged mode is refused with quantization)."""

@@ -171,8 +171,9 @@ def linear(
     n, rows = x.shape[0], weight.shape[0]
     if out is None:
         out = x.new_zeros(n, rows) if accumulate else x.new_empty(n, rows)
-    kernel = quant_cpu.load() if n <= quant_cpu.MAX_ROWS and x.dtype == torch.float32 else None
-    if kernel is not None and x.device.type == "cpu":
+    fits = n <= quant_cpu.MAX_ROWS and x.dtype == out.dtype == torch.float32 and out.stride(1) == 1
+    kernel = quant_cpu.load() if fits and x.device.type == "cpu" else None
+    if kernel is not None:
         run_kernel(kernel, x.contiguous(), weight, out, accumulate)
         return out
     chunk = max(1, (16 << 20) // (4 * weight.in_features))  # dequantize ~16 MiB of rows at a time
