@@ -56,6 +56,12 @@ def default_loader(settings: Settings) -> LoadedBase:
             max_seq_len=settings.max_total_tokens,
             compile=settings.compile,
             weight_layout=settings.weight_layout,
+            quantization=settings.quantization,
+        )
+    if settings.quantization != "none":
+        raise ValueError(
+            f"--quantization {settings.quantization} needs the native runner (Llama, Mistral, Qwen2); "
+            "this model runs on --runner hf"
         )
     return load_base(settings.model, settings.dtype, settings.device, settings.cache_dir)
 

@@ -86,6 +86,10 @@ def serve(
         str | None,
         typer.Option(help="Native runner: auto (oneDNN-packed weights on the CPU), packed or dense."),
     ] = None,
+    quantization: Annotated[
+        str | None,
+        typer.Option(help="Native runner, CPU: none (default), int8, int4 or gguf (the GGUF file's blocks)."),
+    ] = None,
     max_prefill_tokens: Annotated[
         int | None,
         typer.Option(help="Prompt tokens prefilled per engine step (4096); longer prompts are chunked."),
@@ -117,7 +121,7 @@ def serve(
         "kv_cache_tokens": kv_cache_tokens, "kv_cache_memory": kv_cache_memory, "compile": compile,
         "weight_layout": weight_layout, "max_prefill_tokens": max_prefill_tokens, "shutdown_timeout": shutdown_timeout,
         "upload_timeout": upload_timeout, "adapter_source": adapter_source,
-        "adapter_source_refresh": adapter_source_refresh,
+        "adapter_source_refresh": adapter_source_refresh, "quantization": quantization,
     }  # fmt: skip
     import uvicorn
     from pydantic import ValidationError

@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Mode = Literal["unmerged", "merged", "auto"]
@@ -85,6 +85,12 @@ class Settings(BaseSettings):
         description="Seconds after which a fetched adapter's source is re-checked on use, a changed object "
         "served as a new version (0: never re-check).",
     )
+    quantization: Literal["none", "int8", "int4", "gguf"] = Field(
+        "none",
+        description="Native runner, CPU: base weights int8 (per channel) or int4 (groups of 32), quantized "
+        "at load; gguf: the GGUF file's blocks as shipped (Q8_0, Q4_0, Q4_1). Adapters stay float32, "
+        "unmerged; --mode merged is refused.",
+    )
     data_dir: Path = Field(Path("./data"), description="Where adapters are stored (folders + SQLite index).")
     max_upload_mb: int = Field(
         512, ge=1, description="Largest adapter upload (request body and unpacked archive), MiB."
@@ -122,6 +128,16 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds a client may take to send an upload's whole body before it is cut off (408).",
     )
+
+    @model_validator(mode="after")
+    def _check_quantized_mode(self) -> Settings:
+        if self.quantization != "none" and self.mode == "merged":
+            raise ValueError(
+                f"--mode merged cannot be used with --quantization {self.quantization}: an adapter's s·B·A "
+                "cannot be folded into quantized blocks and restored exactly; use --mode unmerged or auto "
+                "(auto then stays unmerged)"
+            )
+        return self
 
     @field_validator("adapter", "adapter_source", mode="before")
     @classmethod

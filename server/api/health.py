@@ -45,13 +45,15 @@ def _kv_cache(engine: Engine) -> dict:
 def _decode(engine: Engine) -> dict:
     """How decode steps run (``--compile``): eager, compile (CPU) or cuda_graphs, and the graphs made;
     ``weights``: the projections' layout (native runner: ``packed`` for oneDNN on the CPU, or
-    ``dense``; the HF runner's are dense); ``lora_kernel``: ``compiled`` where the grouped kernel
+    ``dense``, or ``quantized``; the HF runner's are dense); ``quantization``: ``--quantization``;
+    ``lora_kernel``: ``compiled`` where the grouped kernel
     runs as compiled C (``--cpu-kernel``, CPU float32), else ``pytorch``."""
     graphs = getattr(engine.runner, "graphs", None)
     compiled = sgmv_cpu.used_for(engine.config.kernel, engine.runner.device, engine.runner.dtype)
     return {
         "kind": getattr(engine.runner, "decode_kind", "eager"),
         "weights": getattr(engine.runner, "weight_layout", "dense"),
+        "quantization": getattr(engine.runner, "quantization", "none"),
         "lora_kernel": "compiled" if compiled else "pytorch",
         "graphs": graphs.captures if graphs is not None else 0,
         "warm_up_seconds": round(graphs.warm_up_seconds, 2) if graphs is not None else 0.0,
@@ -68,7 +70,7 @@ async def info(
         "model_path": str(base.path),
         "dtype": str(base.dtype).removeprefix("torch."),
         "device": str(base.device),
-        "mode": settings.mode,
+        "mode": engine.config.mode,  # a quantized base runs auto as unmerged
         "merged_adapter": engine.merged_adapter_id,
         "swaps": engine.stats.swaps,
         "generated_tokens": engine.stats.generated_tokens,

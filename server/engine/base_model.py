@@ -139,6 +139,20 @@ def model_dir_of(model: str | None, cache_dir: Path) -> tuple[Path, str]:
     return path, path.name
 
 
+def gguf_file_of(model: str | None, path: Path) -> Path:
+    """The GGUF file ``--quantization gguf`` reads: the embedded model's, or the one ``*.gguf`` in
+    the ``--model`` directory (beside the config, tokenizer and safetensors it also reads)."""
+    if model is None:
+        return embedded_gguf_path()
+    files = sorted(path.glob("*.gguf"))
+    if len(files) != 1:
+        raise FileNotFoundError(
+            f"--quantization gguf reads one *.gguf file in {path}; found {len(files)}: "
+            "put exactly one GGUF file beside config.json (or use --quantization int8/int4)"
+        )
+    return files[0]
+
+
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
@@ -203,6 +217,8 @@ def load_native(
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, resolved_device)
     path, name = model_dir_of(model, cache_dir)
+    if runner_options.get("quantization") == "gguf":
+        runner_options["gguf_file"] = gguf_file_of(model, path)
     runner = NativeLlamaRunner(path, dtype=resolved_dtype, device=resolved_device, **runner_options)
     return LoadedBase(
         None, load_tokenizer(path), name, path, resolved_dtype, resolved_device, runner, eos_ids_of(path)
@@ -217,6 +233,7 @@ def build_engine_for_dir(
     config: Any,
     compile: str = "auto",
     weight_layout: str = "auto",
+    quantization: str = "none",
 ):
     """An engine on ``model_dir`` with the named runner (benchmarks and scripts: no server);
     ``compile`` and ``weight_layout`` are the native runner's ``--compile`` and ``--weight-layout``."""
@@ -228,6 +245,9 @@ def build_engine_for_dir(
         native = NativeLlamaRunner(
             model_dir, dtype=dtype, device=device, kernel=config.kernel, max_batch=config.max_batch,
             max_seq_len=config.max_total_tokens, compile=compile, weight_layout=weight_layout,
+            quantization=quantization,
+            gguf_file=gguf_file_of(None if model_dir.name == EMBEDDED_CACHE_SUBDIR else str(model_dir), model_dir)
+            if quantization == "gguf" else None,
         )  # fmt: skip
         return Engine(native, load_tokenizer(model_dir), config, eos_ids_of(model_dir))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import queue
 import threading
@@ -102,6 +103,14 @@ class Engine:
         eos_ids: frozenset[int] = frozenset(),
     ) -> None:
         """``eos_ids``: tokens that end a generation besides the tokenizer's own EOS."""
+        if not runner.can_merge:  # a quantized base: adapters can only be added unmerged
+            if config.mode == "merged":
+                raise ValueError(
+                    "--mode merged cannot be used with a quantized base (--quantization): an adapter's "
+                    "s·B·A cannot be folded into quantized blocks and restored exactly; use --mode "
+                    "unmerged or auto (which then stays unmerged)"
+                )
+            config = dataclasses.replace(config, mode="unmerged")
         self.runner = runner
         self.tokenizer = tokenizer
         self.config = config

@@ -151,6 +151,9 @@ class ModelRunner(ABC):
     vocab_size: int
     max_positions: int | None  # the model's context length, None when unknown
     supports_chunked_prefill: bool = False
+    # False where adapters cannot be folded into the weights (quantized bases): merged mode is
+    # refused and auto mode stays unmerged
+    can_merge: bool = True
     _lora_targets: Mapping[str, LoraTarget]
     _weight_targets: Mapping[str, WeightTarget]
 

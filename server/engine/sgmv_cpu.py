@@ -12,11 +12,11 @@ machine (120 projections of the embedded model, rank-16 all-linear adapters; scr
        16 x 4             13.6 ms          5.5 ms
        64 x 4             17.1 ms          9.5 ms
 
-How it is built: on first use the C source is compiled with the system C compiler (``$CC``, else
-``cc``; AVX2, FMA and OpenMP) into ``<cache_dir>/kernels/`` (where that cannot be written, a
-temporary directory of the process's own, never a shared path) under a name made from a hash of
-the source and flags, then loaded with ctypes and checked once against the dense formula on
-random inputs. ``add`` checks every shape and row count first: the C code trusts its indices.
+How it is built (``cpu_build.py``): on first use the C source is compiled with the system C
+compiler (``$CC``, else ``cc``; AVX2, FMA and OpenMP) into ``<cache_dir>/kernels/`` (only when that
+directory is ours and not writable by others; else a temporary directory of the process's own)
+under a name made from a hash of the source and flags, then loaded with ctypes and checked once
+against the dense formula on random inputs. ``add`` checks every shape and row count first: the C code trusts its indices.
 Without a compiler, on a CPU without AVX2/FMA, or if that check fails, ``load`` returns None and
 ``GroupedLora`` keeps its PyTorch ops: same results, slower. ``--cpu-kernel off`` (the
 ``cpu_kernel`` setting) turns the compiled form off.
@@ -30,25 +30,20 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
-import platform
-import shlex
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 import torch
 
+from server.engine import cpu_build
+
 log = logging.getLogger(__name__)
 
 CpuKernelMode = Literal["auto", "off"]
 SOURCE = Path(__file__).with_name("sgmv_cpu.c")
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+FLAGS = cpu_build.AVX2_FLAGS
 
 _settings: dict[str, object] = {"mode": "auto", "cache_dir": Path("~/.cache/loraplex").expanduser()}
 
@@ -61,6 +56,11 @@ def configure(mode: CpuKernelMode, cache_dir: Path | None = None) -> None:
     _settings["mode"] = mode
     if cache_dir is not None:
         _settings["cache_dir"] = Path(cache_dir).expanduser()
+
+
+def current() -> tuple[CpuKernelMode, Path]:
+    """The configured mode and cache directory (other compiled kernels follow the same settings)."""
+    return _settings["mode"], _settings["cache_dir"]  # type: ignore[return-value]
 
 
 def load() -> CompiledSgmv | None:
@@ -201,60 +201,6 @@ class CompiledSgmv:
             raise MemoryError("compiled LoRA kernel: out of memory for its work buffers")
 
 
-def _cpu_supports_avx2_fma() -> bool:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    try:
-        flags = next(
-            (
-                line.split(":", 1)[1].split()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("flags")
-            ),
-            [],
-        )
-    except OSError:
-        return False
-    return "avx2" in flags and "fma" in flags
-
-
-def _compile(cache_dir: Path) -> Path | None:
-    """The shared library for this source and these flags, compiled once into ``cache_dir``."""
-    compiler = shlex.split(os.environ.get("CC") or "cc")  # e.g. CC="ccache gcc"
-    if not compiler or shutil.which(compiler[0]) is None:
-        log.info("compiled LoRA kernel: no C compiler (%s); using PyTorch ops", " ".join(compiler))
-        return None
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((*compiler, *FLAGS)).encode()).hexdigest()[:16]
-    # the cache, else a directory of this process's own: never a shared path another user could fill
-    for directory in (cache_dir / "kernels", None):
-        directory = directory or Path(tempfile.mkdtemp(prefix="loraplex-kernels-"))
-        target = directory / f"sgmv_cpu-{digest}.so"
-        if target.exists():
-            return target
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=directory) as scratch:
-                built = Path(scratch) / target.name
-                result = subprocess.run(
-                    [*compiler, *FLAGS, "-o", str(built), str(SOURCE)],
-                    capture_output=True,
-                    text=True,
-                    timeout=120,
-                )
-                if result.returncode != 0:
-                    log.warning(
-                        "compiled LoRA kernel: %s failed; using PyTorch ops:\n%s",
-                        " ".join(compiler),
-                        result.stderr[-2000:],
-                    )
-                    return None
-                os.replace(built, target)  # atomic: a concurrent build leaves one complete file
-            return target
-        except (OSError, subprocess.SubprocessError) as error:  # unwritable cache, hung compiler: next
-            log.info("compiled LoRA kernel: cannot build in %s (%s)", directory, error)
-    return None
-
-
 def _agrees_with_reference(kernel: CompiledSgmv) -> bool:
     """One random problem with ragged groups, padding tiles, two parts and row weights, against
     the dense formula."""
@@ -288,19 +234,12 @@ def _build(cache_dir: Path) -> CompiledSgmv | None:
 
 
 def _build_and_check(cache_dir: Path) -> CompiledSgmv | None:
-    if not _cpu_supports_avx2_fma():
-        log.info("compiled LoRA kernel: this CPU lacks AVX2/FMA; using PyTorch ops")
+    library = cpu_build.build("sgmv_cpu", SOURCE, cache_dir, "compiled LoRA kernel", FLAGS)
+    if library is None:
         return None
-    path = _compile(cache_dir)
-    if path is None:
-        return None
-    try:
-        kernel = CompiledSgmv(ctypes.CDLL(str(path)))
-    except OSError as error:
-        log.warning("compiled LoRA kernel: cannot load %s (%s); using PyTorch ops", path, error)
-        return None
+    kernel = CompiledSgmv(library)
     if not _agrees_with_reference(kernel):
         log.warning("compiled LoRA kernel: disagrees with the reference on this machine; using PyTorch ops")
         return None
-    log.info("compiled LoRA kernel loaded from %s", path)
+    log.info("compiled LoRA kernel loaded")
     return kernel

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.engine import sgmv_cpu
+from server.engine import cpu_build, sgmv_cpu
 from server.engine.lora_linear import BASE_SLOT, GroupedLora, LoraBatchContext, LoraSlotBank
 
 
 def _can_build_here() -> bool:
-    return shutil.which("cc") is not None and sgmv_cpu._cpu_supports_avx2_fma()
+    return shutil.which("cc") is not None and cpu_build.cpu_supports_avx2_fma()
 
 
 def test_the_compiled_kernel_loads_wherever_it_can_be_built() -> None:
@@ -39,9 +39,9 @@ def test_the_compiled_kernel_loads_wherever_it_can_be_built() -> None:
 
 def test_a_compiler_that_fails_leaves_the_pytorch_form(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("CC", "false")  # exists, always exits 1
-    assert sgmv_cpu._compile(tmp_path) is None
+    assert cpu_build.compile_library("sgmv_cpu", sgmv_cpu.SOURCE, tmp_path, "test") is None
     monkeypatch.setenv("CC", "no-such-compiler-here")
-    assert sgmv_cpu._compile(tmp_path) is None
+    assert cpu_build.compile_library("sgmv_cpu", sgmv_cpu.SOURCE, tmp_path, "test") is None
 
 
 def _bank(k: int, d: int, slots: dict[int, tuple[int, int, float]]) -> LoraSlotBank:

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from server.engine.lora_linear import GroupedLora, Kernel, LoraBatchContext, LoraSlotBank
-from server.engine.native import onednn
+from server.engine.native import onednn, quantized
+from server.engine.native.quantized import Quantization, QuantizedWeight
 from server.engine.runner import WeightTarget
 
 
@@ -233,24 +234,38 @@ class FusedLinear:
 
     ``packed``: keep W only in oneDNN's packed layout (CPU float32; see ``onednn.py``), else dense;
     ``edits`` (packed only): where merges stage their writes, shared by a model's projections.
+    ``quantization`` (int8, int4): keep W only quantized (``quantized.py``; the float matrix is
+    not kept); a ``QuantizedWeight`` (GGUF blocks) is kept as given. Quantized weights are
+    read-only: adapters are added unmerged, and a merge target refuses writes.
     """
 
     def __init__(
         self,
-        weight: torch.Tensor,  # [sum of part sizes, in]
+        weight: torch.Tensor | QuantizedWeight,  # [sum of part sizes, in]
         bias: torch.Tensor | None,
         parts: list[tuple[str, int]],  # (PEFT module name, output size) in output order
         ctx: LoraBatchContext,
         kernel: Kernel,
         packed: bool = False,
         edits: PackedEdits | None = None,
+        quantization: Quantization = "none",
     ) -> None:
-        self._dense: torch.Tensor | None = None if packed else weight
-        self._packed: torch.Tensor | None = onednn.pack(weight) if packed else None
+        self._quant: QuantizedWeight | None = None
+        if not isinstance(weight, torch.Tensor):
+            self._quant = weight
+        elif quantization != "none":
+            self._quant = quantized.quantize(weight, quantization)
+        if self._quant is not None:
+            packed, self.dtype, self.device = False, torch.float32, torch.device("cpu")
+            self._dense: torch.Tensor | None = None
+        else:
+            assert isinstance(weight, torch.Tensor)
+            self._dense = None if packed else weight
+            self.dtype, self.device = weight.dtype, weight.device
+        self._packed: torch.Tensor | None = onednn.pack(weight) if packed else None  # type: ignore[arg-type]
         self._edits = (edits or PackedEdits(capacity=1)) if packed else None
         self.bias = bias
         self.ctx = ctx
-        self.dtype, self.device = weight.dtype, weight.device
         self.in_features = in_features = weight.shape[1]
         self.out_features = weight.shape[0]
         self.spans: list[tuple[int, int]] = []
@@ -258,7 +273,7 @@ class FusedLinear:
         start = 0
         for name, size in parts:
             self.spans.append((start, start + size))
-            self.banks[name] = LoraSlotBank(in_features, size, weight.dtype, weight.device, kernel)
+            self.banks[name] = LoraSlotBank(in_features, size, self.dtype, self.device, kernel)
             start += size
         assert start == weight.shape[0], "parts must cover the fused output"
         self._bank_spans = list(zip(self.banks.values(), self.spans, strict=True))
@@ -274,7 +289,9 @@ class FusedLinear:
 
     def read_rows(self, start: int, end: int) -> torch.Tensor:
         """Rows [start, end) of the weight (dense: a view of the live tensor; packed: of the copy
-        a merge is editing, or unpacked now)."""
+        a merge is editing, or unpacked now; quantized: dequantized now)."""
+        if self._quant is not None:
+            return self._quant.dequantize(start, end)
         if self._dense is not None:
             return self._dense[start:end]
         assert self._edits is not None
@@ -284,6 +301,8 @@ class FusedLinear:
         """Each part's rows of the fused weight, for the merge manager (dense: views written in
         place; packed: read and written back through the packed layout)."""
         spans = zip(self.banks, self.spans, strict=True)
+        if self._quant is not None:
+            return {name: QuantizedRows(self, s, e, f"{name}.weight") for name, (s, e) in spans}
         if self._dense is None:
             return {name: PackedRows(self, s, e, f"{name}.weight") for name, (s, e) in spans}
         return {name: WeightTarget(self._dense[s:e], f"{name}.weight") for name, (s, e) in spans}
@@ -291,6 +310,10 @@ class FusedLinear:
     def write_rows(self, start: int, end: int, values: torch.Tensor) -> None:
         """Set rows [start, end) of the weight. Packed: written into a dense copy that ``flush`` (or
         the next forward, or a write to other projections) packs again."""
+        if self._quant is not None:
+            raise QuantizedWriteError(
+                "quantized base weights cannot be merged into: adapters on a quantized base run unmerged"
+            )
         if self._dense is not None:
             self._dense[start:end] = values
             return
@@ -304,6 +327,9 @@ class FusedLinear:
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, in] -> x @ W.T (+ b): [N, out_features], without adapters."""
+        if self._quant is not None:
+            y = quantized.linear(x, self._quant)
+            return y if self.bias is None else y.add_(self.bias)
         if self._packed is not None:
             if self._edits is not None and self._edits.is_open(self):
                 self.flush()  # never read a packed weight older than its writes
@@ -313,7 +339,11 @@ class FusedLinear:
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """x: [N, in] -> [N, out_features]. A dense weight writes into ``out`` when given (a reused
         buffer); a packed one returns a new tensor (oneDNN's op has no ``out=``)."""
-        if out is None or self._dense is None:
+        if self._quant is not None:
+            y = quantized.linear(x, self._quant, out=out)
+            if self.bias is not None:
+                y.add_(self.bias)
+        elif out is None or self._dense is None:
             y = self._project(x)
         elif self.bias is None:
             y = torch.mm(x, self._dense.t(), out=out)
@@ -324,7 +354,11 @@ class FusedLinear:
 
     def add_to(self, x: torch.Tensor, residual: torch.Tensor) -> None:
         """``residual += x @ W.T (+ b)`` plus the rows' adapters, in place."""
-        if self._dense is None:
+        if self._quant is not None:
+            quantized.linear(x, self._quant, out=residual, accumulate=True)
+            if self.bias is not None:
+                residual.add_(self.bias)
+        elif self._dense is None:
             residual.add_(self._project(x))
         else:
             residual.addmm_(x, self._dense.t())
@@ -410,3 +444,13 @@ class PackedRows(WeightTarget):
 
     def flush(self) -> None:
         self._linear.flush()
+
+
+class QuantizedWriteError(RuntimeError):
+    """A merge tried to write into quantized weights (merged mode is refused with quantization)."""
+
+
+class QuantizedRows(PackedRows):
+    """Rows [start, end) of a quantized fused projection, as a weight target: ``read``
+    dequantizes (what analysis and compose read); ``write`` raises ``QuantizedWriteError`` (BA
+    cannot be folded into quantized blocks exactly, so merged mode is refused with quantization)."""

@@ -6,6 +6,7 @@ Shapes: ``N`` tokens of a step (a decode step: one per sequence), ``H`` hidden s
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from server.engine.lora_linear import Kernel, LoraBatchContext
-from server.engine.native import onednn
+from server.engine.native import onednn, quantized
 from server.engine.native.config import NativeConfig
 from server.engine.native.kv_cache import PagedKVCache
 from server.engine.native.layers import (
@@ -29,6 +30,7 @@ from server.engine.native.layers import (
     rope_signed_sin,
     rotate_in_place,
 )
+from server.engine.native.quantized import Int8Weight, Quantization, QuantizedWeight
 
 # one entry per projection, in ``LlamaModel.projections()`` order; None: no adapter in the step
 StepLora = tuple[tuple[LoraPart | None, ...] | None, ...] | None
@@ -85,6 +87,64 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         return len(self._where)
 
 
+_DTYPES = {  # safetensors dtype names
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+class ReadCheckpoint(Mapping[str, torch.Tensor]):
+    """The tensors of a (possibly sharded) safetensors checkpoint, each read from the file into
+    a fresh buffer when accessed (no memory map).
+
+    For quantized loads: a memory-mapped checkpoint keeps every page it has read resident (and
+    counted in RSS) until it is closed, which is the whole float checkpoint by the end of the
+    load; read this way, the peak is the quantized model plus one float tensor.
+    """
+
+    def __init__(self, model_dir: Path) -> None:
+        files = sorted(model_dir.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(
+                f"{model_dir} has no *.safetensors checkpoint (the native runner reads those)"
+            )
+        self._where: dict[str, tuple[Path, str, list[int], int, int]] = {}
+        for path in files:
+            with path.open("rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                if not 2 <= size <= 100 << 20:
+                    raise ValueError(f"{path}: not a safetensors file (header size {size})")
+                header = json.loads(f.read(size))
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                start, end = info["data_offsets"]
+                self._where[name] = (path, info["dtype"], list(info["shape"]), 8 + size + start, end - start)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        path, dtype, shape, offset, nbytes = self._where[name]
+        if dtype not in _DTYPES:
+            raise ValueError(
+                f"{path}: tensor {name} has dtype {dtype}, which the native runner does not read"
+            )
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        with path.open("rb") as f:
+            f.seek(offset)
+            if f.readinto(buffer.numpy()) != nbytes:
+                raise ValueError(f"{path}: tensor {name} is truncated")
+        return buffer.view(_DTYPES[dtype]).view(shape)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._where
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
 class LlamaModel:
     """Weights (fused where it pays) and the forward pass. Engine thread only."""
 
@@ -97,9 +157,15 @@ class LlamaModel:
         ctx: LoraBatchContext,
         kernel: Kernel,
         packed_weights: bool = False,
+        quantization: Quantization = "none",
+        blocks: Mapping[str, QuantizedWeight] | None = None,
     ) -> None:
         """``packed_weights``: keep the projections in oneDNN's packed layout and run them and the
-        LM head through oneDNN (CPU, float32; see ``onednn.py``)."""
+        LM head through oneDNN (CPU, float32; see ``onednn.py``).
+
+        ``quantization`` int8/int4: the projections are quantized as they are read (``quantized.py``)
+        and the embedding (and LM head) kept as per-row int8; gguf: the projections are ``blocks``
+        (a GGUF file's, by checkpoint name) and the embedding stays float32."""
         self.config = config
         self.ctx = ctx
         self.packed_weights = packed_weights
@@ -111,12 +177,28 @@ class LlamaModel:
             return tensors[name].to(device=device, dtype=dtype, copy=copy)
 
         def fused(prefix: str, parts: list[tuple[str, int]], bias: bool) -> FusedLinear:
+            b = torch.cat([get(f"{prefix}.{p}.bias", copy=False) for p, _ in parts]) if bias else None
+            names = [(f"{prefix}.{p}", n) for p, n in parts]
+            if blocks is not None:  # GGUF blocks as shipped
+                try:
+                    weight = quantized.cat_rows([blocks[f"{prefix}.{p}.weight"] for p, _ in parts])
+                except ValueError as error:
+                    raise ValueError(
+                        f"{prefix}: {error} (a GGUF file mixing block types within one is not served)"
+                    ) from error
+                return FusedLinear(weight, b, names, ctx, kernel)
+            if quantization != "none":  # quantized part by part: one float matrix resident at a time
+                weight = quantized.cat_rows(
+                    [
+                        quantized.quantize(get(f"{prefix}.{p}.weight", copy=False), quantization)
+                        for p, _ in parts
+                    ]
+                )
+                return FusedLinear(weight, b, names, ctx, kernel)
             if len(parts) > 1:  # cat makes the one copy
                 weight = torch.cat([get(f"{prefix}.{p}.weight", copy=False) for p, _ in parts])
             else:
                 weight = get(f"{prefix}.{parts[0][0]}.weight")
-            b = torch.cat([get(f"{prefix}.{p}.bias", copy=False) for p, _ in parts]) if bias else None
-            names = [(f"{prefix}.{p}", n) for p, n in parts]
             return FusedLinear(weight, b, names, ctx, kernel, packed=packed_weights, edits=edits)
 
         edits = PackedEdits(capacity=4)  # a layer's four projections: each packed once per merge pass
@@ -125,9 +207,20 @@ class LlamaModel:
         embed_name = (
             "model.embed_tokens.weight" if "model.embed_tokens.weight" in tensors else "lm_head.weight"
         )
-        self.embed = get(embed_name)  # [V, H]
         untied = not c.tie_word_embeddings and "lm_head.weight" in tensors and embed_name != "lm_head.weight"
-        self.lm_head = get("lm_head.weight") if untied else self.embed  # [V, H]
+        # int8/int4: the embedding and LM head as per-row int8 (a real-size vocabulary in float32
+        # would be most of the memory); otherwise float32 [V, H]
+        self.embed_q: Int8Weight | None = None
+        self.head_q: Int8Weight | None = None
+        if quantization in ("int8", "int4"):
+            self.embed_q = quantized.quantize(get(embed_name, copy=False), "int8")
+            self.head_q = (
+                quantized.quantize(get("lm_head.weight", copy=False), "int8") if untied else self.embed_q
+            )
+            self.embed = self.lm_head = torch.empty(0, c.hidden_size)
+        else:
+            self.embed = get(embed_name)  # [V, H]
+            self.lm_head = get("lm_head.weight") if untied else self.embed  # [V, H]
         self.final_norm = get("model.norm.weight")
         self.layers: list[Layer] = []
         for i in range(c.num_layers):
@@ -161,7 +254,7 @@ class LlamaModel:
     ) -> torch.Tensor:
         """tokens, positions: [N] -> final hidden states [N, H] (before the LM head)."""
         c = self.config
-        x = F.embedding(tokens, self.embed)  # [N, H]: the residual stream, updated in place
+        x = self.embed_tokens(tokens)  # [N, H]: the residual stream, updated in place
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.dtype)  # [N, 1, D]
         signed_sin = rope_signed_sin(sin)
         n = tokens.shape[0]
@@ -301,9 +394,18 @@ class LlamaModel:
             first += count
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: [N] -> [N, H] float (int8 embedding: the rows dequantized)."""
+        if self.embed_q is None:
+            return F.embedding(tokens, self.embed)
+        q = self.embed_q
+        return q.q[tokens, : q.in_features].float() * q.scale[tokens]  # [N, H] * [N, 1]
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, H] -> [N, V]. With packed weights the head runs through oneDNN too, on its
         dense matrix (shared with the embedding; 14 ms against MKL's 25 ms at 16 rows, measured)."""
+        if self.head_q is not None:
+            return quantized.linear(hidden, self.head_q)
         if self.packed_weights:
             return onednn.linear(hidden, self.lm_head)
         return F.linear(hidden, self.lm_head)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import logging
 from collections.abc import Iterable, Sequence
@@ -16,7 +18,8 @@ from server.engine.native import onednn
 from server.engine.native.config import NativeConfig
 from server.engine.native.graphed import CompileMode, GraphedDecode, StepRows, StepTensors, decode_kind
 from server.engine.native.kv_cache import PagedKVCache
-from server.engine.native.model import AttentionPlan, Checkpoint, LlamaModel
+from server.engine.native.model import AttentionPlan, Checkpoint, LlamaModel, ReadCheckpoint
+from server.engine.native.quantized import QUANTIZATIONS, Quantization
 from server.engine.runner import (
     DecodeInput,
     KvUsage,
@@ -35,6 +38,15 @@ DEFAULT_CPU_KV_BYTES = 384 << 20  # keeps the embedded model's server under ~1.6
 DEFAULT_GPU_KV_FRACTION = 0.9  # of the GPU memory free after the weights
 
 WeightLayout = Literal["auto", "packed", "dense"]
+ResolvedLayout = Literal["packed", "dense", "quantized"]
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``; elsewhere nothing): loading
+    quantized weights frees far more float32 temporaries than it keeps (measured: the embedded
+    model's int4 RSS once loaded went from about the float32 model's down to int8's)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class NativeLlamaRunner(ModelRunner):
@@ -57,6 +69,8 @@ class NativeLlamaRunner(ModelRunner):
         block_size: int = BLOCK_SIZE,
         compile: CompileMode = "auto",
         weight_layout: WeightLayout = "auto",
+        quantization: Quantization = "none",
+        gguf_file: Path | None = None,
     ) -> None:
         """KV memory: ``kv_cache_tokens`` if given, else ``kv_cache_bytes``, else a default budget
         (384 MiB on the CPU, 90% of the free GPU memory on CUDA); never more than
@@ -67,7 +81,11 @@ class NativeLlamaRunner(ModelRunner):
 
         ``weight_layout``: ``packed`` keeps the projections in oneDNN's packed layout (``onednn.py``:
         faster on the CPU, about the same memory), ``dense`` as plain matrices; ``auto`` packs for eager
-        float32 decoding on the CPU where oneDNN is available."""
+        float32 decoding on the CPU where oneDNN is available.
+
+        ``quantization`` (``quantized.py``): int8 / int4 quantize the projections at load time;
+        gguf keeps ``gguf_file``'s blocks (``gguf_blocks.py``). Quantized weights need the CPU,
+        float32 and eager decoding; adapters on them run unmerged."""
         self.device = torch.device(device)
         self.dtype = dtype
         self.ctx = LoraBatchContext()
@@ -76,12 +94,29 @@ class NativeLlamaRunner(ModelRunner):
         # its compiled form reads any row order at the same cost, so decode rows stay as they are
         self._sort_rows = kernel == "grouped" and not sgmv_cpu.used_for(kernel, self.device, dtype)
         self.decode_kind = decode_kind(compile, self.device)
-        self.weight_layout = self._weight_layout(weight_layout)
+        self.quantization = self._check_quantization(quantization, weight_layout)
+        self.can_merge = quantization == "none"
+        self.weight_layout: ResolvedLayout = (
+            "quantized" if quantization != "none" else self._weight_layout(weight_layout)
+        )
         config = NativeConfig.from_dict(json.loads((Path(model_dir) / "config.json").read_text()))
+        blocks = None
+        if quantization == "gguf":
+            from server.engine.native.gguf_blocks import read_projection_blocks
+
+            if gguf_file is None:
+                raise ValueError(
+                    "--quantization gguf needs a GGUF file (the embedded model's, or one in --model)"
+                )
+            blocks = read_projection_blocks(gguf_file, config)
         self.model = LlamaModel(
-            config, Checkpoint(Path(model_dir)), dtype, self.device, self.ctx, kernel,
-            packed_weights=self.weight_layout == "packed",
+            config, (ReadCheckpoint if quantization != "none" else Checkpoint)(Path(model_dir)), dtype, self.device,
+            self.ctx, kernel,
+            packed_weights=self.weight_layout == "packed", quantization=quantization, blocks=blocks,
         )  # fmt: skip
+        del blocks
+        if quantization != "none":
+            _return_freed_memory()  # quantizing left freed float temporaries in the heap
         self.config = config
         self.vocab_size = config.vocab_size
         limits = [p for p in (config.max_positions, config.sliding_window) if p]
@@ -114,6 +149,24 @@ class NativeLlamaRunner(ModelRunner):
         for projection in self.model.projections():
             self._lora_targets.update(projection.banks)
             self._weight_targets.update(projection.weight_targets())
+
+    def _check_quantization(self, quantization: Quantization, layout: WeightLayout) -> Quantization:
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"unknown quantization {quantization!r}: choose one of {', '.join(QUANTIZATIONS)}"
+            )
+        if quantization == "none":
+            return quantization
+        if self.device.type != "cpu" or self.dtype != torch.float32 or self.decode_kind != "eager":
+            raise ValueError(
+                f"--quantization {quantization} runs on the CPU kernels: it needs --device cpu, "
+                "--dtype float32 (or auto) and eager decoding (--compile off or auto)"
+            )
+        if layout == "packed":
+            raise ValueError(
+                f"--weight-layout packed keeps float32 weights: it cannot be used with --quantization {quantization}"
+            )
+        return quantization
 
     def _weight_layout(self, wanted: WeightLayout) -> Literal["packed", "dense"]:
         """Packed needs the CPU, float32, eager decoding (compiled graphs and CUDA graphs read

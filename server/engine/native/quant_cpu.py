@@ -1,0 +1,132 @@
+"""The quantized linear kernels compiled from C (``quant_cpu.c``): int8 and 4-bit weights
+dequantized in registers, for batches of 1 to ``MAX_ROWS`` rows on AVX2/FMA.
+
+Built like the grouped LoRA kernel (``cpu_build.py``: compiled on first use into a private
+kernels directory, loaded with ctypes) and following its settings (``--cpu-kernel off`` turns it
+off; ``--cache-dir``). ``quantized.py`` checks it against the reference dequantizers once before
+using it; where it cannot build or disagrees, the weights are dequantized in chunks and multiplied
+by PyTorch (same results, slower). The ctypes call releases the GIL while it runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+from pathlib import Path
+
+import torch
+
+from server.engine import cpu_build, sgmv_cpu
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("quant_cpu.c")
+FLAGS = (*cpu_build.AVX2_FLAGS, "-ffp-contract=off")  # weights computed exactly as the references do
+MAX_ROWS = 64  # larger batches (prompts) dequantize and use PyTorch's matmul
+
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+
+
+class CompiledQuant:
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._q8 = library.q8_linear
+        self._q8.argtypes = [
+            _ptr,
+            _i64,
+            _i64,
+            _i64,
+            _ptr,
+            _i64,
+            _ptr,
+            _i64,
+            _ptr,
+            _i64,
+            _i64,
+            ctypes.c_int,
+            ctypes.c_int,
+        ]
+        self._q8.restype = ctypes.c_int
+        self._q4 = library.q4_linear
+        self._q4.argtypes = [
+            _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, ctypes.c_int, _ptr, _i64, _i64, ctypes.c_int, ctypes.c_int,
+        ]  # fmt: skip
+        self._q4.restype = ctypes.c_int
+
+    @staticmethod
+    def _check(x: torch.Tensor, out: torch.Tensor, rows: int, k: int) -> None:
+        fits = all(t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(1) == 1 for t in (x, out))
+        if not fits or x.shape[1] != k or out.shape[1] != rows or out.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"quantized kernel: x {tuple(x.shape)} / out {tuple(out.shape)} do not fit a {rows}x{k} weight"
+            )
+
+    def int8(
+        self,
+        x: torch.Tensor,
+        q: torch.Tensor,
+        scale: torch.Tensor,
+        group: int,
+        k: int,
+        out: torch.Tensor,
+        acc: bool,
+    ) -> None:
+        """out (+)= x @ (q * scale).T; q: int8 [rows, kp], scale: [rows, kp / group]."""
+        rows, kp = q.shape
+        self._check(x, out, rows, k)
+        assert q.is_contiguous() and scale.is_contiguous() and scale.shape == (rows, kp // group)
+        self._q8(
+            x.data_ptr(), x.shape[0], x.stride(0), k, q.data_ptr(), kp, scale.data_ptr(), group,
+            out.data_ptr(), out.stride(0), rows, int(acc), torch.get_num_threads(),
+        )  # fmt: skip
+
+    def q4(
+        self,
+        x: torch.Tensor,
+        q: torch.Tensor,
+        scale: torch.Tensor,
+        minimum: torch.Tensor | None,
+        offset: int,
+        k: int,
+        out: torch.Tensor,
+        acc: bool,
+    ) -> None:
+        """out (+)= x @ ((q + offset) * scale (+ min)).T; q: uint8 [rows, kp / 2]."""
+        rows, half = q.shape
+        self._check(x, out, rows, k)
+        assert q.is_contiguous() and scale.is_contiguous() and scale.shape == (rows, half // 16)
+        assert minimum is None or (minimum.is_contiguous() and minimum.shape == scale.shape)
+        self._q4(
+            x.data_ptr(), x.shape[0], x.stride(0), k, q.data_ptr(), 2 * half, scale.data_ptr(),
+            None if minimum is None else minimum.data_ptr(), offset, out.data_ptr(), out.stride(0), rows,
+            int(acc), torch.get_num_threads(),
+        )  # fmt: skip
+
+
+def load() -> CompiledQuant | None:
+    """The compiled kernels, or None when turned off (``--cpu-kernel off``) or not buildable here."""
+    mode, cache_dir = sgmv_cpu.current()
+    return None if mode == "off" else _build(cache_dir)
+
+
+@functools.cache
+def _build(cache_dir: Path) -> CompiledQuant | None:
+    try:
+        return _build_and_check(cache_dir)
+    except Exception:  # whatever goes wrong here, the PyTorch form serves: log it, never fail a load
+        log.exception("quantized kernel: could not be built or checked; using PyTorch ops")
+        return None
+
+
+def _build_and_check(cache_dir: Path) -> CompiledQuant | None:
+    from server.engine.native import quantized  # the reference check needs the quantizers
+
+    library = cpu_build.build("quant_cpu", SOURCE, cache_dir, "quantized kernel", FLAGS)
+    if library is None:
+        return None
+    kernel = CompiledQuant(library)
+    if not quantized.kernel_agrees(kernel):
+        log.warning("quantized kernel: disagrees with the reference on this machine; using PyTorch ops")
+        return None
+    log.info("quantized kernel loaded")
+    return kernel

@@ -1,0 +1,220 @@
+"""Quantized weights of the native runner (``--quantization int8|int4|gguf``): formats, quantizers,
+the reference dequantizers, and the linear op (compiled kernel where it builds, else PyTorch).
+
+Two layouts cover every form (``quant_cpu.c`` streams both; k is padded to ``kp``, a multiple of 32):
+
+    Int8Weight  q int8 [out, kp], scale [out, kp / group]     w = q * scale
+                  int8: per output channel (group = kp), symmetric: scale = max|w| / 127
+                  GGUF Q8_0: group = 32, scale = the block's float16 d
+    Q4Weight    q uint8 [out, kp / 2], groups of 32            w = (q + offset) * scale (+ min)
+                  int4: asymmetric, offset 0, scale = (max - min) / 15, min = the group's min
+                  GGUF Q4_0: offset -8, scale = d;  Q4_1: offset 0, scale = d, min = m
+
+A group's 16 bytes hold weight j in the low nibble of byte j and weight j + 16 in its high
+nibble (GGUF's layout), so GGUF blocks are kept as shipped: only their float16 scales are
+widened to float32 (exact). ``dequantize`` computes each weight with the same float32 operations
+as ``gguf.quants`` (multiply, then add), so a GGUF model serves exactly its shipped values.
+
+The float32 matrix a projection is quantized from is dropped after quantizing: only the
+quantized bytes stay resident.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from server.engine.native import quant_cpu
+
+Quantization = Literal["none", "int8", "int4", "gguf"]
+QUANTIZATIONS: tuple[Quantization, ...] = ("none", "int8", "int4", "gguf")
+GROUP = 32  # int4 group size along the input dimension
+
+
+def _padded(k: int) -> int:
+    return -(-k // GROUP) * GROUP
+
+
+@dataclass
+class Int8Weight:
+    q: torch.Tensor  # [out, kp] int8
+    scale: torch.Tensor  # [out, kp / group] float32
+    group: int
+    in_features: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.q.shape[0], self.in_features))
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.numel() + self.scale.numel() * 4
+
+    def dequantize(self, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Rows [start, end) as float32 [rows, in]."""
+        q, s = self.q[start:end], self.scale[start:end]
+        w = q.float().view(q.shape[0], -1, self.group) * s[:, :, None]  # [rows, groups, group]
+        return w.reshape(q.shape[0], -1)[:, : self.in_features]
+
+    def rows(self, start: int, end: int) -> Int8Weight:
+        return Int8Weight(self.q[start:end], self.scale[start:end], self.group, self.in_features)
+
+
+@dataclass
+class Q4Weight:
+    q: torch.Tensor  # [out, kp / 2] uint8, 16 bytes per group of 32
+    scale: torch.Tensor  # [out, kp / 32] float32
+    min: torch.Tensor | None  # [out, kp / 32] float32, or None
+    offset: int  # added to each 4-bit value before scaling (-8 or 0)
+    in_features: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.q.shape[0], self.in_features))
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.numel() + self.scale.numel() * 4 + (0 if self.min is None else self.min.numel() * 4)
+
+    def values(self, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """The 4-bit values plus offset, rows [start, end): int32 [rows, kp / 32, 32]."""
+        q = self.q[start:end].view(-1, self.q.shape[1] // 16, 16)  # [rows, groups, 16]
+        both = torch.cat((q & 15, q >> 4), dim=-1)  # [rows, groups, 32]: low nibbles, then high
+        return both.to(torch.int32) + self.offset
+
+    def dequantize(self, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Rows [start, end) as float32 [rows, in]: ``(q + offset) * scale (+ min)``."""
+        w = self.values(start, end).float() * self.scale[start:end, :, None]
+        if self.min is not None:
+            w = w + self.min[start:end, :, None]
+        return w.reshape(w.shape[0], -1)[:, : self.in_features]
+
+    def rows(self, start: int, end: int) -> Q4Weight:
+        m = None if self.min is None else self.min[start:end]
+        return Q4Weight(self.q[start:end], self.scale[start:end], m, self.offset, self.in_features)
+
+
+QuantizedWeight = Int8Weight | Q4Weight
+
+
+def quantize_int8(weight: torch.Tensor) -> Int8Weight:
+    """[out, in] -> per output channel symmetric int8 (scale = max|w| / 127; an all-zero row gets 1)."""
+    w = F.pad(weight.float(), (0, _padded(weight.shape[1]) - weight.shape[1]))  # [out, kp]
+    scale = w.abs().amax(dim=1, keepdim=True) / 127  # [out, 1]
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(w / scale).clamp_(-127, 127).to(torch.int8)
+    return Int8Weight(q, scale, w.shape[1], weight.shape[1])
+
+
+def quantize_int4(weight: torch.Tensor) -> Q4Weight:
+    """[out, in] -> 4-bit in groups of 32 along the input, asymmetric (as GGUF's Q4_1):
+    ``w ≈ q * scale + min`` with min = the group's smallest weight, scale = range / 15.
+
+    Asymmetric rather than symmetric (max|w| / 7, 15 levels of which a group uses about half):
+    measured on the embedded model's perplexity, symmetric cost 1.54x float32's."""
+    out, k = weight.shape
+    w = F.pad(weight.float(), (0, _padded(k) - k)).view(out, -1, GROUP)  # [out, groups, 32]
+    low, high = w.amin(dim=2), w.amax(dim=2)  # [out, groups]
+    scale = (high - low) / 15
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round((w - low[:, :, None]) / scale[:, :, None]).clamp_(0, 15).to(torch.uint8)  # 0..15
+    packed = q[:, :, :16] | (q[:, :, 16:] << 4)  # [out, groups, 16]
+    return Q4Weight(packed.reshape(out, -1).contiguous(), scale.contiguous(), low.contiguous(), 0, k)
+
+
+def quantize(weight: torch.Tensor, kind: Quantization, rows: int = 2048) -> QuantizedWeight:
+    """``rows`` output rows at a time, so that the float temporaries stay small (a real-size
+    vocabulary's embedding is gigabytes in float32)."""
+    if kind not in ("int8", "int4"):
+        raise ValueError(
+            f"cannot quantize a float weight to {kind!r} (int8 or int4; gguf keeps a file's blocks)"
+        )
+    one = quantize_int8 if kind == "int8" else quantize_int4
+    return cat_rows([one(weight[start : start + rows]) for start in range(0, weight.shape[0], rows)])
+
+
+def cat_rows(weights: list[QuantizedWeight]) -> QuantizedWeight:
+    """Quantized matrices of the same form stacked along the output (a fused projection)."""
+    first = weights[0]
+    if len(weights) == 1:
+        return first
+    if any(type(w) is not type(first) or w.in_features != first.in_features for w in weights):
+        raise ValueError("a fused projection's parts must share one quantized form and input size")
+    if isinstance(first, Int8Weight):
+        assert all(isinstance(w, Int8Weight) and w.group == first.group for w in weights)
+        return Int8Weight(
+            torch.cat([w.q for w in weights]),
+            torch.cat([w.scale for w in weights]),
+            first.group,
+            first.in_features,
+        )
+    q4 = [w for w in weights if isinstance(w, Q4Weight)]
+    if len(q4) != len(weights) or any(
+        w.offset != first.offset or (w.min is None) != (first.min is None) for w in q4
+    ):
+        raise ValueError("a fused projection's parts must share one 4-bit form")
+    mins = None if first.min is None else torch.cat([w.min for w in q4 if w.min is not None])
+    return Q4Weight(
+        torch.cat([w.q for w in q4]), torch.cat([w.scale for w in q4]), mins, first.offset, first.in_features
+    )
+
+
+def linear(
+    x: torch.Tensor, weight: QuantizedWeight, out: torch.Tensor | None = None, accumulate: bool = False
+) -> torch.Tensor:
+    """x: [N, in] float32 -> x @ W.T: [N, out] (written into ``out`` when given, or added to it with
+    ``accumulate``). The compiled kernel up to ``quant_cpu.MAX_ROWS`` rows where it builds; else
+    (and for long prompts) the weight dequantized in row chunks and multiplied by PyTorch."""
+    n, rows = x.shape[0], weight.shape[0]
+    if out is None:
+        out = x.new_zeros(n, rows) if accumulate else x.new_empty(n, rows)
+    fits = n <= quant_cpu.MAX_ROWS and x.dtype == out.dtype == torch.float32 and out.stride(1) == 1
+    kernel = quant_cpu.load() if fits and x.device.type == "cpu" else None
+    if kernel is not None:
+        run_kernel(kernel, x.contiguous(), weight, out, accumulate)
+        return out
+    chunk = max(1, (16 << 20) // (4 * weight.in_features))  # dequantize ~16 MiB of rows at a time
+    for start in range(0, rows, chunk):
+        end = min(rows, start + chunk)
+        part = x @ weight.dequantize(start, end).to(x.dtype).t()  # [N, end - start]
+        if accumulate:
+            out[:, start:end] += part
+        else:
+            out[:, start:end] = part
+    return out
+
+
+def run_kernel(
+    kernel: quant_cpu.CompiledQuant, x: torch.Tensor, w: QuantizedWeight, out: torch.Tensor, acc: bool
+) -> None:
+    if isinstance(w, Int8Weight):
+        kernel.int8(x, w.q, w.scale, w.group, w.in_features, out, acc)
+    else:
+        kernel.q4(x, w.q, w.scale, w.min, w.offset, w.in_features, out, acc)
+
+
+def kernel_agrees(kernel: quant_cpu.CompiledQuant) -> bool:
+    """Every form on a ragged problem (an odd input width with a partial group, 1 to 6 rows, a
+    column-slice output, accumulate) against the dense product of the reference dequantization."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(13, 77, generator=gen)
+    forms: list[QuantizedWeight] = [quantize_int8(weight), quantize_int4(weight)]
+    q4 = forms[1]
+    assert isinstance(q4, Q4Weight)
+    forms.append(Q4Weight(q4.q, q4.scale, None, -8, q4.in_features))
+    forms.append(Int8Weight(forms[0].q, torch.rand(13, 3, generator=gen), 32, 77))  # type: ignore[union-attr]
+    for form in forms:
+        for n in (1, 5, 6):
+            x = torch.randn(n, 77, generator=gen)
+            base = torch.randn(n, 20, generator=gen)
+            expected = base[:, 3:16] + x @ form.dequantize().t()
+            got = base.clone()
+            run_kernel(kernel, x, form, got[:, 3:16], True)
+            if not torch.allclose(got[:, 3:16], expected, rtol=1e-4, atol=1e-4) or not torch.equal(
+                got[:, :3], base[:, :3]
+            ):
+                return False
+    return True

@@ -1,0 +1,353 @@
+"""Quantized base weights (server/engine/native/quantized.py, quant_cpu.c, gguf_blocks.py).
+
+- the compiled kernels against the dense product of the reference dequantization, on ragged
+  shapes (partial 32-groups, odd widths, partial row tiles, batch 1..64), and the PyTorch form;
+- a runner with --quantization int8/int4/gguf equals a Hugging Face model holding the dequantized
+  weights, bare and with mixed adapters (dequantized weights + s·B·A), with adapter_scale;
+- merged mode is refused, auto runs unmerged, analysis reads the dequantized weights;
+- GGUF blocks are kept as shipped; hostile GGUF files are clear errors.
+"""
+
+from __future__ import annotations
+
+import copy
+import struct
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf.quants import dequantize, quantize
+from transformers import AutoModelForCausalLM
+
+from adapters.peft_format import load_adapter_dir
+from server.engine import cpu_build
+from server.engine.engine import Engine, EngineConfig
+from server.engine.lora_linear import BASE_SLOT
+from server.engine.lora_model import AdapterSlots
+from server.engine.native import NativeLlamaRunner, quant_cpu, quantized
+from server.engine.native.gguf_blocks import GgufError
+from server.engine.native.layers import QuantizedWriteError
+from server.engine.native.quantized import Int8Weight, Q4Weight
+from server.engine.runner import DecodeInput, PrefillInput
+from tests.conftest import tiny_llama_config
+
+needs_kernel = pytest.mark.skipif(
+    not cpu_build.cpu_supports_avx2_fma(), reason="the compiled kernel needs AVX2/FMA (CI has it)"
+)
+
+
+def _forms(out: int, k: int, seed: int) -> dict[str, quantized.QuantizedWeight]:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, k, generator=gen)
+    int4 = quantized.quantize_int4(w)
+    groups = int4.scale.shape[1]
+    return {
+        "int8": quantized.quantize_int8(w),
+        "int4": int4,
+        "q4_0-like": Q4Weight(int4.q, torch.rand(out, groups, generator=gen), None, -8, k),
+        "q4_1-like": Q4Weight(
+            int4.q, torch.rand(out, groups, generator=gen), torch.randn(out, groups, generator=gen), 0, k
+        ),
+        "q8_0-like": Int8Weight(quantized.quantize_int8(w).q, torch.rand(out, groups, generator=gen), 32, k),
+    }
+
+
+@needs_kernel
+@pytest.mark.parametrize("out,k", [(1, 32), (5, 45), (13, 77), (64, 576), (33, 200)])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 16, 33, 64])
+def test_compiled_kernels_equal_the_dense_reference(out: int, k: int, n: int) -> None:
+    kernel = quant_cpu.load()
+    assert kernel is not None, "AVX2/FMA and a C compiler are here: the kernel must build"
+    x = torch.randn(n, k)
+    for name, form in _forms(out, k, seed=n).items():
+        w = form.dequantize().double()
+        expected = x.double() @ w.t()  # [n, out]
+        bound = 1e-5 * (x.double().abs() @ w.abs().t()) + 1e-6  # float32 summation error, any order
+        got = torch.full((n, out), float("nan"))
+        quantized.run_kernel(kernel, x, form, got, False)
+        assert ((got.double() - expected).abs() <= bound).all(), name
+        base = torch.randn(n, out + 3)
+        acc = base.clone()
+        quantized.run_kernel(kernel, x, form, acc[:, 1 : out + 1], True)  # a column slice, accumulating
+        assert ((acc[:, 1 : out + 1].double() - base[:, 1 : out + 1] - expected).abs() <= bound + 1e-5).all()
+        assert torch.equal(acc[:, 0], base[:, 0]) and torch.equal(acc[:, -2:], base[:, -2:])
+
+
+def test_the_pytorch_form_equals_the_dense_reference(monkeypatch) -> None:
+    monkeypatch.setattr(quant_cpu, "load", lambda: None)
+    x = torch.randn(70, 77)  # more rows than the kernel takes, too
+    for form in _forms(9, 77, seed=1).values():
+        torch.testing.assert_close(quantized.linear(x, form), x @ form.dequantize().t(), rtol=1e-5, atol=1e-5)
+
+
+def test_quantizers_round_to_the_nearest_level() -> None:
+    w = torch.randn(6, 77) * torch.logspace(-3, 1, 6)[:, None]
+    q8, q4 = quantized.quantize_int8(w), quantized.quantize_int4(w)
+    assert q8.dequantize().shape == q4.dequantize().shape == w.shape
+    err8 = (q8.dequantize() - w).abs()
+    assert (err8 <= q8.scale * 0.5 + 1e-7).all()
+    err4 = (q4.dequantize() - w).abs()  # [6, 77] against each group's scale
+    scale = q4.scale.repeat_interleave(32, dim=1)[:, :77]
+    assert (err4 <= scale * 0.5 + 1e-6).all()
+    assert q4.nbytes == 6 * 96 // 2 + 6 * 3 * 8 and q8.nbytes == 6 * 96 + 6 * 4  # no float matrix kept
+    zeros = quantized.quantize_int4(torch.zeros(2, 40))
+    assert torch.equal(zeros.dequantize(), torch.zeros(2, 40))
+
+
+# ---------------------------------------------------------------------------------------- runner
+
+
+def _save(tmp_path_factory, tied: bool, seed: int = 3):
+    torch.manual_seed(seed)
+    # odd widths: an intermediate size that leaves a partial 32-group (down_proj's input)
+    config = tiny_llama_config(512, intermediate_size=200, tie_word_embeddings=tied)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    path = tmp_path_factory.mktemp("tied" if tied else "untied")
+    model.save_pretrained(path)
+    return model, path
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
+def saved(request, tmp_path_factory):
+    return _save(tmp_path_factory, request.param)
+
+
+def _dequantized_reference(model, runner: NativeLlamaRunner):
+    """The Hugging Face model with every weight the runner holds quantized set to its dequantization."""
+    ref = copy.deepcopy(model)
+    for name, target in runner.weight_targets.items():
+        ref.get_submodule(name).weight.data = target.read().clone()
+    if runner.model.embed_q is not None:
+        ref.model.embed_tokens.weight.data = runner.model.embed_q.dequantize().clone()
+        assert runner.model.head_q is not None
+        ref.lm_head.weight.data = runner.model.head_q.dequantize().clone()
+    return ref
+
+
+ADAPTERS = {
+    "qv": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+    "all": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+}  # fmt: skip
+PROMPTS = [[1, 15, 27, 300, 41, 9], [1, 7], [1, 99, 98, 97, 96, 95, 94, 93, 92, 91, 90, 89]]
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_adapters_on_a_quantized_base_equal_the_dequantized_dense_reference(
+    saved, kind, peft_adapter_factory
+) -> None:
+    model, path = saved
+    runner = NativeLlamaRunner(path, quantization=kind, kv_cache_tokens=1024)
+    assert runner.weight_layout == "quantized" and not runner.can_merge
+    ref = _dequantized_reference(model, runner)
+    slots = AdapterSlots(runner.lora_targets, 4, runner.slots_changed)
+    adapters = {}
+    for seed, (name, kwargs) in enumerate(ADAPTERS.items()):
+        adapter_dir, _ = peft_adapter_factory(model, f"{kind}-{name}", seed=seed, **kwargs)
+        adapters[name] = load_adapter_dir(adapter_dir, name, runner.base_shapes)
+    rows = [(None, 1.0), ("qv", 1.0), ("all", 0.5), ("all", 1.0), (None, 1.0), ("qv", -1.0)]
+    inputs = [
+        PrefillInput(i, PROMPTS[i % 3], 0, BASE_SLOT if a is None else slots.acquire(adapters[a]), scale=s)
+        for i, (a, s) in enumerate(rows)
+    ]
+    logits = runner.prefill(inputs).logits
+    decoded = runner.decode([DecodeInput(i.seq_id, 5, i.slot, i.scale) for i in inputs])
+    for i, (name, scale) in enumerate(rows):
+        dense = copy.deepcopy(ref)
+        if name is not None:  # W_dequantized + scale · s · B A
+            for module, w in adapters[name].layers.items():
+                linear = dense.get_submodule(module)
+                linear.weight.data = linear.weight.data + scale * w.scale * (w.B @ w.A)
+        with torch.no_grad():
+            expected = dense(torch.tensor([[*PROMPTS[i % 3], 5]])).logits[0]
+        torch.testing.assert_close(logits[i], expected[-2], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(decoded[i], expected[-1], rtol=1e-4, atol=1e-4)
+
+
+def test_int4_stays_close_to_the_float_model(saved) -> None:
+    model, path = saved
+    ids = torch.tensor([PROMPTS[2]])
+    with torch.no_grad():
+        exact = model(ids).logits[0].log_softmax(-1)
+    for kind, bound in (("int8", 0.05), ("int4", 0.5)):
+        runner = NativeLlamaRunner(path, quantization=kind, kv_cache_tokens=256)
+        got = runner.prefill([PrefillInput(0, PROMPTS[2], 0, BASE_SLOT, want_token_logprobs=True)])
+        assert (got.logits[0].log_softmax(-1) - exact[-1]).abs().max() < bound, kind
+
+
+def test_merged_mode_is_refused_and_auto_stays_unmerged(saved, tokenizer) -> None:
+    _, path = saved
+    runner = NativeLlamaRunner(path, quantization="int8", kv_cache_tokens=256)
+    with pytest.raises(ValueError, match="--mode merged cannot be used with a quantized base"):
+        Engine(runner, tokenizer, EngineConfig(mode="merged"))
+    assert Engine(runner, tokenizer, EngineConfig(mode="auto")).config.mode == "unmerged"
+    target = next(iter(runner.weight_targets.values()))
+    before = target.read().clone()
+    with pytest.raises(QuantizedWriteError, match="run unmerged"):
+        target.write(torch.zeros_like(before))
+    assert torch.equal(target.read(), before)  # analysis reads the dequantized weight, unchanged
+
+
+def test_settings_refuse_merged_with_quantization() -> None:
+    from pydantic import ValidationError
+
+    from server.config import Settings
+
+    with pytest.raises(ValidationError, match="cannot be folded into quantized blocks"):
+        Settings(quantization="int4", mode="merged")
+    assert Settings(quantization="int4").mode == "auto"
+
+
+def test_quantization_needs_the_cpu_float32_eager_path(saved) -> None:
+    _, path = saved
+    with pytest.raises(ValueError, match="float32"):
+        NativeLlamaRunner(path, quantization="int8", dtype=torch.bfloat16, kv_cache_tokens=256)
+    with pytest.raises(ValueError, match="packed"):
+        NativeLlamaRunner(path, quantization="int4", weight_layout="packed", kv_cache_tokens=256)
+    with pytest.raises(ValueError, match="gguf needs a GGUF file"):
+        NativeLlamaRunner(path, quantization="gguf", kv_cache_tokens=256)
+
+
+# ---------------------------------------------------------------------------------------- GGUF
+
+GGUF_NAMES = {
+    "q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+    "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down",
+}  # fmt: skip
+
+
+def _llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf row permutation of q and k."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _write_gguf(model, path: Path, kinds: dict[str, str], shape_lie: bool = False) -> Path:
+    """The model's projections as GGUF blocks of ``kinds[module]`` (default Q4_1), q and k
+    permuted as llama.cpp's converter does."""
+    c = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for i, layer in enumerate(model.model.layers):
+        for module, short in GGUF_NAMES.items():
+            part = "self_attn" if short.startswith("attn") else "mlp"
+            w = getattr(getattr(layer, part), module).weight.detach().numpy().astype(np.float32)
+            if module in ("q_proj", "k_proj"):
+                heads = c.num_attention_heads if module == "q_proj" else c.num_key_value_heads
+                w = _llama_cpp_permute(w, heads)
+            if shape_lie and i == 1 and module == "up_proj":
+                w = w[:-32]
+            kind = getattr(gguf.GGMLQuantizationType, kinds.get(module, "Q4_1"))
+            data = w if kind.name in ("F32", "F16") else quantize(w, kind)
+            writer.add_tensor(
+                f"blk.{i}.{short}.weight",
+                data.astype(np.float16) if kind.name == "F16" else data,
+                raw_dtype=kind,
+            )
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def gguf_base(tmp_path_factory):
+    torch.manual_seed(5)
+    config = tiny_llama_config(512, hidden_size=64, intermediate_size=96)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    path = tmp_path_factory.mktemp("gguf")
+    model.save_pretrained(path)
+    return model, path
+
+
+@pytest.mark.parametrize(
+    "kinds", [{}, {"q_proj": "Q8_0", "k_proj": "Q8_0", "v_proj": "Q8_0", "down_proj": "Q4_0"}]
+)
+def test_gguf_blocks_are_served_as_shipped(gguf_base, kinds, tmp_path) -> None:
+    model, path = gguf_base
+    file = _write_gguf(model, tmp_path / "m.gguf", kinds)
+    runner = NativeLlamaRunner(path, quantization="gguf", gguf_file=file, kv_cache_tokens=256)
+    for name, target in runner.weight_targets.items():  # exactly gguf's own dequantization, unpermuted
+        module = model.get_submodule(name)
+        short = name.split(".")[-1]
+        kind = getattr(gguf.GGMLQuantizationType, kinds.get(short, "Q4_1"))
+        w = module.weight.detach().numpy()
+        expected = torch.from_numpy(dequantize(quantize(w, kind), kind))  # rows quantize independently
+        assert torch.equal(target.read(), expected), name
+    ref = _dequantized_reference(model, runner)
+    logits = runner.prefill([PrefillInput(0, PROMPTS[0], 0, BASE_SLOT)]).logits
+    with torch.no_grad():
+        torch.testing.assert_close(
+            logits[0], ref(torch.tensor([PROMPTS[0]])).logits[0, -1], rtol=1e-4, atol=1e-4
+        )
+
+
+def _tensor_type_offset(data: bytes, name: str) -> int:
+    """Where the named tensor's type field sits in a GGUF header (name, n_dims, dims, type)."""
+    encoded = name.encode()
+    at = data.index(struct.pack("<Q", len(encoded)) + encoded) + 8 + len(encoded)
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    return at + 4 + 8 * n_dims
+
+
+def test_hostile_gguf_files_are_clear_errors(gguf_base, tmp_path) -> None:
+    model, path = gguf_base
+    good = _write_gguf(model, tmp_path / "good.gguf", {}).read_bytes()
+
+    def runner_on(data: bytes):
+        file = tmp_path / "bad.gguf"
+        file.write_bytes(data)
+        return NativeLlamaRunner(path, quantization="gguf", gguf_file=file, kv_cache_tokens=256)
+
+    with pytest.raises(GgufError, match="not a readable GGUF file"):
+        runner_on(good[: len(good) // 2])  # truncated
+    with pytest.raises(GgufError, match="not a readable GGUF file"):
+        runner_on(b"GGUF" + b"\xff" * 60)  # garbage header
+    unknown = bytearray(good)
+    struct.pack_into("<I", unknown, _tensor_type_offset(good, "blk.0.attn_v.weight"), 977)
+    with pytest.raises(GgufError, match="not a readable GGUF file"):
+        runner_on(bytes(unknown))
+    with pytest.raises(GgufError, match=r"blk\.1\.ffn_up\.weight is \(64, 64\).*needs \(96, 64\)"):
+        runner_on(_write_gguf(model, tmp_path / "lie.gguf", {}, shape_lie=True).read_bytes())
+    with pytest.raises(GgufError, match=r"blk\.0\.ffn_gate\.weight is F16.*supported: Q8_0, Q4_0, Q4_1"):
+        runner_on(_write_gguf(model, tmp_path / "f16.gguf", {"gate_proj": "F16"}).read_bytes())
+
+
+def test_quantizing_in_row_chunks_equals_one_pass() -> None:
+    w = torch.randn(37, 77)
+    for kind, one in (("int8", quantized.quantize_int8), ("int4", quantized.quantize_int4)):
+        assert torch.equal(quantized.quantize(w, kind, rows=8).dequantize(), one(w).dequantize()), kind
+    with pytest.raises(ValueError, match="int8 or int4"):
+        quantized.quantize(w, "gguf")
+
+
+def test_the_read_checkpoint_equals_the_mapped_one(saved, tmp_path) -> None:
+    from server.engine.native.model import Checkpoint, ReadCheckpoint
+
+    _, path = saved
+    mapped, read = Checkpoint(path), ReadCheckpoint(path)
+    assert set(mapped) == set(read) and len(read) == len(mapped)
+    for name in mapped:
+        assert read[name].dtype == mapped[name].dtype and torch.equal(read[name], mapped[name]), name
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    data = next(path.glob("*.safetensors")).read_bytes()
+    (cut / "model.safetensors").write_bytes(data[:-100])
+    with pytest.raises(ValueError, match="truncated"):
+        truncated = ReadCheckpoint(cut)
+        for name in truncated:
+            truncated[name]
+    (cut / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        ReadCheckpoint(cut)
+
+
+def test_serve_refuses_merged_mode_with_quantization_before_loading_anything(monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from server.cli import app
+
+    monkeypatch.setenv("LORAPLEX_QUANTIZATION", "gguf")  # the env var is read too
+    result = CliRunner().invoke(app, ["serve", "--mode", "merged", "--port", "18999"])
+    assert result.exit_code == 2
+    assert "--mode merged cannot be used with --quantization gguf" in " ".join(result.output.split())
