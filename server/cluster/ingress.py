@@ -6,6 +6,10 @@
   (``""`` for the base model, ``merged:<digest>`` for a ``merged_adapters`` composition), so
   requests for an adapter (or a composition) stick to replicas that hold it.
 
+Every request is screened first (keys, Host, cross-site: ``server.api.security.screen``) and its
+body read only up to its limit (``--max-upload-mb`` for uploads, ``--max-body-kb`` else), before
+any routing work: no key, no body read and no adapter loaded on a replica.
+
 A replica that dies before its answer started (Ray raises an actor error) costs one retry on
 another replica; a second failure, or one after bytes were streamed, is a 503 or a cut stream.
 """
@@ -23,10 +27,12 @@ from ray import exceptions as ray_errors
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from server.api.errors import error_response
+from server.api.errors import ApiError, error_payload, error_response
+from server.api.security import screen
 from server.cluster.asgi_bridge import HttpCall, ResponseStart
 from server.cluster.metrics_merge import merge_expositions
 from server.cluster.routing import adapter_names, affinity_key, target_of
+from server.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +44,10 @@ REPLICA_GONE = (ray_errors.RayActorError, ray_errors.ActorUnavailableError)
 class LoraplexIngress:
     """Ray Serve deployment: routes HTTP requests to the store or to a replica (see module doc)."""
 
-    def __init__(self, replica: Any, store: Any, replicas: int, affinity: bool = True) -> None:
+    def __init__(
+        self, replica: Any, store: Any, replicas: int, affinity: bool = True, values: dict | None = None
+    ) -> None:
+        self.settings = Settings(**(values or {}))  # the keys and limits of `loraplex serve`
         self.replica = replica  # DeploymentHandle of LoraplexReplica
         self.store = store  # DeploymentHandle of LoraplexStore
         self.expected = replicas
@@ -59,7 +68,14 @@ class LoraplexIngress:
                 "replica); shrink on a single `loraplex serve` and upload the result to the cluster.",
                 "not_supported_in_cluster",
             )
-        body = await request.body()
+        try:
+            refused = screen(self.settings, method, path, request.headers)
+            if refused is not None:
+                raise refused
+            body = await self._body(request, method, path)
+        except ApiError as error:
+            payload = error_payload(path, error.status_code, error.message, error.error_type)
+            return JSONResponse(payload, status_code=error.status_code, headers=error.headers)
         client = (request.client.host, request.client.port) if request.client else ("127.0.0.1", 0)
         call = HttpCall(method, path, request.url.query.encode(), list(request.headers.raw), body, client)
         if target == "store":
@@ -77,6 +93,25 @@ class LoraplexIngress:
         if path == "/info" and response.status_code == 200:
             return await self._cluster_info(response)
         return response
+
+    async def _body(self, request: Request, method: str, path: str) -> bytes:
+        """The body, read up to its limit (413 past it: the rest is never read)."""
+        upload = method == "POST" and path.rstrip("/") == "/adapters"
+        limit = self.settings.max_upload_mb << 20 if upload else self.settings.max_body_kb << 10
+        flag = "--max-upload-mb" if upload else "--max-body-kb"
+        declared = request.headers.get("content-length")
+        too_large = ApiError(
+            413, f"the request body is larger than the server's limit ({limit} bytes, {flag}).", "too_large"
+        )
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def _cluster_info(self, response: StreamingResponse) -> Response:
         """One replica's /info, with the cluster's adapters (a replica lists only those it cached)."""

@@ -1,0 +1,154 @@
+"""Attacks from outside on a real ``loraplex serve`` process (issue 31): whatever one request sends,
+the server answers it quickly and keeps serving everyone else (``/health`` within 0.5 s during the
+attack, RSS growth bounded). Each attack is bounded (a few seconds, loopback only)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.server_process import ServerProcess, read_response
+
+API_KEY = "hardening-api-key"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+HEALTH_LIMIT_S = 0.5
+MIB = 1 << 20
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+class HealthProbe:
+    """Polls ``/health`` in a thread while an attack runs; keeps the slowest answer's latency."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.worst = 0.0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=30) as client:
+            while not self.stop.is_set():
+                started = time.monotonic()
+                assert client.get(self.url + "/health").status_code == 200
+                self.worst = max(self.worst, time.monotonic() - started)
+                time.sleep(0.05)
+
+    def __enter__(self) -> HealthProbe:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join(30)
+
+
+def raw_request(url: str, head: str, body_chunks: Callable[[], object], timeout: float = 10) -> int:
+    """Send ``head`` then the body chunks until the server answers (or the body ends); the status."""
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(head.encode())
+        sock.setblocking(True)
+        for chunk in body_chunks():  # type: ignore[attr-defined]
+            try:
+                sock.sendall(chunk)
+            except OSError:
+                break  # the server answered and closed: read what it said
+        status, _ = read_response(sock, timeout)
+        return status
+
+
+def huge_json(size: int, chunk: int = MIB):
+    """A JSON body ``{"inputs": "aaaa..."}`` of ``size`` bytes, in ``chunk``-byte pieces."""
+
+    def chunks():
+        yield b'{"inputs": "'
+        for _ in range(size // chunk):
+            yield b"a" * chunk
+        yield b'"}'
+
+    return chunks
+
+
+def attack(server: ServerProcess, attackers: list[Callable[[], int]]) -> tuple[list[int], float, int, float]:
+    """Run the attackers at once while probing /health: statuses, worst /health latency, RSS growth,
+    and seconds the attack took."""
+    statuses: list[int] = [0] * len(attackers)
+    rss_before = rss_bytes(server.proc.pid)
+    peak = rss_before
+
+    def run(i: int) -> None:
+        statuses[i] = attackers[i]()
+
+    started = time.monotonic()
+    with HealthProbe(server.url) as probe:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(attackers))]
+        for thread in threads:
+            thread.start()
+        while any(t.is_alive() for t in threads):
+            peak = max(peak, rss_bytes(server.proc.pid))
+            time.sleep(0.02)
+            assert time.monotonic() - started < 60, "the attack did not end"
+    return statuses, probe.worst, peak - rss_before, time.monotonic() - started
+
+
+@pytest.fixture
+def keyed(servers) -> ServerProcess:
+    return servers(env={"LORAPLEX_API_KEY": API_KEY})
+
+
+def test_bodies_without_a_key_are_refused_before_they_are_read(keyed) -> None:
+    """Finding 1: three 34 MiB bodies with no key: 401 at once, nothing buffered."""
+    size = 34 * MIB
+    head = (
+        "POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {size + 14}\r\n\r\n"
+    )
+    attackers = [lambda: raw_request(keyed.url, head, huge_json(size)) for _ in range(3)]
+    statuses, worst, grown, seconds = attack(keyed, attackers)
+    assert statuses == [401, 401, 401]
+    assert worst <= HEALTH_LIMIT_S and grown < 48 * MIB and seconds < 5, (worst, grown, seconds)
+
+
+def test_bodies_over_the_limit_are_cut_off_while_they_arrive(keyed) -> None:
+    """Finding 1, with the key: a declared size over --max-body-kb is a 413 before reading; a
+    chunked body (no declared size) is cut off once it passes the limit."""
+    size = 34 * MIB
+    declared = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {size + 14}\r\n\r\n"
+    )
+    chunked_head = (
+        f"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+
+    def chunked():
+        for piece in huge_json(size)():
+            yield f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
+        yield b"0\r\n\r\n"
+
+    attackers = [
+        lambda: raw_request(keyed.url, declared, huge_json(size)),
+        lambda: raw_request(keyed.url, chunked_head, chunked),
+        lambda: raw_request(keyed.url, chunked_head, chunked),
+    ]
+    statuses, worst, grown, seconds = attack(keyed, attackers)
+    assert statuses == [413, 413, 413]
+    assert worst <= HEALTH_LIMIT_S and grown < 48 * MIB and seconds < 5, (worst, grown, seconds)
+    r = httpx.post(keyed.url + "/generate", json={"inputs": "x" * (3 * MIB)}, headers=AUTH)
+    assert r.status_code == 413 and "--max-body-kb" in r.json()["error"]
+    ok = httpx.post(keyed.url + "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}},
+                    headers=AUTH, timeout=60)  # fmt: skip
+    assert ok.status_code == 200, ok.text
