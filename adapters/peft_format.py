@@ -34,6 +34,10 @@ PICKLE_WEIGHT_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.p
 # A safetensors header larger than this is refused before it is read (real adapter headers
 # are a few hundred kB at most, even for thousands of tensors).
 MAX_SAFETENSORS_HEADER_BYTES = 32 * 1024 * 1024
+# Largest magnitude an adapter may bring (scale, factor entries, ΔW entries): float16's largest
+# finite value, so every serving dtype (float16, bfloat16, float32) holds what the engine computes
+# from it, and no engine step overflows on an adapter's numbers.
+MAX_MAGNITUDE = 65504.0
 SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "F64": (torch.float64, 8),
     "F32": (torch.float32, 4),
@@ -203,8 +207,11 @@ def parse_adapter_config(raw: bytes | str | Mapping[str, Any]) -> LoraConfigSpec
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise AdapterError(f"r must be a positive integer, got {r!r}.", "invalid_config")
     alpha = data["lora_alpha"]
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise AdapterError(f"lora_alpha must be a finite number, got {alpha!r}.", "invalid_config")
+    if not _bounded_number(alpha):
+        raise AdapterError(
+            f"lora_alpha must be a number of magnitude at most {MAX_MAGNITUDE:g}, got {alpha!r}.",
+            "invalid_config",
+        )
 
     target = data["target_modules"]
     if isinstance(target, str):
@@ -270,16 +277,23 @@ def _refuse_unsupported(data: Mapping[str, Any]) -> None:
             raise AdapterError(f"{key} is not supported; train a plain LoRA on linear layers.", "unsupported")
 
 
+def _bounded_number(value: object) -> bool:
+    """A JSON number (not a bool) that is finite as a float and within ``MAX_MAGNITUDE``."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value)) and abs(float(value)) <= MAX_MAGNITUDE
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
 def _number_map(data: Mapping[str, Any], key: str, *, integer: bool) -> dict[str, Any]:
     value = data.get(key) or {}
-    ok = isinstance(value, dict) and all(
-        isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
-        for k, v in value.items()
-    )
+    ok = isinstance(value, dict) and all(isinstance(k, str) and _bounded_number(v) for k, v in value.items())
     if ok and integer:
         ok = all(isinstance(v, int) and v >= 1 for v in value.values())
     if not ok:
-        kind = "positive integers" if integer else "numbers"
+        kind = "positive integers" if integer else f"numbers of magnitude at most {MAX_MAGNITUDE:g}"
         raise AdapterError(f"{key} must map module-name patterns to {kind}.", "invalid_config")
     return dict(value)
 
@@ -485,7 +499,17 @@ def _check_layer(
             raise AdapterError(
                 f"tensor '{module}.{name}.weight' contains NaN or Inf values.", "invalid_weights"
             )
-    return LoraLayerWeights(A=A.contiguous(), B=B.contiguous(), scale=config.scale_for(module))
+    scale = config.scale_for(module)
+    # bound on |ΔW| entries: |scale| · r · max|B| · max|A| (each entry sums r products)
+    largest = A.abs().max().item() * B.abs().max().item() * r if A.numel() and B.numel() else 0.0
+    if not (math.isfinite(scale) and abs(scale) <= MAX_MAGNITUDE and abs(scale) * largest <= MAX_MAGNITUDE):
+        raise AdapterError(
+            f"module {module!r}: its scale ({scale:g}, lora_alpha/r) or its weights are too large: the update "
+            f"scale·B@A could exceed {MAX_MAGNITUDE:g}, which the serving dtype cannot hold; check lora_alpha, "
+            "alpha_pattern and the factors.",
+            "invalid_weights",
+        )
+    return LoraLayerWeights(A=A.contiguous(), B=B.contiguous(), scale=scale)
 
 
 def _examples(base_shapes: Mapping[str, BaseLinearShape]) -> str:
