@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from adapters.errors import AdapterError
+from adapters.patterns import PatternError, compile_pattern
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -88,7 +89,7 @@ class LoraConfigSpec:
         if isinstance(self.target_modules, str):
             if self.target_modules == "all-linear":
                 return True
-            return re.fullmatch(self.target_modules, module) is not None
+            return compile_pattern(self.target_modules).fullmatch(module) is not None
         if not (module in self.target_modules or any(module.endswith(f".{t}") for t in self.target_modules)):
             return False
         if not self.layers_to_transform:
@@ -156,15 +157,19 @@ class LoraAdapter:
 def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
     """PEFT's ``get_pattern_key``: the first pattern that matches the end of the module name."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if compile_pattern(rf"(.*\.)?({key})").fullmatch(module):
             return value
     return default
+
+
+def _layers_regex(pattern: str) -> str:
+    return rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\."
 
 
 def _layer_index(module: str, layers_pattern: list[str] | None) -> int | None:
     patterns = layers_pattern or [r"[^.]*"]
     for pattern in patterns:
-        match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module)
+        match = compile_pattern(_layers_regex(pattern)).match(module)
         if match:
             return int(match.group("idx"))
     return None
@@ -216,12 +221,7 @@ def parse_adapter_config(raw: bytes | str | Mapping[str, Any]) -> LoraConfigSpec
     target = data["target_modules"]
     if isinstance(target, str):
         if target != "all-linear":
-            try:
-                re.compile(target)
-            except re.error as exc:
-                raise AdapterError(
-                    f"target_modules {target!r} is not a valid regular expression: {exc}.", "invalid_config"
-                ) from exc
+            _check_pattern("target_modules", target, target)
     elif isinstance(target, list) and target and all(isinstance(t, str) and t for t in target):
         target = sorted(set(target))
     else:
@@ -240,6 +240,14 @@ def parse_adapter_config(raw: bytes | str | Mapping[str, Any]) -> LoraConfigSpec
     layers_pattern = data.get("layers_pattern")
     if isinstance(layers_pattern, str):
         layers_pattern = [layers_pattern]
+    if layers_pattern is not None and not (
+        isinstance(layers_pattern, list) and all(isinstance(p, str) for p in layers_pattern)
+    ):
+        raise AdapterError("layers_pattern must be a string or a list of strings.", "invalid_config")
+    for key in (*rank_pattern, *alpha_pattern):
+        _check_pattern("rank_pattern/alpha_pattern key", key, rf"(.*\.)?({key})")
+    for pattern in layers_pattern or []:
+        _check_pattern("layers_pattern", pattern, _layers_regex(pattern))
 
     return LoraConfigSpec(
         r=r,
@@ -253,6 +261,16 @@ def parse_adapter_config(raw: bytes | str | Mapping[str, Any]) -> LoraConfigSpec
         fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
         base_model_name_or_path=data.get("base_model_name_or_path"),
     )
+
+
+def _check_pattern(what: str, pattern: str, regex: str) -> None:
+    """Refuse a config pattern RE2 cannot run (400-class error, never a 500 while matching)."""
+    try:
+        compile_pattern(regex)
+    except PatternError as exc:
+        raise AdapterError(
+            f"{what} {pattern[:100]!r} is not a valid regular expression: {exc}.", "invalid_config"
+        ) from None
 
 
 def _refuse_unsupported(data: Mapping[str, Any]) -> None:

@@ -4,6 +4,7 @@ attack, RSS growth bounded). Each attack is bounded (a few seconds, loopback onl
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.adapter_files import files_parts, make_adapter
 from tests.server_process import ServerProcess, read_response
 
 API_KEY = "hardening-api-key"
@@ -152,3 +154,35 @@ def test_bodies_over_the_limit_are_cut_off_while_they_arrive(keyed) -> None:
     ok = httpx.post(keyed.url + "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}},
                     headers=AUTH, timeout=60)  # fmt: skip
     assert ok.status_code == 200, ok.text
+
+
+def test_regexes_from_users_and_configs_never_stall_the_server(keyed, tiny_base) -> None:
+    """Findings 2 and 5: ``layers=(.+)+!`` (hours on a backtracking engine) on analysis and compare,
+    and an upload whose target_modules/rank_pattern are such patterns, all answer at once."""
+    config, weights = make_adapter(tiny_base, seed=3)
+    up = httpx.post(keyed.url + "/adapters", data={"adapter_id": "victim"}, files=files_parts(config, weights),
+                    headers=AUTH, timeout=60)  # fmt: skip
+    assert up.status_code == 201, up.text
+    evil = r"(.+)+!"
+    evil_config = json.dumps(
+        {**json.loads(config), "target_modules": evil, "rank_pattern": {evil: 2}}
+    ).encode()
+
+    def get(path: str, params: dict) -> Callable[[], int]:
+        return lambda: httpx.get(keyed.url + path, params=params, headers=AUTH, timeout=30).status_code
+
+    def upload() -> int:
+        files = files_parts(evil_config, weights)
+        return httpx.post(keyed.url + "/adapters", data={"adapter_id": "evil"}, files=files, headers=AUTH,
+                          timeout=30).status_code  # fmt: skip
+
+    attackers = [
+        get("/adapters/victim/analysis", {"layers": evil}),
+        get("/adapters/compare", {"a": "victim", "b": "victim", "layers": evil}),
+        get("/adapters/victim/analysis", {"layers": r"^(?=model\.layers\.0\.self_attn\.q).{4}(.+)+!"}),
+        upload,
+    ]
+    statuses, worst, _, seconds = attack(keyed, attackers)
+    assert statuses == [200, 200, 422, 422]
+    assert worst <= HEALTH_LIMIT_S and seconds < 20, (worst, seconds)
+    assert httpx.get(keyed.url + "/adapters/evil", headers=AUTH).status_code == 404
