@@ -71,6 +71,7 @@ def engine_config(settings: Settings, base: LoadedBase) -> EngineConfig:
         mode=settings.mode,
         switch_wait=settings.switch_wait,
         checkpoint_dir=base.path if base.path.is_dir() else None,
+        max_prompt_chars=settings.max_prompt_chars,
     )
 
 

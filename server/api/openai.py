@@ -32,10 +32,11 @@ from server.api.errors import HANDLED, ApiError, as_api_error
 from server.api.generation import (
     ERROR_STATUS,
     build_request,
+    check_prompt_chars,
     run_many,
     stream_events,
     timing_headers,
-    tokenize,
+    tokenize_off_loop,
 )
 from server.api.openai_logprobs import CompletionLogprobs, chat_entry, chat_logprobs
 from server.api.openai_schemas import (
@@ -162,7 +163,9 @@ async def completions(
 ) -> Response:
     adapter_id = resolve_model(body.model, base, registry)
     prompt = body.single_prompt()
-    prompt_ids = tokenize(engine, prompt) if isinstance(prompt, str) else _checked_ids(engine, prompt)
+    prompt_ids = (
+        await tokenize_off_loop(engine, prompt) if isinstance(prompt, str) else _checked_ids(engine, prompt)
+    )
     max_tokens = body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS
     wants = _Wants(
         logprobs=body.logprobs is not None,
@@ -186,7 +189,9 @@ async def chat_completions(
     http_request: Request,
 ) -> Response:
     adapter_id = resolve_model(body.model, base, registry)
-    prompt_ids = chat_prompt_ids(engine, [m.template_dict() for m in body.messages])
+    messages = [m.template_dict() for m in body.messages]
+    check_prompt_chars(engine, sum(len(str(v)) for m in messages for v in m.values()), "the messages")
+    prompt_ids = await asyncio.to_thread(chat_prompt_ids, engine, messages)  # the template, the tokenizer
     max_tokens = body.token_limit or max(engine.config.max_total_tokens - len(prompt_ids), 1)
     wants = _Wants(logprobs=body.wants_logprobs, top=body.top_logprobs or 0)
     grammar = await response_grammar(engine, body.response_format)

@@ -68,6 +68,7 @@ class EngineConfig:
     switch_wait: float = 0.5  # merged mode: seconds another adapter's request waits before a switch
     auto_min_uniform_steps: int = 8  # auto mode: fewest uniform steps before merging
     checkpoint_dir: Path | None = None  # safetensors checkpoint to restore base weights from
+    max_prompt_chars: int = 262144  # longest prompt text, checked before tokenizing (server.api.generation)
 
 
 @dataclass

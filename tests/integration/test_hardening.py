@@ -186,3 +186,34 @@ def test_regexes_from_users_and_configs_never_stall_the_server(keyed, tiny_base)
     assert statuses == [200, 200, 422, 422]
     assert worst <= HEALTH_LIMIT_S and seconds < 20, (worst, seconds)
     assert httpx.get(keyed.url + "/adapters/evil", headers=AUTH).status_code == 404
+
+
+def test_long_prompts_are_refused_before_tokenizing_and_tokenized_off_the_event_loop(servers) -> None:
+    """Finding 3: 8 MiB prompts (the body limit raised to let them in) are 422 from their character
+    count; prompts under --max-prompt-chars are tokenized in worker threads, so /health never waits."""
+    server = servers("--max-body-kb", "16384", env={"LORAPLEX_API_KEY": API_KEY})
+    huge, long = "word " * (8 * MIB // 5), "word " * 50_000  # 8 MiB; 250,000 characters
+    model = httpx.get(server.url + "/v1/models", headers=AUTH).json()["data"][0]["id"]
+    chat = [{"role": "user", "content": huge}]
+
+    def post(path: str, body: dict) -> Callable[[], int]:
+        return lambda: httpx.post(server.url + path, json=body, headers=AUTH, timeout=60).status_code
+
+    attackers = [
+        post("/generate", {"inputs": huge}),
+        post("/v1/completions", {"model": model, "prompt": huge}),
+        post("/v1/chat/completions", {"model": model, "messages": chat}),
+    ]
+    statuses, worst, grown, seconds = attack(server, attackers)
+    assert statuses == [422, 422, 422]
+    assert worst <= HEALTH_LIMIT_S and grown < 256 * MIB and seconds < 10, (worst, grown, seconds)
+    r = httpx.post(server.url + "/generate", json={"inputs": huge}, headers=AUTH, timeout=60)
+    assert "--max-prompt-chars" in r.json()["error"]
+
+    attackers = [post("/generate", {"inputs": long}) for _ in range(3)]
+    attackers.append(
+        post("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": long}]})
+    )
+    statuses, worst, _, seconds = attack(server, attackers)
+    assert statuses == [422] * 4  # tokenized, then over --max-input-tokens
+    assert worst <= HEALTH_LIMIT_S, worst
