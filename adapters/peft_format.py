@@ -183,9 +183,9 @@ def parse_adapter_config(raw: bytes | str | Mapping[str, Any]) -> LoraConfigSpec
     if isinstance(raw, (bytes, str)):
         try:
             data = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # deep nesting too
             raise AdapterError(
-                f"{CONFIG_FILE} is not valid JSON ({exc}); upload the file PEFT's save_pretrained wrote.",
+                f"{CONFIG_FILE} is not valid JSON ({_json_reason(exc)}); upload the file PEFT's save_pretrained wrote.",
                 "invalid_config",
             ) from exc
     else:
@@ -273,6 +273,10 @@ def _check_pattern(what: str, pattern: str, regex: str) -> None:
         ) from None
 
 
+def _json_reason(exc: Exception) -> str:
+    return "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+
+
 def _refuse_unsupported(data: Mapping[str, Any]) -> None:
     if data.get("use_dora"):
         raise AdapterError(
@@ -344,9 +348,9 @@ def check_safetensors_header(data: bytes | memoryview) -> dict[str, dict[str, An
         )
     try:
         header = json.loads(bytes(data[8 : 8 + header_len]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # deep nesting too
         raise AdapterError(
-            f"{WEIGHTS_FILE} has a header that is not JSON: {exc}.", "invalid_weights"
+            f"{WEIGHTS_FILE} has a header that is not JSON: {_json_reason(exc)}.", "invalid_weights"
         ) from exc
     if not isinstance(header, dict):
         raise AdapterError(f"{WEIGHTS_FILE} header must be a JSON object.", "invalid_weights")

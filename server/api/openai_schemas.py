@@ -22,7 +22,7 @@ from pydantic import (
 )
 
 from server.api.compose_schemas import AdapterScale
-from server.api.schemas import MAX_STOP_SEQUENCES
+from server.api.schemas import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 from server.engine.sampling import SamplingParams
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -136,6 +136,8 @@ class _OpenAIRequest(BaseModel):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(stops)}")
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty strings")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop sequences may be at most {MAX_STOP_CHARS} characters long")
         return stops
 
     @property

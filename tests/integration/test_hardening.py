@@ -217,3 +217,69 @@ def test_long_prompts_are_refused_before_tokenizing_and_tokenized_off_the_event_
     statuses, worst, _, seconds = attack(server, attackers)
     assert statuses == [422] * 4  # tokenized, then over --max-input-tokens
     assert worst <= HEALTH_LIMIT_S, worst
+
+
+def test_bad_ids_nested_json_and_long_stops_are_clear_4xx(keyed, tiny_base) -> None:
+    """Findings 9, 10 and 13: an id with a trailing newline, a config or safetensors header nested
+    thousands deep, a bad rank_pattern regex, a 20,000-character stop: each a 4xx naming the
+    problem, never a 500 or a stored adapter."""
+    config, weights = make_adapter(tiny_base, seed=4)
+
+    def upload(adapter_id: str, config: bytes, weights: bytes) -> httpx.Response:
+        return httpx.post(keyed.url + "/adapters", data={"adapter_id": adapter_id},
+                          files=files_parts(config, weights), headers=AUTH, timeout=60)  # fmt: skip
+
+    r = upload("newline\n", config, weights)
+    assert r.status_code == 400 and r.json()["error_type"] == "invalid_adapter_id", r.text
+    deep = b"[" * 100_000 + b"]" * 100_000
+    r = upload("deep-config", deep, weights)
+    assert r.status_code == 422 and "nested too deeply" in r.json()["error"], r.text
+    header = b'{"a": ' + deep + b"}"
+    r = upload("deep-header", config, len(header).to_bytes(8, "little") + header)
+    assert r.status_code == 422 and "nested too deeply" in r.json()["error"], r.text
+    bad_pattern = json.dumps({**json.loads(config), "rank_pattern": {"q_proj(": 4}}).encode()
+    r = upload("bad-pattern", bad_pattern, weights)
+    assert r.status_code == 422 and "rank_pattern" in r.json()["error"], r.text
+    for adapter_id in ("deep-config", "deep-header", "bad-pattern"):
+        assert httpx.get(f"{keyed.url}/adapters/{adapter_id}", headers=AUTH).status_code == 404
+    r = httpx.post(keyed.url + "/generate", headers=AUTH,
+                   json={"inputs": "Hi", "parameters": {"stop": ["x" * 20_000] * 16}})  # fmt: skip
+    assert r.status_code == 422 and "stop" in r.json()["error"], r.text
+    model = httpx.get(keyed.url + "/v1/models", headers=AUTH).json()["data"][0]["id"]
+    r = httpx.post(keyed.url + "/v1/completions", headers=AUTH,
+                   json={"model": model, "prompt": "Hi", "stop": ["x" * 20_000]})  # fmt: skip
+    assert r.status_code == 422 and "stop" in r.json()["error"]["message"], r.text
+
+
+def test_access_log_lines_cannot_be_forged(servers) -> None:
+    """Finding 11: a path with an encoded newline stays on its own (escaped) access-log line."""
+    server = servers("--log-level", "info")
+    forged = 'FORGED 127.0.0.1 - "GET /admin/secret" 200'
+    httpx.get(server.url + "/%0a" + forged.replace(" ", "%20").replace('"', "%22"))
+    httpx.get(server.url + "/health")  # a later line: the access log has been written
+    lines = server.log_text().splitlines()
+    assert not any(line.startswith("FORGED") for line in lines)
+    assert any("\\nFORGED" in line for line in lines), lines[-5:]
+
+
+def test_health_tells_the_start_up_error_only_to_key_holders(tmp_path) -> None:
+    """Finding 12: a failed start-up's message (it names paths) is not shown on the open /health."""
+    missing = tmp_path / "secret-model-location"
+    server = ServerProcess(missing, tmp_path / "data2", tmp_path / "failed.log",
+                           env={"LORAPLEX_API_KEY": API_KEY}, ready=False)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                r = httpx.get(server.url + "/health", timeout=5)
+                if r.json().get("status") == "failed":
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server never reported its failed start-up"
+            time.sleep(0.2)
+        assert r.status_code == 503 and "secret-model-location" not in r.text
+        keyed_view = httpx.get(server.url + "/health", headers=AUTH, timeout=5)
+        assert "secret-model-location" in keyed_view.json()["error"]
+    finally:
+        server.kill()
