@@ -22,7 +22,8 @@ Where routes are open (no keys set), a browser is the remaining way in for a rem
 :func:`screen` also refuses (see docs/security.md):
 
 - a ``Host`` header that is not loopback, ``--host`` or one of ``--allowed-hosts`` while the
-  API key is unset (DNS rebinding); ``--allowed-hosts '*'`` accepts any;
+  API key is unset (DNS rebinding), except on /health and /metrics (probes name any host);
+  ``--allowed-hosts '*'`` accepts any;
 - a state-changing request (not GET/HEAD/OPTIONS) on an open route sent cross-site by a browser
   (``Sec-Fetch-Site: cross-site``/``same-site``, or an ``Origin`` that is not the ``Host``): a
   plain HTML form can post multipart to any URL without a CORS preflight.
@@ -160,14 +161,14 @@ def cross_site(headers: Headers) -> bool:
 def screen(settings: Settings, method: str, path: str, headers: Headers) -> ApiError | None:
     """The refusal (Host, key, cross-site rules) a request gets before its body is read, if any."""
     host = headers.get("host")
-    if not allowed_host(settings, host):
+    access = required_access(method, path)
+    if access != "open" and not allowed_host(settings, host):  # probes may name any Host on /health
         return ApiError(
             400,
             f"this server does not answer to the Host {host!r}: open it by its loopback address, or "
             "start it with --allowed-hosts naming this host (or set LORAPLEX_API_KEY).",
             "host_not_allowed",
         )
-    access = required_access(method, path)
     try:
         check_access(settings, access, bearer_token(headers.get("authorization")))
     except ApiError as error:

@@ -283,3 +283,25 @@ def test_health_tells_the_start_up_error_only_to_key_holders(tmp_path) -> None:
         assert "secret-model-location" in keyed_view.json()["error"]
     finally:
         server.kill()
+
+
+def test_without_keys_cross_site_writes_and_foreign_hosts_are_refused(servers, tiny_base) -> None:
+    """Finding 7 (no keys, as the Docker image starts): a web page's cross-site form post cannot
+    store or replace an adapter, and a rebound DNS name (a foreign Host) is not served."""
+    server = servers()
+    config, weights = make_adapter(tiny_base, seed=5)
+
+    def upload(adapter_id: str, **headers: str) -> httpx.Response:
+        return httpx.post(server.url + "/adapters", data={"adapter_id": adapter_id},
+                          files=files_parts(config, weights), headers=headers, timeout=60)  # fmt: skip
+
+    r = upload("planted", origin="https://evil.example", **{"sec-fetch-site": "cross-site"})
+    assert r.status_code == 403 and r.json()["error_type"] == "cross_site"
+    assert upload("planted", origin="https://evil.example").status_code == 403
+    assert httpx.get(server.url + "/adapters/planted").status_code == 404
+    assert upload("mine", origin=server.url, **{"sec-fetch-site": "same-origin"}).status_code == 201
+    assert upload("cli").status_code == 201  # curl and the SDKs send no Origin
+
+    rebound = httpx.get(server.url + "/v1/models", headers={"host": "attacker.example"})
+    assert rebound.status_code == 400 and "--allowed-hosts" in rebound.json()["error"]["message"]
+    assert httpx.get(server.url + "/health", headers={"host": "10.0.0.7:8080"}).status_code == 200
