@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from server.api.errors import ApiError, error_payload, error_response
-from server.api.security import screen
+from server.api.security import accepted_keys, screen
 from server.cluster.asgi_bridge import HttpCall, ResponseStart
 from server.cluster.metrics_merge import merge_expositions
 from server.cluster.routing import adapter_names, affinity_key, target_of
@@ -58,7 +58,7 @@ class LoraplexIngress:
         method, path = request.method, request.url.path
         target = target_of(method, path)
         if target == "health":
-            return await self.health()
+            return await self.health(show_error=self._keyed(request))
         if target == "metrics":
             return await self.metrics()
         if target == "unsupported":
@@ -153,7 +153,13 @@ class LoraplexIngress:
     async def _reports(self) -> dict[str, dict[str, Any]]:
         return await self.store.replica_reports.remote(REPORT_MAX_AGE)
 
-    async def health(self) -> JSONResponse:
+    def _keyed(self, request: Request) -> bool:
+        """A caller holding a key that opens reads (the start-up error names paths: only for them)."""
+        if not accepted_keys(self.settings, "read"):
+            return False
+        return screen(self.settings, "GET", "/info", request.headers) is None
+
+    async def health(self, show_error: bool = False) -> JSONResponse:
         """200 while at least one replica serves (``degraded`` below ``--replicas``), else 503."""
         reports, store = await self._reports(), await self.store.status.remote()
         ready = sorted(rid for rid, r in reports.items() if r["ready"])
@@ -171,7 +177,7 @@ class LoraplexIngress:
             "retries": self.retries,
         }
         if store["error"] is not None:
-            body["error"] = store["error"]
+            body["error"] = store["error"] if show_error else "start-up failed; the server's log says why."
         return JSONResponse(body, status_code=code)
 
     async def metrics(self) -> Response:

@@ -63,3 +63,26 @@ async def test_a_body_over_the_limit_is_413_before_routing() -> None:
         r = await c.post("/generate", content=chunked(), headers=auth)
         assert r.status_code == 413
     assert store.calls == []
+
+
+class _Remote:
+    def __init__(self, value) -> None:
+        self.value = value
+
+    async def remote(self, *args):
+        return self.value
+
+
+class FailedStore:
+    """A store whose start-up failed with an error naming a path."""
+
+    replica_reports = _Remote({})
+    status = _Remote({"error": "no model at /srv/secret/model", "ready": False, "adapters": []})
+
+
+async def test_cluster_health_tells_the_start_up_error_only_to_key_holders() -> None:
+    async with client(FailedStore()) as c:  # type: ignore[arg-type]
+        r = await c.get("/health")
+        assert r.status_code == 503 and r.json()["status"] == "failed" and "/srv/secret" not in r.text
+        r = await c.get("/health", headers={"Authorization": f"Bearer {KEY}"})
+        assert "/srv/secret" in r.json()["error"]
