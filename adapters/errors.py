@@ -47,6 +47,24 @@ class StoreNotReady(StoreError):
     error_type = "not_ready"
 
 
+class SourceNotConfigured(StoreError):
+    """A request asked for an adapter source (``adapter_source``) this server was not started with."""
+
+    error_type = "source_not_configured"
+
+
+class SourceConflict(AdapterExists):
+    """``adapter_source: s3`` names an id that is stored from an upload, not fetched from a source."""
+
+    error_type = "source_conflict"
+
+
+class SourceUnavailable(StoreError):
+    """An adapter source (S3) could not be reached or refused access; the reason says which."""
+
+    error_type = "source_unavailable"
+
+
 class StoreFull(StoreError):
     """The disk (or quota) ran out while an upload was written; nothing of it was kept."""
 

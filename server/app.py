@@ -16,9 +16,11 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 
 from adapters.archive import read_adapter_dir
+from adapters.index import AdapterRecord
+from adapters.sources import AdapterSources
 from adapters.store import AdapterStore
 from server import __version__
-from server.api import adapters, admin, analysis, composition, generate, health, openai, prometheus
+from server.api import adapters, admin, analysis, composition, generate, health, openai, prometheus, responses
 from server.api.drain import Drain, DrainMiddleware, refuse_while_draining
 from server.api.errors import install_error_handlers
 from server.api.load_control import QueueGate
@@ -98,6 +100,24 @@ def register_startup_adapters(settings: Settings, store: AdapterStore) -> None:
                  record.version, record.rank, record.layers)  # fmt: skip
 
 
+def open_sources(settings: Settings, store: AdapterStore, app: FastAPI) -> AdapterSources | None:
+    """``--adapter-source``: the S3 locations searched for adapters the store lacks (None: none)."""
+    if not settings.adapter_source:
+        return None
+
+    def retire(record: AdapterRecord) -> None:  # a refreshed adapter's old version leaves its slot
+        engine = getattr(app.state, "engine", None)
+        if engine is not None:
+            engine.retire(record.key)
+
+    sources = AdapterSources.from_uris(
+        store, settings.adapter_source, max_bytes=settings.max_upload_mb << 20,
+        refresh_seconds=settings.adapter_source_refresh, on_replaced=retire,
+    )  # fmt: skip
+    log.info("adapter sources, searched in order after %s: %s", settings.data_dir, ", ".join(sources.uris))
+    return sources
+
+
 def create_app(settings: Settings | None = None, loader: BaseLoader = default_loader) -> FastAPI:
     settings = settings or Settings()
 
@@ -109,6 +129,7 @@ def create_app(settings: Settings | None = None, loader: BaseLoader = default_lo
             AdapterStore, settings.data_dir, host_cache_bytes=settings.host_cache_mb << 20
         )
         app.state.store = app.state.registry = store
+        app.state.sources = open_sources(settings, store, app)
         app.state.engine = None
         app.state.load_error = None
 
@@ -131,6 +152,8 @@ def create_app(settings: Settings | None = None, loader: BaseLoader = default_lo
             await asyncio.gather(loading, return_exceptions=True)
             if app.state.engine is not None:
                 app.state.engine.shutdown()
+            if app.state.sources is not None:
+                app.state.sources.close()
             store.close()
 
     app = FastAPI(
@@ -166,6 +189,7 @@ def create_app(settings: Settings | None = None, loader: BaseLoader = default_lo
     app.include_router(composition.router)
     app.include_router(adapters.router)
     app.include_router(openai.router)
+    app.include_router(responses.router)
     app.include_router(prometheus.router)
     install_console(app)  # GET / (the web console) and /console/static/*
     install_openapi_contract(app, settings.max_total_tokens)

@@ -37,6 +37,13 @@ def serve(
     max_loaded_adapters: Annotated[int | None, typer.Option(help="Adapter slots in memory (64).")] = None,
     max_rank: Annotated[int | None, typer.Option(help="Largest LoRA rank accepted (256).")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Adapter storage directory (./data).")] = None,
+    adapter_source: Annotated[
+        list[str] | None,
+        typer.Option(help="s3://BUCKET/PREFIX to fetch adapters the store lacks from, repeatable, in order."),
+    ] = None,
+    adapter_source_refresh: Annotated[
+        float | None, typer.Option(help="Seconds before a fetched adapter is re-checked on use (0: never).")
+    ] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Cache directory (~/.cache/loraplex).")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
     switch_wait: Annotated[
@@ -119,8 +126,9 @@ def serve(
         "request_timeout": request_timeout, "log_format": log_format, "kernel": kernel, "cpu_kernel": cpu_kernel, "runner": runner,
         "kv_cache_tokens": kv_cache_tokens, "kv_cache_memory": kv_cache_memory, "compile": compile,
         "weight_layout": weight_layout, "max_prefill_tokens": max_prefill_tokens, "shutdown_timeout": shutdown_timeout,
-        "upload_timeout": upload_timeout, "max_body_kb": max_body_kb, "max_prompt_chars": max_prompt_chars,
-        "allowed_hosts": allowed_hosts,
+        "upload_timeout": upload_timeout, "adapter_source": adapter_source,
+        "adapter_source_refresh": adapter_source_refresh, "max_body_kb": max_body_kb,
+        "max_prompt_chars": max_prompt_chars, "allowed_hosts": allowed_hosts,
     }  # fmt: skip
     import uvicorn
     from pydantic import ValidationError

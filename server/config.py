@@ -74,6 +74,17 @@ class Settings(BaseSettings):
         description="Native runner: the projections' layout. packed: oneDNN's packed layout (CPU, float32, "
         "eager decode; faster, about the same memory); dense: plain matrices; auto: packed where it applies.",
     )
+    adapter_source: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Where to fetch adapters that are not stored, s3://BUCKET/PREFIX (repeatable, searched "
+        "in order; env: comma-separated); AWS credentials, region and AWS_ENDPOINT_URL as boto3 reads them.",
+    )
+    adapter_source_refresh: float = Field(
+        0.0,
+        ge=0,
+        description="Seconds after which a fetched adapter's source is re-checked on use, a changed object "
+        "served as a new version (0: never re-check).",
+    )
     data_dir: Path = Field(Path("./data"), description="Where adapters are stored (folders + SQLite index).")
     max_upload_mb: int = Field(
         512, ge=1, description="Largest adapter upload (request body and unpacked archive), MiB."
@@ -129,12 +140,19 @@ class Settings(BaseSettings):
         description="Seconds a client may take to send an upload's whole body before it is cut off (408).",
     )
 
-    @field_validator("adapter", "allowed_hosts", mode="before")
+    @field_validator("adapter", "adapter_source", "allowed_hosts", mode="before")
     @classmethod
     def _split_adapters(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("adapter_source")
+    @classmethod
+    def _check_sources(cls, value: list[str]) -> list[str]:
+        from adapters.sources import S3Location  # imported only when sources are given
+
+        return [S3Location.parse(uri).uri for uri in value] if value else value
 
     @field_validator("adapter")
     @classmethod

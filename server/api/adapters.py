@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from typing import Annotated
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
@@ -23,6 +24,7 @@ from starlette.datastructures import FormData, UploadFile
 from adapters.archive import AdapterFiles, read_archive, read_parts
 from adapters.errors import ArchiveError, InvalidAdapterId, StoreFull, StoreNotReady, is_storage_full
 from adapters.index import AdapterRecord
+from adapters.listing import DEFAULT_PAGE, MAX_PAGE, page
 from adapters.registry import AdapterRepository
 from adapters.store import check_adapter_id, derive_adapter_id, sha256_hex
 from server.api.deps import SettingsDep, StoreDep
@@ -101,14 +103,44 @@ async def upload_adapter(
 
 
 @router.get("/adapters")
-async def list_adapters(store: StoreDep) -> list[dict]:
-    """Summaries of every stored adapter, by id."""
-    return [record.summary() for record in store.records()]
+async def list_adapters(
+    store: StoreDep,
+    response: Response,
+    prefix: Annotated[str, Query(max_length=64, description="Only ids that start with this.")] = "",
+    limit: Annotated[
+        int | None, Query(ge=1, le=MAX_PAGE, description="Page size; with it (or cursor) the list is paged.")
+    ] = None,
+    cursor: Annotated[
+        str | None, Query(max_length=128, description="X-Next-Cursor of the previous page (opaque).")
+    ] = None,
+) -> list[dict]:
+    """Summaries of the stored adapters, by id. Paged when ``limit`` or ``cursor`` is given: the
+    body stays a list, and ``X-Next-Cursor`` (and a ``Link: rel="next"``) is set while more remain."""
+    paged = limit is not None or cursor is not None
+    chosen = page(
+        store.records(), prefix=prefix, cursor=cursor, limit=(limit or DEFAULT_PAGE) if paged else None
+    )
+    if chosen.next_cursor is not None:
+        query = urlencode(
+            {
+                "limit": limit or DEFAULT_PAGE,
+                "cursor": chosen.next_cursor,
+                **({"prefix": prefix} if prefix else {}),
+            }
+        )
+        response.headers["X-Next-Cursor"] = chosen.next_cursor
+        response.headers["Link"] = f'</adapters?{query}>; rel="next"'
+    return [record.summary() for record in chosen.records]
 
 
 @router.get("/adapters/{adapter_id}")
-async def get_adapter(adapter_id: AdapterIdPath, store: StoreDep) -> dict:
-    return stored_record(store, adapter_id).summary()
+async def get_adapter(adapter_id: AdapterIdPath, store: StoreDep, request: Request) -> dict:
+    summary = stored_record(store, adapter_id).summary()
+    sources = getattr(request.app.state, "sources", None)
+    origin = sources.origin(adapter_id) if sources is not None else None
+    if origin is not None:  # fetched from an adapter source: where from, and its objects' versions
+        summary["source"] = origin.summary()
+    return summary
 
 
 @router.delete("/adapters/{adapter_id}", status_code=204)

@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 
 from adapters.compose import MAX_SOURCES
 from adapters.registry import AdapterRepository
+from server.api.adapter_sources import fetch_named, requested_source
 from server.api.errors import ApiError
 from server.config import Settings
 from server.engine.base_model import LoadedBase
@@ -34,7 +35,8 @@ async def get_registry(request: Request) -> AdapterRepository:
     stall the event loop (and with it every stream). So the adapters named by the body
     (``parameters.adapter_id``, ``adapter_id`` or ``model``, and the sources of
     ``parameters.merged_adapters``) are loaded here in a worker thread, and pinned on
-    ``request.state`` until the request ends.
+    ``request.state`` until the request ends. Ids that are not stored are fetched from the
+    adapter sources first (``server.api.adapter_sources``).
     """
     store = request.app.state.registry
     if (
@@ -42,8 +44,11 @@ async def get_registry(request: Request) -> AdapterRepository:
         and request.method == "POST"
         and "json" in request.headers.get("content-type", "")
     ):
+        body = await request.body()
+        names = _named_adapters(body)
+        await fetch_named(request, names, requested_source(_json_object(body)))  # --adapter-source
         pinned = []
-        for name in _named_adapters(await request.body()):
+        for name in names:
             if name in store:
                 pinned.append(await _timed_aget(request, store, name))
         request.state.prefetched_adapters = pinned

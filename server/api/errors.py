@@ -9,8 +9,9 @@ the OpenAI routes (``server.api.openai``), with the same status either way.
     ApiError                             its own  its own
     InvalidAdapterId                     400      invalid_adapter_id
     UnknownAdapter                       404      adapter_not_found
-    AdapterExists                        409      adapter_exists
+    AdapterExists                        409      adapter_exists (SourceConflict: source_conflict)
     StoreNotReady                        503      not_ready
+    SourceUnavailable (S3 unreachable)   503      source_unavailable
     StoreFull (disk or quota full)       507      insufficient_storage
     StoreError (any other)               400      its own
     ArchiveError too_large               413      too_large
@@ -44,6 +45,7 @@ from adapters.errors import (
     AdapterExists,
     ArchiveError,
     InvalidAdapterId,
+    SourceUnavailable,
     StoreError,
     StoreFull,
     StoreNotReady,
@@ -70,6 +72,7 @@ STORE_STATUS: dict[type[StoreError], int] = {
     UnknownAdapter: 404,
     AdapterExists: 409,
     StoreNotReady: 503,
+    SourceUnavailable: 503,
     StoreFull: 507,
 }
 ARCHIVE_STATUS = {"too_large": 413, "invalid_upload": 400}

@@ -25,7 +25,8 @@ from server.api.tgi_generate import TgiGeneration
 
 router = APIRouter(tags=["generate"])
 
-_GENERATION_ERRORS = error_responses(401, 404, 422, 424, 429, 503, 504)
+# 400/409: parameters.adapter_source the server cannot honour (server.api.adapter_sources)
+_GENERATION_ERRORS = error_responses(400, 401, 404, 409, 422, 424, 429, 503, 504)
 _SSE = {
     "text/event-stream": {
         "schema": StreamResponse.model_json_schema(ref_template="#/components/schemas/{model}")

@@ -106,7 +106,16 @@ async def info(
         "running_requests": engine.num_running,
         "waiting_requests": engine.num_waiting,
         "http_requests_in_flight": _in_flight(request),
+        "adapter_sources": _sources(request),
     }
+
+
+def _sources(request: Request) -> dict:
+    """``--adapter-source``: the locations searched, in order, and the adapters fetched from them."""
+    sources = getattr(request.app.state, "sources", None)
+    if sources is None:
+        return {"uris": [], "fetches": 0}
+    return {"uris": sources.uris, "fetches": sources.fetches, "refresh_seconds": sources.refresh_seconds}
 
 
 def _in_flight(request: Request) -> int | None:

@@ -26,7 +26,7 @@ from server.api.load_control import QueueGate
 from server.metrics import Metrics
 
 GENERATION_ROUTES = frozenset(
-    {"/", "/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions"}
+    {"/", "/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions", "/v1/responses"}
 )
 # Polled (by machines, by the console's live view every second): access-logged at debug level.
 QUIET_ROUTES = frozenset({"/health", "/metrics", "/info"})

@@ -45,6 +45,14 @@ from server.api.openai_schemas import (
     CompletionRequest,
     _OpenAIRequest,
 )
+from server.api.openai_tools import (
+    ToolPlan,
+    ToolStream,
+    tool_grammar,
+    tool_messages,
+    tool_plan,
+    whole_message,
+)
 from server.api.openapi_errors import OpenAIErrorResponse, error_responses
 from server.api.sse import sse, sse_response
 from server.api.stop_holdback import StopHoldback
@@ -57,7 +65,7 @@ from server.engine.requests import ErrorEvent, FinishEvent, GenerationRequest, T
 _STARTED = int(time.time())
 TGI_PLACEHOLDER_MODEL = "tgi"  # the model TGI's clients name; the base model unless an adapter has that id
 SYSTEM_FINGERPRINT = f"loraplex-{__version__}"
-_OPENAI_ERRORS = (401, 404, 422, 424, 429, 503, 504)
+_OPENAI_ERRORS = (400, 401, 404, 422, 424, 429, 503, 504)
 _ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
 _PARAM_OF_CODE = {
     "model_not_found": "model",
@@ -67,6 +75,37 @@ _PARAM_OF_CODE = {
 
 
 # --------------------------------------------------------------------------- errors
+
+
+class OpenAIError(ApiError):
+    """An error only the OpenAI routes raise, naming the request field at fault (``param``)."""
+
+    def __init__(self, status_code: int, message: str, code: str, param: str) -> None:
+        super().__init__(status_code, message, code)
+        self.param = param
+
+
+def check_context(engine: Engine, prompt_tokens: int, max_tokens: int, param: str) -> None:
+    """OpenAI's 400 ``context_length_exceeded`` (``param``: ``prompt``/``messages``) before the engine's own checks."""
+    cfg = engine.config
+    if prompt_tokens > cfg.max_input_tokens:
+        raise OpenAIError(
+            400,
+            f"This model's maximum input length is {cfg.max_input_tokens} tokens (--max-input-tokens); however "
+            f"your {param} has {prompt_tokens} tokens. Please shorten the {param}.",
+            "context_length_exceeded",
+            param,
+        )
+    if prompt_tokens + max_tokens > cfg.max_total_tokens:
+        raise OpenAIError(
+            400,
+            f"This model's maximum context length is {cfg.max_total_tokens} tokens (--max-total-tokens); however "
+            f"you requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the {param}, {max_tokens} in "
+            f"the completion). Please reduce the length of the {param}, or max_tokens to at most "
+            f"{max(cfg.max_total_tokens - prompt_tokens, 0)}.",
+            "context_length_exceeded",
+            param,
+        )
 
 
 def error_body(status: int, message: str, code: str, param: str | None = None) -> dict:
@@ -106,7 +145,8 @@ class OpenAIRoute(APIRoute):
                 return _validation_error(exc)  # names the offending field in ``param``
             except HANDLED as exc:  # the API's one error table, in OpenAI's body
                 error = as_api_error(exc)
-                return openai_error(error.status_code, error.message, error.error_type, headers=error.headers)
+                return openai_error(error.status_code, error.message, error.error_type,
+                                    getattr(error, "param", None), headers=error.headers)  # fmt: skip
 
         return route
 
@@ -162,22 +202,35 @@ async def completions(
     body: CompletionRequest, engine: EngineDep, base: BaseDep, registry: RegistryDep, http_request: Request
 ) -> Response:
     adapter_id = resolve_model(body.model, base, registry)
-    prompt = body.single_prompt()
-    prompt_ids = (
-        await tokenize_off_loop(engine, prompt) if isinstance(prompt, str) else _checked_ids(engine, prompt)
-    )
-    max_tokens = body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS
-    wants = _Wants(
-        logprobs=body.logprobs is not None,
-        top=body.logprobs or 0,
-        echo=bool(body.echo),
-        prompt_text=prompt if isinstance(prompt, str) else engine.tokenizer.decode(prompt_ids),
-    )
+    prompts = [await _completion_prompt(engine, prompt) for prompt in body.prompts()]
+    score_only = body.max_tokens == 0  # echo the prompt's log-probabilities, generate nothing
+    # one token is generated and dropped when scoring (the engine's rows always decode one)
+    max_tokens = 1 if score_only else body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS
+    for prompt in prompts:  # (scoring counts the one token decoded: the engine needs room for it)
+        check_context(engine, len(prompt.ids), max_tokens, "prompt")
+    wants = _Wants(logprobs=body.logprobs is not None, top=body.logprobs or 0, echo=bool(body.echo),
+                   generate=not score_only)  # fmt: skip
     grammar = await response_grammar(engine, body.response_format)
-    requests = _requests(engine, registry, body, prompt_ids, max_tokens, adapter_id, wants, grammar)
-    return await _answer(
-        _Reply(body.model, False, engine, wants, prompt_ids), body, engine, requests, http_request
-    )
+    requests = [  # index = prompt x n + choice, OpenAI's order: all rows decode in one batch
+        request
+        for prompt in prompts
+        for request in _requests(engine, registry, body, prompt.ids, max_tokens, adapter_id, wants, grammar)
+    ]
+    reply = _Reply(body.model, False, engine, wants, prompts, body.choices)
+    return await _answer(reply, body, engine, requests, http_request)
+
+
+@dataclass(frozen=True)
+class _Prompt:
+    ids: list[int]
+    text: str  # what ``echo`` prepends to the completion
+
+
+async def _completion_prompt(engine: Engine, prompt: str | list[int]) -> _Prompt:
+    if isinstance(prompt, str):  # capped in characters, tokenized off the event loop
+        return _Prompt(await tokenize_off_loop(engine, prompt), prompt)
+    ids = _checked_ids(engine, prompt)
+    return _Prompt(ids, engine.tokenizer.decode(ids))
 
 
 @router.post("/chat/completions", responses=error_responses(*_OPENAI_ERRORS, model=OpenAIErrorResponse))
@@ -188,27 +241,58 @@ async def chat_completions(
     registry: RegistryDep,
     http_request: Request,
 ) -> Response:
+    chat = await prepare_chat(body, engine, base, registry)
+    # TGI's chat client (which names the model "tgi") requires the role in every delta
+    reply = _Reply(body.model, True, engine, chat.wants, [_Prompt(chat.prompt_ids, "")], body.choices,
+                   role_in_every_delta=body.model == TGI_PLACEHOLDER_MODEL, tools=chat.plan is not None)  # fmt: skip
+    return await _answer(reply, body, engine, chat.requests, http_request)
+
+
+@dataclass(frozen=True)
+class PreparedChat:
+    """A chat request ready to run: its engine requests (one per choice) and what shapes the reply."""
+
+    requests: list[GenerationRequest]
+    prompt_ids: list[int]
+    plan: ToolPlan | None  # the reply may hold tool calls
+    wants: _Wants
+
+
+async def prepare_chat(
+    body: ChatCompletionRequest, engine: Engine, base: LoadedBase, registry: AdapterRepository
+) -> PreparedChat:
+    """The prompt (chat template, tools), the grammar (tools or response_format) and the engine
+    requests; shared by /v1/chat/completions and /v1/responses (``server.api.responses``)."""
     adapter_id = resolve_model(body.model, base, registry)
-    messages = [m.template_dict() for m in body.messages]
+    plan = tool_plan(body.tools, body.tool_choice, body.parallel_tool_calls)
+    if plan is not None and body.response_format is not None and body.response_format.type != "text":
+        raise OpenAIError(422, "response_format and tools cannot constrain the same reply: send tool_choice "
+                          '"none" with response_format, or leave response_format out.', "validation", "tools")  # fmt: skip
+    template = getattr(engine.tokenizer, "chat_template", None)
+    messages, template_args = tool_messages([m.template_dict() for m in body.messages], plan, template)
     check_prompt_chars(engine, sum(len(str(v)) for m in messages for v in m.values()), "the messages")
-    prompt_ids = await asyncio.to_thread(chat_prompt_ids, engine, messages)  # the template, the tokenizer
+    # the template and the tokenizer run in a worker thread: a long chat never stalls the event loop
+    prompt_ids = await asyncio.to_thread(chat_prompt_ids, engine, messages, **template_args)
     max_tokens = body.token_limit or max(engine.config.max_total_tokens - len(prompt_ids), 1)
+    check_context(engine, len(prompt_ids), max_tokens, "messages")
     wants = _Wants(logprobs=body.wants_logprobs, top=body.top_logprobs or 0)
-    grammar = await response_grammar(engine, body.response_format)
+    if plan is not None:
+        grammar = await tool_grammar(engine, plan)
+    else:
+        grammar = await response_grammar(engine, body.response_format)
     requests = _requests(engine, registry, body, prompt_ids, max_tokens, adapter_id, wants, grammar)
-    return await _answer(
-        _Reply(body.model, True, engine, wants, prompt_ids), body, engine, requests, http_request
-    )
+    return PreparedChat(requests, prompt_ids, plan, wants)
 
 
 @dataclass(frozen=True)
 class _Wants:
-    """What a reply carries besides the text: log-probabilities (top N), the prompt (echo)."""
+    """What a reply carries besides the text: log-probabilities (top N), the prompt (echo); with
+    ``generate`` False (``max_tokens: 0``) the prompt's log-probabilities only."""
 
     logprobs: bool = False
     top: int = 0
     echo: bool = False
-    prompt_text: str = ""
+    generate: bool = True
 
 
 def _requests(
@@ -236,6 +320,7 @@ def _requests(
         )
         request.top_n_tokens = wants.top
         request.want_prompt_logprobs = wants.echo and wants.logprobs
+        request.prompt_top_n = wants.top if request.want_prompt_logprobs else 0
         requests.append(request)
     return requests
 
@@ -253,7 +338,7 @@ async def _answer(
     return JSONResponse(reply.whole(finishes), headers=timing_headers(requests[0]))
 
 
-def chat_prompt_ids(engine: Engine, messages: list[dict[str, str]]) -> list[int]:
+def chat_prompt_ids(engine: Engine, messages: list[dict[str, Any]], **template_args: Any) -> list[int]:
     """The tokenizer's chat template applied, with the assistant's turn opened."""
     tokenizer = engine.tokenizer
     if not getattr(tokenizer, "chat_template", None):
@@ -264,7 +349,9 @@ def chat_prompt_ids(engine: Engine, messages: list[dict[str, str]]) -> list[int]
             "validation",
         )
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False, **template_args
+        )
     except Exception as exc:  # the template's own checks (e.g. roles must alternate)
         raise ApiError(422, f"the model's chat template refused these messages: {exc}", "validation") from exc
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -292,21 +379,25 @@ def openai_text(finish: FinishEvent) -> str:
     return finish.generated_text
 
 
-def usage(finishes: list[FinishEvent]) -> dict[str, int]:
-    """The prompt counts once; every choice's tokens count."""
-    prompt = finishes[0].prompt_tokens
-    completion = sum(f.generated_tokens for f in finishes)
+def usage(finishes: list[FinishEvent], n: int = 1, generate: bool = True) -> dict[str, int]:
+    """Each prompt counts once (``finishes`` in index order, ``n`` per prompt); every choice's tokens count."""
+    prompt = sum(f.prompt_tokens for f in finishes[::n])
+    completion = sum(f.generated_tokens for f in finishes) if generate else 0
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 class _Reply:
     """Builds one response's bodies (whole, or as stream chunks) with a shared id and timestamp."""
 
-    def __init__(self, model: str, chat: bool, engine: Engine, wants: _Wants, prompt_ids: list[int]) -> None:
+    def __init__(self, model: str, chat: bool, engine: Engine, wants: _Wants, prompts: list[_Prompt], n: int,
+                 *, role_in_every_delta: bool = False, tools: bool = False) -> None:  # fmt: skip
         self.model = model
         self.chat = chat
         self.wants = wants
-        self.prompt_ids = prompt_ids
+        self.prompts = prompts
+        self.n = n  # choices per prompt: choice ``index`` answers prompts[index // n]
+        self.role_in_every_delta = role_in_every_delta
+        self.tools = tools  # chat: the reply may hold tool calls (server.api.openai_tools)
         self.decode = engine.tokenizer.decode
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -317,21 +408,31 @@ class _Reply:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices, **extra}  # fmt: skip
 
+    def _text(self, finish: FinishEvent) -> str:
+        return openai_text(finish) if self.wants.generate else ""
+
+    def _finish_reason(self, finish: FinishEvent) -> str:
+        return openai_finish_reason(finish) if self.wants.generate else "length"
+
+    def _usage(self, finishes: list[FinishEvent]) -> dict[str, int]:
+        return usage(finishes, self.n, self.wants.generate)
+
     def whole(self, finishes: list[FinishEvent]) -> dict:
-        prompt_logprobs = finishes[0].prompt_logprobs
         choices = []
         for index, finish in enumerate(finishes):
-            text, reason = openai_text(finish), openai_finish_reason(finish)
-            choice: dict[str, Any] = {"index": index, "logprobs": self._logprobs(finish, prompt_logprobs),
-                                      "finish_reason": reason}  # fmt: skip
-            if self.chat:
+            text, prompt = self._text(finish), self.prompts[index // self.n]
+            choice: dict[str, Any] = {"index": index, "logprobs": self._logprobs(finish, prompt),
+                                      "finish_reason": self._finish_reason(finish)}  # fmt: skip
+            if self.chat and self.tools:
+                choice["message"], choice["finish_reason"] = whole_message(text, choice["finish_reason"])
+            elif self.chat:
                 choice["message"] = {"role": "assistant", "content": text}
             else:
-                choice["text"] = self.wants.prompt_text + text if self.wants.echo else text
+                choice["text"] = prompt.text + text if self.wants.echo else text
             choices.append(choice)
-        return self._envelope(self.whole_object, choices, usage=usage(finishes))
+        return self._envelope(self.whole_object, choices, usage=self._usage(finishes))
 
-    def _logprobs(self, finish: FinishEvent, prompt_logprobs: list[float] | None) -> dict | None:
+    def _logprobs(self, finish: FinishEvent, prompt: _Prompt) -> dict | None:
         if not self.wants.logprobs:
             return None
         if self.chat:
@@ -340,20 +441,27 @@ class _Reply:
             )
         logprobs = CompletionLogprobs(self.decode)
         if self.wants.echo:
-            logprobs.add_prompt(self.prompt_ids, prompt_logprobs)
-        for t in finish.tokens:
+            logprobs.add_prompt(prompt.ids, finish.prompt_logprobs, finish.prompt_top_tokens)
+        for t in finish.tokens if self.wants.generate else ():
             logprobs.add(t["id"], t["logprob"], t["top_tokens"])
         return logprobs.take()
 
     def chunk(self, index: int, text: str, finish_reason: str | None = None, logprobs: dict | None = None,
-              *, first: bool = False) -> dict:  # fmt: skip
+              *, first: bool = False, delta: dict | None = None) -> dict:  # fmt: skip
+        """One chunk; ``delta`` (chat) replaces the text's delta (tool-call deltas)."""
         choice: dict[str, Any] = {"index": index, "logprobs": logprobs, "finish_reason": finish_reason}
-        if self.chat:  # the role in every delta: TGI's client reads it from each chunk
+        if self.chat and delta is not None:
+            choice["delta"] = delta
+        elif self.chat and self.role_in_every_delta:  # TGI's shape: its client requires the role in each
             choice["delta"] = {
                 "role": "assistant",
                 "content": text if (text or first) else None,
                 "tool_calls": None,
             }
+        elif self.chat:  # OpenAI's: the role in the first delta only (clients join the deltas' fields)
+            choice["delta"] = (
+                {"role": "assistant", "content": ""} if first else {"content": text} if text else {}
+            )
         else:
             choice["text"] = text
         return self._envelope(self.chunk_object, [choice])
@@ -362,12 +470,13 @@ class _Reply:
         self, engine: Engine, requests: list[GenerationRequest], stops: list[str], include_usage: bool
     ) -> AsyncIterator[str]:
         """SSE: each choice's chunks (interleaved when n > 1), the usage chunk if asked for, ``[DONE]``."""
-        finishes: list[FinishEvent] = []
+        finishes: dict[int, FinishEvent] = {}  # by choice index
         choices = [self._stream_choice(i, engine, r, stops, finishes) for i, r in enumerate(requests)]
         async for chunk in _merge(choices):
             yield chunk
         if include_usage and len(finishes) == len(requests):
-            yield sse(self._envelope(self.chunk_object, [], usage=usage(finishes)))
+            in_order = [finishes[i] for i in range(len(requests))]
+            yield sse(self._envelope(self.chunk_object, [], usage=self._usage(in_order)))
         yield "data: [DONE]\n\n"
 
     async def _stream_choice(
@@ -376,7 +485,7 @@ class _Reply:
         engine: Engine,
         request: GenerationRequest,
         stops: list[str],
-        finishes: list[FinishEvent],
+        finishes: dict[int, FinishEvent],
     ) -> AsyncIterator[str]:
         """One choice: text chunks (stop sequences held back), a last chunk with ``finish_reason``.
 
@@ -384,15 +493,24 @@ class _Reply:
         that token's log-probabilities. An error ends the stream as ``{"error": {...}}``.
         """
         holdback = StopHoldback(stops)
-        completion = CompletionLogprobs(self.decode, len(self.wants.prompt_text) if self.wants.echo else 0)
+        tools = ToolStream() if self.tools else None  # the reply may hold tool calls
+        prompt = self.prompts[index // self.n]
+        completion = CompletionLogprobs(self.decode, len(prompt.text) if self.wants.echo else 0)
         if self.chat:
             yield sse(self.chunk(index, "", first=True))
         echo = self.wants.echo and not self.chat
         async for event in stream_events(engine, request):
             if echo:  # the prompt first; its log-probabilities exist once the prefill ran
                 echo = False
-                yield sse(self.chunk(index, self.wants.prompt_text, logprobs=self._prompt_logprobs(request)))
-            if isinstance(event, TokenEvent):
+                yield sse(self.chunk(index, prompt.text, logprobs=self._prompt_logprobs(request, prompt)))
+            if isinstance(event, TokenEvent) and not self.wants.generate:
+                continue  # scoring only (max_tokens 0): the one token decoded is not part of the reply
+            if isinstance(event, TokenEvent) and tools is not None:
+                logprobs = self._chat_token_logprobs(event)
+                deltas = tools.push(holdback.push(event.text)) or ([{}] if logprobs else [])
+                for k, delta in enumerate(deltas):  # the token's log-probabilities ride on its first delta
+                    yield sse(self.chunk(index, "", logprobs=logprobs if k == 0 else None, delta=delta))
+            elif isinstance(event, TokenEvent):
                 piece = holdback.push(event.text)
                 if self.wants.logprobs:
                     if self.chat:
@@ -405,20 +523,32 @@ class _Reply:
                     yield sse(self.chunk(index, piece, logprobs=logprobs))
                 elif piece:
                     yield sse(self.chunk(index, piece))
+            elif isinstance(event, FinishEvent) and tools is not None:
+                finishes[index] = event
+                for delta in tools.push(holdback.finish(self._text(event)), final=True):
+                    yield sse(self.chunk(index, "", delta=delta))
+                reason = self._finish_reason(event)
+                yield sse(self.chunk(index, "", "tool_calls" if tools.called and reason != "length" else reason,
+                                     delta={}))  # fmt: skip
             elif isinstance(event, FinishEvent):
-                finishes.append(event)
-                yield sse(self.chunk(index, holdback.finish(openai_text(event)), openai_finish_reason(event)))
+                finishes[index] = event
+                yield sse(self.chunk(index, holdback.finish(self._text(event)), self._finish_reason(event)))
             elif isinstance(event, ErrorEvent):
                 yield sse(
                     error_body(ERROR_STATUS.get(event.error_type, 500), event.message, event.error_type)
                 )
 
-    def _prompt_logprobs(self, request: GenerationRequest) -> dict | None:
+    def _chat_token_logprobs(self, event: TokenEvent) -> dict | None:
         if not self.wants.logprobs:
             return None
-        prompt = CompletionLogprobs(self.decode)
-        prompt.add_prompt(self.prompt_ids, request.prompt_logprobs)
-        return prompt.take()
+        return chat_logprobs([chat_entry(event.id, event.logprob, event.top_tokens, self.decode)])
+
+    def _prompt_logprobs(self, request: GenerationRequest, prompt: _Prompt) -> dict | None:
+        if not self.wants.logprobs:
+            return None
+        logprobs = CompletionLogprobs(self.decode)
+        logprobs.add_prompt(prompt.ids, request.prompt_logprobs, request.prompt_top_tokens)
+        return logprobs.take()
 
 
 async def _merge(streams: list[AsyncIterator[str]]) -> AsyncIterator[str]:

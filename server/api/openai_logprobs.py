@@ -6,7 +6,7 @@ Chat (``logprobs``/``top_logprobs``)::
      "refusal": null}
 
 Completions (``logprobs: N``, the legacy shape; with ``echo`` the prompt's tokens come first,
-the very first with a null log-probability, as OpenAI's)::
+the very first with a null log-probability and null top entries, as OpenAI's)::
 
     {"tokens": [...], "token_logprobs": [...], "top_logprobs": [{token: logprob}, ...], "text_offset": [...]}
 
@@ -61,10 +61,22 @@ class CompletionLogprobs:
         self.body["text_offset"].append(self.offset)
         self.offset += len(text)
 
-    def add_prompt(self, prompt_ids: Sequence[int], logprobs: Sequence[float] | None) -> None:
+    def add_prompt(
+        self,
+        prompt_ids: Sequence[int],
+        logprobs: Sequence[float] | None,
+        tops: Sequence[Sequence[TopToken]] | None = None,
+    ) -> None:
+        """The prompt's tokens: the first has no log-probability (nothing predicts it), nor top
+        entries; the others have both (``{}`` when no top N was asked), as OpenAI's and vLLM's."""
         values = [None, *(logprobs or [])]
+        top_entries: list[Sequence[TopToken] | None] = [None, *(tops or [() for _ in prompt_ids[1:]])]
         for i, token in enumerate(prompt_ids):
-            self.add(token, values[i] if i < len(values) else None, None)
+            self.add(
+                token,
+                values[i] if i < len(values) else None,
+                top_entries[i] if i < len(top_entries) else None,
+            )
 
     def take(self) -> dict[str, list[Any]]:
         """What was added since the last take (a stream chunk's share)."""

@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI-compatible routes, and their translation to ``SamplingParams``.
 
 Unknown fields are ignored (OpenAI clients send many), but fields that would change the answer
-and that loraplex does not implement (``best_of > 1``, ``suffix``, ``logit_bias``, tools) are
+and that loraplex does not implement (``best_of > 1``, ``suffix``, ``logit_bias``) are
 refused with a 422 naming the field, never silently dropped. Their schemas say so (``const``/``maxItems``), so the OpenAPI contract matches.
 
 Sampling follows OpenAI, not TGI: ``temperature`` defaults to 1 (sampling); ``temperature: 0``
@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from server.api.compose_schemas import AdapterScale
+from server.api.openai_tools import MAX_TOOLS, MessageToolCall, ToolChoice, ToolDef
 from server.api.schemas import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, StopSequence
 from server.engine.sampling import SamplingParams
 
@@ -29,6 +30,7 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_CHOICES = 8  # most choices (n) in one request
 MAX_TOP_LOGPROBS = 20  # chat's top_logprobs (OpenAI's limit)
 MAX_COMPLETION_LOGPROBS = 5  # completions' logprobs (OpenAI's limit)
+MAX_BATCH_ROWS = 64  # most prompts x n in one /v1/completions request (each is a row of one batch)
 
 
 def _refuse(message: str):
@@ -116,6 +118,7 @@ class _OpenAIRequest(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2, le=2, description="logit -= p if in the output.")
     logit_bias: dict[str, float] | None = Field(None, max_length=0, description="Not supported: {} or null.")
     adapter_scale: AdapterScale = 1.0  # loraplex's extra body field (openai SDK: extra_body)
+    ignore_eos: bool = Field(False, description="vLLM's extra field: keep generating past EOS (benchmarks).")
     response_format: OpenAIResponseFormat | None = Field(
         None,
         description="`text` (or null): free text; `json_object`: a JSON object; `json_schema`: JSON valid "
@@ -154,11 +157,10 @@ class _OpenAIRequest(BaseModel):
         """The engine's parameters for choice ``choice`` (seed + choice when a seed is given)."""
         temperature = 1.0 if self.temperature is None else self.temperature
         seed = None if self.seed is None else (self.seed + choice) % 2**63
-        penalties = {"frequency_penalty": self.frequency_penalty, "presence_penalty": self.presence_penalty}
+        extra = {"frequency_penalty": self.frequency_penalty, "presence_penalty": self.presence_penalty,
+                 "ignore_eos": self.ignore_eos}  # fmt: skip
         if temperature == 0:
-            return SamplingParams(
-                max_new_tokens=max_new_tokens, seed=seed, stop=tuple(self.stops), **penalties
-            )
+            return SamplingParams(max_new_tokens=max_new_tokens, seed=seed, stop=tuple(self.stops), **extra)
         return SamplingParams(
             max_new_tokens=max_new_tokens,
             do_sample=True,
@@ -166,7 +168,7 @@ class _OpenAIRequest(BaseModel):
             top_p=None if self.top_p in (None, 1.0) else self.top_p,
             seed=seed,
             stop=tuple(self.stops),
-            **penalties,
+            **extra,
         )
 
 
@@ -174,7 +176,13 @@ Prompt = str | list[str] | list[int] | list[list[int]]
 
 
 class CompletionRequest(_OpenAIRequest):
-    prompt: Prompt = Field(..., description="One prompt: text, or token ids.")
+    prompt: Prompt = Field(
+        ...,
+        description="Text, token ids, or a list of either (a batch: one choice per prompt x n, decoded together).",
+    )
+    max_tokens: int | None = Field(
+        None, ge=0, description="Most tokens to generate; 0 with echo: score the prompt."
+    )
     echo: bool | None = Field(False, description="Prepend the prompt to the text (and its logprobs).")
     suffix: Literal[""] | None = Field(None, description="Insertion is not supported: null or empty.")
     best_of: Literal[1] | None = Field(None, description="Only 1; use n for several choices.")
@@ -186,18 +194,25 @@ class CompletionRequest(_OpenAIRequest):
     _best_of = field_validator("best_of", mode="wrap")(_refuse("best_of > 1 is not supported; use n"))
 
     @model_validator(mode="after")
-    def _unsupported(self) -> CompletionRequest:
-        prompt = self.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) and len(prompt) != 1:
-            raise ValueError(f"one prompt per request is supported, got {len(prompt)}; send one request each")
+    def _check_batch(self) -> CompletionRequest:
+        prompts = self.prompts()
+        if len(prompts) * self.choices > MAX_BATCH_ROWS:
+            raise ValueError(
+                f"{len(prompts)} prompts x n={self.choices} make more than {MAX_BATCH_ROWS} choices; "
+                "split the prompts over several requests"
+            )
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError(
+                "max_tokens 0 generates nothing: use it with echo (to score the prompt), or ask for >= 1"
+            )
         return self
 
-    def single_prompt(self) -> str | list[int]:
-        """The prompt as text, or as token ids."""
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts (text, or token ids), in order: a single prompt is a batch of one."""
         prompt: Any = self.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]
-        return prompt
+            return list(prompt)
+        return [prompt]
 
 
 class TextPart(BaseModel):
@@ -212,16 +227,22 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = Field(None, description="An assistant message's calls.")
+    tool_call_id: str | None = Field(None, description="A tool message: the call it answers.")
 
-    def template_dict(self) -> dict[str, str]:
+    def template_dict(self) -> dict[str, Any]:
         """The message as chat templates expect it (``developer`` is OpenAI's new name for ``system``)."""
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
         role = "system" if self.role == "developer" else self.role
-        message = {"role": role, "content": content or ""}
+        message: dict[str, Any] = {"role": role, "content": content or ""}
         if self.name:
             message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         return message
 
 
@@ -235,10 +256,15 @@ class ChatCompletionRequest(_OpenAIRequest):
         le=MAX_TOP_LOGPROBS,
         description="Also the N most likely tokens at each step (implies logprobs).",
     )
-    tools: list[Any] | None = Field(None, max_length=0, description="Function calling is not supported.")
-    tool_choice: Any = None
-
-    _tools = field_validator("tools", mode="wrap")(_refuse("tools (function calling) are not supported"))
+    tools: list[ToolDef] | None = Field(
+        None, max_length=MAX_TOOLS, description="Functions the model may call (see server.api.openai_tools)."
+    )
+    tool_choice: ToolChoice | None = Field(
+        None, description='"none", "auto" (the default with tools), "required", or a named function.'
+    )
+    parallel_tool_calls: bool | None = Field(
+        None, description="Allow several calls in one reply (default true)."
+    )
 
     @property
     def wants_logprobs(self) -> bool:

@@ -59,8 +59,11 @@ class GenerateParameters(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     adapter_id: str | None = Field(None, description="Adapter to apply; null for the bare base model.")
-    adapter_source: Literal["local"] | None = Field(
-        None, description="Where the adapter comes from: only `local` (the server's store) is supported."
+    adapter_source: Literal["local", "s3", "hub"] | None = Field(
+        None,
+        description="Where the adapter comes from (LoRAX): `local` the server's store only; `s3` the "
+        "server's --adapter-source S3 locations; null: the store, then those sources; `hub` is refused "
+        "(no hub source).",
     )
     api_token: str | None = Field(None, description="LoRAX's token for private hub adapters; ignored.")
     merged_adapters: MergedAdapters | None = Field(

@@ -27,6 +27,8 @@ from ray import exceptions as ray_errors
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from server.api.adapter_sources import requested_source
+from server.api.deps import _json_object
 from server.api.errors import ApiError, error_payload, error_response
 from server.api.security import accepted_keys, screen
 from server.cluster.asgi_bridge import HttpCall, ResponseStart
@@ -86,7 +88,12 @@ class LoraplexIngress:
         chosen = request.headers.get(MULTIPLEXED_HEADER)  # a client may name the affinity key itself
         if chosen:
             names = list(dict.fromkeys([chosen, *names]))
-        versions = await self.store.describe.remote(names) if names else {}
+        versions = {}
+        if names:  # adapters missing from the store are fetched from --adapter-source first
+            resolved = await self.store.resolve.remote(names, requested_source(_json_object(body)))
+            if "error" in resolved:
+                return error_response(*resolved["error"])
+            versions = resolved["versions"]
         model_id = affinity_key(names, versions, body, chosen) if self.affinity else ""
         handle = self.replica.options(stream=True, multiplexed_model_id=model_id)
         response = await self._answer(lambda: handle.forward.remote(call, versions), retry=True)

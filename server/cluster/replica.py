@@ -51,7 +51,8 @@ class LoraplexReplica:
     async def __init__(self, settings: dict[str, Any], store: Any) -> None:
         self.store = store  # DeploymentHandle of LoraplexStore
         self.cache_dir = tempfile.TemporaryDirectory(prefix="loraplex-replica-")
-        local = {**settings, "data_dir": self.cache_dir.name, "adapter": []}  # start-up adapters: the store's
+        # start-up adapters and adapter sources: the store's (it fetches; replicas sync from it)
+        local = {**settings, "data_dir": self.cache_dir.name, "adapter": [], "adapter_source": []}
         self.settings = Settings(**local)
         self.id = replica_id()
         self.loads: Counter[str] = Counter()  # adapter id -> times the multiplexed loader ran for it
@@ -71,7 +72,9 @@ class LoraplexReplica:
         if self.app.state.engine is None:
             raise RuntimeError(f"replica start-up failed: {self.app.state.load_error}")
         engine = self.app.state.engine
-        await self.store.bind_base.remote(dict(engine.base_shapes), self.settings.max_rank)
+        await self.store.bind_base.remote(
+            dict(engine.base_shapes), self.settings.max_rank, self.app.state.base.name
+        )
         self._reporter = asyncio.create_task(self._report_forever())
         log.info("replica %s ready", self.id)
 

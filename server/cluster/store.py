@@ -10,6 +10,11 @@ Validating an upload needs the base model's layer shapes; the store holds no mod
 replica that finishes loading sends them (:meth:`bind_base`); until then uploads get 503, as on
 one server while the model loads. The ``--adapter ID=PATH`` start-up adapters are stored then.
 
+With ``--adapter-source``, the sources are searched here, for the whole cluster: the ingress asks
+:meth:`resolve` (instead of :meth:`describe`) for the ids a request names, which fetches what is
+missing into this store first (the policy of ``server.api.adapter_sources``), so replicas fetch a
+fetched adapter by (id, version) like an upload. Replicas never open sources themselves.
+
 Replicas also report their health, counters and metrics here every second (:meth:`report`), which
 is how the ingress answers ``/health`` and ``/metrics`` for the whole cluster.
 """
@@ -25,10 +30,12 @@ from fastapi import Depends, FastAPI
 
 from adapters.archive import AdapterFiles
 from adapters.peft_format import BaseLinearShape
+from adapters.sources import AdapterSources
 from adapters.store import AdapterStore
 from server import __version__
 from server.api import adapters, analysis, composition
-from server.api.errors import install_error_handlers
+from server.api.adapter_sources import fetch_from_sources
+from server.api.errors import HANDLED, as_api_error, install_error_handlers
 from server.api.security import authorizer, warn_if_open
 from server.api.upload_limit import UploadLimitMiddleware
 from server.app import register_startup_adapters
@@ -39,12 +46,13 @@ from server.config import Settings
 log = logging.getLogger(__name__)
 
 
-def store_app(settings: Settings, store: AdapterStore) -> FastAPI:
+def store_app(settings: Settings, store: AdapterStore, sources: AdapterSources | None = None) -> FastAPI:
     """The adapter routes of one server around ``store`` (no engine: analysis routes are not sent here)."""
     app = FastAPI(title="loraplex-store", version=__version__,
                   dependencies=[Depends(authorizer(settings))])  # fmt: skip
     app.state.settings = settings
     app.state.store = app.state.registry = store
+    app.state.sources = sources  # GET /adapters/{id} shows a fetched adapter's source
     app.state.engine = None
     app.add_middleware(
         UploadLimitMiddleware,
@@ -66,12 +74,26 @@ class LoraplexStore:
         self.settings = Settings(**settings)
         warn_if_open(self.settings)
         self.store = AdapterStore(self.settings.data_dir, host_cache_bytes=self.settings.host_cache_mb << 20)
-        self.app = store_app(self.settings, self.store)
+        self.sources = (
+            AdapterSources.from_uris(
+                self.store,
+                self.settings.adapter_source,
+                max_bytes=self.settings.max_upload_mb << 20,
+                refresh_seconds=self.settings.adapter_source_refresh,
+            )
+            if self.settings.adapter_source
+            else None
+        )
+        self.base_name: str | None = None  # the base model's name: never looked up in the sources
+        self.app = store_app(self.settings, self.store, self.sources)
         self.reports: dict[str, dict[str, Any]] = {}
         self.bind_error: str | None = None
 
-    def bind_base(self, base_shapes: Mapping[str, BaseLinearShape], max_rank: int) -> None:
+    def bind_base(
+        self, base_shapes: Mapping[str, BaseLinearShape], max_rank: int, base_name: str | None = None
+    ) -> None:
         """The base model's shapes from a replica (first call only), then the start-up adapters."""
+        self.base_name = base_name or self.base_name
         if self.store.ready:
             return
         self.store.bind_base(base_shapes, max_rank)
@@ -91,6 +113,17 @@ class LoraplexStore:
             record = self.store.record(name) if isinstance(name, str) else None
             out[name] = (record.sha256, record.config_sha256) if record is not None else None
         return out
+
+    async def resolve(self, names: list[str], wanted: str | None) -> dict[str, Any]:
+        """:meth:`describe` after fetching from the adapter sources what ``names`` lacks (``wanted``:
+        the request's ``adapter_source``): ``{"versions": ...}``, or ``{"error": (status, message,
+        error_type)}`` for the ingress to answer (an invalid adapter, an unreachable source...)."""
+        try:
+            await fetch_from_sources(self.sources, names, wanted, self.base_name)
+        except HANDLED as exc:
+            error = as_api_error(exc)
+            return {"error": (error.status_code, error.message, error.error_type)}
+        return {"versions": self.describe(names)}
 
     def read_files(self, adapter_id: str, sha256: str) -> AdapterFiles | None:
         """The files of ``adapter_id`` if its current version is ``sha256`` (checked), else None."""

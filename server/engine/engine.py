@@ -527,6 +527,7 @@ class Engine:
                 slot,
                 want_token_logprobs=_wants_prompt(row),
                 scale=row.request.adapter_scale,
+                top_n=row.request.prompt_top_n,
             )
             for (row, take), slot in zip(chunks, self._slots_for(rows), strict=True)
         ]
@@ -546,6 +547,11 @@ class Engine:
             if _wants_prompt(row):  # asked for: the whole prompt was prefilled at once
                 values = output.token_logprobs.get(row.seq_id)
                 row.request.prompt_logprobs = [] if values is None else values.float().tolist()
+                if (top := output.token_top.get(row.seq_id)) is not None:  # ([n-1, k], [n-1, k])
+                    row.request.prompt_top_tokens = [
+                        tuple(self._top_token(i, lp) for i, lp in zip(ids, lps, strict=True))
+                        for lps, ids in zip(top[0].tolist(), top[1].tolist(), strict=True)
+                    ]
             row.prefilled += take
             if row.prefilled == len(row.prefill_ids):
                 done.append(i)
@@ -647,6 +653,7 @@ class Engine:
                 tokens=row.tokens,
                 stop_at=stop_at,
                 prompt_logprobs=request.prompt_logprobs,
+                prompt_top_tokens=request.prompt_top_tokens,
             )
         )
 

@@ -107,6 +107,19 @@ class GrammarCompiler:
         self.stats.compiles += 1
         return Grammar(text, schema)
 
+    def compile_lark(self, text: str, schema: dict[str, Any]) -> Grammar:
+        """A grammar written in llguidance's Lark dialect (``%json`` embeds a schema), e.g. tool calls;
+        ``schema`` records what its JSON parts follow."""
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_lark(text)
+        except ValueError as exc:
+            raise GrammarError(_invalid(str(exc))) from exc
+        error = llguidance.LLMatcher.validate_grammar(grammar, self.lltokenizer)
+        if error:
+            raise GrammarError(_invalid(error))
+        self.stats.compiles += 1
+        return Grammar(grammar, schema)
+
     def matcher(self, grammar: Grammar) -> RowGrammar:
         """A fresh grammar state for one row."""
         matcher = llguidance.LLMatcher(self.lltokenizer, grammar.text, log_level=0)

@@ -23,6 +23,7 @@ from server.engine.runner import (
     PrefillInput,
     PrefillOutput,
     WeightTarget,
+    prompt_logprobs,
 )
 
 
@@ -112,8 +113,9 @@ class HFRunner(ModelRunner):
         logits = out.logits  # [N, T or 1, V]
         output = PrefillOutput(logits=logits[:, -1, :])
         for row, item in enumerate(inputs):
-            if item.want_token_logprobs:
-                output.token_logprobs[item.seq_id] = _token_logprobs(logits[row], prompts[row])
+            if item.want_token_logprobs:  # logits[row]: [T, V], left padding in front
+                n = len(prompts[row])
+                prompt_logprobs(output, item, logits[row, -n:-1], prompts[row])
         joined = RunningBatch(
             seq_ids=[i.seq_id for i in inputs],
             lengths=[len(p) for p in prompts],
@@ -172,12 +174,3 @@ class HFRunner(ModelRunner):
             position = {s: i for i, s in enumerate(batch.seq_ids)}
             batch.keep([position[s] for s in seq_ids])
         return batch
-
-
-def _token_logprobs(logits: torch.Tensor, tokens: list[int]) -> torch.Tensor:
-    """logits: [T, V] (left padding in front) -> [len(tokens) - 1] log p(tokens[j] | tokens[:j])."""
-    n = len(tokens)
-    if n < 2:
-        return logits.new_zeros(0, dtype=torch.float32)
-    positions = logits[-n:-1].float().log_softmax(-1)  # [n-1, V]: position j predicts tokens[j+1]
-    return positions.gather(1, torch.tensor(tokens[1:], device=logits.device)[:, None])[:, 0]

@@ -51,6 +51,8 @@ class FinishEvent:
     stop_at: int | None = None  # where the matched stop sequence starts in generated_text
     # log p(prompt[j] | prompt[:j]) for j >= 1, when the request asked (want_prompt_logprobs)
     prompt_logprobs: list[float] | None = None
+    # the prompt_top_n most likely tokens at each of those positions, when asked
+    prompt_top_tokens: list[tuple[TopToken, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class GenerationRequest:
     want_details: bool = False
     want_prompt_logprobs: bool = False  # log-probabilities of the prompt's tokens (TGI's prefill details)
     top_n_tokens: int = 0  # report this many most likely tokens at each step (0: none)
+    prompt_top_n: int = 0  # with want_prompt_logprobs: also this many most likely at each prompt position
     grammar: Grammar | None = None  # structured output: the output must match it (one matcher per row)
     request_id: int = field(default_factory=lambda: next(_ids))
     # events flow from the engine thread to whoever waits (an asyncio queue, or a list in tests)
@@ -82,6 +85,7 @@ class GenerationRequest:
     cancelled: threading.Event = field(default_factory=threading.Event)
     preempted_row: Row | None = None  # set while waiting to be recomputed after a preemption
     prompt_logprobs: list[float] | None = None  # set by the engine at prefill, when asked
+    prompt_top_tokens: list[tuple[TopToken, ...]] | None = None  # likewise, with prompt_top_n
     # timings (time.perf_counter seconds)
     submitted_at: float = field(default_factory=time.perf_counter)
     admitted_at: float | None = None

@@ -47,6 +47,7 @@ class PrefillInput:
     slot: int  # adapter slot, BASE_SLOT for none
     want_token_logprobs: bool = False  # also return log p(token_ids[j] | everything before), j >= 1
     scale: float = 1.0  # factor on the slot's update for this row (the request's adapter_scale)
+    top_n: int = 0  # with want_token_logprobs: also the top_n most likely tokens at each position
 
 
 @dataclass
@@ -54,6 +55,26 @@ class PrefillOutput:
     logits: torch.Tensor  # [N, V] next-token logits after each input's last token, in input order
     # seq_id -> [len(token_ids) - 1] log-probabilities of token_ids[1:], for inputs that asked
     token_logprobs: dict[int, torch.Tensor] = field(default_factory=dict)
+    # seq_id -> (logprobs [len - 1, top_n], token ids [len - 1, top_n]), for inputs with top_n > 0
+    token_top: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+def prompt_logprobs(
+    output: PrefillOutput, item: PrefillInput, logits: torch.Tensor, tokens: Sequence[int]
+) -> None:
+    """Record log p(tokens[j+1] | tokens[:j+1]) (and the top ``item.top_n``) into ``output``.
+
+    logits: [len(tokens) - 1, V], position j predicting tokens[j + 1].
+    """
+    if len(tokens) < 2:
+        output.token_logprobs[item.seq_id] = logits.new_zeros(0, dtype=torch.float32)
+        return
+    logprobs = logits.float().log_softmax(-1)  # [n-1, V]
+    targets = torch.tensor(list(tokens[1:]), device=logits.device)[:, None]  # [n-1, 1]
+    output.token_logprobs[item.seq_id] = logprobs.gather(1, targets)[:, 0]  # [n-1]
+    if item.top_n > 0:
+        values, ids = logprobs.topk(min(item.top_n, logprobs.shape[-1]), dim=-1)  # [n-1, k] each
+        output.token_top[item.seq_id] = (values, ids)
 
 
 @dataclass(frozen=True)

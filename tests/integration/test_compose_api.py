@@ -219,18 +219,18 @@ def test_composition_errors_are_clear(served) -> None:
     assert client.get("/adapters/x1").status_code == 404 and client.get("/adapters/x2").status_code == 404
 
 
-def _readme_block(marker: str, language: str) -> str:
-    readme = (ROOT / "README.md").read_text()
-    match = re.search(rf"<!-- {marker}:.*?-->\n```{language}\n(.*?)```", readme, flags=re.S)
-    assert match, f"the README lost its {marker} block"
+def _docs_block(marker: str, language: str) -> str:
+    page = (ROOT / "docs" / "composition.md").read_text()
+    match = re.search(rf"<!-- {marker}:.*?-->\n```{language}\n(.*?)```", page, flags=re.S)
+    assert match, f"docs/composition.md lost its {marker} block"
     return match.group(1)
 
 
-def test_readme_compose_blocks_run_as_written(served) -> None:
-    """The README's curl block and its LoRAX / OpenAI block, against the live server (caps and pirate)."""
+def test_docs_compose_blocks_run_as_written(served) -> None:
+    """docs/composition.md's curl block and its LoRAX / OpenAI block, against the live server (caps and pirate)."""
     _, _, live = served
     port = live.url.rsplit(":", 1)[1]
-    script = _readme_block("compose", "bash").replace("localhost:8080", f"127.0.0.1:{port}")
+    script = _docs_block("compose", "bash").replace("localhost:8080", f"127.0.0.1:{port}")
     done = subprocess.run(["bash", "-e", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     replies = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
@@ -245,8 +245,8 @@ def test_readme_compose_blocks_run_as_written(served) -> None:
     assert all(r["generated_text"] for r in (linear, ties, half, served_stored))
     print(
         *(r["generated_text"] for r in (linear, ties, half, served_stored)), sep="\n"
-    )  # -s: the README quotes
-    clients = _readme_block("compose-clients", "python").replace("http://127.0.0.1:8080", live.url)
+    )  # -s: docs/composition.md quotes
+    clients = _docs_block("compose-clients", "python").replace("http://127.0.0.1:8080", live.url)
     done = subprocess.run([sys.executable, "-c", clients], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [linear["generated_text"], half["generated_text"]]

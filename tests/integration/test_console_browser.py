@@ -217,6 +217,40 @@ def test_upload_through_the_file_input_and_by_drop(console: Console, server: str
     assert stored["caps-dropped"]["sha256"] == stored["caps"]["sha256"]
 
 
+def test_adapter_table_pages_and_filters_by_prefix(console: Console, server: str) -> None:
+    """The table shows GET /adapters 50 at a time ("Show more" follows the cursor), filtered by id prefix."""
+    files = [
+        (n, (EXAMPLES / "caps" / n).read_bytes())
+        for n in ("adapter_config.json", "adapter_model.safetensors")
+    ]
+    many = [f"many-{i:02d}" for i in range(52)]
+    for adapter_id in many:
+        r = httpx.post(
+            server + "/adapters", data={"adapter_id": adapter_id}, files=[("files", f) for f in files]
+        )
+        assert r.status_code == 201, r.text
+    try:
+        page = console.open("adapters")
+        rows = page.locator("#adapters-table tbody tr")
+        expect(rows).to_have_count(50)
+        expect(page.locator("#adapters-more")).to_be_visible()
+        page.fill("#adapters-filter", "many-")
+        expect(page.locator("#adapters-table tbody tr[data-id=many-49]")).to_be_visible()
+        expect(rows).to_have_count(50)
+        page.click("#adapters-more")
+        expect(rows).to_have_count(52)
+        expect(page.locator("#adapters-table tbody tr[data-id=many-51]")).to_be_visible()
+        expect(page.locator("#adapters-more")).to_be_hidden()
+        page.fill("#adapters-filter", "many-0")
+        expect(rows).to_have_count(10)
+        page.fill("#adapters-filter", "nobody")
+        expect(rows).to_have_count(0)
+        expect(page.locator("#adapters-empty")).to_contain_text('No adapter id starts with "nobody"')
+    finally:
+        for adapter_id in many:
+            httpx.delete(f"{server}/adapters/{adapter_id}")
+
+
 # --------------------------------------------------------------------------- playground
 
 

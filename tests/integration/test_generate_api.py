@@ -91,7 +91,7 @@ def test_unknown_adapter_is_404_naming_it(client) -> None:
         ({"best_of": 5}, "best_of"),
         ({"top_n_tokens": 21}, "top_n_tokens"),
         ({"watermark": True}, "watermark"),
-        ({"adapter_source": "hub"}, "local"),
+        ({"adapter_source": "ftp"}, "adapter_source"),
         ({"merged_adapters": {"ids": ["a"], "weights": [1.0], "density": 2.0}}, "merged_adapters"),
         ({"response_format": {"type": "json_schema", "schema": {}}}, "response_format"),
         ({"response_format": {"type": "json_object", "schema": {"type": "strin"}}}, "Invalid type: strin"),

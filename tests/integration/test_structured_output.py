@@ -1,5 +1,5 @@
 """Structured output on the embedded SmolLM2 (native runner) over HTTP: 20 constrained requests and
-free ones in one batch, the official ``openai`` SDK's ``response_format``, and the README's example."""
+free ones in one batch, the official ``openai`` SDK's ``response_format``, and the example in docs/structured-output.md."""
 
 from __future__ import annotations
 
@@ -171,15 +171,15 @@ def test_an_invalid_schema_is_422_with_the_engines_message(server, client, base)
     assert r.status_code == 422 and "minimum (5) is greater than maximum (1)" in r.json()["error"]
 
 
-def test_readme_structured_output_example_runs(server) -> None:
-    readme = (ROOT / "README.md").read_text()
-    match = re.search(r"<!-- structured-output.*?-->\n```python\n(.*?)```", readme, flags=re.S)
-    assert match, "the README lost its structured-output example"
+def test_docs_structured_output_example_runs(server) -> None:
+    page = (ROOT / "docs" / "structured-output.md").read_text()
+    match = re.search(r"<!-- structured-output.*?-->\n```python\n(.*?)```", page, flags=re.S)
+    assert match, "docs/structured-output.md lost its structured-output example"
     script = match.group(1).replace("http://127.0.0.1:8080", server.url)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0] == "{'name': 'Ada Lovelace', 'age': 36}"  # as the README shows
+    assert lines[0] == "{'name': 'Ada Lovelace', 'age': 36}"  # as docs/structured-output.md shows
     assert lines[1] == "stop {'name': 'Ada Lovelace', 'age': 36}"
     assert lines[2] == "Person(name='Ada Lovelace', age=36)"
     assert lines[3].startswith("UnprocessableEntityError") and "Invalid type: strin" in lines[3]

@@ -289,7 +289,7 @@ def test_lorax_errors_are_the_clients_exceptions(lrx) -> None:
         lrx.generate(PROMPT, adapter_id="nope", max_new_tokens=2)
     with pytest.raises(lorax.errors.NotFoundError):
         list(lrx.generate_stream(PROMPT, adapter_id="nope", max_new_tokens=2))
-    with pytest.raises(lorax.errors.ValidationError, match="local"):
+    with pytest.raises(lorax.errors.BadRequestError, match="no hub source"):  # 400 source_not_configured
         lrx.generate(PROMPT, adapter_id="qv", adapter_source="hub", max_new_tokens=2)
     unknown = lorax.MergedAdapters(ids=["qv", "nope"], weights=[1.0, 1.0], density=1.0)
     with pytest.raises(lorax.errors.NotFoundError, match="nope"):

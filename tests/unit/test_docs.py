@@ -49,3 +49,44 @@ def test_nothing_outside_docs_cites_the_old_design_doc() -> None:
         and OLD_DESIGN_DOC in (ROOT / name).read_bytes().decode("utf-8", "ignore")
     ]
     assert citing == []
+
+
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors of a Markdown page (code blocks skipped)."""
+    anchors, fenced = set(), False
+    for line in page.read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and (heading := re.match(r"#{1,6} (.*)", line)):
+            anchors.add(re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-"))
+    return anchors
+
+
+def test_every_relative_link_resolves() -> None:
+    broken = []
+    for page in PAGES:
+        for target in LINK.findall(page.read_text()):
+            if target.startswith(("http://", "https://", "mailto:")):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked):
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+    assert broken == []
+
+
+def test_the_readme_is_a_front_door() -> None:
+    """At most 400 lines: what it is, the two commands, the quick start, endpoints, configuration,
+    links; depth lives in docs/, and every page there is linked from the README."""
+    text = README.read_text()
+    assert len(text.splitlines()) <= 400
+    assert "make serve" in text and "make test" in text
+    unlinked = [p.name for p in PAGES[1:] if f"](docs/{p.name})" not in text]
+    assert unlinked == []

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 
 from adapters.peft_format import load_adapter_dir
 from server.engine.engine import Engine, EngineConfig
+from server.engine.hf_runner import HFRunner
 from server.engine.lora_linear import BASE_SLOT
 from server.engine.lora_model import AdapterSlots
 from server.engine.merge import MergeManager
@@ -179,7 +180,7 @@ def test_chunked_prefill_equals_one_shot_and_token_logprobs(arch) -> None:
     _, model, path = arch
     prompt = PROMPTS[2]
     runner = _runner(path)
-    whole = runner.prefill([PrefillInput(0, prompt, 0, BASE_SLOT, want_token_logprobs=True)])
+    whole = runner.prefill([PrefillInput(0, prompt, 0, BASE_SLOT, want_token_logprobs=True, top_n=3)])
     runner.prefill([PrefillInput(1, prompt[:5], 0, BASE_SLOT)])
     runner.prefill([PrefillInput(1, prompt[5:12], 5, BASE_SLOT), PrefillInput(2, prompt[:3], 0, BASE_SLOT)])
     last = runner.prefill([PrefillInput(1, prompt[12:], 12, BASE_SLOT)])
@@ -187,8 +188,27 @@ def test_chunked_prefill_equals_one_shot_and_token_logprobs(arch) -> None:
     ref = _hf_logits(model, prompt).log_softmax(-1)
     expected = ref[:-1].gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
     torch.testing.assert_close(whole.token_logprobs[0], expected, rtol=1e-4, atol=1e-4)
+    values, ids = whole.token_top[0]  # [T-1, 3] each: the prompt's top entries (echo with logprobs)
+    top = ref[:-1].topk(3, dim=-1)
+    torch.testing.assert_close(values, top.values, rtol=1e-4, atol=1e-4)
+    assert torch.equal(ids, top.indices)
     with pytest.raises(ValueError, match="starts at"):
         runner.prefill([PrefillInput(1, [5], 3, BASE_SLOT)])
+
+
+def test_hf_runner_prompt_logprobs_and_top_entries(arch) -> None:
+    """The HF runner's prefill (left-padded next to a longer prompt) reports the same as the reference."""
+    _, model, _ = arch
+    runner = HFRunner(copy.deepcopy(model))
+    prompt, longer = PROMPTS[0], PROMPTS[2]
+    out = runner.prefill([PrefillInput(0, prompt, 0, BASE_SLOT, want_token_logprobs=True, top_n=2),
+                          PrefillInput(1, longer, 0, BASE_SLOT)])  # fmt: skip
+    ref = _hf_logits(model, prompt).log_softmax(-1)[:-1]  # [T-1, V]
+    expected = ref.gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
+    torch.testing.assert_close(out.token_logprobs[0], expected, rtol=1e-4, atol=1e-4)
+    values, ids = out.token_top[0]
+    torch.testing.assert_close(values, ref.topk(2, dim=-1).values, rtol=1e-4, atol=1e-4)
+    assert torch.equal(ids, ref.topk(2, dim=-1).indices) and 1 not in out.token_top
 
 
 ADAPTERS = {

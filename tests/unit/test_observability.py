@@ -81,7 +81,7 @@ def test_openai_sampling_translation() -> None:
 
 @pytest.mark.parametrize(
     "fields",
-    [{"n": 9}, {"prompt": ["a", "b"]}, {"logprobs": 6}, {"stop": [""]}, {"frequency_penalty": 2.5},
+    [{"n": 9}, {"prompt": ["a"] * 65}, {"prompt": ["a"] * 9, "n": 8}, {"max_tokens": 0}, {"logprobs": 6}, {"stop": [""]}, {"frequency_penalty": 2.5},
      {"temperature": 3}, {"best_of": 2}, {"suffix": "x"}, {"logit_bias": {"1": 1.0}}, {"stream": 1}],
 )  # fmt: skip
 def test_openai_requests_refuse_what_loraplex_cannot_honour(fields) -> None:

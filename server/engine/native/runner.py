@@ -25,6 +25,7 @@ from server.engine.runner import (
     PrefillInput,
     PrefillOutput,
     WeightTarget,
+    prompt_logprobs,
 )
 
 log = logging.getLogger(__name__)
@@ -194,10 +195,9 @@ class NativeLlamaRunner(ModelRunner):
         output = PrefillOutput(logits=self.model.logits(hidden.index_select(0, ends)))
         first = 0
         for item, (_, count, _) in zip(inputs, chunks, strict=True):
-            if item.want_token_logprobs:
-                output.token_logprobs[item.seq_id] = self._token_logprobs(
-                    hidden[first : first + count], item.token_ids
-                )
+            if item.want_token_logprobs:  # position j of the chunk predicts token j + 1
+                chunk = hidden[first : first + count - 1]  # [count - 1, H]
+                prompt_logprobs(output, item, self.model.logits(chunk), item.token_ids)
             first += count
         return output
 
@@ -273,11 +273,3 @@ class NativeLlamaRunner(ModelRunner):
             plan,
             self.kv,
         )
-
-    def _token_logprobs(self, hidden: torch.Tensor, tokens: Sequence[int]) -> torch.Tensor:
-        """hidden: [count, H] -> [count - 1] log p(tokens[j] | tokens[:j]) within the chunk."""
-        if len(tokens) < 2:
-            return hidden.new_zeros(0, dtype=torch.float32)
-        logprobs = self.model.logits(hidden[:-1]).float().log_softmax(-1)  # [count-1, V]
-        targets = torch.tensor(list(tokens[1:]), device=hidden.device)[:, None]
-        return logprobs.gather(1, targets)[:, 0]

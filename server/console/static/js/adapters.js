@@ -1,5 +1,5 @@
-// Adapters view: the table of stored adapters (GET /adapters + GET /info for what is resident
-// or merged now), upload (drag-and-drop or file input, XHR progress), shrink and delete; the
+// Adapters view: the table of stored adapters (GET /adapters in pages of PAGE, filtered by id
+// prefix, "Show more" follows the cursor; GET /info for what is resident or merged now), upload (drag-and-drop or file input, XHR progress), shrink and delete; the
 // compose card is compose.js.
 
 import { api, uploadAdapter } from "./api.js";
@@ -8,7 +8,10 @@ import { $, el, formatBytes, notify, showError } from "./ui.js";
 import { refreshAdapters, state } from "./state.js";
 
 const ARCHIVE = /\.(zip|tar|tar\.gz|tgz)$/i;
+const PAGE = 50;
 let staged = [];
+const table = { prefix: "", rows: [], next: null }; // the pages shown, and the cursor of the next one
+let filterTimer = null;
 
 export function init() {
   const zone = $("#drop-zone");
@@ -27,7 +30,16 @@ export function init() {
   $("#adapters-refresh").addEventListener("click", () => refreshAdapters().catch(showError));
   $("#shrink-form").addEventListener("submit", submitShrink);
   $("#shrink-cancel").addEventListener("click", () => $("#shrink-dialog").close());
-  window.addEventListener("loraplex:adapters", renderTable);
+  $("#adapters-more").addEventListener("click", () => loadTable({ more: true }).catch(showError));
+  $("#adapters-filter").addEventListener("input", (event) => {
+    clearTimeout(filterTimer);
+    filterTimer = setTimeout(() => {
+      table.prefix = event.target.value.trim();
+      loadTable().catch(showError);
+    }, 200);
+  });
+  // after an upload, delete or refresh: reload as many rows as are shown (the state is the server's)
+  window.addEventListener("loraplex:adapters", () => loadTable({ keep: true }).catch(showError));
   compose.init();
 }
 
@@ -95,9 +107,23 @@ function stateBadge(id) {
   return el("span", { class: "badge", title: "on disk only" }, "stored");
 }
 
+/** One page of GET /adapters (the first, or the next after the cursor), with the id-prefix filter. */
+async function loadTable({ more = false, keep = false } = {}) {
+  const limit = keep ? Math.min(1000, Math.max(PAGE, table.rows.length)) : PAGE;
+  const query = new URLSearchParams({ limit: String(limit) });
+  if (table.prefix) query.set("prefix", table.prefix);
+  if (more && table.next) query.set("cursor", table.next);
+  const prefix = table.prefix;
+  const page = await api(`/adapters?${query}`, { page: true });
+  if (prefix !== table.prefix) return; // the filter changed meanwhile: a newer load draws the table
+  table.rows = more ? [...table.rows, ...page.items] : page.items;
+  table.next = page.next;
+  renderTable();
+}
+
 function renderTable() {
   const body = $("#adapters-table tbody");
-  const rows = state.adapters.map((a) =>
+  const rows = table.rows.map((a) =>
     el("tr", { dataset: { id: a.id } },
       el("td", {}, el("a", { href: `#analysis/${encodeURIComponent(a.id)}`, title: "analyse" }, a.id)),
       el("td", {}, a.rank),
@@ -112,7 +138,12 @@ function renderTable() {
     ),
   );
   body.replaceChildren(...rows);
-  $("#adapters-empty").hidden = rows.length > 0;
+  const empty = $("#adapters-empty");
+  empty.hidden = rows.length > 0;
+  empty.textContent = table.prefix
+    ? `No adapter id starts with "${table.prefix}".`
+    : "No adapters stored yet: upload one above.";
+  $("#adapters-more").hidden = !table.next;
 }
 
 /** Delete asks once more in place: the first click arms the button for 4 s. */

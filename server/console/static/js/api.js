@@ -65,7 +65,11 @@ function errorFromBody(status, text, admin) {
 }
 
 /** fetch() a JSON route; resolves to the parsed body (null for 204), `parse(text)` if given. */
-export async function api(path, { method = "GET", json, admin = false, signal, parse } = {}) {
+/**
+ * fetch + error handling. `page: true` (GET /adapters?limit=...): returns { items, next }, where
+ * next is the X-Next-Cursor header (null on the last page).
+ */
+export async function api(path, { method = "GET", json, admin = false, signal, parse, page = false } = {}) {
   const init = { method, headers: authHeaders(), signal };
   if (json !== undefined) {
     init.headers["Content-Type"] = "application/json";
@@ -80,7 +84,8 @@ export async function api(path, { method = "GET", json, admin = false, signal, p
   }
   if (!response.ok) throw errorFromBody(response.status, await response.text(), admin);
   if (response.status === 204) return null;
-  return parse ? parse(await response.text()) : response.json();
+  const body = parse ? parse(await response.text()) : await response.json();
+  return page ? { items: body, next: response.headers.get("X-Next-Cursor") } : body;
 }
 
 /**

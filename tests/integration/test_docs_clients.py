@@ -1,4 +1,4 @@
-"""The README's TGI/LoRAX client block runs as written against a live server (tiny model, an
+"""The TGI/LoRAX client block of docs/clients.md runs as written against a live server (tiny model, an
 adapter registered as ``pirate``)."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def clients_block() -> str:
-    readme = (ROOT / "README.md").read_text()
-    match = re.search(r"<!-- tgi-clients.*?-->\n```python\n(.*?)```", readme, flags=re.S)
-    assert match, "the README lost its TGI/LoRAX client block"
+    page = (ROOT / "docs" / "clients.md").read_text()
+    match = re.search(r"<!-- tgi-clients.*?-->\n```python\n(.*?)```", page, flags=re.S)
+    assert match, "docs/clients.md lost its TGI/LoRAX client block"
     return match.group(1)
 
 
