@@ -10,7 +10,9 @@ memory, and everything else in an archive is only looked at, never read. Refused
 - more than one adapter, or one buried deeper than a single top folder;
 - pickle weights (``adapter_model.bin``, ``.pt``) instead of safetensors;
 - more than :data:`MAX_MEMBERS` entries, or members that together decompress to more than the
-  upload limit (zip bombs): ``error_type`` ``too_large``, which the API answers with 413.
+  upload limit (zip bombs): ``error_type`` ``too_large``, which the API answers with 413;
+- oversized or malformed archive structures (``adapters.archive_bounds``, checked before the
+  standard library parses them: zip central directories, pax and GNU long-name headers).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from adapters.archive_bounds import NOT_AN_ARCHIVE, check_tar_headers, check_zip_directory
 from adapters.errors import AdapterError, ArchiveError
 from adapters.peft_format import CONFIG_FILE, PICKLE_WEIGHT_FILES, WEIGHTS_FILE
 
@@ -134,6 +137,7 @@ def archive_stem(filename: str | None) -> str | None:
 
 
 def _read_zip(fileobj: BinaryIO, stem: str | None, max_bytes: int) -> AdapterFiles:
+    check_zip_directory(fileobj, MAX_MEMBERS)  # before zipfile builds an object per entry
     with zipfile.ZipFile(fileobj) as zf:
         infos = zf.infolist()
         _check_count(len(infos))
@@ -162,14 +166,12 @@ def _read_zip(fileobj: BinaryIO, stem: str | None, max_bytes: int) -> AdapterFil
 
 
 def _read_tar(fileobj: BinaryIO, stem: str | None, max_bytes: int) -> AdapterFiles:
+    # before tarfile parses a header: bounded pax/long-name headers (CVE-2024-6232), sizes, count
+    check_tar_headers(fileobj, MAX_MEMBERS, max_bytes)
     try:
         tf = tarfile.open(fileobj=fileobj, mode="r:*")  # noqa: SIM115 (closed by the `with tf` below)
     except tarfile.ReadError as exc:
-        raise ArchiveError(
-            "the 'archive' part is neither a zip nor a tar archive (plain, gzip, bz2 or xz); "
-            "upload a .zip, .tar or .tar.gz file.",
-            "invalid_archive",
-        ) from exc
+        raise ArchiveError(NOT_AN_ARCHIVE, "invalid_archive") from exc
     with tf:
         entries: list[_Entry] = []
         total = 0

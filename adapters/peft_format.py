@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from adapters.errors import AdapterError
+from adapters.patterns import PatternError, compile_pattern
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -34,6 +35,10 @@ PICKLE_WEIGHT_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.p
 # A safetensors header larger than this is refused before it is read (real adapter headers
 # are a few hundred kB at most, even for thousands of tensors).
 MAX_SAFETENSORS_HEADER_BYTES = 32 * 1024 * 1024
+# Largest magnitude an adapter may bring (scale, factor entries, ΔW entries): float16's largest
+# finite value, so every serving dtype (float16, bfloat16, float32) holds what the engine computes
+# from it, and no engine step overflows on an adapter's numbers.
+MAX_MAGNITUDE = 65504.0
 SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "F64": (torch.float64, 8),
     "F32": (torch.float32, 4),
@@ -84,7 +89,7 @@ class LoraConfigSpec:
         if isinstance(self.target_modules, str):
             if self.target_modules == "all-linear":
                 return True
-            return re.fullmatch(self.target_modules, module) is not None
+            return compile_pattern(self.target_modules).fullmatch(module) is not None
         if not (module in self.target_modules or any(module.endswith(f".{t}") for t in self.target_modules)):
             return False
         if not self.layers_to_transform:
@@ -152,15 +157,19 @@ class LoraAdapter:
 def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
     """PEFT's ``get_pattern_key``: the first pattern that matches the end of the module name."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if compile_pattern(rf"(.*\.)?({key})").fullmatch(module):
             return value
     return default
+
+
+def _layers_regex(pattern: str) -> str:
+    return rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\."
 
 
 def _layer_index(module: str, layers_pattern: list[str] | None) -> int | None:
     patterns = layers_pattern or [r"[^.]*"]
     for pattern in patterns:
-        match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module)
+        match = compile_pattern(_layers_regex(pattern)).match(module)
         if match:
             return int(match.group("idx"))
     return None
@@ -174,9 +183,9 @@ def parse_adapter_config(raw: bytes | str | Mapping[str, Any]) -> LoraConfigSpec
     if isinstance(raw, (bytes, str)):
         try:
             data = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # deep nesting too
             raise AdapterError(
-                f"{CONFIG_FILE} is not valid JSON ({exc}); upload the file PEFT's save_pretrained wrote.",
+                f"{CONFIG_FILE} is not valid JSON ({_json_reason(exc)}); upload the file PEFT's save_pretrained wrote.",
                 "invalid_config",
             ) from exc
     else:
@@ -203,18 +212,16 @@ def parse_adapter_config(raw: bytes | str | Mapping[str, Any]) -> LoraConfigSpec
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise AdapterError(f"r must be a positive integer, got {r!r}.", "invalid_config")
     alpha = data["lora_alpha"]
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise AdapterError(f"lora_alpha must be a finite number, got {alpha!r}.", "invalid_config")
+    if not _bounded_number(alpha):
+        raise AdapterError(
+            f"lora_alpha must be a number of magnitude at most {MAX_MAGNITUDE:g}, got {alpha!r}.",
+            "invalid_config",
+        )
 
     target = data["target_modules"]
     if isinstance(target, str):
         if target != "all-linear":
-            try:
-                re.compile(target)
-            except re.error as exc:
-                raise AdapterError(
-                    f"target_modules {target!r} is not a valid regular expression: {exc}.", "invalid_config"
-                ) from exc
+            _check_pattern("target_modules", target, target)
     elif isinstance(target, list) and target and all(isinstance(t, str) and t for t in target):
         target = sorted(set(target))
     else:
@@ -233,6 +240,14 @@ def parse_adapter_config(raw: bytes | str | Mapping[str, Any]) -> LoraConfigSpec
     layers_pattern = data.get("layers_pattern")
     if isinstance(layers_pattern, str):
         layers_pattern = [layers_pattern]
+    if layers_pattern is not None and not (
+        isinstance(layers_pattern, list) and all(isinstance(p, str) for p in layers_pattern)
+    ):
+        raise AdapterError("layers_pattern must be a string or a list of strings.", "invalid_config")
+    for key in (*rank_pattern, *alpha_pattern):
+        _check_pattern("rank_pattern/alpha_pattern key", key, rf"(.*\.)?({key})")
+    for pattern in layers_pattern or []:
+        _check_pattern("layers_pattern", pattern, _layers_regex(pattern))
 
     return LoraConfigSpec(
         r=r,
@@ -246,6 +261,20 @@ def parse_adapter_config(raw: bytes | str | Mapping[str, Any]) -> LoraConfigSpec
         fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
         base_model_name_or_path=data.get("base_model_name_or_path"),
     )
+
+
+def _check_pattern(what: str, pattern: str, regex: str) -> None:
+    """Refuse a config pattern RE2 cannot run (400-class error, never a 500 while matching)."""
+    try:
+        compile_pattern(regex)
+    except PatternError as exc:
+        raise AdapterError(
+            f"{what} {pattern[:100]!r} is not a valid regular expression: {exc}.", "invalid_config"
+        ) from None
+
+
+def _json_reason(exc: Exception) -> str:
+    return "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
 
 
 def _refuse_unsupported(data: Mapping[str, Any]) -> None:
@@ -270,16 +299,23 @@ def _refuse_unsupported(data: Mapping[str, Any]) -> None:
             raise AdapterError(f"{key} is not supported; train a plain LoRA on linear layers.", "unsupported")
 
 
+def _bounded_number(value: object) -> bool:
+    """A JSON number (not a bool) that is finite as a float and within ``MAX_MAGNITUDE``."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value)) and abs(float(value)) <= MAX_MAGNITUDE
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
 def _number_map(data: Mapping[str, Any], key: str, *, integer: bool) -> dict[str, Any]:
     value = data.get(key) or {}
-    ok = isinstance(value, dict) and all(
-        isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
-        for k, v in value.items()
-    )
+    ok = isinstance(value, dict) and all(isinstance(k, str) and _bounded_number(v) for k, v in value.items())
     if ok and integer:
         ok = all(isinstance(v, int) and v >= 1 for v in value.values())
     if not ok:
-        kind = "positive integers" if integer else "numbers"
+        kind = "positive integers" if integer else f"numbers of magnitude at most {MAX_MAGNITUDE:g}"
         raise AdapterError(f"{key} must map module-name patterns to {kind}.", "invalid_config")
     return dict(value)
 
@@ -312,9 +348,9 @@ def check_safetensors_header(data: bytes | memoryview) -> dict[str, dict[str, An
         )
     try:
         header = json.loads(bytes(data[8 : 8 + header_len]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # deep nesting too
         raise AdapterError(
-            f"{WEIGHTS_FILE} has a header that is not JSON: {exc}.", "invalid_weights"
+            f"{WEIGHTS_FILE} has a header that is not JSON: {_json_reason(exc)}.", "invalid_weights"
         ) from exc
     if not isinstance(header, dict):
         raise AdapterError(f"{WEIGHTS_FILE} header must be a JSON object.", "invalid_weights")
@@ -485,7 +521,17 @@ def _check_layer(
             raise AdapterError(
                 f"tensor '{module}.{name}.weight' contains NaN or Inf values.", "invalid_weights"
             )
-    return LoraLayerWeights(A=A.contiguous(), B=B.contiguous(), scale=config.scale_for(module))
+    scale = config.scale_for(module)
+    # bound on |ΔW| entries: |scale| · r · max|B| · max|A| (each entry sums r products)
+    largest = A.abs().max().item() * B.abs().max().item() * r if A.numel() and B.numel() else 0.0
+    if not (math.isfinite(scale) and abs(scale) <= MAX_MAGNITUDE and abs(scale) * largest <= MAX_MAGNITUDE):
+        raise AdapterError(
+            f"module {module!r}: its scale ({scale:g}, lora_alpha/r) or its weights are too large: the update "
+            f"scale·B@A could exceed {MAX_MAGNITUDE:g}, which the serving dtype cannot hold; check lora_alpha, "
+            "alpha_pattern and the factors.",
+            "invalid_weights",
+        )
+    return LoraLayerWeights(A=A.contiguous(), B=B.contiguous(), scale=scale)
 
 
 def _examples(base_shapes: Mapping[str, BaseLinearShape]) -> str:

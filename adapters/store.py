@@ -105,7 +105,7 @@ def check_adapter_id(adapter_id: object) -> str:
         raise InvalidAdapterId(
             f"adapter_id is {len(adapter_id)} characters long; the limit is {MAX_ID_LENGTH}."
         )
-    if not ADAPTER_ID_RE.match(adapter_id):
+    if not ADAPTER_ID_RE.fullmatch(adapter_id):  # match() would let 'id\n' by
         raise InvalidAdapterId(
             f"adapter_id {adapter_id!r} is not allowed: use 1-64 characters from A-Z a-z 0-9 . _ -, "
             "starting with a letter or digit (no '/', no '..' paths)."
@@ -121,7 +121,7 @@ def derive_adapter_id(name: str | None, sha256: str) -> str:
     if name:
         cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", name)
         cleaned = re.sub(r"^[^A-Za-z0-9]+", "", cleaned)[:MAX_ID_LENGTH].rstrip("-.")
-        if cleaned and ADAPTER_ID_RE.match(cleaned):
+        if cleaned and ADAPTER_ID_RE.fullmatch(cleaned):
             return cleaned
     return f"adapter-{sha256[:12]}"
 

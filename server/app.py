@@ -26,7 +26,7 @@ from server.api.errors import install_error_handlers
 from server.api.load_control import QueueGate
 from server.api.middleware import RequestContextMiddleware
 from server.api.openapi_contract import install_openapi_contract
-from server.api.security import authorizer, warn_if_open
+from server.api.security import AccessMiddleware, authorizer, warn_if_open
 from server.api.upload_limit import UploadLimitMiddleware
 from server.config import Settings
 from server.console import install_console
@@ -79,6 +79,7 @@ def engine_config(settings: Settings, base: LoadedBase) -> EngineConfig:
         mode=settings.mode,
         switch_wait=settings.switch_wait,
         checkpoint_dir=base.path if base.path.is_dir() else None,
+        max_prompt_chars=settings.max_prompt_chars,
     )
 
 
@@ -174,7 +175,9 @@ def create_app(settings: Settings | None = None, loader: BaseLoader = default_lo
         max_bytes=settings.max_upload_mb << 20,
         paths=("/adapters",),
         timeout=settings.upload_timeout,
+        body_max_bytes=settings.max_body_kb << 10,
     )
+    app.add_middleware(AccessMiddleware, settings=settings)  # before any body is read
     app.state.metrics = Metrics(
         lambda: (getattr(app.state, "engine", None), getattr(app.state, "store", None))
     )

@@ -102,6 +102,16 @@ def serve(
         float | None,
         typer.Option(help="Seconds a client may take to send a whole upload before 408 (300)."),
     ] = None,
+    max_body_kb: Annotated[
+        int | None, typer.Option(help="Largest request body but uploads, KiB (2048); 413 above.")
+    ] = None,
+    max_prompt_chars: Annotated[
+        int | None, typer.Option(help="Longest prompt in characters, checked before tokenizing (262144).")
+    ] = None,
+    allowed_hosts: Annotated[
+        list[str] | None,
+        typer.Option(help="Host names served besides loopback and --host while no API key is set; '*': any."),
+    ] = None,
     ray: Annotated[
         bool, typer.Option("--ray", help="Serve on Ray Serve: --replicas engines behind one endpoint.")
     ] = False,
@@ -122,6 +132,7 @@ def serve(
         "weight_layout": weight_layout, "max_prefill_tokens": max_prefill_tokens, "shutdown_timeout": shutdown_timeout,
         "upload_timeout": upload_timeout, "adapter_source": adapter_source,
         "adapter_source_refresh": adapter_source_refresh, "quantization": quantization,
+        "max_body_kb": max_body_kb, "max_prompt_chars": max_prompt_chars, "allowed_hosts": allowed_hosts,
     }  # fmt: skip
     import uvicorn
     from pydantic import ValidationError

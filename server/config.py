@@ -123,6 +123,23 @@ class Settings(BaseSettings):
         ge=0,
         description="On SIGTERM: seconds running requests get to finish (new ones get 503) before exit.",
     )
+    max_body_kb: int = Field(
+        2048,
+        ge=1,
+        description="Largest request body on every route but uploads (those: --max-upload-mb), KiB; "
+        "checked while the body arrives, before it is parsed (413).",
+    )
+    max_prompt_chars: int = Field(
+        262144,
+        ge=1,
+        description="Longest prompt (or all chat messages together), in characters, checked before "
+        "tokenizing (422).",
+    )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Host names the server answers to besides loopback and --host, while the API key is "
+        "unset (DNS rebinding); '*': any (env: comma-separated).",
+    )
     upload_timeout: float = Field(
         300.0,
         gt=0,
@@ -139,7 +156,7 @@ class Settings(BaseSettings):
             )
         return self
 
-    @field_validator("adapter", "adapter_source", mode="before")
+    @field_validator("adapter", "adapter_source", "allowed_hosts", mode="before")
     @classmethod
     def _split_adapters(cls, value: object) -> object:
         if isinstance(value, str):

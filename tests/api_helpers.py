@@ -62,7 +62,7 @@ def start_client(
     else:
         loader = lambda _: loaded_base(model, tokenizer, path=model_path)  # noqa: E731
     app = create_app(Settings(**settings), loader=loader)
-    client = TestClient(app)
+    client = TestClient(app, base_url="http://localhost")  # a loopback Host (--allowed-hosts)
     client.__enter__()
     deadline = time.monotonic() + 60
     while client.get("/health").status_code != 200:

@@ -49,6 +49,8 @@ _UPLOAD_OPENAPI = {
                         "files": {
                             "type": "array",
                             "items": {"type": "string", "format": "binary"},
+                            "minItems": 2,
+                            "maxItems": 2,
                             "description": "adapter_config.json and adapter_model.safetensors",
                         },
                         "archive": {
@@ -58,6 +60,9 @@ _UPLOAD_OPENAPI = {
                         },
                         "adapter_id": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
                     },
+                    # exactly one of the two ways to send an adapter (_read_upload: else 400)
+                    "oneOf": [{"required": ["files"]}, {"required": ["archive"]}],
+                    "additionalProperties": False,
                 }
             }
         },

@@ -85,7 +85,7 @@ def _named_adapters(body: bytes) -> list[str]:
 def _json_object(body: bytes) -> dict[str, Any] | None:
     try:
         data: Any = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # validation answers these bodies
         return None
     return data if isinstance(data, dict) else None
 

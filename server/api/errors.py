@@ -31,12 +31,14 @@ This module imports no model code (no torch): a test checks it.
 
 from __future__ import annotations
 
+import json
 import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
 
 from adapters.errors import (
     AdapterError,
@@ -139,6 +141,31 @@ def error_response(status_code: int, message: str, error_type: str, headers: dic
     return JSONResponse(
         {"error": message, "error_type": error_type}, status_code=status_code, headers=headers
     )
+
+
+_OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+
+
+def error_payload(path: str, status: int, message: str, error_type: str) -> dict:
+    """An error body for ``path``: OpenAI's shape on ``/v1/*``, loraplex's elsewhere (for answers
+    sent by ASGI middleware, before the routes' own handlers could render them)."""
+    if not path.startswith("/v1/"):
+        return {"error": message, "error_type": error_type}
+    kind = _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": None, "code": error_type}}
+
+
+async def send_error(send: Send, path: str, error: ApiError) -> None:
+    """Answer ``error`` from ASGI middleware and close the connection (the body is never read)."""
+    body = json.dumps(error_payload(path, error.status_code, error.message, error.error_type)).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+        *((k.lower().encode(), v.encode("latin-1")) for k, v in (error.headers or {}).items()),
+    ]
+    await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def format_validation(exc: RequestValidationError) -> str:

@@ -78,7 +78,26 @@ def build_request(
 
 
 def tokenize(engine: Engine, text: str) -> list[int]:
+    check_prompt_chars(engine, len(text))
     return list(engine.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+def check_prompt_chars(engine: Engine, chars: int, what: str = "the prompt") -> None:
+    """422 for a prompt longer than ``--max-prompt-chars``, before any tokenizer sees it."""
+    limit = engine.config.max_prompt_chars
+    if chars > limit:
+        raise ApiError(
+            422,
+            f"{what} has {chars} characters, more than the server's limit of {limit} (--max-prompt-chars; "
+            f"the model reads at most {engine.config.max_input_tokens} tokens); shorten it.",
+            "validation",
+        )
+
+
+async def tokenize_off_loop(engine: Engine, text: str) -> list[int]:
+    """:func:`tokenize` in a worker thread: a long prompt never stalls the event loop (other streams)."""
+    check_prompt_chars(engine, len(text))
+    return await asyncio.to_thread(tokenize, engine, text)
 
 
 async def run_to_completion(

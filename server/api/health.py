@@ -9,6 +9,8 @@ from fastapi.responses import JSONResponse
 
 from server import __version__
 from server.api.deps import BaseDep, EngineDep, RegistryDep, SettingsDep
+from server.api.errors import ApiError
+from server.api.security import accepted_keys, bearer_token, check_access
 from server.engine import sgmv_cpu
 
 if TYPE_CHECKING:
@@ -21,14 +23,28 @@ router = APIRouter(tags=["health"])
 async def health(request: Request) -> JSONResponse:
     engine = getattr(request.app.state, "engine", None)
     error = getattr(request.app.state, "load_error", None)
-    if error is not None:
-        return JSONResponse({"status": "failed", "error": error}, status_code=503)
+    if error is not None:  # the reason (paths, messages) only for callers holding a key
+        shown = error if _keyed_caller(request) else "start-up failed; the server's log says why."
+        return JSONResponse({"status": "failed", "error": shown}, status_code=503)
     drain = getattr(request.app.state, "drain", None)
     if drain is not None and drain.draining:  # balancers: send new traffic elsewhere
         return JSONResponse({"status": "draining"}, status_code=503, headers=drain.refusal().headers)
     if engine is None or not engine.running:
         return JSONResponse({"status": "loading"}, status_code=503)
     return JSONResponse({"status": "ok"})
+
+
+def _keyed_caller(request: Request) -> bool:
+    """Whether the caller sent a key that opens the read routes (never true when no key is set:
+    then anyone could call, and /health is polled by machines that need no details)."""
+    settings = getattr(request.app.state, "settings", None)
+    if settings is None or not accepted_keys(settings, "read"):
+        return False
+    try:
+        check_access(settings, "read", bearer_token(request.headers.get("authorization")))
+    except ApiError:
+        return False
+    return True
 
 
 def _kv_cache(engine: Engine) -> dict:

@@ -5,6 +5,8 @@ Pure ASGI (not ``BaseHTTPMiddleware``) so streamed responses pass through untouc
 
 - ``x-request-id``: taken from the request when it is sane (at most 128 of ``A-Za-z0-9._:-``),
   else a new one; sent back on every response and put on every log record of the request.
+- The text access log escapes the method and path (:func:`printable`); the JSON log's fields
+  are escaped by JSON itself.
 - Generation routes (``GENERATION_ROUTES``) get a deadline (``--request-timeout``) and are
   counted in ``loraplex_requests_total`` / ``loraplex_request_duration_seconds`` once they end.
 """
@@ -86,8 +88,8 @@ class RequestContextMiddleware:
             access_log.log(
                 level,
                 '"%s %s" %d %.3fs',
-                scope["method"],
-                scope["path"],
+                printable(scope["method"]),
+                printable(scope["path"]),  # decoded: '%0a' is a newline, which must not start a line
                 final,
                 seconds,
                 extra={
@@ -98,6 +100,14 @@ class RequestContextMiddleware:
                 },
             )
             deactivate(token)
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters, non-ASCII and quotes escaped (``\\n``, ``\\x1b``, ``\\"``):
+    a request can never write a forged line, or terminal escapes, into the text access log."""
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return text
+    return text.encode("unicode_escape").decode("ascii").replace('"', '\\"')
 
 
 def _request_id(scope: Scope) -> str:

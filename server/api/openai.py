@@ -32,10 +32,11 @@ from server.api.errors import HANDLED, ApiError, as_api_error
 from server.api.generation import (
     ERROR_STATUS,
     build_request,
+    check_prompt_chars,
     run_many,
     stream_events,
     timing_headers,
-    tokenize,
+    tokenize_off_loop,
 )
 from server.api.openai_logprobs import CompletionLogprobs, chat_entry, chat_logprobs
 from server.api.openai_schemas import (
@@ -201,7 +202,7 @@ async def completions(
     body: CompletionRequest, engine: EngineDep, base: BaseDep, registry: RegistryDep, http_request: Request
 ) -> Response:
     adapter_id = resolve_model(body.model, base, registry)
-    prompts = [_completion_prompt(engine, prompt) for prompt in body.prompts()]
+    prompts = [await _completion_prompt(engine, prompt) for prompt in body.prompts()]
     score_only = body.max_tokens == 0  # echo the prompt's log-probabilities, generate nothing
     # one token is generated and dropped when scoring (the engine's rows always decode one)
     max_tokens = 1 if score_only else body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS
@@ -225,9 +226,9 @@ class _Prompt:
     text: str  # what ``echo`` prepends to the completion
 
 
-def _completion_prompt(engine: Engine, prompt: str | list[int]) -> _Prompt:
-    if isinstance(prompt, str):
-        return _Prompt(tokenize(engine, prompt), prompt)
+async def _completion_prompt(engine: Engine, prompt: str | list[int]) -> _Prompt:
+    if isinstance(prompt, str):  # capped in characters, tokenized off the event loop
+        return _Prompt(await tokenize_off_loop(engine, prompt), prompt)
     ids = _checked_ids(engine, prompt)
     return _Prompt(ids, engine.tokenizer.decode(ids))
 
@@ -269,7 +270,9 @@ async def prepare_chat(
                           '"none" with response_format, or leave response_format out.', "validation", "tools")  # fmt: skip
     template = getattr(engine.tokenizer, "chat_template", None)
     messages, template_args = tool_messages([m.template_dict() for m in body.messages], plan, template)
-    prompt_ids = chat_prompt_ids(engine, messages, **template_args)
+    check_prompt_chars(engine, sum(len(str(v)) for m in messages for v in m.values()), "the messages")
+    # the template and the tokenizer run in a worker thread: a long chat never stalls the event loop
+    prompt_ids = await asyncio.to_thread(chat_prompt_ids, engine, messages, **template_args)
     max_tokens = body.token_limit or max(engine.config.max_total_tokens - len(prompt_ids), 1)
     check_context(engine, len(prompt_ids), max_tokens, "messages")
     wants = _Wants(logprobs=body.wants_logprobs, top=body.top_logprobs or 0)

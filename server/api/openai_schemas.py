@@ -23,7 +23,7 @@ from pydantic import (
 
 from server.api.compose_schemas import AdapterScale
 from server.api.openai_tools import MAX_TOOLS, MessageToolCall, ToolChoice, ToolDef
-from server.api.schemas import MAX_STOP_SEQUENCES
+from server.api.schemas import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, StopSequence
 from server.engine.sampling import SamplingParams
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -104,7 +104,9 @@ class _OpenAIRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
     temperature: float | None = Field(None, ge=0, le=2, description="0: greedy; default 1.")
     top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass.")
-    stop: str | list[str] | None = Field(None, description="Stop sequences, excluded from the text.")
+    stop: StopSequence | Annotated[list[StopSequence], Field(max_length=MAX_STOP_SEQUENCES)] | None = Field(
+        None, description="Stop sequences (at most 16, each 1-512 characters), excluded from the text."
+    )
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Same seed, same output.")
     n: int | None = Field(1, ge=1, le=MAX_CHOICES, description="Choices to generate (seed + i for choice i).")
     stream: bool | None = False
@@ -139,6 +141,8 @@ class _OpenAIRequest(BaseModel):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(stops)}")
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty strings")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop sequences may be at most {MAX_STOP_CHARS} characters long")
         return stops
 
     @property

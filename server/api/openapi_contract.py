@@ -37,13 +37,15 @@ def route_statuses(method: str, path: str, operation: dict[str, Any]) -> set[int
     """The error statuses ``method path`` can answer, from the app-wide rules."""
     if path in OPEN_PATHS or required_access(method, path) == "open":  # /health, the console's page
         return set()
-    codes = {401, 503}  # a key may be required; the base model or the store may still be loading
+    codes = {400, 401, 503}  # a Host not allowed; a key may be required; still loading
+    if method not in ("GET", "HEAD", "OPTIONS"):
+        codes.add(403)  # a cross-site request while no keys are set (security.screen)
     if required_access(method, path) == "admin":
         codes.add(403)
     if operation.get("parameters") or operation.get("requestBody"):
         codes.add(422)
     if operation.get("requestBody"):
-        codes.add(400)  # a body that cannot be parsed
+        codes |= {400, 413}  # a body that cannot be parsed; over --max-body-kb
     if path.startswith("/adapters"):
         codes |= {400, 404}  # a malformed or unknown adapter id
     if method == "POST" and path.startswith("/adapters"):

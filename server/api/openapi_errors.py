@@ -14,12 +14,14 @@ from pydantic import BaseModel
 from server.api.schemas import ErrorResponse
 
 DESCRIPTIONS = {
-    400: "Bad request (a malformed id, body or form)",
+    400: "Bad request (a malformed id, body or form), or a Host the server does not answer to "
+    "(error_type `host_not_allowed`, --allowed-hosts)",
     401: "No API key, or a wrong one (when LORAPLEX_API_KEY / LORAPLEX_ADMIN_KEY are set)",
-    403: "The API key on an admin route",
+    403: "The API key on an admin route, or a cross-site browser request while no keys are set "
+    "(error_type `cross_site`)",
     404: "Unknown adapter (or model)",
     409: "The id exists (use ?replace=true)",
-    413: "Body over --max-upload-mb",
+    413: "Body over --max-upload-mb (uploads) or --max-body-kb (every other route)",
     422: "Validation failed: the message names the field and the allowed values",
     424: "Generation failed (error_type `generation`)",
     429: "Over --max-queue (error_type `overloaded`); retry after `Retry-After` seconds",

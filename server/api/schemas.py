@@ -17,9 +17,10 @@ from server.api.compose_schemas import AdapterScale, MergedAdapters
 from server.engine.sampling import SamplingParams
 
 MAX_STOP_SEQUENCES = 16
+MAX_STOP_CHARS = 512  # longest stop sequence: each is matched against every token's text
 MAX_TOP_N_TOKENS = 20  # most likely tokens reported per step (top_n_tokens, return_k_alternatives)
 MAX_BEST_OF = 4  # candidates sampled for one request
-StopSequence = Annotated[str, Field(min_length=1)]
+StopSequence = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 def _only_null(what: str, hint: str) -> Any:

@@ -13,8 +13,20 @@ need the API key: setting one key never leaves uploads open to everyone. Start-u
 warning for every open class of routes. 401: no key or a wrong one; 403: the API key on an
 admin route.
 
-The rule lives in one app-wide dependency (:func:`authorizer`), keyed on method and path, so
-routes added later are covered without remembering to protect them.
+The rule is applied by :class:`AccessMiddleware`, before the app reads a byte of the body (a
+caller without the key costs no parsing and no memory), and again by one app-wide dependency
+(:func:`authorizer`); both are keyed on method and path, so routes added later are covered
+without remembering to protect them. The Ray ingress applies the same :func:`screen`.
+
+Where routes are open (no keys set), a browser is the remaining way in for a remote attacker, so
+:func:`screen` also refuses (see docs/security.md):
+
+- a ``Host`` header that is not loopback, ``--host`` or one of ``--allowed-hosts`` while the
+  API key is unset (DNS rebinding), except on /health and /metrics (probes name any host);
+  ``--allowed-hosts '*'`` accepts any;
+- a state-changing request (not GET/HEAD/OPTIONS) on an open route sent cross-site by a browser
+  (``Sec-Fetch-Site: cross-site``/``same-site``, or an ``Origin`` that is not the ``Host``): a
+  plain HTML form can post multipart to any URL without a CORS preflight.
 """
 
 from __future__ import annotations
@@ -23,11 +35,14 @@ import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Literal
+from urllib.parse import urlsplit
 
 from fastapi import Request
 from pydantic import SecretStr
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.api.errors import ApiError
+from server.api.errors import ApiError, send_error
 from server.config import Settings
 
 log = logging.getLogger(__name__)
@@ -106,6 +121,82 @@ def authorizer(settings: Settings) -> Callable[[Request], Awaitable[None]]:
         check_access(settings, access, bearer_token(request.headers.get("authorization")))
 
     return authorize
+
+
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+ANY_ADDRESS = frozenset({"", "0.0.0.0", "::"})
+SAFE_FETCH_SITES = frozenset({"same-origin", "none"})  # Sec-Fetch-Site values of non-cross-site requests
+
+
+def host_name(host: str) -> str:
+    """``Host``/``Origin`` authority -> the bare, lower-case name: ``[::1]:8080`` -> ``::1``."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return name.rstrip(".")
+
+
+def allowed_host(settings: Settings, host: str | None) -> bool:
+    """Whether a request's ``Host`` is one this server answers to (see the module docstring)."""
+    allowed = {host_name(h) for h in settings.allowed_hosts}
+    if "*" in allowed or host is None or (settings.api_key is not None and not allowed):
+        return True  # keys protect every route: a rebound name gets nothing without them
+    own = host_name(settings.host)
+    return host_name(host) in LOOPBACK_HOSTS | allowed | ({own} - ANY_ADDRESS)
+
+
+def cross_site(headers: Headers) -> bool:
+    """A browser's cross-site request: ``Sec-Fetch-Site``, else an ``Origin`` other than ``Host``."""
+    site = headers.get("sec-fetch-site")
+    if site is not None:
+        return site.strip().lower() not in SAFE_FETCH_SITES
+    origin = headers.get("origin")
+    if origin is None:
+        return False  # not a browser's cross-origin request (browsers send Origin on those)
+    netloc = urlsplit(origin.strip()).netloc.lower() if origin.strip() != "null" else "null"
+    return netloc != (headers.get("host") or "").strip().lower()
+
+
+def screen(settings: Settings, method: str, path: str, headers: Headers) -> ApiError | None:
+    """The refusal (Host, key, cross-site rules) a request gets before its body is read, if any."""
+    host = headers.get("host")
+    access = required_access(method, path)
+    if access != "open" and not allowed_host(settings, host):  # probes may name any Host on /health
+        return ApiError(
+            400,
+            f"this server does not answer to the Host {host!r}: open it by its loopback address, or "
+            "start it with --allowed-hosts naming this host (or set LORAPLEX_API_KEY).",
+            "host_not_allowed",
+        )
+    try:
+        check_access(settings, access, bearer_token(headers.get("authorization")))
+    except ApiError as error:
+        return error
+    if not accepted_keys(settings, access) and method.upper() not in READ_METHODS and cross_site(headers):
+        return ApiError(
+            403,
+            "cross-site requests may not change this server while it runs without keys: send the "
+            "request from a page of this server or a non-browser client, or set LORAPLEX_ADMIN_KEY.",
+            "cross_site",
+        )
+    return None
+
+
+class AccessMiddleware:
+    """Pure ASGI: answers :func:`screen`'s refusal before the app runs or reads the body."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            error = screen(self.settings, scope["method"], scope["path"], Headers(scope=scope))
+            if error is not None:
+                await send_error(send, scope["path"], error)
+                return
+        await self.app(scope, receive, send)
 
 
 def warn_if_open(settings: Settings) -> None:

@@ -22,7 +22,7 @@ from fastapi import Request
 
 from adapters.registry import AdapterLookup
 from server.api.composition import Composition, CompositionService, resolve_merged
-from server.api.generation import build_request, run_many, stream_events, tokenize
+from server.api.generation import build_request, run_many, stream_events, tokenize, tokenize_off_loop
 from server.api.schemas import GenerateParameters
 from server.api.structured import response_grammar
 from server.engine.engine import Engine
@@ -51,9 +51,10 @@ class TgiGeneration:
     ) -> TgiGeneration:
         """:meth:`build`, after the asynchronous work a request may need: composing its
         ``merged_adapters`` (cached) and compiling its ``response_format``, both off the event loop."""
+        prompt_ids = await tokenize_off_loop(engine, inputs)
         composition = await resolve_merged(compositions, params.merged_adapters)
         grammar = await response_grammar(engine, params.response_format)
-        return cls.build(engine, registry, inputs, params, composition, grammar)
+        return cls.build(engine, registry, inputs, params, composition, grammar, prompt_ids)
 
     @classmethod
     def build(
@@ -64,9 +65,11 @@ class TgiGeneration:
         params: GenerateParameters,
         composition: Composition | None = None,
         grammar: Grammar | None = None,
+        prompt_ids: list[int] | None = None,
     ) -> TgiGeneration:
-        """``composition``: the resolved ``params.merged_adapters`` (``server.api.composition``)."""
-        prompt_ids = tokenize(engine, inputs)
+        """``composition``: the resolved ``params.merged_adapters`` (``server.api.composition``);
+        ``prompt_ids``: ``inputs`` already tokenized (:meth:`prepare` does it off the event loop)."""
+        prompt_ids = tokenize(engine, inputs) if prompt_ids is None else prompt_ids
         if params.truncate is not None:
             prompt_ids = prompt_ids[-params.truncate :]
         max_new = params.max_new_tokens or max(engine.config.max_total_tokens - len(prompt_ids), 1)

@@ -1,13 +1,15 @@
-"""ASGI middleware: answer 413 as soon as an upload's body passes the limit, without buffering it,
-and 408 when the body takes longer than ``--upload-timeout`` to arrive.
+"""ASGI middleware: answer 413 as soon as a body passes its limit, without buffering it, and 408
+when an upload's body takes longer than ``--upload-timeout`` to arrive.
 
-Three checks on the guarded routes (``POST /adapters``):
+Uploads (``POST /adapters``) may be ``max_bytes`` long (``--max-upload-mb``); every other request's
+body ``body_max_bytes`` (``--max-body-kb``), checked the same way and before anything parses it
+(JSON, form), so a huge body costs the server no more memory than the limit. Three checks:
 
 1. a ``Content-Length`` above the limit is refused before a byte of the body is read;
 2. otherwise (chunked bodies, or a client that lies) the bytes are counted as the app reads
    them; the read that passes the limit raises inside the app, whatever the app then answers
    is dropped, and the client gets the 413 instead;
-3. the whole body must arrive within ``timeout`` seconds of the request: a client that trickles
+3. (uploads) the whole body must arrive within ``timeout`` seconds of the request: a client that trickles
    it byte by byte (or stalls) is answered 408 and its connection closed. Each read waits on the
    event loop, so a slow client never holds up other requests; the deadline bounds what it holds
    (a connection, a spooled temporary file).
@@ -19,13 +21,12 @@ the parser's chunk size, never by the body.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.errors import upload_timed_out
+from server.api.errors import ApiError, send_error, upload_timed_out
 
 log = logging.getLogger(__name__)
 
@@ -45,30 +46,36 @@ class UploadLimitMiddleware:
         max_bytes: int,
         paths: tuple[str, ...] = ("/adapters",),
         timeout: float | None = None,
+        body_max_bytes: int | None = None,
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.paths = frozenset(p.rstrip("/") for p in paths)
         self.timeout = timeout
+        self.body_max_bytes = body_max_bytes  # None: other routes' bodies are not limited here
 
-    def _guarded(self, scope: Scope) -> bool:
-        return (
-            scope["type"] == "http" and scope["method"] == "POST" and scope["path"].rstrip("/") in self.paths
-        )
+    def _upload(self, scope: Scope) -> bool:
+        return scope["method"] == "POST" and scope["path"].rstrip("/") in self.paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not self._guarded(scope):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        upload = self._upload(scope)
+        limit = self.max_bytes if upload else self.body_max_bytes
+        if limit is None:
             await self.app(scope, receive, send)
             return
         declared = _content_length(scope)
-        if declared is not None and declared > self.max_bytes:
-            await self._refuse(send, declared)
+        if declared is not None and declared > limit:
+            await send_error(send, scope["path"], self._too_large(declared, upload))
             return
 
         received = 0
         exceeded = timed_out = False
         started = False
-        deadline = time.monotonic() + self.timeout if self.timeout is not None else None
+        timeout = self.timeout if upload else None
+        deadline = time.monotonic() + timeout if timeout is not None else None
 
         async def counting_receive() -> Message:
             nonlocal received, exceeded, timed_out
@@ -84,7 +91,7 @@ class UploadLimitMiddleware:
                     raise UploadTooSlow() from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > limit:
                     exceeded = True
                     raise UploadTooLarge()
             return message
@@ -105,38 +112,25 @@ class UploadLimitMiddleware:
         if started:
             return
         if exceeded:
-            await self._refuse(send, None)
+            await send_error(send, scope["path"], self._too_large(None, upload))
         elif timed_out:
             log.warning("upload cut off: %d bytes in %g s (--upload-timeout)", received, self.timeout)
-            error = upload_timed_out(self.timeout or 0.0, received)
-            await _send_json(send, 408, {"error": error.message, "error_type": error.error_type})
+            await send_error(send, scope["path"], upload_timed_out(self.timeout or 0.0, received))
 
-    async def _refuse(self, send: Send, declared: int | None) -> None:
-        limit_mb = self.max_bytes / (1 << 20)
+    def _too_large(self, declared: int | None, upload: bool) -> ApiError:
         size = f" ({declared} bytes)" if declared is not None else ""
-        payload = {
-            "error": f"the upload{size} is larger than the server's limit of {limit_mb:g} MiB "
-            "(--max-upload-mb); upload a smaller adapter (e.g. a lower rank) or raise the limit.",
-            "error_type": "too_large",
-        }
-        await _send_json(send, 413, payload)
-
-
-async def _send_json(send: Send, status: int, payload: dict) -> None:
-    """An error answer that also closes the connection (the rest of the body is never read)."""
-    body = json.dumps(payload).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+        if upload:
+            message = (
+                f"the upload{size} is larger than the server's limit of {self.max_bytes / (1 << 20):g} MiB "
+                "(--max-upload-mb); upload a smaller adapter (e.g. a lower rank) or raise the limit."
+            )
+        else:
+            message = (
+                f"the request body{size} is larger than the server's limit of "
+                f"{(self.body_max_bytes or 0) // 1024} KiB (--max-body-kb); send a shorter prompt "
+                "or fewer messages, or ask the operator to raise the limit."
+            )
+        return ApiError(413, message, "too_large")
 
 
 def _content_length(scope: Scope) -> int | None:

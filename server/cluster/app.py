@@ -67,7 +67,7 @@ def build_app(
     ).bind(values, store)
     ingress = serve.deployment(LoraplexIngress, name="LoraplexIngress", num_replicas=1,
                                max_ongoing_requests=max(settings.max_queue, 1) * max(replicas, 1),
-                               ray_actor_options={"num_cpus": 0}).bind(replica, store, replicas, affinity)  # fmt: skip
+                               ray_actor_options={"num_cpus": 0}).bind(replica, store, replicas, affinity, values)  # fmt: skip
     return ingress
 
 

@@ -6,6 +6,10 @@
   (``""`` for the base model, ``merged:<digest>`` for a ``merged_adapters`` composition), so
   requests for an adapter (or a composition) stick to replicas that hold it.
 
+Every request is screened first (keys, Host, cross-site: ``server.api.security.screen``) and its
+body read only up to its limit (``--max-upload-mb`` for uploads, ``--max-body-kb`` else), before
+any routing work: no key, no body read and no adapter loaded on a replica.
+
 A replica that dies before its answer started (Ray raises an actor error) costs one retry on
 another replica; a second failure, or one after bytes were streamed, is a 503 or a cut stream.
 """
@@ -25,10 +29,12 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from server.api.adapter_sources import requested_source
 from server.api.deps import _json_object
-from server.api.errors import error_response
+from server.api.errors import ApiError, error_payload, error_response
+from server.api.security import accepted_keys, screen
 from server.cluster.asgi_bridge import HttpCall, ResponseStart
 from server.cluster.metrics_merge import merge_expositions
 from server.cluster.routing import adapter_names, affinity_key, target_of
+from server.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +46,10 @@ REPLICA_GONE = (ray_errors.RayActorError, ray_errors.ActorUnavailableError)
 class LoraplexIngress:
     """Ray Serve deployment: routes HTTP requests to the store or to a replica (see module doc)."""
 
-    def __init__(self, replica: Any, store: Any, replicas: int, affinity: bool = True) -> None:
+    def __init__(
+        self, replica: Any, store: Any, replicas: int, affinity: bool = True, values: dict | None = None
+    ) -> None:
+        self.settings = Settings(**(values or {}))  # the keys and limits of `loraplex serve`
         self.replica = replica  # DeploymentHandle of LoraplexReplica
         self.store = store  # DeploymentHandle of LoraplexStore
         self.expected = replicas
@@ -51,7 +60,7 @@ class LoraplexIngress:
         method, path = request.method, request.url.path
         target = target_of(method, path)
         if target == "health":
-            return await self.health()
+            return await self.health(show_error=self._keyed(request))
         if target == "metrics":
             return await self.metrics()
         if target == "unsupported":
@@ -61,7 +70,14 @@ class LoraplexIngress:
                 "replica); shrink on a single `loraplex serve` and upload the result to the cluster.",
                 "not_supported_in_cluster",
             )
-        body = await request.body()
+        try:
+            refused = screen(self.settings, method, path, request.headers)
+            if refused is not None:
+                raise refused
+            body = await self._body(request, method, path)
+        except ApiError as error:
+            payload = error_payload(path, error.status_code, error.message, error.error_type)
+            return JSONResponse(payload, status_code=error.status_code, headers=error.headers)
         client = (request.client.host, request.client.port) if request.client else ("127.0.0.1", 0)
         call = HttpCall(method, path, request.url.query.encode(), list(request.headers.raw), body, client)
         if target == "store":
@@ -84,6 +100,25 @@ class LoraplexIngress:
         if path == "/info" and response.status_code == 200:
             return await self._cluster_info(response)
         return response
+
+    async def _body(self, request: Request, method: str, path: str) -> bytes:
+        """The body, read up to its limit (413 past it: the rest is never read)."""
+        upload = method == "POST" and path.rstrip("/") == "/adapters"
+        limit = self.settings.max_upload_mb << 20 if upload else self.settings.max_body_kb << 10
+        flag = "--max-upload-mb" if upload else "--max-body-kb"
+        declared = request.headers.get("content-length")
+        too_large = ApiError(
+            413, f"the request body is larger than the server's limit ({limit} bytes, {flag}).", "too_large"
+        )
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def _cluster_info(self, response: StreamingResponse) -> Response:
         """One replica's /info, with the cluster's adapters (a replica lists only those it cached)."""
@@ -125,7 +160,13 @@ class LoraplexIngress:
     async def _reports(self) -> dict[str, dict[str, Any]]:
         return await self.store.replica_reports.remote(REPORT_MAX_AGE)
 
-    async def health(self) -> JSONResponse:
+    def _keyed(self, request: Request) -> bool:
+        """A caller holding a key that opens reads (the start-up error names paths: only for them)."""
+        if not accepted_keys(self.settings, "read"):
+            return False
+        return screen(self.settings, "GET", "/info", request.headers) is None
+
+    async def health(self, show_error: bool = False) -> JSONResponse:
         """200 while at least one replica serves (``degraded`` below ``--replicas``), else 503."""
         reports, store = await self._reports(), await self.store.status.remote()
         ready = sorted(rid for rid, r in reports.items() if r["ready"])
@@ -143,7 +184,7 @@ class LoraplexIngress:
             "retries": self.retries,
         }
         if store["error"] is not None:
-            body["error"] = store["error"]
+            body["error"] = store["error"] if show_error else "start-up failed; the server's log says why."
         return JSONResponse(body, status_code=code)
 
     async def metrics(self) -> Response:

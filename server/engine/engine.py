@@ -69,6 +69,7 @@ class EngineConfig:
     switch_wait: float = 0.5  # merged mode: seconds another adapter's request waits before a switch
     auto_min_uniform_steps: int = 8  # auto mode: fewest uniform steps before merging
     checkpoint_dir: Path | None = None  # safetensors checkpoint to restore base weights from
+    max_prompt_chars: int = 262144  # longest prompt text, checked before tokenizing (server.api.generation)
 
 
 @dataclass
@@ -450,7 +451,11 @@ class Engine:
             ):
                 still_waiting.append(request)
                 continue
-            admitted.append(self._new_row(request))
+            try:
+                admitted.append(self._new_row(request))
+            except Exception as exc:  # this request's own data (its adapter, its sampling): fail it alone
+                self._refuse_admission(request, exc)
+                continue
             free -= 1
             budget -= n
             kv_tokens += n
@@ -458,9 +463,25 @@ class Engine:
         self._waiting = still_waiting
         return admitted
 
+    def _refuse_admission(self, request: GenerationRequest, exc: Exception) -> None:
+        """A request whose admission raised ends with an error; the engine and other rows go on."""
+        log.exception("request %d failed at admission", request.request_id)
+        request.finished_at = time.perf_counter()
+        request.emit(
+            ErrorEvent(f"generation failed: this request could not be admitted: {exc}", "generation")
+        )
+
     def _new_row(self, request: GenerationRequest) -> Row:
         uses_slot = request.adapter is not None and self.config.mode != "merged"
         slot = self.slots.acquire(request.adapter) if uses_slot else BASE_SLOT
+        try:
+            return self._build_row(request, slot)
+        except Exception:
+            if uses_slot:  # the slot's user count was taken above: give it back
+                self.slots.release(request.adapter.key)
+            raise
+
+    def _build_row(self, request: GenerationRequest, slot: int) -> Row:
         row = request.preempted_row
         if row is not None:  # recompute: the row goes on where it stopped
             request.preempted_row = None

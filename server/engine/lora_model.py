@@ -97,8 +97,13 @@ class AdapterSlots:
         raise AssertionError(f"all {self.capacity} adapter slots are in use by running requests")
 
     def _load(self, adapter: LoraAdapter, slot: int) -> None:
-        for name, weights in adapter.layers.items():
-            self.layers[name].set_slot(slot, weights.A, weights.B, weights.scale)
+        try:
+            for name, weights in adapter.layers.items():
+                self.layers[name].set_slot(slot, weights.A, weights.B, weights.scale)
+        except Exception:  # a half-written slot would leak into the next adapter loaded there
+            for name in adapter.layers:
+                self.layers[name].clear_slot(slot)
+            raise
         self._resident[adapter.key] = _Resident(adapter=adapter, slot=slot)
         self.on_change()
         self.loads += 1

@@ -47,6 +47,13 @@ def test_schema_states_the_limits(server) -> None:
         "413",
         "422",
     }
+    # issue 31, finding 14: the upload states its required parts; every body route its 413
+    upload = schema["paths"]["/adapters"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert upload["oneOf"] == [{"required": ["files"]}, {"required": ["archive"]}]
+    assert upload["properties"]["files"]["minItems"] == upload["properties"]["files"]["maxItems"] == 2
+    assert httpx.post(server.url + "/adapters", files={"adapter_id": (None, "x")}).status_code == 400
+    for path in ("/generate", "/v1/completions", "/v1/chat/completions"):
+        assert "413" in schema["paths"][path]["post"]["responses"]
     r = httpx.request("OPTIONS", server.url + "/adapters")
     assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
 

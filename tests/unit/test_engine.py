@@ -428,3 +428,36 @@ def test_long_prompts_are_prefilled_in_chunks_while_running_rows_decode(setup, t
     kinds = [kind for kind, _ in runner.calls]
     first, last = kinds.index("prefill"), len(kinds) - 1 - kinds[::-1].index("prefill")
     assert kinds[first:last].count("decode") >= len(long_prompt) // 8 - 1
+
+
+def test_an_adapter_that_fails_admission_fails_only_its_own_request(setup, tokenizer) -> None:
+    """Issue 31, finding 4: an adapter whose numbers the engine cannot hold (a scale of 1e300 made
+    past validation) fails its own request at admission; the running stream and the request
+    admitted in the same pass finish as if alone, and no slot count leaks."""
+    import dataclasses
+
+    from adapters.peft_format import LoraAdapter
+
+    engine, adapters, _ = setup
+    good = adapters["qv"]
+    poisoned_layers = {m: dataclasses.replace(w, scale=1e300) for m, w in adapters["patterns"].layers.items()}
+    poisoned = LoraAdapter("poisoned", adapters["patterns"].config, poisoned_layers, version="bad")
+    alone = run_one(engine, _ids(tokenizer, PROMPTS[0]), good, max_new_tokens=12).tokens
+    neighbour = run_one(engine, _ids(tokenizer, PROMPTS[1]), None, max_new_tokens=6).tokens
+
+    running = submit(engine, _ids(tokenizer, PROMPTS[0]), good, max_new_tokens=12)[1]
+    engine._drain_inbox(block=False)
+    engine.step_safely()
+    bad = submit(engine, _ids(tokenizer, PROMPTS[2]), poisoned, max_new_tokens=6)[1]
+    same_pass = submit(engine, _ids(tokenizer, PROMPTS[1]), None, max_new_tokens=6)[1]
+    for _ in range(100):
+        engine._drain_inbox(block=False)
+        if not engine.busy:
+            break
+        engine.step_safely()
+    error = outcome(bad).error
+    assert error is not None and "could not be admitted" in error.message
+    assert outcome(running).error is None and outcome(running).tokens == alone
+    assert outcome(same_pass).error is None and outcome(same_pass).tokens == neighbour
+    assert all(r.in_use == 0 for r in engine.slots._resident.values())
+    assert poisoned.key not in engine.slots._resident

@@ -97,6 +97,13 @@ def test_handwritten_valid_adapter_loads(tmp_path, shapes) -> None:
         ({"target_modules": ["nonexistent_proj"]}, "incompatible", "q_proj"),
         ({"r": 0}, "invalid_config", "positive integer"),
         ({"target_modules": "(unclosed"}, "invalid_config", "regular expression"),
+        # issue 31, finding 4: numbers the serving dtype cannot hold are refused at upload
+        ({"lora_alpha": 1e300}, "invalid_config", "lora_alpha"),
+        ({"lora_alpha": 10**400}, "invalid_config", "lora_alpha"),
+        ({"lora_alpha": float("inf")}, "invalid_config", "lora_alpha"),
+        ({"alpha_pattern": {"q_proj": 1e300}}, "invalid_config", "alpha_pattern"),
+        ({"rank_pattern": {"q_proj": 10**400}}, "invalid_config", "rank_pattern"),
+        ({"lora_alpha": 60000, "r": 2}, "invalid_weights", "too large"),
     ],
 )
 def test_bad_configs_are_refused(tmp_path, shapes, change, error_type, words) -> None:
@@ -144,6 +151,10 @@ def test_shape_mismatch_names_tensor_and_both_shapes(tmp_path, shapes) -> None:
         (
             lambda t: [t.pop(k) for k in list(t) if "layers.1." in k],
             "have no weights",
+        ),
+        (  # finite in float32, but scale·B@A would overflow float16
+            lambda t: t["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].fill_(1e6),
+            "too large",
         ),
     ],
 )

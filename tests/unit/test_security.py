@@ -93,3 +93,66 @@ def test_adapters_never_import_the_server() -> None:
             assert not any(n == "server" or n.startswith("server.") for n in names), (
                 f"{path.name} imports {names}"
             )
+
+
+# --------------------------------------------------------------------------- issue 31: screen()
+
+
+def _screen(settings: Settings, method: str, path: str, **headers: str):
+    from starlette.datastructures import Headers
+
+    from server.api.security import screen
+
+    error = screen(settings, method, path, Headers({k.replace("_", "-"): v for k, v in headers.items()}))
+    return None if error is None else (error.status_code, error.error_type)
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed", "ok"),
+    [
+        ("127.0.0.1:8080", [], True),
+        ("localhost", [], True),
+        ("[::1]:8080", [], True),
+        ("evil.example:8080", [], False),
+        ("rebound.attacker.test", [], False),
+        ("gpu-box.lan:8080", ["gpu-box.lan"], True),
+        ("anything.example", ["*"], True),
+    ],
+)
+def test_unknown_hosts_are_refused_while_routes_are_open(host: str, allowed: list[str], ok: bool) -> None:
+    settings = Settings(allowed_hosts=allowed)
+    expected = None if ok else (400, "host_not_allowed")
+    assert _screen(settings, "GET", "/v1/models", host=host) == expected
+    assert _screen(settings, "GET", "/health", host=host) is None  # probes name any host
+
+
+def test_with_a_key_any_host_is_served_but_the_key_is_needed() -> None:
+    settings = Settings(api_key="k")
+    assert _screen(settings, "GET", "/v1/models", host="evil.example") == (401, "unauthorized")
+    assert _screen(settings, "GET", "/v1/models", host="evil.example", authorization="Bearer k") is None
+    assert _screen(Settings(api_key="k", allowed_hosts=["a.example"]), "GET", "/info", host="b.example",
+                   authorization="Bearer k") == (400, "host_not_allowed")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("headers", "refused"),
+    [
+        ({"sec_fetch_site": "cross-site", "origin": "https://evil.example"}, True),
+        ({"sec_fetch_site": "same-site"}, True),
+        ({"origin": "https://evil.example"}, True),  # a browser without Sec-Fetch-Site
+        ({"origin": "null"}, True),  # a sandboxed frame or a file: page
+        ({"sec_fetch_site": "same-origin", "origin": "http://127.0.0.1:8080"}, False),
+        ({"origin": "http://127.0.0.1:8080"}, False),
+        ({}, False),  # curl, the SDKs: not a browser
+    ],
+)
+def test_cross_site_writes_are_refused_without_keys(headers: dict, refused: bool) -> None:
+    settings = Settings()
+    got = _screen(settings, "POST", "/adapters", host="127.0.0.1:8080", **headers)
+    assert got == ((403, "cross_site") if refused else None)
+    assert _screen(settings, "GET", "/adapters", host="127.0.0.1:8080", **headers) is None  # reads pass
+    keyed = Settings(admin_key="a")  # a key guards the route: browsers cannot send it cross-site
+    assert (
+        _screen(keyed, "POST", "/adapters", host="127.0.0.1:8080", authorization="Bearer a", **headers)
+        is None
+    )

@@ -57,3 +57,25 @@ async def test_bodies_within_the_limit_and_other_routes_pass() -> None:
         assert (await c.post("/adapters", content=b"\0" * LIMIT)).json() == {"size": LIMIT}
         assert (await c.post("/adapters/", content=b"x")).json() == {"size": 1}
         assert (await c.post("/generate", content=b"\0" * (2 * LIMIT))).json() == {"size": 2 * LIMIT}
+
+
+async def test_every_other_route_has_its_own_body_limit() -> None:
+    """Issue 31, finding 1: bodies of every route are limited (--max-body-kb), declared or streamed,
+    and a /v1 route's refusal has OpenAI's error shape."""
+    small = 4096
+    app = UploadLimitMiddleware(reading_app, max_bytes=LIMIT, paths=("/adapters",), body_max_bytes=small)
+    pulled = {"bytes": 0}
+
+    async def body():
+        for _ in range(64):
+            pulled["bytes"] += 1024
+            yield b"\0" * 1024
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+        r = await c.post("/generate", content=body())
+        assert r.status_code == 413 and "--max-body-kb" in r.json()["error"]
+        assert pulled["bytes"] <= small + 2048
+        r = await c.post("/v1/chat/completions", content=b"\0" * (small + 1))
+        assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+        assert (await c.post("/generate", content=b"\0" * small)).json() == {"size": small}
+        assert (await c.post("/adapters", content=b"\0" * (small * 4))).json() == {"size": small * 4}
