@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 from adapters.peft_format import load_adapter_dir
+from server.engine import gemv_cpu
 from server.engine.engine import Engine, EngineConfig
 from server.engine.lora_linear import BASE_SLOT
 from server.engine.lora_model import AdapterSlots
@@ -59,7 +60,7 @@ def arch(request, tmp_path_factory):
     return (request.param, *_saved(tmp_path_factory, request.param))
 
 
-@pytest.fixture(params=["packed", "dense"])
+@pytest.fixture(params=["blocked", "packed", "dense"])
 def layout(request) -> str:
     """The projections' layout (``--weight-layout``): the equality tests run on both."""
     return request.param
@@ -123,16 +124,27 @@ def test_bfloat16_logits_track_hugging_face_in_bfloat16(arch) -> None:
             assert native_error <= 2 * hf_error + 1e-2, (i, step, float(native_error), float(hf_error))
 
 
-def test_weight_layout_is_packed_for_eager_float32_on_the_cpu_and_refused_elsewhere(tmp_path_factory) -> None:
+def test_weight_layout_is_blocked_for_eager_float32_on_the_cpu_and_refused_elsewhere(
+    tmp_path_factory, monkeypatch
+) -> None:
     _, path = _saved(tmp_path_factory, "llama")
     assert onednn.available()  # the CPU build of PyTorch that `make setup` installs has oneDNN
+    assert gemv_cpu.load() is not None  # and CI's machine has a C compiler and AVX2/FMA
     runner = _runner(path)
-    assert runner.weight_layout == "packed"
+    assert runner.weight_layout == "blocked"
+    assert runner.model.lm_head is None and runner.model.embed is not None  # untied: both matrices
+    tied = _runner(_saved(tmp_path_factory, "llama3-rope-tied")[1]).model
+    assert tied.lm_head is None and tied.embed is None  # tied: the packed head only, read as the embedding
     qkv = runner.model.layers[0].qkv
     assert qkv.weight_targets()["model.layers.0.self_attn.k_proj"].live is None  # no dense copy kept
     assert _runner(path, dtype=torch.bfloat16).weight_layout == "dense"
-    with pytest.raises(ValueError, match="float32"):
-        _runner(path, dtype=torch.bfloat16, weight_layout="packed")
+    for layout in ("blocked", "packed"):
+        with pytest.raises(ValueError, match="float32"):
+            _runner(path, dtype=torch.bfloat16, weight_layout=layout)
+    monkeypatch.setattr(gemv_cpu, "load", lambda: None)  # no C compiler or no AVX2/FMA here
+    assert _runner(path).weight_layout == "packed"
+    with pytest.raises(ValueError, match="compiled linear kernel"):
+        _runner(path, weight_layout="blocked")
     # a target's rows read back exactly what was written, and only those rows change
     target = qkv.weight_targets()["model.layers.0.self_attn.k_proj"]
     before = qkv.weight.clone()
@@ -146,15 +158,21 @@ def test_weight_layout_is_packed_for_eager_float32_on_the_cpu_and_refused_elsewh
     )
 
 
+@pytest.mark.parametrize("layout", ["blocked", "packed"])
 def test_packed_merge_copies_unpack_only_rows_read_before_they_are_written(
-    tmp_path_factory, monkeypatch
+    tmp_path_factory, monkeypatch, layout
 ) -> None:
     """A swap rewrites every part of a projection before reading it: no unpack, one pack. Rows
     left unwritten come back from the packed weight when the copy is packed again."""
     _, path = _saved(tmp_path_factory, "llama")
-    qkv = _runner(path).model.layers[1].qkv
-    unpack, unpacks = onednn.unpack, []
-    monkeypatch.setattr(onednn, "unpack", lambda w: unpacks.append(w) or unpack(w))
+    qkv = _runner(path, weight_layout=layout).model.layers[1].qkv
+    unpacks: list[torch.Tensor] = []
+    original = qkv.layout.unpack
+    monkeypatch.setattr(qkv.layout, "unpack", lambda w, n: unpacks.append(w) or original(w, n))
+
+    def unpack(packed: torch.Tensor) -> torch.Tensor:
+        return original(packed, qkv.out_features)
+
     targets = qkv.weight_targets()
     q, k, v = targets
     written = {name: torch.randn(t.shape) for name, t in targets.items()}

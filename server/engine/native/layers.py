@@ -11,9 +11,9 @@ A fused projection computes several PEFT modules' outputs with one matrix:
 so an adapter that targets q and v only leaves k untouched, and each part is merged into its
 own rows of the fused weight (``weight_targets``).
 
-On the CPU (float32) the fused weight is kept only in oneDNN's packed layout (``onednn.py``),
-which streams faster than a dense ``x @ W.T``; its merge targets read and write it through
-``PackedRows``.
+On the CPU (float32) the fused weight is kept only in a packed layout (``layouts.py``: the
+compiled kernel's blocks, or oneDNN's), which streams faster than a dense ``x @ W.T``; its merge
+targets read and write it through ``PackedRows``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from server.engine.lora_linear import GroupedLora, Kernel, LoraBatchContext, LoraSlotBank
-from server.engine.native import onednn
+from server.engine.native.layouts import PackedLayout
 from server.engine.runner import WeightTarget
 
 
@@ -191,8 +191,7 @@ class PackedEdits:
         """Rows [start, end) of the projection's weight as it is with the writes so far."""
         entry = self._open.get(linear)
         if entry is None:
-            assert linear._packed is not None
-            return onednn.unpack(linear._packed)[start:end]
+            return linear.unpack()[start:end]
         if not entry.filled and not _covers(entry.written, start, end):
             self._fill(linear, entry)
         return entry.dense[start:end]
@@ -216,13 +215,12 @@ class PackedEdits:
             return
         if not entry.filled:
             self._fill(linear, entry)
-        linear._packed = onednn.pack(entry.dense)
+        linear._packed = linear.layout.pack(entry.dense)
 
     @staticmethod
     def _fill(linear: FusedLinear, entry: _OpenWeight) -> None:
         """Unpack the weight under the rows written so far (they keep their new values)."""
-        assert linear._packed is not None
-        current = onednn.unpack(linear._packed)
+        current = linear.unpack()
         for s, e in entry.written:
             current[s:e] = entry.dense[s:e]
         entry.dense, entry.written, entry.filled = current, [], True
@@ -231,7 +229,7 @@ class PackedEdits:
 class FusedLinear:
     """``y = x @ W.T (+ b)`` for parts fused along the output, each part with its own adapter slots.
 
-    ``packed``: keep W only in oneDNN's packed layout (CPU float32; see ``onednn.py``), else dense;
+    ``layout``: keep W only in this packed layout (CPU float32; see ``layouts.py``), else dense;
     ``edits`` (packed only): where merges stage their writes, shared by a model's projections.
     """
 
@@ -242,12 +240,13 @@ class FusedLinear:
         parts: list[tuple[str, int]],  # (PEFT module name, output size) in output order
         ctx: LoraBatchContext,
         kernel: Kernel,
-        packed: bool = False,
+        layout: PackedLayout | None = None,
         edits: PackedEdits | None = None,
     ) -> None:
-        self._dense: torch.Tensor | None = None if packed else weight
-        self._packed: torch.Tensor | None = onednn.pack(weight) if packed else None
-        self._edits = (edits or PackedEdits(capacity=1)) if packed else None
+        self.layout = layout
+        self._dense: torch.Tensor | None = None if layout else weight
+        self._packed: torch.Tensor | None = layout.pack(weight) if layout else None
+        self._edits = (edits or PackedEdits(capacity=1)) if layout else None
         self.bias = bias
         self.ctx = ctx
         self.dtype, self.device = weight.dtype, weight.device
@@ -288,6 +287,11 @@ class FusedLinear:
             return {name: PackedRows(self, s, e, f"{name}.weight") for name, (s, e) in spans}
         return {name: WeightTarget(self._dense[s:e], f"{name}.weight") for name, (s, e) in spans}
 
+    def unpack(self) -> torch.Tensor:
+        """The packed weight as a new dense [out, in] tensor (packed layouts only)."""
+        assert self.layout is not None and self._packed is not None
+        return self.layout.unpack(self._packed, self.out_features)
+
     def write_rows(self, start: int, end: int, values: torch.Tensor) -> None:
         """Set rows [start, end) of the weight. Packed: written into a dense copy that ``flush`` (or
         the next forward, or a write to other projections) packs again."""
@@ -302,18 +306,22 @@ class FusedLinear:
         if self._edits is not None:
             self._edits.close(self)
 
-    def _project(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [N, in] -> x @ W.T (+ b): [N, out_features], without adapters."""
-        if self._packed is not None:
+    def _project(
+        self, x: torch.Tensor, out: torch.Tensor | None = None, accumulate: bool = False
+    ) -> torch.Tensor:
+        """x: [N, in] -> x @ W.T (+ b): [N, out_features], without adapters; packed only: into
+        ``out`` when given, added to it with ``accumulate``."""
+        if self.layout is not None and self._packed is not None:
             if self._edits is not None and self._edits.is_open(self):
                 self.flush()  # never read a packed weight older than its writes
-            return onednn.linear(x, self._packed, self.bias)
+            return self.layout.linear(x, self._packed, self.out_features, self.bias, out, accumulate)
         return F.linear(x, self._dense, self.bias)
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [N, in] -> [N, out_features]. A dense weight writes into ``out`` when given (a reused
-        buffer); a packed one returns a new tensor (oneDNN's op has no ``out=``)."""
-        if out is None or self._dense is None:
+        """x: [N, in] -> [N, out_features], into ``out`` when given (a reused buffer)."""
+        if self._dense is None:
+            y = self._project(x, out)
+        elif out is None:
             y = self._project(x)
         elif self.bias is None:
             y = torch.mm(x, self._dense.t(), out=out)
@@ -325,7 +333,7 @@ class FusedLinear:
     def add_to(self, x: torch.Tensor, residual: torch.Tensor) -> None:
         """``residual += x @ W.T (+ b)`` plus the rows' adapters, in place."""
         if self._dense is None:
-            residual.add_(self._project(x))
+            self._project(x, residual, accumulate=True)
         else:
             residual.addmm_(x, self._dense.t())
             if self.bias is not None:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
+from server.engine import gemv_cpu
 from server.engine.lora_linear import Kernel, LoraBatchContext
 from server.engine.native import onednn
 from server.engine.native.config import NativeConfig
@@ -29,6 +30,7 @@ from server.engine.native.layers import (
     rope_signed_sin,
     rotate_in_place,
 )
+from server.engine.native.layouts import BlockedLayout, OneDnnLayout, PackedLayout
 
 # one entry per projection, in ``LlamaModel.projections()`` order; None: no adapter in the step
 StepLora = tuple[tuple[LoraPart | None, ...] | None, ...] | None
@@ -96,13 +98,13 @@ class LlamaModel:
         device: torch.device,
         ctx: LoraBatchContext,
         kernel: Kernel,
-        packed_weights: bool = False,
+        layout: PackedLayout | None = None,
     ) -> None:
-        """``packed_weights``: keep the projections in oneDNN's packed layout and run them and the
-        LM head through oneDNN (CPU, float32; see ``onednn.py``)."""
+        """``layout``: keep the projections in this packed layout (CPU, float32; ``layouts.py``)
+        and run them and the LM head through its kernel; None: dense matrices."""
         self.config = config
         self.ctx = ctx
-        self.packed_weights = packed_weights
+        self.layout = layout
         c = config
 
         def get(name: str, copy: bool = True) -> torch.Tensor:
@@ -117,7 +119,7 @@ class LlamaModel:
                 weight = get(f"{prefix}.{parts[0][0]}.weight")
             b = torch.cat([get(f"{prefix}.{p}.bias", copy=False) for p, _ in parts]) if bias else None
             names = [(f"{prefix}.{p}", n) for p, n in parts]
-            return FusedLinear(weight, b, names, ctx, kernel, packed=packed_weights, edits=edits)
+            return FusedLinear(weight, b, names, ctx, kernel, layout=layout, edits=edits)
 
         edits = PackedEdits(capacity=4)  # a layer's four projections: each packed once per merge pass
 
@@ -125,9 +127,15 @@ class LlamaModel:
         embed_name = (
             "model.embed_tokens.weight" if "model.embed_tokens.weight" in tensors else "lm_head.weight"
         )
-        self.embed = get(embed_name)  # [V, H]
+        self.embed: torch.Tensor | None = get(embed_name)  # [V, H]
         untied = not c.tie_word_embeddings and "lm_head.weight" in tensors and embed_name != "lm_head.weight"
-        self.lm_head = get("lm_head.weight") if untied else self.embed  # [V, H]
+        self.lm_head: torch.Tensor | None = get("lm_head.weight") if untied else self.embed  # [V, H]
+        # blocked: the head in the kernel's layout; a tied embedding is then read from it (one copy)
+        self.head_blocks: torch.Tensor | None = None
+        if isinstance(layout, BlockedLayout):
+            self.head_blocks = layout.pack(self.lm_head)  # [ceil(V / 16), H, 16]
+            self.lm_head = None
+            self.embed = self.embed if untied else None
         self.final_norm = get("model.norm.weight")
         self.layers: list[Layer] = []
         for i in range(c.num_layers):
@@ -161,16 +169,16 @@ class LlamaModel:
     ) -> torch.Tensor:
         """tokens, positions: [N] -> final hidden states [N, H] (before the LM head)."""
         c = self.config
-        x = F.embedding(tokens, self.embed)  # [N, H]: the residual stream, updated in place
+        x = self.embed_tokens(tokens)  # [N, H]: the residual stream, updated in place
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.dtype)  # [N, 1, D]
         signed_sin = rope_signed_sin(sin)
         n = tokens.shape[0]
         # The wide intermediates live in buffers made once per step and reused by every layer: on
         # the CPU a fresh multi-megabyte tensor per layer costs page faults comparable to a matmul.
         # (oneDNN's packed projections return new tensors: they have no out=.)
-        dense = not self.packed_weights
-        qkv_buffer = x.new_empty(n, c.q_size + 2 * c.kv_size) if dense else None
-        gate_up_buffer = x.new_empty(n, 2 * c.intermediate_size) if dense else None
+        buffered = not isinstance(self.layout, OneDnnLayout)
+        qkv_buffer = x.new_empty(n, c.q_size + 2 * c.kv_size) if buffered else None
+        gate_up_buffer = x.new_empty(n, 2 * c.intermediate_size) if buffered else None
         act = x.new_empty(n, c.intermediate_size)
         for index, layer in enumerate(self.layers):
             h = rms_norm(x, layer.input_norm, c.rms_norm_eps)
@@ -219,7 +227,7 @@ class LlamaModel:
         """
         c = self.config
         n = tokens.shape[0]
-        x = F.embedding(tokens, self.embed)  # [B, H]
+        x = self.embed_tokens(tokens)  # [B, H]
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.dtype)  # [B, 1, D]
         plan = AttentionPlan(write_blocks, write_offsets, True, block_table, attend)
         for index, layer in enumerate(self.layers):
@@ -301,9 +309,20 @@ class LlamaModel:
             first += count
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: [N] -> their embeddings [N, H] (from the packed head when tied and blocked)."""
+        if self.embed is None:
+            assert self.head_blocks is not None
+            return gemv_cpu.packed_rows(self.head_blocks, tokens)
+        return F.embedding(tokens, self.embed)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [N, H] -> [N, V]. With packed weights the head runs through oneDNN too, on its
-        dense matrix (shared with the embedding; 14 ms against MKL's 25 ms at 16 rows, measured)."""
-        if self.packed_weights:
+        """hidden: [N, H] -> [N, V]. Blocked: through the compiled kernel. oneDNN-packed: through
+        oneDNN too, on the head's dense matrix (shared with the embedding; 14 ms against MKL's
+        25 ms at 16 rows, measured)."""
+        if self.head_blocks is not None:
+            assert isinstance(self.layout, BlockedLayout)
+            return self.layout.linear(hidden, self.head_blocks, self.config.vocab_size, None)
+        if isinstance(self.layout, OneDnnLayout):
             return onednn.linear(hidden, self.lm_head)
         return F.linear(hidden, self.lm_head)

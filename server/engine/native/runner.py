@@ -10,12 +10,13 @@ from typing import Literal
 
 import torch
 
-from server.engine import sgmv_cpu
+from server.engine import gemv_cpu, sgmv_cpu
 from server.engine.lora_linear import Kernel, LoraBatchContext
 from server.engine.native import onednn
 from server.engine.native.config import NativeConfig
 from server.engine.native.graphed import CompileMode, GraphedDecode, StepRows, StepTensors, decode_kind
 from server.engine.native.kv_cache import PagedKVCache
+from server.engine.native.layouts import BlockedLayout, OneDnnLayout, PackedLayout
 from server.engine.native.model import AttentionPlan, Checkpoint, LlamaModel
 from server.engine.runner import (
     DecodeInput,
@@ -33,7 +34,7 @@ BLOCK_SIZE = 16
 DEFAULT_CPU_KV_BYTES = 384 << 20  # keeps the embedded model's server under ~1.6 GB RSS
 DEFAULT_GPU_KV_FRACTION = 0.9  # of the GPU memory free after the weights
 
-WeightLayout = Literal["auto", "packed", "dense"]
+WeightLayout = Literal["auto", "blocked", "packed", "dense"]
 
 
 class NativeLlamaRunner(ModelRunner):
@@ -64,9 +65,11 @@ class NativeLlamaRunner(ModelRunner):
         ``compile``: how decode steps run (``graphed.py``): ``auto`` captures CUDA graphs on CUDA
         and stays eager on the CPU, ``on`` also compiles on the CPU, ``off`` is always eager.
 
-        ``weight_layout``: ``packed`` keeps the projections in oneDNN's packed layout (``onednn.py``:
-        faster on the CPU, about the same memory), ``dense`` as plain matrices; ``auto`` packs for eager
-        float32 decoding on the CPU where oneDNN is available."""
+        ``weight_layout`` (``layouts.py``): ``blocked`` keeps the projections and the LM head in the
+        compiled linear kernel's blocks (``gemv_cpu.py``: streams the weights near the memory
+        bandwidth at decode sizes), ``packed`` in oneDNN's packed layout (``onednn.py``), ``dense``
+        as plain matrices; on the CPU, in float32, with eager decoding, ``auto`` picks blocked
+        where the kernel builds, else packed where oneDNN is available, else dense."""
         self.device = torch.device(device)
         self.dtype = dtype
         self.ctx = LoraBatchContext()
@@ -75,11 +78,11 @@ class NativeLlamaRunner(ModelRunner):
         # its compiled form reads any row order at the same cost, so decode rows stay as they are
         self._sort_rows = kernel == "grouped" and not sgmv_cpu.used_for(kernel, self.device, dtype)
         self.decode_kind = decode_kind(compile, self.device)
-        self.weight_layout = self._weight_layout(weight_layout)
+        self.weight_layout, layout = self._weight_layout(weight_layout)
         config = NativeConfig.from_dict(json.loads((Path(model_dir) / "config.json").read_text()))
         self.model = LlamaModel(
             config, Checkpoint(Path(model_dir)), dtype, self.device, self.ctx, kernel,
-            packed_weights=self.weight_layout == "packed",
+            layout=layout,
         )  # fmt: skip
         self.config = config
         self.vocab_size = config.vocab_size
@@ -114,19 +117,31 @@ class NativeLlamaRunner(ModelRunner):
             self._lora_targets.update(projection.banks)
             self._weight_targets.update(projection.weight_targets())
 
-    def _weight_layout(self, wanted: WeightLayout) -> Literal["packed", "dense"]:
-        """Packed needs the CPU, float32, eager decoding (compiled graphs and CUDA graphs read
-        dense matrices) and oneDNN's ops in this PyTorch build."""
+    def _weight_layout(self, wanted: WeightLayout) -> tuple[str, PackedLayout | None]:
+        """The layout's name and its packing (None: dense). Packed layouts need the CPU, float32,
+        eager decoding (compiled graphs and CUDA graphs read dense matrices), and their kernel:
+        the compiled one built here (blocked; not with ``--cpu-kernel off``), oneDNN's ops in this
+        PyTorch build (packed)."""
         fits = self.device.type == "cpu" and self.dtype == torch.float32 and self.decode_kind == "eager"
-        if wanted == "dense" or (wanted == "auto" and not (fits and onednn.available())):
-            return "dense"
+        if wanted == "dense" or (wanted == "auto" and not fits):
+            return "dense", None
         if not fits:
             raise ValueError(
-                "packed weights need --device cpu, float32 and eager decoding (--compile off/auto)"
+                f"{wanted} weights need --device cpu, float32 and eager decoding (--compile off/auto)"
             )
-        if not onednn.available():
+        kernel = gemv_cpu.load() if wanted in ("auto", "blocked") else None
+        if kernel is not None:
+            return "blocked", BlockedLayout(kernel)
+        if wanted == "blocked":
+            raise ValueError(
+                "blocked weights need the compiled linear kernel, which cannot be built here (a C "
+                "compiler, AVX2/FMA, --cpu-kernel auto): use --weight-layout packed or dense"
+            )
+        if onednn.available():
+            return "packed", OneDnnLayout()
+        if wanted == "packed":
             raise ValueError("packed weights need oneDNN's linear ops, which this PyTorch build lacks")
-        return "packed"
+        return "dense", None
 
     def _default_tokens(self, budget: int | None, per_token: int, block_size: int) -> int:
         if budget is None:
