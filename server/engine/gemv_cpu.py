@@ -10,8 +10,16 @@ Built, loaded and checked like the grouped LoRA kernel (``sgmv_cpu.py``, whose c
 check it reuses as they are): compiled on first use with the system C compiler (AVX2, FMA,
 OpenMP), loaded with ctypes, checked once against ``F.linear`` on ragged shapes; ``load`` returns
 None where any of that fails, and the native runner keeps oneDNN's layout (``--weight-layout
-packed`` or ``dense`` choose those anyway). The call releases the GIL and runs on PyTorch's
-OpenMP threads.
+packed`` or ``dense`` choose those anyway). The call releases the GIL.
+
+Threads: up to ``ONE_THREAD_ROWS`` rows the kernel runs on the calling thread alone, above on
+PyTorch's OpenMP threads. At those sizes it is bound by memory, and one core of the 2-core CI
+machine reads at the machine's bandwidth (a streaming read: 30 GB/s with 1 thread, 31 with 2), so
+a second thread adds little, while a parallel region waits at its barrier for its slowest thread:
+on a loaded machine that wait is a scheduler time slice per call (one pass over the embedded
+model's layers at batch 1 under load: 127 ms median with 1 thread against 490 ms with 2,
+interleaved), and the other core stays free for the server's event loop. (A many-core server,
+where one core reads far below the socket's bandwidth, would want this measured.)
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from server.engine import sgmv_cpu
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("gemv_cpu.c")
+ONE_THREAD_ROWS = 4  # up to this many rows the kernel runs on the calling thread (see above)
 BLOCK = sgmv_cpu.BLOCK  # output columns per packed block (BLOCK in gemv_cpu.c)
 _build_lock = threading.Lock()
 
@@ -95,7 +104,7 @@ class CompiledGemv:
         self._fn(
             x.data_ptr(), x.stride(0), n, packed.data_ptr(), k, out_features,
             None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0), int(accumulate),
-            torch.get_num_threads(),
+            1 if n <= ONE_THREAD_ROWS else torch.get_num_threads(),
         )  # fmt: skip
         return out
 

@@ -374,3 +374,34 @@ def test_more_requests_than_the_kv_memory_holds_all_complete_correctly(llama, to
         peak = max(peak, small.kv.used_tokens)
     assert [outcome(events).tokens for events in pending] == solo
     assert engine.stats.preemptions >= 1 and peak <= 96 and small.kv.free_blocks == 6
+
+
+def test_small_blocked_decode_steps_run_on_one_thread_and_restore_the_count(
+    tmp_path_factory, monkeypatch
+) -> None:
+    """Up to ``gemv_cpu.ONE_THREAD_ROWS`` rows a blocked step runs on the engine thread alone;
+    larger ones, and other layouts, keep PyTorch's thread count; the count is restored after."""
+    _, path = _saved(tmp_path_factory, "llama")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for layout, rows, expected in (
+            ("blocked", 1, 1),
+            ("blocked", 4, 1),
+            ("blocked", 5, 2),
+            ("packed", 1, 2),
+        ):
+            runner = _runner(path, weight_layout=layout)
+            runner.prefill([PrefillInput(i, PROMPTS[0], 0, BASE_SLOT) for i in range(rows)])
+            seen: list[int] = []
+            forward = runner.model.forward
+            monkeypatch.setattr(
+                runner.model,
+                "forward",
+                lambda *a, seen=seen, forward=forward: seen.append(torch.get_num_threads()) or forward(*a),
+            )
+            runner.decode([DecodeInput(i, 5, BASE_SLOT) for i in range(rows)])
+            assert seen == [expected], (layout, rows)
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
