@@ -71,8 +71,15 @@ def _timed(fn) -> float:
 
 
 def linear_pass_seconds(weights: list[torch.Tensor], layout: str, reps: int = 20) -> float:
-    """Median time of one batch-1 pass over every weight in this layout."""
-    kernel = gemv_cpu.load() if layout == "blocked" else None
+    """Median time of one batch-1 pass over every weight in this layout (``blocked-2t``: the
+    compiled kernel on PyTorch's threads instead of the calling thread alone)."""
+    kernel = gemv_cpu.load() if layout.startswith("blocked") else None
+    if layout == "blocked-2t":
+        one_thread_rows, gemv_cpu.ONE_THREAD_ROWS = gemv_cpu.ONE_THREAD_ROWS, 0
+        try:
+            return linear_pass_seconds(weights, "blocked", reps)
+        finally:
+            gemv_cpu.ONE_THREAD_ROWS = one_thread_rows
     if layout == "blocked":
         assert kernel is not None
         packed = [gemv_cpu.pack(w) for w in weights]
@@ -144,7 +151,7 @@ def main() -> None:
     weights = linear_weights(model_dir, dtype, device)
     step_bytes = sum(w.numel() * w.element_size() for w in weights)
     bandwidth: dict[int, list[float]] = {1: [], 2: []}
-    passes: dict[str, list[float]] = {name: [] for name in ("dense", *layouts)}
+    passes: dict[str, list[float]] = {name: [] for name in ("dense", "blocked-2t", *layouts)}
     timed: dict[tuple[str, str], list[float]] = {}  # (layout, what) -> seconds per round
     servers: dict[str, ServerProcess] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -252,7 +259,8 @@ def render(args, layouts, bandwidth, step_bytes, passes, timed) -> str:
     names = {
         "dense": "dense `x @ W.T` (MKL)",
         "packed": "oneDNN packed",
-        "blocked": "compiled kernel, blocked",
+        "blocked": "compiled kernel, blocked (1 thread: the default at batch 1)",
+        "blocked-2t": "compiled kernel, blocked, 2 threads",
     }
     for name, times in passes.items():
         best = min(times)
