@@ -45,8 +45,14 @@ _build_lock = threading.Lock()
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
     """weight: [out, in] float32 -> [ceil(out / BLOCK), in, BLOCK], zero-padded (W.T in blocks of
-    BLOCK output columns, each contiguous)."""
-    return sgmv_cpu.pack_blocks(weight.t()[None])[0]
+    BLOCK output columns, each contiguous). One copy, no temporaries: the LM head is large."""
+    out_features, in_features = weight.shape
+    full, rest = divmod(out_features, BLOCK)
+    packed = weight.new_zeros(full + (rest > 0), in_features, BLOCK)
+    packed[:full].copy_(weight[: full * BLOCK].reshape(full, BLOCK, in_features).transpose(1, 2))
+    if rest:
+        packed[full, :, :rest].copy_(weight[full * BLOCK :].t())
+    return packed
 
 
 def unpack(packed: torch.Tensor, out_features: int) -> torch.Tensor:
