@@ -84,7 +84,9 @@ def serve(
     ] = None,
     weight_layout: Annotated[
         str | None,
-        typer.Option(help="Native runner: auto (oneDNN-packed weights on the CPU), packed or dense."),
+        typer.Option(
+            help="Native runner: auto (compiled kernel's blocks on the CPU), blocked, packed or dense."
+        ),
     ] = None,
     quantization: Annotated[
         str | None,

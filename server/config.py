@@ -69,10 +69,11 @@ class Settings(BaseSettings):
         description="Native runner: graph-captured decode. auto: CUDA graphs on CUDA, eager on the CPU "
         "(compiling measured no faster there); on: also torch.compile on the CPU (many minutes at start-up); off: eager.",
     )
-    weight_layout: Literal["auto", "packed", "dense"] = Field(
+    weight_layout: Literal["auto", "blocked", "packed", "dense"] = Field(
         "auto",
-        description="Native runner: the projections' layout. packed: oneDNN's packed layout (CPU, float32, "
-        "eager decode; faster, about the same memory); dense: plain matrices; auto: packed where it applies.",
+        description="Native runner: the weights' layout (CPU, float32, eager decode). blocked: the compiled "
+        "linear kernel's blocks (streams the weights near memory bandwidth); packed: oneDNN's packed layout; "
+        "dense: plain matrices; auto: blocked where the kernel builds, else packed where it applies.",
     )
     adapter_source: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

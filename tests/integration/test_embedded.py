@@ -50,8 +50,8 @@ def served(embedded_model, tokenizer, embedded_dir, tmp_path_factory, request):
     )
     info = client.get("/info").json()
     assert info["runner"] == request.param
-    # the native runner serves the CPU from oneDNN-packed weights; every check below runs on them
-    assert info["decode"]["weights"] == ("packed" if request.param == "native" else "dense")
+    # the native runner serves the CPU from the compiled kernel's blocks; every check below runs on them
+    assert info["decode"]["weights"] == ("blocked" if request.param == "native" else "dense")
     yield client, peft_models
     client.__exit__(None, None, None)
 

@@ -37,7 +37,7 @@ def _serve(quantization: str, embedded_dir, adapter_specs, tmp_path) -> TestClie
         quantization=quantization, device="cpu", cache_dir=embedded_dir.parent, data_dir=tmp_path / quantization,
         adapter=adapter_specs, kv_cache_tokens=2048,
     )  # fmt: skip
-    client = TestClient(create_app(settings))
+    client = TestClient(create_app(settings), base_url="http://localhost")  # a loopback Host
     client.__enter__()
     deadline = time.monotonic() + 120
     while client.get("/health").status_code != 200:

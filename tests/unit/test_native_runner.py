@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 from adapters.peft_format import load_adapter_dir
+from server.engine import gemv_cpu
 from server.engine.engine import Engine, EngineConfig
 from server.engine.hf_runner import HFRunner
 from server.engine.lora_linear import BASE_SLOT
@@ -60,7 +61,7 @@ def arch(request, tmp_path_factory):
     return (request.param, *_saved(tmp_path_factory, request.param))
 
 
-@pytest.fixture(params=["packed", "dense"])
+@pytest.fixture(params=["blocked", "packed", "dense"])
 def layout(request) -> str:
     """The projections' layout (``--weight-layout``): the equality tests run on both."""
     return request.param
@@ -124,16 +125,27 @@ def test_bfloat16_logits_track_hugging_face_in_bfloat16(arch) -> None:
             assert native_error <= 2 * hf_error + 1e-2, (i, step, float(native_error), float(hf_error))
 
 
-def test_weight_layout_is_packed_for_eager_float32_on_the_cpu_and_refused_elsewhere(tmp_path_factory) -> None:
+def test_weight_layout_is_blocked_for_eager_float32_on_the_cpu_and_refused_elsewhere(
+    tmp_path_factory, monkeypatch
+) -> None:
     _, path = _saved(tmp_path_factory, "llama")
     assert onednn.available()  # the CPU build of PyTorch that `make setup` installs has oneDNN
+    assert gemv_cpu.load() is not None  # and CI's machine has a C compiler and AVX2/FMA
     runner = _runner(path)
-    assert runner.weight_layout == "packed"
+    assert runner.weight_layout == "blocked"
+    assert runner.model.lm_head is None and runner.model.embed is not None  # untied: both matrices
+    tied = _runner(_saved(tmp_path_factory, "llama3-rope-tied")[1]).model
+    assert tied.lm_head is None and tied.embed is None  # tied: the packed head only, read as the embedding
     qkv = runner.model.layers[0].qkv
     assert qkv.weight_targets()["model.layers.0.self_attn.k_proj"].live is None  # no dense copy kept
     assert _runner(path, dtype=torch.bfloat16).weight_layout == "dense"
-    with pytest.raises(ValueError, match="float32"):
-        _runner(path, dtype=torch.bfloat16, weight_layout="packed")
+    for layout in ("blocked", "packed"):
+        with pytest.raises(ValueError, match="float32"):
+            _runner(path, dtype=torch.bfloat16, weight_layout=layout)
+    monkeypatch.setattr(gemv_cpu, "load", lambda: None)  # no C compiler or no AVX2/FMA here
+    assert _runner(path).weight_layout == "packed"
+    with pytest.raises(ValueError, match="compiled linear kernel"):
+        _runner(path, weight_layout="blocked")
     # a target's rows read back exactly what was written, and only those rows change
     target = qkv.weight_targets()["model.layers.0.self_attn.k_proj"]
     before = qkv.weight.clone()
@@ -147,15 +159,21 @@ def test_weight_layout_is_packed_for_eager_float32_on_the_cpu_and_refused_elsewh
     )
 
 
+@pytest.mark.parametrize("layout", ["blocked", "packed"])
 def test_packed_merge_copies_unpack_only_rows_read_before_they_are_written(
-    tmp_path_factory, monkeypatch
+    tmp_path_factory, monkeypatch, layout
 ) -> None:
     """A swap rewrites every part of a projection before reading it: no unpack, one pack. Rows
     left unwritten come back from the packed weight when the copy is packed again."""
     _, path = _saved(tmp_path_factory, "llama")
-    qkv = _runner(path).model.layers[1].qkv
-    unpack, unpacks = onednn.unpack, []
-    monkeypatch.setattr(onednn, "unpack", lambda w: unpacks.append(w) or unpack(w))
+    qkv = _runner(path, weight_layout=layout).model.layers[1].qkv
+    unpacks: list[torch.Tensor] = []
+    original = qkv.layout.unpack
+    monkeypatch.setattr(qkv.layout, "unpack", lambda w, n: unpacks.append(w) or original(w, n))
+
+    def unpack(packed: torch.Tensor) -> torch.Tensor:
+        return original(packed, qkv.out_features)
+
     targets = qkv.weight_targets()
     q, k, v = targets
     written = {name: torch.randn(t.shape) for name, t in targets.items()}
@@ -376,3 +394,34 @@ def test_more_requests_than_the_kv_memory_holds_all_complete_correctly(llama, to
         peak = max(peak, small.kv.used_tokens)
     assert [outcome(events).tokens for events in pending] == solo
     assert engine.stats.preemptions >= 1 and peak <= 96 and small.kv.free_blocks == 6
+
+
+def test_small_blocked_decode_steps_run_on_one_thread_and_restore_the_count(
+    tmp_path_factory, monkeypatch
+) -> None:
+    """Up to ``gemv_cpu.ONE_THREAD_ROWS`` rows a blocked step runs on the engine thread alone;
+    larger ones, and other layouts, keep PyTorch's thread count; the count is restored after."""
+    _, path = _saved(tmp_path_factory, "llama")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for layout, rows, expected in (
+            ("blocked", 1, 1),
+            ("blocked", 4, 1),
+            ("blocked", 5, 2),
+            ("packed", 1, 2),
+        ):
+            runner = _runner(path, weight_layout=layout)
+            runner.prefill([PrefillInput(i, PROMPTS[0], 0, BASE_SLOT) for i in range(rows)])
+            seen: list[int] = []
+            forward = runner.model.forward
+            monkeypatch.setattr(
+                runner.model,
+                "forward",
+                lambda *a, seen=seen, forward=forward: seen.append(torch.get_num_threads()) or forward(*a),
+            )
+            runner.decode([DecodeInput(i, 5, BASE_SLOT) for i in range(rows)])
+            assert seen == [expected], (layout, rows)
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

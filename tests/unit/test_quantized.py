@@ -140,6 +140,9 @@ def test_adapters_on_a_quantized_base_equal_the_dequantized_dense_reference(
     model, path = saved
     runner = NativeLlamaRunner(path, quantization=kind, kv_cache_tokens=1024)
     assert runner.weight_layout == "quantized" and not runner.can_merge
+    # the float32 layouts (blocked, oneDNN) never apply: the int8 head, the quantized projections
+    assert runner.model.layout is None and runner.model.head_blocks is None
+    assert all(p.layout is None and p._packed is None for p in runner.model.projections())
     ref = _dequantized_reference(model, runner)
     slots = AdapterSlots(runner.lora_targets, 4, runner.slots_changed)
     adapters = {}
@@ -205,6 +208,8 @@ def test_quantization_needs_the_cpu_float32_eager_path(saved) -> None:
         NativeLlamaRunner(path, quantization="int8", dtype=torch.bfloat16, kv_cache_tokens=256)
     with pytest.raises(ValueError, match="packed"):
         NativeLlamaRunner(path, quantization="int4", weight_layout="packed", kv_cache_tokens=256)
+    with pytest.raises(ValueError, match="--weight-layout blocked keeps float32 weights"):
+        NativeLlamaRunner(path, quantization="int8", weight_layout="blocked", kv_cache_tokens=256)
     with pytest.raises(ValueError, match="gguf needs a GGUF file"):
         NativeLlamaRunner(path, quantization="gguf", kv_cache_tokens=256)
 

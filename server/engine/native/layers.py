@@ -11,9 +11,9 @@ A fused projection computes several PEFT modules' outputs with one matrix:
 so an adapter that targets q and v only leaves k untouched, and each part is merged into its
 own rows of the fused weight (``weight_targets``).
 
-On the CPU (float32) the fused weight is kept only in oneDNN's packed layout (``onednn.py``),
-which streams faster than a dense ``x @ W.T``; its merge targets read and write it through
-``PackedRows``.
+On the CPU (float32) the fused weight is kept only in a packed layout (``layouts.py``: the
+compiled kernel's blocks, or oneDNN's), which streams faster than a dense ``x @ W.T``; its merge
+targets read and write it through ``PackedRows``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from server.engine.lora_linear import GroupedLora, Kernel, LoraBatchContext, LoraSlotBank
-from server.engine.native import onednn, quantized
+from server.engine.native import quantized
+from server.engine.native.layouts import PackedLayout
 from server.engine.native.quantized import Quantization, QuantizedWeight
 from server.engine.runner import WeightTarget
 
@@ -192,8 +193,7 @@ class PackedEdits:
         """Rows [start, end) of the projection's weight as it is with the writes so far."""
         entry = self._open.get(linear)
         if entry is None:
-            assert linear._packed is not None
-            return onednn.unpack(linear._packed)[start:end]
+            return linear.unpack()[start:end]
         if not entry.filled and not _covers(entry.written, start, end):
             self._fill(linear, entry)
         return entry.dense[start:end]
@@ -217,13 +217,12 @@ class PackedEdits:
             return
         if not entry.filled:
             self._fill(linear, entry)
-        linear._packed = onednn.pack(entry.dense)
+        linear._packed = linear.layout.pack(entry.dense)
 
     @staticmethod
     def _fill(linear: FusedLinear, entry: _OpenWeight) -> None:
         """Unpack the weight under the rows written so far (they keep their new values)."""
-        assert linear._packed is not None
-        current = onednn.unpack(linear._packed)
+        current = linear.unpack()
         for s, e in entry.written:
             current[s:e] = entry.dense[s:e]
         entry.dense, entry.written, entry.filled = current, [], True
@@ -232,7 +231,7 @@ class PackedEdits:
 class FusedLinear:
     """``y = x @ W.T (+ b)`` for parts fused along the output, each part with its own adapter slots.
 
-    ``packed``: keep W only in oneDNN's packed layout (CPU float32; see ``onednn.py``), else dense;
+    ``layout``: keep W only in this packed layout (CPU float32; see ``layouts.py``), else dense;
     ``edits`` (packed only): where merges stage their writes, shared by a model's projections.
     ``quantization`` (int8, int4): keep W only quantized (``quantized.py``; the float matrix is
     not kept); a ``QuantizedWeight`` (GGUF blocks) is kept as given. Quantized weights are
@@ -246,7 +245,7 @@ class FusedLinear:
         parts: list[tuple[str, int]],  # (PEFT module name, output size) in output order
         ctx: LoraBatchContext,
         kernel: Kernel,
-        packed: bool = False,
+        layout: PackedLayout | None = None,
         edits: PackedEdits | None = None,
         quantization: Quantization = "none",
     ) -> None:
@@ -255,15 +254,16 @@ class FusedLinear:
             self._quant = weight
         elif quantization != "none":
             self._quant = quantized.quantize(weight, quantization)
-        if self._quant is not None:
-            packed, self.dtype, self.device = False, torch.float32, torch.device("cpu")
+        if self._quant is not None:  # its own kernels: the float32 layouts do not apply
+            layout, self.dtype, self.device = None, torch.float32, torch.device("cpu")
             self._dense: torch.Tensor | None = None
         else:
             assert isinstance(weight, torch.Tensor)
-            self._dense = None if packed else weight
+            self._dense = None if layout else weight
             self.dtype, self.device = weight.dtype, weight.device
-        self._packed: torch.Tensor | None = onednn.pack(weight) if packed else None  # type: ignore[arg-type]
-        self._edits = (edits or PackedEdits(capacity=1)) if packed else None
+        self.layout = layout
+        self._packed: torch.Tensor | None = layout.pack(weight) if layout else None  # type: ignore[arg-type]
+        self._edits = (edits or PackedEdits(capacity=1)) if layout else None
         self.bias = bias
         self.ctx = ctx
         self.in_features = in_features = weight.shape[1]
@@ -307,6 +307,11 @@ class FusedLinear:
             return {name: PackedRows(self, s, e, f"{name}.weight") for name, (s, e) in spans}
         return {name: WeightTarget(self._dense[s:e], f"{name}.weight") for name, (s, e) in spans}
 
+    def unpack(self) -> torch.Tensor:
+        """The packed weight as a new dense [out, in] tensor (packed layouts only)."""
+        assert self.layout is not None and self._packed is not None
+        return self.layout.unpack(self._packed, self.out_features)
+
     def write_rows(self, start: int, end: int, values: torch.Tensor) -> None:
         """Set rows [start, end) of the weight. Packed: written into a dense copy that ``flush`` (or
         the next forward, or a write to other projections) packs again."""
@@ -325,25 +330,29 @@ class FusedLinear:
         if self._edits is not None:
             self._edits.close(self)
 
-    def _project(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [N, in] -> x @ W.T (+ b): [N, out_features], without adapters."""
+    def _project(
+        self, x: torch.Tensor, out: torch.Tensor | None = None, accumulate: bool = False
+    ) -> torch.Tensor:
+        """x: [N, in] -> x @ W.T (+ b): [N, out_features], without adapters; packed only: into
+        ``out`` when given, added to it with ``accumulate``."""
         if self._quant is not None:
             y = quantized.linear(x, self._quant)
             return y if self.bias is None else y.add_(self.bias)
-        if self._packed is not None:
+        if self.layout is not None and self._packed is not None:
             if self._edits is not None and self._edits.is_open(self):
                 self.flush()  # never read a packed weight older than its writes
-            return onednn.linear(x, self._packed, self.bias)
+            return self.layout.linear(x, self._packed, self.out_features, self.bias, out, accumulate)
         return F.linear(x, self._dense, self.bias)
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [N, in] -> [N, out_features]. A dense weight writes into ``out`` when given (a reused
-        buffer); a packed one returns a new tensor (oneDNN's op has no ``out=``)."""
+        """x: [N, in] -> [N, out_features], into ``out`` when given (a reused buffer)."""
         if self._quant is not None:
             y = quantized.linear(x, self._quant, out=out)
             if self.bias is not None:
                 y.add_(self.bias)
-        elif out is None or self._dense is None:
+        elif self._dense is None:
+            y = self._project(x, out)
+        elif out is None:
             y = self._project(x)
         elif self.bias is None:
             y = torch.mm(x, self._dense.t(), out=out)
@@ -359,7 +368,7 @@ class FusedLinear:
             if self.bias is not None:
                 residual.add_(self.bias)
         elif self._dense is None:
-            residual.add_(self._project(x))
+            self._project(x, residual, accumulate=True)
         else:
             residual.addmm_(x, self._dense.t())
             if self.bias is not None:
@@ -424,7 +433,7 @@ class FusedLinear:
 
 
 class PackedRows(WeightTarget):
-    """Rows [start, end) of a fused projection kept in oneDNN's packed layout, as a merge target:
+    """Rows [start, end) of a fused projection kept in a packed layout (``layouts.py``), as a merge target:
     ``read`` unpacks (exact), ``write`` packs again; there is no live dense tensor."""
 
     def __init__(self, linear: FusedLinear, start: int, end: int, checkpoint_key: str) -> None:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
+from server.engine import gemv_cpu
 from server.engine.lora_linear import Kernel, LoraBatchContext
 from server.engine.native import onednn, quantized
 from server.engine.native.config import NativeConfig
@@ -30,6 +31,7 @@ from server.engine.native.layers import (
     rope_signed_sin,
     rotate_in_place,
 )
+from server.engine.native.layouts import BlockedLayout, OneDnnLayout, PackedLayout
 from server.engine.native.quantized import Int8Weight, Quantization, QuantizedWeight
 
 # one entry per projection, in ``LlamaModel.projections()`` order; None: no adapter in the step
@@ -156,19 +158,22 @@ class LlamaModel:
         device: torch.device,
         ctx: LoraBatchContext,
         kernel: Kernel,
-        packed_weights: bool = False,
+        layout: PackedLayout | None = None,
         quantization: Quantization = "none",
         blocks: Mapping[str, QuantizedWeight] | None = None,
     ) -> None:
-        """``packed_weights``: keep the projections in oneDNN's packed layout and run them and the
-        LM head through oneDNN (CPU, float32; see ``onednn.py``).
+        """``layout``: keep the projections in this packed layout (CPU, float32; ``layouts.py``)
+        and run them and the LM head through its kernel; None: dense matrices.
 
         ``quantization`` int8/int4: the projections are quantized as they are read (``quantized.py``)
         and the embedding (and LM head) kept as per-row int8; gguf: the projections are ``blocks``
-        (a GGUF file's, by checkpoint name) and the embedding stays float32."""
+        (a GGUF file's, by checkpoint name) and the embedding stays float32. Quantized projections
+        run their own kernels: the float32 layouts do not apply (``layout`` is ignored)."""
+        if quantization != "none":
+            layout = None
         self.config = config
         self.ctx = ctx
-        self.packed_weights = packed_weights
+        self.layout = layout
         c = config
 
         def get(name: str, copy: bool = True) -> torch.Tensor:
@@ -199,7 +204,7 @@ class LlamaModel:
                 weight = torch.cat([get(f"{prefix}.{p}.weight", copy=False) for p, _ in parts])
             else:
                 weight = get(f"{prefix}.{parts[0][0]}.weight")
-            return FusedLinear(weight, b, names, ctx, kernel, packed=packed_weights, edits=edits)
+            return FusedLinear(weight, b, names, ctx, kernel, layout=layout, edits=edits)
 
         edits = PackedEdits(capacity=4)  # a layer's four projections: each packed once per merge pass
 
@@ -212,6 +217,10 @@ class LlamaModel:
         # would be most of the memory); otherwise float32 [V, H]
         self.embed_q: Int8Weight | None = None
         self.head_q: Int8Weight | None = None
+        self.embed: torch.Tensor | None
+        self.lm_head: torch.Tensor | None
+        # blocked: the head in the kernel's layout; a tied embedding is then read from it (one copy)
+        self.head_blocks: torch.Tensor | None = None
         if quantization in ("int8", "int4"):
             self.embed_q = quantized.quantize(get(embed_name, copy=False), "int8")
             self.head_q = (
@@ -221,6 +230,10 @@ class LlamaModel:
         else:
             self.embed = get(embed_name)  # [V, H]
             self.lm_head = get("lm_head.weight") if untied else self.embed  # [V, H]
+            if isinstance(layout, BlockedLayout):
+                self.head_blocks = layout.pack(self.lm_head)  # [ceil(V / 16), H, 16]
+                self.lm_head = None
+                self.embed = self.embed if untied else None
         self.final_norm = get("model.norm.weight")
         self.layers: list[Layer] = []
         for i in range(c.num_layers):
@@ -261,9 +274,9 @@ class LlamaModel:
         # The wide intermediates live in buffers made once per step and reused by every layer: on
         # the CPU a fresh multi-megabyte tensor per layer costs page faults comparable to a matmul.
         # (oneDNN's packed projections return new tensors: they have no out=.)
-        dense = not self.packed_weights
-        qkv_buffer = x.new_empty(n, c.q_size + 2 * c.kv_size) if dense else None
-        gate_up_buffer = x.new_empty(n, 2 * c.intermediate_size) if dense else None
+        buffered = not isinstance(self.layout, OneDnnLayout)
+        qkv_buffer = x.new_empty(n, c.q_size + 2 * c.kv_size) if buffered else None
+        gate_up_buffer = x.new_empty(n, 2 * c.intermediate_size) if buffered else None
         act = x.new_empty(n, c.intermediate_size)
         for index, layer in enumerate(self.layers):
             h = rms_norm(x, layer.input_norm, c.rms_norm_eps)
@@ -312,7 +325,7 @@ class LlamaModel:
         """
         c = self.config
         n = tokens.shape[0]
-        x = F.embedding(tokens, self.embed)  # [B, H]
+        x = self.embed_tokens(tokens)  # [B, H]
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.dtype)  # [B, 1, D]
         plan = AttentionPlan(write_blocks, write_offsets, True, block_table, attend)
         for index, layer in enumerate(self.layers):
@@ -395,17 +408,25 @@ class LlamaModel:
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: [N] -> [N, H] float (int8 embedding: the rows dequantized)."""
-        if self.embed_q is None:
-            return F.embedding(tokens, self.embed)
-        q = self.embed_q
-        return q.q[tokens, : q.in_features].float() * q.scale[tokens]  # [N, H] * [N, 1]
+        """tokens: [N] -> [N, H] float (int8 embedding: the rows dequantized; tied and blocked:
+        read from the packed head)."""
+        if self.embed_q is not None:
+            q = self.embed_q
+            return q.q[tokens, : q.in_features].float() * q.scale[tokens]  # [N, H] * [N, 1]
+        if self.embed is None:
+            assert self.head_blocks is not None
+            return gemv_cpu.packed_rows(self.head_blocks, tokens)
+        return F.embedding(tokens, self.embed)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [N, H] -> [N, V]. With packed weights the head runs through oneDNN too, on its
+        """hidden: [N, H] -> [N, V]. int8/int4: the int8 head through the quantized kernel.
+        Blocked: through the compiled kernel. oneDNN-packed: through oneDNN too, on the head's
         dense matrix (shared with the embedding; 14 ms against MKL's 25 ms at 16 rows, measured)."""
         if self.head_q is not None:
             return quantized.linear(hidden, self.head_q)
-        if self.packed_weights:
+        if self.head_blocks is not None:
+            assert isinstance(self.layout, BlockedLayout)
+            return self.layout.linear(hidden, self.head_blocks, self.config.vocab_size, None)
+        if isinstance(self.layout, OneDnnLayout):
             return onednn.linear(hidden, self.lm_head)
         return F.linear(hidden, self.lm_head)

@@ -6,18 +6,19 @@ import contextlib
 import ctypes
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from server.engine import sgmv_cpu
+from server.engine import gemv_cpu, sgmv_cpu
 from server.engine.lora_linear import Kernel, LoraBatchContext
 from server.engine.native import onednn
 from server.engine.native.config import NativeConfig
 from server.engine.native.graphed import CompileMode, GraphedDecode, StepRows, StepTensors, decode_kind
 from server.engine.native.kv_cache import PagedKVCache
+from server.engine.native.layouts import BlockedLayout, OneDnnLayout, PackedLayout
 from server.engine.native.model import AttentionPlan, Checkpoint, LlamaModel, ReadCheckpoint
 from server.engine.native.quantized import QUANTIZATIONS, Quantization
 from server.engine.runner import (
@@ -37,8 +38,8 @@ BLOCK_SIZE = 16
 DEFAULT_CPU_KV_BYTES = 384 << 20  # keeps the embedded model's server under ~1.6 GB RSS
 DEFAULT_GPU_KV_FRACTION = 0.9  # of the GPU memory free after the weights
 
-WeightLayout = Literal["auto", "packed", "dense"]
-ResolvedLayout = Literal["packed", "dense", "quantized"]
+WeightLayout = Literal["auto", "blocked", "packed", "dense"]
+ResolvedLayout = Literal["blocked", "packed", "dense", "quantized"]
 
 
 def _return_freed_memory() -> None:
@@ -79,13 +80,16 @@ class NativeLlamaRunner(ModelRunner):
         ``compile``: how decode steps run (``graphed.py``): ``auto`` captures CUDA graphs on CUDA
         and stays eager on the CPU, ``on`` also compiles on the CPU, ``off`` is always eager.
 
-        ``weight_layout``: ``packed`` keeps the projections in oneDNN's packed layout (``onednn.py``:
-        faster on the CPU, about the same memory), ``dense`` as plain matrices; ``auto`` packs for eager
-        float32 decoding on the CPU where oneDNN is available.
+        ``weight_layout`` (``layouts.py``): ``blocked`` keeps the projections and the LM head in the
+        compiled linear kernel's blocks (``gemv_cpu.py``: streams the weights near the memory
+        bandwidth at decode sizes), ``packed`` in oneDNN's packed layout (``onednn.py``), ``dense``
+        as plain matrices; on the CPU, in float32, with eager decoding, ``auto`` picks blocked
+        where the kernel builds, else packed where oneDNN is available, else dense.
 
         ``quantization`` (``quantized.py``): int8 / int4 quantize the projections at load time;
         gguf keeps ``gguf_file``'s blocks (``gguf_blocks.py``). Quantized weights need the CPU,
-        float32 and eager decoding; adapters on them run unmerged."""
+        float32 and eager decoding; adapters on them run unmerged. They run their own kernels:
+        ``blocked`` and ``packed`` (float32 layouts) are refused with them."""
         self.device = torch.device(device)
         self.dtype = dtype
         self.ctx = LoraBatchContext()
@@ -96,9 +100,12 @@ class NativeLlamaRunner(ModelRunner):
         self.decode_kind = decode_kind(compile, self.device)
         self.quantization = self._check_quantization(quantization, weight_layout)
         self.can_merge = quantization == "none"
-        self.weight_layout: ResolvedLayout = (
-            "quantized" if quantization != "none" else self._weight_layout(weight_layout)
-        )
+        self.weight_layout: ResolvedLayout
+        layout: PackedLayout | None = None
+        if quantization != "none":
+            self.weight_layout = "quantized"
+        else:
+            self.weight_layout, layout = self._weight_layout(weight_layout)
         config = NativeConfig.from_dict(json.loads((Path(model_dir) / "config.json").read_text()))
         blocks = None
         if quantization == "gguf":
@@ -112,7 +119,7 @@ class NativeLlamaRunner(ModelRunner):
         self.model = LlamaModel(
             config, (ReadCheckpoint if quantization != "none" else Checkpoint)(Path(model_dir)), dtype, self.device,
             self.ctx, kernel,
-            packed_weights=self.weight_layout == "packed", quantization=quantization, blocks=blocks,
+            layout=layout, quantization=quantization, blocks=blocks,
         )  # fmt: skip
         del blocks
         if quantization != "none":
@@ -162,25 +169,38 @@ class NativeLlamaRunner(ModelRunner):
                 f"--quantization {quantization} runs on the CPU kernels: it needs --device cpu, "
                 "--dtype float32 (or auto) and eager decoding (--compile off or auto)"
             )
-        if layout == "packed":
+        if layout in ("blocked", "packed"):
             raise ValueError(
-                f"--weight-layout packed keeps float32 weights: it cannot be used with --quantization {quantization}"
+                f"--weight-layout {layout} keeps float32 weights: it cannot be used with --quantization {quantization}"
             )
         return quantization
 
-    def _weight_layout(self, wanted: WeightLayout) -> Literal["packed", "dense"]:
-        """Packed needs the CPU, float32, eager decoding (compiled graphs and CUDA graphs read
-        dense matrices) and oneDNN's ops in this PyTorch build."""
+    def _weight_layout(
+        self, wanted: WeightLayout
+    ) -> tuple[Literal["blocked", "packed", "dense"], PackedLayout | None]:
+        """The layout's name and its packing (None: dense). Packed layouts need the CPU, float32,
+        eager decoding (compiled graphs and CUDA graphs read dense matrices), and their kernel:
+        the compiled one built here (blocked), oneDNN's ops in this PyTorch build (packed)."""
         fits = self.device.type == "cpu" and self.dtype == torch.float32 and self.decode_kind == "eager"
-        if wanted == "dense" or (wanted == "auto" and not (fits and onednn.available())):
-            return "dense"
+        if wanted == "dense" or (wanted == "auto" and not fits):
+            return "dense", None
         if not fits:
             raise ValueError(
-                "packed weights need --device cpu, float32 and eager decoding (--compile off/auto)"
+                f"{wanted} weights need --device cpu, float32 and eager decoding (--compile off/auto)"
             )
-        if not onednn.available():
+        kernel = gemv_cpu.load() if wanted in ("auto", "blocked") else None
+        if kernel is not None:
+            return "blocked", BlockedLayout(kernel)
+        if wanted == "blocked":
+            raise ValueError(
+                "blocked weights need the compiled linear kernel, which cannot be built here (a C "
+                "compiler, AVX2/FMA): use --weight-layout packed or dense"
+            )
+        if onednn.available():
+            return "packed", OneDnnLayout()
+        if wanted == "packed":
             raise ValueError("packed weights need oneDNN's linear ops, which this PyTorch build lacks")
-        return "packed"
+        return "dense", None
 
     def _default_tokens(self, budget: int | None, per_token: int, block_size: int) -> int:
         if budget is None:
@@ -255,6 +275,28 @@ class NativeLlamaRunner(ModelRunner):
         return output
 
     def decode(self, inputs: Sequence[DecodeInput]) -> torch.Tensor:
+        with self._threads_for(len(inputs)):
+            return self._decode_in_order(inputs)
+
+    @contextlib.contextmanager
+    def _threads_for(self, rows: int) -> Iterator[None]:
+        """Blocked weights, up to ``gemv_cpu.ONE_THREAD_ROWS`` rows: the whole step on the engine
+        thread alone. The weights' stream dominates it and one core reads at the bandwidth here
+        (``gemv_cpu.py``); the step's other ops are tiny at these sizes, and every parallel one
+        waits at its barrier for a descheduled thread when the machine is loaded (a batch-1 step
+        of the embedded model under load, interleaved: 66 ms median with 1 thread against 390 ms
+        with 2). The count is the calling thread's own (OpenMP), restored after the step."""
+        if self.weight_layout != "blocked" or rows > gemv_cpu.ONE_THREAD_ROWS:
+            yield
+            return
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+    def _decode_in_order(self, inputs: Sequence[DecodeInput]) -> torch.Tensor:
         order = self._slot_order(inputs)
         if order is None:
             return self._decode(inputs)
