@@ -9,10 +9,13 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import openai
 import torch
 import uvicorn
 from fastapi import FastAPI
@@ -20,6 +23,7 @@ from fastapi import FastAPI
 from server.app import BaseLoader, create_app
 from server.config import Settings
 from tests.api_helpers import loaded_base
+from tests.conftest import make_peft_adapter
 
 
 @dataclass
@@ -65,3 +69,25 @@ def start_live_server(
             server.should_exit = True
             raise RuntimeError(f"server on {url} did not become ready")
         time.sleep(0.05)
+
+
+@contextmanager
+def served_with_qv_adapter(
+    model: torch.nn.Module, tokenizer, workdir: Path, **settings
+) -> Iterator[LiveServer]:
+    """``model`` served with one q/v adapter registered as ``qv`` (rank 8, seed 3), the set-up the
+    OpenAI-protocol tests share; stopped on exit."""
+    make_peft_adapter(model, workdir / "qv", seed=3, b_scale=0.5, r=8, lora_alpha=16,
+                      target_modules=["q_proj", "v_proj"])  # fmt: skip
+    live = start_live_server(model, tokenizer, workdir, adapter=[f"qv={workdir / 'qv'}"], **settings)
+    try:
+        yield live
+    finally:
+        live.stop()
+
+
+@contextmanager
+def openai_client(live: LiveServer) -> Iterator[openai.OpenAI]:
+    """The official SDK pointed at ``live``'s /v1, with no retries (a failure shows at once)."""
+    with openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0) as client:
+        yield client

@@ -12,8 +12,7 @@ from langchain_core.messages import AIMessageChunk, HumanMessage, ToolMessage
 from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, ConfigDict, Field
 
-from tests.conftest import make_peft_adapter
-from tests.live_server import start_live_server
+from tests.live_server import served_with_qv_adapter
 
 BASE = "tiny-llama"
 
@@ -41,13 +40,8 @@ class Person(BaseModel):
 @pytest.fixture(scope="module")
 def server(tiny_base, tokenizer, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("agent-clients")
-    make_peft_adapter(tiny_base, workdir / "qv", seed=3, b_scale=0.5, r=8, lora_alpha=16,
-                      target_modules=["q_proj", "v_proj"])  # fmt: skip
-    live = start_live_server(
-        tiny_base, tokenizer, workdir, adapter=[f"qv={workdir / 'qv'}"], max_total_tokens=512
-    )
-    yield live
-    live.stop()
+    with served_with_qv_adapter(tiny_base, tokenizer, workdir, max_total_tokens=512) as live:
+        yield live
 
 
 def _chat(server, model: str) -> ChatOpenAI:

@@ -12,8 +12,7 @@ import openai
 import pydantic
 import pytest
 
-from tests.conftest import make_peft_adapter
-from tests.live_server import start_live_server
+from tests.live_server import openai_client, served_with_qv_adapter
 
 BASE = "tiny-llama"
 TOOL = {
@@ -37,18 +36,13 @@ class Answer(pydantic.BaseModel):
 @pytest.fixture(scope="module")
 def server(tiny_base, tokenizer, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("openai-responses")
-    make_peft_adapter(tiny_base, workdir / "qv", seed=3, b_scale=0.5, r=8, lora_alpha=16,
-                      target_modules=["q_proj", "v_proj"])  # fmt: skip
-    live = start_live_server(
-        tiny_base, tokenizer, workdir, adapter=[f"qv={workdir / 'qv'}"], max_total_tokens=512
-    )
-    yield live
-    live.stop()
+    with served_with_qv_adapter(tiny_base, tokenizer, workdir, max_total_tokens=512) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as c:
+    with openai_client(server) as c:
         yield c
 
 
