@@ -29,10 +29,13 @@ import shutil
 import stat
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
+
+Kernel = TypeVar("Kernel")
 
 AVX2_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 
@@ -151,3 +154,30 @@ def build(
         return None
     path = compile_library(name, source, cache_dir, label, flags)
     return None if path is None else load_library(path, label)
+
+
+def load_checked(
+    name: str,
+    source: Path,
+    cache_dir: Path,
+    label: str,
+    wrap: Callable[[ctypes.CDLL], Kernel],
+    agrees: Callable[[Kernel], bool],
+    flags: Sequence[str] = AVX2_FLAGS,
+) -> Kernel | None:
+    """``build``, wrap the library, check it against the caller's reference: the kernel, or None
+    (logged) where any step fails or disagrees, so the caller's PyTorch form serves and a model load
+    never fails because of a compiled kernel."""
+    try:
+        library = build(name, source, cache_dir, label, flags)
+        if library is None:
+            return None
+        kernel = wrap(library)
+        if not agrees(kernel):
+            log.warning("%s: disagrees with the reference on this machine; using PyTorch ops", label)
+            return None
+    except Exception:
+        log.exception("%s: could not be built or checked; using PyTorch ops", label)
+        return None
+    log.info("%s loaded", label)
+    return kernel

@@ -143,20 +143,10 @@ def _agrees_with_reference(kernel: CompiledGemv) -> bool:
 
 @functools.cache
 def _build(cache_dir: Path) -> CompiledGemv | None:
-    try:
-        return _build_and_check(cache_dir)
-    except Exception:  # whatever goes wrong here, PyTorch's ops serve: log it, never fail a load
-        log.exception("compiled linear kernel: could not be built or checked; using PyTorch ops")
-        return None
+    return _build_and_check(cache_dir)
 
 
 def _build_and_check(cache_dir: Path) -> CompiledGemv | None:
-    library = cpu_build.build("gemv_cpu", SOURCE, cache_dir, "compiled linear kernel")
-    if library is None:
-        return None
-    kernel = CompiledGemv(library)
-    if not _agrees_with_reference(kernel):
-        log.warning("compiled linear kernel: disagrees with the reference on this machine; using PyTorch ops")
-        return None
-    log.info("compiled linear kernel loaded")
-    return kernel
+    return cpu_build.load_checked(
+        "gemv_cpu", SOURCE, cache_dir, "compiled linear kernel", CompiledGemv, _agrees_with_reference
+    )

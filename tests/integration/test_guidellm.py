@@ -23,7 +23,6 @@ import pytest
 from bench.common import ServerProcess
 from tests.synthetic import make_random_peft_adapter
 
-pytest.importorskip("guidellm")
 pytestmark = pytest.mark.integration
 
 ADAPTER = "near-base"

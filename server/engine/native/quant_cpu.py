@@ -111,22 +111,12 @@ def load() -> CompiledQuant | None:
 
 @functools.cache
 def _build(cache_dir: Path) -> CompiledQuant | None:
-    try:
-        return _build_and_check(cache_dir)
-    except Exception:  # whatever goes wrong here, the PyTorch form serves: log it, never fail a load
-        log.exception("quantized kernel: could not be built or checked; using PyTorch ops")
-        return None
+    return _build_and_check(cache_dir)
 
 
 def _build_and_check(cache_dir: Path) -> CompiledQuant | None:
     from server.engine.native import quantized  # the reference check needs the quantizers
 
-    library = cpu_build.build("quant_cpu", SOURCE, cache_dir, "quantized kernel", FLAGS)
-    if library is None:
-        return None
-    kernel = CompiledQuant(library)
-    if not quantized.kernel_agrees(kernel):
-        log.warning("quantized kernel: disagrees with the reference on this machine; using PyTorch ops")
-        return None
-    log.info("quantized kernel loaded")
-    return kernel
+    return cpu_build.load_checked(
+        "quant_cpu", SOURCE, cache_dir, "quantized kernel", CompiledQuant, quantized.kernel_agrees, FLAGS
+    )
