@@ -60,24 +60,19 @@ class AttentionPlan:
     chunks: list[tuple[int, int, torch.Tensor]] | None = None  # prefill: (start, count, block ids)
 
 
-class Checkpoint(Mapping[str, torch.Tensor]):
-    """The tensors of a (possibly sharded) safetensors checkpoint, each read when accessed.
+def _checkpoint_files(model_dir: Path) -> list[Path]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"{model_dir} has no *.safetensors checkpoint (the native runner reads those)"
+        )
+    return files
 
-    Reading lazily keeps the peak memory of loading near the model's own size, instead of the
-    whole checkpoint twice (the raw tensors and their fused copies).
-    """
 
-    def __init__(self, model_dir: Path) -> None:
-        files = sorted(model_dir.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(
-                f"{model_dir} has no *.safetensors checkpoint (the native runner reads those)"
-            )
-        self._files = [safe_open(str(path), "pt") for path in files]
-        self._where = {name: f for f in self._files for name in f.keys()}  # noqa: SIM118 - no __iter__
+class _TensorIndex(Mapping[str, torch.Tensor]):
+    """A mapping whose keys are the tensor names in ``self._where`` (set by the subclass)."""
 
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self._where[name].get_tensor(name)
+    _where: dict[str, object]
 
     def __contains__(self, name: object) -> bool:
         return name in self._where
@@ -89,6 +84,22 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         return len(self._where)
 
 
+class Checkpoint(_TensorIndex):
+    """The tensors of a (possibly sharded) safetensors checkpoint, each read when accessed.
+
+    Reading lazily keeps the peak memory of loading near the model's own size, instead of the
+    whole checkpoint twice (the raw tensors and their fused copies).
+    """
+
+    def __init__(self, model_dir: Path) -> None:
+        files = _checkpoint_files(model_dir)
+        self._files = [safe_open(str(path), "pt") for path in files]
+        self._where = {name: f for f in self._files for name in f.keys()}  # noqa: SIM118 - no __iter__
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._where[name].get_tensor(name)
+
+
 _DTYPES = {  # safetensors dtype names
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -96,7 +107,7 @@ _DTYPES = {  # safetensors dtype names
 }  # fmt: skip
 
 
-class ReadCheckpoint(Mapping[str, torch.Tensor]):
+class ReadCheckpoint(_TensorIndex):
     """The tensors of a (possibly sharded) safetensors checkpoint, each read from the file into
     a fresh buffer when accessed (no memory map).
 
@@ -106,11 +117,7 @@ class ReadCheckpoint(Mapping[str, torch.Tensor]):
     """
 
     def __init__(self, model_dir: Path) -> None:
-        files = sorted(model_dir.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(
-                f"{model_dir} has no *.safetensors checkpoint (the native runner reads those)"
-            )
+        files = _checkpoint_files(model_dir)
         self._where: dict[str, tuple[Path, str, list[int], int, int]] = {}
         for path in files:
             with path.open("rb") as f:
@@ -136,15 +143,6 @@ class ReadCheckpoint(Mapping[str, torch.Tensor]):
             if f.readinto(buffer.numpy()) != nbytes:
                 raise ValueError(f"{path}: tensor {name} is truncated")
         return buffer.view(_DTYPES[dtype]).view(shape)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._where
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
-
-    def __len__(self) -> int:
-        return len(self._where)
 
 
 class LlamaModel:
