@@ -53,8 +53,10 @@ class Cluster:
     root: Path
     composed: dict  # the single server's answer to POST /adapters/compose with COMPOSE
 
-    def generate(self, prompt: str, adapter: str | None, n: int = NEW_TOKENS) -> httpx.Response:
-        params = {"adapter_id": adapter, "max_new_tokens": n, "details": True}
+    def generate(
+        self, prompt: str, adapter: str | None, n: int = NEW_TOKENS, ignore_eos: bool = False
+    ) -> httpx.Response:
+        params = {"adapter_id": adapter, "max_new_tokens": n, "details": True, "ignore_eos": ignore_eos}
         return self.client.post("/generate", json={"inputs": prompt, "parameters": params})
 
     def replicas(self) -> list[dict]:
@@ -337,7 +339,8 @@ def test_a_killed_replica_is_replaced_and_loses_no_adapter(cluster: Cluster) -> 
     before = cluster.client.get("/health").json()
     old_ids = {r["replica"] for r in before["replicas"]["detail"]}
     with cf.ThreadPoolExecutor(1) as pool:
-        running = pool.submit(cluster.generate, PROMPTS[0], "qv", 120)
+        # 400 tokens past any EOS: still running seconds after the replica's report shows it busy
+        running = pool.submit(cluster.generate, PROMPTS[0], "qv", 400, True)
         victim = None
         deadline = time.monotonic() + 20
         while victim is None and time.monotonic() < deadline:
@@ -351,9 +354,12 @@ def test_a_killed_replica_is_replaced_and_loses_no_adapter(cluster: Cluster) -> 
         )
         ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
         killed_at = time.monotonic()
+        statuses = set()  # /health watched while the retried request runs: degraded until replaced
+        while not running.done() and time.monotonic() - killed_at < 120:
+            statuses.add(cluster.client.get("/health").json()["status"])
+            time.sleep(0.3)
         answer = running.result(timeout=120)
     assert answer.status_code == 200, answer.text  # retried on the other replica
-    statuses = set()
     while True:
         health = cluster.client.get("/health")
         statuses.add(health.json()["status"])
