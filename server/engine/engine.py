@@ -44,7 +44,7 @@ from adapters.peft_format import BaseLinearShape
 from server.engine.detokenize import IncrementalDetokenizer, find_stop
 from server.engine.errors import RequestRejected
 from server.engine.grammar import GrammarCompiler
-from server.engine.lora_linear import BASE_SLOT, Kernel
+from server.engine.lora import BASE_SLOT
 from server.engine.lora_model import AdapterSlots
 from server.engine.merge import MergeManager
 from server.engine.outbox import Outbox
@@ -64,7 +64,7 @@ class EngineConfig:
     max_total_tokens: int = 4096
     max_loaded_adapters: int = 64
     max_prefill_tokens: int = 4096  # prompt tokens prefilled in one step (at least one request)
-    kernel: Kernel = "grouped"  # or "segmented", "gather_bmm" (lora_linear.py)
+    lora_backend: str = "auto"  # --lora-backend (server/engine/lora/choose.py); the HF runner's
     mode: Literal["unmerged", "merged", "auto"] = "auto"
     switch_wait: float = 0.5  # merged mode: seconds another adapter's request waits before a switch
     auto_min_uniform_steps: int = 8  # auto mode: fewest uniform steps before merging
@@ -141,7 +141,7 @@ class Engine:
         """An engine on a Hugging Face model through :class:`HFRunner`."""
         from server.engine.hf_runner import HFRunner
 
-        runner = HFRunner(model, kernel=config.kernel, own_weights=config.mode != "unmerged")
+        runner = HFRunner(model, lora_backend=config.lora_backend, own_weights=config.mode != "unmerged")
         generation_config = getattr(model, "generation_config", None)
         return cls(runner, tokenizer, config, _token_ids(getattr(generation_config, "eos_token_id", None)))
 

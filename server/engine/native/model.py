@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from server.engine import gemv_cpu
-from server.engine.lora_linear import Kernel, LoraBatchContext
+from server.engine.lora import LoraBackend, LoraBatchContext
 from server.engine.native import onednn, quantized
 from server.engine.native.config import NativeConfig
 from server.engine.native.kv_cache import PagedKVCache
@@ -155,7 +155,7 @@ class LlamaModel:
         dtype: torch.dtype,
         device: torch.device,
         ctx: LoraBatchContext,
-        kernel: Kernel,
+        lora_backend: LoraBackend,
         layout: PackedLayout | None = None,
         quantization: Quantization = "none",
         blocks: Mapping[str, QuantizedWeight] | None = None,
@@ -189,7 +189,7 @@ class LlamaModel:
                     raise ValueError(
                         f"{prefix}: {error} (a GGUF file mixing block types within one is not served)"
                     ) from error
-                return FusedLinear(weight, b, names, ctx, kernel)
+                return FusedLinear(weight, b, names, ctx, lora_backend)
             if quantization != "none":  # quantized part by part: one float matrix resident at a time
                 weight = quantized.cat_rows(
                     [
@@ -197,12 +197,12 @@ class LlamaModel:
                         for p, _ in parts
                     ]
                 )
-                return FusedLinear(weight, b, names, ctx, kernel)
+                return FusedLinear(weight, b, names, ctx, lora_backend)
             if len(parts) > 1:  # cat makes the one copy
                 weight = torch.cat([get(f"{prefix}.{p}.weight", copy=False) for p, _ in parts])
             else:
                 weight = get(f"{prefix}.{parts[0][0]}.weight")
-            return FusedLinear(weight, b, names, ctx, kernel, layout=layout, edits=edits)
+            return FusedLinear(weight, b, names, ctx, lora_backend, layout=layout, edits=edits)
 
         edits = PackedEdits(capacity=4)  # a layer's four projections: each packed once per merge pass
 
@@ -343,12 +343,13 @@ class LlamaModel:
             x = x + layer.down.apply(act, parts[3], row_slots, row_scale)
         return self.logits(rms_norm(x, self.final_norm, c.rms_norm_eps))
 
-    def step_lora(self, gathered: bool = False) -> StepLora:
-        """The current batch's adapters (from the shared context) as ``decode_logits`` takes them:
-        segmented (sizes follow the batch's adapters) or gathered (sizes fixed by the slot stacks)."""
+    def step_lora(self, form: LoraBackend) -> StepLora:
+        """The current batch's adapters (from the shared context) as ``decode_logits`` takes them,
+        in ``form``'s graph layout (``LoraBackend.step_part``): segmented (sizes follow the batch's adapters) or gathered (sizes fixed
+        by the slot stacks)."""
         if self.ctx.row_slots is None:
             return None
-        return tuple(projection.step_lora(self.ctx, gathered) for projection in self.projections())
+        return tuple(projection.step_lora(self.ctx, form) for projection in self.projections())
 
     @staticmethod
     def _gather(pool: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
