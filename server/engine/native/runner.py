@@ -1,4 +1,6 @@
-"""NativeLlamaRunner: Llama, Mistral and Qwen2 on loraplex's own model code and paged KV memory."""
+"""NativeLlamaRunner: the model families of ``families/`` (Llama, Mistral, Qwen2) on loraplex's own
+model code and paged KV memory. One generic runner: a family brings its config reading, its
+checkpoint's names and its model class; everything here is the same for all of them."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 from server.engine import gemv_cpu
 from server.engine.lora import LoraBatchContext, choose_backend
 from server.engine.native import onednn
-from server.engine.native.config import NativeConfig
+from server.engine.native.families import family_for
 from server.engine.native.graphed import CompileMode, GraphedDecode, StepRows, StepTensors, decode_kind
 from server.engine.native.kv_cache import PagedKVCache
 from server.engine.native.layouts import BlockedLayout, OneDnnLayout, PackedLayout
@@ -103,7 +105,9 @@ class NativeLlamaRunner(ModelRunner):
             self.weight_layout = "quantized"
         else:
             self.weight_layout, layout = self._weight_layout(weight_layout)
-        config = NativeConfig.from_dict(json.loads((Path(model_dir) / "config.json").read_text()))
+        raw_config = json.loads((Path(model_dir) / "config.json").read_text())
+        family = family_for(raw_config)
+        config = family.read_config(raw_config)
         blocks = None
         if quantization == "gguf":
             from server.engine.native.gguf_blocks import read_projection_blocks
@@ -113,10 +117,11 @@ class NativeLlamaRunner(ModelRunner):
                     "--quantization gguf needs a GGUF file (the embedded model's, or one in --model)"
                 )
             blocks = read_projection_blocks(gguf_file, config)
-        self.model = LlamaModel(
+        self.family = family
+        self.model: LlamaModel = family.model(
             config, (ReadCheckpoint if quantization != "none" else Checkpoint)(Path(model_dir)), dtype, self.device,
             self.ctx, self.lora_backend,
-            layout=layout, quantization=quantization, blocks=blocks,
+            layout=layout, quantization=quantization, blocks=blocks, names=family.names,
         )  # fmt: skip
         del blocks
         if quantization != "none":
