@@ -19,6 +19,7 @@ import torch
 from server.engine import cpu_build, sgmv_cpu
 from server.engine.lora import BASE_SLOT, LoraBatchContext, LoraProjection, LoraSlotBank, choose_backend
 from server.engine.lora.compiled_cpu import CompiledCpuBackend
+from server.engine.native.graphed import graph_lora_form
 from tests.lora_backends import LORA_BACKENDS, lora_backend
 
 
@@ -133,3 +134,26 @@ def test_compiled_kernel_refuses_inputs_that_do_not_fit() -> None:
     ctx.set_rows([0, 0, 0, 0], "cpu")  # rows the tensors below do not have: refused, never read
     with pytest.raises(ValueError, match="do not fit"):
         lora.add_delta(torch.randn(2, 1, 8), torch.zeros(2, 6), ctx)
+
+
+def test_graph_steps_take_a_graph_form_of_the_runners_backend() -> None:
+    """Captured CUDA graphs keep the runner's backend only when it is graph_safe (its tensors keep
+    their addresses), else use gathered; compiled steps use segmented (shapes follow the batch)."""
+    cpu = torch.device("cpu")
+    grouped, gathered = lora_backend("grouped"), lora_backend("gathered")
+    assert graph_lora_form("cuda_graphs", gathered, cpu, torch.float32) is gathered
+    assert graph_lora_form("cuda_graphs", grouped, cpu, torch.float32).name == "gathered"
+    assert graph_lora_form("compile", grouped, cpu, torch.float32).name == "segmented"
+    assert [b for b in LORA_BACKENDS if lora_backend(b).graph_safe] == ["gathered"]
+    bank = _bank(8, 6, {0: (2, 1, 1.0)})
+    ctx = LoraBatchContext()
+    ctx.set_rows([0, BASE_SLOT], "cpu")
+    with pytest.raises(NotImplementedError, match="grouped LoRA backend has no graph form"):
+        grouped.step_part(bank, ctx)
+    x = torch.randn(2, 8)
+    rows, scales = ctx.row_slots, torch.ones(2)
+    assert rows is not None
+    for form in (gathered, graph_lora_form("compile", grouped, cpu, torch.float32)):
+        delta = form.step_part(bank, ctx).delta(x, rows, scales)  # [2, 6]
+        torch.testing.assert_close(delta[0], bank.delta_weight(0) @ x[0])
+        torch.testing.assert_close(delta[1], torch.zeros(6))
