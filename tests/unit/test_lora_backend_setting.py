@@ -3,15 +3,19 @@ names, as flags or env vars, stop the server with a message naming the replaceme
 
 from __future__ import annotations
 
+from typing import get_args
+
 import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from server.cli import app
 from server.config import Settings
+from server.engine.lora import BACKEND_NAMES
 
 
 def test_lora_backend_is_a_setting_and_an_env_var(monkeypatch) -> None:
+    assert set(get_args(Settings.model_fields["lora_backend"].annotation)) == set(BACKEND_NAMES)
     assert Settings().lora_backend == "auto"
     assert Settings(lora_backend="gathered").lora_backend == "gathered"
     monkeypatch.setenv("LORAPLEX_LORA_BACKEND", "segmented")
