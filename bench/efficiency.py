@@ -45,7 +45,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapters.peft_format import LoraAdapter, load_adapter_dir
 from bench.common import ROOT, ServerProcess, machine_description, write_random_adapter, write_random_llama
-from server.engine import sgmv_cpu
 from server.engine.base_model import embedded_model_dir
 from server.engine.engine import Engine, EngineConfig
 from server.engine.native import onednn
@@ -116,21 +115,20 @@ def floor_seconds(weights: list[torch.Tensor], batch: int, reps: int) -> float:
 # name -> (the server's flags, the native runner's options, the engine's config)
 @dataclass(frozen=True)
 class Variant:
-    """A native-runner configuration: its server flags, and the same as runner options, engine
-    config and compiled-kernel setting for the engine built in this process."""
+    """A native-runner configuration: its server flags, and the same as runner options and engine
+    config for the engine built in this process."""
 
     flags: list[str]
     runner_options: dict[str, str] = field(default_factory=dict)
     engine_config: dict[str, str] = field(default_factory=dict)
-    cpu_kernel: str = "auto"
 
 
 NATIVE_VARIANTS: dict[str, Variant] = {
-    "native": Variant(
-        []
-    ),  # defaults: oneDNN-packed weights, eager decode, grouped LoRA kernel compiled from C
-    "native-pytorch-lora": Variant(["--cpu-kernel", "off"], cpu_kernel="off"),  # grouped as PyTorch ops
-    "native-segmented": Variant(["--kernel", "segmented"], engine_config={"kernel": "segmented"}),
+    "native": Variant([]),  # defaults: blocked weights, eager decode, LoRA backend compiled-cpu (grouped, C)
+    "native-pytorch-lora": Variant(
+        ["--lora-backend", "grouped"], engine_config={"lora_backend": "grouped"}
+    ),  # grouped as PyTorch ops
+    "native-segmented": Variant(["--lora-backend", "segmented"], engine_config={"lora_backend": "segmented"}),
     "native-dense": Variant(
         ["--weight-layout", "dense"], runner_options={"weight_layout": "dense"}
     ),  # plain x @ W.T
@@ -150,15 +148,11 @@ def build_engine(runner: str, model_dir: Path, dtype: torch.dtype, device: torch
 
     variant = NATIVE_VARIANTS.get(runner)
     kind = "native" if variant is not None else runner
-    sgmv_cpu.configure(variant.cpu_kernel if variant is not None else "auto")  # read as the layers are built
-    try:
-        return build_engine_for_dir(
-            model_dir, kind, dtype, device,
-            EngineConfig(mode="unmerged", **config, **(variant.engine_config if variant else {})),
-            **(variant.runner_options if variant else {}),
-        )  # fmt: skip
-    finally:
-        sgmv_cpu.configure("auto")
+    return build_engine_for_dir(
+        model_dir, kind, dtype, device,
+        EngineConfig(mode="unmerged", **config, **(variant.engine_config if variant else {})),
+        **(variant.runner_options if variant else {}),
+    )  # fmt: skip
 
 
 def decode_step_seconds(
@@ -425,8 +419,9 @@ def render(args, runners, batches, floor, packed_floor, step, overhead, workload
         "rank-16 adapters, row i reads adapter i mod 4; LoRA overhead: median over rounds of the "
         "adapter step / base step of the same round, less 1 (the two run back to back, in alternating "
         "order from round to round)",
-        "- runners: `native` (defaults: the grouped LoRA kernel compiled from C), `native-pytorch-lora` "
-        "(`--cpu-kernel off`: the same kernel as PyTorch ops), `native-segmented` (`--kernel segmented`), "
+        "- runners: `native` (defaults: LoRA backend `compiled-cpu`, the grouped form compiled from C), "
+        "`native-pytorch-lora` (`--lora-backend grouped`: the same as PyTorch ops), `native-segmented` "
+        "(`--lora-backend segmented`), "
         "`native-dense` (`--weight-layout dense`), `hf` (Hugging Face's model code)",
         "",
         "| runner | batch | floor ms | packed floor ms | base step ms | efficiency | packed eff. "

@@ -49,7 +49,7 @@ def default_loader(settings: Settings) -> LoadedBase:
             settings.dtype,
             settings.device,
             settings.cache_dir,
-            kernel=settings.kernel,
+            lora_backend=settings.lora_backend,
             kv_cache_tokens=settings.kv_cache_tokens,
             kv_cache_bytes=settings.kv_cache_bytes,
             max_batch=settings.max_batch,
@@ -75,7 +75,7 @@ def engine_config(settings: Settings, base: LoadedBase) -> EngineConfig:
         max_total_tokens=max_total,
         max_loaded_adapters=settings.max_loaded_adapters,
         max_prefill_tokens=settings.max_prefill_tokens,
-        kernel=settings.kernel,
+        lora_backend=settings.lora_backend,
         mode=settings.mode,
         switch_wait=settings.switch_wait,
         checkpoint_dir=base.path if base.path.is_dir() else None,
@@ -141,7 +141,7 @@ def create_app(settings: Settings | None = None, loader: BaseLoader = default_lo
 
         def load() -> None:
             try:
-                sgmv_cpu.configure(settings.cpu_kernel, settings.cache_dir)  # before any LoRA layer is built
+                sgmv_cpu.configure("auto", settings.cache_dir)  # compiled kernels build under cache_dir
                 base = loader(settings)
                 app.state.base = base
                 app.state.engine = build_engine(settings, base, store)

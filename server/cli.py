@@ -60,15 +60,15 @@ def serve(
     log_format: Annotated[
         str | None, typer.Option(help="text (default) or json (one object per line).")
     ] = None,
-    kernel: Annotated[
-        str | None, typer.Option(help="Batched LoRA kernel: grouped (default), segmented, gather_bmm.")
-    ] = None,
-    cpu_kernel: Annotated[
+    lora_backend: Annotated[
         str | None,
         typer.Option(
-            help="auto (default: the grouped LoRA kernel compiled from C on the CPU, float32) or off."
+            help="How adapters are applied: auto (default: compiled-cpu on the CPU in float32 where it "
+            "builds, else grouped), grouped, compiled-cpu, segmented, gathered."
         ),
     ] = None,
+    kernel: Annotated[str | None, typer.Option(hidden=True, help="Replaced by --lora-backend.")] = None,
+    cpu_kernel: Annotated[str | None, typer.Option(hidden=True, help="Replaced by --lora-backend.")] = None,
     runner: Annotated[
         str | None, typer.Option(help="auto (default: native where supported), native or hf.")
     ] = None,
@@ -129,7 +129,8 @@ def serve(
         "max_total_tokens": max_total_tokens, "max_loaded_adapters": max_loaded_adapters, "max_rank": max_rank,
         "data_dir": data_dir, "cache_dir": cache_dir, "log_level": log_level, "switch_wait": switch_wait,
         "max_upload_mb": max_upload_mb, "host_cache_mb": host_cache_mb, "max_queue": max_queue,
-        "request_timeout": request_timeout, "log_format": log_format, "kernel": kernel, "cpu_kernel": cpu_kernel, "runner": runner,
+        "request_timeout": request_timeout, "log_format": log_format, "lora_backend": lora_backend, "kernel": kernel,
+        "cpu_kernel": cpu_kernel, "runner": runner,
         "kv_cache_tokens": kv_cache_tokens, "kv_cache_memory": kv_cache_memory, "compile": compile,
         "weight_layout": weight_layout, "max_prefill_tokens": max_prefill_tokens, "shutdown_timeout": shutdown_timeout,
         "upload_timeout": upload_timeout, "adapter_source": adapter_source,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -11,6 +12,12 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Mode = Literal["unmerged", "merged", "auto"]
+# settings that were replaced, with what to use instead
+REPLACED = {
+    "kernel": "grouped is --lora-backend grouped (or compiled-cpu), segmented is segmented, "
+    "gather_bmm is gathered",
+    "cpu_kernel": "auto is --lora-backend auto, off is --lora-backend grouped",
+}
 
 
 class Settings(BaseSettings):
@@ -43,13 +50,11 @@ class Settings(BaseSettings):
     max_prefill_tokens: int = Field(4096, ge=1, description="Prompt tokens prefilled in one engine step.")
     max_loaded_adapters: int = Field(64, ge=1, description="Adapter slots in memory (LRU eviction).")
     max_rank: int = Field(256, ge=1, description="Largest LoRA rank accepted.")
-    kernel: Literal["grouped", "segmented", "gather_bmm"] = Field(
-        "grouped", description="Batched LoRA kernel."
-    )
-    cpu_kernel: Literal["auto", "off"] = Field(
+    lora_backend: Literal["auto", "grouped", "compiled-cpu", "segmented", "gathered"] = Field(
         "auto",
-        description="auto: on the CPU in float32 the grouped LoRA kernel runs as C compiled on first use "
-        "(needs a C compiler and AVX2/FMA; else PyTorch ops); off: PyTorch ops only.",
+        description="How unmerged adapters are applied (server/engine/lora/). auto: compiled-cpu on the CPU "
+        "in float32 where it builds (C compiled on first use: a C compiler and AVX2/FMA), else grouped; "
+        "grouped: PyTorch ops, each adapter on its own rows; segmented; gathered (per-row reference).",
     )
     runner: Literal["auto", "native", "hf"] = Field(
         "auto",
@@ -146,6 +151,20 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds a client may take to send an upload's whole body before it is cut off (408).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_replaced_settings(cls, values: object) -> object:
+        """``--kernel`` and ``--cpu-kernel`` (and their env vars) became ``--lora-backend``."""
+        given = [name for name in REPLACED if isinstance(values, dict) and values.get(name) is not None]
+        given += [name for name in REPLACED if f"LORAPLEX_{name.upper()}" in os.environ]
+        if given:
+            name = given[0]
+            raise ValueError(
+                f"--{name.replace('_', '-')} (LORAPLEX_{name.upper()}) was replaced by --lora-backend "
+                f"(LORAPLEX_LORA_BACKEND): {REPLACED[name]}"
+            )
+        return values
 
     @model_validator(mode="after")
     def _check_quantized_mode(self) -> Settings:

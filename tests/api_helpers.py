@@ -33,7 +33,7 @@ def native_loader(model_path: Path):
 
     def load(settings: Settings) -> LoadedBase:
         return load_native(
-            str(model_path), "float32", "cpu", settings.cache_dir, kernel=settings.kernel,
+            str(model_path), "float32", "cpu", settings.cache_dir, lora_backend=settings.lora_backend,
             kv_cache_tokens=settings.kv_cache_tokens, max_batch=settings.max_batch,
             max_seq_len=settings.max_total_tokens,
         )  # fmt: skip

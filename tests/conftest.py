@@ -28,7 +28,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture(autouse=True)
 def _compiled_lora_kernel_back_on():
-    """Tests may turn the compiled grouped kernel off (tests/kernels.py); the next test starts with it on."""
+    """Tests may turn the compiled kernels off (``sgmv_cpu.configure("off")``); the next test starts with them on."""
     yield
     sgmv_cpu.configure("auto")
 

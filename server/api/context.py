@@ -12,11 +12,18 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from server.api.load_control import QueueGate
     from server.metrics import Metrics
+
+
+class Gate(Protocol):
+    """Admission control for generation requests (``load_control.QueueGate``): takes a place for
+    ``context`` or raises; declared here so that this module imports nothing of the API layer."""
+
+    def admit(self, busy_in_engine: int, context: RequestContext) -> None: ...
+
 
 BASE_LABEL = "__base__"  # the adapter label of requests for the bare base model (PEFT's reserved name)
 UNRESOLVED_LABEL = "__unknown__"  # refused before the adapter was resolved (auth, validation, 404)
@@ -30,7 +37,7 @@ class RequestContext:
     deadline: float | None = None  # perf_counter() past which a generation is cancelled (504)
     timeout: float | None = None  # the --request-timeout behind ``deadline``, for messages
     metrics: Metrics | None = None  # set on generation routes only
-    gate: QueueGate | None = None  # admission control (--max-queue), generation routes only
+    gate: Gate | None = None  # admission control (--max-queue), generation routes only
     admitted: bool = False  # holds one of the gate's places until the response ends
     adapter_label: str = UNRESOLVED_LABEL
     outcome_status: int | None = None  # a stream's real outcome (499, 500, 504) under its 200

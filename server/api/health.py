@@ -11,7 +11,6 @@ from server import __version__
 from server.api.deps import BaseDep, EngineDep, RegistryDep, SettingsDep
 from server.api.errors import ApiError
 from server.api.security import accepted_keys, bearer_token, check_access
-from server.engine import sgmv_cpu
 
 if TYPE_CHECKING:
     from server.engine.engine import Engine
@@ -62,15 +61,13 @@ def _decode(engine: Engine) -> dict:
     """How decode steps run (``--compile``): eager, compile (CPU) or cuda_graphs, and the graphs made;
     ``weights``: the projections' layout (native runner: ``packed`` for oneDNN on the CPU, or
     ``dense``, or ``quantized``; the HF runner's are dense); ``quantization``: ``--quantization``;
-    ``lora_kernel``: ``compiled`` where the grouped kernel
-    runs as compiled C (``--cpu-kernel``, CPU float32), else ``pytorch``."""
+    ``lora_backend``: the LoRA backend graph-run steps use (eager steps: the runner's)."""
     graphs = getattr(engine.runner, "graphs", None)
-    compiled = sgmv_cpu.used_for(engine.config.kernel, engine.runner.device, engine.runner.dtype)
     return {
         "kind": getattr(engine.runner, "decode_kind", "eager"),
         "weights": getattr(engine.runner, "weight_layout", "dense"),
         "quantization": getattr(engine.runner, "quantization", "none"),
-        "lora_kernel": "compiled" if compiled else "pytorch",
+        "lora_backend": (graphs.lora_form if graphs is not None else engine.runner.lora_backend).name,
         "graphs": graphs.captures if graphs is not None else 0,
         "warm_up_seconds": round(graphs.warm_up_seconds, 2) if graphs is not None else 0.0,
     }
@@ -90,7 +87,7 @@ async def info(
         "merged_adapter": engine.merged_adapter_id,
         "swaps": engine.stats.swaps,
         "generated_tokens": engine.stats.generated_tokens,
-        "kernel": engine.config.kernel,
+        "lora_backend": engine.runner.lora_backend.name,  # --lora-backend, auto resolved
         "runner": engine.runner.name,
         "decode": _decode(engine),
         "kv_cache": _kv_cache(engine),

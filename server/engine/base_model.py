@@ -243,7 +243,7 @@ def build_engine_for_dir(
         from server.engine.native import NativeLlamaRunner
 
         native = NativeLlamaRunner(
-            model_dir, dtype=dtype, device=device, kernel=config.kernel, max_batch=config.max_batch,
+            model_dir, dtype=dtype, device=device, lora_backend=config.lora_backend, max_batch=config.max_batch,
             max_seq_len=config.max_total_tokens, compile=compile, weight_layout=weight_layout,
             quantization=quantization,
             gguf_file=gguf_file_of(None if model_dir.name == EMBEDDED_CACHE_SUBDIR else str(model_dir), model_dir)

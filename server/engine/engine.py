@@ -44,7 +44,7 @@ from adapters.peft_format import BaseLinearShape
 from server.engine.detokenize import IncrementalDetokenizer, find_stop
 from server.engine.errors import RequestRejected
 from server.engine.grammar import GrammarCompiler
-from server.engine.lora_linear import BASE_SLOT, Kernel
+from server.engine.lora import BASE_SLOT
 from server.engine.lora_model import AdapterSlots
 from server.engine.merge import MergeManager
 from server.engine.outbox import Outbox
@@ -64,7 +64,7 @@ class EngineConfig:
     max_total_tokens: int = 4096
     max_loaded_adapters: int = 64
     max_prefill_tokens: int = 4096  # prompt tokens prefilled in one step (at least one request)
-    kernel: Kernel = "grouped"  # or "segmented", "gather_bmm" (lora_linear.py)
+    lora_backend: str = "auto"  # --lora-backend (server/engine/lora/choose.py); the HF runner's
     mode: Literal["unmerged", "merged", "auto"] = "auto"
     switch_wait: float = 0.5  # merged mode: seconds another adapter's request waits before a switch
     auto_min_uniform_steps: int = 8  # auto mode: fewest uniform steps before merging
@@ -127,6 +127,8 @@ class Engine:
         self.stats = EngineStats()
         self._inbox: queue.SimpleQueue[GenerationRequest | _Control] = queue.SimpleQueue()
         self._waiting: deque[GenerationRequest] = deque()
+        # preempted rows waiting to be recomputed, by request id (their progress so far)
+        self._preempted: dict[int, Row] = {}
         self._controls: list[_Control] = []
         self._outbox = Outbox()  # events for asyncio consumers, handed over once per step
         self._rows: list[Row] = []  # the running batch, in the order the runner decodes it
@@ -141,7 +143,7 @@ class Engine:
         """An engine on a Hugging Face model through :class:`HFRunner`."""
         from server.engine.hf_runner import HFRunner
 
-        runner = HFRunner(model, kernel=config.kernel, own_weights=config.mode != "unmerged")
+        runner = HFRunner(model, lora_backend=config.lora_backend, own_weights=config.mode != "unmerged")
         generation_config = getattr(model, "generation_config", None)
         return cls(runner, tokenizer, config, _token_ids(getattr(generation_config, "eos_token_id", None)))
 
@@ -416,6 +418,9 @@ class Engine:
 
     def _drop_cancelled(self) -> None:
         if any(r.cancelled.is_set() for r in self._waiting):
+            for request in self._waiting:
+                if request.cancelled.is_set():
+                    self._preempted.pop(request.request_id, None)
             self._waiting = deque(r for r in self._waiting if not r.cancelled.is_set())
         for row in [*self._rows, *self._prefilling]:
             if row.request.cancelled.is_set() and row.request.finished_at is None:
@@ -441,7 +446,7 @@ class Engine:
         kv_sequences = len(self._prefilling)
         while self._waiting:
             request = self._waiting.popleft()
-            n = len(_recompute_ids(request))
+            n = len(_recompute_ids(request, self._preempted.get(request.request_id)))
             in_budget = chunked or not admitted or n <= budget
             fits = free > 0 and in_budget and self.runner.can_admit(kv_tokens + n, kv_sequences + 1)
             if only_key != "any" and key_of(request) != only_key:
@@ -466,6 +471,7 @@ class Engine:
     def _refuse_admission(self, request: GenerationRequest, exc: Exception) -> None:
         """A request whose admission raised ends with an error; the engine and other rows go on."""
         log.exception("request %d failed at admission", request.request_id)
+        self._preempted.pop(request.request_id, None)
         request.finished_at = time.perf_counter()
         request.emit(
             ErrorEvent(f"generation failed: this request could not be admitted: {exc}", "generation")
@@ -482,9 +488,8 @@ class Engine:
             raise
 
     def _build_row(self, request: GenerationRequest, slot: int) -> Row:
-        row = request.preempted_row
+        row = self._preempted.pop(request.request_id, None)
         if row is not None:  # recompute: the row goes on where it stopped
-            request.preempted_row = None
             row.slot = slot
         else:
             request.admitted_at = time.perf_counter()
@@ -590,7 +595,7 @@ class Engine:
             self._rows.remove(row)
         self.runner.release([row.seq_id])
         self._release(row)
-        row.request.preempted_row = row
+        self._preempted[row.request.request_id] = row
         self.stats.preemptions += 1
         self._waiting.appendleft(row.request)
         log.info("preempted request %d (KV memory full); it will be recomputed", row.request.request_id)
@@ -697,9 +702,8 @@ def _wants_prompt(row: Row) -> bool:
     return row.request.want_prompt_logprobs and row.request.prompt_logprobs is None
 
 
-def _recompute_ids(request: GenerationRequest, row: Row | None = None) -> list[int]:
-    """The tokens to prefill: the prompt, plus what a preempted row already streamed."""
-    row = row or request.preempted_row
+def _recompute_ids(request: GenerationRequest, row: Row | None) -> list[int]:
+    """The tokens to prefill: the prompt, plus what a preempted row (``row``) already streamed."""
     return request.prompt_ids if row is None else [*request.prompt_ids, *row.generated_ids]
 
 

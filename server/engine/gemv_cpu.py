@@ -11,8 +11,8 @@ kernels): compiled on first use with the system C compiler (AVX2, FMA, OpenMP) i
 ``<cache_dir>/kernels/`` (else a private temporary directory), loaded with ctypes only from there,
 checked once against ``F.linear`` on ragged shapes; ``load`` returns None where any of that fails,
 and the native runner keeps oneDNN's layout (``--weight-layout packed`` or ``dense`` choose those
-anyway). ``--cpu-kernel`` chooses the LoRA kernel's form only: the blocked layout runs with either
-(the tests run it with both). The call releases the GIL.
+anyway). ``--lora-backend`` chooses how adapters are applied only: the blocked layout runs with every
+LoRA backend (the tests run it with each). The call releases the GIL.
 
 Threads: up to ``ONE_THREAD_ROWS`` rows the kernel runs on the calling thread alone, above on
 PyTorch's OpenMP threads. At those sizes it is bound by memory, and one core of the 2-core CI

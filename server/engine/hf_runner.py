@@ -14,7 +14,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from server.engine.batch import RunningBatch, new_cache
-from server.engine.lora_linear import Kernel, LoraBatchContext, LoraLinear, linear_shape
+from server.engine.lora import LoraBackend, LoraBatchContext, choose_backend
+from server.engine.lora_linear import LoraLinear, linear_shape
 from server.engine.runner import (
     DecodeInput,
     KvUsage,
@@ -28,7 +29,7 @@ from server.engine.runner import (
 
 
 def attach_lora_layers(
-    model: nn.Module, ctx: LoraBatchContext, kernel: Kernel = "grouped"
+    model: nn.Module, ctx: LoraBatchContext, backend: LoraBackend
 ) -> dict[str, LoraLinear]:
     """Wrap every linear layer LoRA may target (the output head excluded) in a :class:`LoraLinear`.
 
@@ -43,7 +44,7 @@ def attach_lora_layers(
             targets.append((name, module, shape))
     layers: dict[str, LoraLinear] = {}
     for name, module, (in_features, out_features, _) in targets:
-        wrapper = LoraLinear(module, in_features, out_features, ctx, kernel=kernel)
+        wrapper = LoraLinear(module, in_features, out_features, ctx, backend)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, wrapper)
@@ -57,14 +58,16 @@ class HFRunner(ModelRunner):
     name = "hf"
 
     def __init__(
-        self, model: PreTrainedModel, *, kernel: Kernel = "grouped", own_weights: bool = False
+        self, model: PreTrainedModel, *, lora_backend: str = "auto", own_weights: bool = False
     ) -> None:
-        """``own_weights``: copy the target weights into memory this process owns (see below)."""
+        """``lora_backend``: ``--lora-backend`` (``server/engine/lora/choose.py``);
+        ``own_weights``: copy the target weights into memory this process owns (see below)."""
         self.model = model
         self.ctx = LoraBatchContext()
-        self.layers = attach_lora_layers(model, self.ctx, kernel)
         self.device = model.device
         self.dtype = next(model.parameters()).dtype
+        self.lora_backend = choose_backend(lora_backend, self.device, self.dtype)
+        self.layers = attach_lora_layers(model, self.ctx, self.lora_backend)
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
         limit = getattr(model.config, "max_position_embeddings", None)
         self.max_positions = int(limit) if limit else None

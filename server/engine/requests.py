@@ -15,7 +15,6 @@ from server.engine.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from server.engine.grammar import Grammar
-    from server.engine.row import Row
 
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
 _ids = itertools.count(1)
@@ -83,7 +82,6 @@ class GenerationRequest:
     # events flow from the engine thread to whoever waits (an asyncio queue, or a list in tests)
     sink: Callable[[Event], None] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
-    preempted_row: Row | None = None  # set while waiting to be recomputed after a preemption
     prompt_logprobs: list[float] | None = None  # set by the engine at prefill, when asked
     prompt_top_tokens: list[tuple[TopToken, ...]] | None = None  # likewise, with prompt_top_n
     # timings (time.perf_counter seconds)

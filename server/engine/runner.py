@@ -32,6 +32,7 @@ from typing import Protocol
 import torch
 
 from adapters.peft_format import BaseLinearShape
+from server.engine.lora import LoraBackend
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,7 @@ class ModelRunner(ABC):
     """
 
     name: str  # "hf" or "native": shown in /info
+    lora_backend: LoraBackend  # applies unmerged adapters (server/engine/lora/): shown in /info
     device: torch.device
     dtype: torch.dtype
     vocab_size: int

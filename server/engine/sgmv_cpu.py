@@ -1,6 +1,6 @@
 """The grouped LoRA kernel compiled from C for float32 batches on the CPU (``sgmv_cpu.c``).
 
-``GroupedLora`` (lora_linear.py) computes the grouped kernel with PyTorch ops: per fused
+The ``grouped`` LoRA backend (lora/grouped.py) computes it with PyTorch ops: per fused
 projection a gather, a batched matmul down, one up per part, a cat and an add. At decode sizes
 the factors are small matrices and every one of those ops pays a fixed dispatch and set-up cost,
 so the step spent more time on that than on reading the factors. The C form does a projection in
@@ -18,8 +18,9 @@ directory is ours and not writable by others; else a temporary directory of the 
 under a name made from a hash of the source and flags, then loaded with ctypes and checked once
 against the dense formula on random inputs. ``add`` checks every shape and row count first: the C code trusts its indices.
 Without a compiler, on a CPU without AVX2/FMA, or if that check fails, ``load`` returns None and
-``GroupedLora`` keeps its PyTorch ops: same results, slower. ``--cpu-kernel off`` (the
-``cpu_kernel`` setting) turns the compiled form off.
+``--lora-backend auto`` picks ``grouped``'s PyTorch ops: same results, slower. The backend that
+calls it is ``compiled-cpu`` (lora/compiled_cpu.py). ``configure("off")`` turns the compiled
+kernels off for what is built next (tests; ``quant_cpu`` follows it too).
 
 The library links ``libgomp.so.1``; PyTorch's CPU wheels load one under the same name first, so
 the kernel runs on PyTorch's thread pool, with ``torch.get_num_threads()`` threads (passed on each
@@ -49,8 +50,8 @@ _settings: dict[str, object] = {"mode": "auto", "cache_dir": Path("~/.cache/lora
 
 
 def configure(mode: CpuKernelMode, cache_dir: Path | None = None) -> None:
-    """Choose whether LoRA layers built from now on use the compiled kernel (``auto``: where it
-    builds) and where it is compiled to. Layers keep the choice they were built with."""
+    """Choose whether the compiled kernels may be used from now on (``auto``: where they build;
+    backends and layers keep what they were built with) and where they are compiled to."""
     if mode not in ("auto", "off"):
         raise ValueError(f"unknown cpu kernel mode {mode!r}: choose auto or off")
     _settings["mode"] = mode
@@ -71,14 +72,9 @@ def load() -> CompiledSgmv | None:
 
 
 def load_for(device: torch.device | str, dtype: torch.dtype) -> CompiledSgmv | None:
-    """The compiled kernel for LoRA layers built now on this device and dtype (float32 on the
-    CPU only), or None."""
+    """The compiled kernel for a backend built now on this device and dtype (float32 on the CPU
+    only), or None."""
     return load() if torch.device(device).type == "cpu" and dtype == torch.float32 else None
-
-
-def used_for(kernel: str, device: torch.device | str, dtype: torch.dtype) -> bool:
-    """Whether LoRA layers built now with this kernel, device and dtype run the compiled form."""
-    return kernel == "grouped" and load_for(device, dtype) is not None
 
 
 class _Groups(ctypes.Structure):

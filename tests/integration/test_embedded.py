@@ -52,6 +52,8 @@ def served(embedded_model, tokenizer, embedded_dir, tmp_path_factory, request):
     assert info["runner"] == request.param
     # the native runner serves the CPU from the compiled kernel's blocks; every check below runs on them
     assert info["decode"]["weights"] == ("blocked" if request.param == "native" else "dense")
+    # and its adapters through the compiled LoRA backend (--lora-backend auto on the CPU in float32)
+    assert info["lora_backend"] == info["decode"]["lora_backend"] == "compiled-cpu"
     yield client, peft_models
     client.__exit__(None, None, None)
 

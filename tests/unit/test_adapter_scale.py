@@ -1,6 +1,6 @@
 """Per-request ``adapter_scale``: a per-row factor on the adapter's update, without a slot of its own.
 
-Scale 0 equals the base model and 1 the adapter, in one mixed batch, on both kernels and both
+Scale 0 equals the base model and 1 the adapter, in one mixed batch, on every LoRA backend and both
 runners; a row at another scale never gets the merged weights' answer (merged and auto modes).
 """
 
@@ -20,7 +20,7 @@ from server.engine.requests import Event, GenerationRequest
 from server.engine.sampling import SamplingParams
 from tests.conftest import make_peft_adapter
 from tests.engine_helpers import outcome, verify_base_now
-from tests.kernels import LORA_KERNELS, lora_kernel
+from tests.lora_backends import LORA_BACKENDS, lora_backend
 
 PROMPTS = ["Hello there, how are", "The quick brown fox", "Once upon a time in a land far away"]
 SCALES = [0.0, 1.0, 0.5, -1.0]
@@ -36,11 +36,11 @@ def saved(tiny_base, tmp_path_factory):
     return root / "model", root / "qvo"
 
 
-def _engine(saved, tokenizer, mode: str, kernel: str = "grouped", runner: str = "hf", **config):
+def _engine(saved, tokenizer, mode: str, backend: str = "auto", runner: str = "hf", **config):
     model_dir, adapter_dir = saved
-    engine_config = EngineConfig(mode=mode, kernel=kernel, checkpoint_dir=model_dir, **config)
+    engine_config = EngineConfig(mode=mode, lora_backend=backend, checkpoint_dir=model_dir, **config)
     if runner == "native":
-        native = NativeLlamaRunner(model_dir, kernel=kernel, kv_cache_tokens=2048)
+        native = NativeLlamaRunner(model_dir, lora_backend=backend, kv_cache_tokens=2048)
         engine = Engine(native, tokenizer, engine_config)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -83,11 +83,11 @@ def _generate(model, ids: list[int], n: int = 10) -> list[int]:
     return out[0, len(ids) :].tolist()
 
 
-@pytest.mark.parametrize("kernel", LORA_KERNELS)
-def test_row_scales_equal_the_dense_reference(kernel: str) -> None:
+@pytest.mark.parametrize("backend", LORA_BACKENDS)
+def test_row_scales_equal_the_dense_reference(backend: str) -> None:
     ctx = LoraBatchContext()
     torch.manual_seed(0)
-    layer = LoraLinear(torch.nn.Linear(24, 40), 24, 40, ctx, kernel=lora_kernel(kernel))
+    layer = LoraLinear(torch.nn.Linear(24, 40), 24, 40, ctx, lora_backend(backend))
     g = torch.Generator().manual_seed(1)
     factors = {0: (torch.randn(4, 24, generator=g), torch.randn(40, 4, generator=g), 2.0),
                2: (torch.randn(8, 24, generator=g), torch.randn(40, 8, generator=g), 0.5)}  # fmt: skip
@@ -107,28 +107,20 @@ def test_row_scales_equal_the_dense_reference(kernel: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("runner", "kernel"),
-    [
-        ("hf", "grouped"),
-        ("hf", "grouped-pytorch"),
-        ("hf", "segmented"),
-        ("hf", "gather_bmm"),
-        ("native", "grouped"),
-        ("native", "grouped-pytorch"),
-        ("native", "segmented"),
-    ],
+    ("runner", "backend"),
+    [("hf", backend) for backend in LORA_BACKENDS] + [("native", backend) for backend in LORA_BACKENDS],
 )
 def test_scale_zero_is_the_base_and_one_the_adapter_in_one_mixed_batch(
-    saved, tiny_base, tokenizer, runner, kernel
+    saved, tiny_base, tokenizer, runner, backend
 ) -> None:
-    engine, adapter = _engine(saved, tokenizer, "unmerged", kernel=lora_kernel(kernel), runner=runner)
+    engine, adapter = _engine(saved, tokenizer, "unmerged", backend=backend, runner=runner)
     jobs = [(tokenizer(p)["input_ids"], adapter, s) for p in PROMPTS for s in SCALES]
     jobs += [(tokenizer(p)["input_ids"], None, 1.0) for p in PROMPTS]
     mixed = _run(engine, jobs)
     assert engine.slots.loads == 1  # every scale read the adapter's one slot
     for (ids, a, scale), tokens in zip(jobs, mixed, strict=True):
         reference = tiny_base if a is None or scale == 0 else _dense(tiny_base, adapter, scale)
-        assert tokens == _generate(reference, ids), (runner, kernel, scale)
+        assert tokens == _generate(reference, ids), (runner, backend, scale)
     by_scale = {
         s: [t for (_, a, c), t in zip(jobs, mixed, strict=True) if a is not None and c == s] for s in SCALES
     }

@@ -13,7 +13,7 @@ from server.engine.hf_runner import HFRunner
 from server.engine.lora_linear import BASE_SLOT
 from server.engine.runner import KvUsage, PrefillInput
 from tests.engine_helpers import outcome, run_many, run_one, submit
-from tests.kernels import LORA_KERNELS, lora_kernel
+from tests.lora_backends import LORA_BACKENDS
 
 PROMPTS = [
     "Hello there, how are",
@@ -41,15 +41,15 @@ def _engine(model, tokenizer, **config) -> Engine:
 
 
 @pytest.fixture
-def kernel() -> str:
-    """The LoRA kernel of the ``setup`` engine; tests parametrize it to run both."""
-    return "grouped"
+def lora_backend() -> str:
+    """The LoRA backend of the ``setup`` engine; tests parametrize it to run each."""
+    return "auto"
 
 
 @pytest.fixture
-def setup(tiny_base, tokenizer, peft_adapter_factory, kernel):
+def setup(tiny_base, tokenizer, peft_adapter_factory, lora_backend):
     """An engine on a copy of the tiny model, its adapters, and PEFT's models for the same adapters."""
-    engine = _engine(copy.deepcopy(tiny_base), tokenizer, kernel=lora_kernel(kernel))
+    engine = _engine(copy.deepcopy(tiny_base), tokenizer, lora_backend=lora_backend)
     adapters, peft_models = {}, {}
     for seed, (name, kwargs) in enumerate(ADAPTER_CONFIGS.items()):
         path, peft_models[name] = peft_adapter_factory(tiny_base, name, seed=seed, **kwargs)
@@ -61,8 +61,8 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text)["input_ids"]
 
 
-@pytest.mark.parametrize("kernel", LORA_KERNELS)
-def test_mixed_batch_rows_equal_solo_and_peft_generate(setup, tiny_base, tokenizer, kernel) -> None:
+@pytest.mark.parametrize("lora_backend", LORA_BACKENDS)
+def test_mixed_batch_rows_equal_solo_and_peft_generate(setup, tiny_base, tokenizer, lora_backend) -> None:
     engine, adapters, peft_models = setup
     jobs = [(p, name) for p in PROMPTS for name in [None, *adapters]]
     mixed = run_many(engine, [(_ids(tokenizer, p), adapters.get(n)) for p, n in jobs], max_new_tokens=10)

@@ -6,13 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from server.engine.lora_linear import BASE_SLOT, LoraBatchContext, LoraLinear, RowGroups
-from tests.kernels import LORA_KERNELS, lora_kernel
+from server.engine.lora import BASE_SLOT, LoraBatchContext, RowGroups
+from server.engine.lora_linear import LoraLinear
+from tests.lora_backends import LORA_BACKENDS, lora_backend
 
 
-def _layer(ctx: LoraBatchContext, k: int = 24, d: int = 40, kernel: str = "grouped") -> LoraLinear:
+def _layer(ctx: LoraBatchContext, k: int = 24, d: int = 40, backend: str = "grouped") -> LoraLinear:
     torch.manual_seed(0)
-    return LoraLinear(nn.Linear(k, d, bias=True), k, d, ctx, kernel=lora_kernel(kernel))
+    return LoraLinear(nn.Linear(k, d, bias=True), k, d, ctx, lora_backend(backend))
 
 
 def _factors(seed: int, r: int, k: int = 24, d: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
@@ -20,11 +21,11 @@ def _factors(seed: int, r: int, k: int = 24, d: int = 40) -> tuple[torch.Tensor,
     return torch.randn(r, k, generator=g), torch.randn(d, r, generator=g)
 
 
-@pytest.mark.parametrize("kernel", LORA_KERNELS)
+@pytest.mark.parametrize("backend", LORA_BACKENDS)
 @pytest.mark.parametrize("seq_len", [1, 5])
-def test_each_row_equals_dense_reference(kernel: str, seq_len: int) -> None:
+def test_each_row_equals_dense_reference(backend: str, seq_len: int) -> None:
     ctx = LoraBatchContext()
-    layer = _layer(ctx, kernel=kernel)
+    layer = _layer(ctx, backend=backend)
     adapters = {
         0: (*_factors(1, 4), 2.0),
         1: (*_factors(2, 8), 0.5),
@@ -68,10 +69,10 @@ def test_slot_reuse_and_clear() -> None:
     torch.testing.assert_close(layer.delta_weight(0), torch.zeros(40, 24))
 
 
-@pytest.mark.parametrize("kernel", LORA_KERNELS)
-def test_row_mask_follows_row_changes(kernel: str) -> None:
+@pytest.mark.parametrize("backend", LORA_BACKENDS)
+def test_row_mask_follows_row_changes(backend: str) -> None:
     ctx = LoraBatchContext()
-    layer = _layer(ctx, kernel=kernel)
+    layer = _layer(ctx, backend=backend)
     A, B = _factors(1, 4)
     layer.set_slot(0, A, B, 1.0)
     x = torch.randn(2, 1, 24)
@@ -105,7 +106,7 @@ def test_grouped_kernel_reads_every_row_layout_right(layout: str, seq_len: int) 
     assert (groups.unpad is not None) == (layout == "padded-block")
     assert groups.identity == (layout == "identity")
     ctx = LoraBatchContext()
-    layer = _layer(ctx, kernel="grouped-pytorch")  # the PyTorch form: the compiled one reads no views
+    layer = _layer(ctx, backend="grouped")  # the PyTorch form: the compiled one reads no views
     adapters = {0: (*_factors(1, 4), 2.0), 1: (*_factors(2, 8), 0.5)}
     for slot, (A, B, s) in adapters.items():
         layer.set_slot(slot, A, B, s)

@@ -19,7 +19,7 @@ from server.engine.merge import MergeManager
 from server.engine.native import NativeLlamaRunner, onednn, supports
 from server.engine.runner import DecodeInput, PrefillInput
 from tests.engine_helpers import outcome, run_many, run_one, submit
-from tests.kernels import LORA_KERNELS, lora_kernel
+from tests.lora_backends import LORA_BACKENDS
 
 SMALL = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -248,12 +248,12 @@ def _dense(base, adapter):
     return model
 
 
-@pytest.mark.parametrize("kernel", LORA_KERNELS)
+@pytest.mark.parametrize("backend", LORA_BACKENDS)
 def test_mixed_adapter_rows_equal_peft_and_the_dense_reference(
-    arch, kernel, layout, peft_adapter_factory
+    arch, backend, layout, peft_adapter_factory
 ) -> None:
     name, model, path = arch
-    runner = _runner(path, kernel=lora_kernel(kernel), weight_layout=layout)
+    runner = _runner(path, lora_backend=backend, weight_layout=layout)
     slots = AdapterSlots(runner.lora_targets, 8, runner.slots_changed)
     adapters, pefts = {}, {}
     for seed, (adapter_name, kwargs) in enumerate(ADAPTERS.items()):

@@ -1,11 +1,13 @@
-"""The architecture facts the native runner needs, read from a model's ``config.json``."""
+"""The architecture facts the native runner needs, read from a model's ``config.json``.
+
+Which ``model_type`` values are served, and each family's own reading of its config, is the
+family registry's (``families/``); this is the Llama-family reading they share.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
 @dataclass(frozen=True)
@@ -22,7 +24,7 @@ class NativeConfig:
     rope_theta: float
     rope_scaling: dict[str, Any] | None
     tie_word_embeddings: bool
-    qkv_bias: bool  # Qwen2 has biases on q, k and v
+    qkv_bias: bool  # biases on q, k and v (Qwen2)
     max_positions: int | None
     sliding_window: int | None  # Mistral; attention is full while contexts stay within it
 
@@ -35,11 +37,12 @@ class NativeConfig:
         return self.num_kv_heads * self.head_dim
 
     @classmethod
-    def from_dict(cls, c: dict[str, Any]) -> NativeConfig:
-        if c.get("model_type") not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"model_type {c.get('model_type')!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
+    def from_dict(
+        cls, c: dict[str, Any], *, qkv_bias: bool = False, sliding_window_by_default: bool = False
+    ) -> NativeConfig:
+        """``qkv_bias``: the family always has biases on q, k and v (else ``attention_bias`` says);
+        ``sliding_window_by_default``: ``sliding_window`` applies unless ``use_sliding_window`` is
+        false (else only when it is true)."""
         heads = int(c["num_attention_heads"])
         hidden = int(c["hidden_size"])
         model_type = str(c["model_type"])
@@ -49,7 +52,7 @@ class NativeConfig:
             rope_theta = rope_theta or rope_scaling.get("rope_theta")
             if rope_scaling.get("rope_type", rope_scaling.get("type", "default")) == "default":
                 rope_scaling = None
-        sliding = c.get("sliding_window") if c.get("use_sliding_window", model_type == "mistral") else None
+        sliding = c.get("sliding_window") if c.get("use_sliding_window", sliding_window_by_default) else None
         return cls(
             model_type=model_type,
             hidden_size=hidden,
@@ -63,7 +66,7 @@ class NativeConfig:
             rope_theta=float(rope_theta or 10000.0),
             rope_scaling=rope_scaling if isinstance(rope_scaling, dict) else None,
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-            qkv_bias=model_type == "qwen2" or bool(c.get("attention_bias", False)),
+            qkv_bias=qkv_bias or bool(c.get("attention_bias", False)),
             max_positions=int(c["max_position_embeddings"]) if c.get("max_position_embeddings") else None,
             sliding_window=int(sliding) if sliding else None,
         )

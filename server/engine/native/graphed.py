@@ -39,9 +39,10 @@ from typing import Literal
 import torch
 from torch.fx.experimental import _config as fx_config
 
-from server.engine.lora_linear import BASE_SLOT
+from server.engine.lora import BASE_SLOT, LoraBackend
+from server.engine.lora.gathered import GatheredBackend
+from server.engine.lora.segmented import SegmentedBackend, SegmentedLora
 from server.engine.native.kv_cache import PagedKVCache
-from server.engine.native.layers import SegmentedLora
 from server.engine.native.model import LlamaModel, StepLora
 
 log = logging.getLogger(__name__)
@@ -167,14 +168,33 @@ class CapturedStep:
     storage: tuple[int, ...]  # the slot stacks' addresses the graph reads (empty: base only)
 
 
+def graph_lora_form(
+    kind: DecodeKind, backend: LoraBackend | None, device: torch.device, dtype: torch.dtype
+) -> LoraBackend:
+    """The LoRA backend whose ``step_part`` feeds the graphs: ``compile``: segmented (its shapes
+    follow the batch's adapters, which dynamic shapes take); ``cuda_graphs``: the runner's backend
+    when it is ``graph_safe``, else gathered (every tensor keeps its address)."""
+    if kind == "compile":
+        return backend if isinstance(backend, SegmentedBackend) else SegmentedBackend(device, dtype)
+    return backend if backend is not None and backend.graph_safe else GatheredBackend(device, dtype)
+
+
 class GraphedDecode:
     """Runs decode steps compiled (CPU) or as captured CUDA graphs; see the module docstring."""
 
     def __init__(
-        self, model: LlamaModel, kv: PagedKVCache, kind: DecodeKind, max_batch: int, max_blocks: int
+        self,
+        model: LlamaModel,
+        kv: PagedKVCache,
+        kind: DecodeKind,
+        max_batch: int,
+        max_blocks: int,
+        lora_backend: LoraBackend | None = None,
     ) -> None:
+        """``lora_backend``: the runner's; a captured graph uses it where it is ``graph_safe``."""
         assert kind in ("compile", "cuda_graphs")
         self.model, self.kv, self.kind = model, kv, kind
+        self.lora_form = graph_lora_form(kind, lora_backend, model.device, model.dtype)
         self.max_batch, self.max_blocks = max_batch, max_blocks
         self.device = kv.k_pool[0].device
         self.warm_up_seconds = 0.0
@@ -209,7 +229,7 @@ class GraphedDecode:
         ctx.set_rows(rows.slots, self.device, rows.scales)
         tensors = StepTensors.build(rows, self.kv.block_size, self.device)
         if self.kind == "compile":
-            return self._compiled_step(tensors, self.model.step_lora())[:n]
+            return self._compiled_step(tensors, self.model.step_lora(self.lora_form))[:n]
         return self._replay(tensors)[:n]
 
     def _compiled_step(self, tensors: StepTensors, lora: StepLora) -> torch.Tensor:
@@ -246,7 +266,7 @@ class GraphedDecode:
         inputs = StepTensors(
             *(t.clone() for t in (getattr(example, f) for f in example.__dataclass_fields__))
         )
-        step_lora = self.model.step_lora(gathered=True) if lora else None
+        step_lora = self.model.step_lora(self.lora_form) if lora else None
 
         def step() -> torch.Tensor:
             return self.model.decode_logits(*inputs.model_args(self.kv), step_lora)

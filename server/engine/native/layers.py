@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from server.engine.lora_linear import GroupedLora, Kernel, LoraBatchContext, LoraSlotBank
+from server.engine.lora import LoraBackend, LoraBatchContext, LoraProjection, LoraSlotBank
+from server.engine.lora.gathered import GatheredLora
+from server.engine.lora.segmented import SegmentedLora
 from server.engine.native import quantized
 from server.engine.native.layouts import PackedLayout
 from server.engine.native.quantized import Quantization, QuantizedWeight
@@ -103,48 +105,7 @@ def rope_rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
 
 
-class SegmentedLora(NamedTuple):
-    """One part's adapters in a step, segmented form: ``delta = ((x @ A_t) * mask) @ B_t`` where
-    ``mask[i, j]`` is row i's scale if column j belongs to row i's slot, else 0.
-
-    The batch's active slots are concatenated along the rank (``LoraSlotBank.active_weights``),
-    so the sizes change with the batch's adapters: for eager and ``torch.compile`` (dynamic) steps.
-    The mask is computed from ``columns`` in the step (no tensor shared between parts: dynamo
-    guards on inputs that alias).
-    """
-
-    A_t: torch.Tensor  # [in, L*r_max]
-    B_t: torch.Tensor  # [L*r_max, out], scaled per slot
-    columns: torch.Tensor  # [L*r_max] the slot each column belongs to
-
-
-class GatheredLora(NamedTuple):
-    """One part's adapters in a step, gathered form (Punica BGMV): every row reads its slot's factors.
-
-    Every tensor keeps its address while the bank's slot stacks keep their shape (slots are
-    written in place): for captured CUDA graphs.
-    """
-
-    A_stack: torch.Tensor  # [S, r_max, in]
-    B_stack: torch.Tensor  # [S, out, r_max]
-    scale: torch.Tensor  # [S] the slots' own scales
-
-
-LoraPart = SegmentedLora | GatheredLora
-
-
-def lora_delta(
-    x: torch.Tensor, part: LoraPart, row_slots: torch.Tensor, row_scale: torch.Tensor
-) -> torch.Tensor:
-    """x: [N, in] -> [N, out], each row's ``row_scale · s · B (A x)`` (row_slots: [N], -1 for none)."""
-    if isinstance(part, SegmentedLora):
-        mask = (row_slots[:, None] == part.columns[None, :]).to(x.dtype) * row_scale[:, None].to(x.dtype)
-        return (x @ part.A_t * mask) @ part.B_t
-    present = (row_slots >= 0) & (row_slots < part.A_stack.shape[0])  # [N]
-    slots = torch.where(present, row_slots, 0)
-    scale = torch.where(present, part.scale[slots], 0) * row_scale.to(part.scale.dtype)  # [N]
-    h = torch.bmm(x[:, None, :], part.A_stack[slots].transpose(1, 2))  # [N, 1, r_max]
-    return torch.bmm(h, part.B_stack[slots].transpose(1, 2))[:, 0] * scale[:, None]  # [N, out]
+LoraPart = SegmentedLora | GatheredLora  # one part's adapters as a graph-friendly step argument
 
 
 def _covers(spans: list[tuple[int, int]], start: int, end: int) -> bool:
@@ -244,7 +205,7 @@ class FusedLinear:
         bias: torch.Tensor | None,
         parts: list[tuple[str, int]],  # (PEFT module name, output size) in output order
         ctx: LoraBatchContext,
-        kernel: Kernel,
+        backend: LoraBackend,
         layout: PackedLayout | None = None,
         edits: PackedEdits | None = None,
         quantization: Quantization = "none",
@@ -273,13 +234,11 @@ class FusedLinear:
         start = 0
         for name, size in parts:
             self.spans.append((start, start + size))
-            self.banks[name] = LoraSlotBank(in_features, size, self.dtype, self.device, kernel)
+            self.banks[name] = LoraSlotBank(in_features, size, self.dtype, self.device)
             start += size
         assert start == weight.shape[0], "parts must cover the fused output"
-        self._bank_spans = list(zip(self.banks.values(), self.spans, strict=True))
-        # grouped: the parts share one gather and one matmul down, so the projection runs them together
-        self._grouped = GroupedLora(list(self.banks.values()), self.spans) if kernel == "grouped" else None
-        self._null_parts: dict[str, SegmentedLora] = {}
+        # the backend sees the whole projection: grouped forms share one gather and one matmul down
+        self.lora = LoraProjection(list(self.banks.values()), self.spans, backend)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -388,48 +347,16 @@ class FusedLinear:
         if lora is not None:
             for (s, e), part in zip(self.spans, lora, strict=True):
                 if part is not None:
-                    y[:, s:e] += lora_delta(x, part, row_slots, row_scale)
+                    y[:, s:e] += part.delta(x, row_slots, row_scale)
         return y
 
-    def step_lora(self, ctx: LoraBatchContext, gathered: bool) -> tuple[LoraPart | None, ...]:
-        """This step's adapters per part (see ``apply``).
-
-        Gathered: None for a part no row's adapter adapts (the layout is part of a CUDA graph's
-        key). Segmented: such a part gets a rank-2 zero stand-in instead, so that every batch with
-        adapters has the same structure and one compiled graph (sizes >= 2 are symbolic) serves all.
-        """
-        parts: list[LoraPart | None] = []
-        for name, bank in self.banks.items():
-            if gathered:
-                applies = bank.applies_to(ctx)
-                parts.append(GatheredLora(bank.A_stack, bank.B_stack, bank.scale) if applies else None)
-            elif bank.applies_to(ctx):
-                parts.append(SegmentedLora(*bank.active_weights(ctx)[1:]))
-            else:
-                parts.append(self._null_part(name, bank))
-        return tuple(parts)
-
-    def _null_part(self, name: str, bank: LoraSlotBank) -> SegmentedLora:
-        """A segmented part that adds zero (its columns belong to no slot); one per part, cached."""
-        part = self._null_parts.get(name)
-        if part is None:
-            zeros = bank.A_stack.new_zeros
-            columns = torch.full((2,), -2, dtype=torch.long, device=bank.A_stack.device)
-            part = self._null_parts[name] = SegmentedLora(
-                zeros(bank.in_features, 2), zeros(2, bank.out_features), columns
-            )
-        return part
+    def step_lora(self, ctx: LoraBatchContext, form: LoraBackend) -> tuple[LoraPart | None, ...]:
+        """This step's adapters per part (see ``apply``), in the graph form's ``step_part`` layout."""
+        return tuple(form.step_part(bank, ctx) for bank in self.banks.values())
 
     def _add_lora(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        ctx = self.ctx
-        if ctx.row_slots is not None:
-            x3 = x.view(x.shape[0], 1, x.shape[1])  # rows are tokens: [N, 1, in]
-            if self._grouped is not None:
-                self._grouped.add_delta(x3, y, ctx)
-                return
-            for bank, (s, e) in self._bank_spans:
-                if bank.applies_to(ctx):
-                    bank.add_delta(x3, y[:, s:e], ctx)
+        if self.ctx.row_slots is not None:
+            self.lora.add_delta(x.view(x.shape[0], 1, x.shape[1]), y, self.ctx)  # rows are tokens: [N, 1, in]
 
 
 class PackedRows(WeightTarget):

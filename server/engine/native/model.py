@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from server.engine import gemv_cpu
-from server.engine.lora_linear import Kernel, LoraBatchContext
+from server.engine.lora import LoraBackend, LoraBatchContext
 from server.engine.native import onednn, quantized
 from server.engine.native.config import NativeConfig
 from server.engine.native.kv_cache import PagedKVCache
@@ -33,6 +33,29 @@ from server.engine.native.layers import (
 )
 from server.engine.native.layouts import BlockedLayout, OneDnnLayout, PackedLayout
 from server.engine.native.quantized import Int8Weight, Quantization, QuantizedWeight
+
+
+@dataclass(frozen=True)
+class WeightNames:
+    """Where a family's checkpoint keeps each tensor (Llama's names by default). The projections'
+    module names are also the PEFT module names its adapters target."""
+
+    embed: str = "model.embed_tokens.weight"
+    lm_head: str = "lm_head.weight"
+    final_norm: str = "model.norm.weight"
+    layer: str = "model.layers.{i}"  # every name below is under it
+    input_norm: str = "input_layernorm.weight"
+    post_norm: str = "post_attention_layernorm.weight"
+    attention: str = "self_attn"  # the q, k, v, o projections' module
+    mlp: str = "mlp"  # the gate, up, down projections' module
+    q: str = "q_proj"
+    k: str = "k_proj"
+    v: str = "v_proj"
+    o: str = "o_proj"
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+
 
 # one entry per projection, in ``LlamaModel.projections()`` order; None: no adapter in the step
 StepLora = tuple[tuple[LoraPart | None, ...] | None, ...] | None
@@ -155,10 +178,11 @@ class LlamaModel:
         dtype: torch.dtype,
         device: torch.device,
         ctx: LoraBatchContext,
-        kernel: Kernel,
+        lora_backend: LoraBackend,
         layout: PackedLayout | None = None,
         quantization: Quantization = "none",
         blocks: Mapping[str, QuantizedWeight] | None = None,
+        names: WeightNames = WeightNames(),
     ) -> None:
         """``layout``: keep the projections in this packed layout (CPU, float32; ``layouts.py``)
         and run them and the LM head through its kernel; None: dense matrices.
@@ -166,7 +190,9 @@ class LlamaModel:
         ``quantization`` int8/int4: the projections are quantized as they are read (``quantized.py``)
         and the embedding (and LM head) kept as per-row int8; gguf: the projections are ``blocks``
         (a GGUF file's, by checkpoint name) and the embedding stays float32. Quantized projections
-        run their own kernels: the float32 layouts do not apply (``layout`` is ignored)."""
+        run their own kernels: the float32 layouts do not apply (``layout`` is ignored).
+
+        ``names``: the checkpoint's tensor names (the model family's; ``families/``)."""
         if quantization != "none":
             layout = None
         self.config = config
@@ -189,7 +215,7 @@ class LlamaModel:
                     raise ValueError(
                         f"{prefix}: {error} (a GGUF file mixing block types within one is not served)"
                     ) from error
-                return FusedLinear(weight, b, names, ctx, kernel)
+                return FusedLinear(weight, b, names, ctx, lora_backend)
             if quantization != "none":  # quantized part by part: one float matrix resident at a time
                 weight = quantized.cat_rows(
                     [
@@ -197,20 +223,18 @@ class LlamaModel:
                         for p, _ in parts
                     ]
                 )
-                return FusedLinear(weight, b, names, ctx, kernel)
+                return FusedLinear(weight, b, names, ctx, lora_backend)
             if len(parts) > 1:  # cat makes the one copy
                 weight = torch.cat([get(f"{prefix}.{p}.weight", copy=False) for p, _ in parts])
             else:
                 weight = get(f"{prefix}.{parts[0][0]}.weight")
-            return FusedLinear(weight, b, names, ctx, kernel, layout=layout, edits=edits)
+            return FusedLinear(weight, b, names, ctx, lora_backend, layout=layout, edits=edits)
 
         edits = PackedEdits(capacity=4)  # a layer's four projections: each packed once per merge pass
 
         # Tied checkpoints keep one copy of the shared matrix, under either name.
-        embed_name = (
-            "model.embed_tokens.weight" if "model.embed_tokens.weight" in tensors else "lm_head.weight"
-        )
-        untied = not c.tie_word_embeddings and "lm_head.weight" in tensors and embed_name != "lm_head.weight"
+        embed_name = names.embed if names.embed in tensors else names.lm_head
+        untied = not c.tie_word_embeddings and names.lm_head in tensors and embed_name != names.lm_head
         # int8/int4: the embedding and LM head as per-row int8 (a real-size vocabulary in float32
         # would be most of the memory); otherwise float32 [V, H]
         self.embed_q: Int8Weight | None = None
@@ -222,32 +246,30 @@ class LlamaModel:
         if quantization in ("int8", "int4"):
             self.embed_q = quantized.quantize(get(embed_name, copy=False), "int8")
             self.head_q = (
-                quantized.quantize(get("lm_head.weight", copy=False), "int8") if untied else self.embed_q
+                quantized.quantize(get(names.lm_head, copy=False), "int8") if untied else self.embed_q
             )
             self.embed = self.lm_head = torch.empty(0, c.hidden_size)
         else:
             self.embed = get(embed_name)  # [V, H]
-            self.lm_head = get("lm_head.weight") if untied else self.embed  # [V, H]
+            self.lm_head = get(names.lm_head) if untied else self.embed  # [V, H]
             if isinstance(layout, BlockedLayout):
                 self.head_blocks = layout.pack(self.lm_head)  # [ceil(V / 16), H, 16]
                 self.lm_head = None
                 self.embed = self.embed if untied else None
-        self.final_norm = get("model.norm.weight")
+        self.final_norm = get(names.final_norm)
         self.layers: list[Layer] = []
         for i in range(c.num_layers):
-            attn, mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+            layer = names.layer.format(i=i)
+            attn, mlp = f"{layer}.{names.attention}", f"{layer}.{names.mlp}"
+            n = names
             self.layers.append(
                 Layer(
-                    input_norm=get(f"model.layers.{i}.input_layernorm.weight"),
-                    qkv=fused(
-                        attn, [("q_proj", c.q_size), ("k_proj", c.kv_size), ("v_proj", c.kv_size)], c.qkv_bias
-                    ),
-                    o_proj=fused(attn, [("o_proj", c.hidden_size)], False),
-                    post_norm=get(f"model.layers.{i}.post_attention_layernorm.weight"),
-                    gate_up=fused(
-                        mlp, [("gate_proj", c.intermediate_size), ("up_proj", c.intermediate_size)], False
-                    ),
-                    down=fused(mlp, [("down_proj", c.hidden_size)], False),
+                    input_norm=get(f"{layer}.{n.input_norm}"),
+                    qkv=fused(attn, [(n.q, c.q_size), (n.k, c.kv_size), (n.v, c.kv_size)], c.qkv_bias),
+                    o_proj=fused(attn, [(n.o, c.hidden_size)], False),
+                    post_norm=get(f"{layer}.{n.post_norm}"),
+                    gate_up=fused(mlp, [(n.gate, c.intermediate_size), (n.up, c.intermediate_size)], False),
+                    down=fused(mlp, [(n.down, c.hidden_size)], False),
                 )
             )
         self.inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling).to(device)
@@ -343,12 +365,13 @@ class LlamaModel:
             x = x + layer.down.apply(act, parts[3], row_slots, row_scale)
         return self.logits(rms_norm(x, self.final_norm, c.rms_norm_eps))
 
-    def step_lora(self, gathered: bool = False) -> StepLora:
-        """The current batch's adapters (from the shared context) as ``decode_logits`` takes them:
-        segmented (sizes follow the batch's adapters) or gathered (sizes fixed by the slot stacks)."""
+    def step_lora(self, form: LoraBackend) -> StepLora:
+        """The current batch's adapters (from the shared context) as ``decode_logits`` takes them,
+        in ``form``'s graph layout (``LoraBackend.step_part``): segmented (sizes follow the batch's adapters) or gathered (sizes fixed
+        by the slot stacks)."""
         if self.ctx.row_slots is None:
             return None
-        return tuple(projection.step_lora(self.ctx, gathered) for projection in self.projections())
+        return tuple(projection.step_lora(self.ctx, form) for projection in self.projections())
 
     @staticmethod
     def _gather(pool: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:

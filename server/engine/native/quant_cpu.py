@@ -2,7 +2,7 @@
 dequantized in registers, for batches of 1 to ``MAX_ROWS`` rows on AVX2/FMA.
 
 Built like the grouped LoRA kernel (``cpu_build.py``: compiled on first use into a private
-kernels directory, loaded with ctypes) and following its settings (``--cpu-kernel off`` turns it
+kernels directory, loaded with ctypes) and following its settings (``sgmv_cpu.configure``: ``off`` turns it
 off; ``--cache-dir``). ``quantized.py`` checks it against the reference dequantizers once before
 using it; where it cannot build or disagrees, the weights are dequantized in chunks and multiplied
 by PyTorch (same results, slower). The ctypes call releases the GIL while it runs.
@@ -104,7 +104,7 @@ class CompiledQuant:
 
 
 def load() -> CompiledQuant | None:
-    """The compiled kernels, or None when turned off (``--cpu-kernel off``) or not buildable here."""
+    """The compiled kernels, or None when turned off (``sgmv_cpu.configure("off")``) or not buildable here."""
     mode, cache_dir = sgmv_cpu.current()
     return None if mode == "off" else _build(cache_dir)
 

@@ -1,4 +1,6 @@
-"""NativeLlamaRunner: Llama, Mistral and Qwen2 on loraplex's own model code and paged KV memory."""
+"""NativeLlamaRunner: the model families of ``families/`` (Llama, Mistral, Qwen2) on loraplex's own
+model code and paged KV memory. One generic runner: a family brings its config reading, its
+checkpoint's names and its model class; everything here is the same for all of them."""
 
 from __future__ import annotations
 
@@ -12,10 +14,10 @@ from typing import Literal
 
 import torch
 
-from server.engine import gemv_cpu, sgmv_cpu
-from server.engine.lora_linear import Kernel, LoraBatchContext
+from server.engine import gemv_cpu
+from server.engine.lora import LoraBatchContext, choose_backend
 from server.engine.native import onednn
-from server.engine.native.config import NativeConfig
+from server.engine.native.families import family_for
 from server.engine.native.graphed import CompileMode, GraphedDecode, StepRows, StepTensors, decode_kind
 from server.engine.native.kv_cache import PagedKVCache
 from server.engine.native.layouts import BlockedLayout, OneDnnLayout, PackedLayout
@@ -62,7 +64,7 @@ class NativeLlamaRunner(ModelRunner):
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
-        kernel: Kernel = "grouped",
+        lora_backend: str = "auto",
         kv_cache_tokens: int | None = None,
         kv_cache_bytes: int | None = None,
         max_batch: int = 32,
@@ -93,10 +95,7 @@ class NativeLlamaRunner(ModelRunner):
         self.device = torch.device(device)
         self.dtype = dtype
         self.ctx = LoraBatchContext()
-        self.kernel = kernel
-        # the grouped kernel's PyTorch form reads rows sorted by adapter as views (``_slot_order``);
-        # its compiled form reads any row order at the same cost, so decode rows stay as they are
-        self._sort_rows = kernel == "grouped" and not sgmv_cpu.used_for(kernel, self.device, dtype)
+        self.lora_backend = choose_backend(lora_backend, self.device, dtype)  # server/engine/lora/
         self.decode_kind = decode_kind(compile, self.device)
         self.quantization = self._check_quantization(quantization, weight_layout)
         self.can_merge = quantization == "none"
@@ -106,7 +105,9 @@ class NativeLlamaRunner(ModelRunner):
             self.weight_layout = "quantized"
         else:
             self.weight_layout, layout = self._weight_layout(weight_layout)
-        config = NativeConfig.from_dict(json.loads((Path(model_dir) / "config.json").read_text()))
+        raw_config = json.loads((Path(model_dir) / "config.json").read_text())
+        family = family_for(raw_config)
+        config = family.read_config(raw_config)
         blocks = None
         if quantization == "gguf":
             from server.engine.native.gguf_blocks import read_projection_blocks
@@ -116,10 +117,11 @@ class NativeLlamaRunner(ModelRunner):
                     "--quantization gguf needs a GGUF file (the embedded model's, or one in --model)"
                 )
             blocks = read_projection_blocks(gguf_file, config)
-        self.model = LlamaModel(
+        self.family = family
+        self.model: LlamaModel = family.model(
             config, (ReadCheckpoint if quantization != "none" else Checkpoint)(Path(model_dir)), dtype, self.device,
-            self.ctx, kernel,
-            layout=layout, quantization=quantization, blocks=blocks,
+            self.ctx, self.lora_backend,
+            layout=layout, quantization=quantization, blocks=blocks, names=family.names,
         )  # fmt: skip
         del blocks
         if quantization != "none":
@@ -149,7 +151,9 @@ class NativeLlamaRunner(ModelRunner):
         self.graphs: GraphedDecode | None = None
         if self.decode_kind != "eager":
             max_blocks = self.kv.blocks_for(min(max_seq_len, self.kv.capacity_tokens))
-            self.graphs = GraphedDecode(self.model, self.kv, self.decode_kind, max_batch, max_blocks)
+            self.graphs = GraphedDecode(
+                self.model, self.kv, self.decode_kind, max_batch, max_blocks, self.lora_backend
+            )
             self.graphs.warm_up()
         self._lora_targets: dict[str, LoraTarget] = {}
         self._weight_targets: dict[str, WeightTarget] = {}
@@ -306,11 +310,11 @@ class NativeLlamaRunner(ModelRunner):
         return self.model.logits(hidden.index_select(0, back.to(hidden.device)))
 
     def _slot_order(self, inputs: Sequence[DecodeInput]) -> list[int] | None:
-        """The rows sorted by adapter slot (the bare base first), when an eager step over several
-        adapters reads them through the grouped kernel's PyTorch form: each adapter's rows then
-        lie side by side and the kernel reads and writes them as views, without a gather or a
-        scatter. None when the order would not change or does not matter."""
-        if self.graphs is not None or not self._sort_rows:
+        """The rows sorted by adapter slot (the bare base first), when an eager step reads them
+        through a LoRA backend that ``wants_sorted_rows`` (grouped: each adapter's rows then lie
+        side by side and it reads and writes them as views, without a gather or a scatter).
+        None when the order would not change or does not matter."""
+        if self.graphs is not None or not self.lora_backend.wants_sorted_rows:
             return None
         slots = [i.slot for i in inputs]
         order = sorted(range(len(slots)), key=slots.__getitem__)

@@ -1,9 +1,11 @@
-"""The grouped LoRA kernel compiled from C (server/engine/sgmv_cpu.py) against the dense reference.
+"""The LoRA backends on fused projections against the dense reference, and the compiled one's
+loading (server/engine/lora/compiled_cpu.py, server/engine/sgmv_cpu.py).
 
-The engine-level tests (PEFT, solo = mixed) run it through the ``grouped`` kernel parametrization
-(tests/kernels.py); these cover the shapes its blocking has to get right: partial row tiles,
-ranks and widths that are not multiples of its 16-column blocks, row scales, several tokens per
-row, an output that is a column slice of a wider tensor, and parts an adapter skips.
+The engine-level tests (PEFT, solo = mixed) run every backend through tests/lora_backends.py;
+these cover the shapes the compiled kernel's blocking has to get right (and hold the other
+backends to the same): partial row tiles, ranks and widths that are not multiples of its
+16-column blocks, row scales, several tokens per row, an output that is a column slice of a wider
+tensor, and parts an adapter skips.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ import pytest
 import torch
 
 from server.engine import cpu_build, sgmv_cpu
-from server.engine.lora_linear import BASE_SLOT, GroupedLora, LoraBatchContext, LoraSlotBank
+from server.engine.lora import BASE_SLOT, LoraBatchContext, LoraProjection, LoraSlotBank, choose_backend
+from server.engine.lora.compiled_cpu import CompiledCpuBackend
+from server.engine.native.graphed import graph_lora_form
+from tests.lora_backends import LORA_BACKENDS, lora_backend
 
 
 def _can_build_here() -> bool:
@@ -23,16 +28,26 @@ def _can_build_here() -> bool:
 
 
 def test_the_compiled_kernel_loads_wherever_it_can_be_built() -> None:
-    """On a machine with a C compiler and AVX2/FMA (CI's) the compiled form is what ``grouped``
-    runs; ``--cpu-kernel off`` turns it off; other devices and dtypes never use it."""
+    """On a machine with a C compiler and AVX2/FMA (CI's) ``--lora-backend auto`` picks the
+    compiled backend on the CPU in float32, and grouped for other dtypes; where the kernel is off
+    (or cannot build) auto picks grouped and asking for compiled-cpu says what to use instead."""
+    cpu = torch.device("cpu")
     sgmv_cpu.configure("auto")
     assert (sgmv_cpu.load() is not None) == _can_build_here()
-    assert sgmv_cpu.used_for("grouped", torch.device("cpu"), torch.float32) == _can_build_here()
-    assert not sgmv_cpu.used_for("segmented", torch.device("cpu"), torch.float32)
-    assert not sgmv_cpu.used_for("grouped", torch.device("cpu"), torch.bfloat16)
+    assert CompiledCpuBackend.serves(cpu, torch.float32) == _can_build_here()
+    assert not CompiledCpuBackend.serves(cpu, torch.bfloat16)
+    assert choose_backend("auto", cpu, torch.float32).name == (
+        "compiled-cpu" if _can_build_here() else "grouped"
+    )
+    assert choose_backend("auto", cpu, torch.bfloat16).name == "grouped"
+    assert not choose_backend("auto", cpu, torch.float32).wants_sorted_rows or not _can_build_here()
     sgmv_cpu.configure("off")
     assert sgmv_cpu.load() is None
-    assert GroupedLora([_bank(8, 4, {})], [(0, 4)]).compiled is None
+    assert choose_backend("auto", cpu, torch.float32).name == "grouped"
+    with pytest.raises(ValueError, match="use --lora-backend grouped"):
+        choose_backend("compiled-cpu", cpu, torch.float32)
+    with pytest.raises(ValueError, match="unknown LoRA backend 'gather_bmm'"):
+        choose_backend("gather_bmm", cpu, torch.float32)
     with pytest.raises(ValueError, match="auto or off"):
         sgmv_cpu.configure("on")  # type: ignore[arg-type]
 
@@ -46,7 +61,7 @@ def test_a_compiler_that_fails_leaves_the_pytorch_form(tmp_path: Path, monkeypat
 
 def _bank(k: int, d: int, slots: dict[int, tuple[int, int, float]]) -> LoraSlotBank:
     """A bank with, per slot, random factors of (rank, seed) and a scale."""
-    bank = LoraSlotBank(k, d, torch.float32, torch.device("cpu"), "grouped")
+    bank = LoraSlotBank(k, d, torch.float32, torch.device("cpu"))
     for slot, (rank, seed, scale) in slots.items():
         g = torch.Generator().manual_seed(seed)
         bank.set_slot(slot, torch.randn(rank, k, generator=g), torch.randn(d, rank, generator=g), scale)
@@ -63,15 +78,15 @@ BATCHES = {
 }
 
 
+@pytest.mark.parametrize("backend", LORA_BACKENDS)
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize(("k", "widths", "ranks"), [(24, (40, 9), (4, 8)), (37, (16, 100, 7), (16, 5, 24))])
-def test_compiled_kernel_equals_the_dense_reference(batch: str, k: int, widths, ranks) -> None:
+def test_backend_equals_the_dense_reference(backend: str, batch: str, k: int, widths, ranks) -> None:
     """Parts of a fused output, each with its own slots (slot 2 skips the first part, slot 1 the
     last), into a column slice of a wider output; every row against ``y + c · s · B A x``."""
-    if not _can_build_here():
+    if backend == "compiled-cpu" and not _can_build_here():
         pytest.fail("this test needs a C compiler and an AVX2/FMA CPU, as CI has")
     row_slots, scales, seq = BATCHES[batch]
-    sgmv_cpu.configure("auto")
     banks, spans, start = [], [], 0
     for p, (width, rank) in enumerate(zip(widths, ranks, strict=True)):
         slots = {
@@ -86,8 +101,7 @@ def test_compiled_kernel_equals_the_dense_reference(batch: str, k: int, widths, 
         banks.append(_bank(k, width, slots))
         spans.append((start, start + width))
         start += width
-    lora = GroupedLora(banks, spans)
-    assert lora.compiled is not None
+    lora = LoraProjection(banks, spans, lora_backend(backend))
     ctx = LoraBatchContext()
     ctx.set_rows(row_slots, "cpu", scales)
     x = torch.randn(len(row_slots), seq, k)  # x: [B, T, k]
@@ -112,8 +126,7 @@ def test_compiled_kernel_equals_the_dense_reference(batch: str, k: int, widths, 
 def test_compiled_kernel_refuses_inputs_that_do_not_fit() -> None:
     if not _can_build_here():
         pytest.fail("this test needs a C compiler and an AVX2/FMA CPU, as CI has")
-    sgmv_cpu.configure("auto")
-    lora = GroupedLora([_bank(8, 6, {0: (2, 1, 1.0)})], [(0, 6)])
+    lora = LoraProjection([_bank(8, 6, {0: (2, 1, 1.0)})], [(0, 6)], lora_backend("compiled-cpu"))
     ctx = LoraBatchContext()
     ctx.set_rows([0, 0], "cpu")
     with pytest.raises(ValueError, match="do not fit"):
@@ -121,3 +134,26 @@ def test_compiled_kernel_refuses_inputs_that_do_not_fit() -> None:
     ctx.set_rows([0, 0, 0, 0], "cpu")  # rows the tensors below do not have: refused, never read
     with pytest.raises(ValueError, match="do not fit"):
         lora.add_delta(torch.randn(2, 1, 8), torch.zeros(2, 6), ctx)
+
+
+def test_graph_steps_take_a_graph_form_of_the_runners_backend() -> None:
+    """Captured CUDA graphs keep the runner's backend only when it is graph_safe (its tensors keep
+    their addresses), else use gathered; compiled steps use segmented (shapes follow the batch)."""
+    cpu = torch.device("cpu")
+    grouped, gathered = lora_backend("grouped"), lora_backend("gathered")
+    assert graph_lora_form("cuda_graphs", gathered, cpu, torch.float32) is gathered
+    assert graph_lora_form("cuda_graphs", grouped, cpu, torch.float32).name == "gathered"
+    assert graph_lora_form("compile", grouped, cpu, torch.float32).name == "segmented"
+    assert [b for b in LORA_BACKENDS if lora_backend(b).graph_safe] == ["gathered"]
+    bank = _bank(8, 6, {0: (2, 1, 1.0)})
+    ctx = LoraBatchContext()
+    ctx.set_rows([0, BASE_SLOT], "cpu")
+    with pytest.raises(NotImplementedError, match="grouped LoRA backend has no graph form"):
+        grouped.step_part(bank, ctx)
+    x = torch.randn(2, 8)
+    rows, scales = ctx.row_slots, torch.ones(2)
+    assert rows is not None
+    for form in (gathered, graph_lora_form("compile", grouped, cpu, torch.float32)):
+        delta = form.step_part(bank, ctx).delta(x, rows, scales)  # [2, 6]
+        torch.testing.assert_close(delta[0], bank.delta_weight(0) @ x[0])
+        torch.testing.assert_close(delta[1], torch.zeros(6))
