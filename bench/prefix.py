@@ -109,8 +109,8 @@ class Bench:
         from server.engine.requests import ErrorEvent, FinishEvent, GenerationRequest, TokenEvent
         from server.engine.sampling import SamplingParams
 
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         done = threading.Event()
         events: list = []
 

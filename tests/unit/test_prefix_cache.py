@@ -34,6 +34,7 @@ def llama(tmp_path_factory, tokenizer):
     model = AutoModelForCausalLM.from_config(tiny_llama_config(len(tokenizer))).eval()
     path = tmp_path_factory.mktemp("prefix-llama")
     model.save_pretrained(path)
+    tokenizer.save_pretrained(path)  # the native loader reads it from the model's folder
     return model, path
 
 
@@ -317,3 +318,60 @@ def test_the_hf_runner_has_no_prefix_cache(tiny_model, tokenizer) -> None:
     assert not engine.prefix_cache and engine.runner.prefix_cache_stats() is None
     ids = _prompt(22, 40)
     assert _run(engine, ids)[1] == 0 and _run(engine, ids)[1] == 0
+
+
+# ----------------------------------------------------------------------------- settings and /info
+
+
+def test_prefix_cache_setting_flag_env_and_refusal(monkeypatch) -> None:
+    from pydantic import ValidationError
+    from typer.testing import CliRunner
+
+    from server.cli import app
+    from server.config import Settings
+
+    assert Settings().prefix_cache == "on"
+    monkeypatch.setenv("LORAPLEX_PREFIX_CACHE", "off")
+    assert Settings().prefix_cache == "off"
+    with pytest.raises(ValidationError, match="prefix_cache"):
+        Settings(prefix_cache="sometimes")
+    result = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
+    assert "--prefix-cache" in result.output
+
+
+def _chat_cached(client, model: str, text: str) -> int:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": 2,
+        "temperature": 0,
+    }
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+@pytest.mark.parametrize(("runner", "setting"), [("hf", "on"), ("native", "off"), ("native", "on")])
+def test_info_and_usage_say_whether_the_prefix_cache_runs(
+    llama, tokenizer, tmp_path, runner, setting
+) -> None:
+    from tests.api_helpers import start_client
+
+    model, path = llama
+    client = start_client(model, tokenizer, tmp_path, model_path=path, runner=runner, prefix_cache=setting)
+    try:
+        info = client.get("/info").json()
+        text = " ".join(["a long shared history"] * 20)
+        first, second = (_chat_cached(client, info["model"], text) for _ in range(2))
+        if runner == "native" and setting == "on":
+            assert info["prefix_cache"]["enabled"] is True and info["prefix_cache"]["lookups"] == 0
+            assert first == 0 and second > 0
+            assert client.get("/info").json()["prefix_cache"]["hit_tokens"] == second
+            assert "loraplex_prefix_cache_hit_tokens_total" in client.get("/metrics").text
+        else:
+            reason = "--prefix-cache off" if runner == "native" else "the hf runner has no prefix cache"
+            assert info["prefix_cache"]["enabled"] is False and reason in info["prefix_cache"]["reason"]
+            assert first == second == 0
+            assert "loraplex_prefix_cache_lookups" not in client.get("/metrics").text
+    finally:
+        client.__exit__(None, None, None)
