@@ -18,6 +18,11 @@ the weights, the KV memory and the forward passes. When the runner's KV memory i
 requests wait; when a running row cannot grow, the newest row is preempted (its KV memory freed)
 and recomputed later from its prompt and the tokens it already streamed.
 
+Prefix caching (``--prefix-cache``, runners with ``supports_prefix_cache``): an admitted row's
+sequence starts on the longest cached prefix of what it prefills, computed by the same identity
+(``prefix_identity``: the base, or one adapter version at one scale); only the rest is prefilled,
+and a preempted row usually finds its own blocks again when it is recomputed.
+
 HTTP handlers never touch the model: they call :meth:`Engine.submit` and await events; admin
 operations run on the engine thread between steps through :meth:`Engine.call`.
 """
