@@ -227,7 +227,17 @@ def _fmt(phases: list[Phase], args: argparse.Namespace, command: str, max_prompt
         f"Throughput with the cache on: **{r_on[3] / r_off[3]:.2f}x** the cache off (target >= 2x); "
         f"TTFT p50 {r_on[1] / r_off[1]:.2f}x, p95 {r_on[2] / r_off[2]:.2f}x.",
         "",
+        "## Each phase, in the order run (the machine's load moves between phases)",
+        "",
+        "| phase | cache | chats wall (s) | turns/s | TTFT p50 (s) | long prompt cold / warm (s) |",
+        "| ---: | --- | ---: | ---: | ---: | ---: |",
     ]
+    for i, p in enumerate(phases):
+        lines.append(
+            f"| {i} | {'on' if p.cache else 'off'} | {p.wall:.1f} | {p.turns / p.wall:.3f} | {median(p.ttft):.3f} "
+            f"| {median(p.cold_ttft):.3f} / {median(p.warm_ttft):.3f} |"
+        )
+    lines.append("")
     return "\n".join(lines)
 
 
