@@ -80,6 +80,7 @@ def engine_config(settings: Settings, base: LoadedBase) -> EngineConfig:
         switch_wait=settings.switch_wait,
         checkpoint_dir=base.path if base.path.is_dir() else None,
         max_prompt_chars=settings.max_prompt_chars,
+        prefix_cache=settings.prefix_cache == "on",
     )
 
 
@@ -91,6 +92,11 @@ def build_engine(settings: Settings, base: LoadedBase, store: AdapterStore) -> E
     else:
         assert base.model is not None
         engine = Engine.for_hf_model(base.model, base.tokenizer, config)
+    if settings.prefix_cache == "on" and not engine.prefix_cache:
+        log.info(
+            "prefix caching is off: the %s runner does not support it (the native runner does)",
+            engine.runner.name,
+        )
     store.bind_base(engine.base_shapes, settings.max_rank)
     register_startup_adapters(settings, store)
     engine.start()

@@ -92,6 +92,10 @@ def serve(
         str | None,
         typer.Option(help="Native runner, CPU: none (default), int8, int4 or gguf (the GGUF file's blocks)."),
     ] = None,
+    prefix_cache: Annotated[
+        str | None,
+        typer.Option(help="Native runner: on (default: reuse cached KV blocks of a prompt prefix) or off."),
+    ] = None,
     max_prefill_tokens: Annotated[
         int | None,
         typer.Option(help="Prompt tokens prefilled per engine step (4096); longer prompts are chunked."),
@@ -134,7 +138,7 @@ def serve(
         "kv_cache_tokens": kv_cache_tokens, "kv_cache_memory": kv_cache_memory, "compile": compile,
         "weight_layout": weight_layout, "max_prefill_tokens": max_prefill_tokens, "shutdown_timeout": shutdown_timeout,
         "upload_timeout": upload_timeout, "adapter_source": adapter_source,
-        "adapter_source_refresh": adapter_source_refresh, "quantization": quantization,
+        "adapter_source_refresh": adapter_source_refresh, "quantization": quantization, "prefix_cache": prefix_cache,
         "max_body_kb": max_body_kb, "max_prompt_chars": max_prompt_chars, "allowed_hosts": allowed_hosts,
     }  # fmt: skip
     import uvicorn

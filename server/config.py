@@ -80,6 +80,12 @@ class Settings(BaseSettings):
         "linear kernel's blocks (streams the weights near memory bandwidth); packed: oneDNN's packed layout; "
         "dense: plain matrices; auto: blocked where the kernel builds, else packed where it applies.",
     )
+    prefix_cache: Literal["on", "off"] = Field(
+        "on",
+        description="Native runner: reuse the KV blocks of a prompt prefix seen before (a chat's history), "
+        "keyed by the adapter version and scale that computed them; off: prefill every prompt whole. "
+        "The hf runner has no prefix cache.",
+    )
     adapter_source: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Where to fetch adapters that are not stored, s3://BUCKET/PREFIX (repeatable, searched "

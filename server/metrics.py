@@ -189,11 +189,44 @@ class EngineCollector(Collector):
                 yield _gauge(
                     "loraplex_kv_cache_bytes", "Bytes reserved for the KV memory.", kv.bytes_reserved
                 )
+            yield from _prefix_cache_metrics(engine, runner)
         yield _counter("loraplex_swaps", "Merged-mode adapter swaps (merge/unmerge).", _num(stats, "swaps"))
         yield _counter(
             "loraplex_swap_seconds", "Seconds spent swapping merged adapters.", _num(stats, "swap_seconds")
         )
         yield batch_size_histogram(getattr(stats, "batch_sizes", None))
+
+
+def _prefix_cache_metrics(engine: Any, runner: Any) -> Iterator[Metric]:
+    """``--prefix-cache`` counters, where the runner has a prefix cache and it is on."""
+    stats_of = getattr(runner, "prefix_cache_stats", None)
+    stats = stats_of() if stats_of is not None and getattr(engine, "prefix_cache", False) else None
+    if stats is None:
+        return
+    yield _counter(
+        "loraplex_prefix_cache_lookups", "Sequences that looked for a cached prompt prefix.", stats.lookups
+    )
+    yield _counter(
+        "loraplex_prefix_cache_lookup_tokens",
+        "Prompt tokens looked up in the prefix cache.",
+        stats.lookup_tokens,
+    )
+    yield _counter(
+        "loraplex_prefix_cache_hit_tokens",
+        "Prompt tokens found in the prefix cache (their K and V reused, not prefilled).",
+        stats.hit_tokens,
+    )
+    yield _counter(
+        "loraplex_prefix_cache_evictions",
+        "Cached KV blocks no request used, taken back (LRU) for other tokens.",
+        stats.evictions,
+    )
+    yield _gauge("loraplex_prefix_cache_blocks", "KV blocks cached under a prefix key.", stats.cached_blocks)
+    yield _gauge(
+        "loraplex_prefix_cache_evictable_blocks",
+        "Cached KV blocks no running request uses (kept until the memory is needed).",
+        stats.evictable_blocks,
+    )
 
 
 def batch_size_histogram(batch_sizes: Mapping[int, int] | Iterable[int] | None) -> HistogramMetricFamily:

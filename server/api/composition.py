@@ -109,7 +109,7 @@ class CompositionService:
                 merged.weights,
                 dataclasses.replace(spec, seed=seed),
                 adapter_id=VIRTUAL_PREFIX + digest[:16],
-                version=digest[:16],
+                version=digest,  # the whole digest: slots and cached KV blocks are keyed by it
                 max_rank=self.max_rank,
             )
             with self._lock:

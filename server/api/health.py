@@ -57,6 +57,30 @@ def _kv_cache(engine: Engine) -> dict:
     }
 
 
+def _prefix_cache(engine: Engine) -> dict:
+    """``--prefix-cache``: whether it runs (the HF runner has none) and its counters since start."""
+    stats = engine.runner.prefix_cache_stats()
+    if not engine.prefix_cache or stats is None:
+        reason = (
+            "--prefix-cache off"
+            if engine.runner.supports_prefix_cache
+            else (f"the {engine.runner.name} runner has no prefix cache (the native runner has)")
+        )
+        return {"enabled": False, "reason": reason}
+    block = getattr(getattr(engine.runner, "kv", None), "block_size", None)
+    return {
+        "enabled": True,
+        "block_size": block,
+        "lookups": stats.lookups,
+        "lookup_tokens": stats.lookup_tokens,
+        "hit_tokens": stats.hit_tokens,
+        "hit_rate": round(stats.hit_tokens / stats.lookup_tokens, 4) if stats.lookup_tokens else 0.0,
+        "cached_blocks": stats.cached_blocks,
+        "evictable_blocks": stats.evictable_blocks,
+        "evictions": stats.evictions,
+    }
+
+
 def _decode(engine: Engine) -> dict:
     """How decode steps run (``--compile``): eager, compile (CPU) or cuda_graphs, and the graphs made;
     ``weights``: the projections' layout (native runner: ``packed`` for oneDNN on the CPU, or
@@ -91,6 +115,7 @@ async def info(
         "runner": engine.runner.name,
         "decode": _decode(engine),
         "kv_cache": _kv_cache(engine),
+        "prefix_cache": _prefix_cache(engine),
         "limits": {
             "max_batch": engine.config.max_batch,
             "max_input_tokens": engine.config.max_input_tokens,

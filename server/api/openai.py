@@ -379,11 +379,19 @@ def openai_text(finish: FinishEvent) -> str:
     return finish.generated_text
 
 
-def usage(finishes: list[FinishEvent], n: int = 1, generate: bool = True) -> dict[str, int]:
-    """Each prompt counts once (``finishes`` in index order, ``n`` per prompt); every choice's tokens count."""
+def usage(finishes: list[FinishEvent], n: int = 1, generate: bool = True) -> dict[str, Any]:
+    """Each prompt counts once (``finishes`` in index order, ``n`` per prompt); every choice's tokens count.
+    ``prompt_tokens_details.cached_tokens``: the prompt tokens whose K and V came from the prefix
+    cache (``--prefix-cache``), as OpenAI reports its prompt caching."""
     prompt = sum(f.prompt_tokens for f in finishes[::n])
+    cached = sum(f.cached_tokens for f in finishes[::n])
     completion = sum(f.generated_tokens for f in finishes) if generate else 0
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 class _Reply:
@@ -414,7 +422,7 @@ class _Reply:
     def _finish_reason(self, finish: FinishEvent) -> str:
         return openai_finish_reason(finish) if self.wants.generate else "length"
 
-    def _usage(self, finishes: list[FinishEvent]) -> dict[str, int]:
+    def _usage(self, finishes: list[FinishEvent]) -> dict[str, Any]:
         return usage(finishes, self.n, self.wants.generate)
 
     def whole(self, finishes: list[FinishEvent]) -> dict:

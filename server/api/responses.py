@@ -231,7 +231,7 @@ def _tool_choice(body: ResponsesRequest) -> Any:
 def _usage(finish: FinishEvent) -> dict[str, Any]:
     return {
         "input_tokens": finish.prompt_tokens,
-        "input_tokens_details": {"cached_tokens": 0},
+        "input_tokens_details": {"cached_tokens": finish.cached_tokens},
         "output_tokens": finish.generated_tokens,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": finish.prompt_tokens + finish.generated_tokens,

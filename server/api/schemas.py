@@ -234,6 +234,9 @@ class BestOfSequence(BaseModel):
 class Details(BaseModel):
     finish_reason: Literal["length", "eos_token", "stop_sequence"]
     prompt_tokens: int
+    cached_tokens: int = Field(
+        0, description="Prompt tokens whose KV came from the prefix cache (not prefilled)."
+    )
     generated_tokens: int
     seed: int | None
     adapter_id: str | None
@@ -251,6 +254,9 @@ class GenerateResponse(BaseModel):
 class StreamDetails(BaseModel):
     finish_reason: Literal["length", "eos_token", "stop_sequence"]
     prompt_tokens: int
+    cached_tokens: int = Field(
+        0, description="Prompt tokens whose KV came from the prefix cache (not prefilled)."
+    )
     generated_tokens: int
     seed: int | None
     adapter_id: str | None

@@ -117,6 +117,7 @@ class TgiGeneration:
         details: dict[str, Any] = {
             "finish_reason": finish.finish_reason,
             "prompt_tokens": finish.prompt_tokens,
+            "cached_tokens": finish.cached_tokens,  # loraplex's: the prompt's cached prefix (--prefix-cache)
             "generated_tokens": finish.generated_tokens,
             "seed": finish.seed,
             "adapter_id": request.adapter_id,

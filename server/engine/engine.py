@@ -18,6 +18,11 @@ the weights, the KV memory and the forward passes. When the runner's KV memory i
 requests wait; when a running row cannot grow, the newest row is preempted (its KV memory freed)
 and recomputed later from its prompt and the tokens it already streamed.
 
+Prefix caching (``--prefix-cache``, runners with ``supports_prefix_cache``): an admitted row's
+sequence starts on the longest cached prefix of what it prefills, computed by the same identity
+(``prefix_identity``: the base, or one adapter version at one scale); only the rest is prefilled,
+and a preempted row usually finds its own blocks again when it is recomputed.
+
 HTTP handlers never touch the model: they call :meth:`Engine.submit` and await events; admin
 operations run on the engine thread between steps through :meth:`Engine.call`.
 """
@@ -70,6 +75,7 @@ class EngineConfig:
     auto_min_uniform_steps: int = 8  # auto mode: fewest uniform steps before merging
     checkpoint_dir: Path | None = None  # safetensors checkpoint to restore base weights from
     max_prompt_chars: int = 262144  # longest prompt text, checked before tokenizing (server.api.generation)
+    prefix_cache: bool = True  # reuse cached KV blocks of equal prompt prefixes (runners that support it)
 
 
 @dataclass
@@ -124,6 +130,8 @@ class Engine:
             runner.weight_targets, config.checkpoint_dir, can_merge=config.mode != "unmerged"
         )
         self.auto = AutoPolicy(min_uniform_steps=config.auto_min_uniform_steps)
+        # --prefix-cache: on where the runner supports it (the HF runner does not)
+        self.prefix_cache = config.prefix_cache and runner.supports_prefix_cache
         self.stats = EngineStats()
         self._inbox: queue.SimpleQueue[GenerationRequest | _Control] = queue.SimpleQueue()
         self._waiting: deque[GenerationRequest] = deque()
@@ -446,14 +454,12 @@ class Engine:
         kv_sequences = len(self._prefilling)
         while self._waiting:
             request = self._waiting.popleft()
-            n = len(_recompute_ids(request, self._preempted.get(request.request_id)))
+            eligible = free > 0 and (only_key == "any" or key_of(request) == only_key)
+            if eligible and needs_slot and request.adapter is not None:
+                eligible = self.slots.can_acquire(request.adapter.key)
+            n = self._new_kv_tokens(request) if eligible else 0  # hashes the prompt: only when eligible
             in_budget = chunked or not admitted or n <= budget
-            fits = free > 0 and in_budget and self.runner.can_admit(kv_tokens + n, kv_sequences + 1)
-            if only_key != "any" and key_of(request) != only_key:
-                fits = False
-            if not fits or (
-                needs_slot and request.adapter is not None and not self.slots.can_acquire(request.adapter.key)
-            ):
+            if not (eligible and in_budget and self.runner.can_admit(kv_tokens + n, kv_sequences + 1)):
                 still_waiting.append(request)
                 continue
             try:
@@ -467,6 +473,28 @@ class Engine:
             kv_sequences += 1
         self._waiting = still_waiting
         return admitted
+
+    def _new_kv_tokens(self, request: GenerationRequest) -> int:
+        """The KV memory a request's admission takes, in tokens: its prompt (and, when recomputed,
+        what it streamed), less a cached prefix it will reuse (``_start_sequence``), plus the part of
+        that prefix in blocks no one holds now (reviving them takes them from the free memory)."""
+        ids = _recompute_ids(request, self._preempted.get(request.request_id))
+        if not self.prefix_cache or (request.want_prompt_logprobs and request.prompt_logprobs is None):
+            return len(ids)
+        hit = self.runner.cached_prefix(prefix_identity(request), ids)
+        return len(ids) - hit.tokens + hit.revived_tokens
+
+    def _start_sequence(self, row: Row, first: bool) -> None:
+        """Create the row's sequence in the runner's KV memory, holding the longest cached prefix
+        of what it prefills; the rest is prefilled from there. A row that wants its prompt's
+        log-probabilities reuses nothing (they come from one pass over the whole prompt) but its
+        blocks are cached for others."""
+        if not self.prefix_cache:
+            return
+        reuse = () if _wants_prompt(row) else row.prefill_ids
+        row.prefilled = self.runner.start_sequence(row.seq_id, prefix_identity(row.request), reuse)
+        if first:
+            row.cached_tokens = min(row.prefilled, len(row.request.prompt_ids))
 
     def _refuse_admission(self, request: GenerationRequest, exc: Exception) -> None:
         """A request whose admission raised ends with an error; the engine and other rows go on."""
@@ -489,6 +517,7 @@ class Engine:
 
     def _build_row(self, request: GenerationRequest, slot: int) -> Row:
         row = self._preempted.pop(request.request_id, None)
+        first = row is None
         if row is not None:  # recompute: the row goes on where it stopped
             row.slot = slot
         else:
@@ -504,6 +533,7 @@ class Engine:
             )
         row.prefill_ids = _recompute_ids(request, row)
         row.prefilled = 0
+        self._start_sequence(row, first)  # last: nothing after it may fail and leak the sequence
         return row
 
     def _prefill_step(self) -> None:
@@ -668,6 +698,7 @@ class Engine:
                 stop_at=stop_at,
                 prompt_logprobs=request.prompt_logprobs,
                 prompt_top_tokens=request.prompt_top_tokens,
+                cached_tokens=row.cached_tokens,
             )
         )
 
@@ -695,6 +726,15 @@ class Engine:
             self._release(row)
         self.runner.release(r.seq_id for r in rows)
         self._rows, self._prefilling = [], []
+
+
+def prefix_identity(request: GenerationRequest) -> str:
+    """What computes a request's K and V, as the prefix cache keys it: the bare base, or the adapter
+    version it is served (``id@version``: a stored adapter's version holds its sha256 and a sequence
+    number that never repeats; a composition's, its whole digest) at its ``adapter_scale``. Merged
+    and unmerged serving of one adapter have the same identity: see docs/prefix-caching.md."""
+    served = request.served_adapter
+    return "base" if served is None else f"adapter:{served.key}"
 
 
 def _wants_prompt(row: Row) -> bool:

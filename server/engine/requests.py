@@ -52,6 +52,7 @@ class FinishEvent:
     prompt_logprobs: list[float] | None = None
     # the prompt_top_n most likely tokens at each of those positions, when asked
     prompt_top_tokens: list[tuple[TopToken, ...]] | None = None
+    cached_tokens: int = 0  # prompt tokens whose K and V came from the prefix cache (not prefilled)
 
 
 @dataclass(frozen=True)

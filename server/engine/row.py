@@ -26,7 +26,8 @@ class Row:
     generated_ids: list[int] = field(default_factory=list)  # what was streamed (recompute after preemption)
     tokens: list[dict[str, Any]] = field(default_factory=list)  # details, when asked for
     prefill_ids: list[int] = field(default_factory=list)  # what to put in the KV cache before decoding
-    prefilled: int = 0  # how many of prefill_ids are in the KV cache (chunked prefill)
+    prefilled: int = 0  # how many of prefill_ids are in the KV cache (chunked prefill, a cached prefix)
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission (usage.cached_tokens)
     grammar: RowGrammar | None = None  # structured output: where the row is in its grammar
 
     @property

@@ -39,12 +39,15 @@ from server.engine.lora import LoraBackend
 class PrefillInput:
     """Tokens to add to a sequence's cache before it decodes.
 
-    A runner whose ``supports_chunked_prefill`` is False gets whole prompts only (``start == 0``).
+    A runner whose ``supports_chunked_prefill`` is False gets whole prompts only (``start == 0``);
+    one whose ``supports_prefix_cache`` is False never starts a sequence with a cached prefix.
     """
 
     seq_id: int
     token_ids: Sequence[int]  # the new tokens: a whole prompt, or the next chunk of one
-    start: int  # tokens of this sequence already in the cache (0 for a new sequence)
+    # the length of the prefix already in KV memory: earlier chunks, and the cached blocks the
+    # sequence started with (ModelRunner.start_sequence); the new tokens take positions start, start+1, ...
+    start: int
     slot: int  # adapter slot, BASE_SLOT for none
     want_token_logprobs: bool = False  # also return log p(token_ids[j] | everything before), j >= 1
     scale: float = 1.0  # factor on the slot's update for this row (the request's adapter_scale)
@@ -84,6 +87,28 @@ class DecodeInput:
     token_id: int  # the token to append (the last one sampled)
     slot: int
     scale: float = 1.0  # factor on the slot's update for this row (the request's adapter_scale)
+
+
+@dataclass(frozen=True)
+class PrefixHit:
+    """A cached prefix a new sequence would start with: ``tokens`` long, of which ``revived_tokens``
+    sit in blocks no sequence references now (reusing those takes them out of the memory that can
+    be handed out, as allocating would: admission counts them like new tokens)."""
+
+    tokens: int = 0
+    revived_tokens: int = 0
+
+
+@dataclass
+class PrefixCacheStats:
+    """Prefix-cache counters since start (/info, /metrics)."""
+
+    lookups: int = 0  # sequences that looked for a cached prefix
+    lookup_tokens: int = 0  # tokens they looked up (their prompts)
+    hit_tokens: int = 0  # tokens found cached (not prefilled again)
+    evictions: int = 0  # cached blocks taken back for other tokens
+    cached_blocks: int = 0  # blocks registered now (in use or not)
+    evictable_blocks: int = 0  # of those, referenced by no sequence (kept until memory is needed)
 
 
 @dataclass(frozen=True)
@@ -153,6 +178,8 @@ class ModelRunner(ABC):
     vocab_size: int
     max_positions: int | None  # the model's context length, None when unknown
     supports_chunked_prefill: bool = False
+    # prefix caching (native runner): full KV blocks shared between sequences of one identity
+    supports_prefix_cache: bool = False
     # False where adapters cannot be folded into the weights (quantized bases): merged mode is
     # refused and auto mode stays unmerged
     can_merge: bool = True
@@ -205,3 +232,21 @@ class ModelRunner(ABC):
     def can_decode(self, seq_ids: Sequence[int]) -> bool:
         """True when each of these sequences can grow by one token without preempting anyone."""
         return True
+
+    # ------------------------------------------------------------------ prefix caching (optional)
+
+    def cached_prefix(self, identity: str, token_ids: Sequence[int]) -> PrefixHit:
+        """The cached prefix ``start_sequence`` would reuse now for these tokens (nothing taken)."""
+        return PrefixHit()
+
+    def start_sequence(self, seq_id: int, identity: str | None, token_ids: Sequence[int] = ()) -> int:
+        """Create a sequence whose K and V are computed by ``identity`` (what may share them: the
+        base, or one adapter version at one scale; None: never shared), already holding the longest
+        cached prefix of ``token_ids`` (never all of them: the last token is prefilled for its
+        logits). Returns that prefix's length: the sequence's first ``PrefillInput.start``.
+        A runner without prefix caching creates sequences at their first prefill and returns 0."""
+        return 0
+
+    def prefix_cache_stats(self) -> PrefixCacheStats | None:
+        """Counters of the prefix cache; None when the runner has none."""
+        return None

@@ -30,6 +30,8 @@ from server.engine.runner import (
     ModelRunner,
     PrefillInput,
     PrefillOutput,
+    PrefixCacheStats,
+    PrefixHit,
     WeightTarget,
     prompt_logprobs,
 )
@@ -57,6 +59,7 @@ class NativeLlamaRunner(ModelRunner):
 
     name = "native"
     supports_chunked_prefill = True
+    supports_prefix_cache = True
 
     def __init__(
         self,
@@ -234,6 +237,15 @@ class NativeLlamaRunner(ModelRunner):
         for seq_id in seq_ids:
             self.kv.release(seq_id)
 
+    def cached_prefix(self, identity: str, token_ids: Sequence[int]) -> PrefixHit:
+        return self.kv.cached_prefix(identity, token_ids)
+
+    def start_sequence(self, seq_id: int, identity: str | None, token_ids: Sequence[int] = ()) -> int:
+        return self.kv.start(seq_id, identity, token_ids)
+
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        return self.kv.prefix_stats()
+
     # ------------------------------------------------------------------ forward passes
 
     def prefill(self, inputs: Sequence[PrefillInput]) -> PrefillOutput:
@@ -248,7 +260,9 @@ class NativeLlamaRunner(ModelRunner):
         for item in inputs:
             known = self.kv.sequences.get(item.seq_id)
             if (known.length if known is not None else 0) != item.start:
-                raise ValueError(f"sequence {item.seq_id}: chunk starts at {item.start}, cache holds {known}")
+                raise ValueError(
+                    f"sequence {item.seq_id}: chunk starts at {item.start}, cache holds {known.length if known else 0}"
+                )
             count = len(item.token_ids)
             new_blocks, new_offsets = self.kv.extend(item.seq_id, count)
             tokens.extend(item.token_ids)
@@ -266,6 +280,8 @@ class NativeLlamaRunner(ModelRunner):
             chunks=chunks,
         )
         hidden = self._forward(tokens, positions, token_slots, plan, token_scales)  # [N, H]
+        for item in inputs:  # their K and V are written: full blocks may now be shared
+            self.kv.record(item.seq_id, item.token_ids)
         ends = torch.tensor(
             [sum(c[1] for c in chunks[: i + 1]) - 1 for i in range(len(chunks))], device=self.device
         )
@@ -340,7 +356,9 @@ class NativeLlamaRunner(ModelRunner):
             scales=[i.scale for i in inputs],
         )
         if self.graphs is not None:
-            return self.graphs.run(rows)
+            logits_out = self.graphs.run(rows)
+            self._record(inputs)
+            return logits_out
         # eager: no padding rows; shorter block tables end in the scratch block (masked out)
         widest = max(len(t) for t in rows.tables)
         padded = StepRows.padded(rows, len(inputs), widest, self.kv.scratch_block)
@@ -354,7 +372,13 @@ class NativeLlamaRunner(ModelRunner):
         )
         self.ctx.set_rows(rows.slots, self.device, rows.scales)
         hidden = self.model.forward(step.tokens, step.positions, plan, self.kv)  # [B, H]
+        self._record(inputs)
         return self.model.logits(hidden) if logits else hidden
+
+    def _record(self, inputs: Sequence[DecodeInput]) -> None:
+        """The decoded tokens' K and V are written: a block they fill may now be shared."""
+        for item in inputs:
+            self.kv.record(item.seq_id, (item.token_id,))
 
     def _forward(
         self,
