@@ -51,7 +51,7 @@ import sqlite3
 import threading
 import weakref
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -177,6 +177,7 @@ class AdapterStore:
         self._load_locks: dict[str, threading.Lock] = {}
         self.disk_loads = 0  # adapters read back from the blob backend into host memory
         self.repairs: list[dict[str, str]] = []  # what start-up repair set aside, and why
+        self._retire_listeners: list[Callable[[str], None]] = []  # see on_retire
         try:
             self.index = AdapterIndex(self.data_dir / INDEX_FILE)
             self._reconcile()
@@ -361,6 +362,13 @@ class AdapterStore:
 
     # ------------------------------------------------------------------ usage tracking
 
+    def on_retire(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(key)`` whenever a version (``id@version``) stops being current: replaced
+        (an upload, a source refresh, a replica's sync) or deleted. The engine subscribes once, to
+        free that version's memory slot when its last running row ends. Listeners must not block:
+        they run under the store's write lock."""
+        self._retire_listeners.append(listener)
+
     def track(self, owner: object, adapter: LoraAdapter) -> None:
         """Keep ``adapter``'s files while ``owner`` (a generation request) is alive.
 
@@ -384,8 +392,13 @@ class AdapterStore:
 
     def _retire(self, record: AdapterRecord) -> None:
         """Forget a version (its folder is pending in the index already); delete its files now, or
-        when its last running request ends."""
+        when its last running request ends. Publishes the retire event (:meth:`on_retire`)."""
         self.cache.drop(record.key)
+        for listener in self._retire_listeners:
+            try:
+                listener(record.key)
+            except Exception:  # a listener's failure must not undo a committed write
+                log.exception("retire listener failed for %s", record.key)
         with self._state:
             if self._users.get(record.key, 0) > 0:
                 self._retired[record.key] = record.folder

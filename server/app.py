@@ -16,7 +16,6 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 
 from adapters.archive import read_adapter_dir
-from adapters.index import AdapterRecord
 from adapters.sources import AdapterSources
 from adapters.store import AdapterStore
 from server import __version__
@@ -92,6 +91,7 @@ def build_engine(settings: Settings, base: LoadedBase, store: AdapterStore) -> E
         assert base.model is not None
         engine = Engine.for_hf_model(base.model, base.tokenizer, config)
     store.bind_base(engine.base_shapes, settings.max_rank)
+    store.on_retire(engine.retire)  # a replaced or deleted version leaves its slot (the one subscriber)
     register_startup_adapters(settings, store)
     engine.start()
     return engine
@@ -106,20 +106,17 @@ def register_startup_adapters(settings: Settings, store: AdapterStore) -> None:
                  record.version, record.rank, record.layers)  # fmt: skip
 
 
-def open_sources(settings: Settings, store: AdapterStore, app: FastAPI) -> AdapterSources | None:
+def open_sources(settings: Settings, store: AdapterStore) -> AdapterSources | None:
     """``--adapter-source``: the S3 locations searched for adapters the store lacks (None: none)."""
     if not settings.adapter_source:
         return None
 
-    def retire(record: AdapterRecord) -> None:  # a refreshed adapter's old version leaves its slot
-        engine = getattr(app.state, "engine", None)
-        if engine is not None:
-            engine.retire(record.key)
-
     sources = AdapterSources.from_uris(
-        store, settings.adapter_source, max_bytes=settings.max_upload_mb << 20,
-        refresh_seconds=settings.adapter_source_refresh, on_replaced=retire,
-    )  # fmt: skip
+        store,
+        settings.adapter_source,
+        max_bytes=settings.max_upload_mb << 20,
+        refresh_seconds=settings.adapter_source_refresh,
+    )  # fmt: skip  (a refreshed adapter's old version is retired by the store's event)
     log.info("adapter sources, searched in order after %s: %s", settings.data_dir, ", ".join(sources.uris))
     return sources
 
@@ -135,7 +132,7 @@ def create_app(settings: Settings | None = None, loader: BaseLoader = default_lo
             AdapterStore, settings.data_dir, host_cache_bytes=settings.host_cache_mb << 20
         )
         app.state.store = app.state.registry = store
-        app.state.sources = open_sources(settings, store, app)
+        app.state.sources = open_sources(settings, store)
         app.state.engine = None
         app.state.load_error = None
 
@@ -173,7 +170,6 @@ def create_app(settings: Settings | None = None, loader: BaseLoader = default_lo
     app.add_middleware(
         UploadLimitMiddleware,
         max_bytes=settings.max_upload_mb << 20,
-        paths=("/adapters",),
         timeout=settings.upload_timeout,
         body_max_bytes=settings.max_body_kb << 10,
     )

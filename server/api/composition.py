@@ -38,10 +38,11 @@ from adapters.registry import AdapterRepository
 from server.api.compose_schemas import ComposeBody, MergedAdapters
 from server.api.deps import SettingsDep, StoreDep
 from server.api.errors import ApiError, adapter_not_found
+from server.api.named_adapters import COMPOSITION_PREFIX
 
 router = APIRouter(tags=["adapters"])
 
-VIRTUAL_PREFIX = "merged:"
+VIRTUAL_PREFIX = COMPOSITION_PREFIX
 MERGED_LABEL = "__merged__"  # the metrics' adapter label of composed requests (one label, not one per mix)
 CACHE_ENTRIES = 16  # composed adapters kept in host memory (LRU)
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Literal
 from urllib.parse import urlsplit
 
 from fastapi import Request
@@ -43,27 +42,15 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.api.errors import ApiError, send_error
+from server.api.routes import READ_METHODS, Access, rule_for
 from server.config import Settings
 
 log = logging.getLogger(__name__)
 
-Access = Literal["open", "read", "admin"]
-OPEN_PATHS = frozenset({"/health", "/metrics"})
-CONSOLE_PREFIX = "/console/"  # the web console's static files (server.console): no data in them
-READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-
 
 def required_access(method: str, path: str) -> Access:
-    path = path.rstrip("/") or "/"
-    if path in OPEN_PATHS:
-        return "open"
-    if method.upper() in READ_METHODS and (path == "/" or path.startswith(CONSOLE_PREFIX)):
-        return "open"  # the console's page and files; POST / (generation) is not
-    if path == "/admin" or path.startswith("/admin/"):
-        return "admin"
-    if (path == "/adapters" or path.startswith("/adapters/")) and method.upper() not in READ_METHODS:
-        return "admin"
-    return "read"
+    """The key class ``method path`` needs, from the route table (``server.api.routes``)."""
+    return rule_for(method, path).access
 
 
 def bearer_token(authorization: str | None) -> str | None:

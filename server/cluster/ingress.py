@@ -28,8 +28,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from server.api.adapter_sources import requested_source
-from server.api.deps import _json_object
 from server.api.errors import ApiError, error_payload, error_response
+from server.api.named_adapters import json_object
+from server.api.routes import rule_for
 from server.api.security import accepted_keys, screen
 from server.cluster.asgi_bridge import HttpCall, ResponseStart
 from server.cluster.metrics_merge import merge_expositions
@@ -90,7 +91,7 @@ class LoraplexIngress:
             names = list(dict.fromkeys([chosen, *names]))
         versions = {}
         if names:  # adapters missing from the store are fetched from --adapter-source first
-            resolved = await self.store.resolve.remote(names, requested_source(_json_object(body)))
+            resolved = await self.store.resolve.remote(names, requested_source(json_object(body)))
             if "error" in resolved:
                 return error_response(*resolved["error"])
             versions = resolved["versions"]
@@ -103,7 +104,7 @@ class LoraplexIngress:
 
     async def _body(self, request: Request, method: str, path: str) -> bytes:
         """The body, read up to its limit (413 past it: the rest is never read)."""
-        upload = method == "POST" and path.rstrip("/") == "/adapters"
+        upload = rule_for(method, path).upload
         limit = self.settings.max_upload_mb << 20 if upload else self.settings.max_body_kb << 10
         flag = "--max-upload-mb" if upload else "--max-body-kb"
         declared = request.headers.get("content-length")

@@ -138,17 +138,13 @@ class LoraplexReplica:
 
     def _install(self, adapter_id: str, files: Any) -> None:
         self.fetches[adapter_id] += 1
-        previous = self.local.record(adapter_id)
-        record = self.local.put(adapter_id, files, replace=True, keep_identical=True)
-        if previous is not None and previous.key != record.key:
-            self.app.state.engine.retire(previous.key)  # its slot goes when its last running row ends
+        record = self.local.put(adapter_id, files, replace=True, keep_identical=True)  # retires the old one
         log.info("replica %s: adapter %s synced (%s)", self.id, adapter_id, record.sha256[:12])
 
     def _drop(self, adapter_id: str) -> None:
         if self.local.record(adapter_id) is None:
             return
-        record = self.local.delete(adapter_id)
-        self.app.state.engine.retire(record.key)
+        self.local.delete(adapter_id)  # the store's retire event frees its slot
         log.info("replica %s: adapter %s deleted (gone from the store)", self.id, adapter_id)
 
     async def _drop_stale(self, current: dict[str, Version | None]) -> None:

@@ -57,7 +57,6 @@ def store_app(settings: Settings, store: AdapterStore, sources: AdapterSources |
     app.add_middleware(
         UploadLimitMiddleware,
         max_bytes=settings.max_upload_mb << 20,
-        paths=("/adapters",),
         timeout=settings.upload_timeout,
     )
     install_error_handlers(app)
