@@ -75,6 +75,7 @@ from adapters.peft_format import (
     load_safetensors_bytes,
     parse_adapter_config,
 )
+from adapters.tenants import SEPARATOR, TenantTable, check_tenant_id
 
 try:  # POSIX only; elsewhere the single-server rule is not enforced
     import fcntl
@@ -111,6 +112,16 @@ def check_adapter_id(adapter_id: object) -> str:
             "starting with a letter or digit (no '/', no '..' paths)."
         )
     return adapter_id
+
+
+def check_stored_id(adapter_id: object) -> str:
+    """A store id: an adapter id, or a tenant's qualified one (``acme~bot``: ``adapters.tenants``)."""
+    if isinstance(adapter_id, str) and SEPARATOR in adapter_id:
+        tenant, _, name = adapter_id.partition(SEPARATOR)
+        check_tenant_id(tenant)
+        check_adapter_id(name)
+        return adapter_id
+    return check_adapter_id(adapter_id)
 
 
 def derive_adapter_id(name: str | None, sha256: str) -> str:
@@ -180,6 +191,7 @@ class AdapterStore:
         self._retire_listeners: list[Callable[[str], None]] = []  # see on_retire
         try:
             self.index = AdapterIndex(self.data_dir / INDEX_FILE)
+            self.tenants = TenantTable(self.index)  # the tenants and the hashes of their keys
             self._reconcile()
         except BaseException:
             self._release_lock()
@@ -421,13 +433,11 @@ class AdapterStore:
 
     def validate(self, adapter_id: str, files: AdapterFiles) -> LoraAdapter:
         """Parse and check an upload against the base model (CPU-heavy: call it off the event loop)."""
-        return parse_adapter_files(
-            files, check_adapter_id(adapter_id), self._shapes(), max_rank=self.max_rank
-        )
+        return parse_adapter_files(files, check_stored_id(adapter_id), self._shapes(), max_rank=self.max_rank)
 
     def check_can_put(self, adapter_id: str, *, replace: bool) -> None:
         """Fail fast (before parsing an upload) on a bad id or an existing id without ``replace``."""
-        check_adapter_id(adapter_id)
+        check_stored_id(adapter_id)
         if not replace and adapter_id in self._records:
             raise _exists(adapter_id)
 

@@ -19,13 +19,24 @@ from adapters.archive import read_adapter_dir
 from adapters.sources import AdapterSources
 from adapters.store import AdapterStore
 from server import __version__
-from server.api import adapters, admin, analysis, composition, generate, health, openai, prometheus, responses
+from server.api import (
+    adapters,
+    admin,
+    analysis,
+    composition,
+    generate,
+    health,
+    openai,
+    prometheus,
+    responses,
+    tenants,
+)
 from server.api.drain import Drain, DrainMiddleware, refuse_while_draining
 from server.api.errors import install_error_handlers
-from server.api.load_control import QueueGate
+from server.api.load_control import QueueGate, TenantLimits
 from server.api.middleware import RequestContextMiddleware
 from server.api.openapi_contract import install_openapi_contract
-from server.api.security import AccessMiddleware, authorizer, warn_if_open
+from server.api.security import AccessMiddleware, app_tenants, authorizer, warn_if_open
 from server.api.upload_limit import UploadLimitMiddleware
 from server.config import Settings
 from server.console import install_console
@@ -121,6 +132,12 @@ def open_sources(settings: Settings, store: AdapterStore) -> AdapterSources | No
     return sources
 
 
+def _tenant(app: FastAPI, tenant_id: str) -> object | None:
+    """A tenant's current row (its quotas), None once deleted."""
+    tenants = app_tenants(app)
+    return tenants.get(tenant_id) if tenants is not None else None
+
+
 def create_app(settings: Settings | None = None, loader: BaseLoader = default_loader) -> FastAPI:
     settings = settings or Settings()
 
@@ -173,20 +190,24 @@ def create_app(settings: Settings | None = None, loader: BaseLoader = default_lo
         timeout=settings.upload_timeout,
         body_max_bytes=settings.max_body_kb << 10,
     )
-    app.add_middleware(AccessMiddleware, settings=settings)  # before any body is read
+    app.add_middleware(
+        AccessMiddleware, settings=settings, tenants=lambda: app_tenants(app)
+    )  # before any body
+    app.state.gate = QueueGate(settings.max_queue, TenantLimits(lambda tenant_id: _tenant(app, tenant_id)))
     app.state.metrics = Metrics(
         lambda: (getattr(app.state, "engine", None), getattr(app.state, "store", None))
     )
     app.add_middleware(  # outermost: request id, access log and metrics cover every answer, 413s too
         RequestContextMiddleware,
         metrics=app.state.metrics,
-        gate=QueueGate(settings.max_queue),
+        gate=app.state.gate,
         request_timeout=settings.request_timeout,
     )
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(generate.router)
     app.include_router(admin.router)
+    app.include_router(tenants.router)
     app.include_router(analysis.router)  # before adapters: /adapters/compare is not an id
     app.include_router(composition.router)
     app.include_router(adapters.router)

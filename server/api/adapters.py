@@ -26,7 +26,7 @@ from adapters.errors import ArchiveError, InvalidAdapterId, StoreFull, StoreNotR
 from adapters.index import AdapterRecord
 from adapters.listing import DEFAULT_PAGE, MAX_PAGE, page
 from adapters.registry import AdapterRepository
-from adapters.store import check_adapter_id, derive_adapter_id, sha256_hex
+from adapters.store import check_adapter_id, check_stored_id, derive_adapter_id, sha256_hex
 from server.api.deps import SettingsDep, StoreDep
 from server.api.errors import ApiError, adapter_not_found
 
@@ -149,8 +149,9 @@ async def delete_adapter(adapter_id: AdapterIdPath, store: StoreDep) -> Response
 
 
 def stored_record(store: AdapterRepository, adapter_id: str) -> AdapterRecord:
-    """The current record of ``adapter_id``: 400 for an invalid id, 404 for an unknown one."""
-    check_adapter_id(adapter_id)
+    """The current record of ``adapter_id``: 400 for an invalid id, 404 for an unknown one (a tenant
+    naming another tenant's ``acme~bot`` gets the 404 of an id that does not exist)."""
+    check_stored_id(adapter_id)
     record = store.record(adapter_id)
     if record is None:
         raise adapter_not_found(adapter_id)

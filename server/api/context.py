@@ -33,6 +33,8 @@ class RequestContext:
     gate: QueueGate | None = None  # admission control (--max-queue), generation routes only
     admitted: bool = False  # holds one of the gate's places until the response ends
     adapter_label: str = UNRESOLVED_LABEL
+    tenant: str = "-"  # who called: a tenant's id, _admin or _default (server.api.tenancy); '-' before auth
+    tenant_id: str | None = None  # a tenant's id when a tenant's key called (its quotas apply)
     outcome_status: int | None = None  # a stream's real outcome (499, 500, 504) under its 200
     on_close: list[Callable[[], None]] = field(default_factory=list)  # run when the response ends
 

@@ -13,6 +13,8 @@ from adapters.registry import AdapterRepository
 from server.api.adapter_sources import fetch_named, requested_source
 from server.api.errors import ApiError
 from server.api.named_adapters import json_object, requested_adapters
+from server.api.security import principal_of
+from server.api.tenancy import view_for
 from server.config import Settings
 from server.engine.base_model import LoadedBase
 from server.engine.engine import Engine
@@ -23,10 +25,6 @@ def get_engine(request: Request) -> Engine:
     if engine is None or not engine.running:
         raise ApiError(503, "the model is still loading; retry in a few seconds.", "not_ready")
     return engine
-
-
-def get_store(request: Request) -> AdapterRepository:
-    return request.app.state.store
 
 
 @dataclass
@@ -48,7 +46,7 @@ async def get_adapter_scope(request: Request) -> AdapterScope:
     here in a worker thread and held until the request ends. Ids that are not stored are fetched
     from the adapter sources first (``server.api.adapter_sources``).
     """
-    store = request.app.state.registry
+    store = view_for(request.app.state.registry, principal_of(request))  # the caller's namespace
     scope = AdapterScope(store)
     body = b""
     if request.method == "POST" and "json" in request.headers.get("content-type", ""):
@@ -66,6 +64,12 @@ async def get_adapter_scope(request: Request) -> AdapterScope:
 
 async def get_registry(scope: Annotated[AdapterScope, Depends(get_adapter_scope)]) -> AdapterRepository:
     """The adapter store as this request sees it, with the adapters it names held in host memory."""
+    return scope.store
+
+
+def get_store(scope: Annotated[AdapterScope, Depends(get_adapter_scope)]) -> AdapterRepository:
+    """The adapter store as the caller sees it (``server.api.tenancy``): the same object as
+    :func:`get_registry`, resolved once per request."""
     return scope.store
 
 

@@ -81,16 +81,18 @@ class RequestContextMiddleware:
             seconds = time.perf_counter() - started
             final = context.outcome_status or status
             if generation:
-                self.metrics.observe_request(path, context.adapter_label, final, seconds)
+                self.metrics.observe_request(path, context.adapter_label, final, seconds, context.tenant)
             level = logging.DEBUG if path in QUIET_ROUTES else logging.INFO
             access_log.log(
                 level,
-                '"%s %s" %d %.3fs',
+                '"%s %s" %d %.3fs tenant=%s',
                 printable(scope["method"]),
                 printable(scope["path"]),  # decoded: '%0a' is a newline, which must not start a line
                 final,
                 seconds,
+                context.tenant,
                 extra={
+                    "tenant": context.tenant,
                     "method": scope["method"],
                     "path": scope["path"],
                     "status": final,

@@ -40,8 +40,8 @@ def route_statuses(method: str, path: str, operation: dict[str, Any]) -> set[int
     codes = {400, 401, 503}  # a Host not allowed; a key may be required; still loading
     if method not in ("GET", "HEAD", "OPTIONS"):
         codes.add(403)  # a cross-site request while no keys are set (security.screen)
-    if rule.access == "admin":
-        codes.add(403)
+    if rule.access in ("admin", "manage"):
+        codes.add(403)  # the API key (or a tenant's key on /admin)
     if operation.get("parameters") or operation.get("requestBody"):
         codes.add(422)
     if operation.get("requestBody"):
@@ -49,7 +49,7 @@ def route_statuses(method: str, path: str, operation: dict[str, Any]) -> set[int
     if path.startswith("/adapters"):
         codes |= {400, 404}  # a malformed or unknown adapter id
     if method == "POST" and path.startswith("/adapters"):
-        codes |= {408, 409, 413, 507}  # too slow; the id exists; too large; the disk is full
+        codes |= {408, 409, 413, 429, 507}  # too slow; the id exists; too large; a tenant's quota; disk full
     if rule.generation:
         codes |= {404, 422, 424, 429, 504}
     return codes

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-Access = Literal["open", "read", "admin"]
+Access = Literal["open", "read", "manage", "admin"]
 Target = Literal["health", "metrics", "store", "replica", "unsupported"]
 
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -62,6 +62,7 @@ ROUTES: tuple[Rule, ...] = (
     _rule("READ", "/", "open"),  # the web console's page; POST / is generation
     _rule("POST", "/", "read", **GEN),
     _rule("READ", "/console/*", "open"),  # the console's static files: no data in them
+    _rule("*", "/admin/tenants/*", "admin", cluster="store"),  # the store deployment owns the tenants
     _rule("*", "/admin/*", "admin"),
     _rule("POST", "/generate", "read", **GEN),
     _rule("POST", "/generate_stream", "read", **GEN),
@@ -69,16 +70,16 @@ ROUTES: tuple[Rule, ...] = (
     _rule("POST", "/v1/chat/completions", "read", **GEN),
     _rule("POST", "/v1/responses", "read", **GEN),
     _rule("READ", "/adapters", "read", cluster="store"),
-    _rule("POST", "/adapters", "admin", cluster="store", upload=True),
+    _rule("POST", "/adapters", "manage", cluster="store", upload=True),
     _rule("READ", "/adapters/compare", "read"),  # ?a=&b=, on a replica (needs the base weights)
-    _rule("WRITE", "/adapters/compose", "admin", cluster="store"),
+    _rule("WRITE", "/adapters/compose", "manage", cluster="store"),
     _rule("READ", "/adapters/{id}", "read", cluster="store"),
-    _rule("WRITE", "/adapters/{id}", "admin", cluster="store"),
+    _rule("WRITE", "/adapters/{id}", "manage", cluster="store"),
     _rule("READ", "/adapters/{id}/download", "read", cluster="store"),
-    _rule("POST", "/adapters/{id}/shrink", "admin", cluster="unsupported", names_adapter=True),
+    _rule("POST", "/adapters/{id}/shrink", "manage", cluster="unsupported", names_adapter=True),
     _rule("READ", "/adapters/{id}/*", "read", names_adapter=True),  # analysis, plots
-    _rule("WRITE", "/adapters/{id}/*", "admin", names_adapter=True),
-    _rule("WRITE", "/adapters/*", "admin"),
+    _rule("WRITE", "/adapters/{id}/*", "manage", names_adapter=True),
+    _rule("WRITE", "/adapters/*", "manage"),
 )
 DEFAULT = Rule(ANY, "/*", "read")
 

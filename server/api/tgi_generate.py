@@ -21,7 +21,7 @@ from typing import Any
 from fastapi import Request
 
 from adapters.registry import AdapterLookup
-from server.api.composition import Composition, CompositionService, resolve_merged
+from server.api.composition import Composition, ScopedCompositions, resolve_merged
 from server.api.generation import build_request, run_many, stream_events, tokenize, tokenize_off_loop
 from server.api.schemas import GenerateParameters
 from server.api.structured import response_grammar
@@ -45,7 +45,7 @@ class TgiGeneration:
         cls,
         engine: Engine,
         registry: AdapterLookup,
-        compositions: CompositionService,
+        compositions: ScopedCompositions,
         inputs: str,
         params: GenerateParameters,
     ) -> TgiGeneration:
