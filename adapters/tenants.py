@@ -108,7 +108,10 @@ class TenantTable:
 
     def identify(self, key: str) -> Tenant | None:
         """The tenant whose current key is ``key``, else None (constant-time comparison of the hash)."""
-        digest = key_hash(key)
+        return self.identify_digest(key_hash(key))
+
+    def identify_digest(self, digest: str) -> Tenant | None:
+        """:meth:`identify` from the key's sha256 (what the Ray ingress sends the store: never the key)."""
         tenant = self._by_hash.get(digest)
         if tenant is None or not hmac.compare_digest(tenant.key_sha256, digest):
             return None
@@ -125,6 +128,11 @@ class TenantTable:
         return len(self._by_id)
 
     # ------------------------------------------------------------------ writing
+
+    def mirror(self, tenant: Tenant) -> None:
+        """Hold ``tenant`` as the cluster's store has it now (a replica's copy; not persisted)."""
+        with self._lock:
+            self._remember(tenant)
 
     def create(self, tenant_id: str, quotas: dict[str, int | None]) -> tuple[Tenant, str]:
         """A new tenant and its key (returned once, never stored)."""

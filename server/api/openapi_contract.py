@@ -50,6 +50,8 @@ def route_statuses(method: str, path: str, operation: dict[str, Any]) -> set[int
         codes |= {400, 404}  # a malformed or unknown adapter id
     if method == "POST" and path.startswith("/adapters"):
         codes |= {408, 409, 413, 429, 507}  # too slow; the id exists; too large; a tenant's quota; disk full
+    if path.startswith("/admin/tenants"):
+        codes |= {404, 409}  # an unknown tenant; an id taken, or no admin key set (keys_required)
     if rule.generation:
         codes |= {404, 422, 424, 429, 504}
     return codes

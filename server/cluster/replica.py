@@ -30,6 +30,7 @@ from typing import Any
 from ray import serve
 
 from adapters.store import AdapterStore, sha256_hex
+from adapters.tenants import Tenant
 from server.app import create_app
 from server.cluster.asgi_bridge import HttpCall, ResponseStart, run_asgi
 from server.cluster.routing import Version, is_composition_key
@@ -85,9 +86,13 @@ class LoraplexReplica:
     # ------------------------------------------------------------------ requests
 
     async def forward(
-        self, call: HttpCall, versions: dict[str, Version | None]
+        self, call: HttpCall, versions: dict[str, Version | None], tenant: Tenant | None = None
     ) -> AsyncIterator[ResponseStart | bytes]:
-        """Answer one request with this replica's app, after syncing the adapters it names."""
+        """Answer one request with this replica's app, after syncing the adapters it names.
+        ``tenant``: the caller's row as the store has it now (the ingress checked its key there),
+        so this app knows the key and the quotas too."""
+        if tenant is not None:
+            self.local.tenants.mirror(tenant)
         model_id = serve.get_multiplexed_model_id()
         if model_id:
             await self.load_adapter(model_id)  # Ray records that this replica holds model_id
