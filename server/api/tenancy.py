@@ -75,6 +75,8 @@ class TenantView:
         return name if name in self.raw else None
 
     def _visible(self, record: AdapterRecord) -> AdapterRecord:
+        if SEPARATOR not in record.adapter_id:  # a shared adapter: its id as stored (no copy)
+            return record
         return dataclasses.replace(record, adapter_id=owner_of(record.adapter_id)[1])
 
     def _mine(self, record: AdapterRecord) -> bool:
