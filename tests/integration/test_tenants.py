@@ -211,8 +211,13 @@ def test_rotation_revokes_the_old_key(served, tiny_base) -> None:
     new = rotated.json()["key"]
     assert new != old and client.get("/adapters", headers=bearer(new)).status_code == 200
     assert client.get("/adapters", headers=bearer(old)).status_code == 401
+    assert upload(client, bearer(new), "spin", tiny_base, seed=6).status_code == 201
+    assert "rotor~spin" in [a["id"] for a in client.get("/adapters", headers=ADMIN).json()]
     assert client.delete("/admin/tenants/rotor", headers=ADMIN).status_code == 204
     assert client.get("/adapters", headers=bearer(new)).status_code == 401
+    assert "rotor~spin" not in [
+        a["id"] for a in client.get("/adapters", headers=ADMIN).json()
+    ]  # its adapters go
 
 
 def test_the_access_log_names_the_tenant_and_no_key_is_logged_or_stored(served, tiny_base) -> None:
