@@ -59,6 +59,16 @@ def deactivate(token: contextvars.Token) -> None:
     _current.reset(token)
 
 
+def shown_adapter_id(adapter_id: str | None) -> str | None:
+    """An adapter id as the current caller names it: a tenant sees its own ``acme~bot`` as ``bot``
+    (``adapters.tenants``); everyone else, and code outside a request, the stored id."""
+    context = _current.get()
+    if adapter_id is None or context is None or context.tenant_id is None:
+        return adapter_id
+    owner, sep, name = adapter_id.partition("~")
+    return name if sep and owner == context.tenant_id else adapter_id
+
+
 def current_request_id() -> str | None:
     context = _current.get()
     return context.request_id if context is not None else None

@@ -16,7 +16,7 @@ from fastapi import Request
 
 from adapters.registry import AdapterLookup
 from server.api.composition import MERGED_LABEL, Composition
-from server.api.context import RequestContext, current
+from server.api.context import RequestContext, current, shown_adapter_id
 from server.api.errors import ApiError, adapter_not_found
 from server.api.load_control import admit_generation
 from server.engine.engine import Engine
@@ -205,7 +205,7 @@ def _timeout_event(context: RequestContext | None) -> ErrorEvent:
 def timing_headers(request: GenerationRequest) -> dict[str, str]:
     t = request.timings()
     return {
-        "x-adapter-id": request.adapter_id or "",
+        "x-adapter-id": shown_adapter_id(request.adapter_id) or "",
         "x-queue-time": f"{t['queue_time']:.6f}",
         "x-inference-time": f"{t['inference_time']:.6f}",
         "x-time-to-first-token": f"{t['time_to_first_token']:.6f}",

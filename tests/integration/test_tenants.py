@@ -83,6 +83,11 @@ def test_two_tenants_bot_adapters_give_their_own_outputs(served) -> None:
     assert acme != globex
     assert acme == tokens(client, ADMIN, "acme~bot") and globex == tokens(client, ADMIN, "globex~bot")
     assert acme != tokens(client, ADMIN, None)  # the adapter is applied, not the base
+    body = {"inputs": "Hi", "parameters": {"adapter_id": "bot", "max_new_tokens": 1}}
+    own = client.post("/generate", json=body, headers=bearer(keys["acme"]))
+    assert own.json()["details"]["adapter_id"] == "bot" and own.headers["x-adapter-id"] == "bot"
+    body["parameters"]["adapter_id"] = "acme~bot"
+    assert client.post("/generate", json=body, headers=ADMIN).json()["details"]["adapter_id"] == "acme~bot"
 
 
 def test_listings_show_own_and_shared_adapters(served) -> None:
