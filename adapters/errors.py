@@ -65,6 +65,26 @@ class SourceUnavailable(StoreError):
     error_type = "source_unavailable"
 
 
+class QuotaExceeded(StoreError):
+    """A tenant's adapter count or storage quota (``max_adapters``, ``max_storage_mb``) would be passed."""
+
+    error_type = "quota_exceeded"
+
+
+class SharedAdapter(StoreError):
+    """A tenant tried to change an adapter the admin shares with every tenant (only the admin may)."""
+
+    error_type = "forbidden"
+
+
+class UnknownTenant(StoreError):
+    error_type = "tenant_not_found"
+
+
+class TenantExists(StoreError):
+    error_type = "tenant_exists"
+
+
 class StoreFull(StoreError):
     """The disk (or quota) ran out while an upload was written; nothing of it was kept."""
 

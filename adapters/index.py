@@ -175,6 +175,17 @@ class AdapterIndex:
     def close(self) -> None:
         self._db.close()
 
+    def execute_script(self, script: str) -> None:
+        """Create another component's tables (``adapters.tenants``) in this database."""
+        self._db.executescript(script)
+
+    def query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        return list(self._db.execute(sql, params))
+
+    def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction, for other components' tables."""
+        return self._transaction()
+
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         self._db.execute("BEGIN IMMEDIATE")

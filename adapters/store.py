@@ -51,7 +51,7 @@ import sqlite3
 import threading
 import weakref
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -75,6 +75,7 @@ from adapters.peft_format import (
     load_safetensors_bytes,
     parse_adapter_config,
 )
+from adapters.tenants import SEPARATOR, TenantTable, check_tenant_id
 
 try:  # POSIX only; elsewhere the single-server rule is not enforced
     import fcntl
@@ -111,6 +112,16 @@ def check_adapter_id(adapter_id: object) -> str:
             "starting with a letter or digit (no '/', no '..' paths)."
         )
     return adapter_id
+
+
+def check_stored_id(adapter_id: object) -> str:
+    """A store id: an adapter id, or a tenant's qualified one (``acme~bot``: ``adapters.tenants``)."""
+    if isinstance(adapter_id, str) and SEPARATOR in adapter_id:
+        tenant, _, name = adapter_id.partition(SEPARATOR)
+        check_tenant_id(tenant)
+        check_adapter_id(name)
+        return adapter_id
+    return check_adapter_id(adapter_id)
 
 
 def derive_adapter_id(name: str | None, sha256: str) -> str:
@@ -177,8 +188,10 @@ class AdapterStore:
         self._load_locks: dict[str, threading.Lock] = {}
         self.disk_loads = 0  # adapters read back from the blob backend into host memory
         self.repairs: list[dict[str, str]] = []  # what start-up repair set aside, and why
+        self._retire_listeners: list[Callable[[str], None]] = []  # see on_retire
         try:
             self.index = AdapterIndex(self.data_dir / INDEX_FILE)
+            self.tenants = TenantTable(self.index)  # the tenants and the hashes of their keys
             self._reconcile()
         except BaseException:
             self._release_lock()
@@ -361,6 +374,13 @@ class AdapterStore:
 
     # ------------------------------------------------------------------ usage tracking
 
+    def on_retire(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(key)`` whenever a version (``id@version``) stops being current: replaced
+        (an upload, a source refresh, a replica's sync) or deleted. The engine subscribes once, to
+        free that version's memory slot when its last running row ends. Listeners must not block:
+        they run under the store's write lock."""
+        self._retire_listeners.append(listener)
+
     def track(self, owner: object, adapter: LoraAdapter) -> None:
         """Keep ``adapter``'s files while ``owner`` (a generation request) is alive.
 
@@ -384,8 +404,13 @@ class AdapterStore:
 
     def _retire(self, record: AdapterRecord) -> None:
         """Forget a version (its folder is pending in the index already); delete its files now, or
-        when its last running request ends."""
+        when its last running request ends. Publishes the retire event (:meth:`on_retire`)."""
         self.cache.drop(record.key)
+        for listener in self._retire_listeners:
+            try:
+                listener(record.key)
+            except Exception:  # a listener's failure must not undo a committed write
+                log.exception("retire listener failed for %s", record.key)
         with self._state:
             if self._users.get(record.key, 0) > 0:
                 self._retired[record.key] = record.folder
@@ -408,13 +433,11 @@ class AdapterStore:
 
     def validate(self, adapter_id: str, files: AdapterFiles) -> LoraAdapter:
         """Parse and check an upload against the base model (CPU-heavy: call it off the event loop)."""
-        return parse_adapter_files(
-            files, check_adapter_id(adapter_id), self._shapes(), max_rank=self.max_rank
-        )
+        return parse_adapter_files(files, check_stored_id(adapter_id), self._shapes(), max_rank=self.max_rank)
 
     def check_can_put(self, adapter_id: str, *, replace: bool) -> None:
         """Fail fast (before parsing an upload) on a bad id or an existing id without ``replace``."""
-        check_adapter_id(adapter_id)
+        check_stored_id(adapter_id)
         if not replace and adapter_id in self._records:
             raise _exists(adapter_id)
 

@@ -14,7 +14,11 @@ inter-token latency (streams), errors by status, the server's RSS over time. Pas
 every good request 200, and a fixed set of greedy probes answers the same during the load as
 alone. Results go to bench/results/load-cpu.md (or --out).
 
+With ``--tenants``: three tenants, one hammering past its quota (``bench/tenant_load.py``; issue 28),
+written to bench/results/tenants-cpu.md.
+
 Run:  .venv/bin/python bench/load.py                      # 24 users, 120 s (make bench)
+      .venv/bin/python bench/load.py --tenants --users 2 --duration 60   # three tenants, two phases
       .venv/bin/python bench/load.py --soak               # 24 users, 600 s, RSS steadiness checked
       .venv/bin/python bench/load.py --model DIR --users 4 --duration 5 --out /tmp/x.md   (a smoke run)
 """
@@ -433,7 +437,21 @@ def main() -> int:
     parser.add_argument(
         "--out", default=None, help="report path (bench/results/load-cpu.md, load-soak-cpu.md)"
     )
+    parser.add_argument(
+        "--tenants", action="store_true", help="three tenants, one noisy (bench/tenant_load.py)"
+    )
+    parser.add_argument("--noisy-users", type=int, default=4, help="--tenants: users of the noisy tenant")
+    parser.add_argument(
+        "--noisy-concurrency", type=int, default=1, help="--tenants: its max_concurrent_requests"
+    )
+    parser.add_argument("--max-ratio", type=float, default=1.3, help="--tenants: allowed p95 ratio")
     args = parser.parse_args()
+    if args.tenants:
+        from bench.tenant_load import run_tenants
+
+        args.duration = args.duration or 60.0
+        args.out = args.out or str(ROOT / "bench" / "results" / "tenants-cpu.md")
+        return run_tenants(args, random_like, EXAMPLES / "caps")
     if args.duration is None:
         args.duration = 600.0 if args.soak else 120.0
     args.warmup = min(60.0, args.duration / 4)

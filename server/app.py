@@ -16,17 +16,27 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 
 from adapters.archive import read_adapter_dir
-from adapters.index import AdapterRecord
 from adapters.sources import AdapterSources
 from adapters.store import AdapterStore
 from server import __version__
-from server.api import adapters, admin, analysis, composition, generate, health, openai, prometheus, responses
+from server.api import (
+    adapters,
+    admin,
+    analysis,
+    composition,
+    generate,
+    health,
+    openai,
+    prometheus,
+    responses,
+    tenants,
+)
 from server.api.drain import Drain, DrainMiddleware, refuse_while_draining
 from server.api.errors import install_error_handlers
-from server.api.load_control import QueueGate
+from server.api.load_control import QueueGate, TenantLimits
 from server.api.middleware import RequestContextMiddleware
 from server.api.openapi_contract import install_openapi_contract
-from server.api.security import AccessMiddleware, authorizer, warn_if_open
+from server.api.security import AccessMiddleware, app_tenants, authorizer, warn_if_open
 from server.api.upload_limit import UploadLimitMiddleware
 from server.config import Settings
 from server.console import install_console
@@ -98,6 +108,7 @@ def build_engine(settings: Settings, base: LoadedBase, store: AdapterStore) -> E
             engine.runner.name,
         )
     store.bind_base(engine.base_shapes, settings.max_rank)
+    store.on_retire(engine.retire)  # a replaced or deleted version leaves its slot (the one subscriber)
     register_startup_adapters(settings, store)
     engine.start()
     return engine
@@ -112,22 +123,25 @@ def register_startup_adapters(settings: Settings, store: AdapterStore) -> None:
                  record.version, record.rank, record.layers)  # fmt: skip
 
 
-def open_sources(settings: Settings, store: AdapterStore, app: FastAPI) -> AdapterSources | None:
+def open_sources(settings: Settings, store: AdapterStore) -> AdapterSources | None:
     """``--adapter-source``: the S3 locations searched for adapters the store lacks (None: none)."""
     if not settings.adapter_source:
         return None
 
-    def retire(record: AdapterRecord) -> None:  # a refreshed adapter's old version leaves its slot
-        engine = getattr(app.state, "engine", None)
-        if engine is not None:
-            engine.retire(record.key)
-
     sources = AdapterSources.from_uris(
-        store, settings.adapter_source, max_bytes=settings.max_upload_mb << 20,
-        refresh_seconds=settings.adapter_source_refresh, on_replaced=retire,
-    )  # fmt: skip
+        store,
+        settings.adapter_source,
+        max_bytes=settings.max_upload_mb << 20,
+        refresh_seconds=settings.adapter_source_refresh,
+    )  # fmt: skip  (a refreshed adapter's old version is retired by the store's event)
     log.info("adapter sources, searched in order after %s: %s", settings.data_dir, ", ".join(sources.uris))
     return sources
+
+
+def _tenant(app: FastAPI, tenant_id: str) -> object | None:
+    """A tenant's current row (its quotas), None once deleted."""
+    tenants = app_tenants(app)
+    return tenants.get(tenant_id) if tenants is not None else None
 
 
 def create_app(settings: Settings | None = None, loader: BaseLoader = default_loader) -> FastAPI:
@@ -141,7 +155,7 @@ def create_app(settings: Settings | None = None, loader: BaseLoader = default_lo
             AdapterStore, settings.data_dir, host_cache_bytes=settings.host_cache_mb << 20
         )
         app.state.store = app.state.registry = store
-        app.state.sources = open_sources(settings, store, app)
+        app.state.sources = open_sources(settings, store)
         app.state.engine = None
         app.state.load_error = None
 
@@ -179,24 +193,27 @@ def create_app(settings: Settings | None = None, loader: BaseLoader = default_lo
     app.add_middleware(
         UploadLimitMiddleware,
         max_bytes=settings.max_upload_mb << 20,
-        paths=("/adapters",),
         timeout=settings.upload_timeout,
         body_max_bytes=settings.max_body_kb << 10,
     )
-    app.add_middleware(AccessMiddleware, settings=settings)  # before any body is read
+    app.add_middleware(
+        AccessMiddleware, settings=settings, tenants=lambda: app_tenants(app)
+    )  # before any body
+    app.state.gate = QueueGate(settings.max_queue, TenantLimits(lambda tenant_id: _tenant(app, tenant_id)))
     app.state.metrics = Metrics(
         lambda: (getattr(app.state, "engine", None), getattr(app.state, "store", None))
     )
     app.add_middleware(  # outermost: request id, access log and metrics cover every answer, 413s too
         RequestContextMiddleware,
         metrics=app.state.metrics,
-        gate=QueueGate(settings.max_queue),
+        gate=app.state.gate,
         request_timeout=settings.request_timeout,
     )
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(generate.router)
     app.include_router(admin.router)
+    app.include_router(tenants.router)
     app.include_router(analysis.router)  # before adapters: /adapters/compare is not an id
     app.include_router(composition.router)
     app.include_router(adapters.router)

@@ -15,7 +15,7 @@ from typing import Literal
 from server.api.context import current_request_id
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
-_EXTRA_FIELDS = ("method", "path", "status", "duration_s")  # set by the access log line
+_EXTRA_FIELDS = ("tenant", "method", "path", "status", "duration_s")  # set by the access log line
 
 
 class RequestIdFilter(logging.Filter):

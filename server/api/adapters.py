@@ -26,7 +26,7 @@ from adapters.errors import ArchiveError, InvalidAdapterId, StoreFull, StoreNotR
 from adapters.index import AdapterRecord
 from adapters.listing import DEFAULT_PAGE, MAX_PAGE, page
 from adapters.registry import AdapterRepository
-from adapters.store import check_adapter_id, derive_adapter_id, sha256_hex
+from adapters.store import check_adapter_id, check_stored_id, derive_adapter_id, sha256_hex
 from server.api.deps import SettingsDep, StoreDep
 from server.api.errors import ApiError, adapter_not_found
 
@@ -91,12 +91,9 @@ async def upload_adapter(
         files = await asyncio.to_thread(_read_upload, form, settings.max_upload_mb << 20)
         if adapter_id is None:
             adapter_id = derive_adapter_id(files.name, sha256_hex(files.weights))
-        previous = store.record(adapter_id)
         record = await asyncio.to_thread(store.put, adapter_id, files, replace=replace)
     finally:
         await form.close()
-    if previous is not None and previous.key != record.key:
-        _retire_from_memory(request, previous)
     return JSONResponse(
         record.summary(), status_code=201, headers={"Location": f"/adapters/{record.adapter_id}"}
     )
@@ -144,24 +141,17 @@ async def get_adapter(adapter_id: AdapterIdPath, store: StoreDep, request: Reque
 
 
 @router.delete("/adapters/{adapter_id}", status_code=204)
-async def delete_adapter(adapter_id: AdapterIdPath, store: StoreDep, request: Request) -> Response:
+async def delete_adapter(adapter_id: AdapterIdPath, store: StoreDep) -> Response:
     """Delete now for new requests; running ones finish, and the files go when the last one ends."""
     stored_record(store, adapter_id)
-    record = await asyncio.to_thread(store.delete, adapter_id)
-    _retire_from_memory(request, record)
+    await asyncio.to_thread(store.delete, adapter_id)  # the store's retire event frees its slot
     return Response(status_code=204)
 
 
-def _retire_from_memory(request: Request, record: AdapterRecord) -> None:
-    """Free the old version's memory slot once its last running row ends (delete, replace)."""
-    engine = getattr(request.app.state, "engine", None)
-    if engine is not None:
-        engine.retire(record.key)
-
-
 def stored_record(store: AdapterRepository, adapter_id: str) -> AdapterRecord:
-    """The current record of ``adapter_id``: 400 for an invalid id, 404 for an unknown one."""
-    check_adapter_id(adapter_id)
+    """The current record of ``adapter_id``: 400 for an invalid id, 404 for an unknown one (a tenant
+    naming another tenant's ``acme~bot`` gets the 404 of an id that does not exist)."""
+    check_stored_id(adapter_id)
     record = store.record(adapter_id)
     if record is None:
         raise adapter_not_found(adapter_id)

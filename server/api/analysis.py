@@ -137,8 +137,10 @@ async def _analysis(
 ) -> dict:
     _check_layers(layers)
 
+    raw = getattr(store, "raw", store)  # stored ids: the memo holds every tenant's analyses
+
     def current_key(aid: str) -> str | None:
-        record = store.record(aid)
+        record = raw.record(aid)
         return record.key if record is not None else None
 
     service.memo.retain(current_key)  # forget replaced and deleted versions

@@ -38,10 +38,11 @@ from adapters.registry import AdapterRepository
 from server.api.compose_schemas import ComposeBody, MergedAdapters
 from server.api.deps import SettingsDep, StoreDep
 from server.api.errors import ApiError, adapter_not_found
+from server.api.named_adapters import COMPOSITION_PREFIX
 
 router = APIRouter(tags=["adapters"])
 
-VIRTUAL_PREFIX = "merged:"
+VIRTUAL_PREFIX = COMPOSITION_PREFIX
 MERGED_LABEL = "__merged__"  # the metrics' adapter label of composed requests (one label, not one per mix)
 CACHE_ENTRIES = 16  # composed adapters kept in host memory (LRU)
 
@@ -65,11 +66,13 @@ class CompositionService:
         self._lock = threading.Lock()
         self.compositions = 0  # composed (cache misses), for tests and logs
 
-    async def sources(self, ids: Sequence[str]) -> list[LoraAdapter]:
-        """The current version of each id (read off the event loop); 404 for an unknown one."""
+    async def sources(self, ids: Sequence[str], lookup: AdapterRepository | None = None) -> list[LoraAdapter]:
+        """The current version of each id (read off the event loop); 404 for an unknown one.
+        ``lookup``: the caller's view of the store (a tenant's names: ``server.api.tenancy``)."""
+        store = lookup if lookup is not None else self.store
         found = []
         for adapter_id in ids:
-            adapter = await self.store.aget(adapter_id) if adapter_id in self.store else None
+            adapter = await store.aget(adapter_id) if adapter_id in store else None
             if adapter is None:
                 raise adapter_not_found(adapter_id)
             found.append(adapter)
@@ -92,9 +95,10 @@ class CompositionService:
             return adapter.version  # replaced meanwhile: a key no current version shares
         return f"{record.sha256}:{record.config_sha256}"
 
-    async def resolve(self, merged: MergedAdapters) -> Composition:
-        """The virtual adapter of ``merged_adapters``: from the cache, or composed once now."""
-        sources = await self.sources(merged.ids)
+    async def resolve(self, merged: MergedAdapters, lookup: AdapterRepository | None = None) -> Composition:
+        """The virtual adapter of ``merged_adapters``: from the cache, or composed once now. The
+        digest covers the sources' stored ids, so two tenants' ``bot`` never share a composition."""
+        sources = await self.sources(merged.ids, lookup)
         spec = merged.spec()
         digest = self.digest(sources, merged.weights, spec)
         seed = seed_of(digest)
@@ -120,20 +124,40 @@ class CompositionService:
         return Composition(adapter, tuple(sources), digest, seed)
 
 
-def get_compositions(request: Request, settings: SettingsDep) -> CompositionService:
+def get_compositions(request: Request, settings: SettingsDep, store: StoreDep) -> ScopedCompositions:
     state = request.app.state
     service = getattr(state, "compositions", None)
     if service is None:
         service = CompositionService(state.registry, settings.max_rank)
         state.compositions = service
-    return service
+    return ScopedCompositions(service, store)
 
 
-CompositionsDep = Annotated[CompositionService, Depends(get_compositions)]
+class ScopedCompositions:
+    """The app's :class:`CompositionService` resolving source ids in the caller's namespace."""
+
+    def __init__(self, service: CompositionService, lookup: AdapterRepository) -> None:
+        self.service = service
+        self.lookup = lookup
+
+    async def sources(self, ids: Sequence[str]) -> list[LoraAdapter]:
+        return await self.service.sources(ids, self.lookup)
+
+    async def resolve(self, merged: MergedAdapters) -> Composition:
+        return await self.service.resolve(merged, self.lookup)
+
+    def digest(self, sources: Sequence[LoraAdapter], weights: Sequence[float], spec: CompositionSpec) -> str:
+        return self.service.digest(sources, weights, spec)
+
+    def sha256_of(self, adapter: LoraAdapter) -> str:
+        return self.service.sha256_of(adapter)
+
+
+CompositionsDep = Annotated[ScopedCompositions, Depends(get_compositions)]
 
 
 async def resolve_merged(
-    compositions: CompositionService, merged: MergedAdapters | None
+    compositions: ScopedCompositions, merged: MergedAdapters | None
 ) -> Composition | None:
     return None if merged is None else await compositions.resolve(merged)
 
@@ -187,8 +211,12 @@ async def compose_adapters(
         **record.summary(),
         "compose": {
             "sources": [
-                {"id": a.adapter_id, "weight": w, "sha256": compositions.sha256_of(a)}
-                for a, w in zip(sources, weights, strict=True)
+                {
+                    "id": source.id,
+                    "weight": w,
+                    "sha256": compositions.sha256_of(a),
+                }  # the id as the caller names it
+                for source, a, w in zip(body.sources, sources, weights, strict=True)
             ],
             "strategy": spec.strategy,
             "density": spec.density,

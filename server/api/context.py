@@ -40,6 +40,8 @@ class RequestContext:
     gate: Gate | None = None  # admission control (--max-queue), generation routes only
     admitted: bool = False  # holds one of the gate's places until the response ends
     adapter_label: str = UNRESOLVED_LABEL
+    tenant: str = "-"  # who called: a tenant's id, _admin or _default (server.api.tenancy); '-' before auth
+    tenant_id: str | None = None  # a tenant's id when a tenant's key called (its quotas apply)
     outcome_status: int | None = None  # a stream's real outcome (499, 500, 504) under its 200
     on_close: list[Callable[[], None]] = field(default_factory=list)  # run when the response ends
 
@@ -62,6 +64,16 @@ def activate(context: RequestContext) -> contextvars.Token:
 
 def deactivate(token: contextvars.Token) -> None:
     _current.reset(token)
+
+
+def shown_adapter_id(adapter_id: str | None) -> str | None:
+    """An adapter id as the current caller names it: a tenant sees its own ``acme~bot`` as ``bot``
+    (``adapters.tenants``); everyone else, and code outside a request, the stored id."""
+    context = _current.get()
+    if adapter_id is None or context is None or context.tenant_id is None:
+        return adapter_id
+    owner, sep, name = adapter_id.partition("~")
+    return name if sep and owner == context.tenant_id else adapter_id
 
 
 def current_request_id() -> str | None:

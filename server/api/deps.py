@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import time
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
-from adapters.compose import MAX_SOURCES
+from adapters.peft_format import LoraAdapter
 from adapters.registry import AdapterRepository
 from server.api.adapter_sources import fetch_named, requested_source
 from server.api.errors import ApiError
+from server.api.named_adapters import json_object, requested_adapters
+from server.api.security import principal_of
+from server.api.tenancy import view_for
 from server.config import Settings
 from server.engine.base_model import LoadedBase
 from server.engine.engine import Engine
@@ -24,35 +27,50 @@ def get_engine(request: Request) -> Engine:
     return engine
 
 
-def get_store(request: Request) -> AdapterRepository:
-    return request.app.state.store
+@dataclass
+class AdapterScope:
+    """The adapters one request names, resolved once: ``store`` is what the request may see, and
+    ``held`` the adapters it names, read into host memory and pinned until the request ends."""
+
+    store: AdapterRepository
+    names: list[str] = field(default_factory=list)
+    held: dict[str, LoraAdapter] = field(default_factory=dict)
 
 
-async def get_registry(request: Request) -> AdapterRepository:
-    """The adapter store, with the adapter the JSON body names already in host memory.
+async def get_adapter_scope(request: Request) -> AdapterScope:
+    """The request's :class:`AdapterScope`, built once per request (FastAPI caches dependencies).
 
     ``build_request`` resolves ids synchronously; reading a cold adapter from disk there would
-    stall the event loop (and with it every stream). So the adapters named by the body
-    (``parameters.adapter_id``, ``adapter_id`` or ``model``, and the sources of
-    ``parameters.merged_adapters``) are loaded here in a worker thread, and pinned on
-    ``request.state`` until the request ends. Ids that are not stored are fetched from the
-    adapter sources first (``server.api.adapter_sources``).
+    stall the event loop (and with it every stream). So the adapters the request names
+    (:func:`server.api.named_adapters.requested_adapters`: the JSON body's, the path's) are loaded
+    here in a worker thread and held until the request ends. Ids that are not stored are fetched
+    from the adapter sources first (``server.api.adapter_sources``).
     """
-    store = request.app.state.registry
-    if (
-        hasattr(store, "aget")
-        and request.method == "POST"
-        and "json" in request.headers.get("content-type", "")
-    ):
+    store = view_for(request.app.state.registry, principal_of(request))  # the caller's namespace
+    scope = AdapterScope(store)
+    body = b""
+    if request.method == "POST" and "json" in request.headers.get("content-type", ""):
         body = await request.body()
-        names = _named_adapters(body)
-        await fetch_named(request, names, requested_source(_json_object(body)))  # --adapter-source
-        pinned = []
-        for name in names:
+    scope.names = requested_adapters(request.url.path, request.query_params, body, request.method)
+    if scope.names and hasattr(store, "aget"):
+        await fetch_named(request, scope.names, requested_source(json_object(body) if body else None))
+        for name in scope.names:
             if name in store:
-                pinned.append(await _timed_aget(request, store, name))
-        request.state.prefetched_adapters = pinned
-    return store
+                adapter = await _timed_aget(request, store, name)
+                if adapter is not None:
+                    scope.held[name] = adapter
+    return scope
+
+
+async def get_registry(scope: Annotated[AdapterScope, Depends(get_adapter_scope)]) -> AdapterRepository:
+    """The adapter store as this request sees it, with the adapters it names held in host memory."""
+    return scope.store
+
+
+def get_store(scope: Annotated[AdapterScope, Depends(get_adapter_scope)]) -> AdapterRepository:
+    """The adapter store as the caller sees it (``server.api.tenancy``): the same object as
+    :func:`get_registry`, resolved once per request."""
+    return scope.store
 
 
 async def _timed_aget(request: Request, store: AdapterRepository, name: str) -> Any:
@@ -66,47 +84,6 @@ async def _timed_aget(request: Request, store: AdapterRepository, name: str) -> 
     return adapter
 
 
-def _named_adapters(body: bytes) -> list[str]:
-    """Every adapter id a JSON body names: ``parameters.adapter_id``, ``adapter_id``, ``model``,
-    then the sources of ``parameters.merged_adapters`` (a composition needs them all)."""
-    data = _json_object(body)
-    if data is None:
-        return []
-    params = data.get("parameters")
-    candidates = [
-        params.get("adapter_id") if isinstance(params, dict) else None,
-        data.get("adapter_id"),
-        data.get("model"),
-        *_merged_ids(data),
-    ]
-    return list(dict.fromkeys(c for c in candidates if isinstance(c, str) and c))
-
-
-def _json_object(body: bytes) -> dict[str, Any] | None:
-    try:
-        data: Any = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):  # validation answers these bodies
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _merged_adapters(data: dict[str, Any]) -> dict[str, Any] | None:
-    """The body's ``parameters.merged_adapters`` object, if it has one (not validated here)."""
-    params = data.get("parameters")
-    merged = params.get("merged_adapters") if isinstance(params, dict) else None
-    return merged if isinstance(merged, dict) else None
-
-
-def _merged_ids(data: dict[str, Any]) -> list[str]:
-    """The composition's source ids; at most ``MAX_SOURCES`` (a longer list is a 422 anyway, and
-    this runs before validation: it must not make a request pin or fetch unboundedly many)."""
-    merged = _merged_adapters(data)
-    ids = merged.get("ids") if merged is not None else None
-    if not isinstance(ids, list):
-        return []
-    return [i for i in ids[:MAX_SOURCES] if isinstance(i, str) and i]
-
-
 def get_base(request: Request) -> LoadedBase:
     return request.app.state.base
 
@@ -115,6 +92,7 @@ def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
+AdapterScopeDep = Annotated[AdapterScope, Depends(get_adapter_scope)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 RegistryDep = Annotated[AdapterRepository, Depends(get_registry)]
 StoreDep = Annotated[AdapterRepository, Depends(get_store)]

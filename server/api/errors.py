@@ -13,6 +13,9 @@ the OpenAI routes (``server.api.openai``), with the same status either way.
     StoreNotReady                        503      not_ready
     SourceUnavailable (S3 unreachable)   503      source_unavailable
     StoreFull (disk or quota full)       507      insufficient_storage
+    QuotaExceeded (a tenant's quota)     429      quota_exceeded
+    SharedAdapter (a tenant changing it) 403      forbidden
+    UnknownTenant / TenantExists         404/409  tenant_not_found / tenant_exists
     StoreError (any other)               400      its own
     ArchiveError too_large               413      too_large
     ArchiveError invalid_upload          400      invalid_upload
@@ -45,11 +48,15 @@ from adapters.errors import (
     AdapterExists,
     ArchiveError,
     InvalidAdapterId,
+    QuotaExceeded,
+    SharedAdapter,
     SourceUnavailable,
     StoreError,
     StoreFull,
     StoreNotReady,
+    TenantExists,
     UnknownAdapter,
+    UnknownTenant,
 )
 from server.engine.errors import RequestRejected
 
@@ -74,6 +81,10 @@ STORE_STATUS: dict[type[StoreError], int] = {
     StoreNotReady: 503,
     SourceUnavailable: 503,
     StoreFull: 507,
+    QuotaExceeded: 429,
+    SharedAdapter: 403,
+    UnknownTenant: 404,
+    TenantExists: 409,
 }
 ARCHIVE_STATUS = {"too_large": 413, "invalid_upload": 400}
 HANDLED: tuple[type[Exception], ...] = (

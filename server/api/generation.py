@@ -16,7 +16,7 @@ from fastapi import Request
 
 from adapters.registry import AdapterLookup
 from server.api.composition import MERGED_LABEL, Composition
-from server.api.context import RequestContext, current
+from server.api.context import RequestContext, current, shown_adapter_id
 from server.api.errors import ApiError, adapter_not_found
 from server.api.load_control import admit_generation
 from server.engine.engine import Engine
@@ -53,7 +53,7 @@ def build_request(
     take ``RegistryDep`` get the adapter their JSON body names prefetched into host memory off the
     event loop (see ``server.api.deps.get_registry``), so this lookup does not read the disk.
     """
-    admit_generation(engine.num_running + engine.num_waiting)  # 429 when --max-queue is reached
+    admit_generation(engine.num_running + engine.num_waiting, len(prompt_ids))  # 429: --max-queue, quotas
     adapter = None
     if composition is not None:
         adapter = composition.adapter
@@ -159,7 +159,7 @@ async def stream_events(engine: Engine, request: GenerationRequest) -> AsyncIter
     deadline = context.deadline if context is not None else None
     observer = None
     if context is not None and context.metrics is not None:
-        observer = context.metrics.observer(request, context.adapter_label)
+        observer = context.metrics.observer(request, context.adapter_label, context.tenant)
     events = engine.stream(request)
     ended = False
     try:
@@ -176,6 +176,8 @@ async def stream_events(engine: Engine, request: GenerationRequest) -> AsyncIter
             ended = isinstance(event, (FinishEvent, ErrorEvent))
             if isinstance(event, ErrorEvent) and context is not None:
                 context.outcome_status = ERROR_STATUS.get(event.error_type, 500)
+            if isinstance(event, FinishEvent) and context is not None and context.gate is not None:
+                context.gate.tenants.charge(context, event.generated_tokens)  # tokens per minute
             yield event
             if ended:
                 return
@@ -203,7 +205,7 @@ def _timeout_event(context: RequestContext | None) -> ErrorEvent:
 def timing_headers(request: GenerationRequest) -> dict[str, str]:
     t = request.timings()
     return {
-        "x-adapter-id": request.adapter_id or "",
+        "x-adapter-id": shown_adapter_id(request.adapter_id) or "",
         "x-queue-time": f"{t['queue_time']:.6f}",
         "x-inference-time": f"{t['inference_time']:.6f}",
         "x-time-to-first-token": f"{t['time_to_first_token']:.6f}",

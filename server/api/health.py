@@ -7,10 +7,13 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from adapters.tenants import owner_of
 from server import __version__
 from server.api.deps import BaseDep, EngineDep, RegistryDep, SettingsDep
 from server.api.errors import ApiError
-from server.api.security import accepted_keys, bearer_token, check_access
+from server.api.security import accepted_keys, app_tenants, bearer_token, check_access, principal_of
+from server.api.tenancy import Principal
+from server.api.tenants import describe_tenant
 
 if TYPE_CHECKING:
     from server.engine.engine import Engine
@@ -40,7 +43,9 @@ def _keyed_caller(request: Request) -> bool:
     if settings is None or not accepted_keys(settings, "read"):
         return False
     try:
-        check_access(settings, "read", bearer_token(request.headers.get("authorization")))
+        check_access(
+            settings, "read", bearer_token(request.headers.get("authorization")), app_tenants(request.app)
+        )
     except ApiError:
         return False
     return True
@@ -101,14 +106,15 @@ def _decode(engine: Engine) -> dict:
 async def info(
     request: Request, engine: EngineDep, base: BaseDep, registry: RegistryDep, settings: SettingsDep
 ) -> dict:
-    return {
+    principal = principal_of(request)
+    out = {
         "version": __version__,
         "model": base.name,
         "model_path": str(base.path),
         "dtype": str(base.dtype).removeprefix("torch."),
         "device": str(base.device),
         "mode": engine.config.mode,  # a quantized base runs auto as unmerged
-        "merged_adapter": engine.merged_adapter_id,
+        "merged_adapter": _shown(principal, engine.merged_adapter_id),
         "swaps": engine.stats.swaps,
         "generated_tokens": engine.stats.generated_tokens,
         "lora_backend": engine.runner.lora_backend.name,  # --lora-backend, auto resolved
@@ -125,13 +131,32 @@ async def info(
             "max_rank": settings.max_rank,
         },
         "adapters": registry.ids(),
-        "adapters_loaded": [key.partition("@")[0] for key in engine.slots.resident_keys],
+        "adapters_loaded": [
+            shown
+            for key in engine.slots.resident_keys
+            if (shown := _shown(principal, key.partition("@")[0])) is not None
+        ],
         "adapter_slot_users": engine.slots.in_use,
         "running_requests": engine.num_running,
         "waiting_requests": engine.num_waiting,
         "http_requests_in_flight": _in_flight(request),
         "adapter_sources": _sources(request),
+        "tenant": principal.label,  # who is asking (the console shows it): a tenant's id, _admin, _default
     }
+    if principal.kind == "admin" and app_tenants(request.app) is not None:
+        out["tenants"] = [describe_tenant(request, t) for t in app_tenants(request.app).list()]
+    return out
+
+
+def _shown(principal: Principal, stored: str | None) -> str | None:
+    """A stored adapter id as this caller names it; None when it is not one it may see (another
+    tenant's adapters are never named to a tenant, not even as loaded in a slot)."""
+    if stored is None or principal.kind == "admin":
+        return stored
+    owner, name = owner_of(stored)
+    if owner is None:
+        return stored  # a shared adapter, or a composition's digest (merged:...)
+    return name if principal.tenant is not None and owner == principal.tenant.id else None
 
 
 def _sources(request: Request) -> dict:

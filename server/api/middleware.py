@@ -7,7 +7,7 @@ Pure ASGI (not ``BaseHTTPMiddleware``) so streamed responses pass through untouc
   else a new one; sent back on every response and put on every log record of the request.
 - The text access log escapes the method and path (:func:`printable`); the JSON log's fields
   are escaped by JSON itself.
-- Generation routes (``GENERATION_ROUTES``) get a deadline (``--request-timeout``) and are
+- Generation routes (``generation`` in ``server.api.routes``) get a deadline (``--request-timeout``) and are
   counted in ``loraplex_requests_total`` / ``loraplex_request_duration_seconds`` once they end.
 """
 
@@ -23,11 +23,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.context import RequestContext, activate, deactivate
 from server.api.load_control import QueueGate
+from server.api.routes import rule_for
 from server.metrics import Metrics
 
-GENERATION_ROUTES = frozenset(
-    {"/", "/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions", "/v1/responses"}
-)
 # Polled (by machines, by the console's live view every second): access-logged at debug level.
 QUIET_ROUTES = frozenset({"/health", "/metrics", "/info"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -54,7 +52,7 @@ class RequestContextMiddleware:
             return
         started = time.perf_counter()
         path = scope["path"].rstrip("/") or "/"
-        generation = path in GENERATION_ROUTES and scope["method"] == "POST"  # GET / is the console
+        generation = rule_for(scope["method"], path).generation  # POST only: GET / is the console
         context = RequestContext(
             request_id=_request_id(scope),
             route=path,
@@ -83,16 +81,18 @@ class RequestContextMiddleware:
             seconds = time.perf_counter() - started
             final = context.outcome_status or status
             if generation:
-                self.metrics.observe_request(path, context.adapter_label, final, seconds)
+                self.metrics.observe_request(path, context.adapter_label, final, seconds, context.tenant)
             level = logging.DEBUG if path in QUIET_ROUTES else logging.INFO
             access_log.log(
                 level,
-                '"%s %s" %d %.3fs',
+                '"%s %s" %d %.3fs tenant=%s',
                 printable(scope["method"]),
                 printable(scope["path"]),  # decoded: '%0a' is a newline, which must not start a line
                 final,
                 seconds,
+                context.tenant,
                 extra={
+                    "tenant": context.tenant,
                     "method": scope["method"],
                     "path": scope["path"],
                     "status": final,

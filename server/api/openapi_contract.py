@@ -3,7 +3,7 @@ documented with its error schema, and the limits that come from the server's set
 
 FastAPI documents 200 and 422 only; the statuses that come from app-wide rules (keys, the queue
 limit, the model still loading, unknown adapters) are added here from the same rules the server
-applies (``security.required_access``, ``middleware.GENERATION_ROUTES``), so a new route gets them
+applies (the route table, ``server.api.routes``), so a new route gets them
 too. Token limits come from the running engine: ``max_new_tokens``/``max_tokens`` are at most
 ``--max-total-tokens`` - 1 (a prompt has at least one token). Only what no schema can state is
 left out: a prompt's length in tokens (``inputs`` tokens + ``max_new_tokens`` within the limit)
@@ -24,10 +24,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.store import ADAPTER_ID_RE
-from server.api.middleware import GENERATION_ROUTES
 from server.api.openapi_errors import DESCRIPTIONS, OpenAIErrorResponse
+from server.api.routes import rule_for
 from server.api.schemas import ErrorResponse
-from server.api.security import OPEN_PATHS, required_access
 
 _TOKEN_FIELDS = ("max_new_tokens", "max_tokens", "max_completion_tokens")
 _HTTP_METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
@@ -35,13 +34,14 @@ _HTTP_METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
 
 def route_statuses(method: str, path: str, operation: dict[str, Any]) -> set[int]:
     """The error statuses ``method path`` can answer, from the app-wide rules."""
-    if path in OPEN_PATHS or required_access(method, path) == "open":  # /health, the console's page
+    rule = rule_for(method, path)
+    if rule.access == "open":  # /health, /metrics, the console's page
         return set()
     codes = {400, 401, 503}  # a Host not allowed; a key may be required; still loading
     if method not in ("GET", "HEAD", "OPTIONS"):
         codes.add(403)  # a cross-site request while no keys are set (security.screen)
-    if required_access(method, path) == "admin":
-        codes.add(403)
+    if rule.access in ("admin", "manage"):
+        codes.add(403)  # the API key (or a tenant's key on /admin)
     if operation.get("parameters") or operation.get("requestBody"):
         codes.add(422)
     if operation.get("requestBody"):
@@ -49,8 +49,10 @@ def route_statuses(method: str, path: str, operation: dict[str, Any]) -> set[int
     if path.startswith("/adapters"):
         codes |= {400, 404}  # a malformed or unknown adapter id
     if method == "POST" and path.startswith("/adapters"):
-        codes |= {408, 409, 413, 507}  # too slow; the id exists; too large; the disk is full
-    if path in GENERATION_ROUTES and method == "POST":
+        codes |= {408, 409, 413, 429, 507}  # too slow; the id exists; too large; a tenant's quota; disk full
+    if path.startswith("/admin/tenants"):
+        codes |= {404, 409}  # an unknown tenant; an id taken, or no admin key set (keys_required)
+    if rule.generation:
         codes |= {404, 422, 424, 429, 504}
     return codes
 

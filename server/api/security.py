@@ -1,17 +1,20 @@
-"""Access control: the API and admin keys (load control is in ``load_control.py``).
+"""Access control: the API and admin keys, and tenants' keys (load control is in ``load_control.py``).
 
-Keys are Bearer tokens (``Authorization: Bearer <key>``), compared in constant time:
+Keys are Bearer tokens (``Authorization: Bearer <key>``), compared in constant time. Which class
+a route is in comes from the route table (``server.api.routes``):
 
-    route                                             needs
-    /health, /metrics                                 nothing (always open)
-    GET / and /console/* (the web console's files)    nothing (its data calls carry the key)
-    /admin/*, and /adapters* except GET/HEAD          the admin key (LORAPLEX_ADMIN_KEY)
-    everything else (generation, GET /adapters, ...)  the API key or the admin key
+    route (access class)                                   needs
+    /health, /metrics (open)                               nothing (always open)
+    GET / and /console/* (open: the console's files)       nothing (its data calls carry the key)
+    /admin/* (admin)                                       the admin key (LORAPLEX_ADMIN_KEY)
+    /adapters* except GET/HEAD (manage)                    the admin key, or a tenant's key (its own)
+    everything else (read: generation, GET /adapters, ...) the API key, the admin key or a tenant's key
 
 A key that is not set opens its routes, except that with only the API key set, admin routes
 need the API key: setting one key never leaves uploads open to everyone. Start-up logs a
 warning for every open class of routes. 401: no key or a wrong one; 403: the API key on an
-admin route.
+admin or manage route, a tenant's key on an admin route. Who the caller is (:class:`Principal`:
+admin, default tenant, a tenant) decides which adapters it sees (``server.api.tenancy``).
 
 The rule is applied by :class:`AccessMiddleware`, before the app reads a byte of the body (a
 caller without the key costs no parsing and no memory), and again by one app-wide dependency
@@ -34,7 +37,7 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Literal
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from fastapi import Request
@@ -42,28 +45,21 @@ from pydantic import SecretStr
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from server.api.context import current
 from server.api.errors import ApiError, send_error
+from server.api.principal import ADMIN, DEFAULT, Principal
+from server.api.routes import READ_METHODS, Access, rule_for
 from server.config import Settings
+
+if TYPE_CHECKING:
+    from adapters.tenants import TenantTable
 
 log = logging.getLogger(__name__)
 
-Access = Literal["open", "read", "admin"]
-OPEN_PATHS = frozenset({"/health", "/metrics"})
-CONSOLE_PREFIX = "/console/"  # the web console's static files (server.console): no data in them
-READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-
 
 def required_access(method: str, path: str) -> Access:
-    path = path.rstrip("/") or "/"
-    if path in OPEN_PATHS:
-        return "open"
-    if method.upper() in READ_METHODS and (path == "/" or path.startswith(CONSOLE_PREFIX)):
-        return "open"  # the console's page and files; POST / (generation) is not
-    if path == "/admin" or path.startswith("/admin/"):
-        return "admin"
-    if (path == "/adapters" or path.startswith("/adapters/")) and method.upper() not in READ_METHODS:
-        return "admin"
-    return "read"
+    """The key class ``method path`` needs, from the route table (``server.api.routes``)."""
+    return rule_for(method, path).access
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -79,38 +75,102 @@ def _matches(token: str, key: SecretStr | None) -> bool:
 
 
 def accepted_keys(settings: Settings, access: Access) -> list[SecretStr]:
-    """The keys that open a route; an empty list means the route is open."""
+    """The operator's keys that open a route; an empty list means the route is open. Tenants' keys
+    (``adapters.tenants``) open ``read`` and ``manage`` routes wherever these are keyed."""
     api, admin = settings.api_key, settings.admin_key
     if access == "open":
         return []
-    if access == "admin":  # the admin key, else (only the API key set) the API key
+    if access in ("admin", "manage"):  # the admin key, else (only the API key set) the API key
         return [key for key in (admin or api,) if key is not None]
     return [api, *([admin] if admin is not None else [])] if api is not None else []
 
 
-def check_access(settings: Settings, access: Access, token: str | None) -> None:
-    """Raise 401/403 unless ``token`` grants ``access``."""
-    accepted = accepted_keys(settings, access)
-    if not accepted:
-        return
-    needs_admin = access == "admin" and settings.admin_key is not None
-    what = "admin key (LORAPLEX_ADMIN_KEY)" if needs_admin else "API key"
+def identify(settings: Settings, token: str | None, tenants: TenantTable | None = None) -> Principal | None:
+    """Whose key ``token`` is: the admin, the default tenant (the API key), a tenant, or None."""
     if token is None:
-        raise _unauthorized(f"this route needs the {what}: send the header 'Authorization: Bearer <key>'.")
-    if any(_matches(token, key) for key in accepted):
-        return
-    if needs_admin and _matches(token, settings.api_key):
+        return None
+    if _matches(token, settings.admin_key):
+        return ADMIN
+    if _matches(token, settings.api_key):  # with no admin key set, the API key is the admin's too
+        return ADMIN if settings.admin_key is None else DEFAULT
+    tenant = tenants.identify(token) if tenants is not None else None
+    return Principal("tenant", tenant) if tenant is not None else None
+
+
+def keyless(settings: Settings) -> Principal:
+    """Who a caller without a valid key is on an open route: the admin while no key is set at all
+    (every route is open, as before tenants), else the default tenant (the shared adapters)."""
+    return ADMIN if settings.admin_key is None and settings.api_key is None else DEFAULT
+
+
+def authenticate(
+    settings: Settings, access: Access, token: str | None, tenants: TenantTable | None = None
+) -> Principal:
+    """The caller of a route needing ``access``; 401 (no key, a wrong one), 403 (a key of too little rights)."""
+    who = identify(settings, token, tenants)
+    if not accepted_keys(settings, access):
+        return who or keyless(settings)
+    if who is not None:
+        if who.kind == "admin" or access == "read" or (access == "manage" and who.kind == "tenant"):
+            return who
+        if who.kind == "tenant":
+            raise ApiError(
+                403,
+                f"this route needs the admin key (LORAPLEX_ADMIN_KEY); the key sent is tenant {who.label!r}'s, "
+                "which uses and manages its own adapters only.",
+                "forbidden",
+            )
         raise ApiError(
             403,
             "this route (upload, replace, delete, shrink, /admin) needs the admin key (LORAPLEX_ADMIN_KEY); "
             "the key sent is the API key, which allows generation and reads only.",
             "forbidden",
         )
+    needs_admin = access in ("admin", "manage") and settings.admin_key is not None
+    what = "admin key (LORAPLEX_ADMIN_KEY)" if needs_admin else "API key"
+    if access == "manage" and settings.admin_key is not None:
+        what = "admin key (LORAPLEX_ADMIN_KEY) or a tenant's key"
+    if token is None:
+        raise _unauthorized(f"this route needs the {what}: send the header 'Authorization: Bearer <key>'.")
     raise _unauthorized(f"the key sent is not valid for this route, which needs the {what}.")
+
+
+def check_access(
+    settings: Settings, access: Access, token: str | None, tenants: TenantTable | None = None
+) -> None:
+    """Raise 401/403 unless ``token`` grants ``access``."""
+    authenticate(settings, access, token, tenants)
 
 
 def _unauthorized(message: str) -> ApiError:
     return ApiError(401, message, "unauthorized", headers={"WWW-Authenticate": "Bearer"})
+
+
+TenantSource = Callable[[], "TenantTable | None"]
+PRINCIPAL = "loraplex.principal"  # the ASGI scope key holding the request's Principal
+
+
+def principal_of(request: Request) -> Principal:
+    """The caller, as :class:`AccessMiddleware` (or :func:`authorizer`) identified it."""
+    found = request.scope.get(PRINCIPAL)
+    if found is None:  # an app without the middleware (unit tests): the dependency's answer
+        settings = getattr(request.app.state, "settings", None)
+        return keyless(settings) if settings is not None else ADMIN
+    return found
+
+
+def app_tenants(app: Any) -> TenantTable | None:
+    """The tenant table of the store an app opened (None before its lifespan opened it)."""
+    store = getattr(app.state, "store", None)
+    return getattr(store, "tenants", None)
+
+
+def _remember(scope: Scope, principal: Principal) -> None:
+    scope[PRINCIPAL] = principal
+    context = current()
+    if context is not None:
+        context.tenant = principal.label
+        context.tenant_id = principal.tenant.id if principal.tenant is not None else None
 
 
 def authorizer(settings: Settings) -> Callable[[Request], Awaitable[None]]:
@@ -118,7 +178,8 @@ def authorizer(settings: Settings) -> Callable[[Request], Awaitable[None]]:
 
     async def authorize(request: Request) -> None:
         access = required_access(request.method, request.url.path)
-        check_access(settings, access, bearer_token(request.headers.get("authorization")))
+        token = bearer_token(request.headers.get("authorization"))
+        _remember(request.scope, authenticate(settings, access, token, app_tenants(request.app)))
 
     return authorize
 
@@ -158,8 +219,18 @@ def cross_site(headers: Headers) -> bool:
     return netloc != (headers.get("host") or "").strip().lower()
 
 
-def screen(settings: Settings, method: str, path: str, headers: Headers) -> ApiError | None:
+def screen(
+    settings: Settings, method: str, path: str, headers: Headers, tenants: TenantTable | None = None
+) -> ApiError | None:
     """The refusal (Host, key, cross-site rules) a request gets before its body is read, if any."""
+    answer = admit(settings, method, path, headers, tenants)
+    return answer if isinstance(answer, ApiError) else None
+
+
+def admit(
+    settings: Settings, method: str, path: str, headers: Headers, tenants: TenantTable | None = None
+) -> ApiError | Principal:
+    """:func:`screen`'s refusal, or the caller it let in."""
     host = headers.get("host")
     access = required_access(method, path)
     if access != "open" and not allowed_host(settings, host):  # probes may name any Host on /health
@@ -170,7 +241,7 @@ def screen(settings: Settings, method: str, path: str, headers: Headers) -> ApiE
             "host_not_allowed",
         )
     try:
-        check_access(settings, access, bearer_token(headers.get("authorization")))
+        principal = authenticate(settings, access, bearer_token(headers.get("authorization")), tenants)
     except ApiError as error:
         return error
     if not accepted_keys(settings, access) and method.upper() not in READ_METHODS and cross_site(headers):
@@ -180,22 +251,26 @@ def screen(settings: Settings, method: str, path: str, headers: Headers) -> ApiE
             "request from a page of this server or a non-browser client, or set LORAPLEX_ADMIN_KEY.",
             "cross_site",
         )
-    return None
+    return principal
 
 
 class AccessMiddleware:
     """Pure ASGI: answers :func:`screen`'s refusal before the app runs or reads the body."""
 
-    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings, tenants: TenantSource = lambda: None) -> None:
         self.app = app
         self.settings = settings
+        self.tenants = tenants
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            error = screen(self.settings, scope["method"], scope["path"], Headers(scope=scope))
-            if error is not None:
-                await send_error(send, scope["path"], error)
+            answer = admit(
+                self.settings, scope["method"], scope["path"], Headers(scope=scope), self.tenants()
+            )
+            if isinstance(answer, ApiError):
+                await send_error(send, scope["path"], answer)
                 return
+            _remember(scope, answer)
         await self.app(scope, receive, send)
 
 

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 from fastapi.responses import StreamingResponse
 
+from server.api.context import shown_adapter_id
 from server.engine.requests import GenerationRequest
 
 
@@ -16,5 +17,5 @@ def sse(payload: dict) -> str:
 
 
 def sse_response(events: AsyncIterator[str], request: GenerationRequest) -> StreamingResponse:
-    headers = {"x-adapter-id": request.adapter_id or "", "Cache-Control": "no-cache"}
+    headers = {"x-adapter-id": shown_adapter_id(request.adapter_id) or "", "Cache-Control": "no-cache"}
     return StreamingResponse(events, media_type="text/event-stream", headers=headers)

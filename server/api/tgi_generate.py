@@ -21,7 +21,8 @@ from typing import Any
 from fastapi import Request
 
 from adapters.registry import AdapterLookup
-from server.api.composition import Composition, CompositionService, resolve_merged
+from server.api.composition import Composition, ScopedCompositions, resolve_merged
+from server.api.context import shown_adapter_id
 from server.api.generation import build_request, run_many, stream_events, tokenize, tokenize_off_loop
 from server.api.schemas import GenerateParameters
 from server.api.structured import response_grammar
@@ -45,7 +46,7 @@ class TgiGeneration:
         cls,
         engine: Engine,
         registry: AdapterLookup,
-        compositions: CompositionService,
+        compositions: ScopedCompositions,
         inputs: str,
         params: GenerateParameters,
     ) -> TgiGeneration:
@@ -120,7 +121,7 @@ class TgiGeneration:
             "cached_tokens": finish.cached_tokens,  # loraplex's: the prompt's cached prefix (--prefix-cache)
             "generated_tokens": finish.generated_tokens,
             "seed": finish.seed,
-            "adapter_id": request.adapter_id,
+            "adapter_id": shown_adapter_id(request.adapter_id),  # a tenant's own 'bot', not 'acme~bot'
             "prefill": prefill,
             "tokens": self.tokens(finish) if self.params.details else [],
         }

@@ -27,6 +27,7 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.errors import ApiError, send_error, upload_timed_out
+from server.api.routes import rule_for
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +45,16 @@ class UploadLimitMiddleware:
         self,
         app: ASGIApp,
         max_bytes: int,
-        paths: tuple[str, ...] = ("/adapters",),
         timeout: float | None = None,
         body_max_bytes: int | None = None,
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
-        self.paths = frozenset(p.rstrip("/") for p in paths)
         self.timeout = timeout
         self.body_max_bytes = body_max_bytes  # None: other routes' bodies are not limited here
 
     def _upload(self, scope: Scope) -> bool:
-        return scope["method"] == "POST" and scope["path"].rstrip("/") in self.paths
+        return rule_for(scope["method"], scope["path"]).upload  # POST /adapters (server.api.routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

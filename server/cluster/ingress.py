@@ -27,10 +27,12 @@ from ray import exceptions as ray_errors
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from adapters.tenants import Tenant, key_hash
 from server.api.adapter_sources import requested_source
-from server.api.deps import _json_object
 from server.api.errors import ApiError, error_payload, error_response
-from server.api.security import accepted_keys, screen
+from server.api.named_adapters import json_object
+from server.api.routes import rule_for
+from server.api.security import accepted_keys, admit, bearer_token, identify, screen
 from server.cluster.asgi_bridge import HttpCall, ResponseStart
 from server.cluster.metrics_merge import merge_expositions
 from server.cluster.routing import adapter_names, affinity_key, target_of
@@ -71,9 +73,10 @@ class LoraplexIngress:
                 "not_supported_in_cluster",
             )
         try:
-            refused = screen(self.settings, method, path, request.headers)
-            if refused is not None:
-                raise refused
+            tenants = await self._tenant_of(request)
+            caller = admit(self.settings, method, path, request.headers, tenants)
+            if isinstance(caller, ApiError):
+                raise caller
             body = await self._body(request, method, path)
         except ApiError as error:
             payload = error_payload(path, error.status_code, error.message, error.error_type)
@@ -90,20 +93,30 @@ class LoraplexIngress:
             names = list(dict.fromkeys([chosen, *names]))
         versions = {}
         if names:  # adapters missing from the store are fetched from --adapter-source first
-            resolved = await self.store.resolve.remote(names, requested_source(_json_object(body)))
+            resolved = await self.store.resolve.remote(names, requested_source(json_object(body)), caller)
             if "error" in resolved:
                 return error_response(*resolved["error"])
-            versions = resolved["versions"]
+            versions, names = resolved["versions"], resolved["names"]  # stored ids: a tenant's acme~bot
         model_id = affinity_key(names, versions, body, chosen) if self.affinity else ""
         handle = self.replica.options(stream=True, multiplexed_model_id=model_id)
-        response = await self._answer(lambda: handle.forward.remote(call, versions), retry=True)
+        response = await self._answer(
+            lambda: handle.forward.remote(call, versions, caller.tenant), retry=True
+        )
         if path == "/info" and response.status_code == 200:
             return await self._cluster_info(response)
         return response
 
+    async def _tenant_of(self, request: Request) -> _OneTenant | None:
+        """The tenant whose key the request carries, asked of the store (which owns the table) by the
+        key's sha256; None when the key is none, or one of the operator's keys."""
+        token = bearer_token(request.headers.get("authorization"))
+        if token is None or identify(self.settings, token) is not None:
+            return None
+        return _OneTenant(await self.store.identify.remote(key_hash(token)))
+
     async def _body(self, request: Request, method: str, path: str) -> bytes:
         """The body, read up to its limit (413 past it: the rest is never read)."""
-        upload = method == "POST" and path.rstrip("/") == "/adapters"
+        upload = rule_for(method, path).upload
         limit = self.settings.max_upload_mb << 20 if upload else self.settings.max_body_kb << 10
         flag = "--max-upload-mb" if upload else "--max-body-kb"
         declared = request.headers.get("content-length")
@@ -202,6 +215,16 @@ class LoraplexIngress:
                 loads.add_metric([rid, adapter], n)
         text = merge_expositions({rid: r["metrics"] for rid, r in reports.items()}, extra=[ready, loads])
         return Response(text, media_type=CONTENT_TYPE_LATEST)
+
+
+class _OneTenant:
+    """The tenant table as far as one request needs it (``security.admit`` asks ``identify``)."""
+
+    def __init__(self, tenant: Tenant | None) -> None:
+        self.tenant = tenant
+
+    def identify(self, key: str) -> Tenant | None:
+        return self.tenant if self.tenant is not None and self.tenant.key_sha256 == key_hash(key) else None
 
 
 async def _rest(stream: Any) -> AsyncIterator[bytes]:

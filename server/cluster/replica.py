@@ -30,6 +30,7 @@ from typing import Any
 from ray import serve
 
 from adapters.store import AdapterStore, sha256_hex
+from adapters.tenants import Tenant
 from server.app import create_app
 from server.cluster.asgi_bridge import HttpCall, ResponseStart, run_asgi
 from server.cluster.routing import Version, is_composition_key
@@ -85,9 +86,13 @@ class LoraplexReplica:
     # ------------------------------------------------------------------ requests
 
     async def forward(
-        self, call: HttpCall, versions: dict[str, Version | None]
+        self, call: HttpCall, versions: dict[str, Version | None], tenant: Tenant | None = None
     ) -> AsyncIterator[ResponseStart | bytes]:
-        """Answer one request with this replica's app, after syncing the adapters it names."""
+        """Answer one request with this replica's app, after syncing the adapters it names.
+        ``tenant``: the caller's row as the store has it now (the ingress checked its key there),
+        so this app knows the key and the quotas too."""
+        if tenant is not None:
+            self.local.tenants.mirror(tenant)
         model_id = serve.get_multiplexed_model_id()
         if model_id:
             await self.load_adapter(model_id)  # Ray records that this replica holds model_id
@@ -138,17 +143,13 @@ class LoraplexReplica:
 
     def _install(self, adapter_id: str, files: Any) -> None:
         self.fetches[adapter_id] += 1
-        previous = self.local.record(adapter_id)
-        record = self.local.put(adapter_id, files, replace=True, keep_identical=True)
-        if previous is not None and previous.key != record.key:
-            self.app.state.engine.retire(previous.key)  # its slot goes when its last running row ends
+        record = self.local.put(adapter_id, files, replace=True, keep_identical=True)  # retires the old one
         log.info("replica %s: adapter %s synced (%s)", self.id, adapter_id, record.sha256[:12])
 
     def _drop(self, adapter_id: str) -> None:
         if self.local.record(adapter_id) is None:
             return
-        record = self.local.delete(adapter_id)
-        self.app.state.engine.retire(record.key)
+        self.local.delete(adapter_id)  # the store's retire event frees its slot
         log.info("replica %s: adapter %s deleted (gone from the store)", self.id, adapter_id)
 
     async def _drop_stale(self, current: dict[str, Version | None]) -> None:

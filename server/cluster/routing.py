@@ -4,57 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Mapping
-from typing import Literal
 
-from server.api.deps import _json_object, _merged_adapters, _named_adapters
+from server.api.named_adapters import COMPOSITION_PREFIX, is_composition_id, json_object, merged_adapters
+from server.api.named_adapters import requested_adapters as adapter_names
+from server.api.routes import Target, rule_for
 
-Target = Literal["health", "metrics", "store", "replica", "unsupported"]
+__all__ = ["COMPOSITION_PREFIX", "Target", "adapter_names", "affinity_key", "composition_key", "target_of"]
+
 Version = tuple[str, str]  # (sha256 of the weights, sha256 of the config): one version of an adapter
-
-COMPOSITION_PREFIX = "merged:"  # affinity keys of compositions (':' is never in a stored id)
-
-_ADAPTER = re.compile(r"^/adapters/([^/]+)$")
-_ADAPTER_SUB = re.compile(r"^/adapters/([^/]+)/([^/]+)$")
 
 
 def target_of(method: str, path: str) -> Target:
     """``store``: adapter management (one store for the cluster); ``replica``: everything that needs
-    the model (generation, OpenAI routes, analysis, /info); ``unsupported``: shrink (see README)."""
-    if path == "/health":
-        return "health"
-    if path == "/metrics":
-        return "metrics"
-    if path == "/adapters":
-        return "store"
-    single = _ADAPTER.match(path)
-    if single is not None:
-        return "replica" if single.group(1) == "compare" else "store"
-    sub = _ADAPTER_SUB.match(path)
-    if sub is not None:
-        if sub.group(2) == "download":
-            return "store"
-        if sub.group(2) == "shrink" and method == "POST":
-            return "unsupported"
-    return "replica"
-
-
-def adapter_names(path: str, query: Mapping[str, str], body: bytes) -> list[str]:
-    """Every adapter id a replica-bound request may name, most specific first: the JSON body's
-    ``parameters.adapter_id``, ``adapter_id`` or ``model``, the ids of ``parameters.merged_adapters``;
-    ``/adapters/{id}/...``; ``?a=&b=`` of compare. The replica syncs each of them before the request.
-
-    Names that are not stored adapters (an OpenAI ``model`` naming the base) are harmless: the
-    store describes them as absent and the replica's app answers as one server would.
-    """
-    names = _named_adapters(body)
-    sub = _ADAPTER_SUB.match(path)
-    if sub is not None:
-        names.append(sub.group(1))
-    if path == "/adapters/compare":
-        names += [query[k] for k in ("a", "b") if query.get(k)]
-    return list(dict.fromkeys(names))
+    the model (generation, OpenAI routes, analysis, /info); ``unsupported``: shrink (see README).
+    Read from the route table (``server.api.routes``)."""
+    return rule_for(method, path).cluster
 
 
 def composition_key(body: bytes, versions: Mapping[str, Version | None]) -> str | None:
@@ -65,8 +30,7 @@ def composition_key(body: bytes, versions: Mapping[str, Version | None]) -> str 
     Requests for the same composition go to the replicas that already composed it (its cached
     virtual adapter, its slot); a replaced source changes the key, so the old one ages out.
     """
-    data = _json_object(body)
-    merged = _merged_adapters(data) if data is not None else None
+    merged = merged_adapters(json_object(body))
     ids = merged.get("ids") if merged is not None else None
     if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
         return None
@@ -78,7 +42,7 @@ def composition_key(body: bytes, versions: Mapping[str, Version | None]) -> str 
 
 
 def is_composition_key(model_id: str) -> bool:
-    return model_id.startswith(COMPOSITION_PREFIX)
+    return is_composition_id(model_id)
 
 
 def affinity_key(

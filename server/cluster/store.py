@@ -32,11 +32,14 @@ from adapters.archive import AdapterFiles
 from adapters.peft_format import BaseLinearShape
 from adapters.sources import AdapterSources
 from adapters.store import AdapterStore
+from adapters.tenants import SEPARATOR, Tenant
 from server import __version__
-from server.api import adapters, analysis, composition
+from server.api import adapters, analysis, composition, tenants
 from server.api.adapter_sources import fetch_from_sources
 from server.api.errors import HANDLED, as_api_error, install_error_handlers
+from server.api.principal import ADMIN, Principal
 from server.api.security import authorizer, warn_if_open
+from server.api.tenancy import TenantView, view_for
 from server.api.upload_limit import UploadLimitMiddleware
 from server.app import register_startup_adapters
 from server.cluster.asgi_bridge import HttpCall, ResponseStart, run_asgi
@@ -57,14 +60,26 @@ def store_app(settings: Settings, store: AdapterStore, sources: AdapterSources |
     app.add_middleware(
         UploadLimitMiddleware,
         max_bytes=settings.max_upload_mb << 20,
-        paths=("/adapters",),
         timeout=settings.upload_timeout,
     )
     install_error_handlers(app)
     app.include_router(analysis.router)  # GET /adapters/{id}/download; before adapters, as in create_app
     app.include_router(composition.router)  # POST /adapters/compose: needs the factors and shapes only
     app.include_router(adapters.router)
+    app.include_router(tenants.router)  # /admin/tenants: this deployment owns the tenant table
     return app
+
+
+def _stored_names(view: Any, names: list[str]) -> list[str]:
+    """The stored ids ``names`` mean through ``view`` (unknown plain names kept: replicas drop them)."""
+    out = []
+    for name in names:
+        stored = view._stored(name) if isinstance(view, TenantView) else name
+        if stored is not None:
+            out.append(stored)
+        elif SEPARATOR not in name:
+            out.append(name)
+    return list(dict.fromkeys(out))
 
 
 class LoraplexStore:
@@ -114,16 +129,27 @@ class LoraplexStore:
             out[name] = (record.sha256, record.config_sha256) if record is not None else None
         return out
 
-    async def resolve(self, names: list[str], wanted: str | None) -> dict[str, Any]:
+    async def resolve(
+        self, names: list[str], wanted: str | None, caller: Principal = ADMIN
+    ) -> dict[str, Any]:
         """:meth:`describe` after fetching from the adapter sources what ``names`` lacks (``wanted``:
-        the request's ``adapter_source``): ``{"versions": ...}``, or ``{"error": (status, message,
-        error_type)}`` for the ingress to answer (an invalid adapter, an unreachable source...)."""
+        the request's ``adapter_source``): ``{"versions": ..., "names": ...}``, or ``{"error": (status,
+        message, error_type)}`` for the ingress to answer (an invalid adapter, an unreachable source...).
+
+        ``caller``: whose names they are. A tenant's ``bot`` is its ``acme~bot`` when it has one
+        (``names`` and the keys of ``versions`` are stored ids, what replicas sync); a name the caller
+        cannot see is left out (a replica never fetches another tenant's adapter for it)."""
         try:
             await fetch_from_sources(self.sources, names, wanted, self.base_name)
         except HANDLED as exc:
             error = as_api_error(exc)
             return {"error": (error.status_code, error.message, error.error_type)}
-        return {"versions": self.describe(names)}
+        stored = _stored_names(view_for(self.store, caller), names)
+        return {"versions": self.describe(stored), "names": stored}
+
+    def identify(self, digest: str) -> Tenant | None:
+        """The tenant whose key has this sha256 (the ingress screens tenants' keys with it)."""
+        return self.store.tenants.identify_digest(digest)
 
     def read_files(self, adapter_id: str, sha256: str) -> AdapterFiles | None:
         """The files of ``adapter_id`` if its current version is ``sha256`` (checked), else None."""

@@ -117,7 +117,10 @@ def test_a_composition_is_composed_once_and_batches_with_other_rows(served, toke
     ).json()
     assert reply["details"]["adapter_id"].startswith("merged:")
     metrics = client.get("/metrics").text  # one label for every composition, not one per mix
-    assert 'loraplex_requests_total{adapter="__merged__",route="/generate",status="200"}' in metrics
+    assert (
+        'loraplex_requests_total{adapter="__merged__",route="/generate",status="200",tenant="_admin"}'
+        in metrics
+    )
 
 
 def test_a_composition_with_a_json_schema_gives_valid_json(served, tokenizer) -> None:

@@ -32,6 +32,7 @@ import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 
 from bench.common import ServerProcess
+from tests.adapter_files import files_parts, make_adapter
 from tests.conftest import make_peft_adapter
 from tests.live_server import start_live_server
 
@@ -565,6 +566,47 @@ def test_with_keys_set_the_console_asks_for_a_key_and_admin_actions_say_so(
         expect(page.locator("#adapters-table tbody tr[data-id=demo]")).to_have_count(0)
         left = httpx.get(live.url + "/adapters", headers={"Authorization": "Bearer read-key"}).json()
         assert sorted(a["id"] for a in left) == ["demo-other", "other"]
+        console.check()
+    finally:
+        context.close()
+        live.stop()
+
+
+def test_the_console_with_a_tenant_key_shows_the_tenant_and_its_namespace(
+    browser: Browser, tiny_base, tokenizer, tmp_path
+) -> None:
+    """Issue 28: a tenant's key in the console: the key button names the tenant, the table lists its
+    own adapters and the shared ones (not another tenant's), and deleting its own works."""
+    make_peft_adapter(tiny_base, tmp_path / "shared", seed=3, r=4, lora_alpha=8, target_modules=["q_proj"])
+    live = start_live_server(tiny_base, tokenizer, tmp_path, api_key="read-key", admin_key="admin-key",
+                             adapter=[f"shared={tmp_path / 'shared'}"])  # fmt: skip
+    admin = {"Authorization": "Bearer admin-key"}
+    keys = {t: httpx.post(live.url + "/admin/tenants", json={"id": t}, headers=admin).json()["key"]
+            for t in ("acme", "globex")}  # fmt: skip
+    config, weights = make_adapter(tiny_base, seed=5, r=4, targets=("q_proj",))
+    for tenant, adapter_id in (("acme", "mine"), ("globex", "theirs")):
+        made = httpx.post(live.url + "/adapters", files=files_parts(config, weights),
+                          data={"adapter_id": adapter_id}, headers={"Authorization": f"Bearer {keys[tenant]}"})  # fmt: skip
+        assert made.status_code == 201, made.text
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    context.set_default_timeout(30_000)
+    console = Console(context.new_page(), live.url)
+    try:
+        page = console.open("adapters")
+        expect(page.locator("#key-dialog")).to_be_visible()
+        console.expect_refusal(401, 401)
+        page.fill("#key-input", keys["acme"])
+        page.click("#key-save")
+        expect(page.locator("#key-button")).to_have_text("Key: tenant acme")
+        expect(page.locator("#adapters-table tbody tr[data-id=mine]")).to_be_visible()
+        expect(page.locator("#adapters-table tbody tr[data-id=shared]")).to_be_visible()
+        expect(page.locator("#adapters-table tbody tr")).to_have_count(2)  # not globex's 'theirs'
+        delete = page.locator("button[aria-label='Delete mine']")
+        delete.click()
+        delete.click()
+        expect(page.locator("#adapters-table tbody tr[data-id=mine]")).to_have_count(0)
+        left = httpx.get(live.url + "/adapters", headers=admin).json()
+        assert sorted(a["id"] for a in left) == ["globex~theirs", "shared"]
         console.check()
     finally:
         context.close()

@@ -14,8 +14,8 @@ from server.config import Settings
     [
         ("GET", "/health", "open"), ("GET", "/metrics", "open"), ("POST", "/generate", "read"),
         ("POST", "/v1/chat/completions", "read"), ("GET", "/v1/models", "read"), ("GET", "/adapters", "read"),
-        ("GET", "/adapters/a/analysis", "read"), ("GET", "/adapters/compare", "read"), ("POST", "/adapters", "admin"),
-        ("DELETE", "/adapters/a", "admin"), ("POST", "/adapters/a/shrink", "admin"), ("POST", "/admin/verify-base", "admin"),
+        ("GET", "/adapters/a/analysis", "read"), ("GET", "/adapters/compare", "read"), ("POST", "/adapters", "manage"),
+        ("DELETE", "/adapters/a", "manage"), ("POST", "/adapters/a/shrink", "manage"), ("POST", "/admin/verify-base", "admin"),
         ("GET", "/admin/anything", "admin"), ("GET", "/adaptersX", "read"), ("GET", "/info", "read"),
         ("GET", "/", "open"), ("HEAD", "/", "open"), ("POST", "/", "read"), ("GET", "/console/static/js/main.js", "open"),
         ("POST", "/console/static/x", "read"), ("GET", "/consolex", "read"),

@@ -27,7 +27,7 @@ async def reading_app(scope, receive, send) -> None:
 
 
 def client() -> httpx.AsyncClient:
-    app = UploadLimitMiddleware(reading_app, max_bytes=LIMIT, paths=("/adapters",))
+    app = UploadLimitMiddleware(reading_app, max_bytes=LIMIT)
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
 
 
@@ -63,7 +63,7 @@ async def test_every_other_route_has_its_own_body_limit() -> None:
     """Issue 31, finding 1: bodies of every route are limited (--max-body-kb), declared or streamed,
     and a /v1 route's refusal has OpenAI's error shape."""
     small = 4096
-    app = UploadLimitMiddleware(reading_app, max_bytes=LIMIT, paths=("/adapters",), body_max_bytes=small)
+    app = UploadLimitMiddleware(reading_app, max_bytes=LIMIT, body_max_bytes=small)
     pulled = {"bytes": 0}
 
     async def body():

@@ -38,8 +38,11 @@ async function route({ fresh = false } = {}) {
 
 // --------------------------------------------------------------------------- key dialog
 
+// The caller /info names (issue 28): a tenant's key shows its tenant; the admin and API keys say "set".
 function showKeyState() {
-  $("#key-button").textContent = getKey() ? "Key: set" : "Key: none";
+  const tenant = state.info && state.info.tenant;
+  const named = tenant && !tenant.startsWith("_") ? `Key: tenant ${tenant}` : "Key: set";
+  $("#key-button").textContent = getKey() ? named : "Key: none";
 }
 
 function openKeyDialog(reason) {
@@ -81,6 +84,7 @@ async function reload() {
   try {
     await refreshAdapters();
     $("#model-name").textContent = state.info ? `${state.info.model} · ${state.info.device} · ${state.info.mode}` : "";
+    showKeyState();
   } catch (err) {
     showError(err);
     showSection(parseHash().name); // the page, without data until a key is given

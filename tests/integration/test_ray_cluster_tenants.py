@@ -1,0 +1,113 @@
+"""``serve --ray`` with tenants (issue 28): the store deployment owns the tenant table; the ingress
+checks a tenant's key there (by its sha256) and the replica serves the tenant's namespace.
+
+One replica of the tiny random Llama, as in ``test_ray_cluster_sources.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import ray
+from ray import serve
+
+from server.cluster.app import APP_NAME, build_app
+from server.config import Settings
+from tests.adapter_files import files_parts, make_adapter
+from tests.conftest import CACHE_DIR
+from tests.integration.test_ray_cluster import _wait_ready
+from tests.live_server import free_port
+
+pytestmark = pytest.mark.integration
+ADMIN = {"Authorization": "Bearer cluster-admin"}
+API = {"Authorization": "Bearer cluster-api"}
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_base, tokenizer, tmp_path_factory) -> Iterator[httpx.Client]:
+    root = tmp_path_factory.mktemp("ray-tenants")
+    tiny_base.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    port = free_port()
+    settings = Settings(
+        port=port, model=str(root / "model"), data_dir=root / "store", cache_dir=CACHE_DIR, runner="native",
+        dtype="float32", device="cpu", kv_cache_tokens=512, max_total_tokens=256, max_rank=16,
+        api_key="cluster-api", admin_key="cluster-admin",
+    )  # fmt: skip
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(settings, 1), name=APP_NAME, route_prefix="/")
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+        _wait_ready(client, 1)
+        yield client
+        client.close()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _tokens(client: httpx.Client, headers: dict, adapter_id: str) -> list[int]:
+    params = {"adapter_id": adapter_id, "max_new_tokens": 6, "details": True}
+    r = client.post("/generate", json={"inputs": "Hello there", "parameters": params}, headers=headers)
+    assert r.status_code == 200, r.text
+    return [t["id"] for t in r.json()["details"]["tokens"]]
+
+
+def test_the_cluster_enforces_the_tenant_rules(cluster: httpx.Client, tiny_base) -> None:
+    keys = {}
+    for tenant in ("acme", "globex"):
+        made = cluster.post("/admin/tenants", json={"id": tenant}, headers=ADMIN)
+        assert made.status_code == 201, made.text
+        keys[tenant] = made.json()["key"]
+    assert cluster.get("/admin/tenants", headers=_bearer(keys["acme"])).status_code == 403
+    for seed, (tenant, adapter_id) in enumerate((("acme", "bot"), ("globex", "bot"), ("globex", "secret"))):
+        config, weights = make_adapter(tiny_base, seed=30 + seed, targets=("q_proj", "v_proj", "o_proj"))
+        up = cluster.post("/adapters", files=files_parts(config, weights), data={"adapter_id": adapter_id},
+                          headers=_bearer(keys[tenant]))  # fmt: skip
+        assert up.status_code == 201, up.text
+    acme, globex = _bearer(keys["acme"]), _bearer(keys["globex"])
+    assert _tokens(cluster, acme, "bot") == _tokens(cluster, ADMIN, "acme~bot")
+    assert _tokens(cluster, globex, "bot") == _tokens(cluster, ADMIN, "globex~bot")
+    assert _tokens(cluster, acme, "bot") != _tokens(cluster, globex, "bot")
+    assert [a["id"] for a in cluster.get("/adapters", headers=acme).json()] == ["bot"]
+    assert [a["id"] for a in cluster.get("/adapters", headers=API).json()] == []
+
+    def answers(adapter_id: str) -> list[tuple[int, str]]:
+        calls = [
+            (
+                "POST",
+                "/generate",
+                {"inputs": "Hi", "parameters": {"adapter_id": adapter_id, "max_new_tokens": 2}},
+            ),
+            ("POST", "/v1/completions", {"model": adapter_id, "prompt": "Hi", "max_tokens": 2}),
+            ("GET", f"/adapters/{adapter_id}", None),
+            ("GET", f"/adapters/{adapter_id}/analysis", None),
+            ("GET", f"/adapters/{adapter_id}/download", None),
+            ("DELETE", f"/adapters/{adapter_id}", None),
+        ]
+        out = []
+        for method, path, body in calls:
+            r = cluster.request(method, path, json=body, headers=acme)
+            out.append((r.status_code, r.text.replace(adapter_id, "<id>")))
+        return out
+
+    missing = answers("nothere")
+    assert {status for status, _ in missing} == {404}, missing
+    assert answers("secret") == missing  # globex's adapter: exactly the unknown id's answer
+
+    rotated = cluster.post("/admin/tenants/acme/keys", headers=ADMIN).json()["key"]
+    assert cluster.get("/adapters", headers=acme).status_code == 401
+    assert _tokens(cluster, _bearer(rotated), "bot") == _tokens(cluster, ADMIN, "acme~bot")
+    assert cluster.delete("/admin/tenants/acme", headers=ADMIN).status_code == 204
+    assert cluster.get("/adapters", headers=_bearer(rotated)).status_code == 401
+    assert [a["id"] for a in cluster.get("/adapters", headers=ADMIN).json()] == [
+        "globex~bot",
+        "globex~secret",
+    ]
