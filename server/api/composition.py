@@ -38,6 +38,7 @@ from adapters.registry import AdapterRepository
 from server.api.compose_schemas import ComposeBody, MergedAdapters
 from server.api.deps import SettingsDep, StoreDep
 from server.api.errors import ApiError, adapter_not_found
+from server.api.screening import screening_of
 
 router = APIRouter(tags=["adapters"])
 
@@ -140,6 +141,7 @@ async def resolve_merged(
 
 @router.post("/adapters/compose", status_code=201)
 async def compose_adapters(
+    request: Request,
     body: ComposeBody,
     store: StoreDep,
     compositions: CompositionsDep,
@@ -185,6 +187,7 @@ async def compose_adapters(
     record = await asyncio.to_thread(store.put, body.new_id, files)
     payload = {
         **record.summary(),
+        **await screening_of(request, store, record.adapter_id),
         "compose": {
             "sources": [
                 {"id": a.adapter_id, "weight": w, "sha256": compositions.sha256_of(a)}
