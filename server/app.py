@@ -20,7 +20,18 @@ from adapters.index import AdapterRecord
 from adapters.sources import AdapterSources
 from adapters.store import AdapterStore
 from server import __version__
-from server.api import adapters, admin, analysis, composition, generate, health, openai, prometheus, responses
+from server.api import (
+    adapters,
+    admin,
+    analysis,
+    composition,
+    generate,
+    health,
+    openai,
+    probe,
+    prometheus,
+    responses,
+)
 from server.api.drain import Drain, DrainMiddleware, refuse_while_draining
 from server.api.errors import install_error_handlers
 from server.api.load_control import QueueGate
@@ -192,6 +203,7 @@ def create_app(settings: Settings | None = None, loader: BaseLoader = default_lo
     app.include_router(generate.router)
     app.include_router(admin.router)
     app.include_router(analysis.router)  # before adapters: /adapters/compare is not an id
+    app.include_router(probe.router)
     app.include_router(composition.router)
     app.include_router(adapters.router)
     app.include_router(openai.router)
