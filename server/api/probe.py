@@ -26,6 +26,7 @@ from typing import Annotated, Any
 
 import torch
 from fastapi import APIRouter, Path, Query, Request
+from pydantic import StringConstraints
 
 from adapters.peft_format import LoraAdapter
 from server.api.adapters import stored_record
@@ -46,7 +47,7 @@ BUILTIN_PROMPTS = (
 )
 MAX_CALLER_PROMPTS = 4
 MAX_PROMPT_CHARS = 2000
-MAX_PROMPT_TOKENS = 256  # per prompt: each position holds a [V] distribution twice
+MAX_PROMPT_TOKENS = 256  # per prompt (and at most what the server reads): each position holds [V] twice
 MEMO_ENTRIES = 64
 AdapterIdPath = Annotated[str, Path(description="Adapter id.")]
 
@@ -103,12 +104,13 @@ def _probe_request(engine: Engine, prompt_ids: list[int], adapter: LoraAdapter |
 
 
 def _summary(kls: list[torch.Tensor], agrees: list[torch.Tensor]) -> dict[str, Any]:
+    """Means over every position; None where no position was counted (a one-token prompt)."""
     kl, agree = torch.cat(kls), torch.cat(agrees)
     tokens = int(kl.numel())
     return {
-        "mean_kl": float(kl.mean()) if tokens else 0.0,
-        "max_kl": float(kl.max()) if tokens else 0.0,
-        "top1_agreement": float(agree.double().mean()) if tokens else 1.0,
+        "mean_kl": float(kl.mean()) if tokens else None,
+        "max_kl": float(kl.max()) if tokens else None,
+        "top1_agreement": float(agree.double().mean()) if tokens else None,
         "tokens": tokens,
     }
 
@@ -117,14 +119,15 @@ async def run_probe(
     engine: Engine, adapter: LoraAdapter, prompts: list[str], http_request: Request, track: Any
 ) -> dict[str, Any]:
     """Run the base and the adapter on every prompt (all in one go: they batch) and compare."""
+    cfg = engine.config
+    keep = max(1, min(MAX_PROMPT_TOKENS, cfg.max_input_tokens, cfg.max_total_tokens - 1))
+    capacity = engine.runner.kv_usage().capacity
+    if capacity is not None:
+        keep = max(1, min(keep, capacity - 1))
     prompt_ids = []
-    for text in prompts:
-        ids = await tokenize_off_loop(engine, text)
-        if len(ids) < 2:
-            raise ApiError(
-                422, f"probe prompt {text[:50]!r} has fewer than 2 tokens; give a longer one.", "validation"
-            )
-        prompt_ids.append(ids[:MAX_PROMPT_TOKENS])
+    for text in prompts:  # a prompt is cut to what the server reads; one token gives no position
+        ids = (await tokenize_off_loop(engine, text))[:keep]
+        prompt_ids.append(ids or [engine.tokenizer.eos_token_id or 0])
     requests: list[GenerationRequest] = []
     for ids in prompt_ids:
         requests += [_probe_request(engine, ids, adapter), _probe_request(engine, ids, None)]
@@ -133,9 +136,12 @@ async def run_probe(
     kls, agrees, per_prompt = [], [], []
     for i, text in enumerate(prompts):
         mine, base = requests[2 * i].prompt_distributions, requests[2 * i + 1].prompt_distributions
-        if mine is None or base is None:
+        if len(prompt_ids[i]) < 2:  # no position predicts a prompt token
+            kl, agree = torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.bool)
+        elif mine is None or base is None:
             raise ApiError(500, "the engine returned no prompt distributions for the probe", "internal")
-        kl, agree = await asyncio.to_thread(compare_distributions, mine, base)
+        else:
+            kl, agree = await asyncio.to_thread(compare_distributions, mine, base)
         kls.append(kl)
         agrees.append(agree)
         per_prompt.append({"prompt": text, **_summary([kl], [agree])})
@@ -157,7 +163,7 @@ async def probe_adapter(
     store: StoreDep,
     engine: EngineDep,
     prompt: Annotated[
-        list[str] | None,
+        list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_PROMPT_CHARS)]] | None,
         Query(
             max_length=MAX_CALLER_PROMPTS,
             description=f"Your own prompts (up to {MAX_CALLER_PROMPTS}, each up to {MAX_PROMPT_CHARS} "
@@ -168,13 +174,6 @@ async def probe_adapter(
     """Mean per-token KL(adapter ‖ base) and top-1 agreement with the base over a few built-in prompts
     (and yours), with the tokens used; cached per adapter version."""
     stored_record(store, adapter_id)
-    for text in prompt or []:
-        if not text or len(text) > MAX_PROMPT_CHARS:
-            raise ApiError(
-                422,
-                f"each prompt must have 1 to {MAX_PROMPT_CHARS} characters; got {len(text)}.",
-                "validation",
-            )
     adapter = await store.aget(adapter_id)
     if adapter is None:  # deleted meanwhile
         raise adapter_not_found(adapter_id)

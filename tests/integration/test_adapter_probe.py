@@ -109,6 +109,10 @@ def test_caller_prompts_are_probed_after_the_builtin_ones(client, adapter_dirs) 
     assert [p["prompt"] for p in doc["prompts"]] == [*BUILTIN_PROMPTS, "Hello, my name is", "2 + 2 ="]
     assert doc["tokens"] == sum(p["tokens"] for p in doc["prompts"])
     assert client.get("/adapters/mine/probe", params={"prompt": [""]}).status_code == 422
+    assert client.get("/adapters/mine/probe", params={"prompt": ["x" * 2001]}).status_code == 422
+    one = client.get("/adapters/mine/probe", params={"prompt": ["Hi"]}).json()  # one token: no position
+    assert one["prompts"][-1]["tokens"] == 0 and one["prompts"][-1]["mean_kl"] is None
+    assert one["tokens"] == sum(p["tokens"] for p in one["prompts"][:-1])
     too_many = client.get("/adapters/mine/probe", params={"prompt": ["a b c"] * 5})
     assert too_many.status_code == 422
     assert client.get("/adapters/nope/probe").status_code == 404
@@ -137,3 +141,27 @@ def test_compare_distributions_definitions() -> None:
     p = mine[0].double().exp()
     assert kl[0].item() == pytest.approx(float((p * (mine[0].double() - base[0].double())).sum()))
     assert kl[1].item() == 0.0 and agree.tolist() == [False, True]
+
+
+def test_probe_in_merged_mode_matches_unmerged(
+    embedded_model, tokenizer, embedded_dir, adapter_dirs, tmp_path
+) -> None:
+    """--mode merged: the probe's adapter rows run on the merged weights, its base rows after the
+    switch back; the numbers are the unmerged ones (float32 rounding apart), and the zero-B adapter
+    is still exactly KL 0."""
+    numbers = {}
+    for mode in ("unmerged", "merged"):
+        client = start_client(embedded_model, tokenizer, tmp_path / mode, model_path=embedded_dir,
+                              runner="native", mode=mode, switch_wait=0.2)  # fmt: skip
+        try:
+            for name in ("zero", "random"):
+                assert _upload_dir(client, adapter_dirs[name], name).status_code == 201
+            numbers[mode] = {n: client.get(f"/adapters/{n}/probe").json() for n in ("zero", "random")}
+            assert client.post("/admin/verify-base").json()["intact"] is True
+        finally:
+            client.__exit__(None, None, None)
+    merged, unmerged = numbers["merged"], numbers["unmerged"]
+    assert merged["zero"]["mean_kl"] == 0.0 and merged["zero"]["top1_agreement"] == 1.0
+    assert merged["random"]["tokens"] == unmerged["random"]["tokens"]
+    assert merged["random"]["mean_kl"] == pytest.approx(unmerged["random"]["mean_kl"], rel=1e-3)
+    assert merged["random"]["top1_agreement"] == pytest.approx(unmerged["random"]["top1_agreement"], abs=0.05)
