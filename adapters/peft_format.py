@@ -469,9 +469,11 @@ def no_match_message(
     would silently give the base model's outputs.
     """
     types = sorted({m.rsplit(".", 1)[-1] for m in base_shapes})
-    wanted = (
-        config.target_modules if isinstance(config.target_modules, str) else ", ".join(config.target_modules)
-    )
+    targets = config.target_modules
+    if isinstance(targets, str):
+        wanted = targets[:200]
+    else:  # every entry matched nothing: name them (the first 20 of a long list)
+        wanted = ", ".join(targets[:20]) + (f" and {len(targets) - 20} more" if len(targets) > 20 else "")
     message = (
         f"target_modules ({wanted}) match no module of the base model, so the adapter would change nothing. "
         f"The base's adaptable modules are {', '.join(types)} (named like {_examples(base_shapes)})"

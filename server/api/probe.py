@@ -33,6 +33,8 @@ from server.api.adapters import stored_record
 from server.api.deps import EngineDep, StoreDep
 from server.api.errors import ApiError, adapter_not_found
 from server.api.generation import run_many, tokenize_off_loop
+from server.api.openapi_errors import DESCRIPTIONS
+from server.api.schemas import ErrorResponse
 from server.engine.engine import Engine
 from server.engine.requests import GenerationRequest
 from server.engine.sampling import SamplingParams
@@ -47,7 +49,9 @@ BUILTIN_PROMPTS = (
 )
 MAX_CALLER_PROMPTS = 4
 MAX_PROMPT_CHARS = 2000
-MAX_PROMPT_TOKENS = 256  # per prompt (and at most what the server reads): each position holds [V] twice
+# per prompt (and at most what the server reads): each position keeps a [V] float32 distribution per
+# run (64 x 49152 x 4 B = 12.6 MB on the embedded model), all prompts at once
+MAX_PROMPT_TOKENS = 64
 MEMO_ENTRIES = 64
 AdapterIdPath = Annotated[str, Path(description="Adapter id.")]
 
@@ -156,7 +160,11 @@ def _memo(request: Request) -> ProbeMemo:
     return memo
 
 
-@router.get("/adapters/{adapter_id}/probe")
+@router.get(
+    "/adapters/{adapter_id}/probe",
+    # its rows run like generation requests: a failed step fails them (424), as on /generate
+    responses={424: {"description": DESCRIPTIONS[424], "model": ErrorResponse}},
+)
 async def probe_adapter(
     adapter_id: AdapterIdPath,
     request: Request,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.api.probe import BUILTIN_PROMPTS, compare_distributions
+from server.api.probe import BUILTIN_PROMPTS, MAX_PROMPT_TOKENS, compare_distributions
 from tests.adapter_files import files_parts
 from tests.api_helpers import start_client
 from tests.conftest import make_peft_adapter
@@ -113,6 +113,8 @@ def test_caller_prompts_are_probed_after_the_builtin_ones(client, adapter_dirs) 
     one = client.get("/adapters/mine/probe", params={"prompt": ["Hi"]}).json()  # one token: no position
     assert one["prompts"][-1]["tokens"] == 0 and one["prompts"][-1]["mean_kl"] is None
     assert one["tokens"] == sum(p["tokens"] for p in one["prompts"][:-1])
+    long = client.get("/adapters/mine/probe", params={"prompt": ["one two three " * 100]}).json()
+    assert long["prompts"][-1]["tokens"] == MAX_PROMPT_TOKENS - 1  # cut at 64 tokens: 63 positions
     too_many = client.get("/adapters/mine/probe", params={"prompt": ["a b c"] * 5})
     assert too_many.status_code == 422
     assert client.get("/adapters/nope/probe").status_code == 404
