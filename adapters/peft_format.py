@@ -424,6 +424,9 @@ def build_adapter(
     head excluded), by module name.
     """
     pairs = _pair_tensors(tensors)
+    targeted = [m for m in base_shapes if config.targets(m)]
+    if not targeted:
+        raise AdapterError(no_match_message(config, base_shapes, list(pairs)), "incompatible")
     layers: dict[str, LoraLayerWeights] = {}
     for module in sorted(pairs):
         A, B = pairs[module]
@@ -447,13 +450,6 @@ def build_adapter(
             "save the adapter with PEFT's save_pretrained.",
             "invalid_weights",
         )
-    targeted = [m for m in base_shapes if config.targets(m)]
-    if not targeted:
-        raise AdapterError(
-            f"target_modules={config.target_modules!r} matches no linear layer of the base model "
-            f"(it has e.g. {_examples(base_shapes)}).",
-            "incompatible",
-        )
     missing = [m for m in targeted if m not in layers]
     if missing:
         raise AdapterError(
@@ -462,6 +458,30 @@ def build_adapter(
             "incompatible",
         )
     return LoraAdapter(adapter_id=adapter_id, config=config, layers=layers, version=version)
+
+
+def no_match_message(
+    config: LoraConfigSpec, base_shapes: Mapping[str, BaseLinearShape], weight_modules: list[str]
+) -> str:
+    """Why an adapter whose target modules match no module of the base is refused, naming them.
+
+    PEFT refuses the same adapter ("Target modules ... not found in the base model"); serving it
+    would silently give the base model's outputs.
+    """
+    types = sorted({m.rsplit(".", 1)[-1] for m in base_shapes})
+    targets = config.target_modules
+    if isinstance(targets, str):
+        wanted = targets[:200]
+    else:  # every entry matched nothing: name them (the first 20 of a long list)
+        wanted = ", ".join(targets[:20]) + (f" and {len(targets) - 20} more" if len(targets) > 20 else "")
+    message = (
+        f"target_modules ({wanted}) match no module of the base model, so the adapter would change nothing. "
+        f"The base's adaptable modules are {', '.join(types)} (named like {_examples(base_shapes)})"
+    )
+    if weight_modules:
+        shown = ", ".join(repr(m) for m in sorted(weight_modules)[:3])
+        message += f"; the adapter's weights are for {shown}{', ...' if len(weight_modules) > 3 else ''}"
+    return message + ". Was it trained for another base model (or with other module names)?"
 
 
 def _pair_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -27,6 +27,7 @@ from server.api import (
     generate,
     health,
     openai,
+    probe,
     prometheus,
     responses,
     tenants,
@@ -215,6 +216,7 @@ def create_app(settings: Settings | None = None, loader: BaseLoader = default_lo
     app.include_router(admin.router)
     app.include_router(tenants.router)
     app.include_router(analysis.router)  # before adapters: /adapters/compare is not an id
+    app.include_router(probe.router)
     app.include_router(composition.router)
     app.include_router(adapters.router)
     app.include_router(openai.router)

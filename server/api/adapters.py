@@ -1,5 +1,8 @@
 """POST /adapters (upload), GET /adapters, GET /adapters/{id}, DELETE /adapters/{id}.
 
+The 201 of an upload and ``GET /adapters/{id}`` add the adapter's screening (``coverage`` and
+``warnings``, ``server.api.screening``) to its summary.
+
 Uploads are untrusted: the body size is capped by ``UploadLimitMiddleware`` (413), archives are
 read by ``adapters.archive`` (no extraction, no links, no pickles), the adapter is validated
 against the base model before anything is written, and the store writes atomically. Every
@@ -29,6 +32,7 @@ from adapters.registry import AdapterRepository
 from adapters.store import check_adapter_id, check_stored_id, derive_adapter_id, sha256_hex
 from server.api.deps import SettingsDep, StoreDep
 from server.api.errors import ApiError, adapter_not_found
+from server.api.screening import screening_of
 
 router = APIRouter(tags=["adapters"])
 
@@ -94,9 +98,8 @@ async def upload_adapter(
         record = await asyncio.to_thread(store.put, adapter_id, files, replace=replace)
     finally:
         await form.close()
-    return JSONResponse(
-        record.summary(), status_code=201, headers={"Location": f"/adapters/{record.adapter_id}"}
-    )
+    payload = {**record.summary(), **await screening_of(request, store, record.adapter_id)}
+    return JSONResponse(payload, status_code=201, headers={"Location": f"/adapters/{record.adapter_id}"})
 
 
 @router.get("/adapters")
@@ -137,7 +140,7 @@ async def get_adapter(adapter_id: AdapterIdPath, store: StoreDep, request: Reque
     origin = sources.origin(adapter_id) if sources is not None else None
     if origin is not None:  # fetched from an adapter source: where from, and its objects' versions
         summary["source"] = origin.summary()
-    return summary
+    return {**summary, **await screening_of(request, store, adapter_id)}
 
 
 @router.delete("/adapters/{adapter_id}", status_code=204)

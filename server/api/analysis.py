@@ -48,6 +48,7 @@ from adapters.registry import AdapterRepository
 from server.api.adapters import stored_record
 from server.api.deps import EngineDep, StoreDep
 from server.api.errors import ApiError, adapter_not_found
+from server.api.screening import screening_of
 
 router = APIRouter(tags=["analysis"])
 
@@ -197,7 +198,7 @@ async def adapter_analysis_html(
 
 @router.post("/adapters/{adapter_id}/shrink", status_code=201)
 async def shrink(
-    adapter_id: AdapterIdPath, body: ShrinkBody, store: StoreDep, service: ServiceDep
+    request: Request, adapter_id: AdapterIdPath, body: ShrinkBody, store: StoreDep, service: ServiceDep
 ) -> JSONResponse:
     """Store a lower-rank copy (truncated exact SVD per layer) as ``new_id``; 201 with its summary
     and, under ``shrink``, the kept rank and Frobenius fraction retained per layer."""
@@ -214,6 +215,7 @@ async def shrink(
     record = await asyncio.to_thread(store.put, body.new_id, result.files)
     payload = {
         **record.summary(),
+        **await screening_of(request, store, record.adapter_id),
         "shrink": {
             "source_id": source.adapter_id,
             "method": body.method,

@@ -39,6 +39,7 @@ from server.api.compose_schemas import ComposeBody, MergedAdapters
 from server.api.deps import SettingsDep, StoreDep
 from server.api.errors import ApiError, adapter_not_found
 from server.api.named_adapters import COMPOSITION_PREFIX
+from server.api.screening import screening_of
 
 router = APIRouter(tags=["adapters"])
 
@@ -164,6 +165,7 @@ async def resolve_merged(
 
 @router.post("/adapters/compose", status_code=201)
 async def compose_adapters(
+    request: Request,
     body: ComposeBody,
     store: StoreDep,
     compositions: CompositionsDep,
@@ -209,6 +211,7 @@ async def compose_adapters(
     record = await asyncio.to_thread(store.put, body.new_id, files)
     payload = {
         **record.summary(),
+        **await screening_of(request, store, record.adapter_id),
         "compose": {
             "sources": [
                 {

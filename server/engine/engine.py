@@ -571,7 +571,7 @@ class Engine:
                 slot,
                 want_token_logprobs=_wants_prompt(row),
                 scale=row.request.adapter_scale,
-                top_n=row.request.prompt_top_n,
+                top_n=_VOCAB_ALL if row.request.want_prompt_distributions else row.request.prompt_top_n,
             )
             for (row, take), slot in zip(chunks, self._slots_for(rows), strict=True)
         ]
@@ -591,7 +591,12 @@ class Engine:
             if _wants_prompt(row):  # asked for: the whole prompt was prefilled at once
                 values = output.token_logprobs.get(row.seq_id)
                 row.request.prompt_logprobs = [] if values is None else values.float().tolist()
-                if (top := output.token_top.get(row.seq_id)) is not None:  # ([n-1, k], [n-1, k])
+                top = output.token_top.get(row.seq_id)  # ([n-1, k], [n-1, k])
+                if top is not None and row.request.want_prompt_distributions:  # k = V: put back in id order
+                    row.request.prompt_distributions = (
+                        torch.empty_like(top[0]).scatter_(1, top[1], top[0]).cpu()
+                    )
+                elif top is not None:
                     row.request.prompt_top_tokens = [
                         tuple(self._top_token(i, lp) for i, lp in zip(ids, lps, strict=True))
                         for lps, ids in zip(top[0].tolist(), top[1].tolist(), strict=True)
@@ -735,6 +740,9 @@ def prefix_identity(request: GenerationRequest) -> str:
     and unmerged serving of one adapter have the same identity: see docs/prefix-caching.md."""
     served = request.served_adapter
     return "base" if served is None else f"adapter:{served.key}"
+
+
+_VOCAB_ALL = 1 << 30  # a top_n above any vocabulary: the runner returns every token (min(top_n, V))
 
 
 def _wants_prompt(row: Row) -> bool:

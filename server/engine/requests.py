@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Literal
 
+import torch
+
 from adapters.peft_format import LoraAdapter
 from server.engine.sampling import SamplingParams
 
@@ -78,6 +80,9 @@ class GenerationRequest:
     want_prompt_logprobs: bool = False  # log-probabilities of the prompt's tokens (TGI's prefill details)
     top_n_tokens: int = 0  # report this many most likely tokens at each step (0: none)
     prompt_top_n: int = 0  # with want_prompt_logprobs: also this many most likely at each prompt position
+    # with want_prompt_logprobs: keep the full next-token log-probabilities of every prompt position
+    # as one tensor (prompt_distributions) instead of decoding top tokens (the adapter probe)
+    want_prompt_distributions: bool = False
     grammar: Grammar | None = None  # structured output: the output must match it (one matcher per row)
     request_id: int = field(default_factory=lambda: next(_ids))
     # events flow from the engine thread to whoever waits (an asyncio queue, or a list in tests)
@@ -85,6 +90,7 @@ class GenerationRequest:
     cancelled: threading.Event = field(default_factory=threading.Event)
     prompt_logprobs: list[float] | None = None  # set by the engine at prefill, when asked
     prompt_top_tokens: list[tuple[TopToken, ...]] | None = None  # likewise, with prompt_top_n
+    prompt_distributions: torch.Tensor | None = None  # [n - 1, V] log-probs, with want_prompt_distributions
     # timings (time.perf_counter seconds)
     submitted_at: float = field(default_factory=time.perf_counter)
     admitted_at: float | None = None

@@ -97,6 +97,9 @@ def test_fetched_adapter_answers_like_the_same_files_uploaded(server, s3, tiny_b
     assert summary["sha256"] == twin["sha256"]
     assert summary["source"]["uri"] == f"s3://{BUCKET}/{PREFIX}"
     assert summary["source"]["weights_etag"] and "source" not in twin
+    # screened like the upload (issue 30): the same coverage and warnings
+    assert summary["coverage"] == twin["coverage"] and summary["coverage"]["modules"] == 8
+    assert summary["warnings"] == twin["warnings"]
     fetches = server.get("/info").json()["adapter_sources"]["fetches"]
     assert fetches >= 1
     assert generate(server, "from-s3", adapter_source="s3") == fetched  # served from the cache
@@ -213,3 +216,12 @@ def test_serve_checks_the_source_option() -> None:
 
     bad = CliRunner().invoke(app, ["serve", "--adapter-source", "https://bucket/x"])
     assert bad.exit_code == 2 and "not an S3 location" in bad.output
+
+
+def test_fetched_adapter_whose_targets_match_nothing_is_a_422_naming_them(server, s3, tiny_base) -> None:
+    config = json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["c_attn"]}).encode()
+    put(s3, "gpt2-like", config, make_adapter(tiny_base, seed=3)[1])
+    r = post_generate(server, "gpt2-like")
+    assert r.status_code == 422, r.text
+    assert "c_attn" in r.json()["error"] and "match no module" in r.json()["error"]
+    assert "gpt2-like" not in [a["id"] for a in server.get("/adapters").json()]

@@ -158,7 +158,11 @@ def test_upload_list_get_delete(clean) -> None:
     r = upload(client, config, weights, "mine")
     assert r.status_code == 201, r.text
     summary = r.json()
-    assert set(summary) == SUMMARY_FIELDS and r.headers["location"] == "/adapters/mine"
+    assert (
+        set(summary) == SUMMARY_FIELDS | {"coverage", "warnings"}
+        and r.headers["location"] == "/adapters/mine"
+    )
+    assert summary["coverage"]["modules"] == 8 and summary["coverage"]["of"] == 14
     assert summary["id"] == "mine" and summary["rank"] == 4 and summary["layers"] == 8
     assert summary["bytes"] == len(config) + len(weights) and summary["lora_alpha"] == 16
     assert summary["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]

@@ -349,6 +349,25 @@ def test_analysis_charts_are_drawn_from_the_analysis(console: Console, server: s
     assert sum(console.chart("#an-effrank")["points"]) == 30
 
 
+def test_analysis_view_shows_screening_and_the_probe(console: Console, server: str) -> None:
+    page = console.open("analysis/caps")
+    summary = httpx.get(server + "/adapters/caps", timeout=60).json()
+    expect(page.locator("#an-coverage")).to_contain_text(f"Adapts {summary['coverage']['modules']} of the")
+    if summary["warnings"]:
+        expect(page.locator("#an-warnings li.warning")).to_have_count(len(summary["warnings"]))
+    else:
+        expect(page.locator("#an-warnings")).to_have_text("No warnings.")
+    page.click("#an-probe")
+    expect(page.locator("[data-stat=probe_tokens] .value")).not_to_be_empty()
+    probe = httpx.get(server + "/adapters/caps/probe", timeout=120).json()
+    assert probe["cached"] is True and probe["mean_kl"] > 0  # the console's click computed it
+    expect(page.locator("[data-stat=probe_tokens] .value")).to_have_text(str(probe["tokens"]))
+    shown_kl = float(page.locator("[data-stat=probe_kl] .value").inner_text())
+    assert shown_kl == pytest.approx(probe["mean_kl"], rel=1e-3)
+    agreement = f"{probe['top1_agreement'] * 100:.1f}%"
+    expect(page.locator("[data-stat=probe_agreement] .value")).to_have_text(agreement)
+
+
 def test_compare_two_adapters_heat_map(console: Console, server: str) -> None:
     page = console.open("compare/caps/pirate")
     expect(page.locator("#cmp-status")).to_contain_text("60 modules adapted by both")

@@ -1,9 +1,11 @@
 // Analysis view: interactive charts of GET /adapters/{id}/analysis (docs/analysis.md): the
 // singular values of ΔW per layer, σ₁(ΔW)/σ_max(W) and the effective rank by layer and module,
-// ‖ΔW‖_F by layer. Hovering a point shows its module and value.
+// ‖ΔW‖_F by layer. Hovering a point shows its module and value. The "Screening and behaviour"
+// card shows the adapter's coverage and warnings (GET /adapters/{id}) and, on "Probe", the
+// behavioural probe (GET /adapters/{id}/probe: KL(adapter ‖ base), top-1 agreement; docs/adapters.md).
 
 import { api, getKey } from "./api.js";
-import { $, fillSelect, formatNumber, renderStats, showError } from "./ui.js";
+import { $, el, fillSelect, formatNumber, renderStats, showError } from "./ui.js";
 import { adapterIds } from "./state.js";
 import { byLayerDatasets, color, draw, groupByKind, moduleTitle } from "./charts.js";
 
@@ -18,6 +20,7 @@ export function init() {
     else location.hash = hash;
   });
   window.addEventListener("loraplex:adapters", () => fillSelect($("#an-adapter"), adapterIds()));
+  $("#an-probe").addEventListener("click", () => probe($("#an-adapter").value).catch(showError));
 }
 
 export async function show([id] = []) {
@@ -32,6 +35,7 @@ export async function show([id] = []) {
 
 async function load(id) {
   const mine = ++request;
+  screening(id).catch(showError);
   const layers = $("#an-layers").value.trim();
   const query = layers ? `?layers=${encodeURIComponent(layers)}` : "";
   $("#an-status").textContent = `analysing ${id}… (the first analysis on a base model computes its σ_max(W) once)`;
@@ -122,4 +126,40 @@ function drawCharts(result) {
     suggestedMax: result.rank,
   });
   byLayer($("#an-fro"), (row) => row.delta_fro, "‖ΔW‖_F", "‖ΔW‖_F", { min: 0 });
+}
+
+// --------------------------------------------------------------------------- screening and probe
+
+async function screening(id) {
+  $("#an-probe-stats").replaceChildren();
+  $("#an-probe-status").textContent = "";
+  const summary = await api(`/adapters/${encodeURIComponent(id)}`);
+  if (id !== $("#an-adapter").value) return;
+  const cov = summary.coverage;
+  const types = Object.entries(cov.module_types).map(([t, n]) => `${t} ×${n}`).join(", ");
+  $("#an-coverage").textContent = `Adapts ${cov.modules} of the base's ${cov.of} adaptable modules (${types}).`;
+  const items = summary.warnings.map((w) => el("li", { class: "warning", dataset: { type: w.type } }, w.message));
+  $("#an-warnings").replaceChildren(...(items.length ? items : [el("li", { class: "muted" }, "No warnings.")]));
+}
+
+async function probe(id) {
+  if (!id) return;
+  const button = $("#an-probe");
+  button.disabled = true;
+  $("#an-probe-status").textContent = `probing ${id}… (the base and the adapter read a few prompts)`;
+  try {
+    const result = await api(`/adapters/${encodeURIComponent(id)}/probe`);
+    if (id !== $("#an-adapter").value) return;
+    $("#an-probe-status").textContent = result.cached ? "cached for this version" : "computed now";
+    renderStats($("#an-probe-stats"), [
+      ["mean KL(adapter ‖ base), nats/token", formatNumber(result.mean_kl, 4), "probe_kl"],
+      ["top-1 agreement with the base", `${(result.top1_agreement * 100).toFixed(1)}%`, "probe_agreement"],
+      ["tokens", result.tokens, "probe_tokens"],
+    ]);
+  } catch (err) {
+    $("#an-probe-status").textContent = "";
+    throw err;
+  } finally {
+    button.disabled = false;
+  }
 }
