@@ -3,12 +3,17 @@ the reference dequantizers, and the linear op (compiled kernel where it builds, 
 
 Two layouts cover every form (``quant_cpu.c`` streams both; k is padded to ``kp``, a multiple of 32):
 
-    Int8Weight  q int8 [out, kp], scale [out, kp / group]     w = q * scale
+    Int8Weight  q int8 [out, kp], scale [out, kp / group]     w = q * scale (+ min)
                   int8: per output channel (group = kp), symmetric: scale = max|w| / 127
                   GGUF Q8_0: group = 32, scale = the block's float16 d
+                  GGUF Q5_K: group = 32, q = 0..31, scale = d * sc, min = -(dmin * m)
+                  GGUF Q6_K: group = 16, q = -32..31, scale = d * sc
     Q4Weight    q uint8 [out, kp / 2], groups of 32            w = (q + offset) * scale (+ min)
                   int4: asymmetric, offset 0, scale = (max - min) / 15, min = the group's min
                   GGUF Q4_0: offset -8, scale = d;  Q4_1: offset 0, scale = d, min = m
+                  GGUF Q4_K: offset 0, scale = d * sc, min = -(dmin * m)
+
+Scales and mins are float32 or float16 (one dtype per weight; the kernel widens float16 exactly).
 
 A group's 16 bytes hold weight j in the low nibble of byte j and weight j + 16 in its high
 nibble (GGUF's layout), so GGUF blocks are kept as shipped: only their float16 scales are
@@ -38,12 +43,17 @@ def _padded(k: int) -> int:
     return -(-k // GROUP) * GROUP
 
 
+def _bytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
 @dataclass
 class Int8Weight:
     q: torch.Tensor  # [out, kp] int8
-    scale: torch.Tensor  # [out, kp / group] float32
-    group: int
+    scale: torch.Tensor  # [out, kp / group] float32 or float16
+    group: int  # 16 or a multiple of 32
     in_features: int
+    min: torch.Tensor | None = None  # [out, kp / group], scale's dtype, or None
 
     @property
     def shape(self) -> torch.Size:
@@ -51,23 +61,26 @@ class Int8Weight:
 
     @property
     def nbytes(self) -> int:
-        return self.q.numel() + self.scale.numel() * 4
+        return self.q.numel() + _bytes(self.scale) + _bytes(self.min)
 
     def dequantize(self, start: int = 0, end: int | None = None) -> torch.Tensor:
-        """Rows [start, end) as float32 [rows, in]."""
-        q, s = self.q[start:end], self.scale[start:end]
+        """Rows [start, end) as float32 [rows, in]: ``q * scale (+ min)``."""
+        q, s = self.q[start:end], self.scale[start:end].float()
         w = q.float().view(q.shape[0], -1, self.group) * s[:, :, None]  # [rows, groups, group]
+        if self.min is not None:
+            w = w + self.min[start:end, :, None].float()
         return w.reshape(q.shape[0], -1)[:, : self.in_features]
 
     def rows(self, start: int, end: int) -> Int8Weight:
-        return Int8Weight(self.q[start:end], self.scale[start:end], self.group, self.in_features)
+        m = None if self.min is None else self.min[start:end]
+        return Int8Weight(self.q[start:end], self.scale[start:end], self.group, self.in_features, m)
 
 
 @dataclass
 class Q4Weight:
     q: torch.Tensor  # [out, kp / 2] uint8, 16 bytes per group of 32
-    scale: torch.Tensor  # [out, kp / 32] float32
-    min: torch.Tensor | None  # [out, kp / 32] float32, or None
+    scale: torch.Tensor  # [out, kp / 32] float32 or float16
+    min: torch.Tensor | None  # [out, kp / 32] scale's dtype, or None
     offset: int  # added to each 4-bit value before scaling (-8 or 0)
     in_features: int
 
@@ -77,7 +90,7 @@ class Q4Weight:
 
     @property
     def nbytes(self) -> int:
-        return self.q.numel() + self.scale.numel() * 4 + (0 if self.min is None else self.min.numel() * 4)
+        return self.q.numel() + _bytes(self.scale) + _bytes(self.min)
 
     def values(self, start: int = 0, end: int | None = None) -> torch.Tensor:
         """The 4-bit values plus offset, rows [start, end): int32 [rows, kp / 32, 32]."""
@@ -87,9 +100,9 @@ class Q4Weight:
 
     def dequantize(self, start: int = 0, end: int | None = None) -> torch.Tensor:
         """Rows [start, end) as float32 [rows, in]: ``(q + offset) * scale (+ min)``."""
-        w = self.values(start, end).float() * self.scale[start:end, :, None]
+        w = self.values(start, end).float() * self.scale[start:end, :, None].float()
         if self.min is not None:
-            w = w + self.min[start:end, :, None]
+            w = w + self.min[start:end, :, None].float()
         return w.reshape(w.shape[0], -1)[:, : self.in_features]
 
     def rows(self, start: int, end: int) -> Q4Weight:
@@ -97,7 +110,52 @@ class Q4Weight:
         return Q4Weight(self.q[start:end], self.scale[start:end], m, self.offset, self.in_features)
 
 
-QuantizedWeight = Int8Weight | Q4Weight
+@dataclass
+class StackedWeight:
+    """Quantized matrices of different forms stacked along the output: a fused projection whose
+    GGUF parts have different block types (a Q4_K_M file's Q4_K q/k beside a Q6_K v). Each part
+    runs its own kernel into its columns of the output."""
+
+    parts: list[Int8Weight | Q4Weight]
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((sum(p.shape[0] for p in self.parts), self.in_features))
+
+    @property
+    def in_features(self) -> int:
+        return self.parts[0].in_features
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def spans(self) -> list[tuple[int, int, Int8Weight | Q4Weight]]:
+        """(start, end, part) along the output."""
+        out, start = [], 0
+        for part in self.parts:
+            out.append((start, start + part.shape[0], part))
+            start += part.shape[0]
+        return out
+
+    def dequantize(self, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Rows [start, end) as float32 [rows, in]."""
+        end = self.shape[0] if end is None else end
+        pieces = [
+            p.dequantize(max(start, s) - s, min(end, e) - s)
+            for s, e, p in self.spans()
+            if s < end and e > start
+        ]
+        return torch.cat(pieces) if pieces else torch.empty(0, self.in_features)
+
+    def rows(self, start: int, end: int) -> QuantizedWeight:
+        parts = [
+            p.rows(max(start, s) - s, min(end, e) - s) for s, e, p in self.spans() if s < end and e > start
+        ]
+        return parts[0] if len(parts) == 1 else StackedWeight(parts)
+
+
+QuantizedWeight = Int8Weight | Q4Weight | StackedWeight
 
 
 def quantize_int8(weight: torch.Tensor) -> Int8Weight:
@@ -137,29 +195,32 @@ def quantize(weight: torch.Tensor, kind: Quantization, rows: int = 2048) -> Quan
 
 
 def cat_rows(weights: list[QuantizedWeight]) -> QuantizedWeight:
-    """Quantized matrices of the same form stacked along the output (a fused projection)."""
-    first = weights[0]
-    if len(weights) == 1:
+    """Quantized matrices stacked along the output (a fused projection): one matrix of the same
+    form when the parts share it (layout, scale dtype, group), else a ``StackedWeight``."""
+    flat = [p for w in weights for p in (w.parts if isinstance(w, StackedWeight) else [w])]
+    first = flat[0]
+    if any(w.in_features != first.in_features for w in flat):
+        raise ValueError("a fused projection's parts must share one input size")
+    if len(flat) == 1:
         return first
-    if any(type(w) is not type(first) or w.in_features != first.in_features for w in weights):
-        raise ValueError("a fused projection's parts must share one quantized form and input size")
-    if isinstance(first, Int8Weight):
-        assert all(isinstance(w, Int8Weight) and w.group == first.group for w in weights)
-        return Int8Weight(
-            torch.cat([w.q for w in weights]),
-            torch.cat([w.scale for w in weights]),
-            first.group,
-            first.in_features,
-        )
-    q4 = [w for w in weights if isinstance(w, Q4Weight)]
-    if len(q4) != len(weights) or any(
-        w.offset != first.offset or (w.min is None) != (first.min is None) for w in q4
-    ):
-        raise ValueError("a fused projection's parts must share one 4-bit form")
-    mins = None if first.min is None else torch.cat([w.min for w in q4 if w.min is not None])
-    return Q4Weight(
-        torch.cat([w.q for w in q4]), torch.cat([w.scale for w in q4]), mins, first.offset, first.in_features
+    same = all(
+        type(w) is type(first)
+        and w.scale.dtype == first.scale.dtype
+        and (w.min is None) == (first.min is None)
+        and getattr(w, "group", None) == getattr(first, "group", None)
+        and getattr(w, "offset", None) == getattr(first, "offset", None)
+        for w in flat
     )
+    mins = None if first.min is None else torch.cat([w.min for w in flat if w.min is not None])
+    if same and isinstance(first, Int8Weight):
+        int8 = [w for w in flat if isinstance(w, Int8Weight)]
+        q, scale = torch.cat([w.q for w in int8]), torch.cat([w.scale for w in int8])
+        return Int8Weight(q, scale, first.group, first.in_features, mins)
+    if same and isinstance(first, Q4Weight):
+        q4 = [w for w in flat if isinstance(w, Q4Weight)]
+        q, scale = torch.cat([w.q for w in q4]), torch.cat([w.scale for w in q4])
+        return Q4Weight(q, scale, mins, first.offset, first.in_features)
+    return StackedWeight(flat)  # type: ignore[arg-type]
 
 
 def linear(
@@ -171,6 +232,10 @@ def linear(
     n, rows = x.shape[0], weight.shape[0]
     if out is None:
         out = x.new_zeros(n, rows) if accumulate else x.new_empty(n, rows)
+    if isinstance(weight, StackedWeight):  # each part into its own columns
+        for start, end, part in weight.spans():
+            linear(x, part, out[:, start:end], accumulate)
+        return out
     fits = n <= quant_cpu.MAX_ROWS and x.dtype == out.dtype == torch.float32 and out.stride(1) == 1
     kernel = quant_cpu.load() if fits and x.device.type == "cpu" else None
     if kernel is not None:
@@ -188,10 +253,10 @@ def linear(
 
 
 def run_kernel(
-    kernel: quant_cpu.CompiledQuant, x: torch.Tensor, w: QuantizedWeight, out: torch.Tensor, acc: bool
+    kernel: quant_cpu.CompiledQuant, x: torch.Tensor, w: Int8Weight | Q4Weight, out: torch.Tensor, acc: bool
 ) -> None:
     if isinstance(w, Int8Weight):
-        kernel.int8(x, w.q, w.scale, w.group, w.in_features, out, acc)
+        kernel.int8(x, w.q, w.scale, w.min, w.group, w.in_features, out, acc)
     else:
         kernel.q4(x, w.q, w.scale, w.min, w.offset, w.in_features, out, acc)
 
@@ -201,11 +266,23 @@ def kernel_agrees(kernel: quant_cpu.CompiledQuant) -> bool:
     column-slice output, accumulate) against the dense product of the reference dequantization."""
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(13, 77, generator=gen)
-    forms: list[QuantizedWeight] = [quantize_int8(weight), quantize_int4(weight)]
+    forms: list[Int8Weight | Q4Weight] = [quantize_int8(weight), quantize_int4(weight)]
     q4 = forms[1]
     assert isinstance(q4, Q4Weight)
     forms.append(Q4Weight(q4.q, q4.scale, None, -8, q4.in_features))
-    forms.append(Int8Weight(forms[0].q, torch.rand(13, 3, generator=gen), 32, 77))  # type: ignore[union-attr]
+    int8 = forms[0]
+    assert isinstance(int8, Int8Weight)
+    forms.append(Int8Weight(int8.q, torch.rand(13, 3, generator=gen), 32, 77))  # Q8_0-like
+    forms.append(Int8Weight(int8.q, torch.rand(13, 6, generator=gen), 16, 77))  # Q6_K-like
+    forms.append(
+        Int8Weight(int8.q, torch.rand(13, 3, generator=gen), 32, 77, torch.randn(13, 3, generator=gen))
+    )
+    forms.append(Q4Weight(q4.q, q4.scale.half(), q4.min.half() if q4.min is not None else None, 0, 77))
+    forms.append(
+        Int8Weight(
+            int8.q, torch.rand(13, 6, generator=gen).half(), 16, 77, torch.randn(13, 6, generator=gen).half()
+        )
+    )
     for form in forms:
         for n in (1, 5, 6):
             x = torch.randn(n, 77, generator=gen)
