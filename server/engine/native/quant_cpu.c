@@ -52,7 +52,12 @@ static inline __attribute__((always_inline)) void q8_tile(
     const int64_t k32 = k & ~(int64_t)31;
     for (int64_t kk = 0; kk < k32; kk += 32) {
         __m256 s[4], m[4];  // per 8 weights: a group of 16 changes scale halfway through the 32
+        const int per8 = group < 32;  // else one scale (and min) for all 32: read once
         for (int v = 0; v < 4; v++) {
+            if (v > 0 && !per8) {
+                s[v] = s[0], m[v] = m[0];
+                continue;
+            }
             const int64_t g = (kk + 8 * v) / group;
             s[v] = _mm256_set1_ps(at(sr, g, half));
             m[v] = _mm256_set1_ps(mr ? at(mr, g, half) : 0.0f);
