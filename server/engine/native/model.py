@@ -187,7 +187,7 @@ class LlamaModel:
                     weight = quantized.cat_rows([blocks[f"{prefix}.{p}.weight"] for p, _ in parts])
                 except ValueError as error:
                     raise ValueError(
-                        f"{prefix}: {error} (a GGUF file mixing block types within one is not served)"
+                        f"{prefix}: {error} (the GGUF file's parts of this projection disagree)"
                     ) from error
                 return FusedLinear(weight, b, names, ctx, kernel)
             if quantization != "none":  # quantized part by part: one float matrix resident at a time

@@ -13,12 +13,15 @@ Two layouts cover every form (``quant_cpu.c`` streams both; k is padded to ``kp`
                   GGUF Q4_0: offset -8, scale = d;  Q4_1: offset 0, scale = d, min = m
                   GGUF Q4_K: offset 0, scale = d * sc, min = -(dmin * m)
 
-Scales and mins are float32 or float16 (one dtype per weight; the kernel widens float16 exactly).
+Scales and mins are float32 or float16 (one dtype per weight; the kernel widens float16 exactly):
+int8/int4 quantize against float16 ones where they fit, GGUF Q8_0/Q4_0/Q4_1 keep theirs, the
+K-quants' derived ``d * sc`` need float32 (``gguf_blocks.py``). A fused projection whose parts
+have different forms (a GGUF file mixing block types) is a ``StackedWeight`` of its parts.
 
 A group's 16 bytes hold weight j in the low nibble of byte j and weight j + 16 in its high
-nibble (GGUF's layout), so GGUF blocks are kept as shipped: only their float16 scales are
-widened to float32 (exact). ``dequantize`` computes each weight with the same float32 operations
-as ``gguf.quants`` (multiply, then add), so a GGUF model serves exactly its shipped values.
+nibble (GGUF's Q4_0/Q4_1 layout), so those blocks are kept as shipped. ``dequantize`` computes
+each weight with the same float32 operations as ``gguf.quants`` (multiply, then add), so a GGUF
+model serves exactly its shipped values.
 
 The float32 matrix a projection is quantized from is dropped after quantizing: only the
 quantized bytes stay resident.
