@@ -5,12 +5,19 @@ store and replicas) is on loopback (server/cluster/loopback.py; issue 31 finding
 from __future__ import annotations
 
 import ipaddress
+import os
 
 import httpx
 import psutil
 import pytest
 
-from server.cluster.loopback import is_loopback
+from server.cluster.loopback import (
+    SETUP_HOOK,
+    SINGLE_MACHINE_ENV,
+    bind_serve_grpc_to_loopback,
+    is_loopback,
+    keep_local_ray_on_loopback,
+)
 from tests.server_process import REPO, wait_until
 
 
@@ -39,6 +46,33 @@ def _listening(root: int) -> list[tuple[str, str]]:
 )
 def test_loopback_hosts(host: str, expected: bool) -> None:
     assert is_loopback(host) is expected
+
+
+def test_single_machine_mode_is_set_for_this_process_and_ray_s_children(monkeypatch) -> None:
+    from ray._private import ray_constants
+
+    monkeypatch.setenv(SINGLE_MACHINE_ENV, "1")  # restored after the test
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+    options = keep_local_ray_on_loopback()
+    assert os.environ[SINGLE_MACHINE_ENV] == "0" and ray_constants.ENABLE_RAY_CLUSTER is False
+    assert options == {
+        "_node_ip_address": "127.0.0.1",
+        "runtime_env": {"worker_process_setup_hook": SETUP_HOOK},
+    }
+
+
+def test_the_setup_hook_binds_serve_grpc_servers_to_loopback(monkeypatch) -> None:
+    from ray.serve._private import replica
+
+    calls: list[str] = []
+    monkeypatch.setattr(
+        replica, "add_port_to_grpc_server", lambda server, address: calls.append(address) or 7
+    )
+    bind_serve_grpc_to_loopback()
+    bind_serve_grpc_to_loopback()  # a second call does not wrap twice
+    assert replica.add_port_to_grpc_server(None, "[::]:0") == 7
+    replica.add_port_to_grpc_server(None, "10.1.2.3:5000")
+    assert calls == ["127.0.0.1:0", "10.1.2.3:5000"]
 
 
 def test_a_loopback_cluster_listens_only_on_loopback(servers) -> None:
