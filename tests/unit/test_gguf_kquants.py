@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from server.engine.lora_linear import BASE_SLOT
 from server.engine.native import NativeLlamaRunner, quantized
-from server.engine.native.gguf_blocks import BLOCK_BYTES, blocks_to_weight
+from server.engine.native.gguf_blocks import BLOCK_BYTES, GgufError, blocks_to_weight
 from server.engine.native.quantized import StackedWeight
 from server.engine.runner import DecodeInput, PrefillInput
 from tests.conftest import tiny_llama_config
@@ -229,3 +229,28 @@ def test_a_k_quant_gguf_file_loads_and_generates_what_the_dense_model_does(tmp_p
         full = dense(torch.tensor([prompt + tokens[:-1]])).logits[0, len(prompt) - 1 :]
     assert tokens == expected.tolist()
     torch.testing.assert_close(torch.stack(steps), full, rtol=1e-4, atol=1e-4)
+
+
+def test_k_quants_on_rows_that_do_not_fill_a_super_block_are_a_clear_error(tmp_path) -> None:
+    torch.manual_seed(2)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(512, hidden_size=64, intermediate_size=96))
+    model.save_pretrained(tmp_path)
+    writer = gguf.GGUFWriter(str(tmp_path / "bad.gguf"), "llama")
+    for i in range(model.config.num_hidden_layers):
+        for module, short in GGUF_NAMES.items():
+            part = "self_attn" if short.startswith("attn") else "mlp"
+            w = model.get_submodule(f"model.layers.{i}.{part}.{module}").weight.detach().numpy()
+            if i == 0 and module == "q_proj":  # one super-block per row: 256 weights for rows of 64
+                blocks = random_blocks("Q4_K", w.shape[0], np.random.default_rng(0))
+                writer.add_tensor(f"blk.{i}.{short}.weight", blocks, raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+            else:
+                q8 = gguf.GGMLQuantizationType.Q8_0
+                writer.add_tensor(f"blk.{i}.{short}.weight", gguf.quants.quantize(w, q8), raw_dtype=q8)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(
+        GgufError, match=r"blk\.0\.attn_q\.weight is Q4_K, whose blocks hold 256 weights.*have 64"
+    ):
+        NativeLlamaRunner(tmp_path, quantization="gguf", gguf_file=tmp_path / "bad.gguf", kv_cache_tokens=64)

@@ -176,13 +176,13 @@ def read_projection_blocks(path: Path, config: NativeConfig) -> dict[str, Quanti
                 )
             out, k = expected[short]
             shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))  # GGUF lists dims innermost first
+            if k % BLOCK_WEIGHTS[kind]:
+                raise GgufError(
+                    f"{path}: tensor {name} is {kind}, whose blocks hold {BLOCK_WEIGHTS[kind]} weights, "
+                    f"but the model's rows have {k} (not a multiple)"
+                )
             size = out * (k // BLOCK_WEIGHTS[kind]) * BLOCK_BYTES[kind]
-            if (
-                shape != (out, k)
-                or k % BLOCK_WEIGHTS[kind]
-                or tensor.data.dtype != np.uint8
-                or tensor.data.size != size
-            ):
+            if shape != (out, k) or tensor.data.dtype != np.uint8 or tensor.data.size != size:
                 raise GgufError(
                     f"{path}: tensor {name} is {shape} with {tensor.data.size} bytes of {kind} blocks; "
                     f"the model's config needs ({out}, {k}), {size} bytes"
