@@ -100,8 +100,8 @@ class Settings(BaseSettings):
     quantization: Literal["none", "int8", "int4", "gguf"] = Field(
         "none",
         description="Native runner, CPU: base weights int8 (per channel) or int4 (groups of 32), quantized "
-        "at load; gguf: the GGUF file's blocks as shipped (Q8_0, Q4_0, Q4_1). Adapters stay float32, "
-        "unmerged; --mode merged is refused.",
+        "at load; gguf: the GGUF file's blocks as shipped (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K). "
+        "Adapters stay float32, unmerged; --mode merged is refused.",
     )
     data_dir: Path = Field(Path("./data"), description="Where adapters are stored (folders + SQLite index).")
     max_upload_mb: int = Field(

@@ -17,6 +17,7 @@ from ray import serve
 from ray.serve import Application
 
 from server.cluster.ingress import LoraplexIngress
+from server.cluster.loopback import is_loopback, keep_local_ray_on_loopback
 from server.cluster.replica import LoraplexReplica
 from server.cluster.store import LoraplexStore
 from server.config import Settings
@@ -87,7 +88,11 @@ def run(settings: Settings, replicas: int, address: str | None = None) -> None:
     if address is None:  # a local cluster: enough logical CPUs for every replica to be placed
         # "local", not None: None joins the cluster /tmp/ray/ray_current_cluster names (`ray start`),
         # and fails when that one is gone; --ray-address auto joins it on purpose
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, replicas), include_dashboard=False)
+        # a loopback --host keeps Ray's own sockets on loopback too (loopback.py says how)
+        local = keep_local_ray_on_loopback() if is_loopback(settings.host) else {}
+        ray.init(
+            address="local", num_cpus=max(os.cpu_count() or 1, replicas), include_dashboard=False, **local
+        )
     else:
         ray.init(address=address)
     stop = threading.Event()

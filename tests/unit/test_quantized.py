@@ -88,16 +88,39 @@ def test_the_pytorch_form_equals_the_dense_reference(monkeypatch) -> None:
         torch.testing.assert_close(quantized.linear(x, form), x @ form.dequantize().t(), rtol=1e-5, atol=1e-5)
 
 
+def test_float16_scales_cover_every_weight_and_fall_back_to_float32_when_out_of_range() -> None:
+    gen = torch.Generator().manual_seed(4)
+    # rows: ordinary, tiny (subnormal float16 scales), one all-equal group, huge (1e7: no float16)
+    w = torch.randn(4, 200, generator=gen) * torch.tensor([[0.02], [1e-7], [1.0], [1e7]])
+    w[2, 32:64] = 0.5
+    for kind in ("int8", "int4"):
+        form = quantized.quantize(w[:3], kind)  # type: ignore[arg-type]
+        assert form.scale.dtype == torch.float16 and (form.scale.float() > 0).all(), kind
+        per = form.q.shape[1] * (2 if kind == "int4" else 1) // form.scale.shape[1]  # weights per scale
+        scale = form.scale.float().repeat_interleave(per, dim=1)[:, :200]
+        err = (form.dequantize() - w[:3]).abs()
+        assert (err <= scale * 0.5 * (1 + 1e-5)).all(), kind  # the nearest level: nothing clamped
+        huge = quantized.quantize(w, kind)  # type: ignore[arg-type]
+        assert huge.scale.dtype == torch.float32, kind  # a scale past float16: the whole weight float32
+        one = quantized.quantize_int8 if kind == "int8" else quantized.quantize_int4
+        assert torch.equal(huge.dequantize(), one(w, half=False).dequantize())  # as before float16 scales
+    assert torch.equal(quantized.quantize_int4(w[:3]).dequantize()[2, 32:64], w[2, 32:64])  # exact: 0.5 fits
+    old = quantized.quantize_int4(w, half=False)
+    assert old.scale.dtype == torch.float32 and old.nbytes == 4 * 224 // 2 + 4 * 7 * 8
+
+
 def test_quantizers_round_to_the_nearest_level() -> None:
     w = torch.randn(6, 77) * torch.logspace(-3, 1, 6)[:, None]
     q8, q4 = quantized.quantize_int8(w), quantized.quantize_int4(w)
     assert q8.dequantize().shape == q4.dequantize().shape == w.shape
+    assert q8.scale.dtype == q4.scale.dtype == q4.min.dtype == torch.float16  # type: ignore[union-attr]
     err8 = (q8.dequantize() - w).abs()
-    assert (err8 <= q8.scale * 0.5 + 1e-7).all()
+    assert (err8 <= q8.scale.float() * 0.5 + 1e-7).all()
     err4 = (q4.dequantize() - w).abs()  # [6, 77] against each group's scale
-    scale = q4.scale.repeat_interleave(32, dim=1)[:, :77]
+    scale = q4.scale.float().repeat_interleave(32, dim=1)[:, :77]
     assert (err4 <= scale * 0.5 + 1e-6).all()
-    assert q4.nbytes == 6 * 96 // 2 + 6 * 3 * 8 and q8.nbytes == 6 * 96 + 6 * 4  # no float matrix kept
+    # float16 scales and mins: 2 bytes each, no float matrix kept
+    assert q4.nbytes == 6 * 96 // 2 + 6 * 3 * 4 and q8.nbytes == 6 * 96 + 6 * 2
     zeros = quantized.quantize_int4(torch.zeros(2, 40))
     assert torch.equal(zeros.dequantize(), torch.zeros(2, 40))
 

@@ -213,15 +213,12 @@ class LlamaModel:
                     weight = quantized.cat_rows([blocks[f"{prefix}.{p}.weight"] for p, _ in parts])
                 except ValueError as error:
                     raise ValueError(
-                        f"{prefix}: {error} (a GGUF file mixing block types within one is not served)"
+                        f"{prefix}: {error} (the GGUF file's parts of this projection disagree)"
                     ) from error
                 return FusedLinear(weight, b, names, ctx, lora_backend)
             if quantization != "none":  # quantized part by part: one float matrix resident at a time
                 weight = quantized.cat_rows(
-                    [
-                        quantized.quantize(get(f"{prefix}.{p}.weight", copy=False), quantization)
-                        for p, _ in parts
-                    ]
+                    [quantized.quantize(tensors[f"{prefix}.{p}.weight"], quantization) for p, _ in parts]
                 )
                 return FusedLinear(weight, b, names, ctx, lora_backend)
             if len(parts) > 1:  # cat makes the one copy
@@ -244,10 +241,10 @@ class LlamaModel:
         # blocked: the head in the kernel's layout; a tied embedding is then read from it (one copy)
         self.head_blocks: torch.Tensor | None = None
         if quantization in ("int8", "int4"):
-            self.embed_q = quantized.quantize(get(embed_name, copy=False), "int8")
-            self.head_q = (
-                quantized.quantize(get(names.lm_head, copy=False), "int8") if untied else self.embed_q
-            )
+            # from the checkpoint's dtype: quantize widens 2048 rows at a time to float32 (exactly
+            # as get() would), never the whole matrix (2.1 GB for a Llama-3 vocabulary)
+            self.embed_q = quantized.quantize(tensors[embed_name], "int8")
+            self.head_q = quantized.quantize(tensors[names.lm_head], "int8") if untied else self.embed_q
             self.embed = self.lm_head = torch.empty(0, c.hidden_size)
         else:
             self.embed = get(embed_name)  # [V, H]

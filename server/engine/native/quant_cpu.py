@@ -22,7 +22,12 @@ from server.engine import cpu_build, sgmv_cpu
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("quant_cpu.c")
-FLAGS = (*cpu_build.AVX2_FLAGS, "-ffp-contract=off")  # weights computed exactly as the references do
+FLAGS = (
+    *cpu_build.AVX2_FLAGS,
+    "-mf16c",
+    "-ffp-contract=off",
+)  # weights computed exactly as the references do;
+# F16C (on every AVX2 CPU) widens float16 scales
 MAX_ROWS = 64  # larger batches (prompts) dequantize and use PyTorch's matmul
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
@@ -32,24 +37,14 @@ class CompiledQuant:
     def __init__(self, library: ctypes.CDLL) -> None:
         self._q8 = library.q8_linear
         self._q8.argtypes = [
-            _ptr,
-            _i64,
-            _i64,
-            _i64,
-            _ptr,
-            _i64,
-            _ptr,
-            _i64,
-            _ptr,
-            _i64,
-            _i64,
+            _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _i64, ctypes.c_int, _ptr, _i64, _i64, ctypes.c_int,
             ctypes.c_int,
-            ctypes.c_int,
-        ]
+        ]  # fmt: skip
         self._q8.restype = ctypes.c_int
         self._q4 = library.q4_linear
         self._q4.argtypes = [
-            _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, ctypes.c_int, _ptr, _i64, _i64, ctypes.c_int, ctypes.c_int,
+            _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, ctypes.c_int, ctypes.c_int, _ptr, _i64, _i64,
+            ctypes.c_int, ctypes.c_int,
         ]  # fmt: skip
         self._q4.restype = ctypes.c_int
 
@@ -61,23 +56,36 @@ class CompiledQuant:
                 f"quantized kernel: x {tuple(x.shape)} / out {tuple(out.shape)} do not fit a {rows}x{k} weight"
             )
 
+    @staticmethod
+    def _scales(scale: torch.Tensor, minimum: torch.Tensor | None, shape: tuple[int, int]) -> int:
+        """1 when scale (and min) are float16, 0 for float32; both contiguous, of ``shape``."""
+        assert scale.dtype in (torch.float32, torch.float16) and scale.is_contiguous()
+        assert tuple(scale.shape) == shape, (tuple(scale.shape), shape)
+        assert minimum is None or (
+            minimum.dtype == scale.dtype and minimum.is_contiguous() and minimum.shape == scale.shape
+        )
+        return int(scale.dtype == torch.float16)
+
     def int8(
         self,
         x: torch.Tensor,
         q: torch.Tensor,
         scale: torch.Tensor,
+        minimum: torch.Tensor | None,
         group: int,
         k: int,
         out: torch.Tensor,
         acc: bool,
     ) -> None:
-        """out (+)= x @ (q * scale).T; q: int8 [rows, kp], scale: [rows, kp / group]."""
+        """out (+)= x @ (q * scale (+ min)).T; q: int8 [rows, kp], scale/min: [rows, kp / group]."""
         rows, kp = q.shape
         self._check(x, out, rows, k)
-        assert q.is_contiguous() and scale.is_contiguous() and scale.shape == (rows, kp // group)
+        assert q.is_contiguous() and (group == 16 or group % 32 == 0)
+        half = self._scales(scale, minimum, (rows, kp // group))
         self._q8(
-            x.data_ptr(), x.shape[0], x.stride(0), k, q.data_ptr(), kp, scale.data_ptr(), group,
-            out.data_ptr(), out.stride(0), rows, int(acc), torch.get_num_threads(),
+            x.data_ptr(), x.shape[0], x.stride(0), k, q.data_ptr(), kp, scale.data_ptr(),
+            None if minimum is None else minimum.data_ptr(), group, half, out.data_ptr(), out.stride(0), rows,
+            int(acc), torch.get_num_threads(),
         )  # fmt: skip
 
     def q4(
@@ -92,13 +100,13 @@ class CompiledQuant:
         acc: bool,
     ) -> None:
         """out (+)= x @ ((q + offset) * scale (+ min)).T; q: uint8 [rows, kp / 2]."""
-        rows, half = q.shape
+        rows, half_k = q.shape
         self._check(x, out, rows, k)
-        assert q.is_contiguous() and scale.is_contiguous() and scale.shape == (rows, half // 16)
-        assert minimum is None or (minimum.is_contiguous() and minimum.shape == scale.shape)
+        assert q.is_contiguous()
+        half = self._scales(scale, minimum, (rows, half_k // 16))
         self._q4(
-            x.data_ptr(), x.shape[0], x.stride(0), k, q.data_ptr(), 2 * half, scale.data_ptr(),
-            None if minimum is None else minimum.data_ptr(), offset, out.data_ptr(), out.stride(0), rows,
+            x.data_ptr(), x.shape[0], x.stride(0), k, q.data_ptr(), 2 * half_k, scale.data_ptr(),
+            None if minimum is None else minimum.data_ptr(), offset, half, out.data_ptr(), out.stride(0), rows,
             int(acc), torch.get_num_threads(),
         )  # fmt: skip
 

@@ -3,17 +3,25 @@ the reference dequantizers, and the linear op (compiled kernel where it builds, 
 
 Two layouts cover every form (``quant_cpu.c`` streams both; k is padded to ``kp``, a multiple of 32):
 
-    Int8Weight  q int8 [out, kp], scale [out, kp / group]     w = q * scale
+    Int8Weight  q int8 [out, kp], scale [out, kp / group]     w = q * scale (+ min)
                   int8: per output channel (group = kp), symmetric: scale = max|w| / 127
                   GGUF Q8_0: group = 32, scale = the block's float16 d
+                  GGUF Q5_K: group = 32, q = 0..31, scale = d * sc, min = -(dmin * m)
+                  GGUF Q6_K: group = 16, q = -32..31, scale = d * sc
     Q4Weight    q uint8 [out, kp / 2], groups of 32            w = (q + offset) * scale (+ min)
                   int4: asymmetric, offset 0, scale = (max - min) / 15, min = the group's min
                   GGUF Q4_0: offset -8, scale = d;  Q4_1: offset 0, scale = d, min = m
+                  GGUF Q4_K: offset 0, scale = d * sc, min = -(dmin * m)
+
+Scales and mins are float32 or float16 (one dtype per weight; the kernel widens float16 exactly):
+int8/int4 quantize against float16 ones where they fit, GGUF Q8_0/Q4_0/Q4_1 keep theirs, the
+K-quants' derived ``d * sc`` need float32 (``gguf_blocks.py``). A fused projection whose parts
+have different forms (a GGUF file mixing block types) is a ``StackedWeight`` of its parts.
 
 A group's 16 bytes hold weight j in the low nibble of byte j and weight j + 16 in its high
-nibble (GGUF's layout), so GGUF blocks are kept as shipped: only their float16 scales are
-widened to float32 (exact). ``dequantize`` computes each weight with the same float32 operations
-as ``gguf.quants`` (multiply, then add), so a GGUF model serves exactly its shipped values.
+nibble (GGUF's Q4_0/Q4_1 layout), so those blocks are kept as shipped. ``dequantize`` computes
+each weight with the same float32 operations as ``gguf.quants`` (multiply, then add), so a GGUF
+model serves exactly its shipped values.
 
 The float32 matrix a projection is quantized from is dropped after quantizing: only the
 quantized bytes stay resident.
@@ -38,12 +46,17 @@ def _padded(k: int) -> int:
     return -(-k // GROUP) * GROUP
 
 
+def _bytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
 @dataclass
 class Int8Weight:
     q: torch.Tensor  # [out, kp] int8
-    scale: torch.Tensor  # [out, kp / group] float32
-    group: int
+    scale: torch.Tensor  # [out, kp / group] float32 or float16
+    group: int  # 16 or a multiple of 32
     in_features: int
+    min: torch.Tensor | None = None  # [out, kp / group], scale's dtype, or None
 
     @property
     def shape(self) -> torch.Size:
@@ -51,23 +64,26 @@ class Int8Weight:
 
     @property
     def nbytes(self) -> int:
-        return self.q.numel() + self.scale.numel() * 4
+        return self.q.numel() + _bytes(self.scale) + _bytes(self.min)
 
     def dequantize(self, start: int = 0, end: int | None = None) -> torch.Tensor:
-        """Rows [start, end) as float32 [rows, in]."""
-        q, s = self.q[start:end], self.scale[start:end]
+        """Rows [start, end) as float32 [rows, in]: ``q * scale (+ min)``."""
+        q, s = self.q[start:end], self.scale[start:end].float()
         w = q.float().view(q.shape[0], -1, self.group) * s[:, :, None]  # [rows, groups, group]
+        if self.min is not None:
+            w = w + self.min[start:end, :, None].float()
         return w.reshape(q.shape[0], -1)[:, : self.in_features]
 
     def rows(self, start: int, end: int) -> Int8Weight:
-        return Int8Weight(self.q[start:end], self.scale[start:end], self.group, self.in_features)
+        m = None if self.min is None else self.min[start:end]
+        return Int8Weight(self.q[start:end], self.scale[start:end], self.group, self.in_features, m)
 
 
 @dataclass
 class Q4Weight:
     q: torch.Tensor  # [out, kp / 2] uint8, 16 bytes per group of 32
-    scale: torch.Tensor  # [out, kp / 32] float32
-    min: torch.Tensor | None  # [out, kp / 32] float32, or None
+    scale: torch.Tensor  # [out, kp / 32] float32 or float16
+    min: torch.Tensor | None  # [out, kp / 32] scale's dtype, or None
     offset: int  # added to each 4-bit value before scaling (-8 or 0)
     in_features: int
 
@@ -77,7 +93,7 @@ class Q4Weight:
 
     @property
     def nbytes(self) -> int:
-        return self.q.numel() + self.scale.numel() * 4 + (0 if self.min is None else self.min.numel() * 4)
+        return self.q.numel() + _bytes(self.scale) + _bytes(self.min)
 
     def values(self, start: int = 0, end: int | None = None) -> torch.Tensor:
         """The 4-bit values plus offset, rows [start, end): int32 [rows, kp / 32, 32]."""
@@ -87,9 +103,9 @@ class Q4Weight:
 
     def dequantize(self, start: int = 0, end: int | None = None) -> torch.Tensor:
         """Rows [start, end) as float32 [rows, in]: ``(q + offset) * scale (+ min)``."""
-        w = self.values(start, end).float() * self.scale[start:end, :, None]
+        w = self.values(start, end).float() * self.scale[start:end, :, None].float()
         if self.min is not None:
-            w = w + self.min[start:end, :, None]
+            w = w + self.min[start:end, :, None].float()
         return w.reshape(w.shape[0], -1)[:, : self.in_features]
 
     def rows(self, start: int, end: int) -> Q4Weight:
@@ -97,32 +113,124 @@ class Q4Weight:
         return Q4Weight(self.q[start:end], self.scale[start:end], m, self.offset, self.in_features)
 
 
-QuantizedWeight = Int8Weight | Q4Weight
+@dataclass
+class StackedWeight:
+    """Quantized matrices of different forms stacked along the output: a fused projection whose
+    GGUF parts have different block types (a Q4_K_M file's Q4_K q/k beside a Q6_K v). Each part
+    runs its own kernel into its columns of the output."""
+
+    parts: list[Int8Weight | Q4Weight]
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((sum(p.shape[0] for p in self.parts), self.in_features))
+
+    @property
+    def in_features(self) -> int:
+        return self.parts[0].in_features
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def spans(self) -> list[tuple[int, int, Int8Weight | Q4Weight]]:
+        """(start, end, part) along the output."""
+        out, start = [], 0
+        for part in self.parts:
+            out.append((start, start + part.shape[0], part))
+            start += part.shape[0]
+        return out
+
+    def dequantize(self, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Rows [start, end) as float32 [rows, in]."""
+        end = self.shape[0] if end is None else end
+        pieces = [
+            p.dequantize(max(start, s) - s, min(end, e) - s)
+            for s, e, p in self.spans()
+            if s < end and e > start
+        ]
+        return torch.cat(pieces) if pieces else torch.empty(0, self.in_features)
+
+    def rows(self, start: int, end: int) -> QuantizedWeight:
+        parts = [
+            p.rows(max(start, s) - s, min(end, e) - s) for s, e, p in self.spans() if s < end and e > start
+        ]
+        return parts[0] if len(parts) == 1 else StackedWeight(parts)
 
 
-def quantize_int8(weight: torch.Tensor) -> Int8Weight:
-    """[out, in] -> per output channel symmetric int8 (scale = max|w| / 127; an all-zero row gets 1)."""
+QuantizedWeight = Int8Weight | Q4Weight | StackedWeight
+
+
+HALF_MAX = 65504.0  # the largest finite float16
+
+
+def _half_up(x: torch.Tensor) -> torch.Tensor:
+    """x >= 0 float32 -> the smallest float16 >= x (inf past ``HALF_MAX``)."""
+    h = x.half()
+    bits = h.view(torch.int16)
+    return torch.where(h.float() < x, bits + 1, bits).view(
+        torch.float16
+    )  # positive: next bit pattern is larger
+
+
+def _half_down(x: torch.Tensor) -> torch.Tensor:
+    """x float32 -> the largest float16 <= x (-inf past ``-HALF_MAX``)."""
+    h = x.half()
+    bits = h.view(torch.int16)
+    lower = torch.where(
+        h > 0, bits - 1, torch.where(h < 0, bits + 1, torch.full_like(bits, -32767))
+    )  # 0: -2^-24
+    return torch.where(h.float() > x, lower, bits).view(torch.float16)
+
+
+def _fits_half(*tensors: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def quantize_int8(weight: torch.Tensor, half: bool = True) -> Int8Weight:
+    """[out, in] -> per output channel symmetric int8: scale = max|w| / 127 (an all-zero row gets 1).
+
+    ``half``: the scale is kept as float16 (2 bytes a row instead of 4), rounded up so that every
+    weight still fits -127..127, and the weights are quantized against that float16 value (the
+    stored scale is the one they were rounded for); float32 where a scale does not fit float16."""
     w = F.pad(weight.float(), (0, _padded(weight.shape[1]) - weight.shape[1]))  # [out, kp]
     scale = w.abs().amax(dim=1, keepdim=True) / 127  # [out, 1]
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    stored: torch.Tensor = scale
+    if half and _fits_half(up := _half_up(scale)):
+        stored, scale = up, up.float()
     q = torch.round(w / scale).clamp_(-127, 127).to(torch.int8)
-    return Int8Weight(q, scale, w.shape[1], weight.shape[1])
+    return Int8Weight(q, stored.contiguous(), w.shape[1], weight.shape[1])
 
 
-def quantize_int4(weight: torch.Tensor) -> Q4Weight:
+def quantize_int4(weight: torch.Tensor, half: bool = True) -> Q4Weight:
     """[out, in] -> 4-bit in groups of 32 along the input, asymmetric (as GGUF's Q4_1):
     ``w ≈ q * scale + min`` with min = the group's smallest weight, scale = range / 15.
 
     Asymmetric rather than symmetric (max|w| / 7, 15 levels of which a group uses about half):
-    measured on the embedded model's perplexity, symmetric cost 1.54x float32's."""
+    measured on the embedded model's perplexity, symmetric cost 1.54x float32's.
+
+    ``half``: min and scale are kept as float16 (4 bytes per 32 weights instead of 8: 5 bits a
+    weight instead of 6), min rounded down and scale rounded up so that the group still spans
+    0..15, and the weights quantized against those float16 values; float32 where they do not fit."""
     out, k = weight.shape
     w = F.pad(weight.float(), (0, _padded(k) - k)).view(out, -1, GROUP)  # [out, groups, 32]
     low, high = w.amin(dim=2), w.amax(dim=2)  # [out, groups]
+    stored_min: torch.Tensor = low
+    if half and _fits_half(down := _half_down(low)):
+        stored_min, low = down, down.float()
     scale = (high - low) / 15
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    stored_scale: torch.Tensor = scale
+    if stored_min.dtype == torch.float16 and _fits_half(up := _half_up(scale)):
+        stored_scale, scale = up, up.float()
+    elif stored_min.dtype == torch.float16:  # one dtype per weight: both float32
+        stored_min = low
     q = torch.round((w - low[:, :, None]) / scale[:, :, None]).clamp_(0, 15).to(torch.uint8)  # 0..15
     packed = q[:, :, :16] | (q[:, :, 16:] << 4)  # [out, groups, 16]
-    return Q4Weight(packed.reshape(out, -1).contiguous(), scale.contiguous(), low.contiguous(), 0, k)
+    return Q4Weight(
+        packed.reshape(out, -1).contiguous(), stored_scale.contiguous(), stored_min.contiguous(), 0, k
+    )
 
 
 def quantize(weight: torch.Tensor, kind: Quantization, rows: int = 2048) -> QuantizedWeight:
@@ -137,29 +245,32 @@ def quantize(weight: torch.Tensor, kind: Quantization, rows: int = 2048) -> Quan
 
 
 def cat_rows(weights: list[QuantizedWeight]) -> QuantizedWeight:
-    """Quantized matrices of the same form stacked along the output (a fused projection)."""
-    first = weights[0]
-    if len(weights) == 1:
+    """Quantized matrices stacked along the output (a fused projection): one matrix of the same
+    form when the parts share it (layout, scale dtype, group), else a ``StackedWeight``."""
+    flat = [p for w in weights for p in (w.parts if isinstance(w, StackedWeight) else [w])]
+    first = flat[0]
+    if any(w.in_features != first.in_features for w in flat):
+        raise ValueError("a fused projection's parts must share one input size")
+    if len(flat) == 1:
         return first
-    if any(type(w) is not type(first) or w.in_features != first.in_features for w in weights):
-        raise ValueError("a fused projection's parts must share one quantized form and input size")
-    if isinstance(first, Int8Weight):
-        assert all(isinstance(w, Int8Weight) and w.group == first.group for w in weights)
-        return Int8Weight(
-            torch.cat([w.q for w in weights]),
-            torch.cat([w.scale for w in weights]),
-            first.group,
-            first.in_features,
-        )
-    q4 = [w for w in weights if isinstance(w, Q4Weight)]
-    if len(q4) != len(weights) or any(
-        w.offset != first.offset or (w.min is None) != (first.min is None) for w in q4
-    ):
-        raise ValueError("a fused projection's parts must share one 4-bit form")
-    mins = None if first.min is None else torch.cat([w.min for w in q4 if w.min is not None])
-    return Q4Weight(
-        torch.cat([w.q for w in q4]), torch.cat([w.scale for w in q4]), mins, first.offset, first.in_features
+    same = all(
+        type(w) is type(first)
+        and w.scale.dtype == first.scale.dtype
+        and (w.min is None) == (first.min is None)
+        and getattr(w, "group", None) == getattr(first, "group", None)
+        and getattr(w, "offset", None) == getattr(first, "offset", None)
+        for w in flat
     )
+    mins = None if first.min is None else torch.cat([w.min for w in flat if w.min is not None])
+    if same and isinstance(first, Int8Weight):
+        int8 = [w for w in flat if isinstance(w, Int8Weight)]
+        q, scale = torch.cat([w.q for w in int8]), torch.cat([w.scale for w in int8])
+        return Int8Weight(q, scale, first.group, first.in_features, mins)
+    if same and isinstance(first, Q4Weight):
+        q4 = [w for w in flat if isinstance(w, Q4Weight)]
+        q, scale = torch.cat([w.q for w in q4]), torch.cat([w.scale for w in q4])
+        return Q4Weight(q, scale, mins, first.offset, first.in_features)
+    return StackedWeight(flat)  # type: ignore[arg-type]
 
 
 def linear(
@@ -171,6 +282,10 @@ def linear(
     n, rows = x.shape[0], weight.shape[0]
     if out is None:
         out = x.new_zeros(n, rows) if accumulate else x.new_empty(n, rows)
+    if isinstance(weight, StackedWeight):  # each part into its own columns
+        for start, end, part in weight.spans():
+            linear(x, part, out[:, start:end], accumulate)
+        return out
     fits = n <= quant_cpu.MAX_ROWS and x.dtype == out.dtype == torch.float32 and out.stride(1) == 1
     kernel = quant_cpu.load() if fits and x.device.type == "cpu" else None
     if kernel is not None:
@@ -188,10 +303,10 @@ def linear(
 
 
 def run_kernel(
-    kernel: quant_cpu.CompiledQuant, x: torch.Tensor, w: QuantizedWeight, out: torch.Tensor, acc: bool
+    kernel: quant_cpu.CompiledQuant, x: torch.Tensor, w: Int8Weight | Q4Weight, out: torch.Tensor, acc: bool
 ) -> None:
     if isinstance(w, Int8Weight):
-        kernel.int8(x, w.q, w.scale, w.group, w.in_features, out, acc)
+        kernel.int8(x, w.q, w.scale, w.min, w.group, w.in_features, out, acc)
     else:
         kernel.q4(x, w.q, w.scale, w.min, w.offset, w.in_features, out, acc)
 
@@ -201,11 +316,23 @@ def kernel_agrees(kernel: quant_cpu.CompiledQuant) -> bool:
     column-slice output, accumulate) against the dense product of the reference dequantization."""
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(13, 77, generator=gen)
-    forms: list[QuantizedWeight] = [quantize_int8(weight), quantize_int4(weight)]
+    forms: list[Int8Weight | Q4Weight] = [quantize_int8(weight), quantize_int4(weight)]
     q4 = forms[1]
     assert isinstance(q4, Q4Weight)
     forms.append(Q4Weight(q4.q, q4.scale, None, -8, q4.in_features))
-    forms.append(Int8Weight(forms[0].q, torch.rand(13, 3, generator=gen), 32, 77))  # type: ignore[union-attr]
+    int8 = forms[0]
+    assert isinstance(int8, Int8Weight)
+    forms.append(Int8Weight(int8.q, torch.rand(13, 3, generator=gen), 32, 77))  # Q8_0-like
+    forms.append(Int8Weight(int8.q, torch.rand(13, 6, generator=gen), 16, 77))  # Q6_K-like
+    forms.append(
+        Int8Weight(int8.q, torch.rand(13, 3, generator=gen), 32, 77, torch.randn(13, 3, generator=gen))
+    )
+    forms.append(Q4Weight(q4.q, q4.scale.half(), q4.min.half() if q4.min is not None else None, 0, 77))
+    forms.append(
+        Int8Weight(
+            int8.q, torch.rand(13, 6, generator=gen).half(), 16, 77, torch.randn(13, 6, generator=gen).half()
+        )
+    )
     for form in forms:
         for n in (1, 5, 6):
             x = torch.randn(n, 77, generator=gen)
