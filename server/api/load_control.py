@@ -76,12 +76,22 @@ class TenantLimits:
         self._running: Counter[str] = Counter()
         self._tokens: dict[str, deque[tuple[float, int]]] = {}
         self.quotas = quotas or (lambda tenant_id: None)  # tenant id -> its Tenant (None: deleted)
+        # every token counted here is also passed on (a cluster replica: to the store deployment,
+        # whose TenantLimits counts the whole cluster's; server/cluster/replica.py)
+        self.on_charge: Callable[[str, int], None] | None = None
 
     def admit(self, context: RequestContext, prompt_tokens: int) -> None:
+        """Take one of the caller's tenant's running places (429 past its quotas) until the request ends."""
         tenant_id = context.tenant_id
-        tenant = self.quotas(tenant_id) if tenant_id is not None else None
-        if tenant_id is None or tenant is None:
-            return
+        if tenant_id is not None and self.take(tenant_id, prompt_tokens):
+            context.on_close.append(lambda: self.leave(tenant_id))
+
+    def take(self, tenant_id: str, prompt_tokens: int = 0) -> bool:
+        """One running place for ``tenant_id``: False when it has no quotas (nothing taken), True when
+        taken (give it back with :meth:`leave`); an ``ApiError`` 429 naming the quota when refused."""
+        tenant = self.quotas(tenant_id)
+        if tenant is None:
+            return False
         concurrent = getattr(tenant, "max_concurrent_requests", None)
         per_minute = getattr(tenant, "max_tokens_per_minute", None)
         now = time.monotonic()
@@ -102,16 +112,21 @@ class TenantLimits:
                         wait,
                     )
             self._running[tenant_id] += 1
-            if prompt_tokens:
-                self._tokens.setdefault(tenant_id, deque()).append((now, prompt_tokens))
-        context.on_close.append(lambda: self._leave(tenant_id))
+        self.charge_tenant(tenant_id, prompt_tokens)
+        return True
 
     def charge(self, context: RequestContext, tokens: int) -> None:
         """Count ``tokens`` more (a finished request's generated tokens) for the caller's tenant."""
-        if context.tenant_id is None or tokens <= 0:
+        if context.tenant_id is not None:
+            self.charge_tenant(context.tenant_id, tokens)
+
+    def charge_tenant(self, tenant_id: str, tokens: int) -> None:
+        if tokens <= 0:
             return
         with self._lock:
-            self._tokens.setdefault(context.tenant_id, deque()).append((time.monotonic(), tokens))
+            self._tokens.setdefault(tenant_id, deque()).append((time.monotonic(), tokens))
+        if self.on_charge is not None:
+            self.on_charge(tenant_id, tokens)
 
     def usage(self, tenant_id: str) -> dict[str, int]:
         """What ``/info`` shows of a tenant: running requests and tokens of the last minute."""
@@ -121,7 +136,7 @@ class TenantLimits:
                 "tokens_last_minute": self._used(tenant_id, time.monotonic()),
             }
 
-    def _leave(self, tenant_id: str) -> None:
+    def leave(self, tenant_id: str) -> None:
         with self._lock:
             self._running[tenant_id] -= 1
             if self._running[tenant_id] <= 0:

@@ -16,6 +16,7 @@ another replica; a second failure, or one after bytes were streamed, is a 503 or
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -57,6 +58,7 @@ class LoraplexIngress:
         self.expected = replicas
         self.affinity = affinity  # False: no multiplexed id, plain load balancing (bench/cluster.py)
         self.retries = 0  # requests retried once because their replica died before answering
+        self._leaving: set[asyncio.Task] = set()  # tenants' cluster places being given back
 
     async def __call__(self, request: Request) -> Response:
         method, path = request.method, request.url.path
@@ -99,11 +101,51 @@ class LoraplexIngress:
             versions, names = resolved["versions"], resolved["names"]  # stored ids: a tenant's acme~bot
         model_id = affinity_key(names, versions, body, chosen) if self.affinity else ""
         handle = self.replica.options(stream=True, multiplexed_model_id=model_id)
-        response = await self._answer(
-            lambda: handle.forward.remote(call, versions, caller.tenant), retry=True
+        # a tenant's generation takes one of its places in the whole cluster (the store counts them):
+        # each replica's own count only sees its share, so N replicas would allow N times the quota
+        quota_holder = (
+            caller.tenant.id if caller.tenant is not None and rule_for(method, path).generation else None
         )
+        if quota_holder is not None:
+            refused = await self.store.quota_take.remote(quota_holder)
+            if refused is not None:
+                status, message, error_type, headers = refused
+                return JSONResponse(error_payload(path, status, message, error_type), status, headers=headers)
+        try:
+            response = await self._answer(
+                lambda: handle.forward.remote(call, versions, caller.tenant), retry=True
+            )
+        except BaseException:
+            if quota_holder is not None:
+                self._give_back(quota_holder)
+            raise
+        if quota_holder is not None:
+            response = self._then_give_back(response, quota_holder)
         if path == "/info" and response.status_code == 200:
             return await self._cluster_info(response)
+        return response
+
+    def _give_back(self, tenant_id: str) -> None:
+        """Return a tenant's cluster place (in the background: this may run while being cancelled)."""
+        task = asyncio.ensure_future(self.store.quota_leave.remote(tenant_id))
+        self._leaving.add(task)
+        task.add_done_callback(self._leaving.discard)
+
+    def _then_give_back(self, response: Response, tenant_id: str) -> Response:
+        """``response``, giving the tenant's place back once it is sent (or the client left)."""
+        if not isinstance(response, StreamingResponse):
+            self._give_back(tenant_id)
+            return response
+        body = response.body_iterator
+
+        async def sent_then_given_back() -> AsyncIterator[Any]:
+            try:
+                async for chunk in body:
+                    yield chunk
+            finally:
+                self._give_back(tenant_id)
+
+        response.body_iterator = sent_then_given_back()
         return response
 
     async def _tenant_of(self, request: Request) -> _OneTenant | None:

@@ -67,6 +67,9 @@ class LoraplexReplica:
         limit = self.settings.max_loaded_adapters  # max_num_models_per_replica = --max-loaded-adapters
         self.load_adapter = serve.multiplexed(max_num_models_per_replica=limit)(load_adapter)
         self.app = create_app(self.settings)
+        # every token this replica counts for a tenant also goes to the store, which counts the
+        # whole cluster's tokens per minute (the ingress checks the quota there before routing)
+        self.app.state.gate.tenants.on_charge = self._pass_on_tokens
         self._lifespan = contextlib.AsyncExitStack()
         await self._lifespan.enter_async_context(self.app.router.lifespan_context(self.app))
         await self.app.state.loading  # the model loads here: the replica is ready when __init__ returns
@@ -78,6 +81,9 @@ class LoraplexReplica:
         )
         self._reporter = asyncio.create_task(self._report_forever())
         log.info("replica %s ready", self.id)
+
+    def _pass_on_tokens(self, tenant_id: str, tokens: int) -> None:
+        self.store.quota_charge.remote(tenant_id, tokens)  # not awaited: the request goes on
 
     @property
     def local(self) -> AdapterStore:

@@ -36,7 +36,8 @@ from adapters.tenants import SEPARATOR, Tenant
 from server import __version__
 from server.api import adapters, analysis, composition, tenants
 from server.api.adapter_sources import fetch_from_sources
-from server.api.errors import HANDLED, as_api_error, install_error_handlers
+from server.api.errors import HANDLED, ApiError, as_api_error, install_error_handlers
+from server.api.load_control import TenantLimits
 from server.api.principal import ADMIN, Principal
 from server.api.security import authorizer, warn_if_open
 from server.api.tenancy import TenantView, view_for
@@ -103,6 +104,9 @@ class LoraplexStore:
         self.app = store_app(self.settings, self.store, self.sources)
         self.reports: dict[str, dict[str, Any]] = {}
         self.bind_error: str | None = None
+        # the whole cluster's running requests and tokens per tenant, against its quotas: the ingress
+        # takes a place here before routing, replicas pass on every token they count
+        self.limits = TenantLimits(self.store.tenants.get)
 
     def bind_base(
         self, base_shapes: Mapping[str, BaseLinearShape], max_rank: int, base_name: str | None = None
@@ -150,6 +154,25 @@ class LoraplexStore:
     def identify(self, digest: str) -> Tenant | None:
         """The tenant whose key has this sha256 (the ingress screens tenants' keys with it)."""
         return self.store.tenants.identify_digest(digest)
+
+    def quota_take(self, tenant_id: str) -> tuple[int, str, str, dict[str, str]] | None:
+        """One of the cluster's running places for ``tenant_id`` (give it back with
+        :meth:`quota_leave`), or the 429 to answer ``(status, message, error_type, headers)``."""
+        try:
+            self.limits.take(tenant_id)
+        except ApiError as refused:
+            return refused.status_code, refused.message, refused.error_type, dict(refused.headers or {})
+        return None
+
+    def quota_leave(self, tenant_id: str) -> None:
+        self.limits.leave(tenant_id)
+
+    def quota_charge(self, tenant_id: str, tokens: int) -> None:
+        """Tokens a replica counted for ``tenant_id`` (its prompt at admission, its output at the end)."""
+        self.limits.charge_tenant(tenant_id, tokens)
+
+    def quota_usage(self, tenant_id: str) -> dict[str, int]:
+        return self.limits.usage(tenant_id)
 
     def read_files(self, adapter_id: str, sha256: str) -> AdapterFiles | None:
         """The files of ``adapter_id`` if its current version is ``sha256`` (checked), else None."""

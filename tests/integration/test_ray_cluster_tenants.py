@@ -1,12 +1,14 @@
 """``serve --ray`` with tenants (issue 28): the store deployment owns the tenant table; the ingress
 checks a tenant's key there (by its sha256) and the replica serves the tenant's namespace.
 
-One replica of the tiny random Llama, as in ``test_ray_cluster_sources.py``.
+Two replicas of the tiny random Llama: a tenant's quotas hold for the whole cluster, not per replica.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -39,9 +41,9 @@ def cluster(tiny_base, tokenizer, tmp_path_factory) -> Iterator[httpx.Client]:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(settings, 1), name=APP_NAME, route_prefix="/")
+        serve.run(build_app(settings, 2), name=APP_NAME, route_prefix="/")
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-        _wait_ready(client, 1)
+        _wait_ready(client, 2)
         yield client
         client.close()
     finally:
@@ -111,3 +113,33 @@ def test_the_cluster_enforces_the_tenant_rules(cluster: httpx.Client, tiny_base)
         "globex~bot",
         "globex~secret",
     ]
+
+
+def test_a_tenants_quotas_hold_for_the_whole_cluster(cluster: httpx.Client) -> None:
+    """Counted per replica, two replicas would let a tenant run twice its quota; the store counts."""
+    made = cluster.post("/admin/tenants", json={"id": "busy", "max_concurrent_requests": 1}, headers=ADMIN)
+    assert made.status_code == 201, made.text
+    busy = _bearer(made.json()["key"])
+    long = {"inputs": "Hello there", "parameters": {"max_new_tokens": 200, "ignore_eos": True}}
+    with ThreadPoolExecutor(4) as pool:  # the base model: Ray spreads these over both replicas
+        answers = list(pool.map(lambda _: cluster.post("/generate", json=long, headers=busy), range(4)))
+    assert sorted(a.status_code for a in answers) == [200, 429, 429, 429], [a.text for a in answers]
+    refused = next(a for a in answers if a.status_code == 429)
+    assert refused.json()["error_type"] == "quota_exceeded"
+    assert "max_concurrent_requests" in refused.json()["error"] and refused.headers["retry-after"]
+    deadline = time.monotonic() + 10  # the place comes back once the answer is sent (Retry-After: 1)
+    while (again := cluster.post("/generate", json=long, headers=busy)).status_code == 429:
+        assert time.monotonic() < deadline, "the tenant's cluster place was never given back"
+        time.sleep(0.5)
+    assert again.status_code == 200, again.text
+
+    made = cluster.post("/admin/tenants", json={"id": "chatty", "max_tokens_per_minute": 50}, headers=ADMIN)
+    chatty = _bearer(made.json()["key"])
+    first = {"inputs": "Hello there", "parameters": {"max_new_tokens": 60, "ignore_eos": True}}
+    assert cluster.post("/generate", json=first, headers=chatty).status_code == 200  # > 50 tokens
+    time.sleep(1.0)  # the replica passes its count on to the store without waiting for it
+    short = {"inputs": "Hi", "parameters": {"max_new_tokens": 2}}
+    with ThreadPoolExecutor(4) as pool:  # on either replica, including one that served nothing of it
+        later = list(pool.map(lambda _: cluster.post("/generate", json=short, headers=chatty), range(4)))
+    assert [a.status_code for a in later] == [429] * 4, [a.text for a in later]
+    assert all("max_tokens_per_minute" in a.json()["error"] for a in later)
