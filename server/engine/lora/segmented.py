@@ -65,7 +65,7 @@ class SegmentedBackend(LoraBackend):
         super().__init__(device, dtype)
         # bank -> (batch slots, bank version, its slots, A_t, B_t, columns)
         self._active: weakref.WeakKeyDictionary[LoraSlotBank, tuple] = weakref.WeakKeyDictionary()
-        self._null_parts: dict[tuple[int, int], SegmentedLora] = {}
+        self._null_parts: weakref.WeakKeyDictionary[LoraSlotBank, SegmentedLora] = weakref.WeakKeyDictionary()
 
     def prepare(self, batch: LoraBatchContext) -> _Masks:
         return _Masks(batch)
@@ -103,12 +103,13 @@ class SegmentedBackend(LoraBackend):
         compiled graph (sizes >= 2 are symbolic) serves all."""
         if bank.applies_to(batch):
             return SegmentedLora(*self.active_weights(bank, batch)[1:])
-        key = (bank.in_features, bank.out_features)
-        part = self._null_parts.get(key)
+        # one stand-in per bank, never shared between parts: dynamo guards on which inputs are the
+        # same tensor, so a stand-in shared by parts of equal shape recompiles when that changes
+        part = self._null_parts.get(bank)
         if part is None:
             zeros = bank.A_stack.new_zeros
             columns = torch.full((2,), -2, dtype=torch.long, device=bank.A_stack.device)
-            part = self._null_parts[key] = SegmentedLora(
+            part = self._null_parts[bank] = SegmentedLora(
                 zeros(bank.in_features, 2), zeros(2, bank.out_features), columns
             )
         return part
