@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +95,20 @@ class ServerProcess:
             self.process.wait(15)
         except subprocess.TimeoutExpired:
             self.process.kill()
+
+
+@contextlib.contextmanager
+def server_on_fresh_data(model: str | None) -> Iterator[tuple[ServerProcess, list[str]]]:
+    """``loraplex serve`` (warning-level log) on a data directory made for it and removed after;
+    yields the server and its arguments (for the report)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        serve_args = ["--data-dir", str(Path(tmp) / "data"), "--log-level", "warning"]
+        serve_args += ["--model", model] if model else []
+        server = ServerProcess.start(serve_args)
+        try:
+            yield server, serve_args
+        finally:
+            server.stop()
 
 
 def write_random_adapter(

@@ -36,7 +36,6 @@ import itertools  # noqa: E402
 import json  # noqa: E402
 import shlex  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections import Counter, defaultdict  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -51,7 +50,7 @@ from safetensors.torch import load_file, save  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ROOT, ServerProcess, machine_description, percentile  # noqa: E402
+from bench.common import ROOT, ServerProcess, machine_description, percentile, server_on_fresh_data  # noqa: E402
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -309,20 +308,8 @@ def sample_rss(server: ServerProcess, every: float, samples: list[tuple[float, f
 
 
 def run(args: argparse.Namespace) -> int:
-    serve_args = [
-        "--data-dir",
-        "",
-        "--log-level",
-        "warning",
-        *(["--model", args.model] if args.model else []),
-    ]
-    with tempfile.TemporaryDirectory() as tmp:
-        serve_args[1] = str(Path(tmp) / "data")
-        server = ServerProcess.start(serve_args)
-        try:
-            return measure(server, args, serve_args)
-        finally:
-            server.stop()
+    with server_on_fresh_data(args.model) as (server, serve_args):
+        return measure(server, args, serve_args)
 
 
 def measure(server: ServerProcess, args: argparse.Namespace, serve_args: list[str]) -> int:

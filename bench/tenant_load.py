@@ -21,7 +21,6 @@ import os
 import random
 import shlex
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import gevent
 import httpx
 
-from bench.common import ServerProcess, machine_description, percentile
+from bench.common import machine_description, percentile, server_on_fresh_data
 
 ADMIN_KEY = "bench-admin-key"
 QUIET = ("quiet-a", "quiet-b")
@@ -94,25 +93,13 @@ def phase(url: str, headers: dict[str, dict[str, str]], args, noisy: bool) -> tu
 
 def run_tenants(args, random_like, template: Path) -> int:
     os.environ["LORAPLEX_ADMIN_KEY"] = ADMIN_KEY  # inherited by the server process
-    serve_args = [
-        "--data-dir",
-        "",
-        "--log-level",
-        "warning",
-        *(["--model", args.model] if args.model else []),
-    ]
-    with tempfile.TemporaryDirectory() as tmp:
-        serve_args[1] = str(Path(tmp) / "data")
-        server = ServerProcess.start(serve_args)
-        try:
-            headers = setup(server.url, args, random_like, template)
-            for tenant in (*QUIET, NOISY):  # warm each adapter into memory once
-                httpx.post(server.url + "/generate", headers=headers[tenant], timeout=120,
-                           json={"inputs": PROMPT, "parameters": {"adapter_id": "bot", "max_new_tokens": 4}})  # fmt: skip
-            alone = phase(server.url, headers, args, noisy=False)
-            loud = phase(server.url, headers, args, noisy=True)
-        finally:
-            server.stop()
+    with server_on_fresh_data(args.model) as (server, serve_args):
+        headers = setup(server.url, args, random_like, template)
+        for tenant in (*QUIET, NOISY):  # warm each adapter into memory once
+            httpx.post(server.url + "/generate", headers=headers[tenant], timeout=120,
+                       json={"inputs": PROMPT, "parameters": {"adapter_id": "bot", "max_new_tokens": 4}})  # fmt: skip
+        alone = phase(server.url, headers, args, noisy=False)
+        loud = phase(server.url, headers, args, noisy=True)
     report, passed = render(args, serve_args, alone, loud)
     print(report)
     out = Path(args.out)
