@@ -46,6 +46,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapters.peft_format import BaseLinearShape
+from server.engine.describe import EngineSnapshot, describe
 from server.engine.detokenize import IncrementalDetokenizer, find_stop
 from server.engine.errors import RequestRejected
 from server.engine.grammar import GrammarCompiler
@@ -196,6 +197,15 @@ class Engine:
     @property
     def merged_adapter_id(self) -> str | None:
         return self.merger.merged.adapter_id if self.merger.merged is not None else None
+
+    # ------------------------------------------------------------------ for readers (any thread)
+
+    def describe(self) -> EngineSnapshot:
+        """The engine in one typed snapshot (runner, KV memory, prefix cache, mode, counters, slots,
+        queue): what ``/info``, ``/metrics`` and cluster replicas show. Any thread, no lock, no wait
+        for a step; each field is a value the engine had, not all from the same step
+        (``server/engine/describe.py``)."""
+        return describe(self)
 
     # ------------------------------------------------------------------ submission (any thread)
 
