@@ -52,7 +52,7 @@ from server.engine.errors import RequestRejected
 from server.engine.grammar import GrammarCompiler
 from server.engine.lora import BASE_SLOT
 from server.engine.lora_model import AdapterSlots
-from server.engine.merge import MergeManager
+from server.engine.merge import BaseWeights, MergeManager
 from server.engine.outbox import Outbox
 from server.engine.requests import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent, TopToken
 from server.engine.row import Row
@@ -206,6 +206,11 @@ class Engine:
         for a step; each field is a value the engine had, not all from the same step
         (``server/engine/describe.py``)."""
         return describe(self)
+
+    def base_weights(self) -> BaseWeights:
+        """The base model's weights as loaded, whatever adapter is merged, and their digest: for the
+        analysis routes' worker threads (any thread; ``merge.BaseWeights`` says why that is safe)."""
+        return self.merger.base_weights
 
     # ------------------------------------------------------------------ submission (any thread)
 
