@@ -418,3 +418,19 @@ def test_download_round_trips_through_upload(server, tiny_base) -> None:
     a = server.get("/adapters/round/analysis").json()["layers"]
     b = server.get("/adapters/round-copy/analysis").json()["layers"]
     assert [x["singular_values"] for x in a] == [x["singular_values"] for x in b]
+
+
+def test_upload_screening_compares_the_update_with_the_base_weights(server, tiny_base) -> None:
+    """The upload's ``large_update`` check reads σ_max(W) through ``engine.base_weights()``."""
+
+    def warnings(adapter_id: str, b: float, alpha: float) -> list[str]:
+        tensors = adapter_tensors(tiny_base, seed=11, b=b)
+        config = json.dumps(adapter_config(alpha=alpha)).encode()
+        resp = server.post(
+            "/adapters", files=files_parts(config, st_save(tensors)), data={"adapter_id": adapter_id}
+        )
+        assert resp.status_code == 201, resp.text
+        return [w["type"] for w in resp.json()["warnings"]]
+
+    assert "large_update" not in warnings("gentle", b=1e-3, alpha=16)
+    assert "large_update" in warnings("loud", b=1e-3, alpha=64000)  # the same factors, 4000 times the scale
