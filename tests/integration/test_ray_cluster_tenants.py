@@ -12,15 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import ray
-from ray import serve
 
-from server.cluster.app import APP_NAME, build_app
-from server.config import Settings
 from tests.adapter_files import files_parts, make_adapter
-from tests.conftest import CACHE_DIR
-from tests.integration.test_ray_cluster import _wait_ready
-from tests.live_server import free_port
+from tests.ray_helpers import ray_cluster, tiny_cluster_settings
 
 pytestmark = pytest.mark.integration
 ADMIN = {"Authorization": "Bearer cluster-admin"}
@@ -30,25 +24,11 @@ API = {"Authorization": "Bearer cluster-api"}
 @pytest.fixture(scope="module")
 def cluster(tiny_base, tokenizer, tmp_path_factory) -> Iterator[httpx.Client]:
     root = tmp_path_factory.mktemp("ray-tenants")
-    tiny_base.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    port = free_port()
-    settings = Settings(
-        port=port, model=str(root / "model"), data_dir=root / "store", cache_dir=CACHE_DIR, runner="native",
-        dtype="float32", device="cpu", kv_cache_tokens=512, max_total_tokens=256, max_rank=16,
-        api_key="cluster-api", admin_key="cluster-admin",
-    )  # fmt: skip
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(settings, 2), name=APP_NAME, route_prefix="/")
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-        _wait_ready(client, 2)
+    settings = tiny_cluster_settings(
+        tiny_base, tokenizer, root, api_key="cluster-api", admin_key="cluster-admin"
+    )
+    with ray_cluster(settings, 2) as client:
         yield client
-        client.close()
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def _bearer(key: str) -> dict[str, str]:
