@@ -39,14 +39,12 @@ def ray_cluster(settings: Settings, replicas: int) -> Iterator[httpx.Client]:
         ray.shutdown()
 
 
-def tiny_cluster_settings(tiny_base: Any, tokenizer: Any, root: Path, **overrides: Any) -> Settings:
-    """Settings for a cluster serving the tiny random Llama on the native runner: the model is saved
-    with the embedded tokenizer under ``root/model``, the store's data under ``root/store``."""
-    tiny_base.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+def tiny_cluster_settings(model_dir: Path, root: Path, **overrides: Any) -> Settings:
+    """Settings for a cluster serving ``model_dir`` (the ``tiny_base_dir`` fixture: the tiny random
+    Llama) on the native runner, the store's data under ``root/store``."""
     values: dict[str, Any] = dict(
-        port=free_port(), model=str(root / "model"), data_dir=root / "store", cache_dir=CACHE_DIR,
-        runner="native", dtype="float32", device="cpu", kv_cache_tokens=512, max_total_tokens=256, max_rank=16,
+        port=free_port(), model=str(model_dir), data_dir=root / "store", cache_dir=CACHE_DIR, runner="native",
+        dtype="float32", device="cpu", kv_cache_tokens=512, max_total_tokens=256, max_rank=16,
     )  # fmt: skip
     return Settings(**(values | overrides))
 

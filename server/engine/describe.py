@@ -18,7 +18,7 @@ fields may come from either side of the same step (``running`` from before a row
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # the snapshot's types import no torch: a reader needs none o
     from server.engine.runner import ModelRunner
 
 T = TypeVar("T")
+D = TypeVar("D")
 _READ_TRIES = 5  # a copy of a collection the engine thread changes mid-read is taken again
 
 
@@ -81,7 +82,8 @@ class PrefixCacheInfo:
 
 @dataclass(frozen=True)
 class StatsInfo:
-    """The engine's counters since start."""
+    """The engine's counters since start: ``engine.EngineStats``'s, read by the same names (a new
+    counter there is shown by adding its field here)."""
 
     steps: int
     peak_batch: int  # most rows decoded together
@@ -111,7 +113,7 @@ class QueueInfo:
 
 @dataclass(frozen=True)
 class LimitsInfo:
-    """The engine's limits (``EngineConfig``)."""
+    """The engine's limits: ``engine.EngineConfig``'s fields of the same names."""
 
     max_batch: int
     max_input_tokens: int
@@ -138,38 +140,13 @@ class EngineSnapshot:
     speculation: Mapping[str, float] | None = None
 
 
-class _Counters(Protocol):  # engine.EngineStats
-    steps: int
-    peak_batch: int
-    swaps: int
-    swap_seconds: float
-    generated_tokens: int
-    preemptions: int
-    batch_sizes: Mapping[int, int]
-
-
-class _Config(Protocol):  # engine.EngineConfig (frozen)
-    @property
-    def mode(self) -> str: ...
-    @property
-    def max_batch(self) -> int: ...
-    @property
-    def max_input_tokens(self) -> int: ...
-    @property
-    def max_total_tokens(self) -> int: ...
-    @property
-    def max_prefill_tokens(self) -> int: ...
-    @property
-    def max_loaded_adapters(self) -> int: ...
-
-
 class Described(Protocol):
     """What :func:`describe` reads of an ``Engine`` (a Protocol: ``engine.py`` imports this module)."""
 
     runner: ModelRunner
-    stats: _Counters
+    stats: Any  # engine.EngineStats: StatsInfo's fields by the same names
     slots: AdapterSlots
-    config: _Config
+    config: Any  # engine.EngineConfig: ``mode`` and LimitsInfo's fields by the same names
     merger: MergeManager
     prefix_cache: bool  # --prefix-cache on and supported by the runner
 
@@ -192,14 +169,8 @@ def describe(engine: Described) -> EngineSnapshot:
         prefix_cache=_prefix_cache_info(runner, engine.prefix_cache),
         mode=config.mode,
         merged_adapter=merged.adapter_id if merged is not None else None,
-        stats=StatsInfo(
-            steps=stats.steps,
-            peak_batch=stats.peak_batch,
-            swaps=stats.swaps,
-            swap_seconds=stats.swap_seconds,
-            generated_tokens=stats.generated_tokens,
-            preemptions=stats.preemptions,
-            batch_sizes=MappingProxyType(_copied(lambda: dict(stats.batch_sizes))),
+        stats=_same_fields(
+            StatsInfo, stats, batch_sizes=MappingProxyType(_copied(lambda: dict(stats.batch_sizes)))
         ),
         slots=SlotsInfo(
             resident_keys=tuple(_copied(lambda: slots.resident_keys)),
@@ -209,13 +180,7 @@ def describe(engine: Described) -> EngineSnapshot:
             capacity=slots.capacity,
         ),
         queue=QueueInfo(running=engine.num_running, waiting=engine.num_waiting),
-        limits=LimitsInfo(
-            max_batch=config.max_batch,
-            max_input_tokens=config.max_input_tokens,
-            max_total_tokens=config.max_total_tokens,
-            max_prefill_tokens=config.max_prefill_tokens,
-            max_loaded_adapters=config.max_loaded_adapters,
-        ),
+        limits=_same_fields(LimitsInfo, config),
     )
 
 
@@ -250,15 +215,15 @@ def _prefix_cache_info(runner: ModelRunner, enabled: bool) -> PrefixCacheInfo:
             else f"the {runner.name} runner has no prefix cache (the native runner has)"
         )
         return PrefixCacheInfo(enabled=False, reason=reason)
-    return PrefixCacheInfo(
-        enabled=True,
-        lookups=stats.lookups,
-        lookup_tokens=stats.lookup_tokens,
-        hit_tokens=stats.hit_tokens,
-        evictions=stats.evictions,
-        cached_blocks=stats.cached_blocks,
-        evictable_blocks=stats.evictable_blocks,
-    )
+    return _same_fields(
+        PrefixCacheInfo, stats, enabled=True, reason=None
+    )  # runner.PrefixCacheStats' counters
+
+
+def _same_fields(cls: type[D], source: object, **given: Any) -> D:
+    """A ``cls`` whose fields are ``given``, the others ``source``'s attributes of the same names."""
+    values = {f.name: getattr(source, f.name) for f in fields(cls) if f.name not in given}
+    return cls(**values, **given)
 
 
 def _copied(read: Callable[[], T]) -> T:

@@ -20,10 +20,10 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def cluster(s3, tiny_base, tokenizer, tmp_path_factory) -> Iterator[httpx.Client]:  # noqa: F811
+def cluster(s3, tiny_base_dir, tmp_path_factory) -> Iterator[httpx.Client]:  # noqa: F811
     root = tmp_path_factory.mktemp("ray-sources")
     settings = tiny_cluster_settings(
-        tiny_base, tokenizer, root, max_upload_mb=1, adapter_source=[f"s3://{BUCKET}/{PREFIX}"]
+        tiny_base_dir, root, max_upload_mb=1, adapter_source=[f"s3://{BUCKET}/{PREFIX}"]
     )
     # the AWS_* variables the s3 fixture set reach Ray's workers: they inherit this process's environment
     with ray_cluster(settings, 1) as client:

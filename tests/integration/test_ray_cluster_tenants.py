@@ -22,11 +22,9 @@ API = {"Authorization": "Bearer cluster-api"}
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_base, tokenizer, tmp_path_factory) -> Iterator[httpx.Client]:
+def cluster(tiny_base_dir, tmp_path_factory) -> Iterator[httpx.Client]:
     root = tmp_path_factory.mktemp("ray-tenants")
-    settings = tiny_cluster_settings(
-        tiny_base, tokenizer, root, api_key="cluster-api", admin_key="cluster-admin"
-    )
+    settings = tiny_cluster_settings(tiny_base_dir, root, api_key="cluster-api", admin_key="cluster-admin")
     with ray_cluster(settings, 2) as client:
         yield client
 

@@ -8,25 +8,12 @@ import itertools
 import threading
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
 from adapters.peft_format import load_adapter_dir
 from server.engine.engine import Engine, EngineConfig
 from server.engine.native.runner import NativeLlamaRunner
 from tests.api_helpers import start_client
-from tests.conftest import tiny_llama_config
 from tests.engine_helpers import outcome, submit
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory, tokenizer):
-    torch.manual_seed(2468)
-    model = AutoModelForCausalLM.from_config(tiny_llama_config(len(tokenizer))).eval()
-    path = tmp_path_factory.mktemp("describe-llama")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)  # the native loader reads it from the model's folder
-    return model, path
 
 
 def _info_from(snap) -> dict:
@@ -78,12 +65,12 @@ def _info_from(snap) -> dict:
 
 
 @pytest.mark.parametrize("runner", ["hf", "native"])
-def test_snapshot_matches_info(llama, tokenizer, tmp_path, peft_adapter_factory, runner) -> None:
-    model, path = llama
-    adapter_dir, _ = peft_adapter_factory(model, "qv", seed=5)
-    client = start_client(
-        model, tokenizer, tmp_path, model_path=path, runner=runner, adapter=[f"qv={adapter_dir}"]
-    )
+def test_snapshot_matches_info(
+    tiny_base, tiny_base_dir, tokenizer, tmp_path, peft_adapter_factory, runner
+) -> None:
+    adapter_dir, _ = peft_adapter_factory(tiny_base, "qv", seed=5)
+    client = start_client(tiny_base, tokenizer, tmp_path, model_path=tiny_base_dir, runner=runner,
+                          adapter=[f"qv={adapter_dir}"])  # fmt: skip
     try:
         generated = 0
         for adapter in (None, "qv", "qv"):
@@ -118,15 +105,16 @@ def test_snapshot_matches_info(llama, tokenizer, tmp_path, peft_adapter_factory,
         snap.stats.batch_sizes[1] = 0  # type: ignore[index]  # a read-only copy
 
 
-def test_describe_from_another_thread_while_the_engine_steps(llama, tokenizer, peft_adapter_factory) -> None:
+def test_describe_from_another_thread_while_the_engine_steps(
+    tiny_base, tiny_base_dir, tokenizer, peft_adapter_factory
+) -> None:
     """Snapshots taken while the engine thread admits, decodes and frees rows (and loads adapters
     into slots) never fail, and their counters never go backwards."""
-    model, path = llama
-    runner = NativeLlamaRunner(path, kv_cache_tokens=2048)
+    runner = NativeLlamaRunner(tiny_base_dir, kv_cache_tokens=2048)
     engine = Engine(runner, tokenizer, EngineConfig(max_batch=8, max_loaded_adapters=2, mode="unmerged"))
     adapters = []
     for seed in range(3):  # three adapters in two slots: loads and evictions while rows come and go
-        adapter_dir, _ = peft_adapter_factory(model, f"a{seed}", seed=seed + 1)
+        adapter_dir, _ = peft_adapter_factory(tiny_base, f"a{seed}", seed=seed + 1)
         adapters.append(load_adapter_dir(adapter_dir, f"a{seed}", runner.base_shapes))
     jobs = [
         submit(engine, [1, 5 + i, 9, 13], adapters[i % 3], max_new_tokens=4 + i % 5)[1] for i in range(24)
