@@ -107,7 +107,7 @@ def build_engine(settings: Settings, base: LoadedBase, store: AdapterStore) -> E
     if settings.prefix_cache == "on" and not engine.prefix_cache:
         log.info(
             "prefix caching is off: the %s runner does not support it (the native runner does)",
-            engine.runner.name,
+            engine.describe().runner.name,
         )
     store.bind_base(engine.base_shapes, settings.max_rank)
     store.on_retire(engine.retire)  # a replaced or deleted version leaves its slot (the one subscriber)
