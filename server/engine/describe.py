@@ -10,9 +10,10 @@ Consistency: ``describe`` runs on any thread, while the engine thread steps. It 
 and never waits for a step: each number is read once (a counter is an ``int`` read under the
 GIL), and collections the engine thread changes (the resident adapters, the batch sizes, the KV
 memory's sequences) are copied, the copy retried if the engine changed them mid-read. So each
-field is a value the engine really had, but the snapshot is not one cut through a step: two
-fields may come from either side of the same step (``running`` from before a row finished,
-``generated_tokens`` from after). Counters never go backwards between two snapshots.
+counter is a value the engine had, and counters never go backwards between two snapshots; but
+the snapshot is not one cut through a step: two fields may come from either side of the same
+step (``running`` from before a row finished, ``generated_tokens`` from after), and a figure
+derived from several reads (the KV memory in use) may be off by what one step changed.
 """
 
 from __future__ import annotations

@@ -203,8 +203,8 @@ class Engine:
     def describe(self) -> EngineSnapshot:
         """The engine in one typed snapshot (runner, KV memory, prefix cache, mode, counters, slots,
         queue): what ``/info``, ``/metrics`` and cluster replicas show. Any thread, no lock, no wait
-        for a step; each field is a value the engine had, not all from the same step
-        (``server/engine/describe.py``)."""
+        for a step; its fields need not all come from the same step (``server/engine/describe.py``
+        says what it promises)."""
         return describe(self)
 
     def base_weights(self) -> BaseWeights:
