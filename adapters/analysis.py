@@ -1,7 +1,7 @@
 """Adapter-level spectral analysis: run the §5 diagnostics over every layer, compare, shrink.
 
 No HTTP and no engine here: callers pass the base weights as a function ``module -> W [out, in]``
-(the server passes ``engine.merger.original_weight``, the CLI the weights of a model it loaded).
+(the server passes ``engine.base_weights().weight``, the CLI the weights of a model it loaded).
 The per-layer math lives in :mod:`adapters.spectral` and :mod:`adapters.shrink`; this module
 orchestrates it and keeps two caches:
 

@@ -43,6 +43,7 @@ from server.config import Settings
 from server.console import install_console
 from server.engine import sgmv_cpu
 from server.engine.base_model import LoadedBase, choose_runner, load_base, load_native, model_dir_of
+from server.engine.describe import EngineSnapshot
 from server.engine.engine import Engine, EngineConfig
 from server.metrics import Metrics
 
@@ -106,7 +107,7 @@ def build_engine(settings: Settings, base: LoadedBase, store: AdapterStore) -> E
     if settings.prefix_cache == "on" and not engine.prefix_cache:
         log.info(
             "prefix caching is off: the %s runner does not support it (the native runner does)",
-            engine.runner.name,
+            engine.describe().runner.name,
         )
     store.bind_base(engine.base_shapes, settings.max_rank)
     store.on_retire(engine.retire)  # a replaced or deleted version leaves its slot (the one subscriber)
@@ -143,6 +144,12 @@ def _tenant(app: FastAPI, tenant_id: str) -> object | None:
     """A tenant's current row (its quotas), None once deleted."""
     tenants = app_tenants(app)
     return tenants.get(tenant_id) if tenants is not None else None
+
+
+def _engine_snapshot(app: FastAPI) -> EngineSnapshot | None:
+    """``Engine.describe()`` for /metrics; None until the model is loaded."""
+    engine = getattr(app.state, "engine", None)
+    return engine.describe() if engine is not None else None
 
 
 def create_app(settings: Settings | None = None, loader: BaseLoader = default_loader) -> FastAPI:
@@ -201,9 +208,7 @@ def create_app(settings: Settings | None = None, loader: BaseLoader = default_lo
         AccessMiddleware, settings=settings, tenants=lambda: app_tenants(app)
     )  # before any body
     app.state.gate = QueueGate(settings.max_queue, TenantLimits(lambda tenant_id: _tenant(app, tenant_id)))
-    app.state.metrics = Metrics(
-        lambda: (getattr(app.state, "engine", None), getattr(app.state, "store", None))
-    )
+    app.state.metrics = Metrics(lambda: (_engine_snapshot(app), getattr(app.state, "store", None)))
     app.add_middleware(  # outermost: request id, access log and metrics cover every answer, 413s too
         RequestContextMiddleware,
         metrics=app.state.metrics,

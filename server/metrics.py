@@ -5,8 +5,8 @@ Two kinds of numbers:
 - **request-level**, recorded by the API layer as requests go through it
   (``RequestContextMiddleware`` for counts and durations, :class:`RequestObserver` inside
   ``server.api.generation.stream_events`` for latencies and tokens);
-- **engine-level**, read from the engine and the store when Prometheus scrapes
-  (:class:`EngineCollector`): nothing on the engine thread is touched or locked.
+- **engine-level**, read from the engine's snapshot (``Engine.describe()``) and the store when
+  Prometheus scrapes (:class:`EngineCollector`): nothing on the engine thread is touched or locked.
 
 A per-app registry (never the process-wide default) lets tests run several apps side by side.
 """
@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from server.engine.describe import EngineSnapshot, PrefixCacheInfo
 from server.engine.requests import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -31,9 +32,10 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class Metrics:
-    """The app's collectors. ``sources`` returns ``(engine, store)`` at scrape time (either may be None)."""
+    """The app's collectors. ``sources`` returns ``(engine snapshot, store)`` at scrape time (either
+    may be None): the snapshot is ``Engine.describe()``'s."""
 
-    def __init__(self, sources: Callable[[], tuple[Any, Any]]) -> None:
+    def __init__(self, sources: Callable[[], tuple[EngineSnapshot | None, Any]]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -140,103 +142,108 @@ class RequestObserver:
 
 
 class EngineCollector(Collector):
-    """Engine and store numbers, read at scrape time from attributes the engine already keeps.
+    """Engine and store numbers, read at scrape time: the engine's from one ``Engine.describe()``
+    snapshot (``sources`` gives it, None before the model is loaded: then every engine figure is 0)."""
 
-    ``engine.stats`` (``swaps``, ``swap_seconds``, ``batch_sizes``) is optional: an engine
-    without it reports 0 swaps and an empty batch-size histogram.
-    """
-
-    def __init__(self, sources: Callable[[], tuple[Any, Any]]) -> None:
+    def __init__(self, sources: Callable[[], tuple[EngineSnapshot | None, Any]]) -> None:
         self.sources = sources
 
     def collect(self) -> Iterator[Metric]:
-        engine, store = self.sources()
-        slots = getattr(engine, "slots", None)
-        stats = getattr(engine, "stats", None)
+        snap, store = self.sources()
+        queue = snap.queue if snap is not None else None
+        stats = snap.stats if snap is not None else None
+        slots = snap.slots if snap is not None else None
         yield _gauge(
-            "loraplex_running_requests", "Requests in the running batch.", _num(engine, "num_running")
+            "loraplex_running_requests", "Requests in the running batch.", queue.running if queue else 0
         )
         yield _gauge(
             "loraplex_waiting_requests",
             "Requests submitted and not yet admitted.",
-            _num(engine, "num_waiting"),
+            queue.waiting if queue else 0,
         )
         yield _gauge(
-            "loraplex_peak_batch_size", "Most rows decoded together since start.", _num(engine, "peak_batch")
+            "loraplex_peak_batch_size",
+            "Most rows decoded together since start.",
+            stats.peak_batch if stats else 0,
         )
         yield _gauge(
             "loraplex_adapters_loaded",
             "Adapter versions resident in memory slots.",
-            len(getattr(slots, "resident_keys", ()) or ()),
+            len(slots.resident_keys) if slots else 0,
         )
         yield _gauge(
             "loraplex_adapters_stored", "Adapters in the store.", len(store.ids()) if store is not None else 0
         )
         yield _counter(
-            "loraplex_adapter_slot_loads", "Adapters copied into a memory slot.", _num(slots, "loads")
+            "loraplex_adapter_slot_loads", "Adapters copied into a memory slot.", slots.loads if slots else 0
         )
         yield _counter(
-            "loraplex_adapter_slot_evictions", "Adapters evicted from a slot (LRU).", _num(slots, "evictions")
+            "loraplex_adapter_slot_evictions",
+            "Adapters evicted from a slot (LRU).",
+            slots.evictions if slots else 0,
         )
-        yield _counter("loraplex_engine_steps", "Engine steps.", _num(engine, "steps"))
+        yield _counter("loraplex_engine_steps", "Engine steps.", stats.steps if stats else 0)
         yield _counter(
             "loraplex_preemptions",
             "Rows whose KV memory was taken back when it ran out; they are recomputed later.",
-            _num(stats, "preemptions"),
+            stats.preemptions if stats else 0,
         )
-        runner = getattr(engine, "runner", None)
-        if runner is not None:
-            kv = runner.kv_usage()
+        if snap is not None:
+            kv = snap.kv
             yield _gauge("loraplex_kv_cache_used_tokens", "Tokens held in the KV memory.", kv.used_tokens)
-            if kv.capacity is not None:
+            if kv.capacity_tokens is not None:
                 yield _gauge(
-                    "loraplex_kv_cache_capacity_tokens", "Tokens the KV memory holds in all.", kv.capacity
+                    "loraplex_kv_cache_capacity_tokens",
+                    "Tokens the KV memory holds in all.",
+                    kv.capacity_tokens,
                 )
                 yield _gauge(
                     "loraplex_kv_cache_free_tokens",
                     "Tokens free in the KV memory.",
-                    kv.capacity - kv.used_tokens,
+                    kv.capacity_tokens - kv.used_tokens,
                 )
                 yield _gauge(
                     "loraplex_kv_cache_bytes", "Bytes reserved for the KV memory.", kv.bytes_reserved
                 )
-            yield from _prefix_cache_metrics(engine, runner)
-        yield _counter("loraplex_swaps", "Merged-mode adapter swaps (merge/unmerge).", _num(stats, "swaps"))
+            yield from _prefix_cache_metrics(snap.prefix_cache)
         yield _counter(
-            "loraplex_swap_seconds", "Seconds spent swapping merged adapters.", _num(stats, "swap_seconds")
+            "loraplex_swaps", "Merged-mode adapter swaps (merge/unmerge).", stats.swaps if stats else 0
         )
-        yield batch_size_histogram(getattr(stats, "batch_sizes", None))
+        yield _counter(
+            "loraplex_swap_seconds",
+            "Seconds spent swapping merged adapters.",
+            stats.swap_seconds if stats else 0.0,
+        )
+        yield batch_size_histogram(stats.batch_sizes if stats else None)
 
 
-def _prefix_cache_metrics(engine: Any, runner: Any) -> Iterator[Metric]:
+def _prefix_cache_metrics(cache: PrefixCacheInfo) -> Iterator[Metric]:
     """``--prefix-cache`` counters, where the runner has a prefix cache and it is on."""
-    stats_of = getattr(runner, "prefix_cache_stats", None)
-    stats = stats_of() if stats_of is not None and getattr(engine, "prefix_cache", False) else None
-    if stats is None:
+    if not cache.enabled:
         return
     yield _counter(
-        "loraplex_prefix_cache_lookups", "Sequences that looked for a cached prompt prefix.", stats.lookups
+        "loraplex_prefix_cache_lookups", "Sequences that looked for a cached prompt prefix.", cache.lookups
     )
     yield _counter(
         "loraplex_prefix_cache_lookup_tokens",
         "Prompt tokens looked up in the prefix cache.",
-        stats.lookup_tokens,
+        cache.lookup_tokens,
     )
     yield _counter(
         "loraplex_prefix_cache_hit_tokens",
         "Prompt tokens found in the prefix cache (their K and V reused, not prefilled).",
-        stats.hit_tokens,
+        cache.hit_tokens,
     )
     yield _counter(
         "loraplex_prefix_cache_evictions",
         "Cached KV blocks no request used, taken back (LRU) for other tokens.",
-        stats.evictions,
+        cache.evictions,
     )
-    yield _gauge("loraplex_prefix_cache_blocks", "KV blocks cached under a prefix key.", stats.cached_blocks)
+    yield _gauge("loraplex_prefix_cache_blocks", "KV blocks cached under a prefix key.", cache.cached_blocks)
     yield _gauge(
         "loraplex_prefix_cache_evictable_blocks",
         "Cached KV blocks no running request uses (kept until the memory is needed).",
-        stats.evictable_blocks,
+        cache.evictable_blocks,
     )
 
 
@@ -263,11 +270,6 @@ def _tally(batch_sizes: Mapping[int, int] | Iterable[int] | None) -> TallyCounte
         except RuntimeError:
             continue
     return TallyCounter()
-
-
-def _num(obj: object, name: str) -> float:
-    value = getattr(obj, name, 0) if obj is not None else 0
-    return float(value) if isinstance(value, (int, float)) else 0.0
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

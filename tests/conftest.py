@@ -85,6 +85,16 @@ def tiny_model(tiny_base) -> LlamaForCausalLM:
 
 
 @pytest.fixture(scope="session")
+def tiny_base_dir(tiny_base, tokenizer, tmp_path_factory) -> Path:
+    """``tiny_base`` saved as a checkpoint with the embedded tokenizer: a folder the native runner
+    (and ``loraplex serve --model``) loads."""
+    path = tmp_path_factory.mktemp("tiny-base")
+    tiny_base.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def embedded_model(embedded_dir: Path):
     model = AutoModelForCausalLM.from_pretrained(embedded_dir, dtype=torch.float32).eval()
     model.requires_grad_(False)

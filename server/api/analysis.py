@@ -11,7 +11,8 @@ This router must be included before ``adapters.router``: there, ``GET /adapters/
 would otherwise take ``/adapters/compare`` for an adapter named "compare".
 
 The math runs in worker threads (``asyncio.to_thread``), never on the event loop. Base weights
-come from ``engine.merger.original_weight`` (the pristine weights, whatever adapter is merged).
+come from ``engine.base_weights()`` (the pristine weights, whatever adapter is merged; safe from
+worker threads).
 Errors: 400 bad id, 404 unknown adapter, 409 new_id exists, 422 bad regex / method / value /
 a shrink that does not reduce the rank, 503 while the model loads.
 """
@@ -102,12 +103,12 @@ def get_service(request: Request, engine: EngineDep) -> AnalysisService:
     service = getattr(state, "analysis", None)
     if service is None:
         settings, base = state.settings, state.base
-        digest = engine.merger.digest_at_load
+        weights = engine.base_weights()
 
         def open_cache() -> BaseStatsCache:
-            return BaseStatsCache(settings.cache_dir / "analysis", base.name, digest)
+            return BaseStatsCache(settings.cache_dir / "analysis", base.name, weights.digest)
 
-        service = AnalysisService(engine.merger.original_weight, open_cache)
+        service = AnalysisService(weights.weight, open_cache)
         state.analysis = service
     return service
 

@@ -16,7 +16,7 @@ from server.api.tenancy import Principal
 from server.api.tenants import describe_tenant
 
 if TYPE_CHECKING:
-    from server.engine.engine import Engine
+    from server.engine.describe import EngineSnapshot, RunnerInfo
 
 router = APIRouter(tags=["health"])
 
@@ -51,54 +51,47 @@ def _keyed_caller(request: Request) -> bool:
     return True
 
 
-def _kv_cache(engine: Engine) -> dict:
-    kv = engine.runner.kv_usage()
+def _kv_cache(snap: EngineSnapshot) -> dict:
+    kv = snap.kv
     return {
         "used_tokens": kv.used_tokens,
-        "capacity_tokens": kv.capacity,  # null: grows on demand (the Hugging Face runner)
-        "free_tokens": None if kv.capacity is None else kv.capacity - kv.used_tokens,
+        "capacity_tokens": kv.capacity_tokens,  # null: grows on demand (the Hugging Face runner)
+        "free_tokens": kv.free_tokens,
         "bytes_reserved": kv.bytes_reserved,
-        "preemptions": engine.stats.preemptions,
+        "preemptions": snap.stats.preemptions,
     }
 
 
-def _prefix_cache(engine: Engine) -> dict:
+def _prefix_cache(snap: EngineSnapshot) -> dict:
     """``--prefix-cache``: whether it runs (the HF runner has none) and its counters since start."""
-    stats = engine.runner.prefix_cache_stats()
-    if not engine.prefix_cache or stats is None:
-        reason = (
-            "--prefix-cache off"
-            if engine.runner.supports_prefix_cache
-            else (f"the {engine.runner.name} runner has no prefix cache (the native runner has)")
-        )
-        return {"enabled": False, "reason": reason}
-    block = getattr(getattr(engine.runner, "kv", None), "block_size", None)
+    cache = snap.prefix_cache
+    if not cache.enabled:
+        return {"enabled": False, "reason": cache.reason}
     return {
         "enabled": True,
-        "block_size": block,
-        "lookups": stats.lookups,
-        "lookup_tokens": stats.lookup_tokens,
-        "hit_tokens": stats.hit_tokens,
-        "hit_rate": round(stats.hit_tokens / stats.lookup_tokens, 4) if stats.lookup_tokens else 0.0,
-        "cached_blocks": stats.cached_blocks,
-        "evictable_blocks": stats.evictable_blocks,
-        "evictions": stats.evictions,
+        "block_size": snap.kv.block_size,
+        "lookups": cache.lookups,
+        "lookup_tokens": cache.lookup_tokens,
+        "hit_tokens": cache.hit_tokens,
+        "hit_rate": round(cache.hit_rate, 4),
+        "cached_blocks": cache.cached_blocks,
+        "evictable_blocks": cache.evictable_blocks,
+        "evictions": cache.evictions,
     }
 
 
-def _decode(engine: Engine) -> dict:
+def _decode(runner: RunnerInfo) -> dict:
     """How decode steps run (``--compile``): eager, compile (CPU) or cuda_graphs, and the graphs made;
     ``weights``: the projections' layout (native runner: ``packed`` for oneDNN on the CPU, or
     ``dense``, or ``quantized``; the HF runner's are dense); ``quantization``: ``--quantization``;
     ``lora_backend``: the LoRA backend graph-run steps use (eager steps: the runner's)."""
-    graphs = getattr(engine.runner, "graphs", None)
     return {
-        "kind": getattr(engine.runner, "decode_kind", "eager"),
-        "weights": getattr(engine.runner, "weight_layout", "dense"),
-        "quantization": getattr(engine.runner, "quantization", "none"),
-        "lora_backend": (graphs.lora_form if graphs is not None else engine.runner.lora_backend).name,
-        "graphs": graphs.captures if graphs is not None else 0,
-        "warm_up_seconds": round(graphs.warm_up_seconds, 2) if graphs is not None else 0.0,
+        "kind": runner.decode_kind,
+        "weights": runner.weight_layout,
+        "quantization": runner.quantization,
+        "lora_backend": runner.decode_lora_backend,
+        "graphs": runner.graphs,
+        "warm_up_seconds": round(runner.warm_up_seconds, 2),
     }
 
 
@@ -107,38 +100,39 @@ async def info(
     request: Request, engine: EngineDep, base: BaseDep, registry: RegistryDep, settings: SettingsDep
 ) -> dict:
     principal = principal_of(request)
+    snap = engine.describe()  # every engine figure below comes from this one snapshot
     out = {
         "version": __version__,
         "model": base.name,
         "model_path": str(base.path),
         "dtype": str(base.dtype).removeprefix("torch."),
         "device": str(base.device),
-        "mode": engine.config.mode,  # a quantized base runs auto as unmerged
-        "merged_adapter": _shown(principal, engine.merged_adapter_id),
-        "swaps": engine.stats.swaps,
-        "generated_tokens": engine.stats.generated_tokens,
-        "lora_backend": engine.runner.lora_backend.name,  # --lora-backend, auto resolved
-        "runner": engine.runner.name,
-        "decode": _decode(engine),
-        "kv_cache": _kv_cache(engine),
-        "prefix_cache": _prefix_cache(engine),
+        "mode": snap.mode,  # a quantized base runs auto as unmerged
+        "merged_adapter": _shown(principal, snap.merged_adapter),
+        "swaps": snap.stats.swaps,
+        "generated_tokens": snap.stats.generated_tokens,
+        "lora_backend": snap.runner.lora_backend,  # --lora-backend, auto resolved
+        "runner": snap.runner.name,
+        "decode": _decode(snap.runner),
+        "kv_cache": _kv_cache(snap),
+        "prefix_cache": _prefix_cache(snap),
         "limits": {
-            "max_batch": engine.config.max_batch,
-            "max_input_tokens": engine.config.max_input_tokens,
-            "max_total_tokens": engine.config.max_total_tokens,
-            "max_prefill_tokens": engine.config.max_prefill_tokens,
-            "max_loaded_adapters": engine.config.max_loaded_adapters,
+            "max_batch": snap.limits.max_batch,
+            "max_input_tokens": snap.limits.max_input_tokens,
+            "max_total_tokens": snap.limits.max_total_tokens,
+            "max_prefill_tokens": snap.limits.max_prefill_tokens,
+            "max_loaded_adapters": snap.limits.max_loaded_adapters,
             "max_rank": settings.max_rank,
         },
         "adapters": registry.ids(),
         "adapters_loaded": [
             shown
-            for key in engine.slots.resident_keys
+            for key in snap.slots.resident_keys
             if (shown := _shown(principal, key.partition("@")[0])) is not None
         ],
-        "adapter_slot_users": engine.slots.in_use,
-        "running_requests": engine.num_running,
-        "waiting_requests": engine.num_waiting,
+        "adapter_slot_users": snap.slots.in_use,
+        "running_requests": snap.queue.running,
+        "waiting_requests": snap.queue.waiting,
         "http_requests_in_flight": _in_flight(request),
         "adapter_sources": _sources(request),
         "tenant": principal.label,  # who is asking (the console shows it): a tenant's id, _admin, _default

@@ -268,7 +268,8 @@ async def prepare_chat(
     if plan is not None and body.response_format is not None and body.response_format.type != "text":
         raise OpenAIError(422, "response_format and tools cannot constrain the same reply: send tool_choice "
                           '"none" with response_format, or leave response_format out.', "validation", "tools")  # fmt: skip
-    template = getattr(engine.tokenizer, "chat_template", None)
+    tokenizer = engine.tokenizer
+    template = getattr(tokenizer, "chat_template", None)
     messages, template_args = tool_messages([m.template_dict() for m in body.messages], plan, template)
     check_prompt_chars(engine, sum(len(str(v)) for m in messages for v in m.values()), "the messages")
     # the template and the tokenizer run in a worker thread: a long chat never stalls the event loop
@@ -358,7 +359,7 @@ def chat_prompt_ids(engine: Engine, messages: list[dict[str, Any]], **template_a
 
 
 def _checked_ids(engine: Engine, ids: list[int]) -> list[int]:
-    vocab = engine.runner.vocab_size
+    vocab = engine.describe().runner.vocab_size
     bad = next((i for i in ids if not 0 <= i < vocab), None)
     if bad is not None:
         raise ApiError(422, f"prompt token id {bad} is outside the vocabulary [0, {vocab}).", "validation")

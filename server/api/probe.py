@@ -125,7 +125,7 @@ async def run_probe(
     """Run the base and the adapter on every prompt (all in one go: they batch) and compare."""
     cfg = engine.config
     keep = max(1, min(MAX_PROMPT_TOKENS, cfg.max_input_tokens, cfg.max_total_tokens - 1))
-    capacity = engine.runner.kv_usage().capacity
+    capacity = engine.describe().kv.capacity_tokens
     if capacity is not None:
         keep = max(1, min(keep, capacity - 1))
     prompt_ids = []

@@ -4,7 +4,7 @@
 the adapter's summary plus ``coverage`` and ``warnings``; ``GET /adapters/{id}`` shows them too
 (an adapter fetched from an adapter source is screened there). Results are kept per adapter
 version (``id@version``), so a replaced adapter is screened anew. The σ_max(W) estimates need
-the base weights (``engine.merger.original_weight``): without an engine (a cluster's store
+the base weights (``engine.base_weights()``): without an engine (a cluster's store
 deployment) the ``large_update`` check is left out.
 """
 
@@ -60,9 +60,9 @@ def get_screening(request: Request) -> ScreeningService:
         service = ScreeningService(state.store, None)
         state.screening = service
     if service.norms is None:  # the engine (and its pristine base weights) may come after the store
-        merger = getattr(getattr(state, "engine", None), "merger", None)
-        if merger is not None:
-            service.norms = BaseNormCache(merger.original_weight)
+        engine = getattr(state, "engine", None)
+        if engine is not None:
+            service.norms = BaseNormCache(engine.base_weights().weight)
     return service
 
 

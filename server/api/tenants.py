@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from adapters.store import ADAPTER_ID_RE, AdapterStore
 from adapters.tenants import QUOTAS, Tenant, TenantTable, owner_of
 from server.api.errors import ApiError
+from server.api.load_control import TenantLimits
 from server.api.tenancy import usage
 
 router = APIRouter(prefix="/admin/tenants", tags=["tenants"])
@@ -58,11 +59,19 @@ def _table(request: Request) -> TenantTable:
 
 
 def describe_tenant(request: Request, tenant: Tenant) -> dict:
-    adapters, stored = usage(_store(request), tenant.id)
-    out = {**tenant.summary(), "adapters": adapters, "storage_bytes": stored}
     gate = getattr(request.app.state, "gate", None)
-    if gate is not None:
-        out.update(gate.tenants.usage(tenant.id))
+    return tenant_summary(_store(request), tenant, gate.tenants if gate is not None else None)
+
+
+def tenant_summary(store: AdapterStore, tenant: Tenant, limits: TenantLimits | None) -> dict:
+    """A tenant as ``/admin/tenants`` and the admin's ``/info`` show it: its quotas, its adapters
+    and their bytes in ``store``, and (with ``limits``, the counters its quotas are held against)
+    its running requests and tokens of the last minute. On a Ray cluster the store deployment
+    answers for all replicas with its own store and the cluster-wide counts."""
+    adapters, stored = usage(store, tenant.id)
+    out = {**tenant.summary(), "adapters": adapters, "storage_bytes": stored}
+    if limits is not None:
+        out.update(limits.usage(tenant.id))
     return out
 
 

@@ -176,10 +176,13 @@ class LoraplexIngress:
         return b"".join(chunks)
 
     async def _cluster_info(self, response: StreamingResponse) -> Response:
-        """One replica's /info, with the cluster's adapters (a replica lists only those it cached)."""
+        """One replica's /info, with the cluster's adapters (a replica lists only those it cached)
+        and, for the admin, every tenant with the cluster's usage (a replica counts its own share)."""
         body = json.loads(b"".join([chunk async for chunk in response.body_iterator]))
         store = await self.store.status.remote()
         body["adapters"] = store["adapters"]
+        if "tenants" in body:  # only the admin's /info lists them
+            body["tenants"] = await self.store.tenants_described.remote()
         body["replicas"] = self.expected
         return JSONResponse(body)
 

@@ -182,20 +182,21 @@ class LoraplexReplica:
 
     def state(self) -> dict[str, Any]:
         engine = self.app.state.engine
+        snap = engine.describe() if engine is not None else None  # every engine figure from one snapshot
         return {
             "replica": self.id,
             "ready": engine is not None and engine.running,
             "mode": self.settings.mode,
-            "merged_adapter": engine.merged_adapter_id if engine is not None else None,
-            "swaps": engine.stats.swaps if engine is not None else 0,
-            "adapters_loaded": [k.partition("@")[0] for k in engine.slots.resident_keys] if engine else [],
+            "merged_adapter": snap.merged_adapter if snap is not None else None,
+            "swaps": snap.stats.swaps if snap is not None else 0,
+            "adapters_loaded": [k.partition("@")[0] for k in snap.slots.resident_keys] if snap else [],
             "adapters_cached": self.local.ids(),
             "loads": dict(self.loads),
             "fetches": dict(self.fetches),
-            "slot_loads": engine.slots.loads if engine is not None else 0,
-            "slot_evictions": engine.slots.evictions if engine is not None else 0,
+            "slot_loads": snap.slots.loads if snap is not None else 0,
+            "slot_evictions": snap.slots.evictions if snap is not None else 0,
             "requests": dict(self.requests),
-            "running_requests": engine.num_running if engine is not None else 0,
+            "running_requests": snap.queue.running if snap is not None else 0,
             "metrics": self.app.state.metrics.exposition().decode(),
             "time": time.time(),
         }

@@ -37,10 +37,11 @@ from server import __version__
 from server.api import adapters, analysis, composition, tenants
 from server.api.adapter_sources import fetch_from_sources
 from server.api.errors import HANDLED, ApiError, as_api_error, install_error_handlers
-from server.api.load_control import TenantLimits
+from server.api.load_control import QueueGate, TenantLimits
 from server.api.principal import ADMIN, Principal
 from server.api.security import authorizer, warn_if_open
 from server.api.tenancy import TenantView, view_for
+from server.api.tenants import tenant_summary
 from server.api.upload_limit import UploadLimitMiddleware
 from server.app import register_startup_adapters
 from server.cluster.asgi_bridge import HttpCall, ResponseStart, run_asgi
@@ -50,14 +51,22 @@ from server.config import Settings
 log = logging.getLogger(__name__)
 
 
-def store_app(settings: Settings, store: AdapterStore, sources: AdapterSources | None = None) -> FastAPI:
-    """The adapter routes of one server around ``store`` (no engine: analysis routes are not sent here)."""
+def store_app(
+    settings: Settings,
+    store: AdapterStore,
+    sources: AdapterSources | None = None,
+    limits: TenantLimits | None = None,
+) -> FastAPI:
+    """The adapter routes of one server around ``store`` (no engine: analysis routes are not sent here).
+    ``limits``: the cluster's per-tenant counts, shown by ``/admin/tenants``."""
     app = FastAPI(title="loraplex-store", version=__version__,
                   dependencies=[Depends(authorizer(settings))])  # fmt: skip
     app.state.settings = settings
     app.state.store = app.state.registry = store
     app.state.sources = sources  # GET /adapters/{id} shows a fetched adapter's source
     app.state.engine = None
+    if limits is not None:  # read by /admin/tenants only: the store's app runs no generation
+        app.state.gate = QueueGate(settings.max_queue, limits)
     app.add_middleware(
         UploadLimitMiddleware,
         max_bytes=settings.max_upload_mb << 20,
@@ -101,12 +110,12 @@ class LoraplexStore:
             else None
         )
         self.base_name: str | None = None  # the base model's name: never looked up in the sources
-        self.app = store_app(self.settings, self.store, self.sources)
-        self.reports: dict[str, dict[str, Any]] = {}
-        self.bind_error: str | None = None
         # the whole cluster's running requests and tokens per tenant, against its quotas: the ingress
         # takes a place here before routing, replicas pass on every token they count
         self.limits = TenantLimits(self.store.tenants.get)
+        self.app = store_app(self.settings, self.store, self.sources, self.limits)
+        self.reports: dict[str, dict[str, Any]] = {}
+        self.bind_error: str | None = None
 
     def bind_base(
         self, base_shapes: Mapping[str, BaseLinearShape], max_rank: int, base_name: str | None = None
@@ -173,6 +182,12 @@ class LoraplexStore:
 
     def quota_usage(self, tenant_id: str) -> dict[str, int]:
         return self.limits.usage(tenant_id)
+
+    def tenants_described(self) -> list[dict[str, Any]]:
+        """Every tenant as the admin's ``/info`` lists it, for the whole cluster: the adapters this
+        store holds and the cluster's counts (:meth:`quota_usage`), where a replica knows only the
+        tenants that called it, the adapters it cached and its own share of the traffic."""
+        return [tenant_summary(self.store, tenant, self.limits) for tenant in self.store.tenants.list()]
 
     def read_files(self, adapter_id: str, sha256: str) -> AdapterFiles | None:
         """The files of ``adapter_id`` if its current version is ``sha256`` (checked), else None."""

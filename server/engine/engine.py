@@ -46,12 +46,13 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapters.peft_format import BaseLinearShape
+from server.engine.describe import EngineSnapshot, describe
 from server.engine.detokenize import IncrementalDetokenizer, find_stop
 from server.engine.errors import RequestRejected
 from server.engine.grammar import GrammarCompiler
 from server.engine.lora import BASE_SLOT
 from server.engine.lora_model import AdapterSlots
-from server.engine.merge import MergeManager
+from server.engine.merge import BaseWeights, MergeManager
 from server.engine.outbox import Outbox
 from server.engine.requests import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent, TopToken
 from server.engine.row import Row
@@ -196,6 +197,20 @@ class Engine:
     @property
     def merged_adapter_id(self) -> str | None:
         return self.merger.merged.adapter_id if self.merger.merged is not None else None
+
+    # ------------------------------------------------------------------ for readers (any thread)
+
+    def describe(self) -> EngineSnapshot:
+        """The engine in one typed snapshot (runner, KV memory, prefix cache, mode, counters, slots,
+        queue): what ``/info``, ``/metrics`` and cluster replicas show. Any thread, no lock, no wait
+        for a step; its fields need not all come from the same step (``server/engine/describe.py``
+        says what it promises)."""
+        return describe(self)
+
+    def base_weights(self) -> BaseWeights:
+        """The base model's weights as loaded, whatever adapter is merged, and their digest: for the
+        analysis routes' worker threads (any thread; ``merge.BaseWeights`` says why that is safe)."""
+        return self.merger.base_weights
 
     # ------------------------------------------------------------------ submission (any thread)
 

@@ -26,7 +26,7 @@ import json
 import os
 import struct
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,8 +119,32 @@ class SwapStats:
     history: list[float] = field(default_factory=list, repr=False)  # recent swap durations
 
 
+@dataclass(frozen=True)
+class BaseWeights:
+    """The base model's weights as loaded, whatever adapter is merged: ``Engine.base_weights()``.
+
+    Safe from any thread, with no lock and no wait for the engine thread, because it never reads
+    what the engine thread writes: a merged or auto engine rewrites the live weights on a swap,
+    so :meth:`weight` reads the restore source the :class:`MergeManager` chose per layer at start-up
+    (the checkpoint, read with ``pread`` into a fresh buffer, or its in-memory copy, which nothing
+    writes after start-up, cloned); an unmerged engine never writes the live weights, so they are
+    read as they are (copied). Those choices never change after start-up. Each call returns a
+    fresh CPU tensor the caller may keep or change.
+    """
+
+    digest: str  # sha256 over every adaptable weight at load (the analysis caches key on it)
+    modules: frozenset[str]  # the PEFT module names :meth:`weight` knows
+    _original: Callable[[str], torch.Tensor] = field(repr=False)
+
+    def weight(self, module: str) -> torch.Tensor:
+        """The base weight of ``module`` [out, in] on the CPU (Conv1D layers transposed to it);
+        KeyError for a module the base does not adapt."""
+        return self._original(module)
+
+
 class MergeManager:
-    """Owns the merged state of the base weights. Engine thread only."""
+    """Owns the merged state of the base weights. Engine thread only, apart from
+    :attr:`base_weights` (any thread, see :class:`BaseWeights`)."""
 
     def __init__(
         self, targets: Mapping[str, WeightTarget], checkpoint_dir: Path | None, *, can_merge: bool
@@ -145,6 +169,7 @@ class MergeManager:
                 else:
                     self._copies[name] = target.read().to("cpu", copy=True)
         self.digest_at_load = self.digest()
+        self.base_weights = BaseWeights(self.digest_at_load, frozenset(targets), self.original_weight)
 
     # ------------------------------------------------------------------ sources of the original
 
@@ -164,7 +189,8 @@ class MergeManager:
         return len(self._from_checkpoint)
 
     def original_weight(self, name: str) -> torch.Tensor:
-        """The base weight of layer ``name`` as loaded, whatever is merged now; safe from any thread.
+        """The base weight of layer ``name`` as loaded, whatever is merged now; safe from any thread
+        (:class:`BaseWeights` says why).
 
         Unmerged mode never changes the weights, so they are read as they are; merged and auto
         modes read the restore source (checkpoint or in-memory copy). Returns a CPU tensor [out, in]

@@ -200,7 +200,7 @@ def test_base_stats_are_cached_on_disk(server, tiny_base) -> None:
     assert cache.path is not None and cache.path.is_file()
     assert cache.path.parent.name == "analysis" and "tiny-llama" in cache.path.name
     data = torch.load(cache.path, weights_only=True)
-    assert len(data["layers"]) == 14 and data["digest"] == server.app.state.engine.merger.digest_at_load
+    assert len(data["layers"]) == 14 and data["digest"] == server.app.state.engine.base_weights().digest
     # `loraplex analyze` (no engine) keys its cache file the same way, so the two share it.
     names = linear_shapes(tiny_base)
     assert weights_digest((n, tiny_base.get_submodule(n).weight) for n in names) == data["digest"]
@@ -418,3 +418,19 @@ def test_download_round_trips_through_upload(server, tiny_base) -> None:
     a = server.get("/adapters/round/analysis").json()["layers"]
     b = server.get("/adapters/round-copy/analysis").json()["layers"]
     assert [x["singular_values"] for x in a] == [x["singular_values"] for x in b]
+
+
+def test_upload_screening_compares_the_update_with_the_base_weights(server, tiny_base) -> None:
+    """The upload's ``large_update`` check reads σ_max(W) through ``engine.base_weights()``."""
+
+    def warnings(adapter_id: str, b: float, alpha: float) -> list[str]:
+        tensors = adapter_tensors(tiny_base, seed=11, b=b)
+        config = json.dumps(adapter_config(alpha=alpha)).encode()
+        resp = server.post(
+            "/adapters", files=files_parts(config, st_save(tensors)), data={"adapter_id": adapter_id}
+        )
+        assert resp.status_code == 201, resp.text
+        return [w["type"] for w in resp.json()["warnings"]]
+
+    assert "large_update" not in warnings("gentle", b=1e-3, alpha=16)
+    assert "large_update" in warnings("loud", b=1e-3, alpha=64000)  # the same factors, 4000 times the scale

@@ -17,13 +17,12 @@ from pathlib import Path
 import httpx
 import pytest
 import ray  # the `loraplex[ray]` extra: `make setup` installs it
-from ray import serve
 
-from server.cluster.app import APP_NAME, build_app
 from server.config import Settings
 from tests.api_helpers import start_client
 from tests.conftest import CACHE_DIR, make_peft_adapter
 from tests.live_server import free_port
+from tests.ray_helpers import ray_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -118,32 +117,9 @@ def cluster(embedded_model, tokenizer, embedded_dir, tmp_path_factory) -> Iterat
         dtype="float32", device="cpu", kv_cache_tokens=1024, max_total_tokens=512, max_queue=2,
     )  # fmt: skip
     started = time.monotonic()
-    # "local": a new Ray of its own, even where /tmp/ray/ray_current_cluster names another (or a dead) one
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(settings, 2), name=APP_NAME, route_prefix="/")
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-        _wait_ready(client, 2)
+    with ray_cluster(settings, 2) as client:
         print(f"\ncluster of 2 replicas ready in {time.monotonic() - started:.1f} s")
         yield Cluster(f"http://127.0.0.1:{port}", client, reference, root, composed.json())
-        client.close()
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-
-
-def _wait_ready(client: httpx.Client, replicas: int, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            r = client.get("/health")
-            if r.status_code == 200 and r.json()["replicas"]["ready"] >= replicas:
-                return r.json()
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the cluster did not become ready"
-        time.sleep(0.5)
 
 
 def test_health_lists_both_replicas_and_the_store(cluster: Cluster) -> None:

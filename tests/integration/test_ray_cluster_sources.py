@@ -11,43 +11,23 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-import ray
-from ray import serve
 
-from server.cluster.app import APP_NAME, build_app
-from server.config import Settings
 from tests.adapter_files import make_adapter
-from tests.conftest import CACHE_DIR
 from tests.integration.test_adapter_sources import BUCKET, PREFIX, put, s3  # noqa: F401 (fixture)
-from tests.integration.test_ray_cluster import _wait_ready
-from tests.live_server import free_port
+from tests.ray_helpers import ray_cluster, tiny_cluster_settings
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def cluster(s3, tiny_base, tokenizer, tmp_path_factory) -> Iterator[httpx.Client]:  # noqa: F811
+def cluster(s3, tiny_base_dir, tmp_path_factory) -> Iterator[httpx.Client]:  # noqa: F811
     root = tmp_path_factory.mktemp("ray-sources")
-    tiny_base.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    port = free_port()
-    settings = Settings(
-        port=port, model=str(root / "model"), data_dir=root / "store", cache_dir=CACHE_DIR, runner="native",
-        dtype="float32", device="cpu", kv_cache_tokens=512, max_total_tokens=256, max_rank=16, max_upload_mb=1,
-        adapter_source=[f"s3://{BUCKET}/{PREFIX}"],
-    )  # fmt: skip
+    settings = tiny_cluster_settings(
+        tiny_base_dir, root, max_upload_mb=1, adapter_source=[f"s3://{BUCKET}/{PREFIX}"]
+    )
     # the AWS_* variables the s3 fixture set reach Ray's workers: they inherit this process's environment
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(settings, 1), name=APP_NAME, route_prefix="/")
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-        _wait_ready(client, 1)
+    with ray_cluster(settings, 1) as client:
         yield client
-        client.close()
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def _generate(client: httpx.Client, adapter_id: str, **parameters) -> httpx.Response:

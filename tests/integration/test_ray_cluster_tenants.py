@@ -12,15 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import ray
-from ray import serve
 
-from server.cluster.app import APP_NAME, build_app
-from server.config import Settings
 from tests.adapter_files import files_parts, make_adapter
-from tests.conftest import CACHE_DIR
-from tests.integration.test_ray_cluster import _wait_ready
-from tests.live_server import free_port
+from tests.ray_helpers import ray_cluster, tiny_cluster_settings
 
 pytestmark = pytest.mark.integration
 ADMIN = {"Authorization": "Bearer cluster-admin"}
@@ -28,27 +22,11 @@ API = {"Authorization": "Bearer cluster-api"}
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_base, tokenizer, tmp_path_factory) -> Iterator[httpx.Client]:
+def cluster(tiny_base_dir, tmp_path_factory) -> Iterator[httpx.Client]:
     root = tmp_path_factory.mktemp("ray-tenants")
-    tiny_base.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    port = free_port()
-    settings = Settings(
-        port=port, model=str(root / "model"), data_dir=root / "store", cache_dir=CACHE_DIR, runner="native",
-        dtype="float32", device="cpu", kv_cache_tokens=512, max_total_tokens=256, max_rank=16,
-        api_key="cluster-api", admin_key="cluster-admin",
-    )  # fmt: skip
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(settings, 2), name=APP_NAME, route_prefix="/")
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-        _wait_ready(client, 2)
+    settings = tiny_cluster_settings(tiny_base_dir, root, api_key="cluster-api", admin_key="cluster-admin")
+    with ray_cluster(settings, 2) as client:
         yield client
-        client.close()
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def _bearer(key: str) -> dict[str, str]:
@@ -143,3 +121,35 @@ def test_a_tenants_quotas_hold_for_the_whole_cluster(cluster: httpx.Client) -> N
         later = list(pool.map(lambda _: cluster.post("/generate", json=short, headers=chatty), range(4)))
     assert [a.status_code for a in later] == [429] * 4, [a.text for a in later]
     assert all("max_tokens_per_minute" in a.json()["error"] for a in later)
+
+
+def _base_requests(cluster: httpx.Client) -> dict[str, int]:
+    """Requests for the base model each replica served (fresh: replicas report every second)."""
+    time.sleep(1.5)
+    return {
+        r["replica"]: r["requests"].get("", 0) for r in cluster.get("/health").json()["replicas"]["detail"]
+    }
+
+
+def test_the_admins_info_shows_each_tenants_usage_in_the_whole_cluster(cluster: httpx.Client) -> None:
+    """/info is answered by one replica; the tenants it lists come from the store with the cluster's counts."""
+    made = cluster.post("/admin/tenants", json={"id": "spread"}, headers=ADMIN)
+    assert made.status_code == 201, made.text
+    spread = _bearer(made.json()["key"])
+    body = {"inputs": "Hello there", "parameters": {"max_new_tokens": 6, "ignore_eos": True, "details": True}}
+    start, counted = _base_requests(cluster), 0
+    for _ in range(5):  # until both replicas served some of its requests
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda _: cluster.post("/generate", json=body, headers=spread), range(4)))
+        assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+        counted += sum(
+            a.json()["details"]["prompt_tokens"] + a.json()["details"]["generated_tokens"] for a in answers
+        )
+        served = _base_requests(cluster)
+        if all(served[rid] > start.get(rid, 0) for rid in served):
+            break
+    assert len(served) == 2 and all(served[rid] > start.get(rid, 0) for rid in served), (start, served)
+    info = cluster.get("/info", headers=ADMIN).json()
+    usage = next(t for t in info["tenants"] if t["id"] == "spread")
+    assert usage["tokens_last_minute"] == counted and usage["running_requests"] == 0
+    assert cluster.get("/admin/tenants/spread", headers=ADMIN).json()["tokens_last_minute"] == counted

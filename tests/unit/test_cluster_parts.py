@@ -26,7 +26,7 @@ from server.cluster.routing import (
     is_composition_key,
     target_of,
 )
-from server.cluster.store import store_app
+from server.cluster.store import LoraplexStore, store_app
 from server.config import Settings
 from server.metrics import Metrics
 from tests.adapter_files import linear_shapes, make_adapter
@@ -135,6 +135,32 @@ def test_the_store_app_composes_without_an_engine(tiny_base, tmp_path) -> None:
     assert r.json()["compose"]["sources"][0]["sha256"] == store.record("a").sha256
     assert client.get("/adapters/ab").json()["id"] == "ab" and "ab" in store
     assert client.post("/adapters/compose", json=body).json()["error_type"] == "adapter_exists"
+
+
+def test_the_store_describes_tenants_with_the_clusters_counts(tiny_base, tmp_path) -> None:
+    """The admin's /info on a cluster lists tenants from the store deployment: its adapters and the
+    whole cluster's counts (the ingress takes the places, every replica passes on its tokens)."""
+    settings = Settings(
+        data_dir=tmp_path / "store", cache_dir=tmp_path / "cache", admin_key="adm", api_key="k"
+    )
+    store = LoraplexStore(settings.model_dump())
+    store.bind_base(linear_shapes(tiny_base), 64)
+    store.store.tenants.create("acme", {"max_tokens_per_minute": 1000})
+    store.store.tenants.create("globex", {})
+    config, weights = make_adapter(tiny_base, seed=3, r=4)
+    store.store.put("acme~bot", AdapterFiles(config, weights))
+    assert store.quota_take("acme") is None and store.quota_take("acme") is None  # two requests in flight
+    store.quota_charge("acme", 7)  # counted by one replica
+    store.quota_charge("acme", 5)  # and by the other
+    store.quota_leave("acme")  # one answered
+    described = {t["id"]: t for t in store.tenants_described()}
+    acme = described["acme"]
+    assert (acme["running_requests"], acme["tokens_last_minute"], acme["adapters"]) == (1, 12, 1)
+    assert acme["storage_bytes"] == len(config) + len(weights) and acme["max_tokens_per_minute"] == 1000
+    assert (described["globex"]["running_requests"], described["globex"]["tokens_last_minute"]) == (0, 0)
+    client = TestClient(store.app, base_url="http://localhost")  # /admin/tenants runs here on a cluster
+    shown = client.get("/admin/tenants/acme", headers={"Authorization": "Bearer adm"})
+    assert shown.status_code == 200 and shown.json() == acme
 
 
 def _app() -> FastAPI:

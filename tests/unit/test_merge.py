@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 import time
 
 import pytest
@@ -116,6 +117,43 @@ def test_unmerged_mode_prepares_nothing(saved) -> None:
         manager.merge(_adapters(saved[1], runner)[0])
 
 
+@pytest.mark.parametrize("source", ["checkpoint", "copy"])
+def test_base_weights_read_from_another_thread_while_adapters_swap(saved, source) -> None:
+    """``BaseWeights`` (what the analysis routes read from worker threads) gives the weights as
+    loaded while the engine thread keeps merging adapters into the live ones."""
+    model_dir, paths = saved
+    runner = _wrapped(model_dir, torch.bfloat16)
+    originals = {n: layer.base.weight.detach().clone() for n, layer in runner.layers.items()}
+    adapters = _adapters(paths, runner)
+    manager = MergeManager(
+        runner.weight_targets, model_dir if source == "checkpoint" else None, can_merge=True
+    )
+    weights = manager.base_weights
+    assert weights.modules == set(originals) and weights.digest == manager.digest_at_load
+    stop = threading.Event()
+    rng = random.Random(1)
+
+    def swap() -> None:
+        while not stop.is_set():
+            manager.merge(rng.choice(adapters))
+
+    swapper = threading.Thread(target=swap)
+    swapper.start()
+    try:
+        for _ in range(5):
+            for name, original in originals.items():
+                assert torch.equal(weights.weight(name), original), name
+    finally:
+        stop.set()
+        swapper.join()
+    assert manager.stats.swaps > 0 and manager.merged is not None  # the live weights did change
+    name = next(iter(originals))
+    weights.weight(name).zero_()  # a copy: the caller may change it
+    assert torch.equal(weights.weight(name), originals[name])
+    with pytest.raises(KeyError):
+        weights.weight("model.layers.99.self_attn.q_proj")
+
+
 # ----------------------------------------------------------------------------- engine modes
 
 
@@ -189,6 +227,7 @@ def test_verify_base_drains_a_merged_batch_first(saved, tokenizer) -> None:
         and result["swaps_since_load"] >= 2
     )
     assert len(outcome(events).tokens) == 6 and len(outcome(later).tokens) == 3
+    assert engine.base_weights().digest == result["sha256_at_load"]  # what the analysis caches key on
 
 
 # ----------------------------------------------------------------------------- policies

@@ -6,13 +6,22 @@ import io
 import json
 import logging
 from collections import Counter
-from types import SimpleNamespace
 
 import pytest
 from pydantic import ValidationError
 
 from server.api.context import RequestContext, activate, deactivate
 from server.api.openai_schemas import ChatCompletionRequest, CompletionRequest
+from server.engine.describe import (
+    EngineSnapshot,
+    KvInfo,
+    LimitsInfo,
+    PrefixCacheInfo,
+    QueueInfo,
+    RunnerInfo,
+    SlotsInfo,
+    StatsInfo,
+)
 from server.logs import make_handler
 from server.metrics import Metrics, batch_size_histogram
 from tests.prom import metric_value
@@ -31,12 +40,28 @@ def test_batch_size_histogram_from_counter_or_list(sizes) -> None:
     assert next(s.value for s in family.samples if s.name.endswith("_sum")) == 3 + 8 + 40
 
 
-def test_engine_without_stats_reports_zeros() -> None:
-    engine = SimpleNamespace(num_running=2, num_waiting=1, peak_batch=3, steps=5,
-                             slots=SimpleNamespace(loads=4, evictions=1, resident_keys=["a@1"]))  # fmt: skip
-    text = Metrics(lambda: (engine, None)).exposition().decode()
+def _snapshot(**stats) -> EngineSnapshot:
+    """An engine snapshot of a quiet HF-runner engine: 2 running, 1 waiting, one adapter resident."""
+    counters = dict(steps=5, peak_batch=3, swaps=0, swap_seconds=0.0, generated_tokens=0, preemptions=0,
+                    batch_sizes={}) | stats  # fmt: skip
+    return EngineSnapshot(
+        runner=RunnerInfo("hf", "grouped", "eager", "grouped", 0, 0.0, "dense", "none", 100, False),
+        kv=KvInfo(used_tokens=7, capacity_tokens=None, bytes_reserved=0, block_size=None),
+        prefix_cache=PrefixCacheInfo(enabled=False, reason="the hf runner has no prefix cache"),
+        mode="auto",
+        merged_adapter=None,
+        stats=StatsInfo(**counters),
+        slots=SlotsInfo(resident_keys=("a@1",), in_use=2, loads=4, evictions=1, capacity=8),
+        queue=QueueInfo(running=2, waiting=1),
+        limits=LimitsInfo(32, 2048, 4096, 4096, 8),
+    )
+
+
+def test_engine_snapshot_drives_the_engine_metrics() -> None:
+    text = Metrics(lambda: (_snapshot(), None)).exposition().decode()
     assert (
         metric_value(text, "loraplex_running_requests") == 2
+        and metric_value(text, "loraplex_waiting_requests") == 1
         and metric_value(text, "loraplex_swaps_total") == 0
     )
     assert (
@@ -44,8 +69,17 @@ def test_engine_without_stats_reports_zeros() -> None:
         and metric_value(text, "loraplex_batch_size_count") == 0
     )
     assert metric_value(text, "loraplex_adapter_slot_evictions_total") == 1
+    assert metric_value(text, "loraplex_kv_cache_used_tokens") == 7
+    assert "loraplex_kv_cache_capacity_tokens" not in text  # grows on demand: no capacity to show
+    assert "loraplex_prefix_cache_lookups" not in text
+    busy = Metrics(lambda: (_snapshot(swaps=3, batch_sizes={1: 2, 4: 1}), None)).exposition().decode()
+    assert (
+        metric_value(busy, "loraplex_swaps_total") == 3
+        and metric_value(busy, "loraplex_batch_size_count") == 3
+    )
     empty = Metrics(lambda: (None, None)).exposition().decode()  # before the model is loaded
     assert metric_value(empty, "loraplex_running_requests") == 0
+    assert "loraplex_kv_cache_used_tokens" not in empty
 
 
 def test_json_log_lines_carry_the_request_id() -> None:
