@@ -17,7 +17,8 @@ from adapters.peft_format import LoraAdapter
 
 def adapter_nbytes(adapter: LoraAdapter) -> int:
     return sum(
-        w.A.numel() * w.A.element_size() + w.B.numel() * w.B.element_size() for w in adapter.layers.values()
+        sum(t.numel() * t.element_size() for t in (w.A, w.B, w.magnitude) if t is not None)
+        for w in adapter.layers.values()
     )
 
 

@@ -10,10 +10,13 @@ The result, :class:`LoraAdapter`, holds per adapted module the factors of
 
 keyed by the module's name inside the base model (``model.layers.0.self_attn.q_proj``),
 with ``r`` and ``alpha`` resolved per module from ``rank_pattern`` / ``alpha_pattern``.
+A DoRA adapter (``use_dora``) also holds each module's magnitude m: [d]; its weight is then
+W' = m ⊙ (W + ΔW) / ‖W + ΔW‖_row, which needs the base weight (``server/engine/dora.py``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -48,6 +51,8 @@ SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = {
 _KEY_RE = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>A|B)(?:\.[A-Za-z0-9_-]+)?\.weight$"
 )
+# DoRA's magnitude: PEFT saves ``<module>.lora_magnitude_vector`` (older versions with ``.weight``)
+_MAGNITUDE_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_magnitude_vector(?:\.weight)?$")
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,7 @@ class LoraConfigSpec:
     layers_pattern: list[str] | None = None
     fan_in_fan_out: bool = False
     base_model_name_or_path: str | None = None
+    use_dora: bool = False
 
     def rank_for(self, module: str) -> int:
         return int(_pattern_value(self.rank_pattern, module, self.r))
@@ -109,20 +115,35 @@ class LoraConfigSpec:
             "layers_pattern": self.layers_pattern,
             "fan_in_fan_out": self.fan_in_fan_out,
             "base_model_name_or_path": self.base_model_name_or_path,
+            "use_dora": self.use_dora,
         }
 
 
 @dataclass(frozen=True)
 class LoraLayerWeights:
-    """One adapted module: ΔW = scale · B @ A."""
+    """One adapted module: ΔW = scale · B @ A; with DoRA (``magnitude`` set) the module's weight
+    becomes W + weight · (W' − W), W' = m ⊙ (W + ΔW) / ‖W + ΔW‖_row."""
 
     A: torch.Tensor  # [r, k]
     B: torch.Tensor  # [d, r]
     scale: float
+    magnitude: torch.Tensor | None = None  # [d] DoRA's m (lora_magnitude_vector); None: plain LoRA
+    weight: float = 1.0  # DoRA only: the factor on the whole update W' − W (adapter_scale)
 
     @property
     def rank(self) -> int:
         return int(self.A.shape[0])
+
+    @property
+    def is_dora(self) -> bool:
+        return self.magnitude is not None
+
+    def scaled(self, factor: float) -> LoraLayerWeights:
+        """The update times ``factor``: plain LoRA scales ΔW (its ``scale``); DoRA scales W' − W
+        (``weight``), since scaling ΔW inside the norm would change the direction, not the size."""
+        if self.magnitude is None:
+            return LoraLayerWeights(A=self.A, B=self.B, scale=self.scale * factor)
+        return LoraLayerWeights(self.A, self.B, self.scale, self.magnitude, self.weight * factor)
 
 
 @dataclass(frozen=True)
@@ -143,14 +164,21 @@ class LoraAdapter:
 
     @property
     def num_parameters(self) -> int:
-        return sum(w.A.numel() + w.B.numel() for w in self.layers.values())
+        return sum(
+            w.A.numel() + w.B.numel() + (0 if w.magnitude is None else w.magnitude.numel())
+            for w in self.layers.values()
+        )
+
+    @property
+    def is_dora(self) -> bool:
+        return any(w.is_dora for w in self.layers.values())
 
     def scaled(self, factor: float) -> LoraAdapter:
         """The same factors with every scale times ``factor`` (ΔW → factor·ΔW), as its own version
         (``<version>*<factor>``), so it never shares a memory slot or a merge with the original."""
         if factor == 1.0:
             return self
-        layers = {m: LoraLayerWeights(A=w.A, B=w.B, scale=w.scale * factor) for m, w in self.layers.items()}
+        layers = {m: w.scaled(factor) for m, w in self.layers.items()}
         return LoraAdapter(self.adapter_id, self.config, layers, version=f"{self.version}*{factor!r}")
 
 
@@ -260,6 +288,7 @@ def parse_adapter_config(raw: bytes | str | Mapping[str, Any]) -> LoraConfigSpec
         layers_pattern=layers_pattern or None,
         fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
         base_model_name_or_path=data.get("base_model_name_or_path"),
+        use_dora=bool(data.get("use_dora", False)),
     )
 
 
@@ -278,10 +307,6 @@ def _json_reason(exc: Exception) -> str:
 
 
 def _refuse_unsupported(data: Mapping[str, Any]) -> None:
-    if data.get("use_dora"):
-        raise AdapterError(
-            "DoRA adapters (use_dora=true) are not supported yet; train with use_dora=false.", "unsupported"
-        )
     if data.get("modules_to_save"):
         raise AdapterError(
             f"modules_to_save={data['modules_to_save']!r} is not supported: loraplex serves one shared base "
@@ -423,7 +448,14 @@ def build_adapter(
     ``base_shapes`` lists the linear layers of the base model LoRA may target (the output
     head excluded), by module name.
     """
-    pairs = _pair_tensors(tensors)
+    pairs, magnitudes = _pair_tensors(tensors)
+    stray = sorted(set(magnitudes) - set(pairs))
+    if stray:
+        raise AdapterError(
+            f"tensor '{stray[0]}.lora_magnitude_vector' has no lora_A/lora_B beside it; "
+            "a DoRA magnitude belongs to a LoRA-adapted module.",
+            "invalid_weights",
+        )
     targeted = [m for m in base_shapes if config.targets(m)]
     if not targeted:
         raise AdapterError(no_match_message(config, base_shapes, list(pairs)), "incompatible")
@@ -442,7 +474,9 @@ def build_adapter(
                 "the config and the weights disagree.",
                 "incompatible",
             )
-        layers[module] = _check_layer(module, A, B, config, base_shapes[module], max_rank)
+        layer = _check_layer(module, A, B, config, base_shapes[module], max_rank)
+        magnitude = _check_magnitude(module, magnitudes.get(module), config, base_shapes[module])
+        layers[module] = dataclasses.replace(layer, magnitude=magnitude)
 
     if not layers:
         raise AdapterError(
@@ -484,18 +518,22 @@ def no_match_message(
     return message + ". Was it trained for another base model (or with other module names)?"
 
 
-def _pair_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _pair_tensors(
+    tensors: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
+    """The LoRA factors (A, B) by module, and DoRA's magnitude vectors by module."""
     found: dict[str, dict[str, torch.Tensor]] = {}
+    magnitudes: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         if "lora_embedding_" in key:
             raise AdapterError(
                 f"tensor {key!r} is an embedding LoRA; LoRA on embedding layers is not supported yet.",
                 "unsupported",
             )
-        if "lora_magnitude_vector" in key:
-            raise AdapterError(
-                f"tensor {key!r} belongs to a DoRA adapter; DoRA is not supported yet.", "unsupported"
-            )
+        magnitude = _MAGNITUDE_RE.match(key)
+        if magnitude is not None:
+            magnitudes[magnitude["module"]] = tensor
+            continue
         match = _KEY_RE.match(key)
         if match is None:
             raise AdapterError(
@@ -510,7 +548,39 @@ def _pair_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.
             lacking = "lora_B" if "A" in parts else "lora_A"
             raise AdapterError(f"module {module!r} has no {lacking}.weight tensor.", "invalid_weights")
         pairs[module] = (parts["A"], parts["B"])
-    return pairs
+    return pairs, magnitudes
+
+
+def _check_magnitude(
+    module: str, magnitude: torch.Tensor | None, config: LoraConfigSpec, base: BaseLinearShape
+) -> torch.Tensor | None:
+    """DoRA's m for one module: [out_features], finite and bounded; required iff ``use_dora``."""
+    if not config.use_dora:
+        if magnitude is not None:
+            raise AdapterError(
+                f"tensor '{module}.lora_magnitude_vector' is a DoRA magnitude but {CONFIG_FILE} has no "
+                "use_dora=true; the config and the weights disagree.",
+                "incompatible",
+            )
+        return None
+    if magnitude is None:
+        raise AdapterError(
+            f"the adapter is DoRA (use_dora=true) but module {module!r} has no "
+            f"'{module}.lora_magnitude_vector' tensor; save it with PEFT's save_pretrained.",
+            "invalid_weights",
+        )
+    if tuple(magnitude.shape) != (base.out_features,):
+        raise AdapterError(
+            f"tensor '{module}.lora_magnitude_vector' has shape {list(magnitude.shape)} but the base layer "
+            f"(out={base.out_features}) needs [{base.out_features}]; was it trained for another base model?",
+            "incompatible",
+        )
+    if not torch.isfinite(magnitude).all() or magnitude.abs().max().item() > MAX_MAGNITUDE:
+        raise AdapterError(
+            f"tensor '{module}.lora_magnitude_vector' contains NaN, Inf or values above {MAX_MAGNITUDE:g}.",
+            "invalid_weights",
+        )
+    return magnitude.contiguous()
 
 
 def _check_layer(

@@ -1,6 +1,7 @@
 """Merged hot-swap: fold one adapter into the base weights, and restore the base bit for bit.
 
     merge(M):    W ← round(W_base + s·B·A)          (the product and the sum in float32)
+                 DoRA: W ← round(g ⊙ (W_base + s·B·A)), g = m / ‖W_base + s·B·A‖_row (``dora.py``)
     swap(M→N):   W ← W_base (restored, not subtracted) ; W ← round(W_base + s'·B'·A')
 
 Subtracting the old delta (``W − s·B·A``) drifts: each round-trip through bfloat16/float16
@@ -33,6 +34,7 @@ from pathlib import Path
 import torch
 
 from adapters.peft_format import SAFETENSORS_DTYPES, LoraAdapter, LoraLayerWeights
+from server.engine.dora import dora_merged
 from server.engine.runner import WeightTarget
 
 
@@ -227,8 +229,12 @@ class MergeManager:
         return seconds
 
     def _add(self, name: str, w: LoraLayerWeights) -> None:
-        """W ← round(W + s·B·A), the sum in float32."""
+        """W ← round(W + s·B·A), the sum in float32; DoRA: W ← round(g ⊙ (W + s·B·A)) (``dora.py``),
+        from the weight as it is now: the base, restored just before."""
         target = self.targets[name]
+        if w.is_dora:
+            target.write(dora_merged(target.read(), w, target.fan_in_fan_out).to(target.device, target.dtype))
+            return
         delta = _delta(target, w.A, w.B, w.scale)
         live = target.live
         if live is not None and live.dtype == torch.float32:

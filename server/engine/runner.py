@@ -127,8 +127,16 @@ class LoraTarget(Protocol):
     out_features: int
     fan_in_fan_out: bool  # the base weight is stored [in, out] (GPT-2 Conv1D)
 
-    def set_slot(self, slot: int, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
-        """Place an adapter's A: [r, in] and B: [out, r] with its scale in ``slot``."""
+    def set_slot(
+        self,
+        slot: int,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        scale: float,
+        dora_factor: torch.Tensor | None = None,
+    ) -> None:
+        """Place an adapter's A: [r, in] and B: [out, r] with its scale in ``slot``; a DoRA
+        adapter's g = m / ‖W + s·B·A‖_row ([out], ``server/engine/dora.py``) too."""
 
     def clear_slot(self, slot: int) -> None: ...
 

@@ -160,6 +160,7 @@ class NativeLlamaRunner(ModelRunner):
             self.graphs.warm_up()
         self._lora_targets: dict[str, LoraTarget] = {}
         self._weight_targets: dict[str, WeightTarget] = {}
+        self._dora_slots: set[int] = set()
         for projection in self.model.projections():
             self._lora_targets.update(projection.banks)
             self._weight_targets.update(projection.weight_targets())
@@ -223,6 +224,8 @@ class NativeLlamaRunner(ModelRunner):
 
     def slots_changed(self) -> None:
         self.ctx.invalidate()
+        # DoRA slots: graph steps have no form of DoRA's magnitude term, those steps run eagerly
+        self._dora_slots = {s for projection in self.model.projections() for s in projection.lora.dora_slots}
 
     def kv_usage(self) -> KvUsage:
         return KvUsage(self.kv.used_tokens, self.kv.capacity_tokens, self.kv.bytes_reserved)
@@ -331,7 +334,7 @@ class NativeLlamaRunner(ModelRunner):
         side by side and it reads and writes them as views, without a gather or a scatter).
         None when the order would not change or does not matter."""
         if self.graphs is not None or not self.lora_backend.wants_sorted_rows:
-            return None
+            return None  # (graph steps with DoRA rows run eagerly, in the rows' order: correct too)
         slots = [i.slot for i in inputs]
         order = sorted(range(len(slots)), key=slots.__getitem__)
         return None if order == list(range(len(slots))) else order
@@ -355,7 +358,7 @@ class NativeLlamaRunner(ModelRunner):
             slots=[i.slot for i in inputs],
             scales=[i.scale for i in inputs],
         )
-        if self.graphs is not None:
+        if self.graphs is not None and self._dora_slots.isdisjoint(rows.slots):
             logits_out = self.graphs.run(rows)
             self._record(inputs)
             return logits_out
