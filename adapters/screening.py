@@ -126,7 +126,8 @@ def screen(
     for module in sorted(adapter.layers, key=natural_key):
         w = adapter.layers[module]
         if w.scale == 0.0 or not bool(w.B.any()) or not bool(w.A.any()):
-            zero.append(module)
+            if not w.is_dora:  # DoRA's magnitude rescales the base rows even when B·A is zero
+                zero.append(module)
             continue
         S = delta_svd(LowRankFactors(A=w.A, B=w.B, scale=w.scale)).S  # [r], float64, descending
         eff = _effective_rank(S)
