@@ -89,7 +89,7 @@ def test_handwritten_valid_adapter_loads(tmp_path, shapes) -> None:
     ("change", "error_type", "words"),
     [
         ({"peft_type": "IA3"}, "unsupported", "peft_type"),
-        ({"use_dora": True}, "unsupported", "DoRA"),
+        ({"use_dora": True}, "invalid_weights", "lora_magnitude_vector"),  # DoRA: config without magnitudes
         ({"modules_to_save": ["lm_head"]}, "unsupported", "modules_to_save"),
         ({"bias": "all"}, "unsupported", "bias"),
         ({"r": None}, "invalid_config", "missing r"),
