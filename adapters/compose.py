@@ -106,6 +106,14 @@ def compose(
     :class:`AdapterError` for an invalid spec or sources whose ranks ties / DARE cannot combine.
     """
     check_composition(weights, spec, len(sources))
+    whole = [a.adapter_id for a in sources if a.vocab]
+    if whole:
+        raise AdapterError(
+            f"adapter {whole[0]!r} changes the token embedding or the LM head (modules_to_save, or LoRA on "
+            "them), which compositions do not combine; serve it on its own, or compose adapters of linear "
+            "layers only.",
+            "unsupported",
+        )
     dora = [a.adapter_id for a in sources if a.is_dora]
     if dora:
         raise AdapterError(

@@ -24,7 +24,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -57,11 +57,19 @@ _MAGNITUDE_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_magni
 
 @dataclass(frozen=True)
 class BaseLinearShape:
-    """A linear layer of the base model that LoRA may target: ``y = W x``, W: [out, in]."""
+    """A linear layer of the base model that LoRA may target: ``y = W x``, W: [out, in]; or
+    (``kind``) the token embedding (out = hidden size, in = vocabulary) or the LM head (out =
+    vocabulary, in = hidden size), which adapters change with LoRA or ``modules_to_save``."""
 
     out_features: int
     in_features: int
     fan_in_fan_out: bool = False  # GPT-2 style Conv1D stores W transposed: [in, out]
+    kind: Literal["linear", "embedding", "head"] = "linear"
+
+
+def linear_shapes(base_shapes: Mapping[str, BaseLinearShape]) -> dict[str, BaseLinearShape]:
+    """The base's linear layers (what ``target_modules`` and ``all-linear`` select)."""
+    return {m: s for m, s in base_shapes.items() if s.kind == "linear"}
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,7 @@ class LoraConfigSpec:
     fan_in_fan_out: bool = False
     base_model_name_or_path: str | None = None
     use_dora: bool = False
+    modules_to_save: list[str] | None = None
 
     def rank_for(self, module: str) -> int:
         return int(_pattern_value(self.rank_pattern, module, self.r))
@@ -89,6 +98,14 @@ class LoraConfigSpec:
     def scale_for(self, module: str) -> float:
         r, alpha = self.rank_for(module), self.alpha_for(module)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def saves(self, module: str) -> bool:
+        """Whether ``modules_to_save`` names the module (PEFT: the name or its last parts)."""
+        return any(module == m or module.endswith(f".{m}") for m in self.modules_to_save or [])
+
+    def targets_vocab(self, module: str) -> bool:
+        """LoRA on the embedding or the head: named in ``target_modules`` (``all-linear`` leaves them out)."""
+        return self.target_modules != "all-linear" and self.targets(module)
 
     def targets(self, module: str) -> bool:
         """PEFT's ``check_target_module_exists`` semantics for one module name."""
@@ -116,6 +133,7 @@ class LoraConfigSpec:
             "fan_in_fan_out": self.fan_in_fan_out,
             "base_model_name_or_path": self.base_model_name_or_path,
             "use_dora": self.use_dora,
+            "modules_to_save": self.modules_to_save,
         }
 
 
@@ -147,11 +165,38 @@ class LoraLayerWeights:
 
 
 @dataclass(frozen=True)
+class VocabLayer:
+    """An adapter's change to the token embedding or the LM head (``kind``), as PEFT trains it:
+    a whole new matrix (``modules_to_save``) or LoRA on it. Served per row, never folded into the
+    shared base (whose embedding may be tied to the head): ``server/engine/lora/vocab.py``.
+
+        replacement    embedding: x = R[token]                head: logits = R h       R: [V, H]
+        LoRA           embedding: x += s · B A[:, token]      head: logits += s · B (A h)
+                       (A: [r, V], B: [H, r]: PEFT's lora_embedding_A/B;  head: A [r, H], B [V, r])
+    """
+
+    kind: Literal["embedding", "head"]
+    replacement: torch.Tensor | None = None  # [V, H]
+    A: torch.Tensor | None = None
+    B: torch.Tensor | None = None
+    scale: float = 1.0
+    weight: float = 1.0  # adapter_scale t: the row gets base + t · (adapted − base)
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.A is None else int(self.A.shape[0])
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.replacement, self.A, self.B) if t is not None]
+
+
+@dataclass(frozen=True)
 class LoraAdapter:
     adapter_id: str
     config: LoraConfigSpec
     layers: dict[str, LoraLayerWeights]  # module name in the base model -> factors
     version: str = "1"  # changes when the adapter is replaced (e.g. its sha256)
+    vocab: dict[str, VocabLayer] = field(default_factory=dict)  # embedding / head module -> its change
 
     @property
     def key(self) -> str:
@@ -160,14 +205,14 @@ class LoraAdapter:
 
     @property
     def max_rank(self) -> int:
-        return max(w.rank for w in self.layers.values())
+        return max([w.rank for w in self.layers.values()] + [v.rank for v in self.vocab.values()])
 
     @property
     def num_parameters(self) -> int:
         return sum(
             w.A.numel() + w.B.numel() + (0 if w.magnitude is None else w.magnitude.numel())
             for w in self.layers.values()
-        )
+        ) + sum(t.numel() for v in self.vocab.values() for t in v.tensors())
 
     @property
     def is_dora(self) -> bool:
@@ -179,7 +224,8 @@ class LoraAdapter:
         if factor == 1.0:
             return self
         layers = {m: w.scaled(factor) for m, w in self.layers.items()}
-        return LoraAdapter(self.adapter_id, self.config, layers, version=f"{self.version}*{factor!r}")
+        vocab = {m: dataclasses.replace(v, weight=v.weight * factor) for m, v in self.vocab.items()}
+        return LoraAdapter(self.adapter_id, self.config, layers, f"{self.version}*{factor!r}", vocab)
 
 
 def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
@@ -289,7 +335,17 @@ def parse_adapter_config(raw: bytes | str | Mapping[str, Any]) -> LoraConfigSpec
         fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
         base_model_name_or_path=data.get("base_model_name_or_path"),
         use_dora=bool(data.get("use_dora", False)),
+        modules_to_save=_modules_to_save(data),
     )
+
+
+def _modules_to_save(data: Mapping[str, Any]) -> list[str] | None:
+    value = data.get("modules_to_save")
+    if value is None or value == []:
+        return None
+    if not (isinstance(value, list) and all(isinstance(m, str) and m for m in value)):
+        raise AdapterError("modules_to_save must be a list of module names.", "invalid_config")
+    return sorted(set(value))
 
 
 def _check_pattern(what: str, pattern: str, regex: str) -> None:
@@ -307,12 +363,6 @@ def _json_reason(exc: Exception) -> str:
 
 
 def _refuse_unsupported(data: Mapping[str, Any]) -> None:
-    if data.get("modules_to_save"):
-        raise AdapterError(
-            f"modules_to_save={data['modules_to_save']!r} is not supported: loraplex serves one shared base "
-            "model, so an adapter cannot replace whole modules. Train without modules_to_save.",
-            "unsupported",
-        )
     bias = data.get("bias", "none")
     if bias not in (None, "none"):
         raise AdapterError(
@@ -443,11 +493,13 @@ def build_adapter(
     max_rank: int = 256,
     version: str = "1",
 ) -> LoraAdapter:
-    """Match the tensors to the base model's linear layers and check every shape.
+    """Match the tensors to the base model's linear layers (and its token embedding and LM head)
+    and check every shape.
 
-    ``base_shapes`` lists the linear layers of the base model LoRA may target (the output
-    head excluded), by module name.
+    ``base_shapes`` lists the linear layers of the base model LoRA may target, by module name,
+    and (``kind``) the embedding and the head when the runner serves adapters of those.
     """
+    tensors, vocab = _vocab_layers(tensors, config, base_shapes, max_rank)
     pairs, magnitudes = _pair_tensors(tensors)
     stray = sorted(set(magnitudes) - set(pairs))
     if stray:
@@ -456,42 +508,169 @@ def build_adapter(
             "a DoRA magnitude belongs to a LoRA-adapted module.",
             "invalid_weights",
         )
-    targeted = [m for m in base_shapes if config.targets(m)]
-    if not targeted:
-        raise AdapterError(no_match_message(config, base_shapes, list(pairs)), "incompatible")
+    linear = linear_shapes(base_shapes)
+    targeted = [m for m in linear if config.targets(m)]
+    if not targeted and not vocab:
+        raise AdapterError(no_match_message(config, linear, list(pairs)), "incompatible")
     layers: dict[str, LoraLayerWeights] = {}
     for module in sorted(pairs):
         A, B = pairs[module]
-        if module not in base_shapes:
+        shape = base_shapes.get(module)
+        if shape is None or shape.kind == "embedding":
             raise AdapterError(
                 f"the adapter has weights for module {module!r}, which the base model does not have as a "
-                f"linear layer (it has e.g. {_examples(base_shapes)}); was it trained for another base model?",
+                f"linear layer (it has e.g. {_examples(linear)}); was it trained for another base model?",
                 "incompatible",
             )
-        if not config.targets(module):
+        if not (config.targets_vocab(module) if shape.kind == "head" else config.targets(module)):
             raise AdapterError(
                 f"tensors for module {module!r} match no entry of target_modules={config.target_modules!r}; "
                 "the config and the weights disagree.",
                 "incompatible",
             )
-        layer = _check_layer(module, A, B, config, base_shapes[module], max_rank)
-        magnitude = _check_magnitude(module, magnitudes.get(module), config, base_shapes[module])
+        layer = _check_layer(module, A, B, config, shape, max_rank)
+        if shape.kind == "head":
+            _no_vocab_dora(module, config, module in magnitudes)
+            _one_change(module, vocab)
+            vocab[module] = VocabLayer("head", A=layer.A, B=layer.B, scale=layer.scale)
+            continue
+        magnitude = _check_magnitude(module, magnitudes.get(module), config, shape)
         layers[module] = dataclasses.replace(layer, magnitude=magnitude)
 
-    if not layers:
+    if not layers and not vocab:
         raise AdapterError(
             f"{WEIGHTS_FILE} holds no LoRA weights (keys like '<module>.lora_A.weight'); "
             "save the adapter with PEFT's save_pretrained.",
             "invalid_weights",
         )
     missing = [m for m in targeted if m not in layers]
+    missing += [
+        m for m, s in base_shapes.items() if s.kind != "linear" and config.targets_vocab(m) and m not in vocab
+    ]
     if missing:
         raise AdapterError(
             f"target_modules selects {len(targeted)} modules but {len(missing)} have no weights, "
             f"first {missing[0]!r} (expected '{missing[0]}.lora_A.weight' and '.lora_B.weight').",
             "incompatible",
         )
-    return LoraAdapter(adapter_id=adapter_id, config=config, layers=layers, version=version)
+    return LoraAdapter(adapter_id=adapter_id, config=config, layers=layers, version=version, vocab=vocab)
+
+
+_EMBED_LORA_RE = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embedding_(?P<which>A|B)(?:\.[A-Za-z0-9_-]+)?$"
+)
+# a whole weight: modules_to_save (PEFT strips ``modules_to_save.<name>``), or ``base_layer`` (a copy
+# of the base's own embedding or head, saved beside embedding LoRA: ``save_embedding_layers``)
+_WHOLE_RE = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+?)(?P<base>\.base_layer)?(?:\.modules_to_save\.[A-Za-z0-9_-]+)?\.weight$"
+)
+
+
+def _vocab_layers(
+    tensors: Mapping[str, torch.Tensor],
+    config: LoraConfigSpec,
+    base_shapes: Mapping[str, BaseLinearShape],
+    max_rank: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, VocabLayer]]:
+    """Take out the embedding's and the head's tensors: modules_to_save replacements and embedding
+    LoRA (head LoRA is paired with the linear layers). Returns the other tensors and the changes."""
+    vocab_shapes = {m: s for m, s in base_shapes.items() if s.kind != "linear"}
+    for entry in config.modules_to_save or []:
+        if not any(m == entry or m.endswith(f".{entry}") for m in vocab_shapes):
+            names = ", ".join(sorted(vocab_shapes)) or "none with this runner"
+            raise AdapterError(
+                f"modules_to_save names {entry!r}, which is not the base's token embedding or LM head "
+                f"({names}): loraplex gives a request its adapter's own embedding and head, but any other "
+                f"whole module would change the base every request shares. Train without {entry!r} in "
+                "modules_to_save (LoRA on it is served).",
+                "unsupported",
+            )
+    rest: dict[str, torch.Tensor] = {}
+    embedding_lora: dict[str, dict[str, torch.Tensor]] = {}
+    vocab: dict[str, VocabLayer] = {}
+    for key, tensor in tensors.items():
+        lora = _EMBED_LORA_RE.match(key)
+        whole = None if "lora_" in key else _WHOLE_RE.match(key)
+        if lora is not None and lora["module"] in vocab_shapes:
+            embedding_lora.setdefault(lora["module"], {})[lora["which"]] = tensor
+        elif whole is not None and whole["module"] in vocab_shapes:
+            if whole["base"] is None:  # base_layer: the base's own weights, which the base serves
+                vocab[whole["module"]] = _replacement(
+                    whole["module"], tensor, config, vocab_shapes[whole["module"]]
+                )
+        else:
+            rest[key] = tensor
+    for module in vocab_shapes:
+        if config.saves(module) and module not in vocab:
+            raise AdapterError(
+                f"modules_to_save names {module!r} but {WEIGHTS_FILE} has no '{module}.weight' tensor; "
+                "save the adapter with PEFT's save_pretrained.",
+                "invalid_weights",
+            )
+    for module, parts in embedding_lora.items():
+        shape = vocab_shapes[module]
+        if shape.kind != "embedding" or not config.targets_vocab(module):
+            raise AdapterError(
+                f"tensor '{module}.lora_embedding_A' is an embedding LoRA, but {module!r} is not the base's "
+                "token embedding or target_modules does not name it; the config and the weights disagree.",
+                "incompatible",
+            )
+        if set(parts) != {"A", "B"}:
+            lacking = "lora_embedding_B" if "A" in parts else "lora_embedding_A"
+            raise AdapterError(f"module {module!r} has no {lacking} tensor.", "invalid_weights")
+        _no_vocab_dora(module, config, False)
+        _one_change(module, vocab)
+        layer = _check_layer(module, parts["A"], parts["B"], config, shape, max_rank)
+        vocab[module] = VocabLayer("embedding", A=layer.A, B=layer.B, scale=layer.scale)
+    return rest, vocab
+
+
+def _replacement(
+    module: str, tensor: torch.Tensor, config: LoraConfigSpec, shape: BaseLinearShape
+) -> VocabLayer:
+    """A modules_to_save matrix for the embedding or the head: [V, H], as the base's."""
+    if not config.saves(module):
+        raise AdapterError(
+            f"tensor '{module}.weight' replaces the whole {module!r} but modules_to_save does not name it; "
+            "the config and the weights disagree.",
+            "incompatible",
+        )
+    kind: Literal["embedding", "head"] = "embedding" if shape.kind == "embedding" else "head"
+    want = (
+        (shape.in_features, shape.out_features)
+        if kind == "embedding"
+        else (shape.out_features, shape.in_features)
+    )
+    if tuple(tensor.shape) != want:
+        raise AdapterError(
+            f"tensor '{module}.weight' (modules_to_save) has shape {list(tensor.shape)} but the base's needs "
+            f"{list(want)} (vocabulary, hidden size); an adapter trained after adding tokens needs a base "
+            "and tokenizer with the same vocabulary.",
+            "incompatible",
+        )
+    if not torch.isfinite(tensor).all() or tensor.abs().max().item() > MAX_MAGNITUDE:
+        raise AdapterError(
+            f"tensor '{module}.weight' contains NaN, Inf or values above {MAX_MAGNITUDE:g}.",
+            "invalid_weights",
+        )
+    return VocabLayer(kind, replacement=tensor.contiguous())
+
+
+def _no_vocab_dora(module: str, config: LoraConfigSpec, has_magnitude: bool) -> None:
+    if config.use_dora or has_magnitude:
+        raise AdapterError(
+            f"DoRA on {module!r} (the token embedding or the LM head) is not supported; DoRA is served on "
+            "linear layers. Train with the embedding and head outside target_modules, or without use_dora.",
+            "unsupported",
+        )
+
+
+def _one_change(module: str, vocab: Mapping[str, VocabLayer]) -> None:
+    if module in vocab:
+        raise AdapterError(
+            f"module {module!r} is both in modules_to_save and adapted by LoRA; keep one of the two.",
+            "incompatible",
+        )
 
 
 def no_match_message(

@@ -123,10 +123,17 @@ class Engine:
         self.config = config
         self.base_shapes: dict[str, BaseLinearShape] = runner.base_shapes
         self.merger = MergeManager(
-            runner.weight_targets, config.checkpoint_dir, can_merge=config.mode != "unmerged"
+            runner.weight_targets,
+            config.checkpoint_dir,
+            can_merge=config.mode != "unmerged",
+            vocab=runner.vocab,
         )
         self.slots = AdapterSlots(
-            runner.lora_targets, config.max_loaded_adapters, runner.slots_changed, self.merger.original_weight
+            runner.lora_targets,
+            config.max_loaded_adapters,
+            runner.slots_changed,
+            self.merger.original_weight,
+            runner.vocab,
         )
         self.eos_ids = eos_ids | _token_ids(getattr(tokenizer, "eos_token_id", None))
         self.special_ids = frozenset(tokenizer.all_special_ids) | self.eos_ids

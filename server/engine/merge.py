@@ -35,6 +35,7 @@ import torch
 
 from adapters.peft_format import SAFETENSORS_DTYPES, LoraAdapter, LoraLayerWeights
 from server.engine.dora import dora_merged
+from server.engine.lora.vocab import VocabAdapters
 from server.engine.runner import WeightTarget
 
 
@@ -125,13 +126,21 @@ class MergeManager:
     """Owns the merged state of the base weights. Engine thread only."""
 
     def __init__(
-        self, targets: Mapping[str, WeightTarget], checkpoint_dir: Path | None, *, can_merge: bool
+        self,
+        targets: Mapping[str, WeightTarget],
+        checkpoint_dir: Path | None,
+        *,
+        can_merge: bool,
+        vocab: VocabAdapters | None = None,
     ) -> None:
         """``can_merge=False`` (unmerged mode) prepares no restore source and costs no memory.
+        ``vocab``: the runner's per-row embedding and head changes; a merged adapter's are served
+        there to every (base) row, so the base embedding and head are never written.
 
         The runner owns the weights (merging runners copy mmap'd checkpoint pages at start-up).
         """
         self.targets = targets
+        self.vocab = vocab
         self.merged: LoraAdapter | None = None
         self.can_merge = can_merge
         self.stats = SwapStats()
@@ -218,6 +227,8 @@ class MergeManager:
                     self._add(name, new[name])
             for name in touched:
                 self.targets[name].flush()
+            if self.vocab is not None:  # the embedding and head: per row, never written
+                self.vocab.set_merged(adapter.vocab if adapter is not None else None)
         self.merged = adapter
         if _on_cuda(self.targets):
             torch.cuda.synchronize()
