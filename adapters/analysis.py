@@ -369,6 +369,19 @@ def check_shrink_request(adapter: LoraAdapter, method: str, value: float) -> Non
     """Refuse an unknown method, a value outside its range, or ``rank`` ≥ the adapter's rank."""
     if method not in RANK_METHODS:
         raise ShrinkError(f"method {method!r} is unknown; use one of {', '.join(RANK_METHODS)}.")
+    if adapter.vocab:
+        raise ShrinkError(
+            f"adapter {adapter.adapter_id!r} changes the token embedding or the LM head (modules_to_save, or "
+            "LoRA on them), which shrinking would drop. Only adapters of linear layers can be shrunk.",
+            "unsupported",
+        )
+    if adapter.is_dora:
+        raise ShrinkError(
+            f"adapter {adapter.adapter_id!r} is DoRA (use_dora=true): shrinking its B·A would change the "
+            "norm its magnitude is divided by, so the shrunk adapter would not approximate it. Only plain "
+            "LoRA adapters can be shrunk.",
+            "unsupported",
+        )
     try:  # rank_for_method owns the allowed ranges: ask it, on a dummy spectrum
         rank_for_method(torch.ones(1, dtype=torch.float64), method, value, base_spectral_norm=1.0)
     except ValueError as exc:

@@ -106,6 +106,22 @@ def compose(
     :class:`AdapterError` for an invalid spec or sources whose ranks ties / DARE cannot combine.
     """
     check_composition(weights, spec, len(sources))
+    whole = [a.adapter_id for a in sources if a.vocab]
+    if whole:
+        raise AdapterError(
+            f"adapter {whole[0]!r} changes the token embedding or the LM head (modules_to_save, or LoRA on "
+            "them), which compositions do not combine; serve it on its own, or compose adapters of linear "
+            "layers only.",
+            "unsupported",
+        )
+    dora = [a.adapter_id for a in sources if a.is_dora]
+    if dora:
+        raise AdapterError(
+            f"adapter {dora[0]!r} is DoRA (use_dora=true), which cannot be composed: its weight "
+            "m ⊙ (W + ΔW) / ‖W + ΔW‖ is not a sum of low-rank updates, and PEFT's add_weighted_adapter "
+            "would drop its magnitude. Serve it on its own, or compose plain LoRA adapters.",
+            "unsupported",
+        )
     weights = [float(w) for w in weights]
     strategy = spec.strategy if len(sources) > 1 else "linear"  # PEFT: one adapter is combined linearly
     if strategy == "linear":

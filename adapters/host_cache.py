@@ -16,9 +16,10 @@ from adapters.peft_format import LoraAdapter
 
 
 def adapter_nbytes(adapter: LoraAdapter) -> int:
-    return sum(
-        w.A.numel() * w.A.element_size() + w.B.numel() * w.B.element_size() for w in adapter.layers.values()
-    )
+    """The adapter's tensors: factors, DoRA magnitudes, its own embedding and head (modules_to_save)."""
+    tensors = [t for w in adapter.layers.values() for t in (w.A, w.B, w.magnitude) if t is not None]
+    tensors += [t for v in adapter.vocab.values() for t in v.tensors()]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class HostCache:

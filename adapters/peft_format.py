@@ -10,10 +10,13 @@ The result, :class:`LoraAdapter`, holds per adapted module the factors of
 
 keyed by the module's name inside the base model (``model.layers.0.self_attn.q_proj``),
 with ``r`` and ``alpha`` resolved per module from ``rank_pattern`` / ``alpha_pattern``.
+A DoRA adapter (``use_dora``) also holds each module's magnitude m: [d]; its weight is then
+W' = m ⊙ (W + ΔW) / ‖W + ΔW‖_row, which needs the base weight (``server/engine/dora.py``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -21,7 +24,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -48,15 +51,25 @@ SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = {
 _KEY_RE = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>A|B)(?:\.[A-Za-z0-9_-]+)?\.weight$"
 )
+# DoRA's magnitude: PEFT saves ``<module>.lora_magnitude_vector`` (older versions with ``.weight``)
+_MAGNITUDE_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_magnitude_vector(?:\.weight)?$")
 
 
 @dataclass(frozen=True)
 class BaseLinearShape:
-    """A linear layer of the base model that LoRA may target: ``y = W x``, W: [out, in]."""
+    """A linear layer of the base model that LoRA may target: ``y = W x``, W: [out, in]; or
+    (``kind``) the token embedding (out = hidden size, in = vocabulary) or the LM head (out =
+    vocabulary, in = hidden size), which adapters change with LoRA or ``modules_to_save``."""
 
     out_features: int
     in_features: int
     fan_in_fan_out: bool = False  # GPT-2 style Conv1D stores W transposed: [in, out]
+    kind: Literal["linear", "embedding", "head"] = "linear"
+
+
+def linear_shapes(base_shapes: Mapping[str, BaseLinearShape]) -> dict[str, BaseLinearShape]:
+    """The base's linear layers (what ``target_modules`` and ``all-linear`` select)."""
+    return {m: s for m, s in base_shapes.items() if s.kind == "linear"}
 
 
 @dataclass(frozen=True)
@@ -73,6 +86,8 @@ class LoraConfigSpec:
     layers_pattern: list[str] | None = None
     fan_in_fan_out: bool = False
     base_model_name_or_path: str | None = None
+    use_dora: bool = False
+    modules_to_save: list[str] | None = None
 
     def rank_for(self, module: str) -> int:
         return int(_pattern_value(self.rank_pattern, module, self.r))
@@ -83,6 +98,14 @@ class LoraConfigSpec:
     def scale_for(self, module: str) -> float:
         r, alpha = self.rank_for(module), self.alpha_for(module)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def saves(self, module: str) -> bool:
+        """Whether ``modules_to_save`` names the module (PEFT: the name or its last parts)."""
+        return any(module == m or module.endswith(f".{m}") for m in self.modules_to_save or [])
+
+    def targets_vocab(self, module: str) -> bool:
+        """LoRA on the embedding or the head: named in ``target_modules`` (``all-linear`` leaves them out)."""
+        return self.target_modules != "all-linear" and self.targets(module)
 
     def targets(self, module: str) -> bool:
         """PEFT's ``check_target_module_exists`` semantics for one module name."""
@@ -109,20 +132,62 @@ class LoraConfigSpec:
             "layers_pattern": self.layers_pattern,
             "fan_in_fan_out": self.fan_in_fan_out,
             "base_model_name_or_path": self.base_model_name_or_path,
+            "use_dora": self.use_dora,
+            "modules_to_save": self.modules_to_save,
         }
 
 
 @dataclass(frozen=True)
 class LoraLayerWeights:
-    """One adapted module: ΔW = scale · B @ A."""
+    """One adapted module: ΔW = scale · B @ A; with DoRA (``magnitude`` set) the module's weight
+    becomes W + weight · (W' − W), W' = m ⊙ (W + ΔW) / ‖W + ΔW‖_row."""
 
     A: torch.Tensor  # [r, k]
     B: torch.Tensor  # [d, r]
     scale: float
+    magnitude: torch.Tensor | None = None  # [d] DoRA's m (lora_magnitude_vector); None: plain LoRA
+    weight: float = 1.0  # DoRA only: the factor on the whole update W' − W (adapter_scale)
 
     @property
     def rank(self) -> int:
         return int(self.A.shape[0])
+
+    @property
+    def is_dora(self) -> bool:
+        return self.magnitude is not None
+
+    def scaled(self, factor: float) -> LoraLayerWeights:
+        """The update times ``factor``: plain LoRA scales ΔW (its ``scale``); DoRA scales W' − W
+        (``weight``), since scaling ΔW inside the norm would change the direction, not the size."""
+        if self.magnitude is None:
+            return LoraLayerWeights(A=self.A, B=self.B, scale=self.scale * factor)
+        return LoraLayerWeights(self.A, self.B, self.scale, self.magnitude, self.weight * factor)
+
+
+@dataclass(frozen=True)
+class VocabLayer:
+    """An adapter's change to the token embedding or the LM head (``kind``), as PEFT trains it:
+    a whole new matrix (``modules_to_save``) or LoRA on it. Served per row, never folded into the
+    shared base (whose embedding may be tied to the head): ``server/engine/lora/vocab.py``.
+
+        replacement    embedding: x = R[token]                head: logits = R h       R: [V, H]
+        LoRA           embedding: x += s · B A[:, token]      head: logits += s · B (A h)
+                       (A: [r, V], B: [H, r]: PEFT's lora_embedding_A/B;  head: A [r, H], B [V, r])
+    """
+
+    kind: Literal["embedding", "head"]
+    replacement: torch.Tensor | None = None  # [V, H]
+    A: torch.Tensor | None = None
+    B: torch.Tensor | None = None
+    scale: float = 1.0
+    weight: float = 1.0  # adapter_scale t: the row gets base + t · (adapted − base)
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.A is None else int(self.A.shape[0])
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.replacement, self.A, self.B) if t is not None]
 
 
 @dataclass(frozen=True)
@@ -131,6 +196,7 @@ class LoraAdapter:
     config: LoraConfigSpec
     layers: dict[str, LoraLayerWeights]  # module name in the base model -> factors
     version: str = "1"  # changes when the adapter is replaced (e.g. its sha256)
+    vocab: dict[str, VocabLayer] = field(default_factory=dict)  # embedding / head module -> its change
 
     @property
     def key(self) -> str:
@@ -139,19 +205,27 @@ class LoraAdapter:
 
     @property
     def max_rank(self) -> int:
-        return max(w.rank for w in self.layers.values())
+        return max([w.rank for w in self.layers.values()] + [v.rank for v in self.vocab.values()])
 
     @property
     def num_parameters(self) -> int:
-        return sum(w.A.numel() + w.B.numel() for w in self.layers.values())
+        return sum(
+            w.A.numel() + w.B.numel() + (0 if w.magnitude is None else w.magnitude.numel())
+            for w in self.layers.values()
+        ) + sum(t.numel() for v in self.vocab.values() for t in v.tensors())
+
+    @property
+    def is_dora(self) -> bool:
+        return any(w.is_dora for w in self.layers.values())
 
     def scaled(self, factor: float) -> LoraAdapter:
         """The same factors with every scale times ``factor`` (ΔW → factor·ΔW), as its own version
         (``<version>*<factor>``), so it never shares a memory slot or a merge with the original."""
         if factor == 1.0:
             return self
-        layers = {m: LoraLayerWeights(A=w.A, B=w.B, scale=w.scale * factor) for m, w in self.layers.items()}
-        return LoraAdapter(self.adapter_id, self.config, layers, version=f"{self.version}*{factor!r}")
+        layers = {m: w.scaled(factor) for m, w in self.layers.items()}
+        vocab = {m: dataclasses.replace(v, weight=v.weight * factor) for m, v in self.vocab.items()}
+        return LoraAdapter(self.adapter_id, self.config, layers, f"{self.version}*{factor!r}", vocab)
 
 
 def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
@@ -260,7 +334,18 @@ def parse_adapter_config(raw: bytes | str | Mapping[str, Any]) -> LoraConfigSpec
         layers_pattern=layers_pattern or None,
         fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
         base_model_name_or_path=data.get("base_model_name_or_path"),
+        use_dora=bool(data.get("use_dora", False)),
+        modules_to_save=_modules_to_save(data),
     )
+
+
+def _modules_to_save(data: Mapping[str, Any]) -> list[str] | None:
+    value = data.get("modules_to_save")
+    if value is None or value == []:
+        return None
+    if not (isinstance(value, list) and all(isinstance(m, str) and m for m in value)):
+        raise AdapterError("modules_to_save must be a list of module names.", "invalid_config")
+    return sorted(set(value))
 
 
 def _check_pattern(what: str, pattern: str, regex: str) -> None:
@@ -278,16 +363,6 @@ def _json_reason(exc: Exception) -> str:
 
 
 def _refuse_unsupported(data: Mapping[str, Any]) -> None:
-    if data.get("use_dora"):
-        raise AdapterError(
-            "DoRA adapters (use_dora=true) are not supported yet; train with use_dora=false.", "unsupported"
-        )
-    if data.get("modules_to_save"):
-        raise AdapterError(
-            f"modules_to_save={data['modules_to_save']!r} is not supported: loraplex serves one shared base "
-            "model, so an adapter cannot replace whole modules. Train without modules_to_save.",
-            "unsupported",
-        )
     bias = data.get("bias", "none")
     if bias not in (None, "none"):
         raise AdapterError(
@@ -418,46 +493,184 @@ def build_adapter(
     max_rank: int = 256,
     version: str = "1",
 ) -> LoraAdapter:
-    """Match the tensors to the base model's linear layers and check every shape.
+    """Match the tensors to the base model's linear layers (and its token embedding and LM head)
+    and check every shape.
 
-    ``base_shapes`` lists the linear layers of the base model LoRA may target (the output
-    head excluded), by module name.
+    ``base_shapes`` lists the linear layers of the base model LoRA may target, by module name,
+    and (``kind``) the embedding and the head when the runner serves adapters of those.
     """
-    pairs = _pair_tensors(tensors)
-    targeted = [m for m in base_shapes if config.targets(m)]
-    if not targeted:
-        raise AdapterError(no_match_message(config, base_shapes, list(pairs)), "incompatible")
+    tensors, vocab = _vocab_layers(tensors, config, base_shapes, max_rank)
+    pairs, magnitudes = _pair_tensors(tensors)
+    stray = sorted(set(magnitudes) - set(pairs))
+    if stray:
+        raise AdapterError(
+            f"tensor '{stray[0]}.lora_magnitude_vector' has no lora_A/lora_B beside it; "
+            "a DoRA magnitude belongs to a LoRA-adapted module.",
+            "invalid_weights",
+        )
+    linear = linear_shapes(base_shapes)
+    targeted = [m for m in linear if config.targets(m)]
+    if not targeted and not vocab:
+        raise AdapterError(no_match_message(config, linear, list(pairs)), "incompatible")
     layers: dict[str, LoraLayerWeights] = {}
     for module in sorted(pairs):
         A, B = pairs[module]
-        if module not in base_shapes:
+        shape = base_shapes.get(module)
+        if shape is None or shape.kind == "embedding":
             raise AdapterError(
                 f"the adapter has weights for module {module!r}, which the base model does not have as a "
-                f"linear layer (it has e.g. {_examples(base_shapes)}); was it trained for another base model?",
+                f"linear layer (it has e.g. {_examples(linear)}); was it trained for another base model?",
                 "incompatible",
             )
-        if not config.targets(module):
+        if not (config.targets_vocab(module) if shape.kind == "head" else config.targets(module)):
             raise AdapterError(
                 f"tensors for module {module!r} match no entry of target_modules={config.target_modules!r}; "
                 "the config and the weights disagree.",
                 "incompatible",
             )
-        layers[module] = _check_layer(module, A, B, config, base_shapes[module], max_rank)
+        layer = _check_layer(module, A, B, config, shape, max_rank)
+        if shape.kind == "head":
+            _no_vocab_dora(module, config, module in magnitudes)
+            _one_change(module, vocab)
+            vocab[module] = VocabLayer("head", A=layer.A, B=layer.B, scale=layer.scale)
+            continue
+        magnitude = _check_magnitude(module, magnitudes.get(module), config, shape)
+        layers[module] = dataclasses.replace(layer, magnitude=magnitude)
 
-    if not layers:
+    if not layers and not vocab:
         raise AdapterError(
             f"{WEIGHTS_FILE} holds no LoRA weights (keys like '<module>.lora_A.weight'); "
             "save the adapter with PEFT's save_pretrained.",
             "invalid_weights",
         )
     missing = [m for m in targeted if m not in layers]
+    missing += [
+        m for m, s in base_shapes.items() if s.kind != "linear" and config.targets_vocab(m) and m not in vocab
+    ]
     if missing:
         raise AdapterError(
             f"target_modules selects {len(targeted)} modules but {len(missing)} have no weights, "
             f"first {missing[0]!r} (expected '{missing[0]}.lora_A.weight' and '.lora_B.weight').",
             "incompatible",
         )
-    return LoraAdapter(adapter_id=adapter_id, config=config, layers=layers, version=version)
+    return LoraAdapter(adapter_id=adapter_id, config=config, layers=layers, version=version, vocab=vocab)
+
+
+_EMBED_LORA_RE = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embedding_(?P<which>A|B)(?:\.[A-Za-z0-9_-]+)?$"
+)
+# a whole weight: modules_to_save (PEFT strips ``modules_to_save.<name>``), or ``base_layer`` (a copy
+# of the base's own embedding or head, saved beside embedding LoRA: ``save_embedding_layers``)
+_WHOLE_RE = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+?)(?P<base>\.base_layer)?(?:\.modules_to_save\.[A-Za-z0-9_-]+)?\.weight$"
+)
+
+
+def _vocab_layers(
+    tensors: Mapping[str, torch.Tensor],
+    config: LoraConfigSpec,
+    base_shapes: Mapping[str, BaseLinearShape],
+    max_rank: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, VocabLayer]]:
+    """Take out the embedding's and the head's tensors: modules_to_save replacements and embedding
+    LoRA (head LoRA is paired with the linear layers). Returns the other tensors and the changes."""
+    vocab_shapes = {m: s for m, s in base_shapes.items() if s.kind != "linear"}
+    for entry in config.modules_to_save or []:
+        if not any(m == entry or m.endswith(f".{entry}") for m in vocab_shapes):
+            names = ", ".join(sorted(vocab_shapes)) or "none with this runner"
+            raise AdapterError(
+                f"modules_to_save names {entry!r}, which is not the base's token embedding or LM head "
+                f"({names}): loraplex gives a request its adapter's own embedding and head, but any other "
+                f"whole module would change the base every request shares. Train without {entry!r} in "
+                "modules_to_save (LoRA on it is served).",
+                "unsupported",
+            )
+    rest: dict[str, torch.Tensor] = {}
+    embedding_lora: dict[str, dict[str, torch.Tensor]] = {}
+    vocab: dict[str, VocabLayer] = {}
+    for key, tensor in tensors.items():
+        lora = _EMBED_LORA_RE.match(key)
+        whole = None if "lora_" in key else _WHOLE_RE.match(key)
+        if lora is not None and lora["module"] in vocab_shapes:
+            embedding_lora.setdefault(lora["module"], {})[lora["which"]] = tensor
+        elif whole is not None and whole["module"] in vocab_shapes:
+            if whole["base"] is None:  # base_layer: the base's own weights, which the base serves
+                vocab[whole["module"]] = _replacement(
+                    whole["module"], tensor, config, vocab_shapes[whole["module"]]
+                )
+        else:
+            rest[key] = tensor
+    for module in vocab_shapes:
+        if config.saves(module) and module not in vocab:
+            raise AdapterError(
+                f"modules_to_save names {module!r} but {WEIGHTS_FILE} has no '{module}.weight' tensor; "
+                "save the adapter with PEFT's save_pretrained.",
+                "invalid_weights",
+            )
+    for module, parts in embedding_lora.items():
+        shape = vocab_shapes[module]
+        if shape.kind != "embedding" or not config.targets_vocab(module):
+            raise AdapterError(
+                f"tensor '{module}.lora_embedding_A' is an embedding LoRA, but {module!r} is not the base's "
+                "token embedding or target_modules does not name it; the config and the weights disagree.",
+                "incompatible",
+            )
+        if set(parts) != {"A", "B"}:
+            lacking = "lora_embedding_B" if "A" in parts else "lora_embedding_A"
+            raise AdapterError(f"module {module!r} has no {lacking} tensor.", "invalid_weights")
+        _no_vocab_dora(module, config, False)
+        _one_change(module, vocab)
+        layer = _check_layer(module, parts["A"], parts["B"], config, shape, max_rank)
+        vocab[module] = VocabLayer("embedding", A=layer.A, B=layer.B, scale=layer.scale)
+    return rest, vocab
+
+
+def _replacement(
+    module: str, tensor: torch.Tensor, config: LoraConfigSpec, shape: BaseLinearShape
+) -> VocabLayer:
+    """A modules_to_save matrix for the embedding or the head: [V, H], as the base's."""
+    if not config.saves(module):
+        raise AdapterError(
+            f"tensor '{module}.weight' replaces the whole {module!r} but modules_to_save does not name it; "
+            "the config and the weights disagree.",
+            "incompatible",
+        )
+    kind: Literal["embedding", "head"] = "embedding" if shape.kind == "embedding" else "head"
+    want = (
+        (shape.in_features, shape.out_features)
+        if kind == "embedding"
+        else (shape.out_features, shape.in_features)
+    )
+    if tuple(tensor.shape) != want:
+        raise AdapterError(
+            f"tensor '{module}.weight' (modules_to_save) has shape {list(tensor.shape)} but the base's needs "
+            f"{list(want)} (vocabulary, hidden size); an adapter trained after adding tokens needs a base "
+            "and tokenizer with the same vocabulary.",
+            "incompatible",
+        )
+    if not torch.isfinite(tensor).all() or tensor.abs().max().item() > MAX_MAGNITUDE:
+        raise AdapterError(
+            f"tensor '{module}.weight' contains NaN, Inf or values above {MAX_MAGNITUDE:g}.",
+            "invalid_weights",
+        )
+    return VocabLayer(kind, replacement=tensor.contiguous())
+
+
+def _no_vocab_dora(module: str, config: LoraConfigSpec, has_magnitude: bool) -> None:
+    if config.use_dora or has_magnitude:
+        raise AdapterError(
+            f"DoRA on {module!r} (the token embedding or the LM head) is not supported; DoRA is served on "
+            "linear layers. Train with the embedding and head outside target_modules, or without use_dora.",
+            "unsupported",
+        )
+
+
+def _one_change(module: str, vocab: Mapping[str, VocabLayer]) -> None:
+    if module in vocab:
+        raise AdapterError(
+            f"module {module!r} is both in modules_to_save and adapted by LoRA; keep one of the two.",
+            "incompatible",
+        )
 
 
 def no_match_message(
@@ -484,18 +697,22 @@ def no_match_message(
     return message + ". Was it trained for another base model (or with other module names)?"
 
 
-def _pair_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _pair_tensors(
+    tensors: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
+    """The LoRA factors (A, B) by module, and DoRA's magnitude vectors by module."""
     found: dict[str, dict[str, torch.Tensor]] = {}
+    magnitudes: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         if "lora_embedding_" in key:
             raise AdapterError(
                 f"tensor {key!r} is an embedding LoRA; LoRA on embedding layers is not supported yet.",
                 "unsupported",
             )
-        if "lora_magnitude_vector" in key:
-            raise AdapterError(
-                f"tensor {key!r} belongs to a DoRA adapter; DoRA is not supported yet.", "unsupported"
-            )
+        magnitude = _MAGNITUDE_RE.match(key)
+        if magnitude is not None:
+            magnitudes[magnitude["module"]] = tensor
+            continue
         match = _KEY_RE.match(key)
         if match is None:
             raise AdapterError(
@@ -510,7 +727,39 @@ def _pair_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.
             lacking = "lora_B" if "A" in parts else "lora_A"
             raise AdapterError(f"module {module!r} has no {lacking}.weight tensor.", "invalid_weights")
         pairs[module] = (parts["A"], parts["B"])
-    return pairs
+    return pairs, magnitudes
+
+
+def _check_magnitude(
+    module: str, magnitude: torch.Tensor | None, config: LoraConfigSpec, base: BaseLinearShape
+) -> torch.Tensor | None:
+    """DoRA's m for one module: [out_features], finite and bounded; required iff ``use_dora``."""
+    if not config.use_dora:
+        if magnitude is not None:
+            raise AdapterError(
+                f"tensor '{module}.lora_magnitude_vector' is a DoRA magnitude but {CONFIG_FILE} has no "
+                "use_dora=true; the config and the weights disagree.",
+                "incompatible",
+            )
+        return None
+    if magnitude is None:
+        raise AdapterError(
+            f"the adapter is DoRA (use_dora=true) but module {module!r} has no "
+            f"'{module}.lora_magnitude_vector' tensor; save it with PEFT's save_pretrained.",
+            "invalid_weights",
+        )
+    if tuple(magnitude.shape) != (base.out_features,):
+        raise AdapterError(
+            f"tensor '{module}.lora_magnitude_vector' has shape {list(magnitude.shape)} but the base layer "
+            f"(out={base.out_features}) needs [{base.out_features}]; was it trained for another base model?",
+            "incompatible",
+        )
+    if not torch.isfinite(magnitude).all() or magnitude.abs().max().item() > MAX_MAGNITUDE:
+        raise AdapterError(
+            f"tensor '{module}.lora_magnitude_vector' contains NaN, Inf or values above {MAX_MAGNITUDE:g}.",
+            "invalid_weights",
+        )
+    return magnitude.contiguous()
 
 
 def _check_layer(

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from adapters.analysis import layer_index, module_type, natural_key
-from adapters.peft_format import BaseLinearShape, LoraAdapter
+from adapters.peft_format import BaseLinearShape, LoraAdapter, VocabLayer, linear_shapes
 from adapters.spectral import LowRankFactors, _effective_rank, delta_svd
 
 RANK_FACTOR = 4.0  # rank_above_effective: r >= RANK_FACTOR x max effective rank
@@ -44,11 +44,14 @@ WeightFn = Callable[[str], torch.Tensor]  # module -> base weight W: [out, in], 
 
 
 def coverage(adapter: LoraAdapter, base_shapes: Mapping[str, BaseLinearShape]) -> dict[str, Any]:
-    """Adapted modules per layer and in all, next to what the base offers.
+    """Adapted linear modules per layer and in all, next to what the base offers.
 
     ``{"modules": n, "of": N, "fraction": n/N, "layers": {"0": {"modules": [...], "of": 7}, ...},
     "module_types": {"q_proj": 30, ...}}``; modules outside any numbered layer count under "none".
+    An adapter that changes the token embedding or the LM head adds ``"vocab": {"lm_head":
+    "modules_to_save" or "lora", ...}``.
     """
+    base_shapes = linear_shapes(base_shapes)
     offered: dict[str, int] = defaultdict(int)
     for module in base_shapes:
         offered[_layer_key(module)] += 1
@@ -68,7 +71,12 @@ def coverage(adapter: LoraAdapter, base_shapes: Mapping[str, BaseLinearShape]) -
         "fraction": len(adapter.layers) / total if total else 0.0,
         "layers": layers,
         "module_types": dict(sorted(types.items())),
+        **({"vocab": {m: _vocab_kind(v) for m, v in adapter.vocab.items()}} if adapter.vocab else {}),
     }
+
+
+def _vocab_kind(layer: VocabLayer) -> str:
+    return "modules_to_save" if layer.replacement is not None else "lora"
 
 
 def _layer_key(module: str) -> str:
@@ -126,7 +134,8 @@ def screen(
     for module in sorted(adapter.layers, key=natural_key):
         w = adapter.layers[module]
         if w.scale == 0.0 or not bool(w.B.any()) or not bool(w.A.any()):
-            zero.append(module)
+            if not w.is_dora:  # DoRA's magnitude rescales the base rows even when B·A is zero
+                zero.append(module)
             continue
         S = delta_svd(LowRankFactors(A=w.A, B=w.B, scale=w.scale)).S  # [r], float64, descending
         eff = _effective_rank(S)
@@ -137,7 +146,7 @@ def screen(
             if norm > 0:
                 ratios[module] = float(S[0]) / norm
 
-    if zero and len(zero) == len(adapter.layers):
+    if zero and len(zero) == len(adapter.layers) and not adapter.vocab:
         warnings.append(
             _warning(
                 "no_effect",
@@ -198,7 +207,7 @@ def _unmatched_targets(
         _warning(
             "unmatched_targets",
             f"target_modules entries {_names(unmatched)} match no module of the base model (it has "
-            f"{_names(sorted({module_type(m) for m in base_shapes}))}); those parts of the adapter were "
+            f"{_names(sorted({module_type(m) for m in linear_shapes(base_shapes)}))}); those parts of the adapter were "
             "never trained for this base.",
             unmatched,
         )

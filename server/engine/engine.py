@@ -123,13 +123,22 @@ class Engine:
         self.tokenizer = tokenizer
         self.config = config
         self.base_shapes: dict[str, BaseLinearShape] = runner.base_shapes
-        self.slots = AdapterSlots(runner.lora_targets, config.max_loaded_adapters, runner.slots_changed)
+        self.merger = MergeManager(
+            runner.weight_targets,
+            config.checkpoint_dir,
+            can_merge=config.mode != "unmerged",
+            vocab=runner.vocab,
+        )
+        self.slots = AdapterSlots(
+            runner.lora_targets,
+            config.max_loaded_adapters,
+            runner.slots_changed,
+            self.merger.original_weight,
+            runner.vocab,
+        )
         self.eos_ids = eos_ids | _token_ids(getattr(tokenizer, "eos_token_id", None))
         self.special_ids = frozenset(tokenizer.all_special_ids) | self.eos_ids
         self.grammars = GrammarCompiler(tokenizer, runner.vocab_size, self.eos_ids)  # structured output
-        self.merger = MergeManager(
-            runner.weight_targets, config.checkpoint_dir, can_merge=config.mode != "unmerged"
-        )
         self.auto = AutoPolicy(min_uniform_steps=config.auto_min_uniform_steps)
         # --prefix-cache: on where the runner supports it (the HF runner does not)
         self.prefix_cache = config.prefix_cache and runner.supports_prefix_cache

@@ -26,6 +26,7 @@ from server.engine.runner import (
     WeightTarget,
     prompt_logprobs,
 )
+from server.engine.vocab_layers import attach_vocab_layers
 
 
 def attach_lora_layers(
@@ -69,6 +70,7 @@ class HFRunner(ModelRunner):
         self.lora_backend = choose_backend(lora_backend, self.device, self.dtype)
         self.layers = attach_lora_layers(model, self.ctx, self.lora_backend)
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
+        self.vocab = attach_vocab_layers(model, self.ctx)  # adapters' own embedding and head, per row
         limit = getattr(model.config, "max_position_embeddings", None)
         self.max_positions = int(limit) if limit else None
         self._batch: RunningBatch | None = None

@@ -41,9 +41,16 @@ class LoraLinear(nn.Module):
         self.bank = LoraSlotBank(in_features, out_features, base.weight.dtype, base.weight.device)
         self.lora = LoraProjection([self.bank], [(0, out_features)], backend)
 
-    def set_slot(self, slot: int, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
-        """Place one adapter's factors (A: [r, k], B: [d, r]) in ``slot``."""
-        self.bank.set_slot(slot, A, B, scale)
+    def set_slot(
+        self,
+        slot: int,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        scale: float,
+        dora_factor: torch.Tensor | None = None,
+    ) -> None:
+        """Place one adapter's factors (A: [r, k], B: [d, r]) in ``slot`` (DoRA: and g, [d])."""
+        self.bank.set_slot(slot, A, B, scale, dora_factor)
 
     def clear_slot(self, slot: int) -> None:
         self.bank.clear_slot(slot)
@@ -54,7 +61,10 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)  # [B, T, d], a fresh tensor: the delta is added in place
         if self.bank.applies_to(self.ctx):
-            self.lora.add_delta(x, y.view(-1, self.out_features), self.ctx)
+            flat = y.view(-1, self.out_features)  # [B*T, d]
+            if self.lora.has_dora(self.ctx):
+                self.lora.add_magnitude(flat, getattr(self.base, "bias", None), self.ctx, seq=x.shape[1])
+            self.lora.add_delta(x, flat, self.ctx)
         return y
 
 

@@ -6,7 +6,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from adapters.peft_format import LoraAdapter
+import torch
+
+from adapters.peft_format import LoraAdapter, LoraLayerWeights
+from server.engine.dora import dora_factor
+from server.engine.lora.vocab import VocabAdapters
 from server.engine.runner import LoraTarget
 
 
@@ -25,12 +29,24 @@ class AdapterSlots:
     """
 
     def __init__(
-        self, layers: Mapping[str, LoraTarget], capacity: int, on_change: Callable[[], None] = lambda: None
+        self,
+        layers: Mapping[str, LoraTarget],
+        capacity: int,
+        on_change: Callable[[], None] = lambda: None,
+        base_weight: Callable[[str], torch.Tensor] | None = None,
+        vocab: VocabAdapters | None = None,
     ) -> None:
-        """``on_change`` runs after slot contents change (the runner drops cached batch data)."""
+        """``on_change`` runs after slot contents change (the runner drops cached batch data).
+        ``base_weight(name)``: the pristine base weight of a layer (``MergeManager.original_weight``,
+        [out, in]), which a DoRA adapter's factor needs; without it DoRA adapters are refused.
+        ``vocab``: where adapters' own embedding and head go (the runner's ``vocab``)."""
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.layers = layers
+        self.base_weight = base_weight
+        self.vocab = vocab
+        # DoRA factors g per adapter version (layer name -> [out]): computed once, reused on reloads
+        self._dora_factors: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self.on_change = on_change
         self.capacity = capacity
         self._resident: OrderedDict[str, _Resident] = OrderedDict()  # LRU order: oldest first
@@ -99,17 +115,39 @@ class AdapterSlots:
     def _load(self, adapter: LoraAdapter, slot: int) -> None:
         try:
             for name, weights in adapter.layers.items():
-                self.layers[name].set_slot(slot, weights.A, weights.B, weights.scale)
+                factor = self._dora_factor(adapter.key, name, weights) if weights.is_dora else None
+                self.layers[name].set_slot(slot, weights.A, weights.B, weights.scale, factor)
+            if adapter.vocab:
+                if self.vocab is None:
+                    raise ValueError("this runner serves no adapter's own embedding or head")
+                for name, layer in adapter.vocab.items():
+                    self.vocab.set_slot(slot, name, layer)
         except Exception:  # a half-written slot would leak into the next adapter loaded there
             for name in adapter.layers:
                 self.layers[name].clear_slot(slot)
+            if self.vocab is not None:
+                self.vocab.clear_slot(slot)
             raise
         self._resident[adapter.key] = _Resident(adapter=adapter, slot=slot)
         self.on_change()
         self.loads += 1
 
+    def _dora_factor(self, key: str, name: str, weights: LoraLayerWeights) -> torch.Tensor:
+        """g = m / ‖W + s·B·A‖_row of one DoRA layer ([out]), from the pristine base weight."""
+        if self.base_weight is None:
+            raise ValueError("DoRA adapters need the base weights (AdapterSlots(base_weight=...))")
+        factors = self._dora_factors.setdefault(key, {})
+        self._dora_factors.move_to_end(key)
+        while len(self._dora_factors) > 4 * self.capacity:
+            self._dora_factors.popitem(last=False)
+        if name not in factors:
+            factors[name] = dora_factor(self.base_weight(name), weights)  # original_weight: [out, in]
+        return factors[name]
+
     def _unload(self, key: str) -> None:
         resident = self._resident.pop(key)
         for name in resident.adapter.layers:
             self.layers[name].clear_slot(resident.slot)
+        if self.vocab is not None:
+            self.vocab.clear_slot(resident.slot)
         self.on_change()

@@ -1,6 +1,7 @@
 """Merged hot-swap: fold one adapter into the base weights, and restore the base bit for bit.
 
     merge(M):    W ← round(W_base + s·B·A)          (the product and the sum in float32)
+                 DoRA: W ← round(g ⊙ (W_base + s·B·A)), g = m / ‖W_base + s·B·A‖_row (``dora.py``)
     swap(M→N):   W ← W_base (restored, not subtracted) ; W ← round(W_base + s'·B'·A')
 
 Subtracting the old delta (``W − s·B·A``) drifts: each round-trip through bfloat16/float16
@@ -33,6 +34,8 @@ from pathlib import Path
 import torch
 
 from adapters.peft_format import SAFETENSORS_DTYPES, LoraAdapter, LoraLayerWeights
+from server.engine.dora import dora_merged
+from server.engine.lora.vocab import VocabAdapters
 from server.engine.runner import WeightTarget
 
 
@@ -147,13 +150,21 @@ class MergeManager:
     :attr:`base_weights` (any thread, see :class:`BaseWeights`)."""
 
     def __init__(
-        self, targets: Mapping[str, WeightTarget], checkpoint_dir: Path | None, *, can_merge: bool
+        self,
+        targets: Mapping[str, WeightTarget],
+        checkpoint_dir: Path | None,
+        *,
+        can_merge: bool,
+        vocab: VocabAdapters | None = None,
     ) -> None:
         """``can_merge=False`` (unmerged mode) prepares no restore source and costs no memory.
+        ``vocab``: the runner's per-row embedding and head changes; a merged adapter's are served
+        there to every (base) row, so the base embedding and head are never written.
 
         The runner owns the weights (merging runners copy mmap'd checkpoint pages at start-up).
         """
         self.targets = targets
+        self.vocab = vocab
         self.merged: LoraAdapter | None = None
         self.can_merge = can_merge
         self.stats = SwapStats()
@@ -242,6 +253,8 @@ class MergeManager:
                     self._add(name, new[name])
             for name in touched:
                 self.targets[name].flush()
+            if self.vocab is not None:  # the embedding and head: per row, never written
+                self.vocab.set_merged(adapter.vocab if adapter is not None else None)
         self.merged = adapter
         if _on_cuda(self.targets):
             torch.cuda.synchronize()
@@ -253,8 +266,12 @@ class MergeManager:
         return seconds
 
     def _add(self, name: str, w: LoraLayerWeights) -> None:
-        """W ← round(W + s·B·A), the sum in float32."""
+        """W ← round(W + s·B·A), the sum in float32; DoRA: W ← round(g ⊙ (W + s·B·A)) (``dora.py``),
+        from the weight as it is now: the base, restored just before."""
         target = self.targets[name]
+        if w.is_dora:
+            target.write(dora_merged(target.read(), w, target.fan_in_fan_out).to(target.device, target.dtype))
+            return
         delta = _delta(target, w.A, w.B, w.scale)
         live = target.live
         if live is not None and live.dtype == torch.float32:

@@ -33,6 +33,7 @@ import torch
 
 from adapters.peft_format import BaseLinearShape
 from server.engine.lora import LoraBackend
+from server.engine.lora.vocab import VocabAdapters
 
 
 @dataclass(frozen=True)
@@ -127,8 +128,16 @@ class LoraTarget(Protocol):
     out_features: int
     fan_in_fan_out: bool  # the base weight is stored [in, out] (GPT-2 Conv1D)
 
-    def set_slot(self, slot: int, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
-        """Place an adapter's A: [r, in] and B: [out, r] with its scale in ``slot``."""
+    def set_slot(
+        self,
+        slot: int,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        scale: float,
+        dora_factor: torch.Tensor | None = None,
+    ) -> None:
+        """Place an adapter's A: [r, in] and B: [out, r] with its scale in ``slot``; a DoRA
+        adapter's g = m / ‖W + s·B·A‖_row ([out], ``server/engine/dora.py``) too."""
 
     def clear_slot(self, slot: int) -> None: ...
 
@@ -185,6 +194,9 @@ class ModelRunner(ABC):
     can_merge: bool = True
     _lora_targets: Mapping[str, LoraTarget]
     _weight_targets: Mapping[str, WeightTarget]
+    # adapters' own token embedding and LM head per row (modules_to_save, LoRA on them); None:
+    # the runner serves none (such adapters are refused at upload)
+    vocab: VocabAdapters | None = None
 
     @property
     def lora_targets(self) -> Mapping[str, LoraTarget]:
@@ -198,13 +210,19 @@ class ModelRunner(ABC):
 
     @property
     def base_shapes(self) -> dict[str, BaseLinearShape]:
-        """What adapters are validated against: each target's shape and layout."""
-        return {
+        """What adapters are validated against: each target's shape and layout, and the embedding
+        and head when the runner serves adapters' own (``vocab``)."""
+        shapes = {
             name: BaseLinearShape(
                 out_features=t.out_features, in_features=t.in_features, fan_in_fan_out=t.fan_in_fan_out
             )
             for name, t in self.lora_targets.items()
         }
+        if self.vocab is not None:
+            v, h = self.vocab.vocab_size, self.vocab.hidden_size
+            shapes[self.vocab.embed_name] = BaseLinearShape(out_features=h, in_features=v, kind="embedding")
+            shapes[self.vocab.head_name] = BaseLinearShape(out_features=v, in_features=h, kind="head")
+        return shapes
 
     def slots_changed(self) -> None:  # noqa: B027 - optional hook
         """Called after adapters were placed in or removed from slots (drop cached batch data)."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adapters.errors import AdapterError
-from adapters.peft_format import BaseLinearShape, build_adapter, parse_adapter_config
+from adapters.peft_format import BaseLinearShape, build_adapter, linear_shapes, parse_adapter_config
 from adapters.screening import coverage, screen, spectral_norm_estimate
 from server.engine.hf_runner import HFRunner
 from tests.adapter_files import adapter_config, adapter_tensors
@@ -45,7 +45,9 @@ def test_coverage_counts_modules_per_layer_and_in_all(tiny_base, shapes) -> None
 
     adapter = _adapter(tiny_base, shapes, edit=only_layer_1, layers_to_transform=[1])
     cov = coverage(adapter, shapes)
-    assert cov["modules"] == 2 and cov["of"] == len(shapes) == 14
+    assert (
+        cov["modules"] == 2 and cov["of"] == len(linear_shapes(shapes)) == 14
+    )  # the embedding and head apart
     assert cov["fraction"] == pytest.approx(2 / 14)
     assert cov["layers"]["0"] == {"modules": [], "of": 7}
     assert cov["layers"]["1"] == {"modules": ["q_proj", "v_proj"], "of": 7}

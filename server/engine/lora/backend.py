@@ -104,3 +104,29 @@ class LoraProjection:
         """x: [B, T, k]; y: [B*T, D], written in place (nothing when no row has an adapter)."""
         if batch.row_slots is not None:
             self.backend.add_delta(self, x, y, batch)
+
+    @property
+    def dora_slots(self) -> set[int]:
+        """The slots holding a DoRA adapter in some part."""
+        return set().union(*(bank.dora_slots for bank in self.banks))
+
+    def has_dora(self, batch: LoraBatchContext) -> bool:
+        """True when some row of the batch reads a DoRA adapter of one of the parts."""
+        return batch.row_slots is not None and any(
+            s in bank.dora_slots for bank in self.banks for s in batch.active_slots
+        )
+
+    def add_magnitude(
+        self, y: torch.Tensor, bias: torch.Tensor | None, batch: LoraBatchContext, seq: int = 1
+    ) -> None:
+        """DoRA's magnitude term on the base output, before :meth:`add_delta`:
+        ``y[i, part] += t_i · (g − 1) ⊙ (y[i, part] − b[part])`` for the rows of DoRA adapters
+        (``server/engine/dora.py``; the slots' B already hold g ⊙ B, so the backends' update is
+        g ⊙ s·B A x). y: [B*T, D] the base output with its bias ``b`` [D] (or None); T = ``seq``."""
+        for bank, (start, end) in zip(self.banks, self.spans, strict=True):
+            rows = bank.dora_rows(batch)  # [B, d]
+            if rows is None:
+                continue
+            part = y[:, start:end].view(-1, seq, end - start)  # [B, T, d]
+            base = part if bias is None else part - bias[start:end]
+            part.add_(base * rows[:, None, :].to(part.dtype))

@@ -123,6 +123,12 @@ class LoraBatchContext:
         )
         self._groups = None
 
+    @property
+    def rows(self) -> tuple[tuple[int, ...], tuple[float, ...] | None]:
+        """The batch as set: each row's slot, and each row's scale (None: all 1)."""
+        assert self._rows_key is not None, "set_rows first"
+        return self._rows_key
+
     def row_groups(self) -> RowGroups:
         """The rows grouped by slot, built once per batch composition."""
         if self._groups is None:

@@ -34,6 +34,10 @@ class LoraSlotBank:
         self.B_stack = torch.zeros(0, out_features, 0, dtype=dtype, device=device)  # [S, d, r_max]
         self.scale = torch.zeros(0, dtype=dtype, device=device)  # [S]
         self.occupied: set[int] = set()
+        # DoRA: g − 1 per slot and output feature (0 for plain LoRA slots); None until a DoRA
+        # adapter is placed. Its slots' B_stack holds g ⊙ B (see server/engine/dora.py).
+        self.magnitude_stack: torch.Tensor | None = None  # [S, d]
+        self.dora_slots: set[int] = set()
 
     @property
     def r_max(self) -> int:
@@ -52,28 +56,61 @@ class LoraSlotBank:
         scale[:old_s] = self.scale
         self.A_stack, self.B_stack, self.scale = A, B, scale
 
-    def set_slot(self, slot: int, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
-        """Place one adapter's factors (A: [r, k], B: [d, r]) in ``slot``."""
+    def set_slot(
+        self,
+        slot: int,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        scale: float,
+        dora_factor: torch.Tensor | None = None,
+    ) -> None:
+        """Place one adapter's factors (A: [r, k], B: [d, r]) in ``slot``; a DoRA adapter also
+        gives its factor g = m / ‖W + s·B·A‖_row ([d], ``server/engine/dora.py``)."""
         r = A.shape[0]
         self._grow(slot + 1, r)
         self.A_stack[slot].zero_()
         self.B_stack[slot].zero_()
         self.A_stack[slot, :r] = A.to(self._device, self._dtype)
-        self.B_stack[slot, :, :r] = B.to(self._device, self._dtype)
+        if dora_factor is None:
+            self.B_stack[slot, :, :r] = B.to(self._device, self._dtype)
+        else:  # g ⊙ B in float32, then the serving dtype
+            g = dora_factor.to(self._device, torch.float32)
+            self.B_stack[slot, :, :r] = (B.to(self._device, torch.float32) * g[:, None]).to(self._dtype)
+        self._set_magnitude(slot, dora_factor)
         self.scale[slot] = scale
         self.occupied.add(slot)
         self.version += 1
+
+    def _set_magnitude(self, slot: int, dora_factor: torch.Tensor | None) -> None:
+        if dora_factor is None:
+            if slot in self.dora_slots:
+                assert self.magnitude_stack is not None
+                self.magnitude_stack[slot].zero_()
+                self.dora_slots.discard(slot)
+            return
+        stack = self.magnitude_stack
+        if stack is None or stack.shape[0] <= slot:
+            grown = torch.zeros(
+                self.A_stack.shape[0], self.out_features, dtype=self._dtype, device=self._device
+            )
+            if stack is not None:
+                grown[: stack.shape[0]] = stack
+            self.magnitude_stack = stack = grown
+        stack[slot] = (dora_factor.to(self._device, torch.float32) - 1).to(self._dtype)
+        self.dora_slots.add(slot)
 
     def clear_slot(self, slot: int) -> None:
         if slot in self.occupied:
             self.A_stack[slot].zero_()
             self.B_stack[slot].zero_()
             self.scale[slot] = 0
+            self._set_magnitude(slot, None)
             self.occupied.discard(slot)
             self.version += 1
 
     def delta_weight(self, slot: int) -> torch.Tensor:
-        """Dense ``scale · B @ A`` for one slot in float32: [d, k] (tests and merging only)."""
+        """Dense ``scale · B @ A`` for one slot in float32: [d, k] (tests only; a DoRA slot's
+        B holds g ⊙ B)."""
         A = self.A_stack[slot].float()
         B = self.B_stack[slot].float()
         return float(self.scale[slot]) * (B @ A)
@@ -99,6 +136,19 @@ class LoraSlotBank:
         B = (self.B_stack[idx] * self.scale[idx][:, None, None]).permute(1, 0, 2)  # [d, L, r_max]
         B_t = B.reshape(self.out_features, -1).t().contiguous()  # [L*r_max, d]
         return A_t, B_t, idx.repeat_interleave(self.r_max)
+
+    def dora_rows(self, batch: LoraBatchContext) -> torch.Tensor | None:
+        """Each row's ``row_scale · (g − 1)`` for this output: [B, d], 0 on rows that are not of a
+        DoRA adapter here; None when no row of the batch is."""
+        if batch.row_slots is None or not any(s in self.dora_slots for s in batch.active_slots):
+            return None
+        stack = self.magnitude_stack
+        assert stack is not None
+        present = (batch.row_slots >= 0) & (batch.row_slots < stack.shape[0])  # [B]
+        rows = stack[torch.where(present, batch.row_slots, 0)] * present[:, None].to(stack.dtype)  # [B, d]
+        if batch.row_scale is not None:
+            rows = rows * batch.row_scale[:, None].to(stack.dtype)
+        return rows
 
     def applies_to(self, batch: LoraBatchContext) -> bool:
         """True when some row of the batch reads an adapter that adapts this output."""

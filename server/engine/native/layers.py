@@ -322,6 +322,9 @@ class FusedLinear:
 
     def add_to(self, x: torch.Tensor, residual: torch.Tensor) -> None:
         """``residual += x @ W.T (+ b)`` plus the rows' adapters, in place."""
+        if self.lora.has_dora(self.ctx):  # DoRA scales the base output itself: computed apart
+            residual.add_(self(x))
+            return
         if self._quant is not None:
             quantized.linear(x, self._quant, out=residual, accumulate=True)
             if self.bias is not None:
@@ -355,7 +358,10 @@ class FusedLinear:
         return tuple(form.step_part(bank, ctx) for bank in self.banks.values())
 
     def _add_lora(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """y: the base output x @ W.T (+ b), [N, out]: the rows' adapters added in place."""
         if self.ctx.row_slots is not None:
+            if self.lora.has_dora(self.ctx):
+                self.lora.add_magnitude(y, self.bias, self.ctx)
             self.lora.add_delta(x.view(x.shape[0], 1, x.shape[1]), y, self.ctx)  # rows are tokens: [N, 1, in]
 
 

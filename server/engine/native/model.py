@@ -7,7 +7,7 @@ Shapes: ``N`` tokens of a step (a decode step: one per sequence), ``H`` hidden s
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from server.engine import gemv_cpu
 from server.engine.lora import LoraBackend, LoraBatchContext
+from server.engine.lora.vocab import VocabAdapters
 from server.engine.native import onednn, quantized
 from server.engine.native.config import NativeConfig
 from server.engine.native.kv_cache import PagedKVCache
@@ -198,6 +199,15 @@ class LlamaModel:
         self.config = config
         self.ctx = ctx
         self.layout = layout
+        # adapters' own embedding and LM head, per row (modules_to_save, LoRA on them)
+        self.vocab = VocabAdapters(
+            names.embed.removesuffix(".weight"),
+            names.lm_head.removesuffix(".weight"),
+            config.vocab_size,
+            config.hidden_size,
+            torch.float32 if quantization != "none" else dtype,
+            device,
+        )
         c = config
 
         def get(name: str, copy: bool = True) -> torch.Tensor:
@@ -285,6 +295,9 @@ class LlamaModel:
         """tokens, positions: [N] -> final hidden states [N, H] (before the LM head)."""
         c = self.config
         x = self.embed_tokens(tokens)  # [N, H]: the residual stream, updated in place
+        slots, scales = self.ctx.rows  # rows are tokens
+        if self.vocab.applies(slots):
+            self.vocab.embed(tokens, x, slots, scales)
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.dtype)  # [N, 1, D]
         signed_sin = rope_signed_sin(sin)
         n = tokens.shape[0]
@@ -436,7 +449,17 @@ class LlamaModel:
             return gemv_cpu.packed_rows(self.head_blocks, tokens)
         return F.embedding(tokens, self.embed)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(
+        self, hidden: torch.Tensor, slots: Sequence[int] | None = None, scales: Sequence[float] | None = None
+    ) -> torch.Tensor:
+        """hidden: [N, H] -> [N, V]; ``slots``/``scales``: each row's adapter, whose own head (if it
+        has one) replaces or changes the base's for that row (``self.vocab``)."""
+        logits = self._base_logits(hidden)
+        if slots is not None and self.vocab.applies(slots):
+            self.vocab.head(hidden, logits, slots, scales)
+        return logits
+
+    def _base_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, H] -> [N, V]. int8/int4: the int8 head through the quantized kernel.
         Blocked: through the compiled kernel. oneDNN-packed: through oneDNN too, on the head's
         dense matrix (shared with the embedding; 14 ms against MKL's 25 ms at 16 rows, measured)."""

@@ -160,6 +160,8 @@ class NativeLlamaRunner(ModelRunner):
             self.graphs.warm_up()
         self._lora_targets: dict[str, LoraTarget] = {}
         self._weight_targets: dict[str, WeightTarget] = {}
+        self._eager_slots: set[int] = set()
+        self.vocab = self.model.vocab
         for projection in self.model.projections():
             self._lora_targets.update(projection.banks)
             self._weight_targets.update(projection.weight_targets())
@@ -223,6 +225,10 @@ class NativeLlamaRunner(ModelRunner):
 
     def slots_changed(self) -> None:
         self.ctx.invalidate()
+        # graph steps have no form of DoRA's magnitude term nor of an adapter's own embedding or
+        # head: steps with such rows run eagerly
+        dora = {s for projection in self.model.projections() for s in projection.lora.dora_slots}
+        self._eager_slots = dora | self.vocab.slots
 
     def kv_usage(self) -> KvUsage:
         return KvUsage(self.kv.used_tokens, self.kv.capacity_tokens, self.kv.bytes_reserved)
@@ -285,12 +291,14 @@ class NativeLlamaRunner(ModelRunner):
         ends = torch.tensor(
             [sum(c[1] for c in chunks[: i + 1]) - 1 for i in range(len(chunks))], device=self.device
         )
-        output = PrefillOutput(logits=self.model.logits(hidden.index_select(0, ends)))
+        rows = ([i.slot for i in inputs], [i.scale for i in inputs])
+        output = PrefillOutput(logits=self.model.logits(hidden.index_select(0, ends), *rows))
         first = 0
         for item, (_, count, _) in zip(inputs, chunks, strict=True):
             if item.want_token_logprobs:  # position j of the chunk predicts token j + 1
                 chunk = hidden[first : first + count - 1]  # [count - 1, H]
-                prompt_logprobs(output, item, self.model.logits(chunk), item.token_ids)
+                logits = self.model.logits(chunk, [item.slot] * (count - 1), [item.scale] * (count - 1))
+                prompt_logprobs(output, item, logits, item.token_ids)
             first += count
         return output
 
@@ -323,7 +331,8 @@ class NativeLlamaRunner(ModelRunner):
         hidden = self._decode([inputs[i] for i in order], logits=False)  # [B, H] in slot order
         back = torch.empty(len(order), dtype=torch.long)
         back[torch.tensor(order)] = torch.arange(len(order))
-        return self.model.logits(hidden.index_select(0, back.to(hidden.device)))
+        rows = ([i.slot for i in inputs], [i.scale for i in inputs])
+        return self.model.logits(hidden.index_select(0, back.to(hidden.device)), *rows)
 
     def _slot_order(self, inputs: Sequence[DecodeInput]) -> list[int] | None:
         """The rows sorted by adapter slot (the bare base first), when an eager step reads them
@@ -331,7 +340,7 @@ class NativeLlamaRunner(ModelRunner):
         side by side and it reads and writes them as views, without a gather or a scatter).
         None when the order would not change or does not matter."""
         if self.graphs is not None or not self.lora_backend.wants_sorted_rows:
-            return None
+            return None  # (graph steps with DoRA rows run eagerly, in the rows' order: correct too)
         slots = [i.slot for i in inputs]
         order = sorted(range(len(slots)), key=slots.__getitem__)
         return None if order == list(range(len(slots))) else order
@@ -355,7 +364,7 @@ class NativeLlamaRunner(ModelRunner):
             slots=[i.slot for i in inputs],
             scales=[i.scale for i in inputs],
         )
-        if self.graphs is not None:
+        if self.graphs is not None and self._graph_step(rows.slots):
             logits_out = self.graphs.run(rows)
             self._record(inputs)
             return logits_out
@@ -373,7 +382,11 @@ class NativeLlamaRunner(ModelRunner):
         self.ctx.set_rows(rows.slots, self.device, rows.scales)
         hidden = self.model.forward(step.tokens, step.positions, plan, self.kv)  # [B, H]
         self._record(inputs)
-        return self.model.logits(hidden) if logits else hidden
+        return self.model.logits(hidden, rows.slots, rows.scales) if logits else hidden
+
+    def _graph_step(self, slots: list[int]) -> bool:
+        """Whether graphs may run these rows (not while a merged adapter changes the head)."""
+        return self._eager_slots.isdisjoint(slots) and not self.vocab.merged_active
 
     def _record(self, inputs: Sequence[DecodeInput]) -> None:
         """The decoded tokens' K and V are written: a block they fill may now be shared."""
