@@ -225,12 +225,15 @@ def test_adapter_table_pages_and_filters_by_prefix(console: Console, server: str
         for n in ("adapter_config.json", "adapter_model.safetensors")
     ]
     many = [f"many-{i:02d}" for i in range(52)]
-    for adapter_id in many:
-        r = httpx.post(
-            server + "/adapters", data={"adapter_id": adapter_id}, files=[("files", f) for f in files]
-        )
-        assert r.status_code == 201, r.text
-    try:
+    try:  # uploads inside: a failed one still leaves no adapter behind for the next tests
+        for adapter_id in many:
+            r = httpx.post(
+                server + "/adapters",
+                data={"adapter_id": adapter_id},
+                files=[("files", f) for f in files],
+                timeout=60,  # httpx's 5 s default is too short on a loaded 2-core machine
+            )
+            assert r.status_code == 201, r.text
         page = console.open("adapters")
         rows = page.locator("#adapters-table tbody tr")
         expect(rows).to_have_count(50)
@@ -249,7 +252,7 @@ def test_adapter_table_pages_and_filters_by_prefix(console: Console, server: str
         expect(page.locator("#adapters-empty")).to_contain_text('No adapter id starts with "nobody"')
     finally:
         for adapter_id in many:
-            httpx.delete(f"{server}/adapters/{adapter_id}")
+            httpx.delete(f"{server}/adapters/{adapter_id}", timeout=60)
 
 
 # --------------------------------------------------------------------------- playground
