@@ -201,6 +201,7 @@ class EngineCollector(Collector):
                     "loraplex_kv_cache_bytes", "Bytes reserved for the KV memory.", kv.bytes_reserved
                 )
             yield from _prefix_cache_metrics(engine, runner)
+        yield from _speculation_metrics(engine)
         yield _counter("loraplex_swaps", "Merged-mode adapter swaps (merge/unmerge).", _num(stats, "swaps"))
         yield _counter(
             "loraplex_swap_seconds", "Seconds spent swapping merged adapters.", _num(stats, "swap_seconds")
@@ -237,6 +238,33 @@ def _prefix_cache_metrics(engine: Any, runner: Any) -> Iterator[Metric]:
         "loraplex_prefix_cache_evictable_blocks",
         "Cached KV blocks no running request uses (kept until the memory is needed).",
         stats.evictable_blocks,
+    )
+
+
+def _speculation_metrics(engine: Any) -> Iterator[Metric]:
+    """``--speculate`` counters by adapter (``__base__``: none), where speculative decoding runs."""
+    stats = getattr(getattr(engine, "stats", None), "speculation", None)
+    if stats is None or not getattr(engine, "speculate", 0):
+        return
+    drafted = CounterMetricFamily(
+        "loraplex_speculative_drafted_tokens",
+        "Draft tokens proposed by prompt lookup and verified (speculative decoding), by adapter.",
+        labels=["adapter"],
+    )
+    accepted = CounterMetricFamily(
+        "loraplex_speculative_accepted_tokens",
+        "Draft tokens accepted (emitted without a step of their own), by adapter.",
+        labels=["adapter"],
+    )
+    for adapter, (n_drafted, n_accepted) in sorted(stats.by_adapter.items()):
+        drafted.add_metric([adapter], n_drafted)
+        accepted.add_metric([adapter], n_accepted)
+    yield drafted
+    yield accepted
+    yield _gauge(
+        "loraplex_speculative_acceptance_rate",
+        "Accepted over drafted tokens since start (0 before any draft).",
+        stats.accepted / stats.drafted if stats.drafted else 0.0,
     )
 
 

@@ -86,6 +86,39 @@ def _prefix_cache(engine: Engine) -> dict:
     }
 
 
+def _speculation(engine: Engine, principal: Principal) -> dict:
+    """``--speculate``: whether speculative decoding runs (the HF runner cannot roll back its
+    cache), the drafts proposed per step, and the drafted and accepted tokens since start, in all
+    and by adapter (the adapters this caller may see; ``__base__``: no adapter)."""
+    stats = engine.stats.speculation
+    if not engine.speculate:
+        reason = (
+            "--speculate 0"
+            if engine.runner.supports_speculation or not engine.config.speculate
+            else f"the {engine.runner.name} runner does not verify drafts (the native runner does)"
+        )
+        return {"enabled": False, "reason": reason}
+    by_adapter = {}
+    for stored, (drafted, accepted) in sorted(stats.by_adapter.items()):
+        name = stored if stored == "__base__" else _shown(principal, stored)
+        if name is not None:
+            by_adapter[name] = {
+                "drafted_tokens": drafted,
+                "accepted_tokens": accepted,
+                "acceptance_rate": round(accepted / drafted, 4) if drafted else 0.0,
+            }
+    return {
+        "enabled": True,
+        "method": "prompt_lookup",
+        "speculate": engine.speculate,
+        "verify_rows": stats.steps,
+        "drafted_tokens": stats.drafted,
+        "accepted_tokens": stats.accepted,
+        "acceptance_rate": round(stats.accepted / stats.drafted, 4) if stats.drafted else 0.0,
+        "by_adapter": by_adapter,
+    }
+
+
 def _decode(engine: Engine) -> dict:
     """How decode steps run (``--compile``): eager, compile (CPU) or cuda_graphs, and the graphs made;
     ``weights``: the projections' layout (native runner: ``packed`` for oneDNN on the CPU, or
@@ -122,6 +155,7 @@ async def info(
         "decode": _decode(engine),
         "kv_cache": _kv_cache(engine),
         "prefix_cache": _prefix_cache(engine),
+        "speculation": _speculation(engine, principal),
         "limits": {
             "max_batch": engine.config.max_batch,
             "max_input_tokens": engine.config.max_input_tokens,
