@@ -93,6 +93,7 @@ def engine_config(settings: Settings, base: LoadedBase) -> EngineConfig:
         max_prompt_chars=settings.max_prompt_chars,
         prefix_cache=settings.prefix_cache == "on",
         speculate=settings.speculate,
+        speculate_max_batch=settings.speculate_max_batch,
     )
 
 

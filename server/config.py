@@ -94,6 +94,12 @@ class Settings(BaseSettings):
         "row and step (TGI's --speculate); 0: off. Outputs are the same as without (greedy: equal; "
         "sampling: the same distribution). The hf runner does not speculate.",
     )
+    speculate_max_batch: int = Field(
+        4,
+        ge=1,
+        description="With --speculate: no drafts in a step with more running rows than this (a large batch "
+        "is no longer bound by reading the weights, so verifying drafts costs about what they save).",
+    )
     adapter_source: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Where to fetch adapters that are not stored, s3://BUCKET/PREFIX (repeatable, searched "

@@ -111,6 +111,7 @@ def _speculation(engine: Engine, principal: Principal) -> dict:
         "enabled": True,
         "method": "prompt_lookup",
         "speculate": engine.speculate,
+        "max_batch": engine.config.speculate_max_batch,
         "verify_rows": stats.steps,
         "drafted_tokens": stats.drafted,
         "accepted_tokens": stats.accepted,

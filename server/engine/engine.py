@@ -79,6 +79,10 @@ class EngineConfig:
     max_prompt_chars: int = 262144  # longest prompt text, checked before tokenizing (server.api.generation)
     prefix_cache: bool = True  # reuse cached KV blocks of equal prompt prefixes (runners that support it)
     speculate: int = 0  # --speculate: tokens proposed per row and step (prompt lookup); 0: off
+    # --speculate-max-batch: no drafts in a step with more running rows (vLLM's
+    # speculative_disable_by_batch_size): a large batch is no longer bound by the weights' stream,
+    # so verifying drafts costs about what they save
+    speculate_max_batch: int = 4
 
 
 BASE_LABEL = "__base__"
@@ -445,7 +449,7 @@ class Engine:
         """Speculative decoding: each row's proposed tokens (prompt lookup, ``speculative.py``), at
         most ``--speculate``, never past its ``max_new_tokens`` (the bonus token counts), and only
         where the KV memory holds them now (a row left without decodes one token, as usual)."""
-        if not self.speculate:
+        if not self.speculate or len(rows) > self.config.speculate_max_batch:
             return [[] for _ in rows]
         drafts: list[list[int]] = []
         for row in rows:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import random
 from collections import Counter
+from typing import ClassVar
 
 import pytest
 import torch
@@ -29,6 +30,7 @@ from server.engine.sampling import RowSampler, SamplingParams, choose_next_token
 from server.engine.speculative import PromptLookup
 from tests.conftest import tiny_llama_config
 from tests.engine_helpers import outcome, submit
+from tests.prom import metric_value
 
 ADAPTERS = {
     "all": dict(r=4, lora_alpha=8, target_modules="all-linear"),
@@ -49,7 +51,7 @@ class Oracle:
     """A draft source knowing each prompt's reference continuation (``answers``): it proposes it,
     with the token at every continuation index ``i % 5 == 3`` replaced by a wrong one."""
 
-    answers: dict[tuple[int, ...], list[int]] = {}
+    answers: ClassVar[dict[tuple[int, ...], list[int]]] = {}
 
     def __init__(self, tokens) -> None:
         self.prompt = tuple(tokens)
@@ -83,6 +85,7 @@ def llama(tmp_path_factory, tokenizer):
 
 def _engine(path, tokenizer, speculate: int, tokens: int = 4096, **config) -> Engine:
     config.setdefault("mode", "unmerged")
+    config.setdefault("speculate_max_batch", 512)  # these tests verify drafts in large batches too
     runner = NativeLlamaRunner(path, kv_cache_tokens=tokens)
     return Engine(runner, tokenizer, EngineConfig(speculate=speculate, **config))
 
@@ -284,6 +287,20 @@ def test_kv_memory_short_of_drafts_decodes_one_token_and_preemption_still_matche
     assert small.runner.kv.free_blocks == small.runner.kv.num_blocks
 
 
+def test_no_drafts_in_steps_with_more_rows_than_speculate_max_batch(llama, tokenizer, oracle) -> None:
+    _, path = llama
+    prompts = [_prompt(600 + i) for i in range(3)]
+    plain = _engine(path, tokenizer, 0)
+    want = [o.tokens for o in _jobs(plain, [(p, None) for p in prompts], max_new_tokens=12)]
+    for p, tokens in zip(prompts, want, strict=True):
+        oracle[tuple(p)] = tokens
+    capped = _engine(path, tokenizer, 4, speculate_max_batch=2)
+    assert [o.tokens for o in _jobs(capped, [(p, None) for p in prompts], max_new_tokens=12)] == want
+    assert capped.stats.speculation.drafted == 0  # three rows ran together to the end
+    assert [o.tokens for o in _jobs(capped, [(p, None) for p in prompts[:2]], max_new_tokens=12)] == want[:2]
+    assert capped.stats.speculation.accepted > 0
+
+
 def test_the_hf_runner_does_not_speculate(tiny_base, tokenizer) -> None:
     engine = Engine.for_hf_model(
         copy.deepcopy(tiny_base), tokenizer, EngineConfig(mode="unmerged", speculate=4)
@@ -352,3 +369,46 @@ def test_sampled_tokens_with_speculation_follow_the_distribution_without(llama, 
         tokens = sorted(set(a) | set(b))
         table = [[a[t] for t in tokens], [b[t] for t in tokens]]
         assert chi2_contingency(table).pvalue > 1e-3, (position, table)
+
+
+# ---------------------------------------------------------------------- /info and /metrics
+
+
+class Repeat(Oracle):
+    """Proposes the row's last token again and again (a draft source that is often wrong)."""
+
+    def propose(self, limit: int) -> list[int]:
+        return [self.tokens[-1]] * limit
+
+
+@pytest.mark.parametrize("runner", ["native", "hf"])
+def test_info_and_metrics_show_drafted_and_accepted_tokens(
+    llama, tokenizer, tmp_path, monkeypatch, runner
+) -> None:
+    from tests.api_helpers import start_client
+
+    monkeypatch.setattr(engine_module, "PromptLookup", Repeat)
+    model, path = llama
+    client = start_client(model, tokenizer, tmp_path, model_path=path, runner=runner, speculate=3)
+    try:
+        body = {"inputs": "one two three", "parameters": {"max_new_tokens": 8, "ignore_eos": True}}
+        assert client.post("/generate", json=body).status_code == 200
+        info = client.get("/info").json()["speculation"]
+        metrics = client.get("/metrics").text
+        if runner == "hf":
+            assert info == {
+                "enabled": False,
+                "reason": "the hf runner does not verify drafts (the native runner does)",
+            }
+            assert "loraplex_speculative" not in metrics
+            return
+        assert info["enabled"] is True and info["speculate"] == 3 and info["method"] == "prompt_lookup"
+        assert info["drafted_tokens"] > 0 and 0 <= info["accepted_tokens"] <= info["drafted_tokens"]
+        assert info["by_adapter"]["__base__"]["drafted_tokens"] == info["drafted_tokens"]
+        drafted = metric_value(metrics, "loraplex_speculative_drafted_tokens_total", adapter="__base__")
+        assert drafted == info["drafted_tokens"]
+        assert metric_value(metrics, "loraplex_speculative_acceptance_rate") == pytest.approx(
+            info["accepted_tokens"] / info["drafted_tokens"]
+        )
+    finally:
+        client.__exit__(None, None, None)

@@ -44,6 +44,12 @@ BLOCK_SIZE = 16
 DEFAULT_CPU_KV_BYTES = 384 << 20  # keeps the embedded model's server under ~1.6 GB RSS
 DEFAULT_GPU_KV_FRACTION = 0.9  # of the GPU memory free after the weights
 
+# A verify step of up to this many tokens runs on the engine thread alone (blocked weights), like a
+# small decode step (``_threads_for``): on the loaded 2-core machine, a batch-1 step of the
+# embedded model with 5 tokens took 144-308 ms on one thread against 1.7-3.8 s on two (a parallel
+# region waiting at its barrier for a descheduled thread; one decode token: 92-140 ms).
+VERIFY_ONE_THREAD_TOKENS = 8
+
 WeightLayout = Literal["auto", "blocked", "packed", "dense"]
 ResolvedLayout = Literal["blocked", "packed", "dense", "quantized"]
 
@@ -392,7 +398,7 @@ class NativeLlamaRunner(ModelRunner):
             attend=attend[:, None],  # [B, 1, Q, T]
             query_index=torch.tensor(query_index, dtype=torch.long, device=self.device),
         )
-        with self._threads_for(len(tokens)):
+        with self._threads_for(len(rows) if len(tokens) <= VERIFY_ONE_THREAD_TOKENS else len(tokens)):
             hidden = self._forward(tokens, positions, token_slots, plan, token_scales)  # [N, H]
             logits = self.model.logits(hidden)  # [N, V]
         for row in rows:  # K and V written; the drafts are recorded once accepted (commit)
