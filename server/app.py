@@ -93,6 +93,8 @@ def engine_config(settings: Settings, base: LoadedBase) -> EngineConfig:
         checkpoint_dir=base.path if base.path.is_dir() else None,
         max_prompt_chars=settings.max_prompt_chars,
         prefix_cache=settings.prefix_cache == "on",
+        speculate=settings.speculate,
+        speculate_max_batch=settings.speculate_max_batch,
     )
 
 
@@ -109,6 +111,8 @@ def build_engine(settings: Settings, base: LoadedBase, store: AdapterStore) -> E
             "prefix caching is off: the %s runner does not support it (the native runner does)",
             engine.describe().runner.name,
         )
+    if settings.speculate and not engine.speculate:
+        log.info("speculative decoding is off: the %s runner does not verify drafts", engine.runner.name)
     store.bind_base(engine.base_shapes, settings.max_rank)
     store.on_retire(engine.retire)  # a replaced or deleted version leaves its slot (the one subscriber)
     register_startup_adapters(settings, store)

@@ -96,6 +96,16 @@ def serve(
         str | None,
         typer.Option(help="Native runner: on (default: reuse cached KV blocks of a prompt prefix) or off."),
     ] = None,
+    speculate: Annotated[
+        int | None,
+        typer.Option(
+            help="Native runner: draft tokens proposed per step by prompt lookup (0: off, default)."
+        ),
+    ] = None,
+    speculate_max_batch: Annotated[
+        int | None,
+        typer.Option(help="With --speculate: no drafts in steps with more running rows than this (4)."),
+    ] = None,
     max_prefill_tokens: Annotated[
         int | None,
         typer.Option(help="Prompt tokens prefilled per engine step (4096); longer prompts are chunked."),
@@ -139,6 +149,7 @@ def serve(
         "weight_layout": weight_layout, "max_prefill_tokens": max_prefill_tokens, "shutdown_timeout": shutdown_timeout,
         "upload_timeout": upload_timeout, "adapter_source": adapter_source,
         "adapter_source_refresh": adapter_source_refresh, "quantization": quantization, "prefix_cache": prefix_cache,
+        "speculate": speculate, "speculate_max_batch": speculate_max_batch,
         "max_body_kb": max_body_kb, "max_prompt_chars": max_prompt_chars, "allowed_hosts": allowed_hosts,
     }  # fmt: skip
     import uvicorn

@@ -86,6 +86,20 @@ class Settings(BaseSettings):
         "keyed by the adapter version and scale that computed them; off: prefill every prompt whole. "
         "The hf runner has no prefix cache.",
     )
+    speculate: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="Native runner: speculative decoding by prompt lookup, the draft tokens proposed per "
+        "row and step (TGI's --speculate); 0: off. Outputs are the same as without (greedy: equal; "
+        "sampling: the same distribution). The hf runner does not speculate.",
+    )
+    speculate_max_batch: int = Field(
+        4,
+        ge=1,
+        description="With --speculate: no drafts in a step with more running rows than this (a large batch "
+        "is no longer bound by reading the weights, so verifying drafts costs about what they save).",
+    )
     adapter_source: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Where to fetch adapters that are not stored, s3://BUCKET/PREFIX (repeatable, searched "

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from server.engine.describe import EngineSnapshot, PrefixCacheInfo
+from server.engine.describe import EngineSnapshot, PrefixCacheInfo, SpeculationInfo
 from server.engine.requests import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -206,6 +206,7 @@ class EngineCollector(Collector):
                     "loraplex_kv_cache_bytes", "Bytes reserved for the KV memory.", kv.bytes_reserved
                 )
             yield from _prefix_cache_metrics(snap.prefix_cache)
+            yield from _speculation_metrics(snap.speculation)
         yield _counter(
             "loraplex_swaps", "Merged-mode adapter swaps (merge/unmerge).", stats.swaps if stats else 0
         )
@@ -244,6 +245,32 @@ def _prefix_cache_metrics(cache: PrefixCacheInfo) -> Iterator[Metric]:
         "loraplex_prefix_cache_evictable_blocks",
         "Cached KV blocks no running request uses (kept until the memory is needed).",
         cache.evictable_blocks,
+    )
+
+
+def _speculation_metrics(spec: SpeculationInfo) -> Iterator[Metric]:
+    """``--speculate`` counters by adapter (``__base__``: none), where speculative decoding runs."""
+    if not spec.enabled:
+        return
+    drafted = CounterMetricFamily(
+        "loraplex_speculative_drafted_tokens",
+        "Draft tokens proposed by prompt lookup and verified (speculative decoding), by adapter.",
+        labels=["adapter"],
+    )
+    accepted = CounterMetricFamily(
+        "loraplex_speculative_accepted_tokens",
+        "Draft tokens accepted (emitted without a step of their own), by adapter.",
+        labels=["adapter"],
+    )
+    for adapter, (n_drafted, n_accepted) in sorted(spec.by_adapter.items()):
+        drafted.add_metric([adapter], n_drafted)
+        accepted.add_metric([adapter], n_accepted)
+    yield drafted
+    yield accepted
+    yield _gauge(
+        "loraplex_speculative_acceptance_rate",
+        "Accepted over drafted tokens since start (0 before any draft).",
+        spec.acceptance_rate,
     )
 
 

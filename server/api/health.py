@@ -16,7 +16,7 @@ from server.api.tenancy import Principal
 from server.api.tenants import describe_tenant
 
 if TYPE_CHECKING:
-    from server.engine.describe import EngineSnapshot, RunnerInfo
+    from server.engine.describe import EngineSnapshot, RunnerInfo, SpeculationInfo
 
 router = APIRouter(tags=["health"])
 
@@ -80,6 +80,34 @@ def _prefix_cache(snap: EngineSnapshot) -> dict:
     }
 
 
+def _speculation(spec: SpeculationInfo, principal: Principal) -> dict:
+    """``--speculate``: whether speculative decoding runs (the HF runner cannot roll back its
+    cache), the drafts proposed per step, and the drafted and accepted tokens since start, in all
+    and by adapter (the adapters this caller may see; ``__base__``: no adapter)."""
+    if not spec.enabled:
+        return {"enabled": False, "reason": spec.reason}
+    by_adapter = {}
+    for stored, (drafted, accepted) in sorted(spec.by_adapter.items()):
+        name = stored if stored == "__base__" else _shown(principal, stored)
+        if name is not None:
+            by_adapter[name] = {
+                "drafted_tokens": drafted,
+                "accepted_tokens": accepted,
+                "acceptance_rate": round(accepted / drafted, 4) if drafted else 0.0,
+            }
+    return {
+        "enabled": True,
+        "method": "prompt_lookup",
+        "speculate": spec.speculate,
+        "max_batch": spec.max_batch,
+        "verify_rows": spec.verify_rows,
+        "drafted_tokens": spec.drafted_tokens,
+        "accepted_tokens": spec.accepted_tokens,
+        "acceptance_rate": round(spec.acceptance_rate, 4),
+        "by_adapter": by_adapter,
+    }
+
+
 def _decode(runner: RunnerInfo) -> dict:
     """How decode steps run (``--compile``): eager, compile (CPU) or cuda_graphs, and the graphs made;
     ``weights``: the projections' layout (native runner: ``packed`` for oneDNN on the CPU, or
@@ -116,6 +144,7 @@ async def info(
         "decode": _decode(snap.runner),
         "kv_cache": _kv_cache(snap),
         "prefix_cache": _prefix_cache(snap),
+        "speculation": _speculation(snap.speculation, principal),
         "limits": {
             "max_batch": snap.limits.max_batch,
             "max_input_tokens": snap.limits.max_input_tokens,

@@ -124,6 +124,26 @@ class LimitsInfo:
 
 
 @dataclass(frozen=True)
+class SpeculationInfo:
+    """``--speculate``: whether speculative decoding runs (``reason`` says why not) and its counters
+    since start (``engine.SpeculationStats``), in all and by adapter."""
+
+    enabled: bool
+    reason: str | None = None  # set when not enabled
+    speculate: int = 0  # draft tokens proposed per row and step
+    max_batch: int = 0  # --speculate-max-batch: no drafts in steps with more running rows
+    verify_rows: int = 0  # rows that carried drafts in a step
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    # adapter id (``__base__``: none) -> (drafted, accepted)
+    by_adapter: Mapping[str, tuple[int, int]] = MappingProxyType({})
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+
+@dataclass(frozen=True)
 class EngineSnapshot:
     """The engine at one moment (see the module docstring for what "one moment" promises)."""
 
@@ -136,9 +156,7 @@ class EngineSnapshot:
     slots: SlotsInfo
     queue: QueueInfo
     limits: LimitsInfo
-    # Speculative decoding's counters (proposed, accepted tokens...), by name: None while the
-    # engine does not speculate. A typed dataclass may replace the mapping once they settle.
-    speculation: Mapping[str, float] | None = None
+    speculation: SpeculationInfo = SpeculationInfo(enabled=False, reason="--speculate 0")
 
 
 class Described(Protocol):
@@ -150,6 +168,7 @@ class Described(Protocol):
     config: Any  # engine.EngineConfig: ``mode`` and LimitsInfo's fields by the same names
     merger: MergeManager
     prefix_cache: bool  # --prefix-cache on and supported by the runner
+    speculate: int  # --speculate where the runner verifies drafts, else 0
 
     @property
     def num_running(self) -> int: ...
@@ -182,6 +201,7 @@ def describe(engine: Described) -> EngineSnapshot:
         ),
         queue=QueueInfo(running=engine.num_running, waiting=engine.num_waiting),
         limits=_same_fields(LimitsInfo, config),
+        speculation=_speculation_info(engine),
     )
 
 
@@ -219,6 +239,28 @@ def _prefix_cache_info(runner: ModelRunner, enabled: bool) -> PrefixCacheInfo:
     return _same_fields(
         PrefixCacheInfo, stats, enabled=True, reason=None
     )  # runner.PrefixCacheStats' counters
+
+
+def _speculation_info(engine: Described) -> SpeculationInfo:
+    config, runner = engine.config, engine.runner
+    if not engine.speculate:
+        reason = (
+            "--speculate 0"
+            if runner.supports_speculation or not config.speculate
+            else f"the {runner.name} runner does not verify drafts (the native runner does)"
+        )
+        return SpeculationInfo(enabled=False, reason=reason)
+    stats = engine.stats.speculation  # engine.SpeculationStats
+    by_adapter = _copied(lambda: {k: (v[0], v[1]) for k, v in stats.by_adapter.items()})
+    return SpeculationInfo(
+        enabled=True,
+        speculate=engine.speculate,
+        max_batch=config.speculate_max_batch,
+        verify_rows=stats.steps,
+        drafted_tokens=stats.drafted,
+        accepted_tokens=stats.accepted,
+        by_adapter=MappingProxyType(by_adapter),
+    )
 
 
 def _same_fields(cls: type[D], source: object, **given: Any) -> D:

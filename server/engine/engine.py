@@ -47,18 +47,20 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapters.peft_format import BaseLinearShape
 from server.engine.describe import EngineSnapshot, describe
-from server.engine.detokenize import IncrementalDetokenizer, find_stop
+from server.engine.detokenize import IncrementalDetokenizer
 from server.engine.errors import RequestRejected
 from server.engine.grammar import GrammarCompiler
 from server.engine.lora import BASE_SLOT
 from server.engine.lora_model import AdapterSlots
 from server.engine.merge import BaseWeights, MergeManager
 from server.engine.outbox import Outbox
-from server.engine.requests import ErrorEvent, Event, FinishEvent, GenerationRequest, TokenEvent, TopToken
+from server.engine.output import OutputStage
+from server.engine.requests import ErrorEvent, Event, FinishEvent, GenerationRequest
 from server.engine.row import Row
-from server.engine.runner import DecodeInput, ModelRunner, PrefillInput
-from server.engine.sampling import RowSampler, choose_next_tokens
+from server.engine.runner import ModelRunner, StepOutput, StepRow
+from server.engine.sampling import RowSampler
 from server.engine.scheduler import AdapterKey, AutoPolicy, key_of, plan_merged
+from server.engine.speculative import PromptLookup
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,39 @@ class EngineConfig:
     checkpoint_dir: Path | None = None  # safetensors checkpoint to restore base weights from
     max_prompt_chars: int = 262144  # longest prompt text, checked before tokenizing (server.api.generation)
     prefix_cache: bool = True  # reuse cached KV blocks of equal prompt prefixes (runners that support it)
+    speculate: int = 0  # --speculate: tokens proposed per row and step (prompt lookup); 0: off
+    # --speculate-max-batch: no drafts in a step with more running rows (vLLM's
+    # speculative_disable_by_batch_size): a large batch is no longer bound by the weights' stream,
+    # so verifying drafts costs about what they save
+    speculate_max_batch: int = 4
+
+
+BASE_LABEL = "__base__"
+
+
+@dataclass
+class SpeculationStats:
+    """Speculative decoding since start: draft tokens proposed and accepted, in all and by adapter
+    (the adapter id a request named; ``__base__`` for none, as the request metrics label it)."""
+
+    drafted: int = 0
+    accepted: int = 0
+    steps: int = 0  # verify rows run (a row with drafts in a step)
+    by_adapter: dict[str, list[int]] = field(default_factory=dict)  # id -> [drafted, accepted]
+
+    def count(self, request: GenerationRequest, drafted: int, accepted: int) -> None:
+        self.drafted += drafted
+        self.accepted += accepted
+        self.steps += 1
+        name = request.adapter.adapter_id if request.adapter is not None else BASE_LABEL
+        counts = self.by_adapter.setdefault(name, [0, 0])
+        counts[0] += drafted
+        counts[1] += accepted
+
+    def acceptance_rate(self, drafted: int | None = None, accepted: int | None = None) -> float | None:
+        drafted = self.drafted if drafted is None else drafted
+        accepted = self.accepted if accepted is None else accepted
+        return accepted / drafted if drafted else None
 
 
 @dataclass
@@ -88,6 +123,7 @@ class EngineStats:
     swap_seconds: float = 0.0
     preemptions: int = 0  # rows whose KV memory was taken back and recomputed later
     generated_tokens: int = 0  # tokens sampled since start (all rows, prefill's first tokens too)
+    speculation: SpeculationStats = field(default_factory=lambda: SpeculationStats())
 
 
 @dataclass
@@ -136,9 +172,13 @@ class Engine:
             self.merger.original_weight,
             runner.vocab,
         )
-        self.eos_ids = eos_ids | _token_ids(getattr(tokenizer, "eos_token_id", None))
-        self.special_ids = frozenset(tokenizer.all_special_ids) | self.eos_ids
-        self.grammars = GrammarCompiler(tokenizer, runner.vocab_size, self.eos_ids)  # structured output
+        eos_ids = eos_ids | _token_ids(getattr(tokenizer, "eos_token_id", None))
+        self.special_ids = frozenset(tokenizer.all_special_ids) | eos_ids
+        self.grammars = GrammarCompiler(tokenizer, runner.vocab_size, eos_ids)  # structured output
+        # sampling, stop checks and events (output.py)
+        self.output = OutputStage(tokenizer, eos_ids, self.special_ids, self.grammars)
+        # --speculate: drafts per row and step, where the runner verifies them (the HF runner does not)
+        self.speculate = config.speculate if runner.supports_speculation else 0
         self.auto = AutoPolicy(min_uniform_steps=config.auto_min_uniform_steps)
         # --prefix-cache: on where the runner supports it (the HF runner does not)
         self.prefix_cache = config.prefix_cache and runner.supports_prefix_cache
@@ -194,6 +234,15 @@ class Engine:
     @property
     def num_waiting(self) -> int:
         return len(self._waiting) + self._inbox.qsize()
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        """Tokens that end a generation (the output stage's)."""
+        return self.output.eos_ids
+
+    @eos_ids.setter
+    def eos_ids(self, ids: frozenset[int]) -> None:
+        self.output.eos_ids = ids
 
     @property
     def steps(self) -> int:
@@ -369,26 +418,73 @@ class Engine:
         if self.config.mode == "auto":
             self._auto_switch(admitted)
         self._prefilling.extend(admitted)
-        if self._prefilling:
-            self._prefill_step()
-        self._preempt_until_rows_fit()
-        if self._rows:
-            rows = self._rows
-            self.stats.peak_batch = max(self.stats.peak_batch, len(rows))
-            self.stats.batch_sizes[len(rows)] += 1
+        self._preempt_until_rows_fit()  # every running row can take its next token
+        rows = list(self._rows)
+        growth = {r.seq_id: 1 for r in rows}  # KV memory the step's rows take, in tokens
+        chunks = self._prefill_chunks(growth) if self._prefilling else []
+        drafts = self._drafts(rows, growth)
+        plan = self._prefill_plan(chunks) + self._decode_plan(rows, drafts)
+        if plan:
             start = time.perf_counter()
-            slots = self._slots_for(rows)
-            logits = self.runner.decode(
-                [
-                    DecodeInput(r.seq_id, r.next_input, slot, r.request.adapter_scale)
-                    for r, slot in zip(rows, slots, strict=True)
-                ]
-            )
-            if self.merger.merged is None:
+            try:
+                output = self.runner.step(plan)
+            except Exception as exc:
+                self._fail_prefilling([row for row, _ in chunks], exc)
+                raise
+            if rows and not chunks and self.merger.merged is None:
                 self.auto.observe_step(time.perf_counter() - start)
-            self._advance(rows, logits)
+            if rows:
+                self._decoded(rows, output, len(chunks), drafts)
+            if chunks:
+                self._prefilled(chunks, output)
             self._remove_finished()
         self.stats.steps += 1
+
+    def _decode_plan(self, rows: list[Row], drafts: list[list[int]]) -> list[StepRow]:
+        """One row per running row: its last token (a decode row), or its last token and drafts (a
+        verify row: speculative decoding)."""
+        plan = []
+        for row, slot, proposed in zip(rows, self._slots_for(rows), drafts, strict=True):
+            tokens = [row.next_input, *proposed]
+            start = len(row.request.prompt_ids) + row.generated - 1  # all but the last token are in KV memory
+            plan.append(StepRow(row.seq_id, tokens, start, slot, row.request.adapter_scale,
+                                logits=len(tokens), drafts=len(proposed), decoding=True))  # fmt: skip
+        return plan
+
+    def _decoded(self, rows: list[Row], output: StepOutput, offset: int, drafts: list[list[int]]) -> None:
+        """The running rows' tokens: chosen, streamed, verified drafts kept (``runner.commit``)."""
+        self.stats.peak_batch = max(self.stats.peak_batch, len(rows))
+        self.stats.batch_sizes[len(rows)] += 1
+        first, at = [], sum(output.counts[:offset])
+        for count in output.counts[offset : offset + len(rows)]:
+            first.append(at)
+            at += count
+        before = [r.generated for r in rows]
+        accepted = self.output.advance(rows, output.logits, first, drafts)
+        for row, proposed, taken, had in zip(rows, drafts, accepted, before, strict=True):
+            self.stats.generated_tokens += row.generated - had
+            if not proposed:
+                continue
+            self.stats.speculation.count(row.request, len(proposed), taken)
+            if row.request.finished_at is None:
+                self.runner.commit(row.seq_id, taken)
+
+    def _drafts(self, rows: list[Row], growth: dict[int, int]) -> list[list[int]]:
+        """Speculative decoding: each row's proposed tokens (prompt lookup, ``speculative.py``), at
+        most ``--speculate``, never past its ``max_new_tokens`` (the bonus token counts), and only
+        where the KV memory holds them now (a row left without decodes one token, as usual)."""
+        if not self.speculate or len(rows) > self.config.speculate_max_batch:
+            return [[] for _ in rows]
+        drafts: list[list[int]] = []
+        for row in rows:
+            room = row.sampler.params.max_new_tokens - row.generated - 1
+            proposed = row.lookup.propose(min(self.speculate, room)) if row.lookup is not None else []
+            if proposed and self.runner.can_grow({**growth, row.seq_id: 1 + len(proposed)}):
+                growth[row.seq_id] = 1 + len(proposed)
+            else:
+                proposed = []
+            drafts.append(proposed)
+        return drafts
 
     # ------------------------------------------------------------------ merged and auto modes
 
@@ -554,18 +650,19 @@ class Engine:
                 detokenizer=IncrementalDetokenizer(self.tokenizer),
                 seen=torch.tensor(request.prompt_ids, dtype=torch.long, device=device),
                 grammar=self.grammars.matcher(request.grammar) if request.grammar is not None else None,
+                lookup=PromptLookup(request.prompt_ids) if self.speculate else None,
             )
         row.prefill_ids = _recompute_ids(request, row)
         row.prefilled = 0
         self._start_sequence(row, first)  # last: nothing after it may fail and leak the sequence
         return row
 
-    def _prefill_step(self) -> None:
-        """Prefill the next prompt chunks, oldest rows first, within ``max_prefill_tokens``.
+    def _prefill_chunks(self, growth: dict[int, int]) -> list[tuple[Row, int]]:
+        """The next prompt chunks, oldest rows first, within ``max_prefill_tokens`` and the KV
+        memory left after the running rows' next tokens (``growth``, which the chunks join).
 
         A runner with chunked prefill takes part of a long prompt now and the rest in later steps,
-        so running rows keep decoding meanwhile; other runners take whole prompts. Rows whose prompt
-        is complete sample their first token and join the running batch.
+        so running rows keep decoding meanwhile; other runners take whole prompts.
         """
         chunked = self.runner.supports_chunked_prefill
         budget = self.config.max_prefill_tokens
@@ -578,38 +675,43 @@ class Engine:
             take = remaining if whole else min(remaining, budget - total)
             if take <= 0 or (chunks and whole and total + take > budget):
                 break
-            if not self.runner.can_admit(total + take, len(chunks) + 1):
+            if not self.runner.can_grow({**growth, row.seq_id: take}):
                 break  # KV memory is short: rows finishing or preemption will make room
             chunks.append((row, take))
+            growth[row.seq_id] = take
             total += take
-        if not chunks:
-            if not self._rows and len(self._prefilling) > 1:
-                self._preempt(self._prefilling[-1])  # prefilling rows hold each other's room
-            return
+        if not chunks and not self._rows and len(self._prefilling) > 1:
+            self._preempt(self._prefilling[-1])  # prefilling rows hold each other's room
+        return chunks
+
+    def _prefill_plan(self, chunks: list[tuple[Row, int]]) -> list[StepRow]:
         rows = [row for row, _ in chunks]
-        inputs = [
-            PrefillInput(
+        return [
+            StepRow(
                 row.seq_id,
                 row.prefill_ids[row.prefilled : row.prefilled + take],
                 row.prefilled,
                 slot,
+                row.request.adapter_scale,
                 want_token_logprobs=_wants_prompt(row),
-                scale=row.request.adapter_scale,
                 top_n=_VOCAB_ALL if row.request.want_prompt_distributions else row.request.prompt_top_n,
             )
             for (row, take), slot in zip(chunks, self._slots_for(rows), strict=True)
         ]
-        try:
-            output = self.runner.prefill(inputs)
-        except Exception as exc:
-            for row in rows:  # not in the batch yet: _fail_all would not reach them
-                row.request.finished_at = time.perf_counter()
-                row.request.emit(ErrorEvent(f"generation failed: {exc}", "generation"))
-                self._release(row)
-            self.runner.release(r.seq_id for r in rows)
-            self._prefilling = [r for r in self._prefilling if r.request.finished_at is None]
-            raise
-        logits = output.logits
+
+    def _fail_prefilling(self, rows: list[Row], exc: Exception) -> None:
+        """A failed step: rows being prefilled are not in the batch yet (``_fail_all`` would not
+        reach them): fail and release them here."""
+        for row in rows:
+            row.request.finished_at = time.perf_counter()
+            row.request.emit(ErrorEvent(f"generation failed: {exc}", "generation"))
+            self._release(row)
+        self.runner.release(r.seq_id for r in rows)
+        self._prefilling = [r for r in self._prefilling if r.request.finished_at is None]
+
+    def _prefilled(self, chunks: list[tuple[Row, int]], output: StepOutput) -> None:
+        """Prompt chunks are in KV memory: rows whose prompt is complete choose their first token
+        and join the running batch (they decode from the next step on)."""
         done: list[int] = []
         for i, (row, take) in enumerate(chunks):
             if _wants_prompt(row):  # asked for: the whole prompt was prefilled at once
@@ -622,7 +724,7 @@ class Engine:
                     )
                 elif top is not None:
                     row.request.prompt_top_tokens = [
-                        tuple(self._top_token(i, lp) for i, lp in zip(ids, lps, strict=True))
+                        tuple(self.output.top_token(i, lp) for i, lp in zip(ids, lps, strict=True))
                         for lps, ids in zip(top[0].tolist(), top[1].tolist(), strict=True)
                     ]
             row.prefilled += take
@@ -630,11 +732,13 @@ class Engine:
                 done.append(i)
         if not done:
             return
-        joined = [rows[i] for i in done]
+        joined = [chunks[i][0] for i in done]
         self._prefilling = [r for r in self._prefilling if r.prefilled < len(r.prefill_ids)]
         self._rows.extend(joined)
-        self._advance(joined, logits[done] if len(done) < len(rows) else logits)
-        self._remove_finished()
+        counts = output.counts  # the prompt rows come first in the plan, one logit each
+        first = [sum(counts[:i]) for i in done]
+        self.output.advance(joined, output.logits, first)
+        self.stats.generated_tokens += len(joined)
 
     def _preempt_until_rows_fit(self) -> None:
         """Free KV memory for the next decode step by preempting the newest rows (recomputed later)."""
@@ -658,78 +762,6 @@ class Engine:
         self.stats.preemptions += 1
         self._waiting.appendleft(row.request)
         log.info("preempted request %d (KV memory full); it will be recomputed", row.request.request_id)
-
-    def _advance(self, rows: list[Row], logits: torch.Tensor) -> None:
-        """Choose each row's next token, stream it, and finish rows that are done."""
-        tokens, logprobs, top = choose_next_tokens(
-            logits,
-            [r.sampler for r in rows],
-            [r.seen for r in rows],
-            generated=[r.generated_ids for r in rows],
-            top_n=[r.request.top_n_tokens for r in rows],
-            mask=self.grammars.mask([r.grammar for r in rows], logits.shape[-1]),
-        )
-        self.stats.generated_tokens += len(rows)
-        now = time.perf_counter()
-        for row, token, logprob, best in zip(rows, tokens.tolist(), logprobs.tolist(), top, strict=True):
-            request = row.request
-            if request.first_token_at is None:
-                request.first_token_at = now
-            row.generated_ids.append(token)
-            row.next_input = token
-            if row.sampler.params.repetition_penalty not in (None, 1.0):
-                row.seen = torch.cat([row.seen, tokens.new_tensor([token])])
-            special = token in self.special_ids
-            text = "" if special else row.detokenizer.add(token)
-            top_tokens = tuple(self._top_token(i, lp) for i, lp in best)
-            if request.want_details:
-                row.tokens.append({"id": token, "text": text, "logprob": logprob, "special": special,
-                                   "top_tokens": top_tokens})  # fmt: skip
-            request.emit(
-                TokenEvent(id=token, text=text, logprob=logprob, special=special, top_tokens=top_tokens)
-            )
-            if row.grammar is not None and (refused := row.grammar.consume(token)) is not None:
-                # unreachable while the mask holds; a grammar bug fails this row, not the engine
-                request.finished_at = time.perf_counter()
-                request.emit(ErrorEvent(f"structured output failed: {refused}", "generation"))
-                continue
-            self._maybe_finish(row, token, len(text))
-
-    def _top_token(self, token: int, logprob: float) -> TopToken:
-        """A most-likely alternative, its text decoded alone (as TGI reports them)."""
-        special = token in self.special_ids
-        return TopToken(token, self.tokenizer.decode([token]), logprob, special)
-
-    def _maybe_finish(self, row: Row, token: int, new_chars: int) -> None:
-        params = row.sampler.params
-        text = row.detokenizer.text
-        stop_at: int | None = None
-        if token in self.eos_ids and not params.ignore_eos:
-            reason = "eos_token"
-        elif params.stop and (match := find_stop(text, params.stop, new_chars)) is not None:
-            reason, stop_at = "stop_sequence", match[0]
-            text = text[: match[1]]
-        elif row.generated >= params.max_new_tokens:
-            reason = "length"
-            text += row.detokenizer.flush()
-        else:
-            return
-        request = row.request
-        request.finished_at = time.perf_counter()
-        request.emit(
-            FinishEvent(
-                generated_text=text,
-                finish_reason=reason,  # type: ignore[arg-type]
-                prompt_tokens=len(request.prompt_ids),
-                generated_tokens=row.generated,
-                seed=row.sampler.seed,
-                tokens=row.tokens,
-                stop_at=stop_at,
-                prompt_logprobs=request.prompt_logprobs,
-                prompt_top_tokens=request.prompt_top_tokens,
-                cached_tokens=row.cached_tokens,
-            )
-        )
 
     def _remove_finished(self) -> None:
         """Finished rows leave the batch at once: their slots and KV memory are released."""

@@ -54,7 +54,11 @@ def attach_lora_layers(
 
 
 class HFRunner(ModelRunner):
-    """Runs a ``PreTrainedModel``; rows of the running batch are in the order the engine sent them."""
+    """Runs a ``PreTrainedModel``; rows of the running batch are in the order the engine sent them.
+
+    Its step plan is the default one (``ModelRunner.step``: the decode rows, then the new prompts).
+    No speculative decoding: rolling a row back in the left-padded shared cache (a
+    ``DynamicCache`` whose rows all have one length) would mean re-padding every row per step."""
 
     name = "hf"
 

@@ -9,6 +9,7 @@ import torch
 
 from server.engine.detokenize import IncrementalDetokenizer
 from server.engine.sampling import RowSampler
+from server.engine.speculative import PromptLookup
 
 if TYPE_CHECKING:
     from server.engine.grammar import RowGrammar
@@ -29,6 +30,7 @@ class Row:
     prefilled: int = 0  # how many of prefill_ids are in the KV cache (chunked prefill, a cached prefix)
     cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission (usage.cached_tokens)
     grammar: RowGrammar | None = None  # structured output: where the row is in its grammar
+    lookup: PromptLookup | None = None  # speculative decoding: the row's tokens, n-gram indexed
 
     @property
     def generated(self) -> int:

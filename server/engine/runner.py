@@ -1,9 +1,14 @@
 """The model-runner seam: what the engine asks of a model implementation.
 
     Engine (scheduling, sampling, streaming, modes; knows nothing of Hugging Face)
-      │  prefill([PrefillInput]) -> PrefillOutput      new prompts (or prompt chunks) join
-      │  decode([DecodeInput])   -> logits [B, V]      one token for every running sequence
+      │  step([StepRow]) -> StepOutput                 the step plan: prompt chunks, decode rows
+      │                                                (one token) and verify rows (last token +
+      │                                                drafts) in one call; logits where asked
+      │  commit(seq_id, accepted)                      a verify row's accepted drafts stay in KV
+      │                                                memory, the rejected ones are rolled back
       │  release(seq_ids)                              finished / cancelled / preempted rows leave
+      │  (prefill([PrefillInput]) / decode([DecodeInput]): the two plain forms, kept for callers
+      │  that drive a runner directly)
       ▼
     ModelRunner (owns the weights, the KV memory and the forward passes)
       ├─ HFRunner          any Hugging Face causal LM (left-padded growable cache)
@@ -88,6 +93,68 @@ class DecodeInput:
     token_id: int  # the token to append (the last one sampled)
     slot: int
     scale: float = 1.0  # factor on the slot's update for this row (the request's adapter_scale)
+
+
+@dataclass(frozen=True)
+class StepRow:
+    """One row of a step plan: new tokens for one sequence, and which of them want logits.
+
+    A prompt chunk (``want_token_logprobs``/``top_n`` as in :class:`PrefillInput`), a decode row
+    (the last sampled token) or a verify row (the last sampled token + ``drafts`` proposed ones,
+    speculative decoding): the runner treats them alike, writing every new token's K and V at
+    positions ``start, start + 1, ...``. The last ``drafts`` tokens are provisional: the runner
+    keeps them in KV memory only once :meth:`ModelRunner.commit` says how many were accepted.
+    """
+
+    seq_id: int
+    token_ids: Sequence[int]  # the new tokens (at least one)
+    start: int  # the length of the prefix already in KV memory
+    slot: int  # adapter slot, BASE_SLOT for none
+    scale: float = 1.0  # factor on the slot's update for this row (the request's adapter_scale)
+    logits: int = 1  # logits for the last ``logits`` new tokens (prompt chunk, decode: 1; verify: all)
+    drafts: int = 0  # trailing tokens that are proposals (verify rows), rolled back unless accepted
+    decoding: bool = False  # a running row's last sampled token (+ drafts); False: a prompt chunk
+    want_token_logprobs: bool = False  # a whole prompt: also log p(token_ids[j] | before), j >= 1
+    top_n: int = 0  # with want_token_logprobs: also the top_n most likely tokens at each position
+
+    def as_prefill(self) -> PrefillInput:
+        return PrefillInput(
+            self.seq_id,
+            self.token_ids,
+            self.start,
+            self.slot,
+            self.want_token_logprobs,
+            self.scale,
+            self.top_n,
+        )
+
+
+@dataclass
+class StepOutput:
+    """What a step returns: every row's asked-for logits, rows concatenated in plan order."""
+
+    logits: torch.Tensor  # [sum of rows' ``logits``, V]
+    counts: list[int]  # rows' ``logits``, in plan order
+    # as in PrefillOutput, for prompt rows that asked
+    token_logprobs: dict[int, torch.Tensor] = field(default_factory=dict)
+    token_top: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def of(self, index: int) -> torch.Tensor:
+        """Row ``index``'s logits: [its ``logits``, V], position order."""
+        first = sum(self.counts[:index])
+        return self.logits[first : first + self.counts[index]]
+
+    @classmethod
+    def join(cls, rows: Sequence[StepRow], parts: Sequence[tuple[Sequence[int], torch.Tensor]]) -> StepOutput:
+        """Assemble from forwards over subsets: ``parts`` = (row indices, their logits concatenated)."""
+        by_row: dict[int, torch.Tensor] = {}
+        for indices, logits in parts:
+            first = 0
+            for i in indices:
+                by_row[i] = logits[first : first + rows[i].logits]
+                first += rows[i].logits
+        counts = [r.logits for r in rows]
+        return cls(torch.cat([by_row[i] for i in range(len(rows))]), counts)
 
 
 @dataclass(frozen=True)
@@ -192,6 +259,8 @@ class ModelRunner(ABC):
     # False where adapters cannot be folded into the weights (quantized bases): merged mode is
     # refused and auto mode stays unmerged
     can_merge: bool = True
+    # verify rows (StepRow.drafts > 0) and commit(): speculative decoding can run on this runner
+    supports_speculation: bool = False
     _lora_targets: Mapping[str, LoraTarget]
     _weight_targets: Mapping[str, WeightTarget]
     # adapters' own token embedding and LM head per row (modules_to_save, LoRA on them); None:
@@ -234,6 +303,39 @@ class ModelRunner(ABC):
     @abstractmethod
     def decode(self, inputs: Sequence[DecodeInput]) -> torch.Tensor:
         """Append one token to each running sequence; return next-token logits [B, V] in input order."""
+
+    def step(self, rows: Sequence[StepRow]) -> StepOutput:
+        """Run one step plan: every row's new tokens join its sequence's KV memory (a sequence
+        unknown to the runner is created by its first prompt chunk); returns the logits each row
+        asked for. This form runs the decode rows, then the prompt rows, as two forwards; a runner
+        that can do better (one forward, verify rows) overrides it."""
+        if any(r.drafts for r in rows):
+            raise ValueError(f"the {self.name} runner does not verify drafts (speculative decoding)")
+        decoding = [i for i, r in enumerate(rows) if r.decoding]
+        prompts = [i for i, r in enumerate(rows) if not r.decoding]
+        parts: list[tuple[Sequence[int], torch.Tensor]] = []
+        if decoding:
+            inputs = [
+                DecodeInput(rows[i].seq_id, rows[i].token_ids[0], rows[i].slot, rows[i].scale)
+                for i in decoding
+            ]
+            parts.append((decoding, self.decode(inputs)))
+        extra = PrefillOutput(logits=torch.empty(0))
+        if prompts:
+            extra = self.prefill([rows[i].as_prefill() for i in prompts])
+            parts.append((prompts, extra.logits))
+        output = StepOutput.join(rows, parts)
+        output.token_logprobs, output.token_top = extra.token_logprobs, extra.token_top
+        return output
+
+    def commit(self, seq_id: int, accepted: int) -> None:
+        """After a verify row: keep its first ``accepted`` drafts in KV memory, roll back the rest."""
+        raise NotImplementedError(f"the {self.name} runner has no speculative decoding")
+
+    def can_grow(self, growth: Mapping[int, int]) -> bool:
+        """True when each sequence (seq_id -> new tokens; unknown ids start empty) can take that
+        many more tokens at once without preempting anyone."""
+        return True
 
     @abstractmethod
     def release(self, seq_ids: Iterable[int]) -> None:

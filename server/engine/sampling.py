@@ -11,6 +11,14 @@ one distribution: the log-softmax of the model's raw logits, before penalties an
 the chosen token's log-probability equals its entry among the alternatives, and a value does not
 change with the sampling settings.
 
+Speculative decoding (``speculative.py``) hands each row a draft token for the position, or None:
+a greedy row's choice is its argmax as always (the engine accepts the draft when they agree); a
+sampling row accepts the draft ``d`` with probability ``p(d)``, ``p`` its processed distribution
+(penalties, mask and warpers applied), and otherwise samples from ``p`` with ``d`` removed. For a
+deterministic draft this is speculative sampling's rule (Leviathan et al. 2023, Chen et al. 2023:
+accept with min(1, p(d)/q(d)), q = 1 at d; on rejection sample from (p - q)+ normalised) and the
+token is distributed exactly as ``p``: P(d) = p(d), P(x != d) = (1 - p(d)) p(x) / (1 - p(d)).
+
 Structured output (``grammar.py``) hands a mask of the tokens each row's grammar allows; it
 applies to the row's logits first, before penalties, warpers and the choice (so top-k and top-p
 choose among allowed tokens). Reported log-probabilities stay the model's, unmasked.
@@ -140,6 +148,7 @@ def choose_next_tokens(
     generated: Sequence[Sequence[int]] | None = None,
     top_n: Sequence[int] | None = None,
     mask: TokenMask | None = None,
+    drafts: Sequence[int | None] | None = None,
 ) -> NextTokens:
     """Pick one token per row.
 
@@ -147,7 +156,8 @@ def choose_next_tokens(
     repetition penalty); generated[i]: the ids row i generated so far (frequency and presence
     penalties; needed only by rows that use them); top_n[i]: how many most likely tokens to report
     for row i (0: none); mask: the tokens the grammar of each constrained row allows (structured
-    output); the other rows' logits are not touched.
+    output); the other rows' logits are not touched; drafts[i]: a proposed token for row i
+    (speculative decoding; see the module docstring), chosen back exactly when it is accepted.
     """
     logits = logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
@@ -171,7 +181,10 @@ def choose_next_tokens(
         if params.samples:
             warped = _warp(row, params)
             probs = warped.softmax(-1)
-            if torch.isfinite(probs).all():
+            draft = drafts[i] if drafts is not None else None
+            if torch.isfinite(probs).all() and draft is not None:
+                chosen[i] = _speculative_sample(probs, draft, sampler.generator)
+            elif torch.isfinite(probs).all():
                 chosen[i] = torch.multinomial(probs, 1, generator=sampler.generator)[0]
             else:  # extreme settings (a temperature near 0) overflow: their limit is greedy
                 chosen[i] = warped.nan_to_num(nan=float("-inf")).argmax()
@@ -179,6 +192,20 @@ def choose_next_tokens(
             chosen[i] = row.argmax()
     picked_logprobs = logprobs.gather(1, chosen[:, None])[:, 0]
     return NextTokens(chosen, picked_logprobs, top_logprobs(logprobs, top_n))
+
+
+def _speculative_sample(probs: torch.Tensor, draft: int, generator: torch.Generator | None) -> int:
+    """probs: [V] the processed distribution -> ``draft`` with probability probs[draft], else a
+    token drawn from probs without ``draft`` (renormalised): distributed exactly as probs."""
+    accept = float(probs[draft])
+    u = float(torch.rand((), generator=generator, device=probs.device))
+    if u < accept:
+        return draft
+    rest = probs.clone()
+    rest[draft] = 0.0
+    if not float(rest.sum()) > 0.0:  # p(draft) == 1 up to rounding: nothing else can be drawn
+        return draft
+    return int(torch.multinomial(rest, 1, generator=generator)[0])
 
 
 def top_logprobs(logprobs: torch.Tensor, top_n: Sequence[int] | None) -> list[list[tuple[int, float]]]:

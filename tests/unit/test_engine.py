@@ -143,7 +143,9 @@ def test_finished_rows_leave_at_once(setup, tokenizer) -> None:
     short = submit(engine, _ids(tokenizer, PROMPTS[0]), adapters["qv"], max_new_tokens=2)[1]
     long = submit(engine, _ids(tokenizer, PROMPTS[1]), None, max_new_tokens=6)[1]
     engine._drain_inbox(block=False)
-    engine.step()  # prefill (token 1) + decode (token 2): the short one is done
+    engine.step()  # the step plan prefills both prompts: token 1 of each
+    assert len(outcome(short).tokens) == 1 and engine.num_running == 2
+    engine.step()  # one decode row each (token 2): the short one is done
     assert outcome(short).finish is not None and outcome(short).finish.finish_reason == "length"
     assert engine.num_running == 1
     assert engine.slots._resident[adapters["qv"].key].in_use == 0

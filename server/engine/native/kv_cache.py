@@ -118,6 +118,16 @@ class PagedKVCache:
         needed = sum(1 for s in seq_ids if self.sequences[s].length % self.block_size == 0)
         return needed <= self.free_blocks
 
+    def can_grow_by(self, growth: dict[int, int]) -> bool:
+        """Whether each sequence (id -> new tokens; an unknown id starts empty) can take that many
+        more tokens at once: the blocks they need, all together, are free."""
+        needed = 0
+        for seq_id, tokens in growth.items():
+            seq = self.sequences.get(seq_id)
+            length, held = (seq.length, len(seq.blocks)) if seq is not None else (0, 0)
+            needed += max(self.blocks_for(length + tokens) - held, 0)
+        return needed <= self.free_blocks
+
     def prefix_stats(self) -> PrefixCacheStats:
         return self.prefix.snapshot()
 
@@ -207,6 +217,21 @@ class PagedKVCache:
         offsets = [p % self.block_size for p in positions]
         seq.length = end
         return blocks, offsets
+
+    def truncate(self, seq_id: int, length: int) -> None:
+        """Keep the sequence's first ``length`` tokens (speculative decoding's rejected drafts go):
+        blocks past them return to the free list. Those blocks hold only tokens never recorded
+        (``record``), so no prefix key names them and no other sequence holds them."""
+        seq = self.sequences[seq_id]
+        if not seq.reused <= length <= seq.length:
+            raise ValueError(f"sequence {seq_id}: cannot truncate {seq.length} tokens to {length}")
+        keep = self.blocks_for(length)
+        for block in reversed(seq.blocks[keep:]):
+            assert self._refs[block] == 1 and not self.prefix.holds(block), "a rolled-back block is private"
+            self._refs[block] = 0
+            self._free.append(block)
+        del seq.blocks[keep:]
+        seq.length = length
 
     def release(self, seq_id: int) -> None:
         seq = self.sequences.pop(seq_id, None)

@@ -80,7 +80,10 @@ class AttentionPlan:
     write_offsets: torch.Tensor  # [N] offset in that block
     decode: bool  # one token per sequence (batched attention) or prompt chunks (per sequence)
     block_table: torch.Tensor | None = None  # decode: [B, max blocks]
-    attend: torch.Tensor | None = None  # decode: [B, 1, 1, T] True up to each sequence's length
+    attend: torch.Tensor | None = None  # decode: [B, 1, Q, T] True where query q of row b may look
+    # verify rows (several tokens per row, Q the longest): token j's place in the [B * Q] padded
+    # queries; None: one token per row (Q = 1)
+    query_index: torch.Tensor | None = None
     chunks: list[tuple[int, int, torch.Tensor]] | None = None  # prefill: (start, count, block ids)
 
 
@@ -397,9 +400,12 @@ class LlamaModel:
     def _decode_attention(
         self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: AttentionPlan
     ) -> torch.Tensor:
-        """q: [B, heads, D], one token per sequence -> [B, heads * D]."""
+        """q: [B, heads, D], one token per sequence -> [B, heads * D]; or, with
+        ``plan.query_index``, q: [N, heads, D] of rows with several tokens each -> [N, heads * D]."""
         c = self.config
         assert plan.block_table is not None and plan.attend is not None
+        if plan.query_index is not None:
+            return self._verify_attention(q, k_pool, v_pool, plan)
         b = q.shape[0]
         keys = self._gather(k_pool, plan.block_table)  # [B, KVH, T, D]
         values = self._gather(v_pool, plan.block_table)
@@ -412,6 +418,30 @@ class LlamaModel:
             enable_gqa=True,  # head h reads KV head h // G: K and V are never repeated
         )  # [B, heads, 1, D]
         return out.reshape(b, c.num_heads * c.head_dim)
+
+    def _verify_attention(
+        self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: AttentionPlan
+    ) -> torch.Tensor:
+        """q: [N, heads, D], rows of up to Q tokens packed -> [N, heads * D]: the queries padded to
+        [B, heads, Q, D], one batched product against each row's blocks (``plan.attend`` causal
+        within the row), the padding dropped."""
+        c = self.config
+        assert plan.block_table is not None and plan.attend is not None and plan.query_index is not None
+        b, queries = plan.attend.shape[0], plan.attend.shape[2]
+        padded = q.new_zeros(b * queries, c.num_heads, c.head_dim)
+        padded[plan.query_index] = q
+        keys = self._gather(k_pool, plan.block_table)  # [B, KVH, T, D]
+        values = self._gather(v_pool, plan.block_table)
+        out = F.scaled_dot_product_attention(
+            padded.view(b, queries, c.num_heads, c.head_dim).transpose(1, 2),  # [B, heads, Q, D]
+            keys,
+            values,
+            attn_mask=plan.attend,  # [B, 1, Q, T]
+            scale=self.scale,
+            enable_gqa=True,
+        )  # [B, heads, Q, D]
+        flat = out.transpose(1, 2).reshape(b * queries, c.num_heads * c.head_dim)
+        return flat.index_select(0, plan.query_index)
 
     def _prefill_attention(
         self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: AttentionPlan

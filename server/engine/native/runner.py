@@ -32,6 +32,8 @@ from server.engine.runner import (
     PrefillOutput,
     PrefixCacheStats,
     PrefixHit,
+    StepOutput,
+    StepRow,
     WeightTarget,
     prompt_logprobs,
 )
@@ -41,6 +43,12 @@ log = logging.getLogger(__name__)
 BLOCK_SIZE = 16
 DEFAULT_CPU_KV_BYTES = 384 << 20  # keeps the embedded model's server under ~1.6 GB RSS
 DEFAULT_GPU_KV_FRACTION = 0.9  # of the GPU memory free after the weights
+
+# A verify step of up to this many tokens runs on the engine thread alone (blocked weights), like a
+# small decode step (``_threads_for``): on the loaded 2-core machine, a batch-1 step of the
+# embedded model with 5 tokens took 144-308 ms on one thread against 1.7-3.8 s on two (a parallel
+# region waiting at its barrier for a descheduled thread; one decode token: 92-140 ms).
+VERIFY_ONE_THREAD_TOKENS = 8
 
 WeightLayout = Literal["auto", "blocked", "packed", "dense"]
 ResolvedLayout = Literal["blocked", "packed", "dense", "quantized"]
@@ -60,6 +68,7 @@ class NativeLlamaRunner(ModelRunner):
     name = "native"
     supports_chunked_prefill = True
     supports_prefix_cache = True
+    supports_speculation = True
 
     def __init__(
         self,
@@ -158,6 +167,7 @@ class NativeLlamaRunner(ModelRunner):
                 self.model, self.kv, self.decode_kind, max_batch, max_blocks, self.lora_backend
             )
             self.graphs.warm_up()
+        self._drafts: dict[int, list[int]] = {}  # verify rows' drafts until commit, by sequence
         self._lora_targets: dict[str, LoraTarget] = {}
         self._weight_targets: dict[str, WeightTarget] = {}
         self._eager_slots: set[int] = set()
@@ -239,9 +249,22 @@ class NativeLlamaRunner(ModelRunner):
     def can_decode(self, seq_ids: Sequence[int]) -> bool:
         return self.kv.can_grow(list(seq_ids))
 
+    def can_grow(self, growth: dict[int, int]) -> bool:  # type: ignore[override]
+        return self.kv.can_grow_by(dict(growth))
+
     def release(self, seq_ids: Iterable[int]) -> None:
         for seq_id in seq_ids:
             self.kv.release(seq_id)
+            self._drafts.pop(seq_id, None)
+
+    def commit(self, seq_id: int, accepted: int) -> None:
+        """Keep a verify row's first ``accepted`` drafts: they are recorded (their full blocks may
+        be shared from now on) and the rejected ones' places given back (``PagedKVCache.truncate``)."""
+        drafts = self._drafts.pop(seq_id)
+        if not 0 <= accepted <= len(drafts):
+            raise ValueError(f"sequence {seq_id}: {accepted} of {len(drafts)} drafts accepted")
+        self.kv.record(seq_id, drafts[:accepted])
+        self.kv.truncate(seq_id, self.kv.sequences[seq_id].length - (len(drafts) - accepted))
 
     def cached_prefix(self, identity: str, token_ids: Sequence[int]) -> PrefixHit:
         return self.kv.cached_prefix(identity, token_ids)
@@ -254,8 +277,9 @@ class NativeLlamaRunner(ModelRunner):
 
     # ------------------------------------------------------------------ forward passes
 
-    def prefill(self, inputs: Sequence[PrefillInput]) -> PrefillOutput:
-        """Pack every input's tokens into one pass; each chunk attends to its sequence's cache."""
+    def prefill(self, inputs: Sequence[PrefillInput], last: Sequence[int] | None = None) -> PrefillOutput:
+        """Pack every input's tokens into one pass; each chunk attends to its sequence's cache.
+        ``last[i]``: logits of input i's last ``last[i]`` tokens (default 1), inputs in order."""
         tokens: list[int] = []
         positions: list[int] = []
         blocks: list[int] = []
@@ -288,11 +312,20 @@ class NativeLlamaRunner(ModelRunner):
         hidden = self._forward(tokens, positions, token_slots, plan, token_scales)  # [N, H]
         for item in inputs:  # their K and V are written: full blocks may now be shared
             self.kv.record(item.seq_id, item.token_ids)
-        ends = torch.tensor(
-            [sum(c[1] for c in chunks[: i + 1]) - 1 for i in range(len(chunks))], device=self.device
+        wanted: list[int] = []  # hidden rows whose logits are returned: each input's last ``last[i]``
+        wanted_slots: list[int] = []
+        wanted_scales: list[float] = []
+        end = 0
+        for i, (item, (_, count, _)) in enumerate(zip(inputs, chunks, strict=True)):
+            end += count
+            n = last[i] if last else 1
+            wanted.extend(range(end - n, end))
+            wanted_slots += [item.slot] * n
+            wanted_scales += [item.scale] * n
+        ends = torch.tensor(wanted, device=self.device)
+        output = PrefillOutput(
+            logits=self.model.logits(hidden.index_select(0, ends), wanted_slots, wanted_scales)
         )
-        rows = ([i.slot for i in inputs], [i.scale for i in inputs])
-        output = PrefillOutput(logits=self.model.logits(hidden.index_select(0, ends), *rows))
         first = 0
         for item, (_, count, _) in zip(inputs, chunks, strict=True):
             if item.want_token_logprobs:  # position j of the chunk predicts token j + 1
@@ -301,6 +334,93 @@ class NativeLlamaRunner(ModelRunner):
                 prompt_logprobs(output, item, logits, item.token_ids)
             first += count
         return output
+
+    def step(self, rows: Sequence[StepRow]) -> StepOutput:
+        """Prompt chunks in one packed forward; decode rows in the decode path (sorted by slot,
+        captured graphs), or, when the plan has verify rows, decode and verify rows in one forward
+        whose rows may carry several tokens (``_verify``)."""
+        verifying = any(r.drafts for r in rows)
+        short = [i for i, r in enumerate(rows) if self._short(r, verifying)]
+        chunks = [i for i in range(len(rows)) if i not in set(short)]
+        parts: list[tuple[Sequence[int], torch.Tensor]] = []
+        extra = None
+        if chunks:
+            extra = self.prefill([rows[i].as_prefill() for i in chunks], [rows[i].logits for i in chunks])
+            parts.append((chunks, extra.logits))
+        if short and verifying:
+            parts.append((short, self._verify([rows[i] for i in short])))
+        elif short:
+            inputs = [
+                DecodeInput(rows[i].seq_id, rows[i].token_ids[0], rows[i].slot, rows[i].scale) for i in short
+            ]
+            parts.append((short, self.decode(inputs)))
+        output = StepOutput.join(rows, parts)
+        if extra is not None:
+            output.token_logprobs, output.token_top = extra.token_logprobs, extra.token_top
+        return output
+
+    def _short(self, row: StepRow, verifying: bool) -> bool:
+        """A decode row (one token of a running sequence), or in a verify plan a verify row."""
+        if not row.decoding or row.logits != len(row.token_ids):
+            return False
+        if row.seq_id not in self.kv.sequences or self.kv.sequences[row.seq_id].length != row.start:
+            return False
+        return len(row.token_ids) == 1 or (verifying and row.drafts > 0)
+
+    def _verify(self, rows: Sequence[StepRow]) -> torch.Tensor:
+        """Rows of one or more tokens (the last sampled token, then drafts), each attending to its
+        own sequence in one batched attention (queries padded to the longest row); returns every
+        new token's logits [N, V], rows in order."""
+        tokens: list[int] = []
+        positions: list[int] = []
+        blocks: list[int] = []
+        offsets: list[int] = []
+        token_slots: list[int] = []
+        token_scales: list[float] = []
+        query_index: list[int] = []  # each token's place in the [B * Q] padded queries
+        widest = max(len(r.token_ids) for r in rows)
+        for b, row in enumerate(rows):
+            count = len(row.token_ids)
+            new_blocks, new_offsets = self.kv.extend(row.seq_id, count)
+            tokens.extend(row.token_ids)
+            positions.extend(range(row.start, row.start + count))
+            blocks += new_blocks
+            offsets += new_offsets
+            token_slots.extend([row.slot] * count)
+            token_scales.extend([row.scale] * count)
+            query_index.extend(range(b * widest, b * widest + count))
+        tables = [list(self.kv.sequences[r.seq_id].blocks) for r in rows]
+        width = max(len(t) for t in tables)
+        table = torch.tensor(
+            [t + [self.kv.scratch_block] * (width - len(t)) for t in tables],
+            dtype=torch.long,
+            device=self.device,
+        )  # [B, nb]
+        # query q of row b sees positions <= start_b + q (padding queries repeat the row's last)
+        last = torch.tensor(
+            [[r.start + min(q, len(r.token_ids) - 1) for q in range(widest)] for r in rows],
+            device=self.device,
+        )  # [B, Q]
+        attend = (
+            torch.arange(width * self.kv.block_size, device=self.device)[None, None, :] <= last[:, :, None]
+        )
+        plan = AttentionPlan(
+            write_blocks=torch.tensor(blocks, dtype=torch.long, device=self.device),
+            write_offsets=torch.tensor(offsets, dtype=torch.long, device=self.device),
+            decode=True,
+            block_table=table,
+            attend=attend[:, None],  # [B, 1, Q, T]
+            query_index=torch.tensor(query_index, dtype=torch.long, device=self.device),
+        )
+        with self._threads_for(len(rows) if len(tokens) <= VERIFY_ONE_THREAD_TOKENS else len(tokens)):
+            hidden = self._forward(tokens, positions, token_slots, plan, token_scales)  # [N, H]
+            logits = self.model.logits(hidden, token_slots, token_scales)  # [N, V]
+        for row in rows:  # K and V written; the drafts are recorded once accepted (commit)
+            committed = len(row.token_ids) - row.drafts
+            self.kv.record(row.seq_id, row.token_ids[:committed])
+            if row.drafts:
+                self._drafts[row.seq_id] = list(row.token_ids[committed:])
+        return logits
 
     def decode(self, inputs: Sequence[DecodeInput]) -> torch.Tensor:
         with self._threads_for(len(inputs)):
