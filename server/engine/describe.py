@@ -19,7 +19,7 @@ derived from several reads (the KV memory in use) may be off by what one step ch
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -136,7 +136,7 @@ class SpeculationInfo:
     drafted_tokens: int = 0
     accepted_tokens: int = 0
     # adapter id (``__base__``: none) -> (drafted, accepted)
-    by_adapter: Mapping[str, tuple[int, int]] = MappingProxyType({})
+    by_adapter: Mapping[str, tuple[int, int]] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def acceptance_rate(self) -> float:
@@ -156,7 +156,9 @@ class EngineSnapshot:
     slots: SlotsInfo
     queue: QueueInfo
     limits: LimitsInfo
-    speculation: SpeculationInfo = SpeculationInfo(enabled=False, reason="--speculate 0")
+    speculation: SpeculationInfo = field(
+        default_factory=lambda: SpeculationInfo(enabled=False, reason="--speculate 0")
+    )
 
 
 class Described(Protocol):

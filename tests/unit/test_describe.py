@@ -56,6 +56,7 @@ def _info_from(snap) -> dict:
             "preemptions": snap.stats.preemptions,
         },
         "prefix_cache": prefix,
+        "speculation": {"enabled": False, "reason": snap.speculation.reason},  # --speculate 0 here
         "limits": dataclasses.asdict(snap.limits),
         "adapters_loaded": [key.partition("@")[0] for key in snap.slots.resident_keys],
         "adapter_slot_users": snap.slots.in_use,
@@ -90,7 +91,9 @@ def test_snapshot_matches_info(
     assert snap.slots.resident_keys[0].startswith("qv@") and snap.slots.loads == 1 and snap.slots.in_use == 0
     assert snap.queue.running == snap.queue.waiting == 0 and snap.kv.used_tokens == 0
     assert (
-        snap.runner.name == runner and snap.runner.vocab_size == len(tokenizer) and snap.speculation is None
+        snap.runner.name == runner
+        and snap.runner.vocab_size == len(tokenizer)
+        and not snap.speculation.enabled
     )
     assert sum(snap.stats.batch_sizes.values()) > 0
     if runner == "native":
