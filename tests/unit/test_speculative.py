@@ -412,3 +412,39 @@ def test_info_and_metrics_show_drafted_and_accepted_tokens(
         )
     finally:
         client.__exit__(None, None, None)
+
+
+def test_greedy_with_drafts_equals_peft_for_dora_and_own_head_adapters(
+    llama, tokenizer, peft_adapter_factory, oracle, tmp_path
+) -> None:
+    """Verify rows of a DoRA adapter (magnitude on every projection) and of an adapter with its own
+    LM head and embedding (modules_to_save), mixed with base rows: --speculate 4 gives PEFT's tokens."""
+    from tests.unit.test_dora import DORA
+    from tests.unit.test_vocab_adapters import SPECS, make_vocab_adapter
+
+    model, path = llama
+    plain = _engine(path, tokenizer, 0)
+    dora_dir, dora_peft = peft_adapter_factory(model, "dora", seed=11, **DORA)
+    saved_peft = make_vocab_adapter(model, tmp_path / "saved", seed=12, **SPECS["saved"])
+    adapters = {
+        "dora": load_adapter_dir(dora_dir, "dora", plain.base_shapes),
+        "saved": load_adapter_dir(tmp_path / "saved", "saved", plain.base_shapes),
+    }
+    pefts = {"dora": dora_peft, "saved": saved_peft}
+    jobs = [(_prompt(300 + i), name) for i, name in enumerate([None, "dora", "saved", "dora", None])]
+    want = []
+    for ids, name in jobs:
+        with torch.no_grad():
+            out = (model if name is None else pefts[name]).generate(
+                torch.tensor([ids]), max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=2
+            )
+        want.append(out[0, len(ids) :].tolist())
+        oracle[tuple(ids)] = want[-1]
+    speculative = _engine(path, tokenizer, 4)
+    got = _jobs(
+        speculative, [(ids, adapters.get(name)) for ids, name in jobs], max_new_tokens=16, ignore_eos=True
+    )
+    assert [o.tokens for o in got] == want
+    stats = speculative.stats.speculation
+    assert stats.by_adapter["dora"][1] > 0 and stats.by_adapter["saved"][1] > 0  # drafts accepted on both
+    assert not speculative.runner.kv.sequences and speculative.runner.kv.used_blocks == 0
