@@ -8,6 +8,9 @@ from dataclasses import dataclass
 
 from adapters.peft_format import LoraAdapter
 from server.engine.runner import LoraTarget
+from server.engine.slot_loader import SlotLoader, StagedAdapter, bank_of, stage_adapter
+
+LOADING = "loading"  # AdapterSlots.prepare: the adapter's load is still under way
 
 
 @dataclass
@@ -21,7 +24,9 @@ class AdapterSlots:
     """Which adapter sits in which slot of the LoRA layers, with LRU eviction.
 
     An adapter used by a running row (``acquire`` without ``release``) is never evicted.
-    Owned by the engine thread: not thread-safe by design.
+    Owned by the engine thread: not thread-safe by design. Loads run on a loader thread
+    (``server/engine/slot_loader.py``): :meth:`prepare` starts one and says when it is done, and
+    :meth:`acquire` then only installs what the loader built.
     """
 
     def __init__(
@@ -36,6 +41,10 @@ class AdapterSlots:
         self._resident: OrderedDict[str, _Resident] = OrderedDict()  # LRU order: oldest first
         self.loads = 0
         self.evictions = 0
+        self.inline_grows = 0  # loads that had to reallocate a bank's stacks on the engine thread
+        self.loader = SlotLoader(lambda adapter, slots: stage_adapter(adapter, layers, slots, capacity))
+        self._staged: dict[str, StagedAdapter] = {}  # loads done, waiting for their request's admission
+        self._failed: dict[str, BaseException] = {}  # loads that raised, while requests still want them
 
     def __contains__(self, key: str) -> bool:
         return key in self._resident
@@ -55,16 +64,60 @@ class AdapterSlots:
             return True
         return any(r.in_use == 0 for r in self._resident.values())
 
-    def acquire(self, adapter: LoraAdapter) -> int:
-        """Make ``adapter`` resident (loading or evicting as needed), count one user, return its slot.
+    @property
+    def loading(self) -> bool:
+        """True while some load is under way on the loader thread (or done and not yet polled)."""
+        return self.loader.pending > 0
 
-        Slots are keyed by ``adapter.key`` (id and version), so a replaced adapter's old version
-        keeps serving the rows that started on it while new rows get the new one.
+    def prepare(self, adapter: LoraAdapter) -> str | BaseException | None:
+        """Whether ``adapter`` can be acquired now without building its slot contents here: None
+        when it can (resident, or its load is done), ``LOADING`` while the loader thread builds it
+        (started here if needed), or the error its load raised (taken: the next call starts over)."""
+        key = adapter.key
+        if key in self._resident or key in self._staged:
+            return None
+        if key in self._failed:
+            return self._failed[key]
+        result = self.loader.poll(key)
+        if isinstance(result, StagedAdapter):
+            self._staged[key] = result
+            return None
+        if result is not None:
+            self._failed[key] = result  # every waiting request for it fails alike
+            return result
+        in_flight = len(self._staged) + self.loader.pending
+        if key not in self.loader and in_flight < self.capacity:  # at most a slot's worth staged ahead
+            self.loader.request(adapter, min(self.capacity, len(self._resident) + in_flight + 1))
+        return LOADING
+
+    def wait_for_loads(self, timeout: float) -> None:
+        """Block until the loads under way are done (at most ``timeout`` seconds): only where no
+        running row would be stalled."""
+        self.loader.wait(timeout)
+
+    def retain(self, keys: set[str]) -> None:
+        """Forget finished loads and failures that no waiting request wants any more."""
+        for key in [k for k in self._staged if k not in keys]:
+            del self._staged[key]
+        for key in [k for k in self._failed if k not in keys]:
+            del self._failed[key]
+        self.loader.retain(keys)
+
+    def acquire(self, adapter: LoraAdapter) -> int:
+        """Make ``adapter`` resident (evicting as needed), count one user, return its slot.
+
+        A load done by the loader thread (:meth:`prepare`) is installed; else the adapter is staged
+        here, on the calling thread. Slots are keyed by ``adapter.key`` (id and version), so a
+        replaced adapter's old version keeps serving the rows that started on it while new rows
+        get the new one.
         """
         resident = self._resident.get(adapter.key)
         if resident is None:
+            staged = self._staged.pop(adapter.key, None)
             slot = self._free_slot()
-            self._load(adapter, slot)
+            if staged is None:
+                staged = stage_adapter(adapter, self.layers, slot + 1, self.capacity)
+            self._load(staged, slot)
             resident = self._resident[adapter.key]
         self._resident.move_to_end(adapter.key)
         resident.in_use += 1
@@ -96,10 +149,17 @@ class AdapterSlots:
         # the engine admits a row only when can_acquire() says a slot is free or evictable
         raise AssertionError(f"all {self.capacity} adapter slots are in use by running requests")
 
-    def _load(self, adapter: LoraAdapter, slot: int) -> None:
+    def _load(self, staged: StagedAdapter, slot: int) -> None:
+        """Install staged contents in ``slot`` (engine thread): a copy per layer, a pointer swap
+        where the loader grew a bank's stacks."""
+        adapter = staged.adapter
         try:
-            for name, weights in adapter.layers.items():
-                self.layers[name].set_slot(slot, weights.A, weights.B, weights.scale)
+            for name, layer in staged.layers.items():
+                bank = bank_of(self.layers[name])
+                if bank is None:
+                    self.layers[name].set_slot(slot, layer.A, layer.B, layer.scale)
+                elif not bank.install(slot, layer.A, layer.B, layer.scale, layer.grown, self.capacity):
+                    self.inline_grows += 1
         except Exception:  # a half-written slot would leak into the next adapter loaded there
             for name in adapter.layers:
                 self.layers[name].clear_slot(slot)
