@@ -178,6 +178,26 @@ class EngineCollector(Collector):
         yield _counter(
             "loraplex_adapter_slot_evictions", "Adapters evicted from a slot (LRU).", _num(slots, "evictions")
         )
+        loader = getattr(slots, "loader", None)
+        yield _gauge(
+            "loraplex_adapter_slot_loads_pending",
+            "Adapter loads under way on the loader thread (their requests wait; other rows decode).",
+            _num(loader, "pending"),
+        )
+        yield _counter(
+            "loraplex_adapter_slot_load_seconds",
+            "Loader-thread time spent building slot contents (cast, device copy, padding, grown stacks).",
+            _num(loader, "seconds"),
+        )
+        yield _counter(
+            "loraplex_adapter_slot_load_failures", "Adapter loads that failed (their requests failed).",
+            _num(loader, "failed"),
+        )  # fmt: skip
+        yield _counter(
+            "loraplex_adapter_slot_inline_grows",
+            "Slot banks reallocated on the engine thread (the loader's grown stacks were stale).",
+            _num(slots, "inline_grows"),
+        )
         yield _counter("loraplex_engine_steps", "Engine steps.", _num(engine, "steps"))
         yield _counter(
             "loraplex_preemptions",

@@ -113,6 +113,7 @@ def test_a_failed_load_fails_its_request_alone_and_the_engine_goes_on(engine_and
         assert error is not None and "could not be admitted" in error.message and "simulated" in error.message
     assert outcome(running).error is None and outcome(running).tokens == solo
     assert a2.key not in engine.slots and all(r.in_use == 0 for r in engine.slots._resident.values())
+    assert engine.slots.loader.failed == 1 and engine.slots.loader.pending == 0  # one load, both failed
 
     engine.slots.loader._stage = gated.stage  # the source works again: the same adapter now loads
     assert len(run_one(engine, ids, a2, max_new_tokens=4, ignore_eos=True).tokens) == 4
