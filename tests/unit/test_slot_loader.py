@@ -189,3 +189,27 @@ def test_stale_grown_stacks_are_not_swapped_in() -> None:
     assert not bank.install(1, A_p, B_p, 0.5, grown, limit=4)  # grew here instead
     assert torch.allclose(bank.delta_weight(0), 3.0 * B @ A)
     assert torch.allclose(bank.delta_weight(1), 0.5 * B2 @ A2)
+
+
+def _fake(key: str):
+    """An adapter with no layers: enough for the slot policy (nothing to copy)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(key=key, adapter_id=key, layers={})
+
+
+def test_a_burst_of_cold_adapters_does_not_evict_a_hot_one() -> None:
+    from server.engine.lora_model import AdapterSlots
+
+    slots = AdapterSlots({}, capacity=2)
+    for _ in range(5):
+        slots.acquire(_fake("hot"))
+        slots.release("hot")
+    for cold in ("c1", "c2", "c3"):  # plain LRU would evict "hot" at c2 (it was used before c1)
+        slots.acquire(_fake(cold))
+        slots.release(cold)
+        assert "hot" in slots
+    assert slots.evictions == 2 and slots.eviction_order()[0] == "c3"  # the cold ones went first
+    in_use = slots.acquire(_fake("c3"))  # held by a running row: never evicted, whatever its count
+    slots.acquire(_fake("c4"))
+    assert in_use == slots._resident["c3"].slot and "hot" not in slots
