@@ -81,7 +81,8 @@ class AdapterSlots:
     def prepare(self, adapter: LoraAdapter) -> str | BaseException | None:
         """Whether ``adapter`` can be acquired now without building its slot contents here: None
         when it can (resident, or its load is done), ``LOADING`` while the loader thread builds it
-        (started here if needed), or the error its load raised (taken: the next call starts over)."""
+        (started here if needed), or the error its load raised (the same for every request that waits
+        for it; forgotten once none does, so a later request tries again)."""
         key = adapter.key
         if key in self._resident or key in self._staged:
             return None
