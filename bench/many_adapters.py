@@ -7,14 +7,23 @@ A `loraplex serve` subprocess on the embedded model (CPU) gets N stored adapters
 every configuration). Each configuration is compared with the same arrivals sent to one rank-16
 adapter (the S-LoRA baseline), measured in the same run.
 
-Reported per configuration: output tokens/s over the run, TTFT and inter-token latency p50/p99,
-the slot loads and evictions and the adapters read from disk (the server's /metrics), the
-upload rate while the adapters were stored; and a cold-start probe: on an idle server, the TTFT of
-the first request to a rank-64 adapter evicted from host memory (read from disk, parsed, copied
-into a slot) against the TTFT of the next request to it (warm).
+The adapters are written into the store before the server starts (``--stored`` of them, through
+``AdapterStore.put``: the checks of an upload, without HTTP), so a run spends its time serving;
+``--http-uploads`` more go through ``POST /adapters`` to measure the upload rate. A configuration
+of N adapters sends its traffic to the first N stored ones. The single-adapter baseline and each
+configuration alternate in ``--rounds`` rounds (the same arrivals within a round): the machine is
+shared and noisy, so only the ratios within a round are compared.
 
-Run (a few minutes on 2 cores): `python bench/many_adapters.py`; the issue's full configuration:
-`python bench/many_adapters.py --adapters 200 --slots 32 --requests 400` (needs GBs of disk).
+Reported per configuration and round: output tokens/s over the run, TTFT and inter-token latency
+p50/p99, the slot loads and evictions and the adapters read from disk (the server's /metrics); a
+cold-start probe: on an idle server, the TTFT of the first request to rank-64 adapters never used
+(read from disk, parsed, staged on the loader thread, installed in a slot) against the TTFT of the
+next requests to them (warm); and the slot policy on the same power-law traffic, simulated: the hit
+rate of LRU (the server's) against LFU and Belady's optimum (the bound no policy beats).
+
+Run (minutes on 2 cores): `python bench/many_adapters.py`; the issue's configuration is the
+default (200 adapters of ranks 8-64 on q/k/v/o, 32 slots); growth: `--adapters 200,1000
+--stored 1000`, `--targets all-linear --ranks 64`.
 """
 
 from __future__ import annotations
@@ -24,13 +33,17 @@ import asyncio
 import datetime as dt
 import itertools
 import json
+import os
 import random
 import re
+import statistics
 import sys
 import tempfile
 import time
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import torch
@@ -39,8 +52,12 @@ from transformers import AutoConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from adapters.archive import AdapterFiles
+from adapters.peft_format import BaseLinearShape
+from adapters.store import AdapterStore
 from bench.common import ROOT, ServerProcess, machine_description, percentile
 from server.engine.base_model import embedded_model_dir
+from server.engine.lora_model import AdapterSlots
 
 TARGETS = {
     "qkvo": ("q_proj", "k_proj", "v_proj", "o_proj"),
@@ -74,18 +91,44 @@ def module_shapes(config) -> dict[str, tuple[int, int]]:
             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}  # fmt: skip
 
 
-def adapter_files(config, targets: tuple[str, ...], r: int, seed: int) -> tuple[bytes, bytes]:
-    """A random PEFT LoRA adapter (config JSON, safetensors) for the embedded model."""
-    g = torch.Generator().manual_seed(seed)
+def base_shapes(config) -> dict[str, BaseLinearShape]:
+    """The embedded model's adaptable layers by PEFT module name (what the store validates against)."""
     shapes = module_shapes(config)
-    tensors = {}
-    for layer in range(config.num_hidden_layers):
-        for module in targets:
-            k, d = shapes[module]
-            part = "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-            name = f"base_model.model.model.layers.{layer}.{part}.{module}"
-            tensors[f"{name}.lora_A.weight"] = torch.randn(r, k, generator=g) / k**0.5
-            tensors[f"{name}.lora_B.weight"] = torch.randn(d, r, generator=g) * 0.02
+    return {
+        f"model.layers.{layer}.{'mlp' if m in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{m}":
+            BaseLinearShape(out_features=d, in_features=k)
+        for layer in range(config.num_hidden_layers)
+        for m, (k, d) in shapes.items()
+    }  # fmt: skip
+
+
+_TEMPLATES: dict[tuple[tuple[str, ...], int], dict[str, torch.Tensor]] = {}
+
+
+def adapter_files(config, targets: tuple[str, ...], r: int, seed: int) -> tuple[bytes, bytes]:
+    """A random PEFT LoRA adapter (config JSON, safetensors in float16, as fine-tunes are usually
+    shipped: half the bytes to store and read) for the embedded model. Drawing 1,000 adapters'
+    worth of random numbers on the shared cores took longer than serving them: one random
+    template per (targets, rank) is drawn once, and each adapter is it with its B factors scaled
+    by a factor of its own (other bytes, other sha256, the same cost to serve)."""
+    key = (targets, r)
+    if key not in _TEMPLATES:
+        g = torch.Generator().manual_seed(r)
+        shapes = module_shapes(config)
+        template = {}
+        for layer in range(config.num_hidden_layers):
+            for module in targets:
+                k, d = shapes[module]
+                part = "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+                name = f"base_model.model.model.layers.{layer}.{part}.{module}"
+                template[f"{name}.lora_A.weight"] = (torch.randn(r, k, generator=g) / k**0.5).half()
+                template[f"{name}.lora_B.weight"] = torch.randn(d, r, generator=g) * 0.02
+        _TEMPLATES[key] = template
+    factor = 0.5 + (seed % 1009) / 1009
+    tensors = {
+        name: t if name.endswith("lora_A.weight") else (t * factor).half()
+        for name, t in _TEMPLATES[key].items()
+    }
     peft = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": list(targets), "bias": "none"}
     return json.dumps(peft).encode(), save(tensors)
 
@@ -174,6 +217,8 @@ class Row:
     name: str
     stored: int
     tokens_per_s: float
+    round: int = 0
+    in_traffic: int = 1
     ttft: list[float] = field(default_factory=list)
     gaps: list[float] = field(default_factory=list)
     counters: dict[str, float] = field(default_factory=dict)
@@ -194,7 +239,7 @@ def run_traffic(server: ServerProcess, name: str, stored: int, requests: list[Re
 def cold_probe(server: ServerProcess, adapter: str) -> tuple[float, float, float]:
     """TTFT of the first request to ``adapter`` and the best of the next three (warm), each with a
     prompt of its own (no prefix-cache hit); and the disk reads the first one caused (1: it was
-    evicted from host memory, as intended)."""
+    not in host memory, as intended)."""
 
     def ttft(prompt: str) -> float:
         return asyncio.run(_replay(server.url, [Request(0.0, adapter, prompt, 4)]))[0][0].ttft
@@ -206,7 +251,98 @@ def cold_probe(server: ServerProcess, adapter: str) -> tuple[float, float, float
     return cold, warm, reads
 
 
+# --------------------------------------------------------------------------- slot policy
+
+
+def simulate_policies(trace: list[str], capacity: int) -> dict[str, float]:
+    """Hit rates of slot policies replaying ``trace`` (adapter per request, in order) with
+    ``capacity`` slots, one request at a time (no request pins a slot: the bound of each policy)."""
+
+    def lru() -> int:
+        slots: OrderedDict[str, None] = OrderedDict()
+        hits = 0
+        for a in trace:
+            if a in slots:
+                hits += 1
+                slots.move_to_end(a)
+                continue
+            if len(slots) >= capacity:
+                slots.popitem(last=False)
+            slots[a] = None
+        return hits
+
+    def lfu() -> int:  # by the count of requests seen so far (ties: least recent)
+        counts: Counter[str] = Counter()
+        slots: dict[str, int] = {}
+        hits = 0
+        for t, a in enumerate(trace):
+            counts[a] += 1
+            if a in slots:
+                hits += 1
+            elif len(slots) >= capacity:
+                del slots[min(slots, key=lambda s: (counts[s], slots[s]))]
+            slots[a] = t
+        return hits
+
+    def belady() -> int:  # evict the adapter used again furthest in the future
+        next_use: list[int] = [0] * len(trace)
+        last: dict[str, int] = {}
+        for t in range(len(trace) - 1, -1, -1):
+            next_use[t] = last.get(trace[t], len(trace))
+            last[trace[t]] = t
+        slots: dict[str, int] = {}
+        hits = 0
+        for t, a in enumerate(trace):
+            if a in slots:
+                hits += 1
+            elif len(slots) >= capacity:
+                del slots[max(slots, key=slots.__getitem__)]
+            slots[a] = next_use[t]
+        return hits
+
+    def served() -> int:  # the server's own policy (AdapterSlots), on adapters with nothing to copy
+        slots = AdapterSlots({}, capacity)
+        for a in trace:
+            slots.acquire(SimpleNamespace(key=a, adapter_id=a, layers={}))
+            slots.release(a)
+        return len(trace) - slots.loads
+
+    n = max(1, len(trace))
+    return {"LRU": lru() / n, "LFU": lfu() / n, "AdapterSlots": served() / n, "optimal": belady() / n}
+
+
 # --------------------------------------------------------------------------- main
+
+
+def preload(data_dir: Path, config, args, rng: random.Random) -> tuple[list[str], float]:
+    """Store the probes, the rank-16 baseline and ``--stored`` adapters before the server starts."""
+    targets = TARGETS[args.targets]
+    stored: list[str] = []
+    seconds, sent = 0.0, 0  # in store.put only (making the random adapters is not counted)
+    real_fsync = os.fsync
+    os.fsync = lambda fd: None  # durability is not measured here; 1,000 fsyncs on a shared disk are
+    try:
+        with AdapterStore(data_dir) as store:
+            store.bind_base(base_shapes(config), max_rank=max(64, *args.ranks))
+
+            def put(adapter_id: str, r: int, seed: int) -> None:
+                nonlocal sent, seconds
+                config_bytes, weights = adapter_files(config, targets, r, seed)
+                started = time.perf_counter()
+                store.put(adapter_id, AdapterFiles(config=config_bytes, weights=weights))
+                seconds += time.perf_counter() - started
+                sent += len(config_bytes) + len(weights)
+
+            for i in range(args.probes):
+                put(f"probe{i}-r64", 64, 10_000 + i)
+            put("single-r16", 16, 10_100)
+            for i in range(args.stored):
+                r = rng.choice(args.ranks)
+                put(f"a{i:04d}-r{r}", r, i)
+                stored.append(f"a{i:04d}-r{r}")
+    finally:
+        os.fsync = real_fsync
+    return stored, sent / 2**20 / max(1e-9, seconds)
 
 
 def main() -> None:
@@ -216,16 +352,24 @@ def main() -> None:
     parser.add_argument(
         "--adapters",
         type=lambda s: [int(x) for x in s.split(",")],
-        default=[10, 40],
-        help="numbers of stored adapters to measure (default 10,40)",
+        default=[200],
+        help="numbers of adapters the traffic is spread over (default 200)",
+    )
+    parser.add_argument(
+        "--stored", type=int, default=None, help="adapters stored (default: the largest --adapters)"
     )
     parser.add_argument("--ranks", type=lambda s: [int(x) for x in s.split(",")], default=[8, 16, 32, 64])
     parser.add_argument("--targets", choices=sorted(TARGETS), default="qkvo")
-    parser.add_argument("--slots", type=int, default=16, help="--max-loaded-adapters")
-    parser.add_argument("--host-cache-mb", type=int, default=256)
+    parser.add_argument("--slots", type=int, default=32, help="--max-loaded-adapters")
+    parser.add_argument("--host-cache-mb", type=int, default=1024)
     parser.add_argument("--alpha", type=float, default=1.0, help="power-law exponent of popularity")
     parser.add_argument("--rate", type=float, default=4.0, help="arrivals per second (Poisson)")
-    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=48, help="requests per configuration and round")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--probes", type=int, default=3, help="rank-64 adapters for the cold-start probe")
+    parser.add_argument(
+        "--http-uploads", type=int, default=4, help="adapters uploaded over HTTP (upload rate)"
+    )
     parser.add_argument("--prompt-words", type=lambda s: tuple(int(x) for x in s.split("-")), default=(8, 48))
     parser.add_argument(
         "--output-tokens", type=lambda s: tuple(int(x) for x in s.split("-")), default=(8, 32)
@@ -233,69 +377,104 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "many-adapters-cpu.md")
     args = parser.parse_args()
+    args.stored = args.stored or max(args.adapters)
+    if max(args.adapters) > args.stored:
+        parser.error("--stored must be at least the largest --adapters")
 
     config = AutoConfig.from_pretrained(embedded_model_dir(Path("~/.cache/loraplex").expanduser()))
     rng = random.Random(args.seed)
     rows: list[Row] = []
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
+        stored, store_rate = preload(Path(tmp) / "data", config, args, rng)
+        print(f"stored {len(stored)} adapters at {store_rate:.1f} MB/s", flush=True)
         server = ServerProcess.start(["--data-dir", f"{tmp}/data", "--max-loaded-adapters", str(args.slots),
                                       "--host-cache-mb", str(args.host_cache_mb), "--max-batch", "32"])  # fmt: skip
         try:
-            # the cold probe's adapter goes in first: the later uploads push it out of host memory
-            upload(server.url, "probe-r64", adapter_files(config, TARGETS[args.targets], 64, seed=10_000))
-            upload(server.url, "single-r16", adapter_files(config, TARGETS[args.targets], 16, seed=10_001))
-            stored: list[str] = []
+            started, sent = time.perf_counter(), 0
+            for i in range(args.http_uploads):
+                r = rng.choice(args.ranks)
+                sent += upload(
+                    server.url, f"u{i:03d}-r{r}", adapter_files(config, TARGETS[args.targets], r, 50_000 + i)
+                )
+            upload_rate = sent / 2**20 / max(1e-9, time.perf_counter() - started)
             for n in sorted(args.adapters):
-                started, sent = time.perf_counter(), 0
-                while len(stored) < n:
-                    r = rng.choice(args.ranks)
-                    adapter_id = f"a{len(stored):04d}-r{r}"
-                    sent += upload(
-                        server.url, adapter_id, adapter_files(config, TARGETS[args.targets], r, len(stored))
+                for round_ in range(args.rounds):
+                    traffic = workload(stored[:n], args, seed=args.seed + 1000 * n + round_)
+                    single = [Request(q.at, "single-r16", q.prompt, q.new_tokens) for q in traffic]
+                    base = run_traffic(server, "one rank-16 adapter", 1, single)
+                    base.round, base.stored = round_, len(stored) + args.probes + 1
+                    row = run_traffic(
+                        server, f"{n} adapters, ranks {args.ranks}", len(stored) + args.probes + 1, traffic
                     )
-                    stored.append(adapter_id)
-                upload_rate = sent / 2**20 / max(1e-9, time.perf_counter() - started)
-                traffic = workload(stored, args, seed=args.seed + n)
-                single = [Request(q.at, "single-r16", q.prompt, q.new_tokens) for q in traffic]
-                rows.append(run_traffic(server, "one rank-16 adapter", 1, single))
-                row = run_traffic(server, f"{n} adapters, ranks {args.ranks}", n + 2, traffic)
-                row.upload_mb_s = upload_rate
-                rows.append(row)
-                print(f"{row.name}: {row.tokens_per_s:.1f} tok/s vs {rows[-2].tokens_per_s:.1f}", flush=True)
-            cold, warm, cold_reads = cold_probe(server, "probe-r64")
+                    row.round, row.in_traffic = round_, n
+                    rows += [base, row]
+                    print(f"round {round_}: {row.name}: {row.tokens_per_s:.1f} tok/s vs {base.tokens_per_s:.1f}",
+                          flush=True)  # fmt: skip
+            probes = [cold_probe(server, f"probe{i}-r64") for i in range(args.probes)]
         finally:
             server.stop()
-    write_report(args, rows, cold, warm, cold_reads)
+    trace = [q.adapter for q in workload(stored[: max(args.adapters)], _long(args), seed=args.seed)]
+    policies = simulate_policies(trace, args.slots)
+    write_report(args, rows, probes, policies, store_rate, upload_rate, load_before)
 
 
-def write_report(args, rows: list[Row], cold: float, warm: float, cold_reads: float) -> None:
+def _long(args) -> argparse.Namespace:
+    """The arguments for a long trace of the same popularity (the slot-policy simulation)."""
+    return argparse.Namespace(**{**vars(args), "requests": 20_000})
+
+
+def write_report(args, rows: list[Row], probes, policies: dict[str, float], store_rate: float,
+                 upload_rate: float, load_before: tuple[float, ...]) -> None:  # fmt: skip
     def ms(values: list[float], q: float) -> str:
         return f"{percentile(values, q) * 1000:.0f}" if values else "-"
 
+    load_after = os.getloadavg()
     lines = [
-        f"## Run of {dt.date.today()}", "",
-        f"`{' '.join(sys.argv)}`; {machine_description()}.", "",
+        f"## Run of {dt.datetime.now():%Y-%m-%d %H:%M}", "",
+        f"`{' '.join(sys.argv)}`; {machine_description()}; load average {load_before[0]:.1f} at the start, "
+        f"{load_after[0]:.1f} at the end (1-minute; other people's jobs share the 2 cores).", "",
         f"Embedded SmolLM2-135M, `--max-loaded-adapters {args.slots}`, `--host-cache-mb {args.host_cache_mb}`, "
-        f"adapters on {args.targets} of ranks {args.ranks}; {args.requests} requests, Poisson at {args.rate}/s, "
-        f"popularity ∝ 1/i^{args.alpha}, prompts of {args.prompt_words} words, {args.output_tokens} new tokens "
-        "(EOS ignored). Each configuration runs right after the same arrivals sent to one rank-16 adapter.", "",
-        "| configuration | stored | tok/s | vs one adapter | TTFT p50/p99 ms | ITL p50/p99 ms | slot loads | "
-        "evictions | disk reads | upload MB/s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"adapters on {args.targets} of ranks {args.ranks} (float16 files); {args.stored} stored (+ "
+        f"{args.probes} probes and the baseline), written at {store_rate:.1f} MB/s through `AdapterStore.put` "
+        f"(fsync off), "
+        f"{args.http_uploads} more uploaded over HTTP at {upload_rate:.1f} MB/s; {args.requests} requests per "
+        f"configuration and round, Poisson at {args.rate}/s, popularity ∝ 1/i^{args.alpha}, prompts of "
+        f"{args.prompt_words} words, {args.output_tokens} new tokens (EOS ignored). Each round sends the same "
+        "arrivals to one rank-16 adapter, then to the N adapters.", "",
+        "| round | configuration | tok/s | vs one adapter | TTFT p50/p99 ms | ITL p50/p99 ms | slot loads | "
+        "evictions | disk reads |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]  # fmt: skip
+    ratios: dict[int, list[float]] = {}
     for i, row in enumerate(rows):
         base = rows[i - 1] if i % 2 else row
         c = row.counters
+        ratio = row.tokens_per_s / base.tokens_per_s
+        if i % 2:
+            ratios.setdefault(row.in_traffic, []).append(ratio)
         lines.append(
-            f"| {row.name} | {row.stored} | {row.tokens_per_s:.1f} | {row.tokens_per_s / base.tokens_per_s:.2f}x | "
+            f"| {row.round} | {row.name} | {row.tokens_per_s:.1f} | {ratio:.2f}x | "
             f"{ms(row.ttft, 50)}/{ms(row.ttft, 99)} | {ms(row.gaps, 50)}/{ms(row.gaps, 99)} | "
-            f"{c['slot_loads']:.0f} | {c['evictions']:.0f} | {c['disk_reads']:.0f} | "
-            f"{'-' if row.upload_mb_s is None else f'{row.upload_mb_s:.1f}'} |"
+            f"{c['slot_loads']:.0f} | {c['evictions']:.0f} | {c['disk_reads']:.0f} |"
         )
-    where = "read from disk and parsed" if cold_reads else "still parsed in host memory"
-    lines += ["", f"Cold start, idle server: the first request to a rank-64 adapter in no slot ({where}, then "
-              f"copied into a slot): TTFT {cold * 1000:.0f} ms; the next requests to it (warm, best of 3): "
-              f"{warm * 1000:.0f} ms; ratio {cold / warm:.2f}x.", ""]  # fmt: skip
+    lines.append("")
+    for n, values in ratios.items():
+        lines.append(f"- **{n} adapters: {statistics.median(values):.2f}x** the throughput of one rank-16 adapter "
+                     f"(median of {len(values)} rounds: {', '.join(f'{v:.2f}' for v in values)}).")  # fmt: skip
+    cold = statistics.median(p[0] for p in probes)
+    warm = statistics.median(p[1] for p in probes)
+    reads = sum(p[2] for p in probes)
+    lines += [
+        f"- Cold start, idle server: the first request to each of {len(probes)} rank-64 adapters never used "
+        f"({reads:.0f} read from disk, parsed, staged on the loader thread, installed in a slot): TTFT "
+        f"{', '.join(f'{p[0] * 1000:.0f}' for p in probes)} ms; the next requests to each (warm, best of 3): "
+        f"{', '.join(f'{p[1] * 1000:.0f}' for p in probes)} ms; **median cold/warm {cold / warm:.2f}x**.",
+        f"- Slot policy, simulated on 20,000 requests of the same popularity over {max(args.adapters)} adapters "
+        f"and {args.slots} slots (one request at a time): hit rate "
+        + ", ".join(f"{name} {rate:.1%}" for name, rate in policies.items()) + ".",
+        "",
+    ]  # fmt: skip
     text = "\n".join(lines)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,27 @@ class Call:
         return kwargs
 
 
+ADAPTER_PAGE = 100  # adapters per GET /adapters page the clients ask for (the server allows 1 to 1,000)
+
+
+def adapters_page_call(prefix: str | None, cursor: str | None, page_size: int) -> Call:
+    """One page of ``GET /adapters``: ``page_size`` summaries after ``cursor`` whose id starts with ``prefix``."""
+    if not 1 <= page_size <= 1000:
+        raise ValueError(f"page_size must be between 1 and 1000 (the server's page limit), got {page_size}")
+    params: dict[str, Any] = {"limit": page_size}
+    if prefix:
+        params["prefix"] = prefix
+    if cursor:
+        params["cursor"] = cursor
+    return Call("GET", "/adapters", params=params)
+
+
+def next_cursor(response: httpx.Response) -> str | None:
+    """The cursor of the next page (the ``X-Next-Cursor`` header); None on the last page, and from a
+    server that does not page (it answers every adapter at once)."""
+    return response.headers.get("X-Next-Cursor") or None
+
+
 def adapter_path(adapter_id: str, suffix: str = "") -> str:
     return f"/adapters/{quote(adapter_id, safe='')}{suffix}"
 

@@ -129,10 +129,11 @@ def list_adapters(
     api_key: ApiKeyOption = None,
     admin_key: AdminKeyOption = None,
     as_json: JsonOption = False,
+    prefix: Annotated[str | None, typer.Option(help="Only adapters whose id starts with this.")] = None,
 ) -> None:
-    """List the stored adapters."""
+    """List the stored adapters (read from the server page by page)."""
     with _client(url, api_key or admin_key) as client:
-        summaries = client.list_adapters()
+        summaries = client.list_adapters(prefix=prefix)
     if as_json:
         typer.echo(json.dumps([_summary_json(s) for s in summaries], indent=2))
         return

@@ -141,8 +141,24 @@ class LoraplexClient:
         call = _calls.upload_call(path, adapter_id, replace, progress)
         return AdapterSummary.from_json(self._send(call).json())
 
-    def list_adapters(self) -> list[AdapterSummary]:
-        return [AdapterSummary.from_json(a) for a in self._send(Call("GET", "/adapters")).json()]
+    def iter_adapters(
+        self, *, prefix: str | None = None, page_size: int = _calls.ADAPTER_PAGE
+    ) -> Iterator[AdapterSummary]:
+        """The stored adapters in id order (those whose id starts with ``prefix``), fetched page by
+        page (``GET /adapters?limit=&cursor=``): one page in memory at a time, at any count."""
+        cursor: str | None = None
+        while True:
+            response = self._send(_calls.adapters_page_call(prefix, cursor, page_size))
+            yield from (AdapterSummary.from_json(a) for a in response.json())
+            cursor = _calls.next_cursor(response)
+            if cursor is None:
+                return
+
+    def list_adapters(
+        self, *, prefix: str | None = None, page_size: int = _calls.ADAPTER_PAGE
+    ) -> list[AdapterSummary]:
+        """Every stored adapter (whose id starts with ``prefix``), read page by page."""
+        return list(self.iter_adapters(prefix=prefix, page_size=page_size))
 
     def get_adapter(self, adapter_id: str) -> AdapterSummary:
         return AdapterSummary.from_json(self._send(Call("GET", adapter_path(adapter_id))).json())
@@ -262,8 +278,24 @@ class AsyncLoraplexClient:
         call = _calls.upload_call(path, adapter_id, replace, progress)
         return AdapterSummary.from_json((await self._send(call)).json())
 
-    async def list_adapters(self) -> list[AdapterSummary]:
-        return [AdapterSummary.from_json(a) for a in (await self._send(Call("GET", "/adapters"))).json()]
+    async def iter_adapters(
+        self, *, prefix: str | None = None, page_size: int = _calls.ADAPTER_PAGE
+    ) -> AsyncIterator[AdapterSummary]:
+        """The stored adapters in id order (whose id starts with ``prefix``), fetched page by page."""
+        cursor: str | None = None
+        while True:
+            response = await self._send(_calls.adapters_page_call(prefix, cursor, page_size))
+            for item in response.json():
+                yield AdapterSummary.from_json(item)
+            cursor = _calls.next_cursor(response)
+            if cursor is None:
+                return
+
+    async def list_adapters(
+        self, *, prefix: str | None = None, page_size: int = _calls.ADAPTER_PAGE
+    ) -> list[AdapterSummary]:
+        """Every stored adapter (whose id starts with ``prefix``), read page by page."""
+        return [a async for a in self.iter_adapters(prefix=prefix, page_size=page_size)]
 
     async def get_adapter(self, adapter_id: str) -> AdapterSummary:
         return AdapterSummary.from_json((await self._send(Call("GET", adapter_path(adapter_id)))).json())

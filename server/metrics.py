@@ -182,6 +182,26 @@ class EngineCollector(Collector):
             "Adapters evicted from a slot (LRU).",
             slots.evictions if slots else 0,
         )
+        yield _gauge(
+            "loraplex_adapter_slot_loads_pending",
+            "Adapter loads under way on the loader thread (their requests wait; other rows decode).",
+            slots.loads_pending if slots else 0,
+        )
+        yield _counter(
+            "loraplex_adapter_slot_load_seconds",
+            "Loader-thread time spent building slot contents (cast, device copy, padding, grown stacks).",
+            slots.load_seconds if slots else 0.0,
+        )
+        yield _counter(
+            "loraplex_adapter_slot_load_failures",
+            "Adapter loads that failed (their requests failed).",
+            slots.load_failures if slots else 0,
+        )
+        yield _counter(
+            "loraplex_adapter_slot_inline_grows",
+            "Slot banks reallocated on the engine thread (the loader's grown stacks were stale).",
+            slots.inline_grows if slots else 0,
+        )
         yield _counter("loraplex_engine_steps", "Engine steps.", stats.steps if stats else 0)
         yield _counter(
             "loraplex_preemptions",

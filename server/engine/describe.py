@@ -104,6 +104,11 @@ class SlotsInfo:
     loads: int  # adapters copied into a slot since start
     evictions: int  # adapters evicted (LRU) since start
     capacity: int  # --max-loaded-adapters
+    # the loader thread (server/engine/slot_loader.py)
+    loads_pending: int = 0  # loads under way or staged, not yet installed
+    load_seconds: float = 0.0  # loader-thread time spent building slot contents
+    load_failures: int = 0  # loads that failed (their requests failed)
+    inline_grows: int = 0  # banks reallocated on the engine thread (the loader's stacks were stale)
 
 
 @dataclass(frozen=True)
@@ -200,6 +205,10 @@ def describe(engine: Described) -> EngineSnapshot:
             loads=slots.loads,
             evictions=slots.evictions,
             capacity=slots.capacity,
+            loads_pending=slots.loader.pending,
+            load_seconds=slots.loader.seconds,
+            load_failures=slots.loader.failed,
+            inline_grows=slots.inline_grows,
         ),
         queue=QueueInfo(running=engine.num_running, waiting=engine.num_waiting),
         limits=_same_fields(LimitsInfo, config),

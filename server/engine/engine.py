@@ -4,7 +4,8 @@ Every iteration (a *step*):
 
 1. drop rows and waiting requests whose client went away;
 2. admit waiting requests into free batch rows (FIFO, skipping those whose adapter cannot get
-   a slot yet), prefill them as one small batch, sample their first token, join the batch;
+   a slot yet or is still loading on the loader thread, ``slot_loader.py``), prefill them as one
+   small batch, sample their first token, join the batch;
 3. decode one token for every running row, each row with its own adapter slot (and, for
    structured output, its own grammar: the tokens it may emit next, see ``grammar.py``);
 4. finished rows leave at once and their adapter slots are released.
@@ -51,7 +52,7 @@ from server.engine.detokenize import IncrementalDetokenizer
 from server.engine.errors import RequestRejected
 from server.engine.grammar import GrammarCompiler
 from server.engine.lora import BASE_SLOT
-from server.engine.lora_model import AdapterSlots
+from server.engine.lora_model import LOADING, AdapterSlots
 from server.engine.merge import BaseWeights, MergeManager
 from server.engine.outbox import Outbox
 from server.engine.output import OutputStage
@@ -217,6 +218,7 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        self.slots.loader.shutdown()
 
     @property
     def running(self) -> bool:
@@ -557,6 +559,20 @@ class Engine:
         self._remove_finished()
 
     def _admit(self, only_key: AdapterKey | str = "any") -> list[Row]:
+        """Take waiting requests into free rows (:meth:`_admit_pass`). A request whose adapter is
+        still loading (``AdapterSlots.prepare``, on the loader thread) waits while other rows run;
+        when nothing runs, the engine waits here for the load rather than spinning."""
+        if not self.num_running and self.config.mode != "merged":  # no row to stall: load, then admit
+            wanted = [
+                r.adapter for r in list(self._waiting)[: self.config.max_batch] if r.adapter is not None
+            ]
+            if any(self.slots.prepare(adapter) == LOADING for adapter in wanted):
+                self.slots.wait_for_loads(_IDLE_LOAD_WAIT)
+        admitted = self._admit_pass(only_key)
+        self.slots.retain({r.adapter.key for r in self._waiting if r.adapter is not None})
+        return admitted
+
+    def _admit_pass(self, only_key: AdapterKey | str = "any") -> list[Row]:
         """Take waiting requests into free rows, FIFO, while their prompts fit in free KV memory.
 
         A runner without chunked prefill prefills whole prompts in the step that admits them, so
@@ -576,7 +592,11 @@ class Engine:
             request = self._waiting.popleft()
             eligible = free > 0 and (only_key == "any" or key_of(request) == only_key)
             if eligible and needs_slot and request.adapter is not None:
-                eligible = self.slots.can_acquire(request.adapter.key)
+                load = self.slots.prepare(request.adapter)  # None: resident or loaded
+                if isinstance(load, BaseException):  # its load failed: this request alone fails
+                    self._refuse_admission(request, load)
+                    continue
+                eligible = load is None and self.slots.can_acquire(request.adapter.key)
             n = self._new_kv_tokens(request) if eligible else 0  # hashes the prompt: only when eligible
             in_budget = chunked or not admitted or n <= budget
             if not (eligible and in_budget and self.runner.can_admit(kv_tokens + n, kv_sequences + 1)):
@@ -798,6 +818,7 @@ def prefix_identity(request: GenerationRequest) -> str:
     return "base" if served is None else f"adapter:{served.key}"
 
 
+_IDLE_LOAD_WAIT = 0.1  # seconds an idle engine waits for an adapter load before its next step
 _VOCAB_ALL = 1 << 30  # a top_n above any vocabulary: the runner returns every token (min(top_n, V))
 
 

@@ -1,4 +1,5 @@
-"""``GET /adapters`` at scale: 1,000 stored adapters listed page by page (``limit``, ``cursor``), by id prefix.
+"""``GET /adapters`` at scale: 1,000 stored adapters listed page by page (``limit``, ``cursor``), by id prefix,
+over HTTP and through the Python clients and the CLI (they walk the pages), against a live server.
 
 The adapters are stored through the store API directly (tiny rank-1 adapters) before the server
 starts on the same data dir, so the test spends its time listing, not uploading.
@@ -6,16 +7,22 @@ starts on the same data dir, so the test spends its time listing, not uploading.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+from collections.abc import Iterator
 
+import httpx
 import pytest
+from typer.testing import CliRunner
 
 from adapters.archive import AdapterFiles
 from adapters.listing import encode_cursor, page
 from adapters.store import AdapterStore
+from clients import AsyncLoraplexClient, LoraplexClient
+from server.cli import app
 from tests.adapter_files import linear_shapes, make_adapter
-from tests.api_helpers import start_client
+from tests.live_server import LiveServer, start_live_server
 
 N = 1000
 
@@ -25,7 +32,7 @@ def adapter_ids() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_base, tokenizer, tmp_path_factory):
+def live(tiny_base, tokenizer, tmp_path_factory) -> Iterator[LiveServer]:
     tmp = tmp_path_factory.mktemp("listing")
     config, weights = make_adapter(tiny_base, r=1, targets=("q_proj",))
     # durability is not what this test checks: skip the fsyncs of 1,000 writes (about 30 s on a busy disk)
@@ -34,9 +41,37 @@ def server(tiny_base, tokenizer, tmp_path_factory):
         store.bind_base(linear_shapes(tiny_base), max_rank=8)
         for adapter_id in adapter_ids():
             store.put(adapter_id, AdapterFiles(config=config, weights=weights))
-    client = start_client(tiny_base, tokenizer, tmp)
-    yield client
-    client.__exit__(None, None, None)
+    server = start_live_server(tiny_base, tokenizer, tmp)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(live) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=live.url, timeout=60) as client:
+        yield client
+
+
+class CountingTransport(httpx.HTTPTransport):
+    """Records the query of every request a client sends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queries: list[dict[str, str]] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.queries.append(dict(request.url.params))
+        return super().handle_request(request)
+
+
+class AsyncCountingTransport(httpx.AsyncHTTPTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.queries: list[dict[str, str]] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.queries.append(dict(request.url.params))
+        return await super().handle_async_request(request)
 
 
 def walk(client, **query) -> tuple[list[str], int]:
@@ -110,3 +145,39 @@ def test_pages_stay_consistent_while_adapters_come_and_go(tiny_base, tmp_path) -
             cursor = nxt.next_cursor
     kept = [f"a{i:02d}" for i in range(0, 40, 2) if i != 20]
     assert seen == sorted([*kept, "a33"])
+
+
+def test_the_client_walks_every_page(live) -> None:
+    everything = sorted(adapter_ids())
+    transport = CountingTransport()
+    with LoraplexClient(live.url, transport=transport) as client:
+        assert [a.id for a in client.list_adapters()] == everything  # 100 a page by default
+        assert len(transport.queries) == 10 and all(q["limit"] == "100" for q in transport.queries)
+        assert "cursor" not in transport.queries[0] and all("cursor" in q for q in transport.queries[1:])
+        transport.queries.clear()
+        team3 = [i for i in everything if i.startswith("team-3-")]
+        walked = client.iter_adapters(prefix="team-3-", page_size=50)
+        assert next(walked).id == team3[0] and len(transport.queries) == 1  # one page at a time
+        assert [team3[0], *(a.id for a in walked)] == team3
+        assert len(transport.queries) == -(-len(team3) // 50)
+        assert client.list_adapters(prefix="nobody") == []
+        with pytest.raises(ValueError, match="page_size"):
+            client.list_adapters(page_size=1001)
+
+
+async def test_the_async_client_walks_every_page(live) -> None:
+    transport = AsyncCountingTransport()
+    async with AsyncLoraplexClient(live.url, transport=transport) as client:
+        ids = [a.id async for a in client.iter_adapters(page_size=300)]
+        assert ids == sorted(adapter_ids()) and len(transport.queries) == 4
+        team5 = await client.list_adapters(prefix="team-5-", page_size=7)
+    assert [a.id for a in team5] == sorted(i for i in adapter_ids() if i.startswith("team-5-"))
+
+
+def test_the_cli_lists_every_page(live) -> None:
+    result = CliRunner().invoke(app, ["adapters", "list", "--json", "--prefix", "team-6-"],
+                                env={"LORAPLEX_URL": live.url})  # fmt: skip
+    assert result.exit_code == 0, result.output
+    team6 = sorted(i for i in adapter_ids() if i.startswith("team-6-"))
+    assert len(team6) > 100  # more than one page of the client's default size
+    assert [a["id"] for a in json.loads(result.output)] == team6

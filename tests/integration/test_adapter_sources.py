@@ -225,3 +225,48 @@ def test_fetched_adapter_whose_targets_match_nothing_is_a_422_naming_them(server
     assert r.status_code == 422, r.text
     assert "c_attn" in r.json()["error"] and "match no module" in r.json()["error"]
     assert "gpt2-like" not in [a["id"] for a in server.get("/adapters").json()]
+
+
+class SlowSource:
+    """A source that sleeps before each fetch (a slow S3), recording the engine's steps meanwhile."""
+
+    def __init__(self, inner: S3Source, engine, seconds: float) -> None:
+        self.inner, self.engine, self.seconds = inner, engine, seconds
+        self.uri = inner.uri
+        self.steps_during: list[int] = []
+
+    def etags(self, adapter_id: str):
+        return self.inner.etags(adapter_id)
+
+    def fetch(self, adapter_id: str, max_bytes: int):
+        before = self.engine.steps
+        time.sleep(self.seconds)
+        self.steps_during.append(self.engine.steps - before)
+        return self.inner.fetch(adapter_id, max_bytes)
+
+
+def test_a_slow_source_stalls_no_running_stream(server, s3, tiny_base) -> None:
+    """Issue 29: while a cold adapter is fetched (slowly), a running stream keeps decoding (engine
+    steps go on during the fetch), and the fetched adapter is served once it arrives."""
+    sources = server.app.state.sources
+    engine = server.app.state.engine
+    put(s3, "slow-one", *make_adapter(tiny_base, seed=7, r=8))
+    slow = SlowSource(sources.sources[0], engine, seconds=1.0)
+    sources.sources.insert(0, slow)
+    try:
+        long_body = {"inputs": "Tell me", "parameters": {"adapter_id": "resident", "max_new_tokens": 200,
+                                                        "ignore_eos": True, "details": True}}  # fmt: skip
+        answers: dict[str, object] = {}
+        running = threading.Thread(target=lambda: answers.update(r=server.post("/generate", json=long_body)))
+        running.start()
+        deadline = time.monotonic() + 10
+        while engine.num_running == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.num_running == 1, "the long stream never started"
+        cold = post_generate(server, "slow-one")
+        running.join(60)
+    finally:
+        sources.sources.remove(slow)
+    assert cold.status_code == 200, cold.text
+    assert answers["r"].status_code == 200 and answers["r"].json()["details"]["generated_tokens"] == 200
+    assert slow.steps_during and slow.steps_during[0] >= 10, slow.steps_during

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -294,7 +295,11 @@ def test_a_failing_forward_fails_its_requests_and_the_engine_goes_on(setup, toke
     monkeypatch.setattr(engine.runner, "prefill", broken_prefill)
     newcomer = submit(engine, _ids(tokenizer, PROMPTS[1]), adapters["patterns"], max_new_tokens=5)[1]
     engine._drain_inbox(block=False)
-    engine.step_safely()
+    for _ in range(200):  # the newcomer's adapter loads on the loader thread; its prefill then fails
+        engine.step_safely()
+        if outcome(newcomer).error is not None:
+            break
+        time.sleep(0.005)
     for events in (running, newcomer):
         error = outcome(events).error
         assert error is not None and "out of memory" in error.message

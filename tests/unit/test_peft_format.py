@@ -149,6 +149,18 @@ def test_shape_mismatch_names_tensor_and_both_shapes(tmp_path, shapes) -> None:
             lambda t: t["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].fill_(float("nan")),
             "NaN",
         ),
+        (  # one NaN among finite entries (the check reads the max of |entries|: NaN must reach it)
+            lambda t: t["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"][3, 1].fill_(
+                float("nan")
+            ),
+            "NaN",
+        ),
+        (
+            lambda t: t["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"][0, 5].fill_(
+                -float("inf")
+            ),
+            "Inf",
+        ),
         (
             lambda t: [t.pop(k) for k in list(t) if "layers.1." in k],
             "have no weights",

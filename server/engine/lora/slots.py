@@ -2,15 +2,36 @@
 
 No kernel is chosen here: a :class:`LoraSlotBank` holds the factors, and a backend
 (``backend.py``) reads them in whatever layout it needs.
+
+Loading an adapter is split so that the engine thread does only the last, cheap part
+(``server/engine/slot_loader.py`` runs the rest on its own thread):
+
+* :meth:`LoraSlotBank.stage` (any thread): the factors cast to the bank's dtype, moved to its
+  device and zero-padded to its rank, ready to be copied as they lie;
+* :meth:`LoraSlotBank.grown` (any thread): when the adapter needs more slots or a higher rank
+  than the bank holds, the bigger stacks built from a snapshot of the current ones;
+* :meth:`LoraSlotBank.install` (the engine thread): swap in the grown stacks (a pointer swap,
+  when no slot changed since the snapshot) and copy the staged factors into the slot.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
 from server.engine.lora.batch import BASE_SLOT, LoraBatchContext
 
-__all__ = ["BASE_SLOT", "LoraSlotBank"]
+__all__ = ["BASE_SLOT", "GrownStacks", "LoraSlotBank"]
+
+
+class GrownStacks(NamedTuple):
+    """A bank's stacks rebuilt bigger off the engine thread, from its contents at ``version``."""
+
+    A_stack: torch.Tensor  # [S', r', k]
+    B_stack: torch.Tensor  # [S', d, r']
+    scale: torch.Tensor  # [S']
+    version: int  # the bank's version when the snapshot was taken: stale once it changed
 
 
 class LoraSlotBank:
@@ -43,18 +64,100 @@ class LoraSlotBank:
     def r_max(self) -> int:
         return int(self.A_stack.shape[1])
 
-    def _grow(self, slots: int, r_max: int) -> None:
-        old_s, old_r = self.A_stack.shape[0], self.A_stack.shape[1]
+    @property
+    def num_slots(self) -> int:
+        return int(self.A_stack.shape[0])
+
+    def _bigger(self, slots: int, r_max: int) -> tuple[int, int] | None:
+        """The stacks' shape (slots, rank) once they hold ``slots`` slots of rank ``r_max``, or None
+        when they already do. The slot count at least doubles, so a bank filling up one slot at a
+        time is reallocated a handful of times, not once per slot."""
+        old_s, old_r = self.num_slots, self.r_max
         if slots <= old_s and r_max <= old_r:
-            return
-        new_s, new_r = max(slots, old_s), max(r_max, old_r)
-        A = self.A_stack.new_zeros(new_s, new_r, self.in_features)
-        B = self.B_stack.new_zeros(new_s, self.out_features, new_r)
-        scale = self.scale.new_zeros(new_s)
-        A[:old_s, :old_r] = self.A_stack
-        B[:old_s, :, :old_r] = self.B_stack
-        scale[:old_s] = self.scale
-        self.A_stack, self.B_stack, self.scale = A, B, scale
+            return None
+        return (max(slots, 2 * old_s) if slots > old_s else old_s), max(r_max, old_r)
+
+    def _build_grown(self, new_s: int, new_r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # Read from another thread, the three stacks may straddle a swap on the engine thread: each
+        # is copied by its own shape, and the caller's version check discards such a mixed result.
+        A_old, B_old, scale_old = self.A_stack, self.B_stack, self.scale
+        A = A_old.new_zeros(new_s, new_r, self.in_features)  # [S', r', k]
+        B = B_old.new_zeros(new_s, self.out_features, new_r)  # [S', d, r']
+        scale = scale_old.new_zeros(new_s)  # [S']
+        s_a, r_a = min(A_old.shape[0], new_s), min(A_old.shape[1], new_r)
+        s_b, r_b = min(B_old.shape[0], new_s), min(B_old.shape[2], new_r)
+        s_s = min(scale_old.shape[0], new_s)
+        A[:s_a, :r_a] = A_old[:s_a, :r_a]
+        B[:s_b, :, :r_b] = B_old[:s_b, :, :r_b]
+        scale[:s_s] = scale_old[:s_s]
+        return A, B, scale
+
+    def _grow(self, slots: int, r_max: int, limit: int | None = None) -> None:
+        shape = self._bigger(slots, r_max)
+        if shape is not None:
+            new_s = shape[0] if limit is None else max(slots, min(shape[0], limit))
+            self.A_stack, self.B_stack, self.scale = self._build_grown(new_s, shape[1])
+
+    def grown(self, slots: int, r_max: int, limit: int) -> GrownStacks | None:
+        """Stacks holding at least ``slots`` slots (at most ``limit``: the slot capacity) of rank
+        ``r_max``, built from the current ones without changing them (any thread), or None when the
+        current ones are big enough. :meth:`install` swaps them in if no slot changed meanwhile."""
+        shape = self._bigger(slots, r_max)
+        if shape is None:
+            return None
+        version = self.version  # read before the copy: a write during it makes the result stale
+        new_s = max(slots, min(shape[0], limit))
+        return GrownStacks(*self._build_grown(new_s, shape[1]), version)
+
+    def stage(
+        self, A: torch.Tensor, B: torch.Tensor, dora_factor: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A: [r, k], B: [d, r] in the bank's dtype on its device, zero-padded to the bank's rank
+        (when r is below it), as :meth:`install` copies them: (A [r', k], B [d, r']). Any thread.
+        A DoRA adapter's factor g ([d], ``server/engine/dora.py``) is folded in: B becomes g ⊙ B
+        (in float32, then the serving dtype)."""
+        r, r_pad = A.shape[0], max(A.shape[0], self.r_max)
+        A_p = A.to(self._device, self._dtype)
+        if dora_factor is None:
+            B_p = B.to(self._device, self._dtype)
+        else:
+            g = dora_factor.to(self._device, torch.float32)
+            B_p = (B.to(self._device, torch.float32) * g[:, None]).to(self._dtype)
+        if r_pad > r:
+            A_p = torch.cat([A_p, A_p.new_zeros(r_pad - r, self.in_features)])  # [r_pad, k]
+            B_p = torch.cat([B_p, B_p.new_zeros(self.out_features, r_pad - r)], dim=1)  # [d, r_pad]
+        return A_p.contiguous(), B_p.contiguous()
+
+    def install(
+        self,
+        slot: int,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        scale: float,
+        grown: GrownStacks | None = None,
+        limit: int | None = None,
+        dora_factor: torch.Tensor | None = None,
+    ) -> bool:
+        """Place staged factors (:meth:`stage`; A: [r, k], B: [d, r]) in ``slot``: on the engine
+        thread, the cheap part of a load. ``grown`` stacks are swapped in when still current; else
+        the bank grows here (the slow path). True when no stacks were reallocated here. A DoRA
+        adapter's B comes staged as g ⊙ B, and ``dora_factor`` g sets the slot's magnitude."""
+        swapped = grown is not None and grown.version == self.version
+        if swapped and grown.A_stack.shape[0] > slot and grown.A_stack.shape[1] >= A.shape[0]:
+            self.A_stack, self.B_stack, self.scale = grown.A_stack, grown.B_stack, grown.scale
+        needs_growth = self._bigger(slot + 1, A.shape[0]) is not None
+        self._grow(slot + 1, A.shape[0], limit)
+        r = A.shape[0]
+        self.A_stack[slot, :r].copy_(A)
+        self.B_stack[slot, :, :r].copy_(B)
+        if r < self.r_max:  # the bank grew after staging: zero the columns past the adapter's rank
+            self.A_stack[slot, r:].zero_()
+            self.B_stack[slot, :, r:].zero_()
+        self.scale[slot] = scale
+        self._set_magnitude(slot, dora_factor)
+        self.occupied.add(slot)
+        self.version += 1
+        return not needs_growth
 
     def set_slot(
         self,
@@ -64,22 +167,10 @@ class LoraSlotBank:
         scale: float,
         dora_factor: torch.Tensor | None = None,
     ) -> None:
-        """Place one adapter's factors (A: [r, k], B: [d, r]) in ``slot``; a DoRA adapter also
-        gives its factor g = m / ‖W + s·B·A‖_row ([d], ``server/engine/dora.py``)."""
-        r = A.shape[0]
-        self._grow(slot + 1, r)
-        self.A_stack[slot].zero_()
-        self.B_stack[slot].zero_()
-        self.A_stack[slot, :r] = A.to(self._device, self._dtype)
-        if dora_factor is None:
-            self.B_stack[slot, :, :r] = B.to(self._device, self._dtype)
-        else:  # g ⊙ B in float32, then the serving dtype
-            g = dora_factor.to(self._device, torch.float32)
-            self.B_stack[slot, :, :r] = (B.to(self._device, torch.float32) * g[:, None]).to(self._dtype)
-        self._set_magnitude(slot, dora_factor)
-        self.scale[slot] = scale
-        self.occupied.add(slot)
-        self.version += 1
+        """Place one adapter's factors (A: [r, k], B: [d, r]) in ``slot`` (stage and install at
+        once); a DoRA adapter also gives its factor g = m / ‖W + s·B·A‖_row ([d])."""
+        self._grow(slot + 1, A.shape[0])
+        self.install(slot, *self.stage(A, B, dora_factor), scale, dora_factor=dora_factor)
 
     def _set_magnitude(self, slot: int, dora_factor: torch.Tensor | None) -> None:
         if dora_factor is None:
