@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ class AdapterSlots:
         self.vocab = vocab
         # DoRA factors g per adapter version (layer name -> [out]): computed once, reused on reloads
         self._dora_factors: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._dora_lock = threading.Lock()  # the loader thread and the engine thread both stage
         self.on_change = on_change
         self.capacity = capacity
         self._resident: OrderedDict[str, _Resident] = OrderedDict()  # LRU order: oldest first
@@ -144,7 +146,7 @@ class AdapterSlots:
             staged = self._staged.pop(adapter.key, None)
             slot = self._free_slot()
             if staged is None:
-                staged = stage_adapter(adapter, self.layers, slot + 1, self.capacity)
+                staged = stage_adapter(adapter, self.layers, slot + 1, self.capacity, self._dora_factor)
             self._load(staged, slot)
             resident = self._resident[adapter.key]
         self._resident.move_to_end(adapter.key)
@@ -220,16 +222,21 @@ class AdapterSlots:
 
     def _dora_factor(self, key: str, name: str, weights: LoraLayerWeights) -> torch.Tensor:
         """g = m / ‖W + s·B·A‖_row of one DoRA layer ([out]), from the pristine base weight.
-        Called on the loader thread only (``stage_adapter``), which alone touches the cache."""
+        Called while staging a load: on the loader thread, or on the engine thread when a load is
+        installed at once (``acquire``); the cache is locked for that."""
         if self.base_weight is None:
             raise ValueError("DoRA adapters need the base weights (AdapterSlots(base_weight=...))")
-        factors = self._dora_factors.setdefault(key, {})
-        self._dora_factors.move_to_end(key)
-        while len(self._dora_factors) > 4 * self.capacity:
-            self._dora_factors.popitem(last=False)
-        if name not in factors:
-            factors[name] = dora_factor(self.base_weight(name), weights)  # original_weight: [out, in]
-        return factors[name]
+        with self._dora_lock:
+            factors = self._dora_factors.setdefault(key, {})
+            self._dora_factors.move_to_end(key)
+            while len(self._dora_factors) > 4 * self.capacity:
+                self._dora_factors.popitem(last=False)
+            cached = factors.get(name)
+        if cached is None:
+            cached = dora_factor(self.base_weight(name), weights)  # original_weight: [out, in]
+            with self._dora_lock:
+                factors[name] = cached
+        return cached
 
     def _unload(self, key: str) -> None:
         resident = self._resident.pop(key)

@@ -195,7 +195,7 @@ def _fake(key: str):
     """An adapter with no layers: enough for the slot policy (nothing to copy)."""
     from types import SimpleNamespace
 
-    return SimpleNamespace(key=key, adapter_id=key, layers={})
+    return SimpleNamespace(key=key, adapter_id=key, layers={}, vocab={})
 
 
 def test_a_burst_of_cold_adapters_does_not_evict_a_hot_one() -> None:

