@@ -116,14 +116,18 @@ def write_random_adapter(
 ) -> Path:
     """A random all-linear PEFT LoRA adapter for a base with these layer ``shapes`` (name ->
     ``BaseLinearShape``), written straight in PEFT's format: no model object needed, so it works
-    for a runner that never builds a Hugging Face model (and for large random bases)."""
+    for a runner that never builds a Hugging Face model (and for large random bases). Only the
+    linear layers: a runner's shapes also name its embedding and LM head, which ``all-linear``
+    does not select (as in PEFT)."""
     import json
 
     from safetensors.torch import save_file
 
+    from adapters.peft_format import linear_shapes
+
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
-    for name, shape in sorted(shapes.items()):
+    for name, shape in sorted(linear_shapes(shapes).items()):
         a = torch.randn(r, shape.in_features, generator=generator) / shape.in_features**0.5
         b = torch.randn(shape.out_features, r, generator=generator) * b_scale
         tensors[f"base_model.model.{name}.lora_A.weight"] = a
