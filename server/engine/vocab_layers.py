@@ -14,8 +14,9 @@ from server.engine.lora import LoraBatchContext
 from server.engine.lora.vocab import VocabAdapters
 
 
-class VocabEmbedding(nn.Module):
-    """The token embedding, then each row's adapter's own (rows: the batch rows of ``ctx``)."""
+class _VocabWrapper(nn.Module):
+    """A base embedding or head module kept inside, with the batch's rows (``ctx``) and the
+    adapters' own vocabulary layers beside it."""
 
     def __init__(self, base: nn.Module, vocab: VocabAdapters, ctx: LoraBatchContext) -> None:
         super().__init__()
@@ -24,6 +25,10 @@ class VocabEmbedding(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         return self.base.weight
+
+
+class VocabEmbedding(_VocabWrapper):
+    """The token embedding, then each row's adapter's own (rows: the batch rows of ``ctx``)."""
 
     @property
     def num_embeddings(self) -> int:
@@ -38,16 +43,8 @@ class VocabEmbedding(nn.Module):
         return x
 
 
-class VocabHead(nn.Module):
+class VocabHead(_VocabWrapper):
     """The LM head, then each row's adapter's own head where it has one."""
-
-    def __init__(self, base: nn.Module, vocab: VocabAdapters, ctx: LoraBatchContext) -> None:
-        super().__init__()
-        self.base, self.vocab, self.ctx = base, vocab, ctx
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.base(hidden)  # [B, T, V]
