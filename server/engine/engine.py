@@ -468,19 +468,22 @@ class Engine:
             if not proposed:
                 continue
             self.stats.speculation.count(row.request, len(proposed), taken)
+            row.draft_length.observe(len(proposed), taken)
             if row.request.finished_at is None:
                 self.runner.commit(row.seq_id, taken)
 
     def _drafts(self, rows: list[Row], growth: dict[int, int]) -> list[list[int]]:
         """Speculative decoding: each row's proposed tokens (prompt lookup, ``speculative.py``), at
-        most ``--speculate``, never past its ``max_new_tokens`` (the bonus token counts), and only
-        where the KV memory holds them now (a row left without decodes one token, as usual)."""
+        most its draft length (``DraftLength``: adapted to its acceptance, up to ``--speculate``),
+        never past its ``max_new_tokens`` (the bonus token counts), and only where the KV memory
+        holds them now (a row left without decodes one token, as usual)."""
         if not self.speculate or len(rows) > self.config.speculate_max_batch:
             return [[] for _ in rows]
         drafts: list[list[int]] = []
         for row in rows:
             room = row.sampler.params.max_new_tokens - row.generated - 1
-            proposed = row.lookup.propose(min(self.speculate, room)) if row.lookup is not None else []
+            limit = min(row.draft_length.limit(self.speculate), room)  # adapted to its acceptance
+            proposed = row.lookup.propose(limit) if row.lookup is not None else []
             if proposed and self.runner.can_grow({**growth, row.seq_id: 1 + len(proposed)}):
                 growth[row.seq_id] = 1 + len(proposed)
             else:
