@@ -80,7 +80,9 @@ class EngineConfig:
     checkpoint_dir: Path | None = None  # safetensors checkpoint to restore base weights from
     max_prompt_chars: int = 262144  # longest prompt text, checked before tokenizing (server.api.generation)
     prefix_cache: bool = True  # reuse cached KV blocks of equal prompt prefixes (runners that support it)
-    speculate: int = 0  # --speculate: tokens proposed per row and step (prompt lookup); 0: off
+    # --speculate: tokens proposed per row and step at most (prompt lookup); 0: off. The server's
+    # default (4) is Settings'; an engine built directly (tests, benchmarks) chooses its own.
+    speculate: int = 0
     # --speculate-max-batch: no drafts in a step with more running rows (vLLM's
     # speculative_disable_by_batch_size): a large batch is no longer bound by the weights' stream,
     # so verifying drafts costs about what they save

@@ -238,6 +238,37 @@ def test_greedy_with_drafts_equals_peft_and_no_speculation_solo_and_mixed(
     assert not speculative.runner.kv.sequences and speculative.runner.kv.used_blocks == 0
 
 
+@pytest.mark.parametrize("serving", ["merged", "int8"])
+def test_greedy_with_drafts_equals_no_speculation_merged_and_quantized(
+    llama, tokenizer, peft_adapter_factory, oracle, serving
+) -> None:
+    """The default --speculate 4 in the serving modes the test above does not run: an adapter
+    merged into the weights (its rows in the base slot) and int8 weights (their own kernels, the
+    adapter unmerged); equal to --speculate 0 there, rows and KV memory released."""
+    model, path = llama
+
+    def engine(speculate: int) -> Engine:
+        if serving == "merged":
+            return _engine(path, tokenizer, speculate, mode="merged", checkpoint_dir=path)
+        runner = NativeLlamaRunner(path, quantization="int8", kv_cache_tokens=4096)
+        return Engine(runner, tokenizer, EngineConfig(mode="unmerged", speculate=speculate))
+
+    plain = engine(0)
+    adapter_dir, _ = peft_adapter_factory(model, "qv", seed=9, b_scale=2.0, **ADAPTERS["qv"])
+    adapter = load_adapter_dir(adapter_dir, "qv", plain.base_shapes)
+    jobs = [(_prompt(300 + i), adapter) for i in range(3)]
+    reference = [o.tokens for o in _jobs(plain, jobs, max_new_tokens=24)]
+    for (ids, _), tokens in zip(jobs, reference, strict=True):
+        oracle[tuple(ids)] = tokens
+    speculative = engine(4)
+    assert [o.tokens for o in _jobs(speculative, jobs, max_new_tokens=24)] == reference
+    if serving == "merged":
+        assert speculative.merged_adapter_id == "qv"
+    stats = speculative.stats.speculation
+    assert stats.accepted > 0 and stats.drafted > stats.accepted
+    assert not speculative.runner.kv.sequences and speculative.runner.kv.used_blocks == 0
+
+
 def test_speculation_stops_logprobs_and_details_match_plain_decoding(llama, tokenizer, oracle) -> None:
     """max_new_tokens, EOS, stop sequences, logprobs, top-n and the streamed events are those of
     plain decoding, also when the row ends inside a verified run of drafts."""
