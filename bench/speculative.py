@@ -174,7 +174,7 @@ def _report(phases: list[Phase], args: argparse.Namespace, command: str, loads: 
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for workload in ("copy", "free"):
-        for batch in (1, 16):
+        for batch in args.batches:
             mine = [p for p in phases if p.workload == workload and p.batch == batch]
             off = [p for p in mine if not p.speculate]
             rate_off = sum(p.tokens for p in off) / sum(p.wall for p in off)
@@ -217,6 +217,10 @@ def main() -> None:
     parser.add_argument("--requests-16", type=int, default=16, help="batch 16: requests per phase")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument(
+        "--batches", type=lambda text: [int(b) for b in text.split(",")], default=[1, 16],
+        help="comma-separated: which of the batch sizes to run (1,16); batch 16 takes long under load",
+    )  # fmt: skip
+    parser.add_argument(
         "--compare-fixed", action="store_true",
         help="also run --speculate N with every row drafting N tokens (no adaptation), same run",
     )  # fmt: skip
@@ -229,7 +233,7 @@ def main() -> None:
     bench.run(Phase(args.speculate, "copy", 1), 1)
     for _ in range(args.rounds):
         for workload in ("copy", "free"):
-            for batch in (1, 16):
+            for batch in args.batches:
                 arms = [(0, False), (args.speculate, False)] + [(args.speculate, True)] * args.compare_fixed
                 for speculate, fixed in arms:
                     phase = Phase(speculate, workload, batch, fixed)
@@ -245,7 +249,8 @@ def main() -> None:
                 )
     loads.append(" ".join(f"{x:.2f}" for x in os.getloadavg()))
     command = "python -m bench.speculative " + " ".join(
-        f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+        f"--{k.replace('_', '-')}"
+        + ("" if v is True else f" {','.join(map(str, v)) if isinstance(v, list) else v}")
         for k, v in vars(args).items()
         if k != "out" and v is not None and v is not False
     )
