@@ -11,6 +11,10 @@ load hits both alike):
 * **free answers**: open questions whose answers quote little of the prompt: drafts mostly miss,
   so this measures what speculation costs where it cannot help.
 
+With ``--compare-fixed`` a third phase runs ``--speculate N`` with every row drafting N tokens
+whenever it has a match (the draft length not adapted to the row's acceptance: ``DraftLength``),
+so the adaptation's effect is measured in the same run.
+
 Tokens per second are generated tokens over wall time; greedy outputs are the same with and
 without (checked here for every request), so both sides generate the same tokens.
 
@@ -20,8 +24,10 @@ without (checked here for every request), so both sides generate the same tokens
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +65,7 @@ class Phase:
     speculate: int
     workload: str
     batch: int
+    fixed: bool = False  # every row drafts --speculate tokens (no adaptation to its acceptance)
     wall: float = 0.0
     tokens: int = 0
     outputs: list[list[int]] = field(default_factory=list)
@@ -94,14 +101,23 @@ class Bench:
         return out
 
     def run(self, phase: Phase, requests: int) -> None:
-        from server.engine.requests import FinishEvent, GenerationRequest, TokenEvent
-        from server.engine.sampling import SamplingParams
-
         engine = self.engine
         engine.speculate = phase.speculate
         stats = engine.stats
         drafted, accepted, steps = stats.speculation.drafted, stats.speculation.accepted, stats.steps
         prompts = self.prompts(phase.workload, requests)
+        with _fixed_drafts(phase.fixed):
+            self._run(phase, prompts)
+        phase.tokens = sum(len(o) for o in phase.outputs)
+        phase.drafted = stats.speculation.drafted - drafted
+        phase.accepted = stats.speculation.accepted - accepted
+        phase.steps = stats.steps - steps
+
+    def _run(self, phase: Phase, prompts: list[list[int]]) -> None:
+        from server.engine.requests import FinishEvent, GenerationRequest, TokenEvent
+        from server.engine.sampling import SamplingParams
+
+        engine = self.engine
         start = time.perf_counter()
         for first in range(0, len(prompts), phase.batch):
             pending = []
@@ -118,10 +134,23 @@ class Bench:
                     raise RuntimeError(f"request failed: {events[-1]}")
                 phase.outputs.append([e.id for e in events if isinstance(e, TokenEvent)])
         phase.wall = time.perf_counter() - start
-        phase.tokens = sum(len(o) for o in phase.outputs)
-        phase.drafted = stats.speculation.drafted - drafted
-        phase.accepted = stats.speculation.accepted - accepted
-        phase.steps = stats.steps - steps
+
+
+@contextlib.contextmanager
+def _fixed_drafts(fixed: bool) -> Iterator[None]:
+    """While ``fixed``: every row's draft length is ``--speculate`` (``DraftLength.limit`` bypassed),
+    the behaviour before the adaptation, to measure it against in the same run."""
+    from server.engine.speculative import DraftLength
+
+    if not fixed:
+        yield
+        return
+    adapted = DraftLength.limit
+    DraftLength.limit = lambda self, maximum: maximum  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        DraftLength.limit = adapted  # type: ignore[method-assign]
 
 
 def _report(phases: list[Phase], args: argparse.Namespace, command: str, loads: list[str]) -> str:
@@ -132,7 +161,8 @@ def _report(phases: list[Phase], args: argparse.Namespace, command: str, loads: 
         f"- machine: {machine_description()}",
         f"- command: `{command}`",
         "- model: SmolLM2-135M-Instruct, native runner, float32 (blocked weights), base rows, greedy, "
-        f"up to {args.max_new_tokens} new tokens (EOS ends a row); `--speculate {args.speculate}` against 0",
+        f"up to {args.max_new_tokens} new tokens (EOS ends a row); `--speculate {args.speculate}` against 0"
+        + (" and against fixed-length drafts (`fixed`: no adaptation)" if args.compare_fixed else ""),
         f"- load average (`uptime`) before and after: {loads[0]} / {loads[1]}",
         f"- phases alternate off / on, {args.rounds} rounds; batch 1: {args.requests} requests one after "
         f"another; batch 16: {args.requests_16} requests, 16 at a time",
@@ -140,23 +170,25 @@ def _report(phases: list[Phase], args: argparse.Namespace, command: str, loads: 
         "- **the machine is shared with other people's jobs: absolute figures are noisy, compare the "
         "ratios (same run, alternating phases)**",
         "",
-        "| workload | batch | tok/s off | tok/s on | on / off | drafts accepted | engine steps off / on |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| workload | batch | drafts | tok/s off | tok/s on | on / off | drafts accepted | engine steps off / on |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for workload in ("copy", "free"):
-        for batch in (1, 16):
-            off = [p for p in phases if p.workload == workload and p.batch == batch and not p.speculate]
-            on = [p for p in phases if p.workload == workload and p.batch == batch and p.speculate]
+        for batch in args.batches:
+            mine = [p for p in phases if p.workload == workload and p.batch == batch]
+            off = [p for p in mine if not p.speculate]
             rate_off = sum(p.tokens for p in off) / sum(p.wall for p in off)
-            rate_on = sum(p.tokens for p in on) / sum(p.wall for p in on)
-            drafted, accepted = sum(p.drafted for p in on), sum(p.accepted for p in on)
             steps_off = sum(p.steps for p in off)
-            steps_on = sum(p.steps for p in on)
-            lines.append(
-                f"| {workload} | {batch} | {rate_off:.1f} | {rate_on:.1f} | **{rate_on / rate_off:.2f}x** | "
-                f"{accepted / drafted if drafted else 0:.0%} ({accepted}/{drafted}) | "
-                f"{steps_off / steps_on:.2f} |"
-            )
+            for fixed in sorted({p.fixed for p in mine if p.speculate}):
+                on = [p for p in mine if p.speculate and p.fixed == fixed]
+                rate_on = sum(p.tokens for p in on) / sum(p.wall for p in on)
+                drafted, accepted = sum(p.drafted for p in on), sum(p.accepted for p in on)
+                steps_on = sum(p.steps for p in on)
+                lines.append(
+                    f"| {workload} | {batch} | {'fixed' if fixed else 'adaptive'} | {rate_off:.1f} | "
+                    f"{rate_on:.1f} | **{rate_on / rate_off:.2f}x** | "
+                    f"{accepted / drafted if drafted else 0:.0%} ({accepted}/{drafted}) | {steps_off / steps_on:.2f} |"
+                )
     lines += [
         "",
         "Targets (issue 27): >= 1.8x at batch 1 on copying; >= 0.9x on free answers; >= 1.0x at batch 16.",
@@ -164,11 +196,11 @@ def _report(phases: list[Phase], args: argparse.Namespace, command: str, loads: 
         "## Each phase, in the order run",
         "",
         "| phase | workload | batch | speculate | wall (s) | tokens | tok/s | engine steps | drafted | accepted |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for i, p in enumerate(phases):
         lines.append(
-            f"| {i} | {p.workload} | {p.batch} | {p.speculate} | {p.wall:.1f} | {p.tokens} | "
+            f"| {i} | {p.workload} | {p.batch} | {p.speculate}{' fixed' if p.fixed else ''} | {p.wall:.1f} | {p.tokens} | "
             f"{p.tokens / p.wall:.1f} | {p.steps} | {p.drafted} | {p.accepted} |"
         )
     lines.append("")
@@ -184,6 +216,14 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4, help="batch 1: requests per phase")
     parser.add_argument("--requests-16", type=int, default=16, help="batch 16: requests per phase")
     parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument(
+        "--batches", type=lambda text: [int(b) for b in text.split(",")], default=[1, 16],
+        help="comma-separated: which of the batch sizes to run (1,16); batch 16 takes long under load",
+    )  # fmt: skip
+    parser.add_argument(
+        "--compare-fixed", action="store_true",
+        help="also run --speculate N with every row drafting N tokens (no adaptation), same run",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     bench = Bench(args.speculate, args.max_new_tokens)
@@ -193,13 +233,14 @@ def main() -> None:
     bench.run(Phase(args.speculate, "copy", 1), 1)
     for _ in range(args.rounds):
         for workload in ("copy", "free"):
-            for batch in (1, 16):
-                for speculate in (0, args.speculate):
-                    phase = Phase(speculate, workload, batch)
+            for batch in args.batches:
+                arms = [(0, False), (args.speculate, False)] + [(args.speculate, True)] * args.compare_fixed
+                for speculate, fixed in arms:
+                    phase = Phase(speculate, workload, batch, fixed)
                     bench.run(phase, args.requests if batch == 1 else args.requests_16)
                     phases.append(phase)
-                    print(f"{workload} batch {batch} speculate {speculate}: {phase.tokens / phase.wall:.1f} tok/s",
-                          flush=True)  # fmt: skip
+                    print(f"{workload} batch {batch} speculate {speculate}{' fixed' if fixed else ''}: "
+                          f"{phase.tokens / phase.wall:.1f} tok/s", flush=True)  # fmt: skip
     for a in phases:
         for b in phases:
             if a.workload == b.workload and a.batch == b.batch and a.outputs != b.outputs:
@@ -208,7 +249,10 @@ def main() -> None:
                 )
     loads.append(" ".join(f"{x:.2f}" for x in os.getloadavg()))
     command = "python -m bench.speculative " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and v is not None
+        f"--{k.replace('_', '-')}"
+        + ("" if v is True else f" {','.join(map(str, v)) if isinstance(v, list) else v}")
+        for k, v in vars(args).items()
+        if k != "out" and v is not None and v is not False
     )
     report = _report(phases, args, command, loads)
     print(report)

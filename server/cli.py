@@ -99,7 +99,7 @@ def serve(
     speculate: Annotated[
         int | None,
         typer.Option(
-            help="Native runner: draft tokens proposed per step by prompt lookup (0: off, default)."
+            help="Native runner: draft tokens proposed per step by prompt lookup, at most (default 4; 0: off)."
         ),
     ] = None,
     speculate_max_batch: Annotated[

@@ -87,12 +87,13 @@ class Settings(BaseSettings):
         "The hf runner has no prefix cache.",
     )
     speculate: int = Field(
-        0,
+        4,
         ge=0,
         le=16,
         description="Native runner: speculative decoding by prompt lookup, the draft tokens proposed per "
-        "row and step (TGI's --speculate); 0: off. Outputs are the same as without (greedy: equal; "
-        "sampling: the same distribution). The hf runner does not speculate.",
+        "row and step, at most (TGI's --speculate; each row drafts fewer while its drafts miss); 0: off. "
+        "Outputs are the same as without (greedy: equal; sampling: the same distribution). The hf "
+        "runner does not speculate.",
     )
     speculate_max_batch: int = Field(
         4,

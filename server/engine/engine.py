@@ -80,7 +80,9 @@ class EngineConfig:
     checkpoint_dir: Path | None = None  # safetensors checkpoint to restore base weights from
     max_prompt_chars: int = 262144  # longest prompt text, checked before tokenizing (server.api.generation)
     prefix_cache: bool = True  # reuse cached KV blocks of equal prompt prefixes (runners that support it)
-    speculate: int = 0  # --speculate: tokens proposed per row and step (prompt lookup); 0: off
+    # --speculate: tokens proposed per row and step at most (prompt lookup); 0: off. The server's
+    # default (4) is Settings'; an engine built directly (tests, benchmarks) chooses its own.
+    speculate: int = 0
     # --speculate-max-batch: no drafts in a step with more running rows (vLLM's
     # speculative_disable_by_batch_size): a large batch is no longer bound by the weights' stream,
     # so verifying drafts costs about what they save
@@ -468,19 +470,22 @@ class Engine:
             if not proposed:
                 continue
             self.stats.speculation.count(row.request, len(proposed), taken)
+            row.draft_length.observe(len(proposed), taken)
             if row.request.finished_at is None:
                 self.runner.commit(row.seq_id, taken)
 
     def _drafts(self, rows: list[Row], growth: dict[int, int]) -> list[list[int]]:
         """Speculative decoding: each row's proposed tokens (prompt lookup, ``speculative.py``), at
-        most ``--speculate``, never past its ``max_new_tokens`` (the bonus token counts), and only
-        where the KV memory holds them now (a row left without decodes one token, as usual)."""
+        most its draft length (``DraftLength``: adapted to its acceptance, up to ``--speculate``),
+        never past its ``max_new_tokens`` (the bonus token counts), and only where the KV memory
+        holds them now (a row left without decodes one token, as usual)."""
         if not self.speculate or len(rows) > self.config.speculate_max_batch:
             return [[] for _ in rows]
         drafts: list[list[int]] = []
         for row in rows:
             room = row.sampler.params.max_new_tokens - row.generated - 1
-            proposed = row.lookup.propose(min(self.speculate, room)) if row.lookup is not None else []
+            limit = min(row.draft_length.limit(self.speculate), room)  # adapted to its acceptance
+            proposed = row.lookup.propose(limit) if row.lookup is not None else []
             if proposed and self.runner.can_grow({**growth, row.seq_id: 1 + len(proposed)}):
                 growth[row.seq_id] = 1 + len(proposed)
             else:

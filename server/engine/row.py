@@ -9,7 +9,7 @@ import torch
 
 from server.engine.detokenize import IncrementalDetokenizer
 from server.engine.sampling import RowSampler
-from server.engine.speculative import PromptLookup
+from server.engine.speculative import DraftLength, PromptLookup
 
 if TYPE_CHECKING:
     from server.engine.grammar import RowGrammar
@@ -31,6 +31,7 @@ class Row:
     cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission (usage.cached_tokens)
     grammar: RowGrammar | None = None  # structured output: where the row is in its grammar
     lookup: PromptLookup | None = None  # speculative decoding: the row's tokens, n-gram indexed
+    draft_length: DraftLength = field(default_factory=DraftLength)  # how many tokens it drafts next
 
     @property
     def generated(self) -> int:

@@ -8,6 +8,10 @@ answers that quote their context). The engine verifies the proposals in one step
 the last token + the drafts) and keeps the longest prefix the target model itself would choose
 (``sampling.choose_next_tokens`` with ``drafts``); see docs/speculative-decoding.md.
 
+How many tokens a row drafts adapts to how its drafts fared (``DraftLength``): fewer where they
+miss (a rejected draft costs a row of the verify step for nothing), up to ``--speculate`` where
+they hit.
+
 The index is kept per row and grows with it: each appended token adds the n-grams that end just
 before it, pointing at it, so a lookup is one dict probe per ``n`` (no scan of the context).
 """
@@ -15,6 +19,7 @@ before it, pointing at it, so a lookup is one dict probe per ``n`` (no scan of t
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 MIN_NGRAM = 2  # shortest suffix matched: a single token repeats too often to predict anything
 MAX_NGRAM = 4  # longest suffix tried first (the most specific match wins)
@@ -49,3 +54,46 @@ class PromptLookup:
             if start is not None:
                 return tokens[start : start + limit]
         return []
+
+
+# What one more drafted token adds to a batch-1 verify step, as a fraction of a one-token decode
+# step (the embedded model on the CPU: 1 + k tokens cost 1.16x, 1.28x, 1.38x, 1.48x for k = 1..4,
+# interleaved at load ~8: bench/results/speculative-cpu.md): the compiled linear
+# kernel's time grows with the rows it multiplies.
+DRAFT_TOKEN_COST = 0.1
+DECAY = 0.5  # weight of the earlier verify steps against the latest in the acceptance estimate
+PRIOR = (3.0, 4.0)  # (accepted, examined) before a row's first verify step: p = 0.75, full drafts
+
+
+@dataclass
+class DraftLength:
+    """One row's draft length, adapted to its recent acceptance: fewer drafts where they miss, up
+    to ``--speculate`` where they hit.
+
+    The row's per-token acceptance ``p`` is estimated from its verify steps (accepted drafts over
+    drafts examined, the first rejected one included; earlier steps decayed by ``DECAY``). With
+    ``k`` drafts a step yields ``1 + p + ... + p^k`` tokens on average and costs about
+    ``1 + DRAFT_TOKEN_COST * k`` decode steps; the row drafts the ``k`` (1 to ``--speculate``) with
+    the most tokens per cost. A row that keeps missing drafts one token (cheap, and it lets the
+    estimate recover when the row starts copying); one that copies drafts the maximum."""
+
+    accepted: float = PRIOR[0]
+    examined: float = PRIOR[1]
+
+    def limit(self, maximum: int) -> int:
+        """How many tokens to draft now, at most ``maximum`` (``--speculate``)."""
+        p = self.accepted / self.examined
+        best, best_rate, expected = min(1, maximum), 0.0, 1.0
+        for k in range(1, maximum + 1):
+            expected += p**k  # tokens a step with k drafts yields on average
+            rate = expected / (1 + DRAFT_TOKEN_COST * k)
+            if rate > best_rate:
+                best, best_rate = k, rate
+        return best
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        """A verify step's result for this row: ``accepted`` of its ``drafted`` tokens kept."""
+        if drafted <= 0:
+            return
+        self.accepted = self.accepted * DECAY + accepted
+        self.examined = self.examined * DECAY + min(drafted, accepted + 1)

@@ -33,6 +33,29 @@ def _info_from(snap) -> dict:
             "evictions": snap.prefix_cache.evictions,
         }
     )
+    spec = snap.speculation
+    speculation = (
+        {"enabled": False, "reason": spec.reason}
+        if not spec.enabled
+        else {
+            "enabled": True,
+            "method": "prompt_lookup",
+            "speculate": spec.speculate,
+            "max_batch": spec.max_batch,
+            "verify_rows": spec.verify_rows,
+            "drafted_tokens": spec.drafted_tokens,
+            "accepted_tokens": spec.accepted_tokens,
+            "acceptance_rate": round(spec.acceptance_rate, 4),
+            "by_adapter": {
+                name: {
+                    "drafted_tokens": drafted,
+                    "accepted_tokens": accepted,
+                    "acceptance_rate": round(accepted / drafted, 4) if drafted else 0.0,
+                }
+                for name, (drafted, accepted) in sorted(spec.by_adapter.items())
+            },
+        }
+    )
     return {
         "mode": snap.mode,
         "merged_adapter": snap.merged_adapter,
@@ -56,7 +79,7 @@ def _info_from(snap) -> dict:
             "preemptions": snap.stats.preemptions,
         },
         "prefix_cache": prefix,
-        "speculation": {"enabled": False, "reason": snap.speculation.reason},  # --speculate 0 here
+        "speculation": speculation,
         "limits": dataclasses.asdict(snap.limits),
         "adapters_loaded": [key.partition("@")[0] for key in snap.slots.resident_keys],
         "adapter_slot_users": snap.slots.in_use,
@@ -90,11 +113,14 @@ def test_snapshot_matches_info(
     assert snap.stats.generated_tokens == generated and snap.stats.steps > 0 and snap.stats.peak_batch == 1
     assert snap.slots.resident_keys[0].startswith("qv@") and snap.slots.loads == 1 and snap.slots.in_use == 0
     assert snap.queue.running == snap.queue.waiting == 0 and snap.kv.used_tokens == 0
-    assert (
-        snap.runner.name == runner
-        and snap.runner.vocab_size == len(tokenizer)
-        and not snap.speculation.enabled
-    )
+    assert snap.runner.name == runner and snap.runner.vocab_size == len(tokenizer)
+    # speculation is on by default (--speculate 4) where the runner verifies drafts
+    if runner == "native":
+        assert snap.speculation.enabled and snap.speculation.speculate == 4
+        assert snap.speculation.max_batch == 4
+    else:
+        assert not snap.speculation.enabled
+        assert snap.speculation.reason == "the hf runner does not verify drafts (the native runner does)"
     assert sum(snap.stats.batch_sizes.values()) > 0
     if runner == "native":
         assert snap.prefix_cache.enabled and snap.prefix_cache.lookups == 3 and snap.kv.block_size == 16

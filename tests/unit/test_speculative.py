@@ -27,7 +27,7 @@ from server.engine.native import NativeLlamaRunner
 from server.engine.native.kv_cache import PagedKVCache
 from server.engine.requests import FinishEvent, GenerationRequest, TokenEvent
 from server.engine.sampling import RowSampler, SamplingParams, choose_next_tokens
-from server.engine.speculative import PromptLookup
+from server.engine.speculative import DraftLength, PromptLookup
 from tests.conftest import tiny_llama_config
 from tests.engine_helpers import outcome, submit
 from tests.prom import metric_value
@@ -143,6 +143,44 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match() -> None:
     assert PromptLookup([1, 2]).propose(3) == []  # too short to match anything
 
 
+def test_draft_length_shrinks_where_drafts_miss_and_grows_back_where_they_hit() -> None:
+    length = DraftLength()
+    assert length.limit(4) == 4  # a new row drafts the most
+    length.observe(4, 0)
+    length.observe(2, 0)
+    assert 1 <= length.limit(4) < 4  # two misses: shorter drafts
+    for _ in range(6):
+        length.observe(length.limit(4), 0)
+    assert length.limit(4) == 1  # a row that keeps missing drafts one token (never none)
+    for _ in range(4):
+        length.observe(length.limit(4), length.limit(4))
+    assert length.limit(4) == 4  # hits again: back to --speculate
+    assert length.limit(2) == 2  # never past it
+    length.observe(0, 0)  # a step without drafts says nothing
+    assert length.limit(4) == 4
+
+
+def test_engine_drafts_fewer_tokens_for_a_row_whose_drafts_miss(llama, tokenizer, monkeypatch) -> None:
+    """A draft source that is always wrong: after its first verify steps the row drafts one token
+    a step, not --speculate; the output is still the plain one."""
+
+    class Wrong(Oracle):
+        def propose(self, limit: int) -> list[int]:
+            return [7] * limit  # token 7 never follows in these outputs (checked below)
+
+    monkeypatch.setattr(engine_module, "PromptLookup", Wrong)
+    prompt = _prompt(5)
+    plain = _jobs(_engine(llama[1], tokenizer, 0), [(prompt, None)], max_new_tokens=24)
+    assert 7 not in plain[0].tokens
+    engine = _engine(llama[1], tokenizer, 4)
+    drafted: list[int] = []
+    step = engine.runner.step
+    engine.runner.step = lambda rows: (drafted.extend(r.drafts for r in rows if r.decoding), step(rows))[1]
+    assert [o.tokens for o in _jobs(engine, [(prompt, None)], max_new_tokens=24)] == [plain[0].tokens]
+    assert drafted[:3] == [4, 2, 1]  # p: 3/4, then 1.5/3, then 0.75/2.5 (DraftLength's estimate)
+    assert len(drafted) > 10 and set(drafted[3:]) <= {0, 1}  # 0: no room left at the very end
+
+
 # ---------------------------------------------------------------------- greedy: exactly the same tokens
 
 
@@ -197,6 +235,37 @@ def test_greedy_with_drafts_equals_peft_and_no_speculation_solo_and_mixed(
     stats = speculative.stats.speculation
     assert stats.accepted > 0 and stats.drafted > stats.accepted  # drafts were kept and rejected
     assert set(stats.by_adapter) >= {"__base__", "all", "qv", "patterns", "mix"}
+    assert not speculative.runner.kv.sequences and speculative.runner.kv.used_blocks == 0
+
+
+@pytest.mark.parametrize("serving", ["merged", "int8"])
+def test_greedy_with_drafts_equals_no_speculation_merged_and_quantized(
+    llama, tokenizer, peft_adapter_factory, oracle, serving
+) -> None:
+    """The default --speculate 4 in the serving modes the test above does not run: an adapter
+    merged into the weights (its rows in the base slot) and int8 weights (their own kernels, the
+    adapter unmerged); equal to --speculate 0 there, rows and KV memory released."""
+    model, path = llama
+
+    def engine(speculate: int) -> Engine:
+        if serving == "merged":
+            return _engine(path, tokenizer, speculate, mode="merged", checkpoint_dir=path)
+        runner = NativeLlamaRunner(path, quantization="int8", kv_cache_tokens=4096)
+        return Engine(runner, tokenizer, EngineConfig(mode="unmerged", speculate=speculate))
+
+    plain = engine(0)
+    adapter_dir, _ = peft_adapter_factory(model, "qv", seed=9, b_scale=2.0, **ADAPTERS["qv"])
+    adapter = load_adapter_dir(adapter_dir, "qv", plain.base_shapes)
+    jobs = [(_prompt(300 + i), adapter) for i in range(3)]
+    reference = [o.tokens for o in _jobs(plain, jobs, max_new_tokens=24)]
+    for (ids, _), tokens in zip(jobs, reference, strict=True):
+        oracle[tuple(ids)] = tokens
+    speculative = engine(4)
+    assert [o.tokens for o in _jobs(speculative, jobs, max_new_tokens=24)] == reference
+    if serving == "merged":
+        assert speculative.merged_adapter_id == "qv"
+    stats = speculative.stats.speculation
+    assert stats.accepted > 0 and stats.drafted > stats.accepted
     assert not speculative.runner.kv.sequences and speculative.runner.kv.used_blocks == 0
 
 
