@@ -214,3 +214,21 @@ def test_steps_above_the_one_thread_rows_keep_pytorch_ops(tmp_path_factory, monk
     assert calls == {"layers": 0, "attend": 0}
     runner.decode([DecodeInput(i, 5, BASE_SLOT) for i in range(rows - 1)])
     assert calls == {"layers": 1, "attend": 0}
+
+
+def test_a_layer_table_refuses_weights_of_the_wrong_shape(kernel) -> None:
+    hidden, heads, kvh, d, inter, block = 21, 4, 2, 6, 13, 4
+    width = (heads + 2 * kvh) * d
+    layer = [
+        torch.randn(hidden), gemv_cpu.pack(torch.randn(width, hidden)), None,
+        gemv_cpu.pack(torch.randn(hidden, heads * d)), torch.randn(hidden),
+        gemv_cpu.pack(torch.randn(2 * inter, hidden)), gemv_cpu.pack(torch.randn(hidden, inter)),
+        torch.zeros(3, block, kvh, d), torch.zeros(3, block, kvh, d),
+    ]  # fmt: skip
+    dims = (hidden, heads, kvh, d, inter, block)
+    table = kernel.layer_table([layer], dims)
+    assert table.addresses.shape == (1, 9) and table.holds(layer) and not table.holds([*layer[:-1], layer[7]])
+    for index, wrong in ((1, gemv_cpu.pack(torch.randn(width, hidden + 1))), (6, torch.randn(hidden, inter)),
+                         (7, torch.zeros(3, block + 1, kvh, d)), (0, None)):  # fmt: skip
+        with pytest.raises(ValueError, match="decode layers"):
+            kernel.layer_table([[*layer[:index], wrong, *layer[index + 1 :]]], dims)

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import operator
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,6 +44,19 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 def _float_rows(*tensors: torch.Tensor) -> bool:
     """float32 CPU tensors whose last dimension is contiguous."""
     return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(-1) == 1 for t in tensors)
+
+
+@dataclass(frozen=True)
+class LayerTable:
+    """A model's layer tensors as ``CompiledDecode.layers`` reads them (``layer_table``)."""
+
+    tensors: list[torch.Tensor | None]  # [L * 9], layer by layer (kept: the addresses stay valid)
+    dims: tuple[int, int, int, int, int, int]
+    addresses: torch.Tensor  # [L, 9] int64
+
+    def holds(self, tensors: Sequence[torch.Tensor | None]) -> bool:
+        """True when ``tensors`` (layer by layer) are these very tensors (no merge replaced one)."""
+        return len(tensors) == len(self.tensors) and all(map(operator.is_, tensors, self.tensors))
 
 
 class CompiledDecode:
@@ -112,6 +127,8 @@ class CompiledDecode:
             )
         if b and not (int(lengths.max()) <= nb * block and int(lengths.min()) >= 1):
             raise ValueError(f"attend: lengths {lengths.tolist()} outside 1..{nb * block}")
+        if b and not (int(block_table.max()) < k_pool.shape[0] and int(write_blocks.max()) < k_pool.shape[0]):
+            raise ValueError(f"attend: a block past the pools' {k_pool.shape[0]}")
         scores = torch.empty(nb * block)
         self._attend(
             b, qkv.data_ptr(), qkv.stride(0), heads, kvh, d, cos.data_ptr(), sin.data_ptr(),
@@ -123,8 +140,7 @@ class CompiledDecode:
 
     def layers(
         self,
-        layers: Sequence[Sequence[torch.Tensor | None]],  # per layer: see decode_layers in gemv_cpu.c
-        dims: tuple[int, int, int, int, int, int],  # hidden, heads, kvh, D, intermediate, block
+        table: LayerTable,  # the model's layers (``layer_table``)
         eps: float,
         scale: float,
         x: torch.Tensor,  # [B, hidden], updated in place
@@ -136,28 +152,13 @@ class CompiledDecode:
         lengths: torch.Tensor,  # [B]
         threads: int = 1,
     ) -> None:
-        """Every layer of a decode step without adapters, in one call. ``layers[l]``: input norm
-        [H], packed qkv, qkv bias or None, packed o, post norm [H], packed gate_up, packed down,
-        k pool, v pool (the packed weights in the blocked layout, ``gemv_cpu.pack``)."""
+        """Every layer of a decode step without adapters, in one call."""
+        dims = table.dims
         hidden, heads, kvh, d, inter, block = dims
         b, nb = x.shape[0], block_table.shape[1]
         width = (heads + 2 * kvh) * d
-        shapes = ((hidden,), (-(-width // 16), hidden, 16), (width,), (-(-hidden // 16), heads * d, 16),
-                  (hidden,), (-(-2 * inter // 16), hidden, 16), (-(-hidden // 16), inter, 16),
-                  (k_pool_shape := (-1, block, kvh, d)), k_pool_shape)  # fmt: skip
-        for layer in layers:
-            for t, shape in zip(layer, shapes, strict=True):
-                if t is None:
-                    continue
-                ok = t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
-                if (
-                    not ok
-                    or t.dim() != len(shape)
-                    or any(s not in (-1, a) for s, a in zip(shape, t.shape, strict=True))
-                ):
-                    raise ValueError(
-                        f"decode layers: a weight of shape {tuple(t.shape)} where {shape} was due"
-                    )
+        pools = table.tensors[7]
+        assert pools is not None
         longs = (write_blocks, write_offsets, block_table, lengths)
         fits = x.is_contiguous() and _float_rows(x) and x.shape[1] == hidden and cos.is_contiguous()
         fits = fits and sin.is_contiguous() and cos.numel() == sin.numel() == b * d and heads % kvh == 0
@@ -168,14 +169,40 @@ class CompiledDecode:
             raise ValueError(
                 f"decode layers: x {tuple(x.shape)}, table {tuple(block_table.shape)} do not fit"
             )
-        table = torch.tensor([[_ptr(t) or 0 for t in layer] for layer in layers], dtype=torch.int64)
+        if b and not (int(block_table.max()) < pools.shape[0] and int(write_blocks.max()) < pools.shape[0]):
+            raise ValueError(f"decode layers: a block past the pools' {pools.shape[0]}")
         sizes = torch.tensor(dims, dtype=torch.int64)
         work = torch.empty(b * (hidden + width + heads * d + 3 * inter) + nb * block)
         self._layers(
-            len(layers), table.data_ptr(), sizes.data_ptr(), eps, scale, b, x.data_ptr(), cos.data_ptr(),
+            len(table.addresses), table.addresses.data_ptr(), sizes.data_ptr(), eps, scale, b, x.data_ptr(), cos.data_ptr(),
             sin.data_ptr(), write_blocks.data_ptr(), write_offsets.data_ptr(), block_table.data_ptr(), nb,
             lengths.data_ptr(), work.data_ptr(), threads,
         )  # fmt: skip
+
+    @staticmethod
+    def layer_table(
+        layers: Sequence[Sequence[torch.Tensor | None]], dims: tuple[int, int, int, int, int, int]
+    ) -> LayerTable:
+        """``layers[l]``: input norm [H], packed qkv, qkv bias or None, packed o, post norm [H],
+        packed gate_up, packed down, k pool, v pool (packed weights: ``gemv_cpu.pack``); dims:
+        hidden, heads, KV heads, head size, intermediate size, KV block size. Checked (dtype,
+        contiguity, shapes) -> what ``layers`` takes, valid while these tensors are the model's."""
+        hidden, heads, kvh, d, inter, block = dims
+        width = (heads + 2 * kvh) * d
+        shapes = ((hidden,), (-(-width // 16), hidden, 16), (width,), (-(-hidden // 16), heads * d, 16),
+                  (hidden,), (-(-2 * inter // 16), hidden, 16), (-(-hidden // 16), inter, 16),
+                  (k_pool_shape := (-1, block, kvh, d)), k_pool_shape)  # fmt: skip
+        for layer in layers:
+            for index, (t, shape) in enumerate(zip(layer, shapes, strict=True)):
+                if t is None and index == 2:  # the qkv bias alone is optional
+                    continue
+                ok = t is not None and t.dtype == torch.float32 and t.device.type == "cpu"
+                ok = ok and t.is_contiguous() and t.dim() == len(shape)
+                if not ok or any(s not in (-1, a) for s, a in zip(shape, t.shape, strict=True)):
+                    where = None if t is None else tuple(t.shape)
+                    raise ValueError(f"decode layers: a weight of shape {where} where {shape} was due")
+        addresses = torch.tensor([[_ptr(t) or 0 for t in layer] for layer in layers], dtype=torch.int64)
+        return LayerTable([t for layer in layers for t in layer], dims, addresses)
 
 
 # ----------------------------------------------------------------------------- references
@@ -303,7 +330,9 @@ def _layers_agree(kernel: CompiledDecode, gen: torch.Generator) -> bool:
         gu = linear.linear(F.rms_norm(want, (hidden,), w[4], 1e-6), w[5], 2 * inter)
         want += linear.linear(F.silu(gu[:, :inter]) * gu[:, inter:], w[6], hidden)
     dims = (hidden, heads, kvh, d, inter, block)
-    kernel.layers(weights, dims, 1e-6, 0.4, x, cos, sin, write_blocks, write_offsets, table, lengths)
+    kernel.layers(
+        kernel.layer_table(weights, dims), 1e-6, 0.4, x, cos, sin, write_blocks, write_offsets, table, lengths
+    )
     pools_agree = all(
         _close(w[7], k) and _close(w[8], v) for w, (k, v) in zip(weights, expected_pools, strict=True)
     )

@@ -284,6 +284,7 @@ class LlamaModel:
             )
         # the compiled non-matmul layer work for small decode steps (blocked layout only)
         self.fused = fused_cpu.load() if isinstance(layout, BlockedLayout) else None
+        self._layer_table: fused_cpu.LayerTable | None = None  # its addresses of the layers' tensors
         self.inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling).to(device)
         self.scale = c.head_dim**-0.5
         self.dtype, self.device = dtype, device
@@ -368,16 +369,18 @@ class LlamaModel:
                  kv.k_pool[index], kv.v_pool[index])
                 for index, layer in enumerate(self.layers)
             ]  # fmt: skip
-            dims = (
-                c.hidden_size,
-                c.num_heads,
-                c.num_kv_heads,
-                c.head_dim,
-                c.intermediate_size,
-                kv.block_size,
-            )
+            if self._layer_table is None or not self._layer_table.holds([t for lay in layers for t in lay]):
+                dims = (
+                    c.hidden_size,
+                    c.num_heads,
+                    c.num_kv_heads,
+                    c.head_dim,
+                    c.intermediate_size,
+                    kv.block_size,
+                )
+                self._layer_table = fused.layer_table(layers, dims)  # checked once per set of weights
             fused.layers(
-                layers, dims, eps, self.scale, x, cos, sin, plan.write_blocks, plan.write_offsets,
+                self._layer_table, eps, self.scale, x, cos, sin, plan.write_blocks, plan.write_offsets,
                 plan.block_table, lengths,
             )  # fmt: skip
             return fused.rms_norm(x, self.final_norm, eps, torch.empty_like(x))
