@@ -232,3 +232,17 @@ def test_a_layer_table_refuses_weights_of_the_wrong_shape(kernel) -> None:
                          (7, torch.zeros(3, block + 1, kvh, d)), (0, None)):  # fmt: skip
         with pytest.raises(ValueError, match="decode layers"):
             kernel.layer_table([[*layer[:index], wrong, *layer[index + 1 :]]], dims)
+
+
+def test_small_steps_on_two_threads_give_the_same_logits(tmp_path_factory, monkeypatch) -> None:
+    """``LORAPLEX_DECODE_THREADS`` (``gemv_cpu.SMALL_STEP_THREADS``) changes who computes, not what."""
+    model, path = _saved(tmp_path_factory, LlamaConfig(**SMALL), "threads")
+    runner = NativeLlamaRunner(path, weight_layout="blocked", kv_cache_tokens=512)
+    calls = _counting(monkeypatch, runner.model.fused)
+    runner.prefill([PrefillInput(i, PROMPTS[2], 0, BASE_SLOT) for i in range(2)])
+    one = runner.decode([DecodeInput(0, 9, BASE_SLOT)])[0]
+    monkeypatch.setattr(gemv_cpu, "SMALL_STEP_THREADS", 2)
+    two = runner.decode([DecodeInput(1, 9, BASE_SLOT)])[0]
+    torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(two, _logits(model, [*PROMPTS[2], 9]), rtol=1e-4, atol=1e-4)
+    assert calls["layers"] == 2

@@ -381,7 +381,7 @@ class LlamaModel:
                 self._layer_table = fused.layer_table(layers, dims)  # checked once per set of weights
             fused.layers(
                 self._layer_table, eps, self.scale, x, cos, sin, plan.write_blocks, plan.write_offsets,
-                plan.block_table, lengths,
+                plan.block_table, lengths, gemv_cpu.SMALL_STEP_THREADS,
             )  # fmt: skip
             return fused.rms_norm(x, self.final_norm, eps, torch.empty_like(x))
         h = torch.empty_like(x)  # [B, H]
