@@ -4,6 +4,8 @@ between compiled steps, merged weights) against Hugging Face, PEFT and the PyTor
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -93,14 +95,24 @@ def test_shapes_that_do_not_fit_are_refused_before_the_c_code_runs(kernel) -> No
         kernel.rms_norm(torch.randn(2, 8), torch.randn(7), 1e-5, torch.empty(2, 8))
     with pytest.raises(ValueError, match="silu_mul"):
         kernel.silu_mul(torch.randn(2, 8), torch.empty(2, 3))
-    pool = torch.zeros(4, 4, 2, 8)
-    long = torch.zeros(1, dtype=torch.long)
-    args = (pool, pool.clone(), long, long, torch.zeros(1, 2, dtype=torch.long))
+    pool = torch.zeros(4, 4, 2, 8)  # 4 blocks of 4 positions
+
+    def index(lengths=(3,), table=((0, 1),), writes=((0,), (2,))) -> fused_cpu.StepIndex:
+        long = functools.partial(torch.tensor, dtype=torch.long)
+        return kernel.step_index(long(writes[0]), long(writes[1]), long(table), long(lengths), 4, 4)
+
+    for wrong in (dict(lengths=(9,)), dict(lengths=(0,)), dict(table=((0, 4),)), dict(writes=((4,), (0,))),
+                  dict(writes=((0,), (4,))), dict(writes=((-1,), (0,)))):  # fmt: skip
+        with pytest.raises(ValueError, match="outside 4 blocks of 4"):
+            index(**wrong)
     trig = (torch.ones(1, 8), torch.zeros(1, 8))
-    with pytest.raises(ValueError, match="outside"):  # a length past the row's blocks
-        kernel.attend(torch.randn(1, 64), 4, *trig, *args, torch.tensor([9]), 1.0, torch.empty(1, 32))
     with pytest.raises(ValueError, match="decode step"):  # qkv narrower than the heads
-        kernel.attend(torch.randn(1, 60), 4, *trig, *args, torch.tensor([3]), 1.0, torch.empty(1, 32))
+        kernel.attend(torch.randn(1, 60), 4, *trig, pool, pool.clone(), index(), 1.0, torch.empty(1, 32))
+    with pytest.raises(ValueError, match="decode step"):  # pools of another size than the index's
+        small = torch.zeros(3, 4, 2, 8)
+        kernel.attend(torch.randn(1, 64), 4, *trig, small, small.clone(), index(), 1.0, torch.empty(1, 32))
+    out = kernel.attend(torch.randn(1, 64), 4, *trig, pool, pool.clone(), index(), 1.0, torch.empty(1, 32))
+    assert out.isfinite().all()
 
 
 # ----------------------------------------------------------------------------- in the model

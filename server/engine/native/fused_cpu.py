@@ -47,6 +47,23 @@ def _float_rows(*tensors: torch.Tensor) -> bool:
 
 
 @dataclass(frozen=True)
+class StepIndex:
+    """Where a decode step's rows write and read in the KV pools, checked once for every layer
+    (``CompiledDecode.step_index``): the C code indexes the pools with these values."""
+
+    write_blocks: torch.Tensor  # [B] int64, each < pool_blocks
+    write_offsets: torch.Tensor  # [B], each < block
+    block_table: torch.Tensor  # [B, nb] int64, each < pool_blocks
+    lengths: torch.Tensor  # [B] int64, in 1..nb * block
+    pool_blocks: int  # the pools' first dimension
+    block: int  # positions per block
+    scores: torch.Tensor  # [nb * block] scratch
+
+    def fits(self, pool: torch.Tensor) -> bool:
+        return pool.shape[0] == self.pool_blocks and pool.shape[1] == self.block
+
+
+@dataclass(frozen=True)
 class LayerTable:
     """A model's layer tensors as ``CompiledDecode.layers`` reads them (``layer_table``)."""
 
@@ -92,6 +109,34 @@ class CompiledDecode:
         self._silu(gate_up.data_ptr(), gate_up.stride(0), n, width // 2, out.data_ptr(), out.stride(0))
         return out
 
+    @staticmethod
+    def step_index(
+        write_blocks: torch.Tensor,
+        write_offsets: torch.Tensor,
+        block_table: torch.Tensor,
+        lengths: torch.Tensor,
+        pool_blocks: int,
+        block: int,
+    ) -> StepIndex:
+        """The step's KV indices, checked against the pools' size (see ``StepIndex``)."""
+        b, nb = block_table.shape
+        longs = (write_blocks, write_offsets, block_table, lengths)
+        fits = all(t.dtype == torch.int64 and t.device.type == "cpu" and t.is_contiguous() for t in longs)
+        fits = fits and write_blocks.shape == write_offsets.shape == lengths.shape == (b,)
+        if fits and b:
+            bounds = torch.stack([lengths.min(), -lengths.max(), -block_table.max(), -write_blocks.max(),
+                                  write_blocks.min(), block_table.min(), write_offsets.min(),
+                                  -write_offsets.max()]).tolist()  # fmt: skip
+            limits = [1, -nb * block, 1 - pool_blocks, 1 - pool_blocks, 0, 0, 0, 1 - block]
+            fits = all(v >= limit for v, limit in zip(bounds, limits, strict=True))
+        if not fits:
+            raise ValueError(
+                f"decode step: lengths {lengths.tolist()}, blocks {block_table.tolist()}, writes at "
+                f"{write_blocks.tolist()}/{write_offsets.tolist()} outside {pool_blocks} blocks of {block}"
+            )
+        scores = torch.empty(nb * block)
+        return StepIndex(write_blocks, write_offsets, block_table, lengths, pool_blocks, block, scores)
+
     def attend(
         self,
         qkv: torch.Tensor,  # [B, (heads + 2 kvh) D]: q and k rotated in place
@@ -100,10 +145,7 @@ class CompiledDecode:
         sin: torch.Tensor,
         k_pool: torch.Tensor,  # [blocks, block, kvh, D], the new K and V written into it
         v_pool: torch.Tensor,
-        write_blocks: torch.Tensor,  # [B] int64
-        write_offsets: torch.Tensor,  # [B]
-        block_table: torch.Tensor,  # [B, nb] int64
-        lengths: torch.Tensor,  # [B] int64, each <= nb * block
+        index: StepIndex,
         scale: float,
         out: torch.Tensor,  # [B, heads D]
     ) -> torch.Tensor:
@@ -111,30 +153,23 @@ class CompiledDecode:
         row's heads attending to its first ``lengths`` positions -> out."""
         b = qkv.shape[0]
         _, block, kvh, d = k_pool.shape
-        nb = block_table.shape[1]
-        longs = (write_blocks, write_offsets, block_table, lengths)
+        nb = index.block_table.shape[1]
         fits = _float_rows(qkv, cos, sin, out) and k_pool.is_contiguous() and v_pool.is_contiguous()
         fits = fits and k_pool.dtype == v_pool.dtype == torch.float32 and v_pool.shape == k_pool.shape
-        fits = fits and all(t.dtype == torch.int64 and t.is_contiguous() for t in longs)
+        fits = fits and index.fits(k_pool) and index.block_table.shape[0] == b
         fits = fits and cos.is_contiguous() and sin.is_contiguous() and cos.numel() == sin.numel() == b * d
         fits = fits and heads % kvh == 0 and d % 2 == 0 and qkv.shape[1] == (heads + 2 * kvh) * d
-        fits = fits and out.shape == (b, heads * d) and block_table.shape[0] == b
-        fits = fits and write_blocks.shape == write_offsets.shape == lengths.shape == (b,)
+        fits = fits and out.shape == (b, heads * d)
         if not fits:
             raise ValueError(
                 f"attend: qkv {tuple(qkv.shape)}, pools {tuple(k_pool.shape)}, table "
-                f"{tuple(block_table.shape)}, out {tuple(out.shape)} do not make a decode step"
+                f"{tuple(index.block_table.shape)}, out {tuple(out.shape)} do not make a decode step"
             )
-        if b and not (int(lengths.max()) <= nb * block and int(lengths.min()) >= 1):
-            raise ValueError(f"attend: lengths {lengths.tolist()} outside 1..{nb * block}")
-        if b and not (int(block_table.max()) < k_pool.shape[0] and int(write_blocks.max()) < k_pool.shape[0]):
-            raise ValueError(f"attend: a block past the pools' {k_pool.shape[0]}")
-        scores = torch.empty(nb * block)
         self._attend(
             b, qkv.data_ptr(), qkv.stride(0), heads, kvh, d, cos.data_ptr(), sin.data_ptr(),
-            k_pool.data_ptr(), v_pool.data_ptr(), block, write_blocks.data_ptr(), write_offsets.data_ptr(),
-            block_table.data_ptr(), nb, lengths.data_ptr(), scale, out.data_ptr(), out.stride(0),
-            scores.data_ptr(),
+            k_pool.data_ptr(), v_pool.data_ptr(), block, index.write_blocks.data_ptr(),
+            index.write_offsets.data_ptr(), index.block_table.data_ptr(), nb, index.lengths.data_ptr(), scale,
+            out.data_ptr(), out.stride(0), index.scores.data_ptr(),
         )  # fmt: skip
         return out
 
@@ -146,37 +181,29 @@ class CompiledDecode:
         x: torch.Tensor,  # [B, hidden], updated in place
         cos: torch.Tensor,  # [B, 1, D]
         sin: torch.Tensor,
-        write_blocks: torch.Tensor,
-        write_offsets: torch.Tensor,
-        block_table: torch.Tensor,  # [B, nb]
-        lengths: torch.Tensor,  # [B]
+        index: StepIndex,
         threads: int = 1,
     ) -> None:
         """Every layer of a decode step without adapters, in one call."""
         dims = table.dims
         hidden, heads, kvh, d, inter, block = dims
-        b, nb = x.shape[0], block_table.shape[1]
+        b, nb = x.shape[0], index.block_table.shape[1]
         width = (heads + 2 * kvh) * d
         pools = table.tensors[7]
         assert pools is not None
-        longs = (write_blocks, write_offsets, block_table, lengths)
         fits = x.is_contiguous() and _float_rows(x) and x.shape[1] == hidden and cos.is_contiguous()
-        fits = fits and sin.is_contiguous() and cos.numel() == sin.numel() == b * d and heads % kvh == 0
-        fits = fits and all(t.dtype == torch.int64 and t.is_contiguous() for t in longs)
-        fits = fits and block_table.shape[0] == b and write_blocks.shape == lengths.shape == (b,)
-        fits = fits and (b == 0 or (int(lengths.max()) <= nb * block and int(lengths.min()) >= 1))
+        fits = fits and sin.is_contiguous() and cos.numel() == sin.numel() == b * d
+        fits = fits and index.fits(pools) and index.block_table.shape[0] == b
         if not fits:
             raise ValueError(
-                f"decode layers: x {tuple(x.shape)}, table {tuple(block_table.shape)} do not fit"
+                f"decode layers: x {tuple(x.shape)}, table {tuple(index.block_table.shape)} do not fit"
             )
-        if b and not (int(block_table.max()) < pools.shape[0] and int(write_blocks.max()) < pools.shape[0]):
-            raise ValueError(f"decode layers: a block past the pools' {pools.shape[0]}")
         sizes = torch.tensor(dims, dtype=torch.int64)
         work = torch.empty(b * (hidden + width + heads * d + 3 * inter) + nb * block)
         self._layers(
-            len(table.addresses), table.addresses.data_ptr(), sizes.data_ptr(), eps, scale, b, x.data_ptr(), cos.data_ptr(),
-            sin.data_ptr(), write_blocks.data_ptr(), write_offsets.data_ptr(), block_table.data_ptr(), nb,
-            lengths.data_ptr(), work.data_ptr(), threads,
+            len(table.addresses), table.addresses.data_ptr(), sizes.data_ptr(), eps, scale, b, x.data_ptr(),
+            cos.data_ptr(), sin.data_ptr(), index.write_blocks.data_ptr(), index.write_offsets.data_ptr(),
+            index.block_table.data_ptr(), nb, index.lengths.data_ptr(), work.data_ptr(), threads,
         )  # fmt: skip
 
     @staticmethod
@@ -261,11 +288,12 @@ def _attend_case(kernel: CompiledDecode, gen: torch.Generator, b: int, heads: in
     qkv = torch.randn(b, (heads + 2 * kvh) * d, generator=gen)
     angles = torch.rand(b, d // 2, generator=gen) * 6
     cos, sin = torch.cat((angles, angles), 1).cos(), torch.cat((angles, angles), 1).sin()
-    args = (write_blocks, write_offsets, table, lengths, 0.37)
+    args = (write_blocks, write_offsets, table, lengths)
     pools = (k_pool.clone(), v_pool.clone())
     want_qkv = qkv.clone()
-    want = reference_attend(want_qkv, heads, cos, sin, *pools, *args)
-    got = kernel.attend(qkv, heads, cos, sin, k_pool, v_pool, *args, out=torch.empty(b, heads * d))
+    want = reference_attend(want_qkv, heads, cos, sin, *pools, *args, 0.37)
+    index = kernel.step_index(*args, blocks, block)
+    got = kernel.attend(qkv, heads, cos, sin, k_pool, v_pool, index, 0.37, out=torch.empty(b, heads * d))
     return (
         _close(got, want) and _close(qkv, want_qkv) and _close(k_pool, pools[0]) and _close(v_pool, pools[1])
     )
@@ -330,9 +358,8 @@ def _layers_agree(kernel: CompiledDecode, gen: torch.Generator) -> bool:
         gu = linear.linear(F.rms_norm(want, (hidden,), w[4], 1e-6), w[5], 2 * inter)
         want += linear.linear(F.silu(gu[:, :inter]) * gu[:, inter:], w[6], hidden)
     dims = (hidden, heads, kvh, d, inter, block)
-    kernel.layers(
-        kernel.layer_table(weights, dims), 1e-6, 0.4, x, cos, sin, write_blocks, write_offsets, table, lengths
-    )
+    index = kernel.step_index(write_blocks, write_offsets, table, lengths, b * nb + 1, block)
+    kernel.layers(kernel.layer_table(weights, dims), 1e-6, 0.4, x, cos, sin, index)
     pools_agree = all(
         _close(w[7], k) and _close(w[8], v) for w, (k, v) in zip(weights, expected_pools, strict=True)
     )

@@ -361,13 +361,21 @@ class LlamaModel:
         c = self.config
         assert plan.block_table is not None
         lengths = positions + 1  # a decode row's new token sits at its position and sees all before it
+        index = fused.step_index(
+            plan.write_blocks,
+            plan.write_offsets,
+            plan.block_table,
+            lengths,
+            kv.k_pool[0].shape[0],
+            kv.block_size,
+        )  # checked once for every layer
         eps, n = c.rms_norm_eps, x.shape[0]
         if self.ctx.row_slots is None:  # no adapter in the step: the whole model in one call
             layers = [
                 (layer.input_norm, layer.qkv.blocked_weight(), layer.qkv.bias, layer.o_proj.blocked_weight(),
                  layer.post_norm, layer.gate_up.blocked_weight(), layer.down.blocked_weight(),
-                 kv.k_pool[index], kv.v_pool[index])
-                for index, layer in enumerate(self.layers)
+                 kv.k_pool[i], kv.v_pool[i])
+                for i, layer in enumerate(self.layers)
             ]  # fmt: skip
             if self._layer_table is None or not self._layer_table.holds([t for lay in layers for t in lay]):
                 dims = (
@@ -379,22 +387,16 @@ class LlamaModel:
                     kv.block_size,
                 )
                 self._layer_table = fused.layer_table(layers, dims)  # checked once per set of weights
-            fused.layers(
-                self._layer_table, eps, self.scale, x, cos, sin, plan.write_blocks, plan.write_offsets,
-                plan.block_table, lengths, gemv_cpu.SMALL_STEP_THREADS,
-            )  # fmt: skip
+            fused.layers(self._layer_table, eps, self.scale, x, cos, sin, index, gemv_cpu.SMALL_STEP_THREADS)
             return fused.rms_norm(x, self.final_norm, eps, torch.empty_like(x))
         h = torch.empty_like(x)  # [B, H]
         qkv_buffer = x.new_empty(n, c.q_size + 2 * c.kv_size)
         attn = x.new_empty(n, c.num_heads * c.head_dim)
         gate_up_buffer = x.new_empty(n, 2 * c.intermediate_size)
         act = x.new_empty(n, c.intermediate_size)
-        for index, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.layers):
             qkv = layer.qkv(fused.rms_norm(x, layer.input_norm, eps, h), out=qkv_buffer)  # [B, q + 2 kv]
-            fused.attend(
-                qkv, c.num_heads, cos, sin, kv.k_pool[index], kv.v_pool[index], plan.write_blocks,
-                plan.write_offsets, plan.block_table, lengths, self.scale, attn,
-            )  # fmt: skip
+            fused.attend(qkv, c.num_heads, cos, sin, kv.k_pool[i], kv.v_pool[i], index, self.scale, attn)
             layer.o_proj.add_to(attn, x)  # x += o_proj(attn)
             gate_up = layer.gate_up(fused.rms_norm(x, layer.post_norm, eps, h), out=gate_up_buffer)
             layer.down.add_to(fused.silu_mul(gate_up, act), x)  # x += down(silu(gate) * up)
