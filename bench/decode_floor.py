@@ -19,6 +19,11 @@ the engine's batch-1 step, and one request's tokens/s over HTTP, per weight layo
    first run builds llama.cpp from the pinned source package (``bench/llamacpp.py``; install the
    ``bench-llamacpp`` extra's toolchain: cmake and a C++ compiler).
 
+Besides the weight layouts, ``--layouts`` takes two variants of ``blocked``, for A/B runs:
+``blocked-unfused`` (engine only: the PyTorch ops between the linear layers, as before
+``native/fused_cpu.py``) and ``blocked-t2`` (small steps on 2 threads, ``LORAPLEX_DECODE_THREADS=2``;
+its own server).
+
 Run: ``nice .venv/bin/python bench/decode_floor.py [--rounds 3] [--llama-cpp]``; results in
 bench/results/decode-cpu.md.
 """
@@ -29,6 +34,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import os
 import statistics
 import sys
 import tempfile
@@ -161,7 +167,9 @@ def main() -> None:
     weights = linear_weights(model_dir, dtype, device)
     step_bytes = sum(w.numel() * w.element_size() for w in weights)
     bandwidth: dict[int, list[float]] = {1: [], 2: []}
-    passes: dict[str, list[float]] = {name: [] for name in ("dense", "blocked-2t", *layouts)}
+    passes: dict[str, list[float]] = {
+        name: [] for name in ("dense", "blocked-2t", *layouts) if name not in VARIANTS
+    }
     timed: dict[tuple[str, str], list[float]] = {}  # (layout, what) -> seconds per round
     servers: dict[str, ServerProcess] = {}
     anchors = _llama_cpp_files() if args.llama_cpp and not args.no_http else {}
@@ -175,7 +183,8 @@ def main() -> None:
         }
         try:
             if not args.no_http:
-                servers = {name: _start_server(name, adapter_dir, Path(tmp)) for name in layouts}
+                served = [name for name in layouts if name != "blocked-unfused"]
+                servers = {name: _start_server(name, adapter_dir, Path(tmp)) for name in served}
             if anchors:
                 servers["gguf"] = _start_server("gguf", adapter_dir, Path(tmp))
             llama_servers = {
@@ -208,8 +217,20 @@ def main() -> None:
     print(report)
 
 
+VARIANTS = {"blocked-unfused", "blocked-t2"}  # of blocked: see the module docstring
+
+
 def _measure_round(name, engine, server, prompt_ids, adapter, steps: int, timed: dict) -> None:
     """One round for one layout: decode steps, one request in the engine, the same over HTTP."""
+    threads = gemv_cpu.SMALL_STEP_THREADS
+    gemv_cpu.SMALL_STEP_THREADS = 2 if name == "blocked-t2" else threads
+    try:
+        _measure_layout(name, engine, server, prompt_ids, adapter, steps, timed)
+    finally:
+        gemv_cpu.SMALL_STEP_THREADS = threads
+
+
+def _measure_layout(name, engine, server, prompt_ids, adapter, steps: int, timed: dict) -> None:
     for batch in (1, 16):
         for kind, rows in (("base", [None] * batch), ("lora", [adapter] * batch)):
             seconds = decode_step_seconds(engine, prompt_ids, rows, steps)
@@ -250,21 +271,44 @@ def _layout_engine(layout: str, model_dir: Path):
     from server.engine.base_model import build_engine_for_dir
     from server.engine.engine import EngineConfig
 
-    return build_engine_for_dir(
+    engine = build_engine_for_dir(
         model_dir, "native", torch.float32, torch.device("cpu"), EngineConfig(mode="unmerged", max_batch=16),
-        weight_layout=layout,
+        weight_layout="blocked" if layout in VARIANTS else layout,
     )  # fmt: skip
+    if layout == "blocked-unfused":
+        engine.runner.model.fused = None
+    return engine
 
 
 def _start_server(layout: str, adapter_dir: Path, root: Path) -> ServerProcess:
     """``loraplex serve`` with ``layout`` (a float32 weight layout, or ``gguf``: the shipped blocks)."""
-    form = ["--quantization", "gguf"] if layout == "gguf" else ["--weight-layout", layout]
-    server = ServerProcess.start(
-        [*form, "--mode", "unmerged", "--adapter", f"caps={adapter_dir}",
-         "--data-dir", str(root / f"data-{layout}")]
-    )  # fmt: skip
+    form = ["--quantization", "gguf"] if layout == "gguf" else ["--weight-layout", layout.split("-")[0]]
+    with _environment(LORAPLEX_DECODE_THREADS="2" if layout == "blocked-t2" else None):
+        server = ServerProcess.start(
+            [*form, "--mode", "unmerged", "--adapter", f"caps={adapter_dir}",
+             "--data-dir", str(root / f"data-{layout}")]
+        )  # fmt: skip
     asyncio.run(http_request_seconds(server.url, None, True))  # warm-up
     return server
+
+
+@contextlib.contextmanager
+def _environment(**values: str | None):
+    """os.environ with ``values`` set (None: removed) for the block (what a server started in it sees)."""
+
+    def put(settings: dict[str, str | None]) -> None:
+        for name, value in settings.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+    saved = {name: os.environ.get(name) for name in values}
+    put(values)
+    try:
+        yield
+    finally:
+        put(saved)
 
 
 def _cell(times: list[float], scale: float, invert: bool = False) -> str:
@@ -325,6 +369,8 @@ def render(args, layouts, bandwidth, step_bytes, passes, timed) -> str:
                 f"| {name} | {batch} | {_cell(base, ms)} | {floor / min(base):.2f} | {_cell(lora, ms)} "
                 f"| {floor / min(lora):.2f} |"
             )
+    if "blocked-unfused" in layouts:
+        lines += ["", *_step_ratios([n for n in layouts if n != "blocked-unfused"], timed)]
     lines += [
         "",
         f"## One request of {NEW_TOKENS} greedy tokens at a time (prefill included): tokens/s",
@@ -349,6 +395,26 @@ def render(args, layouts, bandwidth, step_bytes, passes, timed) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _step_ratios(layouts: list[str], timed: dict) -> list[str]:
+    """The step of each blocked form against ``blocked-unfused``'s (the PyTorch ops between the
+    linear layers), per round then median: unfused seconds / its seconds (>1: faster)."""
+    lines = [
+        "| step speed-up over `blocked-unfused`, same rounds | batch | base | adapter |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name in (n for n in layouts if n.startswith("blocked")):
+        for batch in (1, 16):
+            cells = []
+            for kind in ("base", "lora"):
+                key = f"step-{kind}-{batch}"
+                pairs = zip(timed[("blocked-unfused", key)], timed[(name, key)], strict=True)
+                per_round = [old / new for old, new in pairs]
+                rounds = ", ".join(f"{r:.2f}" for r in per_round)
+                cells.append(f"{statistics.median(per_round):.2f}x ({rounds})")
+            lines.append(f"| `{name}` | {batch} | {' | '.join(cells)} |")
+    return lines
+
+
 def _anchor_ratios(layouts: list[str], timed: dict) -> list[str]:
     """loraplex's one-stream tokens/s over llama-server's, per round then median (issue 25's targets)."""
 
@@ -361,7 +427,7 @@ def _anchor_ratios(layouts: list[str], timed: dict) -> list[str]:
         "| loraplex / llama.cpp, one stream, base | HTTP stream | HTTP json | target |",
         "| --- | ---: | ---: | ---: |",
     ]
-    for ours in layouts:
+    for ours in (name for name in layouts if (name, "stream-base") in timed):
         cells = [ratio(ours, "llama.cpp F32", f"{kind}-base") for kind in ("stream", "json")]
         lines.append(f"| float32 `{ours}` / llama.cpp F32 | {' | '.join(cells)} | >= 1.0x |")
     cells = [ratio("gguf", "llama.cpp Q4_1", f"{kind}-base") for kind in ("stream", "json")]

@@ -99,3 +99,142 @@ void linear_blocked(const float* x, int64_t ldx, int64_t m, const float* packed,
     block_all_rows(x, ldx, m, packed + b * k * BLOCK, k, y, ldy, col, width, bias, accumulate);
   }
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * The rest of a Llama-family decode layer at a few rows, for the native model's small-batch path
+ * (server/engine/native/fused_cpu.py, which holds each function to its PyTorch form). At batch 1
+ * the linear layers above stream the weights; what is left of a layer is ~15 tiny tensor ops
+ * (norms, rotary, the KV write, attention over the paged KV blocks, SiLU*mul), each costing more
+ * in dispatch than in arithmetic. These run on the calling thread.
+ * ------------------------------------------------------------------------------------------- */
+#include <math.h>
+
+static inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+static inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float s = hsum256(acc);
+  for (; i < n; i++) s += a[i] * b[i];
+  return s;
+}
+
+/* y[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w for m rows of n (row strides ldx, ldy). */
+void rms_norm_rows(const float* x, int64_t ldx, int64_t m, int64_t n, const float* w, float eps,
+                   float* y, int64_t ldy) {
+  for (int64_t r = 0; r < m; r++) {
+    const float* xr = x + r * ldx;
+    float inv = 1.0f / sqrtf(dot(xr, xr, n) / (float)n + eps);
+    float* yr = y + r * ldy;
+    for (int64_t i = 0; i < n; i++) yr[i] = xr[i] * inv * w[i];
+  }
+}
+
+/* act[r][i] = silu(gu[r][i]) * gu[r][inter + i] (gate, then up, in one row of 2 * inter). */
+void silu_mul_rows(const float* gu, int64_t ldg, int64_t m, int64_t inter, float* act, int64_t lda) {
+  for (int64_t r = 0; r < m; r++) {
+    const float* g = gu + r * ldg;
+    const float* u = g + inter;
+    float* a = act + r * lda;
+    for (int64_t i = 0; i < inter; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+  }
+}
+
+/* One decode token per row: qkv[r] = [q (heads x d) | k (kvh x d) | v (kvh x d)]. q and k are
+ * rotated in place (rotate-half convention; cos, sin: [m][d], two equal halves), k and v written
+ * into the pools ([blocks][block_size][kvh][d]) at (write_blocks[r], write_offsets[r]), and each
+ * query head attends to its KV head's (h / (heads / kvh)) first lengths[r] positions of the row's
+ * blocks (table: [m][nb]). out[r]: [heads x d]. scores: scratch of nb * block_size floats. */
+void attend_decode(int64_t m, float* qkv, int64_t ldq, int64_t heads, int64_t kvh, int64_t d,
+                   const float* cos, const float* sin, float* k_pool, float* v_pool,
+                   int64_t block_size, const int64_t* write_blocks, const int64_t* write_offsets,
+                   const int64_t* table, int64_t nb, const int64_t* lengths, float scale,
+                   float* out, int64_t ldo, float* scores) {
+  int64_t half = d / 2, group = heads / kvh, token = kvh * d;
+  for (int64_t r = 0; r < m; r++) {
+    float* q = qkv + r * ldq;
+    const float* c = cos + r * d;
+    const float* s = sin + r * d;
+    for (int64_t h = 0; h < heads + kvh; h++) { /* q's heads, then k's: adjacent */
+      float* x = q + h * d;
+      for (int64_t i = 0; i < half; i++) {
+        float x1 = x[i], x2 = x[i + half];
+        x[i] = x1 * c[i] - x2 * s[i];
+        x[i + half] = x2 * c[i + half] + x1 * s[i + half];
+      }
+    }
+    int64_t slot = (write_blocks[r] * block_size + write_offsets[r]) * token;
+    for (int64_t i = 0; i < token; i++) {
+      k_pool[slot + i] = q[heads * d + i];
+      v_pool[slot + i] = q[heads * d + token + i];
+    }
+    int64_t length = lengths[r];
+    const int64_t* blocks = table + r * nb;
+    for (int64_t h = 0; h < heads; h++) {
+      const float* qh = q + h * d;
+      int64_t g = h / group;
+      float top = -INFINITY;
+      for (int64_t t = 0; t < length; t++) {
+        const float* kt = k_pool + (blocks[t / block_size] * block_size + t % block_size) * token + g * d;
+        scores[t] = dot(qh, kt, d) * scale;
+        if (scores[t] > top) top = scores[t];
+      }
+      float total = 0.f;
+      for (int64_t t = 0; t < length; t++) total += (scores[t] = expf(scores[t] - top));
+      float* o = out + r * ldo + h * d;
+      for (int64_t i = 0; i < d; i++) o[i] = 0.f;
+      for (int64_t t = 0; t < length; t++) {
+        const float* vt = v_pool + (blocks[t / block_size] * block_size + t % block_size) * token + g * d;
+        float p = scores[t] / total;
+        int64_t i = 0;
+        __m256 pp = _mm256_set1_ps(p);
+        for (; i + 8 <= d; i += 8)
+          _mm256_storeu_ps(o + i, _mm256_fmadd_ps(pp, _mm256_loadu_ps(vt + i), _mm256_loadu_ps(o + i)));
+        for (; i < d; i++) o[i] += p * vt[i];
+      }
+    }
+  }
+}
+
+/* Every layer of a decode step for m rows without adapters, in one call: per layer
+ *   h = norm(x); qkv = h @ Wqkv.T (+ b); attend_decode; x += attn @ Wo.T;
+ *   h = norm(x); gu = h @ Wgu.T; act = silu(gate) * up; x += act @ Wdown.T
+ * layers: [num_layers][9] addresses: input norm, packed qkv, qkv bias (0: none), packed o, post
+ * norm, packed gate_up, packed down, k pool, v pool. dims: hidden, heads, kvh, d, inter, block
+ * size. x: [m][hidden], the residual stream, updated in place. work: scratch of
+ * m * (hidden + (heads + 2 kvh) d + heads d + 3 inter) + nb * block_size floats. */
+void decode_layers(int64_t num_layers, const int64_t* layers, const int64_t* dims, float eps,
+                   float scale, int64_t m, float* x, const float* cos, const float* sin,
+                   const int64_t* write_blocks, const int64_t* write_offsets,
+                   const int64_t* table, int64_t nb, const int64_t* lengths, float* work,
+                   int num_threads) {
+  int64_t hidden = dims[0], heads = dims[1], kvh = dims[2], d = dims[3], inter = dims[4];
+  int64_t block_size = dims[5], qkv_width = (heads + 2 * kvh) * d, q_size = heads * d;
+  float* h = work;
+  float* qkv = h + m * hidden;
+  float* attn = qkv + m * qkv_width;
+  float* gu = attn + m * q_size;
+  float* act = gu + m * 2 * inter;
+  float* scores = act + m * inter;
+  for (int64_t l = 0; l < num_layers; l++) {
+    const int64_t* p = layers + 9 * l;
+    rms_norm_rows(x, hidden, m, hidden, (const float*)p[0], eps, h, hidden);
+    linear_blocked(h, hidden, m, (const float*)p[1], hidden, qkv_width, (const float*)p[2], qkv,
+                   qkv_width, 0, num_threads);
+    attend_decode(m, qkv, qkv_width, heads, kvh, d, cos, sin, (float*)p[7], (float*)p[8],
+                  block_size, write_blocks, write_offsets, table, nb, lengths, scale, attn, q_size,
+                  scores);
+    linear_blocked(attn, q_size, m, (const float*)p[3], q_size, hidden, 0, x, hidden, 1, num_threads);
+    rms_norm_rows(x, hidden, m, hidden, (const float*)p[4], eps, h, hidden);
+    linear_blocked(h, hidden, m, (const float*)p[5], hidden, 2 * inter, 0, gu, 2 * inter, 0,
+                   num_threads);
+    silu_mul_rows(gu, 2 * inter, m, inter, act, inter);
+    linear_blocked(act, inter, m, (const float*)p[6], inter, hidden, 0, x, hidden, 1, num_threads);
+  }
+}

@@ -148,8 +148,12 @@ class StepOutput:
     def join(cls, rows: Sequence[StepRow], parts: Sequence[tuple[Sequence[int], torch.Tensor]]) -> StepOutput:
         """Assemble from forwards over subsets: ``parts`` = (row indices, their logits concatenated)."""
         counts = [r.logits for r in rows]
-        if len(parts) == 1 and list(parts[0][0]) == list(range(len(rows))):
-            return cls(parts[0][1], counts)  # one forward, rows in order: no copy
+        if (
+            len(parts) == 1
+            and list(parts[0][0]) == list(range(len(rows)))
+            and len(parts[0][1]) == sum(counts)
+        ):
+            return cls(parts[0][1], counts)  # one forward, rows in order: no copy (a decode step)
         by_row: dict[int, torch.Tensor] = {}
         for indices, logits in parts:
             first = 0

@@ -271,6 +271,15 @@ class FusedLinear:
         assert self.layout is not None and self._packed is not None
         return self.layout.unpack(self._packed, self.out_features)
 
+    def blocked_weight(self) -> torch.Tensor | None:
+        """The packed weight the forward reads (pending merge writes packed first), for kernels
+        that take the whole layer (``fused_cpu.py``); None unless packed."""
+        if self._packed is None:
+            return None
+        if self._edits is not None and self._edits.is_open(self):
+            self.flush()
+        return self._packed
+
     def write_rows(self, start: int, end: int, values: torch.Tensor) -> None:
         """Set rows [start, end) of the weight. Packed: written into a dense copy that ``flush`` (or
         the next forward, or a write to other projections) packs again."""

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from server.engine import gemv_cpu
 from server.engine.lora import LoraBackend, LoraBatchContext
 from server.engine.lora.vocab import VocabAdapters
-from server.engine.native import onednn, quantized
+from server.engine.native import fused_cpu, onednn, quantized
 from server.engine.native.config import NativeConfig
 from server.engine.native.kv_cache import PagedKVCache
 from server.engine.native.layers import (
@@ -282,6 +282,9 @@ class LlamaModel:
                     down=fused(mlp, [(n.down, c.hidden_size)], False),
                 )
             )
+        # the compiled non-matmul layer work for small decode steps (blocked layout only)
+        self.fused = fused_cpu.load() if isinstance(layout, BlockedLayout) else None
+        self._layer_table: fused_cpu.LayerTable | None = None  # its addresses of the layers' tensors
         self.inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling).to(device)
         self.scale = c.head_dim**-0.5
         self.dtype, self.device = dtype, device
@@ -302,8 +305,15 @@ class LlamaModel:
         if self.vocab.applies(slots):
             self.vocab.embed(tokens, x, slots, scales)
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.dtype)  # [N, 1, D]
-        signed_sin = rope_signed_sin(sin)
         n = tokens.shape[0]
+        if (
+            self.fused is not None
+            and plan.decode
+            and plan.query_index is None
+            and n <= gemv_cpu.ONE_THREAD_ROWS
+        ):
+            return self._decode_fused(self.fused, x.contiguous(), positions, cos, sin, plan, kv)
+        signed_sin = rope_signed_sin(sin)
         # The wide intermediates live in buffers made once per step and reused by every layer: on
         # the CPU a fresh multi-megabyte tensor per layer costs page faults comparable to a matmul.
         # (oneDNN's packed projections return new tensors: they have no out=.)
@@ -333,6 +343,64 @@ class LlamaModel:
             torch.mul(F.silu(gate, inplace=True), up, out=act)  # [N, I]
             layer.down.add_to(act, x)  # x += down(act)
         return rms_norm(x, self.final_norm, c.rms_norm_eps)
+
+    def _decode_fused(
+        self,
+        fused: fused_cpu.CompiledDecode,
+        x: torch.Tensor,  # [B, H] the embedded tokens: the residual stream, updated in place
+        positions: torch.Tensor,  # [B]
+        cos: torch.Tensor,  # [B, 1, D]
+        sin: torch.Tensor,
+        plan: AttentionPlan,
+        kv: PagedKVCache,
+    ) -> torch.Tensor:
+        """``forward`` for a decode step of a few rows, its non-matmul work compiled
+        (``fused_cpu.py``): rows without adapters run every layer in one call; otherwise each
+        projection adds its rows' adapters as in ``forward``, between compiled norms, attention
+        and SiLU*mul. -> final hidden states [B, H]."""
+        c = self.config
+        assert plan.block_table is not None
+        lengths = positions + 1  # a decode row's new token sits at its position and sees all before it
+        index = fused.step_index(
+            plan.write_blocks,
+            plan.write_offsets,
+            plan.block_table,
+            lengths,
+            kv.k_pool[0].shape[0],
+            kv.block_size,
+        )  # checked once for every layer
+        eps, n = c.rms_norm_eps, x.shape[0]
+        if self.ctx.row_slots is None:  # no adapter in the step: the whole model in one call
+            layers = [
+                (layer.input_norm, layer.qkv.blocked_weight(), layer.qkv.bias, layer.o_proj.blocked_weight(),
+                 layer.post_norm, layer.gate_up.blocked_weight(), layer.down.blocked_weight(),
+                 kv.k_pool[i], kv.v_pool[i])
+                for i, layer in enumerate(self.layers)
+            ]  # fmt: skip
+            if self._layer_table is None or not self._layer_table.holds([t for lay in layers for t in lay]):
+                dims = (
+                    c.hidden_size,
+                    c.num_heads,
+                    c.num_kv_heads,
+                    c.head_dim,
+                    c.intermediate_size,
+                    kv.block_size,
+                )
+                self._layer_table = fused.layer_table(layers, dims)  # checked once per set of weights
+            fused.layers(self._layer_table, eps, self.scale, x, cos, sin, index, gemv_cpu.SMALL_STEP_THREADS)
+            return fused.rms_norm(x, self.final_norm, eps, torch.empty_like(x))
+        h = torch.empty_like(x)  # [B, H]
+        qkv_buffer = x.new_empty(n, c.q_size + 2 * c.kv_size)
+        attn = x.new_empty(n, c.num_heads * c.head_dim)
+        gate_up_buffer = x.new_empty(n, 2 * c.intermediate_size)
+        act = x.new_empty(n, c.intermediate_size)
+        for i, layer in enumerate(self.layers):
+            qkv = layer.qkv(fused.rms_norm(x, layer.input_norm, eps, h), out=qkv_buffer)  # [B, q + 2 kv]
+            fused.attend(qkv, c.num_heads, cos, sin, kv.k_pool[i], kv.v_pool[i], index, self.scale, attn)
+            layer.o_proj.add_to(attn, x)  # x += o_proj(attn)
+            gate_up = layer.gate_up(fused.rms_norm(x, layer.post_norm, eps, h), out=gate_up_buffer)
+            layer.down.add_to(fused.silu_mul(gate_up, act), x)  # x += down(silu(gate) * up)
+        return fused.rms_norm(x, self.final_norm, eps, torch.empty_like(x))
 
     def decode_logits(
         self,

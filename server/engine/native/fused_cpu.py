@@ -1,0 +1,379 @@
+"""The non-matmul work of a decode layer at a few rows, compiled (``gemv_cpu.c``, second part).
+
+At batch 1 the blocked linear kernel streams a layer's weights near the memory bandwidth; what is
+left of the layer is about fifteen tiny tensor ops (two RMSNorms, the rotary embedding, the KV
+write, the gather of the paged KV blocks and the attention, SiLU*mul), each costing more in
+PyTorch's dispatch than in arithmetic, plus the Python between them. Measured on the embedded
+model (``bench/decode_floor.py``) that was about a third of the batch-1 step. Here they are plain
+loops on the calling thread:
+
+- ``rms_norm``, ``silu_mul``, ``attend`` (rotary + KV write + attention over the row's blocks,
+  grouped-query heads read from their KV head, never repeated): the steps of a layer whose
+  projections add adapters in between (the LoRA backends run as before);
+- ``layers``: every layer of the step in one call, the blocked linear kernel included, for a step
+  whose rows read no adapter (the base model, or merged mode).
+
+The native model uses them for decode steps of up to ``gemv_cpu.ONE_THREAD_ROWS`` rows in the
+blocked layout (those run on one thread anyway); bigger batches keep PyTorch's parallel ops.
+Built with the linear kernel (one library, ``cpu_build.py``), checked once against the PyTorch
+form of each function on ragged shapes (odd widths, several KV block counts, grouped-query
+heads); ``load`` returns None where that fails, and the model keeps its PyTorch ops.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from server.engine import cpu_build, gemv_cpu, sgmv_cpu
+
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _float_rows(*tensors: torch.Tensor) -> bool:
+    """float32 CPU tensors whose last dimension is contiguous."""
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(-1) == 1 for t in tensors)
+
+
+@dataclass(frozen=True)
+class StepIndex:
+    """Where a decode step's rows write and read in the KV pools, checked once for every layer
+    (``CompiledDecode.step_index``): the C code indexes the pools with these values."""
+
+    write_blocks: torch.Tensor  # [B] int64, each < pool_blocks
+    write_offsets: torch.Tensor  # [B], each < block
+    block_table: torch.Tensor  # [B, nb] int64, each < pool_blocks
+    lengths: torch.Tensor  # [B] int64, in 1..nb * block
+    pool_blocks: int  # the pools' first dimension
+    block: int  # positions per block
+    scores: torch.Tensor  # [nb * block] scratch
+
+    def fits(self, pool: torch.Tensor) -> bool:
+        return pool.shape[0] == self.pool_blocks and pool.shape[1] == self.block
+
+
+@dataclass(frozen=True)
+class LayerTable:
+    """A model's layer tensors as ``CompiledDecode.layers`` reads them (``layer_table``)."""
+
+    tensors: list[torch.Tensor | None]  # [L * 9], layer by layer (kept: the addresses stay valid)
+    dims: tuple[int, int, int, int, int, int]
+    addresses: torch.Tensor  # [L, 9] int64
+
+    def holds(self, tensors: Sequence[torch.Tensor | None]) -> bool:
+        """True when ``tensors`` (layer by layer) are these very tensors (no merge replaced one)."""
+        return len(tensors) == len(self.tensors) and all(map(operator.is_, tensors, self.tensors))
+
+
+class CompiledDecode:
+    """The loaded library's decode-layer functions (the C code trusts shapes: checked here)."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._norm = library.rms_norm_rows
+        self._norm.argtypes = [_P, _I, _I, _I, _P, _F, _P, _I]
+        self._silu = library.silu_mul_rows
+        self._silu.argtypes = [_P, _I, _I, _I, _P, _I]
+        self._attend = library.attend_decode
+        self._attend.argtypes = [_I, _P, _I, _I, _I, _I, _P, _P, _P, _P, _I, _P, _P, _P, _I, _P, _F, _P, _I, _P]  # fmt: skip
+        self._layers = library.decode_layers
+        self._layers.argtypes = [_I, _P, _P, _F, _F, _I, _P, _P, _P, _P, _P, _P, _I, _P, _P, ctypes.c_int]
+        for fn in (self._norm, self._silu, self._attend, self._layers):
+            fn.restype = None
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
+        """x: [N, H] -> out: [N, H] = ``F.rms_norm(x, (H,), weight, eps)``."""
+        n, h = x.shape
+        if not (_float_rows(x, weight, out) and weight.shape == (h,) and out.shape == (n, h)):
+            raise ValueError(
+                f"rms_norm: x {tuple(x.shape)}, weight {tuple(weight.shape)}, out {tuple(out.shape)}"
+            )
+        self._norm(x.data_ptr(), x.stride(0), n, h, weight.data_ptr(), eps, out.data_ptr(), out.stride(0))
+        return out
+
+    def silu_mul(self, gate_up: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """gate_up: [N, 2 I] (gate | up) -> out: [N, I] = silu(gate) * up."""
+        n, width = gate_up.shape
+        if not (_float_rows(gate_up, out) and width % 2 == 0 and out.shape == (n, width // 2)):
+            raise ValueError(f"silu_mul: gate_up {tuple(gate_up.shape)}, out {tuple(out.shape)}")
+        self._silu(gate_up.data_ptr(), gate_up.stride(0), n, width // 2, out.data_ptr(), out.stride(0))
+        return out
+
+    @staticmethod
+    def step_index(
+        write_blocks: torch.Tensor,
+        write_offsets: torch.Tensor,
+        block_table: torch.Tensor,
+        lengths: torch.Tensor,
+        pool_blocks: int,
+        block: int,
+    ) -> StepIndex:
+        """The step's KV indices, checked against the pools' size (see ``StepIndex``)."""
+        b, nb = block_table.shape
+        longs = (write_blocks, write_offsets, block_table, lengths)
+        fits = all(t.dtype == torch.int64 and t.device.type == "cpu" and t.is_contiguous() for t in longs)
+        fits = fits and write_blocks.shape == write_offsets.shape == lengths.shape == (b,)
+        if fits and b:
+            bounds = torch.stack([lengths.min(), -lengths.max(), -block_table.max(), -write_blocks.max(),
+                                  write_blocks.min(), block_table.min(), write_offsets.min(),
+                                  -write_offsets.max()]).tolist()  # fmt: skip
+            limits = [1, -nb * block, 1 - pool_blocks, 1 - pool_blocks, 0, 0, 0, 1 - block]
+            fits = all(v >= limit for v, limit in zip(bounds, limits, strict=True))
+        if not fits:
+            raise ValueError(
+                f"decode step: lengths {lengths.tolist()}, blocks {block_table.tolist()}, writes at "
+                f"{write_blocks.tolist()}/{write_offsets.tolist()} outside {pool_blocks} blocks of {block}"
+            )
+        scores = torch.empty(nb * block)
+        return StepIndex(write_blocks, write_offsets, block_table, lengths, pool_blocks, block, scores)
+
+    def attend(
+        self,
+        qkv: torch.Tensor,  # [B, (heads + 2 kvh) D]: q and k rotated in place
+        heads: int,
+        cos: torch.Tensor,  # [B, 1, D] or [B, D]
+        sin: torch.Tensor,
+        k_pool: torch.Tensor,  # [blocks, block, kvh, D], the new K and V written into it
+        v_pool: torch.Tensor,
+        index: StepIndex,
+        scale: float,
+        out: torch.Tensor,  # [B, heads D]
+    ) -> torch.Tensor:
+        """One decode token per row: rotary on q and k, K and V written at the row's new slot, the
+        row's heads attending to its first ``lengths`` positions -> out."""
+        b = qkv.shape[0]
+        _, block, kvh, d = k_pool.shape
+        nb = index.block_table.shape[1]
+        fits = _float_rows(qkv, cos, sin, out) and k_pool.is_contiguous() and v_pool.is_contiguous()
+        fits = fits and k_pool.dtype == v_pool.dtype == torch.float32 and v_pool.shape == k_pool.shape
+        fits = fits and index.fits(k_pool) and index.block_table.shape[0] == b
+        fits = fits and cos.is_contiguous() and sin.is_contiguous() and cos.numel() == sin.numel() == b * d
+        fits = fits and heads % kvh == 0 and d % 2 == 0 and qkv.shape[1] == (heads + 2 * kvh) * d
+        fits = fits and out.shape == (b, heads * d)
+        if not fits:
+            raise ValueError(
+                f"attend: qkv {tuple(qkv.shape)}, pools {tuple(k_pool.shape)}, table "
+                f"{tuple(index.block_table.shape)}, out {tuple(out.shape)} do not make a decode step"
+            )
+        self._attend(
+            b, qkv.data_ptr(), qkv.stride(0), heads, kvh, d, cos.data_ptr(), sin.data_ptr(),
+            k_pool.data_ptr(), v_pool.data_ptr(), block, index.write_blocks.data_ptr(),
+            index.write_offsets.data_ptr(), index.block_table.data_ptr(), nb, index.lengths.data_ptr(), scale,
+            out.data_ptr(), out.stride(0), index.scores.data_ptr(),
+        )  # fmt: skip
+        return out
+
+    def layers(
+        self,
+        table: LayerTable,  # the model's layers (``layer_table``)
+        eps: float,
+        scale: float,
+        x: torch.Tensor,  # [B, hidden], updated in place
+        cos: torch.Tensor,  # [B, 1, D]
+        sin: torch.Tensor,
+        index: StepIndex,
+        threads: int = 1,
+    ) -> None:
+        """Every layer of a decode step without adapters, in one call."""
+        dims = table.dims
+        hidden, heads, kvh, d, inter, block = dims
+        b, nb = x.shape[0], index.block_table.shape[1]
+        width = (heads + 2 * kvh) * d
+        pools = table.tensors[7]
+        assert pools is not None
+        fits = x.is_contiguous() and _float_rows(x) and x.shape[1] == hidden and cos.is_contiguous()
+        fits = fits and sin.is_contiguous() and cos.numel() == sin.numel() == b * d
+        fits = fits and index.fits(pools) and index.block_table.shape[0] == b
+        if not fits:
+            raise ValueError(
+                f"decode layers: x {tuple(x.shape)}, table {tuple(index.block_table.shape)} do not fit"
+            )
+        sizes = torch.tensor(dims, dtype=torch.int64)
+        work = torch.empty(b * (hidden + width + heads * d + 3 * inter) + nb * block)
+        self._layers(
+            len(table.addresses), table.addresses.data_ptr(), sizes.data_ptr(), eps, scale, b, x.data_ptr(),
+            cos.data_ptr(), sin.data_ptr(), index.write_blocks.data_ptr(), index.write_offsets.data_ptr(),
+            index.block_table.data_ptr(), nb, index.lengths.data_ptr(), work.data_ptr(), threads,
+        )  # fmt: skip
+
+    @staticmethod
+    def layer_table(
+        layers: Sequence[Sequence[torch.Tensor | None]], dims: tuple[int, int, int, int, int, int]
+    ) -> LayerTable:
+        """``layers[l]``: input norm [H], packed qkv, qkv bias or None, packed o, post norm [H],
+        packed gate_up, packed down, k pool, v pool (packed weights: ``gemv_cpu.pack``); dims:
+        hidden, heads, KV heads, head size, intermediate size, KV block size. Checked (dtype,
+        contiguity, shapes) -> what ``layers`` takes, valid while these tensors are the model's."""
+        hidden, heads, kvh, d, inter, block = dims
+        width = (heads + 2 * kvh) * d
+        shapes = ((hidden,), (-(-width // 16), hidden, 16), (width,), (-(-hidden // 16), heads * d, 16),
+                  (hidden,), (-(-2 * inter // 16), hidden, 16), (-(-hidden // 16), inter, 16),
+                  (k_pool_shape := (-1, block, kvh, d)), k_pool_shape)  # fmt: skip
+        for layer in layers:
+            for index, (t, shape) in enumerate(zip(layer, shapes, strict=True)):
+                if t is None and index == 2:  # the qkv bias alone is optional
+                    continue
+                ok = t is not None and t.dtype == torch.float32 and t.device.type == "cpu"
+                ok = ok and t.is_contiguous() and t.dim() == len(shape)
+                if not ok or any(s not in (-1, a) for s, a in zip(shape, t.shape, strict=True)):
+                    where = None if t is None else tuple(t.shape)
+                    raise ValueError(f"decode layers: a weight of shape {where} where {shape} was due")
+        addresses = torch.tensor([[_ptr(t) or 0 for t in layer] for layer in layers], dtype=torch.int64)
+        return LayerTable([t for layer in layers for t in layer], dims, addresses)
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def reference_attend(
+    qkv: torch.Tensor,
+    heads: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    write_blocks: torch.Tensor,
+    write_offsets: torch.Tensor,
+    block_table: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """``CompiledDecode.attend`` in PyTorch (what the native model does otherwise): the same side
+    effects on qkv and the pools, the attention output [B, heads D] returned."""
+    from server.engine.native.layers import rope_signed_sin, rotate_in_place
+
+    b = qkv.shape[0]
+    _, block, kvh, d = k_pool.shape
+    qk = qkv[:, : (heads + kvh) * d].view(b, heads + kvh, d)
+    rotate_in_place(qk, cos.view(b, 1, d), rope_signed_sin(sin.view(b, 1, d)))
+    k = qk[:, heads:]
+    v = qkv[:, (heads + kvh) * d :].view(b, kvh, d)
+    k_pool[write_blocks, write_offsets] = k
+    v_pool[write_blocks, write_offsets] = v
+    nb = block_table.shape[1]
+    keys = k_pool.index_select(0, block_table.reshape(-1)).view(b, nb * block, kvh, d).transpose(1, 2)
+    values = v_pool.index_select(0, block_table.reshape(-1)).view(b, nb * block, kvh, d).transpose(1, 2)
+    attend = torch.arange(nb * block)[None, :] < lengths[:, None]  # [B, T]
+    out = F.scaled_dot_product_attention(
+        qk[:, :heads, None, :], keys, values, attn_mask=attend[:, None, None, :], scale=scale, enable_gqa=True
+    )  # [B, heads, 1, D]
+    return out.reshape(b, heads * d)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _attend_case(kernel: CompiledDecode, gen: torch.Generator, b: int, heads: int, kvh: int, d: int,
+                 block: int, nb: int) -> bool:  # fmt: skip
+    blocks = b * nb + 1
+    k_pool = torch.randn(blocks, block, kvh, d, generator=gen)
+    v_pool = torch.randn(blocks, block, kvh, d, generator=gen)
+    table = torch.randperm(blocks, generator=gen)[: b * nb].view(b, nb).contiguous()
+    lengths = torch.randint(1, nb * block + 1, (b,), generator=gen)
+    lengths[0] = nb * block  # one row uses every block to its end
+    last = lengths - 1  # the new token's place: its row's last position
+    write_blocks = table.gather(1, (last // block)[:, None])[:, 0].contiguous()
+    write_offsets = (last % block).contiguous()
+    qkv = torch.randn(b, (heads + 2 * kvh) * d, generator=gen)
+    angles = torch.rand(b, d // 2, generator=gen) * 6
+    cos, sin = torch.cat((angles, angles), 1).cos(), torch.cat((angles, angles), 1).sin()
+    args = (write_blocks, write_offsets, table, lengths)
+    pools = (k_pool.clone(), v_pool.clone())
+    want_qkv = qkv.clone()
+    want = reference_attend(want_qkv, heads, cos, sin, *pools, *args, 0.37)
+    index = kernel.step_index(*args, blocks, block)
+    got = kernel.attend(qkv, heads, cos, sin, k_pool, v_pool, index, 0.37, out=torch.empty(b, heads * d))
+    return (
+        _close(got, want) and _close(qkv, want_qkv) and _close(k_pool, pools[0]) and _close(v_pool, pools[1])
+    )
+
+
+def agrees_with_reference(kernel: CompiledDecode) -> bool:
+    """Each function against its PyTorch form: odd widths, row strides, partial KV blocks, one
+    and several blocks, grouped-query heads (and none), one to five rows; ``layers`` against the
+    same steps done with the linear kernel and ``attend`` (which the lines above check)."""
+    gen = torch.Generator().manual_seed(0)
+    for rows, h in ((1, 37), (3, 64), (5, 9)):
+        x = torch.randn(rows, h + 3, generator=gen)[:, 1 : h + 1]  # a row stride wider than h
+        w = torch.randn(h, generator=gen)
+        if not _close(kernel.rms_norm(x, w, 1e-5, torch.empty(rows, h)), F.rms_norm(x, (h,), w, 1e-5)):
+            return False
+        gu = torch.randn(rows, 2 * h, generator=gen) * 4
+        if not _close(kernel.silu_mul(gu, torch.empty(rows, h)), F.silu(gu[:, :h]) * gu[:, h:]):
+            return False
+    cases = ((1, 9, 3, 64, 16, 3), (2, 4, 4, 6, 5, 1), (3, 6, 2, 10, 4, 4), (1, 2, 1, 8, 16, 1))
+    return all(_attend_case(kernel, gen, *case) for case in cases) and _layers_agree(kernel, gen)
+
+
+def _layers_agree(kernel: CompiledDecode, gen: torch.Generator) -> bool:
+    """Two layers of a tiny model (GQA, odd sizes, a qkv bias on one) through ``layers`` against
+    the same arithmetic step by step."""
+    linear = gemv_cpu.load()
+    if linear is None:
+        return False
+    b, hidden, heads, kvh, d, inter, block, nb = 2, 21, 4, 2, 6, 13, 4, 3
+    width = (heads + 2 * kvh) * d
+    weights = []
+    for index in range(2):
+        weights.append(
+            [
+                torch.randn(hidden, generator=gen),
+                gemv_cpu.pack(torch.randn(width, hidden, generator=gen) / 4),
+                torch.randn(width, generator=gen) if index else None,
+                gemv_cpu.pack(torch.randn(hidden, heads * d, generator=gen) / 4),
+                torch.randn(hidden, generator=gen),
+                gemv_cpu.pack(torch.randn(2 * inter, hidden, generator=gen) / 4),
+                gemv_cpu.pack(torch.randn(hidden, inter, generator=gen) / 4),
+                torch.randn(b * nb + 1, block, kvh, d, generator=gen),
+                torch.randn(b * nb + 1, block, kvh, d, generator=gen),
+            ]
+        )
+    table = torch.arange(b * nb).view(b, nb)
+    lengths = torch.tensor([nb * block - 1, 2])
+    write_blocks = table.gather(1, ((lengths - 1) // block)[:, None])[:, 0].contiguous()
+    write_offsets = (lengths - 1) % block
+    angles = torch.rand(b, 1, d // 2, generator=gen) * 6
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    x = torch.randn(b, hidden, generator=gen)
+    want = x.clone()
+    expected_pools = [(w[7].clone(), w[8].clone()) for w in weights]
+    for w, (k_pool, v_pool) in zip(weights, expected_pools, strict=True):
+        h = F.rms_norm(want, (hidden,), w[0], 1e-6)
+        qkv = linear.linear(h, w[1], width, w[2])
+        attn = reference_attend(
+            qkv, heads, cos, sin, k_pool, v_pool, write_blocks, write_offsets, table, lengths, 0.4
+        )
+        want += linear.linear(attn, w[3], hidden)
+        gu = linear.linear(F.rms_norm(want, (hidden,), w[4], 1e-6), w[5], 2 * inter)
+        want += linear.linear(F.silu(gu[:, :inter]) * gu[:, inter:], w[6], hidden)
+    dims = (hidden, heads, kvh, d, inter, block)
+    index = kernel.step_index(write_blocks, write_offsets, table, lengths, b * nb + 1, block)
+    kernel.layers(kernel.layer_table(weights, dims), 1e-6, 0.4, x, cos, sin, index)
+    pools_agree = all(
+        _close(w[7], k) and _close(w[8], v) for w, (k, v) in zip(weights, expected_pools, strict=True)
+    )
+    return _close(x, want) and pools_agree
+
+
+def load() -> CompiledDecode | None:
+    """The compiled decode-layer functions, or None where they cannot be built or checked here."""
+    return _build(sgmv_cpu.current()[1])
+
+
+@functools.cache
+def _build(cache_dir: Path) -> CompiledDecode | None:
+    return cpu_build.load_checked(
+        "gemv_cpu", gemv_cpu.SOURCE, cache_dir, "compiled decode-layer functions", CompiledDecode,
+        agrees_with_reference,
+    )  # fmt: skip
