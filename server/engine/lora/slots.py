@@ -16,6 +16,7 @@ Loading an adapter is split so that the engine thread does only the last, cheap 
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -23,6 +24,8 @@ import torch
 from server.engine.lora.batch import BASE_SLOT, LoraBatchContext
 
 __all__ = ["BASE_SLOT", "GrownStacks", "LoraSlotBank"]
+
+_slot_contents = itertools.count(1)  # numbers each slot content ever installed, in every bank
 
 
 class GrownStacks(NamedTuple):
@@ -55,6 +58,9 @@ class LoraSlotBank:
         self.B_stack = torch.zeros(0, out_features, 0, dtype=dtype, device=device)  # [S, d, r_max]
         self.scale = torch.zeros(0, dtype=dtype, device=device)  # [S]
         self.occupied: set[int] = set()
+        # What each occupied slot holds, by a number new at every install: backends that keep a
+        # layout per slot (``slot_layouts.py``) rebuild a slot's only when its number changes.
+        self.slot_contents: dict[int, int] = {}
         # DoRA: g − 1 per slot and output feature (0 for plain LoRA slots); None until a DoRA
         # adapter is placed. Its slots' B_stack holds g ⊙ B (see server/engine/dora.py).
         self.magnitude_stack: torch.Tensor | None = None  # [S, d]
@@ -156,6 +162,7 @@ class LoraSlotBank:
         self.scale[slot] = scale
         self._set_magnitude(slot, dora_factor)
         self.occupied.add(slot)
+        self.slot_contents[slot] = next(_slot_contents)
         self.version += 1
         return not needs_growth
 
@@ -197,6 +204,7 @@ class LoraSlotBank:
             self.scale[slot] = 0
             self._set_magnitude(slot, None)
             self.occupied.discard(slot)
+            self.slot_contents.pop(slot, None)
             self.version += 1
 
     def delta_weight(self, slot: int) -> torch.Tensor:
@@ -206,18 +214,12 @@ class LoraSlotBank:
         B = self.B_stack[slot].float()
         return float(self.scale[slot]) * (B @ A)
 
-    def grouped_factors(self, slots: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The factors of ``slots`` one group each, zero for a slot this bank does not hold:
-        (A_g [L, k, r_max], (scale·B)_g [L, r_max, d])."""
-        held = [s for s in slots if s in self.occupied]
-        A = self.A_stack.new_zeros(len(slots), self.r_max, self.in_features)  # [L, r, k]
-        B = self.B_stack.new_zeros(len(slots), self.r_max, self.out_features)  # [L, r, d]
-        if held:
-            at = torch.tensor([slots.index(s) for s in held], device=A.device)
-            idx = torch.tensor(held, device=A.device)
-            A[at] = self.A_stack[idx]
-            B[at] = (self.B_stack[idx] * self.scale[idx][:, None, None]).transpose(1, 2)
-        return A.transpose(1, 2), B
+    def slot_rank(self, slot: int) -> int:
+        """The rank ``slot`` really uses: its stacks are padded to ``r_max`` with zero rows of A
+        and zero columns of B, and an adapter's own zero rank rows add nothing either."""
+        used = (self.A_stack[slot] != 0).any(dim=1) | (self.B_stack[slot] != 0).any(dim=0)  # [r_max]
+        nonzero = used.nonzero()
+        return int(nonzero[-1]) + 1 if len(nonzero) else 0
 
     def active_factors(self, slots: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The factors of ``slots`` (all held here) concatenated along the rank: (A_t [k, L*r_max],
