@@ -8,7 +8,7 @@ churning many-adapter traffic. Here each slot's factors are laid out once, when 
 change (``LoraSlotBank.slot_contents``), and the kernel is handed each group's slot (punica/S-LoRA
 style: per-segment slot indices into the per-slot layouts).
 
-Each slot keeps its own rank (``LoraSlotBank.slot_rank``): a rank-8 adapter's rows do rank-8 work
+Each slot keeps its own rank (``LoraSlotBank.slot_ranks``): a rank-8 adapter's rows do rank-8 work
 even when the bank is padded to rank 64 for another slot.
 """
 
@@ -45,7 +45,7 @@ def slot_factors(banks: list[LoraSlotBank], slot: int) -> SlotFactors | None:
     for p, bank in enumerate(banks):
         if slot not in bank.occupied:
             continue
-        r = bank.slot_rank(slot)
+        r = bank.slot_ranks[slot]
         if r == 0:
             continue
         downs.append(bank.A_stack[slot, :r].t())  # [k, r]
