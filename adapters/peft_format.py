@@ -787,9 +787,9 @@ def _check_layer(
                 "the adapter was trained for another base model or with another rank.",
                 "incompatible",
             )
-        # one pass: a NaN or an Inf makes the max of |entries| NaN or Inf (cold loads parse on the
-        # request's path: this pass used to be three, isfinite, all and the max)
-        peak = tensor.abs().max().item() if tensor.numel() else 0.0
+        # one pass and no temporary (the inf-norm is the max of |entries|, NaN or Inf when one
+        # is): cold loads parse on the request's path; this was isfinite, all and max, then abs, max
+        peak = float(torch.linalg.vector_norm(tensor, float("inf"))) if tensor.numel() else 0.0
         if not math.isfinite(peak):
             raise AdapterError(
                 f"tensor '{module}.{name}.weight' contains NaN or Inf values.", "invalid_weights"

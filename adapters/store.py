@@ -42,7 +42,9 @@ with :meth:`AdapterStore.track` still uses it.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -153,6 +155,12 @@ def parse_adapter_files(
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+@functools.cache
+def _hasher() -> concurrent.futures.ThreadPoolExecutor:
+    """The threads that check stored files' sha256 beside their parse (``AdapterStore._parse_stored``)."""
+    return concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-sha256")
 
 
 def _utc_now() -> str:
@@ -338,13 +346,34 @@ class AdapterStore:
 
     def _verified_files(self, record: AdapterRecord) -> AdapterFiles:
         files = self.blobs.read(record.folder)
-        if sha256_hex(files.weights) != record.sha256:
+        self._check_digest(record, sha256_hex(files.weights))
+        return files
+
+    @staticmethod
+    def _check_digest(record: AdapterRecord, digest: str) -> None:
+        if digest != record.sha256:
             raise AdapterError(
                 f"the stored files of adapter {record.adapter_id!r} are corrupt (sha256 mismatch); "
                 "upload it again with ?replace=true.",
                 "store_corrupt",
             )
-        return files
+
+    def _parse_stored(self, record: AdapterRecord) -> LoraAdapter:
+        """Read a stored version and parse it while its sha256 is checked against the one recorded
+        at upload on another thread (hashlib and the parse's tensor work release the GIL): a cold
+        load costs the longer of the two, not their sum. Corrupt files are reported as such even
+        when the parse fails on them first."""
+        files = self.blobs.read(record.folder)
+        digest = _hasher().submit(sha256_hex, files.weights)
+        try:
+            adapter = parse_adapter_files(
+                files, record.adapter_id, self._shapes(), max_rank=self.max_rank, version=record.version
+            )
+        except Exception:
+            self._check_digest(record, digest.result())
+            raise
+        self._check_digest(record, digest.result())
+        return adapter
 
     def _load(self, record: AdapterRecord) -> LoraAdapter:
         with self._state:
@@ -354,10 +383,7 @@ class AdapterStore:
                 adapter = self.cache.get(record.key, count=False)
                 if adapter is not None:  # another thread read it meanwhile
                     return adapter
-                adapter = parse_adapter_files(
-                    self._verified_files(record), record.adapter_id, self._shapes(), max_rank=self.max_rank,
-                    version=record.version,
-                )  # fmt: skip
+                adapter = self._parse_stored(record)
                 self.disk_loads += 1
                 if self._records.get(record.adapter_id) == record:  # not replaced or deleted meanwhile
                     self.cache.put(adapter)

@@ -303,7 +303,7 @@ def simulate_policies(trace: list[str], capacity: int) -> dict[str, float]:
     def served() -> int:  # the server's own policy (AdapterSlots), on adapters with nothing to copy
         slots = AdapterSlots({}, capacity)
         for a in trace:
-            slots.acquire(SimpleNamespace(key=a, adapter_id=a, layers={}))
+            slots.acquire(SimpleNamespace(key=a, adapter_id=a, layers={}, vocab={}))
             slots.release(a)
         return len(trace) - slots.loads
 
@@ -385,6 +385,11 @@ def main() -> None:
     rng = random.Random(args.seed)
     rows: list[Row] = []
     load_before = os.getloadavg()
+    # the slot policies first: simulated, seconds; a failure here must not cost a run's measurements
+    trace = [
+        q.adapter for q in workload([f"a{i}" for i in range(max(args.adapters))], _long(args), seed=args.seed)
+    ]
+    policies = simulate_policies(trace, args.slots)
     with tempfile.TemporaryDirectory() as tmp:
         stored, store_rate = preload(Path(tmp) / "data", config, args, rng)
         print(f"stored {len(stored)} adapters at {store_rate:.1f} MB/s", flush=True)
@@ -414,8 +419,6 @@ def main() -> None:
             probes = [cold_probe(server, f"probe{i}-r64") for i in range(args.probes)]
         finally:
             server.stop()
-    trace = [q.adapter for q in workload(stored[: max(args.adapters)], _long(args), seed=args.seed)]
-    policies = simulate_policies(trace, args.slots)
     write_report(args, rows, probes, policies, store_rate, upload_rate, load_before)
 
 

@@ -202,7 +202,14 @@ class AdapterSlots:
                 if bank is None:
                     self.layers[name].set_slot(slot, layer.A, layer.B, layer.scale, layer.dora)
                 elif not bank.install(
-                    slot, layer.A, layer.B, layer.scale, layer.grown, self.capacity, dora_factor=layer.dora
+                    slot,
+                    layer.A,
+                    layer.B,
+                    layer.scale,
+                    layer.grown,
+                    self.capacity,
+                    dora_factor=layer.dora,
+                    rank=layer.rank,
                 ):
                     self.inline_grows += 1
             if adapter.vocab:

@@ -1,10 +1,10 @@
 /* The grouped LoRA kernel (Punica SGMV semantics) for float32 rows on an x86-64 CPU with AVX2 and
  * FMA, threaded with OpenMP. Built and loaded by sgmv_cpu.py; the PyTorch form of the same kernel
- * is GroupedLora in lora_linear.py, and the tests hold the two to the dense W + s*B*A.
+ * is the grouped backend (lora/grouped.py), and the tests hold the two to the dense W + s*B*A.
  *
- * For each group g (one adapter) and each of its rows i, for one fused projection:
- *     h_i = x_i @ A_g                                  A_g: [k, R], every part's A along R
- *     y_i[cols of part p] += w_i * h_i[ranks of p] @ B_pg     B_pg: [r_p, d_p], already scaled
+ * For each group g (the rows of one adapter slot s) and each of its rows i, for one fused projection:
+ *     h_i = x_i @ A_s                                  A_s: [k, R_s], every part's A along R_s
+ *     y_i[cols of part p] += w_i * h_i[ranks of p] @ B_ps     B_ps: [r_ps, d_p], already scaled
  *
  * Why not PyTorch ops: at decode sizes the factors are tiny matrices (16 x 576), and each matmul,
  * slice, cat and add is a separate dispatch with its own fixed cost. Here one call does a whole
@@ -12,10 +12,12 @@
  * rows, partial tiles are filled with a zero row (whose output goes to a scratch row), and the
  * work is split over the threads in two phases (all h first, then all of y).
  *
- * The factors come packed in blocks of 16 columns (sgmv_cpu.py packs them once per batch
- * composition): A_g as [R/16][k][16] and B_pg as [d_p/16][r_p][16], zero-padded. Every work item
- * then streams one contiguous stretch of memory, which is what the hardware prefetcher reads
- * fastest once the step's other weights have pushed the factors out of the caches.
+ * The factors come packed in blocks of 16 columns, one layout per slot (sgmv_cpu.py packs a slot's
+ * once, when its contents change; a batch names each group's slot, so a new batch composition
+ * copies no factor): A_s as [R_s/16][k][16] and B_ps as [d_p/16][r_ps][16], zero-padded, each
+ * slot at its own rank. Every work item then streams one contiguous stretch of memory, which is
+ * what the hardware prefetcher reads fastest once the step's other weights have pushed the
+ * factors out of the caches.
  */
 #include <immintrin.h>
 #include <omp.h>
@@ -26,28 +28,37 @@
 #define BLOCK 16   /* columns per packed block of A and of B */
 #define UP_BLOCKS 4 /* packed blocks of B per work item in phase 2 */
 
-/* The batch's rows grouped by adapter: group g is rows[group_start[g] .. group_start[g+1]). */
+/* The batch's rows grouped by adapter: group g is rows[group_start[g] .. group_start[g+1]), of
+ * slot group_slot[g]. */
 typedef struct {
   int64_t num_groups;
   const int64_t* group_start; /* [num_groups + 1] */
   const int64_t* rows;        /* row index of x and y */
   const float* row_weight;    /* [len(rows)] factor on each row's update, or NULL for all 1 */
+  const int64_t* group_slot;  /* [num_groups] index into lora_factors.slots */
 } lora_groups;
 
-/* One projection's factors for the batch's groups, in group order. */
+/* One slot's factors for one projection, laid out once when the slot is filled (sgmv_cpu.py). */
 typedef struct {
-  int64_t k, R;               /* R: every part's rank, summed and padded to a multiple of BLOCK */
-  int64_t num_parts;
-  const float* A;             /* [num_groups, R / BLOCK, k, BLOCK] */
+  int64_t R;                  /* the slot's rank over every part, padded to a multiple of BLOCK; 0: none */
+  const float* A;             /* [R / BLOCK, k, BLOCK] */
+  const int64_t* part_rank;   /* [num_parts] first column of h the part reads */
+  const int64_t* part_r;      /* [num_parts] r_p; 0: the slot does not adapt part p */
+  const float* const* part_B; /* [num_parts] -> [ceil(d_p / BLOCK), r_p, BLOCK], scaled */
+} lora_slot;
+
+/* One projection: its parts' columns and every slot's factors. */
+typedef struct {
+  int64_t k, num_parts, num_slots;
   const int64_t* part_col;    /* [num_parts] first output column of each part */
   const int64_t* part_width;  /* [num_parts] d_p */
-  const int64_t* part_rank;   /* [num_parts] first column of h the part reads */
-  const int64_t* part_r;      /* [num_parts] r_p */
-  const float* const* part_B; /* [num_parts] -> [num_groups, ceil(d_p / BLOCK), r_p, BLOCK], scaled */
+  const lora_slot* slots;     /* [num_slots] */
 } lora_factors;
 
 typedef struct {
   int64_t group, first, count; /* rows[first .. first + count) of one group, count <= TILE */
+  const lora_slot* slot;
+  int64_t h;                   /* its h: TILE rows of slot->R floats from here */
 } row_tile;
 
 /* h[i][0:BLOCK] = sum_kk x_i[kk] * A[kk][0:BLOCK] for TILE rows; A: one packed block [k][BLOCK]. */
@@ -112,44 +123,61 @@ static void up_block(float* const y[TILE], const float* B, int64_t r, int64_t w,
  * out of memory (then y is unchanged). */
 int lora_grouped_add(const float* x, int64_t x_stride, float* y, int64_t y_stride,
                      const lora_groups* groups, const lora_factors* f, int num_threads) {
-  const int64_t k = f->k, R = f->R, down_blocks = R / BLOCK;
-  int64_t num_tiles = 0, width = 0, up_items = 0;
-  for (int64_t g = 0; g < groups->num_groups; g++)
-    num_tiles += (groups->group_start[g + 1] - groups->group_start[g] + TILE - 1) / TILE;
-  for (int64_t p = 0; p < f->num_parts; p++) {
-    if (f->part_col[p] + f->part_width[p] > width) width = f->part_col[p] + f->part_width[p];
-    up_items += (f->part_width[p] + UP_BLOCKS * BLOCK - 1) / (UP_BLOCKS * BLOCK);
+  const int64_t k = f->k;
+  int64_t num_tiles = 0, width = 0, h_size = 0, down_items = 0, up_items = 0;
+  for (int64_t g = 0; g < groups->num_groups; g++) {
+    const lora_slot* slot = f->slots + groups->group_slot[g];
+    if (slot->R == 0) continue;
+    const int64_t tiles = (groups->group_start[g + 1] - groups->group_start[g] + TILE - 1) / TILE;
+    num_tiles += tiles, h_size += tiles * TILE * slot->R, down_items += tiles * (slot->R / BLOCK);
+    for (int64_t p = 0; p < f->num_parts; p++)
+      if (slot->part_r[p] > 0) up_items += tiles * ((f->part_width[p] + UP_BLOCKS * BLOCK - 1) / (UP_BLOCKS * BLOCK));
   }
+  for (int64_t p = 0; p < f->num_parts; p++)
+    if (f->part_col[p] + f->part_width[p] > width) width = f->part_col[p] + f->part_width[p];
+  if (num_tiles == 0) return 0;
   row_tile* tiles = malloc(sizeof(row_tile) * (size_t)num_tiles);
-  float* h = malloc(sizeof(float) * (size_t)(num_tiles * TILE * R)); /* [tile][TILE][R] */
-  float* zero_row = calloc((size_t)k, sizeof(float));                  /* x of padding rows */
-  int64_t* item_part = malloc(sizeof(int64_t) * (size_t)up_items);     /* phase-2 item -> part */
-  int64_t* item_block = malloc(sizeof(int64_t) * (size_t)up_items);    /* -> its first block */
+  float* h = malloc(sizeof(float) * (size_t)h_size);
+  float* zero_row = calloc((size_t)k, sizeof(float)); /* x of padding rows */
+  int64_t* down_tile = malloc(sizeof(int64_t) * (size_t)down_items); /* phase-1 item -> tile */
+  int64_t* down_block_of = malloc(sizeof(int64_t) * (size_t)down_items); /* -> block of A */
+  int64_t* up_tile = malloc(sizeof(int64_t) * (size_t)up_items);     /* phase-2 item -> tile */
+  int64_t* up_part = malloc(sizeof(int64_t) * (size_t)up_items);     /* -> part */
+  int64_t* up_first = malloc(sizeof(int64_t) * (size_t)up_items);    /* -> its first block of B */
   if (num_threads < 1) num_threads = 1;
   float* scratch_rows = calloc((size_t)(num_threads * width), sizeof(float)); /* y of padding rows, one per thread */
-  const int failed = !tiles || !h || !zero_row || !item_part || !item_block || !scratch_rows;
+  const int failed = !tiles || !h || !zero_row || !down_tile || !down_block_of || !up_tile || !up_part ||
+                     !up_first || !scratch_rows;
   if (!failed) {
-    int64_t t = 0, n = 0;
-    for (int64_t g = 0; g < groups->num_groups; g++)
+    int64_t t = 0, hp = 0, nd = 0, nu = 0;
+    for (int64_t g = 0; g < groups->num_groups; g++) {
+      const lora_slot* slot = f->slots + groups->group_slot[g];
+      if (slot->R == 0) continue;
       for (int64_t first = groups->group_start[g]; first < groups->group_start[g + 1]; first += TILE) {
         int64_t left = groups->group_start[g + 1] - first;
-        tiles[t++] = (row_tile){g, first, left < TILE ? left : TILE};
+        tiles[t] = (row_tile){g, first, left < TILE ? left : TILE, slot, hp};
+        hp += TILE * slot->R;
+        for (int64_t jb = 0; jb < slot->R / BLOCK; jb++) down_tile[nd] = t, down_block_of[nd++] = jb;
+        for (int64_t p = 0; p < f->num_parts; p++)
+          if (slot->part_r[p] > 0)
+            for (int64_t b = 0; b * BLOCK < f->part_width[p]; b += UP_BLOCKS)
+              up_tile[nu] = t, up_part[nu] = p, up_first[nu++] = b;
+        t++;
       }
-    for (int64_t p = 0; p < f->num_parts; p++)
-      for (int64_t b = 0; b * BLOCK < f->part_width[p]; b += UP_BLOCKS) item_part[n] = p, item_block[n++] = b;
+    }
 
 #pragma omp parallel num_threads(num_threads)
     {
-      /* phase 1: h = w * (x @ A_g), one (tile, packed block of A) per item */
+      /* phase 1: h = w * (x @ A_slot), one (tile, packed block of A) per item */
 #pragma omp for schedule(static)
-      for (int64_t item = 0; item < num_tiles * down_blocks; item++) {
-        const row_tile tile = tiles[item / down_blocks];
-        const int64_t jb = item % down_blocks;
+      for (int64_t item = 0; item < down_items; item++) {
+        const row_tile tile = tiles[down_tile[item]];
+        const int64_t jb = down_block_of[item], R = tile.slot->R;
         const float* rows_x[TILE];
         for (int i = 0; i < TILE; i++)
           rows_x[i] = i < tile.count ? x + groups->rows[tile.first + i] * x_stride : zero_row;
-        float* out = h + (item / down_blocks) * TILE * R + jb * BLOCK;
-        down_block(rows_x, f->A + (tile.group * down_blocks + jb) * k * BLOCK, k, out, R);
+        float* out = h + tile.h + jb * BLOCK;
+        down_block(rows_x, tile.slot->A + jb * k * BLOCK, k, out, R);
         if (groups->row_weight)
           for (int i = 0; i < tile.count; i++)
             for (int64_t j = 0; j < BLOCK; j++) out[i * R + j] *= groups->row_weight[tile.first + i];
@@ -158,23 +186,23 @@ int lora_grouped_add(const float* x, int64_t x_stride, float* y, int64_t y_strid
       /* phase 2: y += h @ B, one (tile, part, UP_BLOCKS packed blocks of B) per item */
       float* scratch = scratch_rows + omp_get_thread_num() * width;
 #pragma omp for schedule(static)
-      for (int64_t item = 0; item < num_tiles * up_items; item++) {
-        const int64_t ti = item / up_items, p = item_part[item % up_items];
-        const row_tile tile = tiles[ti];
-        const int64_t d = f->part_width[p], r = f->part_r[p], blocks = (d + BLOCK - 1) / BLOCK;
-        const float* hp = h + ti * TILE * R + f->part_rank[p];
-        for (int64_t b = item_block[item % up_items]; b < blocks && b < item_block[item % up_items] + UP_BLOCKS; b++) {
+      for (int64_t item = 0; item < up_items; item++) {
+        const row_tile tile = tiles[up_tile[item]];
+        const int64_t p = up_part[item], R = tile.slot->R;
+        const int64_t d = f->part_width[p], r = tile.slot->part_r[p], blocks = (d + BLOCK - 1) / BLOCK;
+        const float* h_tile = h + tile.h + tile.slot->part_rank[p];
+        for (int64_t b = up_first[item]; b < blocks && b < up_first[item] + UP_BLOCKS; b++) {
           const int64_t c = b * BLOCK;
           float* rows_y[TILE];
           for (int i = 0; i < TILE; i++)
             rows_y[i] = (i < tile.count ? y + groups->rows[tile.first + i] * y_stride : scratch) +
                         f->part_col[p] + c;
-          up_block(rows_y, f->part_B[p] + (tile.group * blocks + b) * r * BLOCK, r,
-                   d - c < BLOCK ? d - c : BLOCK, hp, R);
+          up_block(rows_y, tile.slot->part_B[p] + b * r * BLOCK, r, d - c < BLOCK ? d - c : BLOCK, h_tile, R);
         }
       }
     }
   }
-  free(tiles), free(h), free(zero_row), free(item_part), free(item_block), free(scratch_rows);
+  free(tiles), free(h), free(zero_row), free(down_tile), free(down_block_of);
+  free(up_tile), free(up_part), free(up_first), free(scratch_rows);
   return failed ? -1 : 0;
 }

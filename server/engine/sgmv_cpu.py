@@ -83,30 +83,45 @@ class _Groups(ctypes.Structure):
         ("group_start", ctypes.c_void_p),
         ("rows", ctypes.c_void_p),
         ("row_weight", ctypes.c_void_p),
+        ("group_slot", ctypes.c_void_p),
     ]
 
 
-class _Factors(ctypes.Structure):
+class _Slot(ctypes.Structure):
     _fields_ = [
-        ("k", ctypes.c_int64),
         ("R", ctypes.c_int64),
-        ("num_parts", ctypes.c_int64),
         ("A", ctypes.c_void_p),
-        ("part_col", ctypes.c_void_p),
-        ("part_width", ctypes.c_void_p),
         ("part_rank", ctypes.c_void_p),
         ("part_r", ctypes.c_void_p),
         ("part_B", ctypes.c_void_p),
     ]
 
 
+class _Factors(ctypes.Structure):
+    _fields_ = [
+        ("k", ctypes.c_int64),
+        ("num_parts", ctypes.c_int64),
+        ("num_slots", ctypes.c_int64),
+        ("part_col", ctypes.c_void_p),
+        ("part_width", ctypes.c_void_p),
+        ("slots", ctypes.c_void_p),
+    ]
+
+
 class GroupsPlan:
-    """The batch's rows grouped by adapter, as the C kernel reads them (built once per batch
+    """The batch's rows grouped by adapter slot, as the C kernel reads them (built once per batch
     composition; the tensors it points into live as long as the plan)."""
 
-    def __init__(self, members: Sequence[Sequence[int]], weights: Sequence[float] | None, seq: int) -> None:
-        """``members[g]``: the batch rows of group g; ``weights``: each member's factor (member
-        order), None for all 1; ``seq``: tokens per row (row i's tokens are x rows i*seq ...)."""
+    def __init__(
+        self,
+        slots: Sequence[int],
+        members: Sequence[Sequence[int]],
+        weights: Sequence[float] | None,
+        seq: int,
+    ) -> None:
+        """``slots[g]``: group g's slot; ``members[g]``: its batch rows; ``weights``: each member's
+        factor (member order), None for all 1; ``seq``: tokens per row (row i's tokens are x rows
+        i*seq ...)."""
         starts = [0]
         rows: list[int] = []
         for group in members:
@@ -115,6 +130,8 @@ class GroupsPlan:
         self.num_rows = (
             max((row for group in members for row in group), default=-1) + 1
         ) * seq  # x, y need as many
+        self.max_slot = max(slots, default=-1)  # the factors need as many slots
+        self._slots = torch.tensor(slots, dtype=torch.int64)
         self._starts = torch.tensor(starts, dtype=torch.int64)
         self._rows = torch.tensor(rows, dtype=torch.int64)
         self._weight = (
@@ -127,6 +144,7 @@ class GroupsPlan:
             self._starts.data_ptr(),
             self._rows.data_ptr(),
             None if self._weight is None else self._weight.data_ptr(),
+            self._slots.data_ptr(),
         )
 
 
@@ -134,38 +152,83 @@ BLOCK = 16  # columns per packed block (BLOCK in sgmv_cpu.c)
 
 
 def pack_blocks(matrix: torch.Tensor) -> torch.Tensor:
-    """[L, rows, cols] -> [L, ceil(cols / BLOCK), rows, BLOCK], zero-padded: each block of BLOCK
-    columns contiguous, the layout the C kernel streams."""
-    L, rows, cols = matrix.shape
+    """[rows, cols] -> [ceil(cols / BLOCK), rows, BLOCK], zero-padded: each block of BLOCK columns
+    contiguous, the layout the C kernel streams."""
+    rows, cols = matrix.shape
     padded = torch.nn.functional.pad(matrix, (0, -cols % BLOCK))
-    return padded.view(L, rows, -1, BLOCK).permute(0, 2, 1, 3).contiguous()
+    return padded.view(rows, -1, BLOCK).transpose(0, 1).contiguous()
+
+
+class SlotPlan:
+    """One slot's factors for one projection, packed as the C kernel reads them (built once, when
+    the slot's contents change)."""
+
+    def __init__(
+        self, A: torch.Tensor, parts: Sequence[tuple[int, int, torch.Tensor]], num_parts: int
+    ) -> None:
+        """``A``: [k, R] float32; ``parts``: (part index, first rank column of h, B [r, d_p] float32,
+        scaled) per part the slot adapts, of the projection's ``num_parts``."""
+        tensors = [A, *(p[2] for p in parts)]
+        if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+            raise ValueError("the compiled kernel reads float32 CPU factors")
+        self.k = int(A.shape[0])
+        self.widths = {p[0]: int(p[2].shape[1]) for p in parts}
+        packed_A = pack_blocks(A)  # [R/16, k, 16]
+        rank_start, rank = [0] * num_parts, [0] * num_parts
+        B_pointers = [0] * num_parts
+        packed_B = []
+        for index, start, B in parts:
+            packed = pack_blocks(B)  # [d/16, r, 16]
+            packed_B.append(packed)
+            rank_start[index], rank[index], B_pointers[index] = start, int(B.shape[0]), packed.data_ptr()
+        self._rank_start = torch.tensor(rank_start, dtype=torch.int64)
+        self._rank = torch.tensor(rank, dtype=torch.int64)
+        self._b_pointers = (ctypes.c_void_p * num_parts)(*B_pointers)
+        self._tensors = [packed_A, *packed_B]  # kept alive: the struct holds their addresses
+        self.struct = _Slot(
+            int(packed_A.shape[0]) * BLOCK,
+            packed_A.data_ptr(),
+            self._rank_start.data_ptr(),
+            self._rank.data_ptr(),
+            ctypes.cast(self._b_pointers, ctypes.c_void_p),
+        )
 
 
 class FactorsPlan:
-    """One projection's factors for the batch's groups, packed as the C kernel reads them (built
-    once per batch composition and adapter contents, like the PyTorch form's factors)."""
+    """One projection's slots as the C kernel reads them: a table of every slot's :class:`SlotPlan`
+    (an empty entry where a slot adapts none of its parts), set one slot at a time."""
 
-    def __init__(self, A: torch.Tensor, parts: Sequence[tuple[int, int, int, int, torch.Tensor]]) -> None:
-        """``A``: [L, k, R] float32; ``parts``: (first output column, width, first rank column of
-        h, rank, B [L, r, width] float32) per part."""
-        tensors = [A, *(p[4] for p in parts)]
-        if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
-            raise ValueError("the compiled kernel reads float32 CPU factors")
-        packed_A = pack_blocks(A)  # [L, R/16, k, 16]
-        packed_B = [pack_blocks(p[4]) for p in parts]  # [L, d/16, r, 16] each
-        self._tensors = [packed_A, *packed_B]  # kept alive: the struct holds their addresses
-        self._meta = [torch.tensor([p[i] for p in parts], dtype=torch.int64) for i in range(4)]
-        self._b_pointers = (ctypes.c_void_p * len(parts))(*(b.data_ptr() for b in packed_B))
-        self.width = max(p[0] + p[1] for p in parts)
-        self.k = int(A.shape[1])
-        self.struct = _Factors(
-            self.k,
-            int(packed_A.shape[1]) * BLOCK,
-            len(parts),
-            packed_A.data_ptr(),
-            *(m.data_ptr() for m in self._meta),
-            ctypes.cast(self._b_pointers, ctypes.c_void_p),
-        )
+    def __init__(self, k: int, spans: Sequence[tuple[int, int]]) -> None:
+        """``k``: input features; ``spans``: each part's output columns [start, end)."""
+        self.k = k
+        self.widths = [end - start for start, end in spans]
+        self.width = max(end for _, end in spans)
+        self._part_col = torch.tensor([start for start, _ in spans], dtype=torch.int64)
+        self._part_width = torch.tensor(self.widths, dtype=torch.int64)
+        self._plans: list[SlotPlan | None] = []
+        self._table = (_Slot * 0)()
+        self.struct = _Factors(k, len(spans), 0, self._part_col.data_ptr(), self._part_width.data_ptr(), None)
+
+    @property
+    def num_slots(self) -> int:
+        return len(self._plans)
+
+    def set_slot(self, slot: int, plan: SlotPlan | None) -> None:
+        """Point ``slot``'s entry at ``plan`` (None: the slot adapts nothing here)."""
+        if plan is not None and (
+            plan.k != self.k or any(self.widths[p] != w for p, w in plan.widths.items())
+        ):
+            raise ValueError("compiled LoRA kernel: a slot's factors do not fit the projection")
+        if slot >= len(self._plans):
+            size = max(slot + 1, 2 * len(self._plans))
+            self._plans.extend([None] * (size - len(self._plans)))
+            table = (_Slot * size)()
+            ctypes.memmove(table, self._table, ctypes.sizeof(self._table))
+            self._table = table
+            self.struct.slots = ctypes.addressof(table)
+            self.struct.num_slots = size
+        self._plans[slot] = plan
+        self._table[slot] = _Slot() if plan is None else plan.struct
 
 
 class CompiledSgmv:
@@ -184,6 +247,7 @@ class CompiledSgmv:
         y: [N, >= factors.width] float32 CPU with unit column stride (a column slice is fine)."""
         fits = all(t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(1) == 1 for t in (x, y))
         fits = fits and x.shape[1] == factors.k and y.shape[1] >= factors.width
+        fits = fits and groups.max_slot < factors.num_slots
         if not fits or min(x.shape[0], y.shape[0]) < groups.num_rows:  # the C code trusts every index
             raise ValueError(
                 f"compiled LoRA kernel: x {tuple(x.shape)} / y {tuple(y.shape)} do not fit "
@@ -198,25 +262,38 @@ class CompiledSgmv:
 
 
 def _agrees_with_reference(kernel: CompiledSgmv) -> bool:
-    """One random problem with ragged groups, padding tiles, two parts and row weights, against
-    the dense formula."""
+    """One random problem with ragged groups, padding tiles, two parts, slots of different ranks
+    (one adapting a single part, one empty) and row weights, against the dense formula."""
     gen = torch.Generator().manual_seed(0)
-    rows, k, widths, ranks, num_groups = 11, 40, (24, 9), (8, 5), 3
+    rows, k, widths = 11, 40, (24, 9)
+    ranks = {0: (8, 5), 3: (3, 0), 5: (17, 2)}  # slot -> each part's rank (0: not adapted)
     x = torch.randn(rows, k, generator=gen)
-    A = torch.randn(num_groups, k, sum(ranks), generator=gen)
-    Bs = [torch.randn(num_groups, r, d, generator=gen) for r, d in zip(ranks, widths, strict=True)]
+    factors = FactorsPlan(k, [(0, widths[0]), (widths[0], sum(widths))])
+    dense: dict[int, list[torch.Tensor | None]] = {}
+    for slot, part_ranks in ranks.items():
+        A = torch.randn(k, sum(part_ranks), generator=gen)
+        parts, start, dense[slot] = [], 0, []
+        for p, (r, d) in enumerate(zip(part_ranks, widths, strict=True)):
+            B = torch.randn(r, d, generator=gen)
+            dense[slot].append(A[:, start : start + r] @ B if r else None)  # [k, d]
+            if r:
+                parts.append((p, start, B))
+            start += r
+        factors.set_slot(slot, SlotPlan(A, parts, len(widths)))
+    factors.set_slot(1, None)
     members = [[0, 3, 4, 6, 7, 10], [2], [8, 1, 5]]  # row 9 has no adapter
+    slots = [5, 3, 0]
     weights = [0.5 + i / 10 for i in range(10)]
     y = torch.randn(rows, sum(widths), generator=gen)
     expected = y.clone()
     flat = [row for group in members for row in group]
-    for g, group in enumerate(members):
+    for slot, group in zip(slots, members, strict=True):
         for row in group:
-            h = x[row] @ A[g] * weights[flat.index(row)]
-            expected[row, : widths[0]] += h[: ranks[0]] @ Bs[0][g]
-            expected[row, widths[0] :] += h[ranks[0] :] @ Bs[1][g]
-    parts = [(0, widths[0], 0, ranks[0], Bs[0]), (widths[0], widths[1], ranks[0], ranks[1], Bs[1])]
-    kernel.add(x, y, GroupsPlan(members, weights, 1), FactorsPlan(A, parts))
+            for p, delta in enumerate(dense[slot]):
+                if delta is not None:
+                    cols = slice(sum(widths[:p]), sum(widths[: p + 1]))
+                    expected[row, cols] += x[row] @ delta * weights[flat.index(row)]
+    kernel.add(x, y, GroupsPlan(slots, members, weights, 1), factors)
     return torch.allclose(y, expected, rtol=1e-4, atol=1e-4)
 
 

@@ -35,6 +35,7 @@ class StagedLayer:
     scale: float
     grown: GrownStacks | None  # bigger stacks for the bank, when the adapter needs them
     dora: torch.Tensor | None = None  # a DoRA layer's g = m / ‖W + s·B·A‖_row ([d]); B is g ⊙ B
+    rank: int | None = None  # the adapter's own rank (A and B may be padded past it)
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def stage_adapter(
             continue
         grown = bank.grown(slots_needed, weights.A.shape[0], capacity)
         A, B = bank.stage(weights.A, weights.B, g) if grown is None else _stage_at(bank, weights, grown, g)
-        staged[name] = StagedLayer(A, B, weights.scale, grown, g)
+        staged[name] = StagedLayer(A, B, weights.scale, grown, g, rank=int(weights.A.shape[0]))
     _sync_device(staged.values())
     return StagedAdapter(adapter, staged, time.perf_counter() - started)
 

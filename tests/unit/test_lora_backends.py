@@ -123,6 +123,73 @@ def test_backend_equals_the_dense_reference(backend: str, batch: str, k: int, wi
     )
 
 
+def _expected(y: torch.Tensor, x: torch.Tensor, row_slots, banks, spans) -> torch.Tensor:
+    """y + each row's s · B A x over the parts its slot adapts (x: [B, 1, k], y: [B, D])."""
+    expected = y.clone()
+    for i, slot in enumerate(row_slots):
+        for bank, (s, e) in zip(banks, spans, strict=True):
+            if slot != BASE_SLOT and slot in bank.occupied:
+                expected[i, s:e] += x[i, 0] @ bank.delta_weight(slot).T
+    return expected
+
+
+@pytest.mark.parametrize("backend", LORA_BACKENDS)
+def test_slot_layouts_follow_batch_compositions_and_slot_changes(backend: str) -> None:
+    """Mixed ranks 2-16 in one bank (a rank-16 slot pads the bank, the others keep their rank),
+    batches of changing compositions, a slot refilled with another rank and one emptied, and a slot
+    past this projection's banks (an adapter of other layers only): every row equals the dense
+    reference after each change, whatever the backend keeps per slot."""
+    if backend == "compiled-cpu" and not _can_build_here():
+        pytest.fail("this test needs a C compiler and an AVX2/FMA CPU, as CI has")
+    k, widths = 20, (18, 33)
+    banks = [
+        _bank(k, widths[0], {0: (2, 1, 1.0), 1: (16, 2, 0.5), 2: (5, 3, 2.0), 4: (9, 4, -1.0)}),
+        _bank(k, widths[1], {0: (3, 5, 1.0), 2: (8, 6, 1.5), 3: (16, 7, 0.25)}),
+    ]
+    spans = [(0, widths[0]), (widths[0], sum(widths))]
+    lora = LoraProjection(banks, spans, lora_backend(backend))
+    ctx = LoraBatchContext()
+    compositions = [[0, 1, 2, 0], [4, 2, 3, 3, BASE_SLOT, 1], [1], [3, 0, 9, 2, 4, 1, 0], [9, BASE_SLOT]]
+    for step, row_slots in enumerate(compositions * 2):
+        if step == len(compositions):  # refill slot 2 at another rank, empty slot 4
+            g = torch.Generator().manual_seed(99)
+            banks[0].set_slot(
+                2, torch.randn(12, k, generator=g), torch.randn(widths[0], 12, generator=g), 0.75
+            )
+            banks[1].set_slot(2, torch.randn(4, k, generator=g), torch.randn(widths[1], 4, generator=g), 3.0)
+            banks[0].clear_slot(4)
+            ctx.invalidate()
+        ctx.set_rows(row_slots, "cpu")
+        x = torch.randn(len(row_slots), 1, k)  # x: [B, 1, k]
+        y = torch.randn(len(row_slots), sum(widths))
+        expected = _expected(y, x, row_slots, banks, spans)
+        lora.add_delta(x, y, ctx)
+        torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_backend_packs_a_slot_once_per_contents() -> None:
+    """A new batch composition packs no factors; refilling a slot repacks that slot only."""
+    if not _can_build_here():
+        pytest.fail("this test needs a C compiler and an AVX2/FMA CPU, as CI has")
+    k, d = 16, 24
+    bank = _bank(k, d, {s: (4 + 4 * s, s, 1.0) for s in range(4)})
+    lora = LoraProjection([bank], [(0, d)], lora_backend("compiled-cpu"))
+    layouts = lora.state.layouts
+    ctx = LoraBatchContext()
+    x, y = torch.randn(4, 1, k), torch.zeros(4, d)
+    for row_slots in ([0, 1, 2, 3], [3, 2], [1, 1, 0], [2, 0, 3, 1]):
+        ctx.set_rows(row_slots, "cpu")
+        lora.add_delta(x[: len(row_slots)], y[: len(row_slots)], ctx)
+    assert layouts.rebuilt == 4
+    bank.set_slot(1, torch.randn(7, k), torch.randn(d, 7), 2.0)
+    ctx.invalidate()
+    ctx.set_rows([1, 2], "cpu")
+    y = torch.zeros(2, d)
+    lora.add_delta(x[:2], y, ctx)
+    assert layouts.rebuilt == 5
+    torch.testing.assert_close(y, _expected(torch.zeros(2, d), x[:2], [1, 2], [bank], [(0, d)]))
+
+
 def test_compiled_kernel_refuses_inputs_that_do_not_fit() -> None:
     if not _can_build_here():
         pytest.fail("this test needs a C compiler and an AVX2/FMA CPU, as CI has")

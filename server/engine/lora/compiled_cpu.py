@@ -3,18 +3,22 @@
 The same arithmetic as ``grouped`` in one call per projection (four rows per tile, on PyTorch's
 OpenMP threads) instead of a handful of small PyTorch ops, each paying a fixed dispatch cost at
 decode sizes: +12% LoRA overhead at 16 rows where the PyTorch ops measured +21% (same run). It
-reads any row order at the same cost, so rows stay as they are. It serves only where the library
+reads any row order at the same cost, so rows stay as they are. Each slot's factors are packed once,
+when its contents change (``slot_layouts.py``), each at its own rank; a batch hands the kernel
+each group's slot, so a new batch composition copies no factor. It serves only where the library
 builds and passes its check against the dense formula (a C compiler, AVX2/FMA).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from server.engine import sgmv_cpu
 from server.engine.lora.backend import LoraBackend, LoraProjection
 from server.engine.lora.batch import LoraBatchContext
-from server.engine.lora.grouped import GroupedFactors
+from server.engine.lora.slot_layouts import SlotFactors, SlotLayouts
 
 
 class _Groups:
@@ -28,31 +32,39 @@ class _Groups:
         plan = self._by_seq.get(seq)
         if plan is None:
             groups = self._batch.row_groups()
-            plan = self._by_seq[seq] = sgmv_cpu.GroupsPlan(groups.members, groups.member_weights, seq)
+            plan = sgmv_cpu.GroupsPlan(groups.slots, groups.members, groups.member_weights, seq)
+            self._by_seq[seq] = plan
         return plan
 
 
-class _Factors(GroupedFactors):
-    """The grouped factors, and the same packed as the C kernel reads them."""
+def _pack(num_parts: int) -> Callable[[SlotFactors], sgmv_cpu.SlotPlan]:
+    def pack(factors: SlotFactors) -> sgmv_cpu.SlotPlan:
+        parts = [(p.index, p.rank_start, p.B) for p in factors.parts]
+        return sgmv_cpu.SlotPlan(factors.A, parts, num_parts)
 
-    plan: sgmv_cpu.FactorsPlan | None = None
+    return pack
+
+
+class _Factors:
+    """One projection's slots as the C kernel reads them, each packed when its contents change."""
+
+    def __init__(self, projection: LoraProjection) -> None:
+        k = projection.banks[0].in_features
+        self.table = sgmv_cpu.FactorsPlan(k, projection.spans)
+        self.layouts = SlotLayouts(projection.banks, _pack(len(projection.banks)))
+        self._current: dict[int, sgmv_cpu.SlotPlan | None] = {}
 
     def update(self, slots: tuple[int, ...]) -> bool:
-        if super().update(slots):
-            self.plan = (
-                None
-                if self.A is None
-                else sgmv_cpu.FactorsPlan(
-                    self.A,
-                    [
-                        (p.start, p.end - p.start, p.rank_start, p.rank_end - p.rank_start, p.B)
-                        for *_, parts in self.runs
-                        for p in parts
-                    ],
-                )
-            )
-            return True
-        return False
+        """Point the table at the current layout of every slot in ``slots``; False when none of
+        them adapts the projection."""
+        applies = False
+        for slot in slots:
+            plan = self.layouts.get(slot)
+            if slot >= self.table.num_slots or self._current.get(slot) is not plan:
+                self.table.set_slot(slot, plan)
+                self._current[slot] = plan
+            applies = applies or plan is not None
+        return applies
 
 
 class CompiledCpuBackend(LoraBackend):
@@ -82,9 +94,8 @@ class CompiledCpuBackend(LoraBackend):
         self, projection: LoraProjection, x: torch.Tensor, y: torch.Tensor, batch: LoraBatchContext
     ) -> None:
         factors: _Factors = projection.state
-        factors.update(batch.active_slots)
-        if factors.plan is None:
+        if not factors.update(batch.active_slots):
             return
         batch_size, seq, k = x.shape
         groups: _Groups = self.plan(batch)
-        self.kernel.add(x.reshape(batch_size * seq, k), y, groups.for_seq(seq), factors.plan)
+        self.kernel.add(x.reshape(batch_size * seq, k), y, groups.for_seq(seq), factors.table)

@@ -6,8 +6,10 @@ The batch's rows are grouped by slot, each group padded to the largest (``RowGro
     h  = xg @ A_g                            # [L, m, R]: one batched matmul for all parts
     y[rows, part] += h[..., part] @ (s·B)_g  # per part, scattered back with one index_add_
 
-Padding positions carry weight 0. Per call: one gather, one batched matmul down for every part
-(their A concatenated along the rank), one batched matmul up per part, one ``index_add_`` per run
+Padding positions carry weight 0. The factors are kept per slot in this layout, rewritten when a
+slot's contents change (``GroupedFactors``); a new batch composition costs one ``index_select``
+of its slots per factor tensor. Per call: one gather of the rows, one batched matmul down for
+every part (their A concatenated along the rank), one batched matmul up per part, one ``index_add_`` per run
 of adjacent parts (q, k, v of an all-linear adapter: one; q and v only: two). A batch of one
 adapter's rows in order skips the gather and the scatter; rows sorted by slot are read as views
 (``wants_sorted_rows``).
@@ -40,15 +42,52 @@ Run = tuple[int, int, list[GroupedPart]]  # (first column, end column, adjacent 
 
 
 class GroupedFactors:
-    """One projection's factors for the batch's slots: every applying part's A concatenated along
-    the rank and the parts in runs of adjacent columns; rebuilt when the slots or a bank's
-    contents change."""
+    """One projection's factors in the layout the batched matmuls read, kept per slot:
+    ``A_all`` [S, k, R] (every part's A transposed, part p at a fixed offset of its bank's
+    ``r_max``) and per part ``B_all[p]`` [S, r_p, d_p] already scaled. A slot's entries are
+    rewritten only when its contents change (``LoraSlotBank.slot_contents``); a new batch
+    composition takes its L slots with one ``index_select`` per tensor (the matmuls need them
+    contiguous), not the L × rank × k copy, scale, transpose and concatenation per part it was."""
 
     def __init__(self, projection: LoraProjection) -> None:
         self.projection = projection
         self.key: tuple | None = None
         self.A: torch.Tensor | None = None  # [L, k, R]; None: no part applies
         self.runs: list[Run] = []
+        self._shape: tuple = ()  # (S, each bank's (slots, r_max)) the stacks were laid out for
+        self._written: dict[int, tuple[int | None, ...]] = {}  # slot -> the contents its entries hold
+        self._A_all = torch.zeros(0)
+        self._B_all: list[torch.Tensor] = []
+        self._offsets: list[int] = []
+
+    def _layout(self, slots: tuple[int, ...]) -> None:
+        """(Re)allocate the stacks when a bank grew or a slot lies past them (a slot of an adapter
+        that adapts other projections only)."""
+        banks = self.projection.banks
+        S = max(max(bank.num_slots for bank in banks), max(slots) + 1, self._A_all.shape[0])
+        shape = (S, *((bank.num_slots, bank.r_max) for bank in banks))
+        if shape == self._shape:
+            return
+        first = banks[0]
+        self._offsets = [sum(bank.r_max for bank in banks[:p]) for p in range(len(banks))]
+        R = sum(bank.r_max for bank in banks)
+        self._A_all = first.A_stack.new_zeros(S, first.in_features, R)  # [S, k, R]
+        self._B_all = [bank.B_stack.new_zeros(S, bank.r_max, bank.out_features) for bank in banks]
+        self._shape, self._written = shape, {}
+
+    def _write(self, slot: int) -> None:
+        key = tuple(bank.slot_contents.get(slot) for bank in self.projection.banks)
+        if self._written.get(slot) == key:
+            return
+        for bank, offset, B_all in zip(self.projection.banks, self._offsets, self._B_all, strict=True):
+            A_cols = self._A_all[slot, :, offset : offset + bank.r_max]  # [k, r]
+            if slot in bank.occupied:
+                A_cols.copy_(bank.A_stack[slot].t())
+                B_all[slot].copy_(bank.B_stack[slot].t() * bank.scale[slot])  # [r, d]
+            else:
+                A_cols.zero_()
+                B_all[slot].zero_()
+        self._written[slot] = key
 
     def update(self, slots: tuple[int, ...]) -> bool:
         """Bring the factors up to date for ``slots``; True when they were rebuilt."""
@@ -56,23 +95,25 @@ class GroupedFactors:
         key = (slots, tuple(bank.version for bank in p.banks))
         if key == self.key:
             return False
-        down: list[torch.Tensor] = []
+        self.key = key
+        applying = [i for i, bank in enumerate(p.banks) if any(s in bank.occupied for s in slots)]
+        if not applying:
+            self.A, self.runs = None, []
+            return True
+        self._layout(slots)
+        for slot in slots:
+            self._write(slot)
+        index = torch.tensor(slots, device=self._A_all.device)
         runs: list[Run] = []
-        rank = 0
-        for bank, (start, end) in zip(p.banks, p.spans, strict=True):
-            if not any(s in bank.occupied for s in slots):
-                continue
-            A, B = bank.grouped_factors(slots)
-            part = GroupedPart(start, end, rank, rank + bank.r_max, B)
-            rank += bank.r_max
-            down.append(A)
+        for i in applying:
+            (start, end), bank, offset = p.spans[i], p.banks[i], self._offsets[i]
+            part = GroupedPart(start, end, offset, offset + bank.r_max, self._B_all[i].index_select(0, index))
             if runs and runs[-1][1] == start:
                 runs[-1] = (runs[-1][0], end, [*runs[-1][2], part])
             else:
                 runs.append((start, end, [part]))
-        self.A = torch.cat(down, dim=2).contiguous() if down else None
+        self.A = self._A_all.index_select(0, index)  # [L, k, R]
         self.runs = runs
-        self.key = key
         return True
 
 

@@ -16,6 +16,7 @@ Loading an adapter is split so that the engine thread does only the last, cheap 
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -23,6 +24,8 @@ import torch
 from server.engine.lora.batch import BASE_SLOT, LoraBatchContext
 
 __all__ = ["BASE_SLOT", "GrownStacks", "LoraSlotBank"]
+
+_slot_contents = itertools.count(1)  # numbers each slot content ever installed, in every bank
 
 
 class GrownStacks(NamedTuple):
@@ -55,6 +58,10 @@ class LoraSlotBank:
         self.B_stack = torch.zeros(0, out_features, 0, dtype=dtype, device=device)  # [S, d, r_max]
         self.scale = torch.zeros(0, dtype=dtype, device=device)  # [S]
         self.occupied: set[int] = set()
+        # What each occupied slot holds, by a number new at every install: backends that keep a
+        # layout per slot (``slot_layouts.py``) rebuild a slot's only when its number changes.
+        self.slot_contents: dict[int, int] = {}
+        self.slot_ranks: dict[int, int] = {}  # each occupied slot's own rank (its stacks pad past it)
         # DoRA: g − 1 per slot and output feature (0 for plain LoRA slots); None until a DoRA
         # adapter is placed. Its slots' B_stack holds g ⊙ B (see server/engine/dora.py).
         self.magnitude_stack: torch.Tensor | None = None  # [S, d]
@@ -137,11 +144,13 @@ class LoraSlotBank:
         grown: GrownStacks | None = None,
         limit: int | None = None,
         dora_factor: torch.Tensor | None = None,
+        rank: int | None = None,
     ) -> bool:
         """Place staged factors (:meth:`stage`; A: [r, k], B: [d, r]) in ``slot``: on the engine
         thread, the cheap part of a load. ``grown`` stacks are swapped in when still current; else
         the bank grows here (the slow path). True when no stacks were reallocated here. A DoRA
-        adapter's B comes staged as g ⊙ B, and ``dora_factor`` g sets the slot's magnitude."""
+        adapter's B comes staged as g ⊙ B, and ``dora_factor`` g sets the slot's magnitude.
+        ``rank``: the adapter's own rank, when A and B come padded past it (default: A's rows)."""
         swapped = grown is not None and grown.version == self.version
         if swapped and grown.A_stack.shape[0] > slot and grown.A_stack.shape[1] >= A.shape[0]:
             self.A_stack, self.B_stack, self.scale = grown.A_stack, grown.B_stack, grown.scale
@@ -156,6 +165,8 @@ class LoraSlotBank:
         self.scale[slot] = scale
         self._set_magnitude(slot, dora_factor)
         self.occupied.add(slot)
+        self.slot_contents[slot] = next(_slot_contents)
+        self.slot_ranks[slot] = r if rank is None else min(rank, r)
         self.version += 1
         return not needs_growth
 
@@ -170,7 +181,7 @@ class LoraSlotBank:
         """Place one adapter's factors (A: [r, k], B: [d, r]) in ``slot`` (stage and install at
         once); a DoRA adapter also gives its factor g = m / ‖W + s·B·A‖_row ([d])."""
         self._grow(slot + 1, A.shape[0])
-        self.install(slot, *self.stage(A, B, dora_factor), scale, dora_factor=dora_factor)
+        self.install(slot, *self.stage(A, B, dora_factor), scale, dora_factor=dora_factor, rank=A.shape[0])
 
     def _set_magnitude(self, slot: int, dora_factor: torch.Tensor | None) -> None:
         if dora_factor is None:
@@ -197,6 +208,8 @@ class LoraSlotBank:
             self.scale[slot] = 0
             self._set_magnitude(slot, None)
             self.occupied.discard(slot)
+            self.slot_contents.pop(slot, None)
+            self.slot_ranks.pop(slot, None)
             self.version += 1
 
     def delta_weight(self, slot: int) -> torch.Tensor:
@@ -205,19 +218,6 @@ class LoraSlotBank:
         A = self.A_stack[slot].float()
         B = self.B_stack[slot].float()
         return float(self.scale[slot]) * (B @ A)
-
-    def grouped_factors(self, slots: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The factors of ``slots`` one group each, zero for a slot this bank does not hold:
-        (A_g [L, k, r_max], (scale·B)_g [L, r_max, d])."""
-        held = [s for s in slots if s in self.occupied]
-        A = self.A_stack.new_zeros(len(slots), self.r_max, self.in_features)  # [L, r, k]
-        B = self.B_stack.new_zeros(len(slots), self.r_max, self.out_features)  # [L, r, d]
-        if held:
-            at = torch.tensor([slots.index(s) for s in held], device=A.device)
-            idx = torch.tensor(held, device=A.device)
-            A[at] = self.A_stack[idx]
-            B[at] = (self.B_stack[idx] * self.scale[idx][:, None, None]).transpose(1, 2)
-        return A.transpose(1, 2), B
 
     def active_factors(self, slots: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The factors of ``slots`` (all held here) concatenated along the rank: (A_t [k, L*r_max],
