@@ -69,13 +69,17 @@ def _copy(w: quantized.Int8Weight | quantized.Q4Weight) -> quantized.Int8Weight 
     return quantized.Q4Weight(w.q.clone(), w.scale.clone(), m, w.offset, w.in_features)
 
 
-def one_pass(form: str, weights: list[tuple[object, int]], xs: dict[int, torch.Tensor], threads: int) -> float:
-    """Seconds for every weight once at this batch (x: [batch, in] per input width)."""
+def one_pass(
+    form: str, weights: list[tuple[object, int]], xs: dict[int, torch.Tensor], threads: int
+) -> tuple[float, float]:
+    """(wall, CPU) seconds for every weight once at this batch (x: [batch, in] per input width).
+    CPU time counts the process's threads: on a loaded machine it leaves out the time spent
+    waiting for a core, which the wall time includes."""
     gemv = gemv_cpu.load()
     quant = quant_cpu.load()
     assert gemv is not None and quant is not None, "the compiled kernels did not build"
     torch.set_num_threads(threads)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for weight, out_features in weights:
         if form == "float32":
             assert isinstance(weight, torch.Tensor)
@@ -88,11 +92,13 @@ def one_pass(form: str, weights: list[tuple[object, int]], xs: dict[int, torch.T
         else:
             x = xs[weight.in_features]  # type: ignore[attr-defined]
             quantized.linear(x, weight)  # type: ignore[arg-type]
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--passes", type=int, default=15)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -103,7 +109,7 @@ def main() -> None:
     forms = {f: w for f, w in build(gen).items() if f in args.forms}
     inputs = {b: {k: torch.randn(b, k, generator=gen) for k in (HIDDEN, INTER)} for b in args.batches}
     cases = [(f, b, t) for b in args.batches for t in args.threads for f in forms]
-    times: dict[tuple[str, int, int], list[float]] = {c: [] for c in cases}
+    times: dict[tuple[str, int, int], list[tuple[float, float]]] = {c: [] for c in cases}
     for case in cases:  # warm-up (builds the kernels, faults the pages in)
         one_pass(case[0], forms[case[0]], inputs[case[1]], case[2])
     load_before = os.getloadavg()
@@ -123,16 +129,21 @@ def main() -> None:
         f"({os.cpu_count()} CPUs), torch {torch.__version__}",
         "- bytes per pass: " + ", ".join(f"{f} {nbytes[f] / 1e6:.0f} MB" for f in forms),
         "",
-        "| batch | threads | form | ms per pass (median) | GB/s | vs float32 |",
-        "| ---: | ---: | --- | ---: | ---: | ---: |",
+        "| batch | threads | form | wall ms per pass (median) | GB/s | vs float32 | CPU ms | vs float32 (CPU) |",
+        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
+
+    def median(case: tuple[str, int, int], i: int) -> float:
+        return statistics.median(m[i] for m in times[case]) if case in times else float("nan")
+
     for b in args.batches:
         for t in args.threads:
-            base = statistics.median(times[("float32", b, t)]) if "float32" in forms else float("nan")
+            wall0, cpu0 = median(("float32", b, t), 0), median(("float32", b, t), 1)
             for f in forms:
-                ms = statistics.median(times[(f, b, t)])
+                wall, cpu = median((f, b, t), 0), median((f, b, t), 1)
                 lines.append(
-                    f"| {b} | {t} | {f} | {ms * 1e3:.2f} | {nbytes[f] / ms / 1e9:.1f} | {base / ms:.2f}x |"
+                    f"| {b} | {t} | {f} | {wall * 1e3:.2f} | {nbytes[f] / wall / 1e9:.1f} | {wall0 / wall:.2f}x "
+                    f"| {cpu * 1e3:.2f} | {cpu0 / cpu:.2f}x |"
                 )
     text = "\n".join(lines) + "\n"
     print(text)

@@ -40,6 +40,7 @@ import torch
 from server.engine.native.config import NativeConfig
 from server.engine.native.quantized import Int8Weight, Q4Weight, QuantizedWeight
 
+GGUF_HEAD = "lm_head (GGUF blocks)"  # read_projection_blocks' key for the LM head
 SUPPORTED = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 BLOCK_WEIGHTS = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
 BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
@@ -150,7 +151,10 @@ def blocks_to_weight(kind: str, data: np.ndarray, out: int, k: int) -> Quantized
 
 def read_projection_blocks(path: Path, config: NativeConfig) -> dict[str, QuantizedWeight]:
     """Every layer's q/k/v/o/gate/up/down weight from the GGUF file, by checkpoint name
-    (``model.layers.{i}.self_attn.q_proj.weight``)."""
+    (``model.layers.{i}.self_attn.q_proj.weight``), and the LM head under ``GGUF_HEAD`` when its
+    blocks are of a supported type (``output.weight``, else the tied ``token_embd.weight``: the
+    embedded model's is Q8_0, a quarter of the float32 head's bytes); a head of another type (F16,
+    F32, ...) is left out, and the float32 head from the checkpoint serves (the same values)."""
     import gguf
 
     try:
@@ -192,4 +196,15 @@ def read_projection_blocks(path: Path, config: NativeConfig) -> dict[str, Quanti
                 heads = config.num_heads if short == "attn_q" else config.num_kv_heads
                 data = _unpermute_rows(data, heads)
             weights[f"model.layers.{i}.{module}.weight"] = blocks_to_weight(kind, data, out, k)
+    head = tensors.get("output.weight", tensors.get("token_embd.weight"))
+    if head is not None and head.tensor_type.name in SUPPORTED:
+        kind, out, k = head.tensor_type.name, config.vocab_size, config.hidden_size
+        size = out * (k // BLOCK_WEIGHTS[kind]) * BLOCK_BYTES[kind]
+        shape = tuple(int(n) for n in reversed(head.shape.tolist()))
+        if k % BLOCK_WEIGHTS[kind] or shape != (out, k) or head.data.size != size:
+            raise GgufError(
+                f"{path}: tensor {head.name} is {shape} with {head.data.size} bytes of {kind} blocks; "
+                f"the model's config needs ({out}, {k}), {size} bytes"
+            )
+        weights[GGUF_HEAD] = blocks_to_weight(kind, np.asarray(head.data).reshape(out, -1), out, k)
     return weights

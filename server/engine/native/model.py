@@ -20,6 +20,7 @@ from server.engine.lora import LoraBackend, LoraBatchContext
 from server.engine.lora.vocab import VocabAdapters
 from server.engine.native import onednn, quantized
 from server.engine.native.config import NativeConfig
+from server.engine.native.gguf_blocks import GGUF_HEAD
 from server.engine.native.kv_cache import PagedKVCache
 from server.engine.native.layers import (
     FusedLinear,
@@ -193,7 +194,8 @@ class LlamaModel:
 
         ``quantization`` int8/int4: the projections are quantized as they are read (``quantized.py``)
         and the embedding (and LM head) kept as per-row int8; gguf: the projections are ``blocks``
-        (a GGUF file's, by checkpoint name) and the embedding stays float32. Quantized projections
+        (a GGUF file's, by checkpoint name), so is the LM head where the file's is of a supported
+        type (``gguf_blocks.GGUF_HEAD``), and the embedding stays float32. Quantized projections
         run their own kernels: the float32 layouts do not apply (``layout`` is ignored).
 
         ``names``: the checkpoint's tensor names (the model family's; ``families/``)."""
@@ -248,7 +250,7 @@ class LlamaModel:
         # int8/int4: the embedding and LM head as per-row int8 (a real-size vocabulary in float32
         # would be most of the memory); otherwise float32 [V, H]
         self.embed_q: Int8Weight | None = None
-        self.head_q: Int8Weight | None = None
+        self.head_q: QuantizedWeight | None = None
         self.embed: torch.Tensor | None
         self.lm_head: torch.Tensor | None
         # blocked: the head in the kernel's layout; a tied embedding is then read from it (one copy)
@@ -259,6 +261,11 @@ class LlamaModel:
             self.embed_q = quantized.quantize(tensors[embed_name], "int8")
             self.head_q = quantized.quantize(tensors[names.lm_head], "int8") if untied else self.embed_q
             self.embed = self.lm_head = torch.empty(0, c.hidden_size)
+        elif blocks is not None and GGUF_HEAD in blocks:
+            # gguf: the head's own blocks, the same values as the float32 matrix at a quarter of
+            # its bytes or less; the embedding lookup stays float32
+            self.embed = get(embed_name)  # [V, H]
+            self.head_q, self.lm_head = blocks[GGUF_HEAD], None
         else:
             self.embed = get(embed_name)  # [V, H]
             self.lm_head = get(names.lm_head) if untied else self.embed  # [V, H]
@@ -490,7 +497,8 @@ class LlamaModel:
         return logits
 
     def _base_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [N, H] -> [N, V]. int8/int4: the int8 head through the quantized kernel.
+        """hidden: [N, H] -> [N, V]. int8/int4: the int8 head through the quantized kernel; gguf: the
+        file's head blocks through it (``gguf_blocks.GGUF_HEAD``).
         Blocked: through the compiled kernel. oneDNN-packed: through oneDNN too, on the head's
         dense matrix (shared with the embedding; 14 ms against MKL's 25 ms at 16 rows, measured)."""
         if self.head_q is not None:

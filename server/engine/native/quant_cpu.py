@@ -82,11 +82,13 @@ class CompiledQuant:
         self._check(x, out, rows, k)
         assert q.is_contiguous() and (group == 16 or group % 32 == 0)
         half = self._scales(scale, minimum, (rows, kp // group))
-        self._q8(
+        rc = self._q8(
             x.data_ptr(), x.shape[0], x.stride(0), k, q.data_ptr(), kp, scale.data_ptr(),
             None if minimum is None else minimum.data_ptr(), group, half, out.data_ptr(), out.stride(0), rows,
             int(acc), torch.get_num_threads(),
         )  # fmt: skip
+        if rc != 0:
+            raise MemoryError("quantized kernel: could not allocate its buffers")
 
     def q4(
         self,
@@ -104,11 +106,13 @@ class CompiledQuant:
         self._check(x, out, rows, k)
         assert q.is_contiguous()
         half = self._scales(scale, minimum, (rows, half_k // 16))
-        self._q4(
+        rc = self._q4(
             x.data_ptr(), x.shape[0], x.stride(0), k, q.data_ptr(), 2 * half_k, scale.data_ptr(),
             None if minimum is None else minimum.data_ptr(), offset, half, out.data_ptr(), out.stride(0), rows,
             int(acc), torch.get_num_threads(),
         )  # fmt: skip
+        if rc != 0:
+            raise MemoryError("quantized kernel: could not allocate its buffers")
 
 
 def load() -> CompiledQuant | None:

@@ -312,8 +312,9 @@ def run_kernel(
 
 
 def kernel_agrees(kernel: quant_cpu.CompiledQuant) -> bool:
-    """Every form on a ragged problem (an odd input width with a partial group, 1 to 6 rows, a
-    column-slice output, accumulate) against the dense product of the reference dequantization."""
+    """Every form on a ragged problem (an odd input width with a partial group, 1 to 13 rows: both
+    paths and every tile size, 13 outputs: partial passes and panels, a column-slice output,
+    accumulate) against the dense product of the reference dequantization."""
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(13, 77, generator=gen)
     forms: list[Int8Weight | Q4Weight] = [quantize_int8(weight), quantize_int4(weight)]
@@ -334,7 +335,7 @@ def kernel_agrees(kernel: quant_cpu.CompiledQuant) -> bool:
         )
     )
     for form in forms:
-        for n in (1, 5, 6):
+        for n in (1, 2, 3, 4, 5, 13):  # both paths, every tile size
             x = torch.randn(n, 77, generator=gen)
             base = torch.randn(n, 20, generator=gen)
             expected = base[:, 3:16] + x @ form.dequantize().t()
