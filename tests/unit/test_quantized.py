@@ -73,7 +73,7 @@ def _forms(out: int, k: int, seed: int) -> dict[str, quantized.QuantizedWeight]:
 
 @needs_kernel
 @pytest.mark.parametrize("out,k", [(1, 32), (5, 45), (13, 77), (64, 576), (33, 200)])
-@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 16, 33, 64])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 8, 9, 16, 33, 64, 65])
 def test_compiled_kernels_equal_the_dense_reference(out: int, k: int, n: int) -> None:
     kernel = quant_cpu.load()
     assert kernel is not None, "AVX2/FMA and a C compiler are here: the kernel must build"

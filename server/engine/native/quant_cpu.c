@@ -15,17 +15,21 @@
 // Two paths, both splitting the output rows over OpenMP threads in contiguous runs (each thread
 // streams one region of the packed bytes):
 //
-// - Up to STREAM_MAX batch rows (a decode step's one stream): the cost is the bytes read, so the
-//   packed bytes are streamed and unpacked in registers with the fewest operations per weight.
-//   The group's scale and min are factored out of its dot product:
+// - Up to STREAM_MAX batch rows (a decode step: one stream, a few): the packed bytes are streamed
+//   and unpacked in registers with the fewest operations per weight. The group's scale and min
+//   are factored out of its dot product:
 //       sum_i w_i x_i = scale * sum_i q_i x_i + (min + offset * scale) * sum_i x_i,
 //   with sum_i x_i per group computed once per call for each input row. Per 8 weights: one
-//   widening, one int->float conversion, one FMA (plus one FMA per group for the scale); several
-//   output rows per pass share the input's loads.
+//   widening (4-bit: plus a mask or shift), one int->float conversion, one FMA per input row (plus
+//   one FMA per group for the scale). A pass takes 4 output rows at one input row, else 2, and
+//   the input rows 4 at a time (the pass's bytes, read once from memory, stay in L1 for the next
+//   4); each pass's rows are one contiguous run of bytes, prefetched AHEAD bytes ahead (without
+//   it int8 read at a third of the float32 kernel's bandwidth, measured).
 // - Larger batches: the cost is the multiply-adds, so PANEL output rows are dequantized once into
 //   a float32 tile (each weight exactly as the Python reference computes it: multiply, then add,
 //   built with -ffp-contract=off) and multiplied by every input row with a ROWS x COLS register
-//   tile, as a dense float32 kernel would: the unpacking is shared by the whole batch.
+//   tile, as a dense float32 kernel would: the unpacking is shared by the whole batch. At 4 to 8
+//   rows both paths cost the same (measured); at 12-16 this one is faster for 4-bit.
 //
 // The weights are the reference dequantizer's values on both paths (the streaming path applies
 // the same scale and min, factored); only the dot products' rounding and summation order differ.
@@ -35,12 +39,15 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define STREAM_MAX 2  // up to this many batch rows: the streaming path
+#ifndef STREAM_MAX
+#define STREAM_MAX 8  // up to this many batch rows: the streaming path
+#endif
+#define CHUNK 4       // batch rows per streaming tile (the pass's bytes are re-read from L1)
 #define PANEL 12      // weight rows dequantized together on the batched path (a multiple of COLS)
 #define COLS 3        // weight rows per register tile (batched path)
 #define ROWS 4        // batch rows per register tile (batched path)
 #define AHEAD 4096  // bytes prefetched ahead of the streamed weights
-#define WIDE 4        // weight rows per streaming pass at one batch row (WIDE / rows at more)
+#define WIDE 4        // weight rows per streaming pass at one batch row (2 at more)
 
 typedef struct {
     int q4;                     // 1: the 4-bit layout, 0: int8
@@ -92,8 +99,8 @@ static inline float dot8(const float *a, const float *b, int64_t n8) {
 // xp: [nb, kp] (zero past k); xs: [nb, g8] the inputs' group sums; sf/mf: [wr, g8].
 static inline __attribute__((always_inline)) void stream_tile(
     const weights *w, int64_t o, const int wr, const int nb, const float *xp, const float *xs,
-    const float *sf, const float *mf, float res[WIDE][STREAM_MAX]) {
-    __m256 acc[WIDE][STREAM_MAX];
+    const float *sf, const float *mf, float res[WIDE][CHUNK]) {
+    __m256 acc[WIDE][CHUNK];
     for (int c = 0; c < wr; c++)
         for (int r = 0; r < nb; r++) acc[c][r] = _mm256_setzero_ps();
     const int64_t kp = w->kp, g8 = w->g8;
@@ -127,7 +134,7 @@ static inline __attribute__((always_inline)) void stream_tile(
         const int8_t *q = (const int8_t *)w->q + o * kp;
         const int64_t group = w->group;
         for (int64_t g = 0; g < w->groups; g++) {
-            __m256 t[WIDE][STREAM_MAX];
+            __m256 t[WIDE][CHUNK];
             for (int c = 0; c < wr; c++)
                 for (int r = 0; r < nb; r++) t[c][r] = _mm256_setzero_ps();
             for (int64_t v = g * group; v < (g + 1) * group; v += 8) {
@@ -163,28 +170,40 @@ static void stream(const weights *w, int64_t n, const float *xp, float *y, int64
             xs[r * g8 + g] = s;
         }
     }
-    const int wide = n == 1 ? WIDE : WIDE / STREAM_MAX;  // weight rows per pass
+    const int wide = n == 1 ? WIDE : 2;  // weight rows per pass
     const int64_t passes = (out + wide - 1) / wide;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         float *sf = alloc(sizeof(float) * WIDE * g8), *mf = alloc(sizeof(float) * WIDE * g8);
-        float res[WIDE][STREAM_MAX];
+        float res[WIDE][CHUNK];
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < passes; p++) {
             const int64_t o = p * wide;
             const int wr = out - o < wide ? (int)(out - o) : wide;
             for (int c = 0; c < wr; c++) row_factors(w, o + c, sf + c * g8, mf + c * g8);
-            if (n == 1 && wr == WIDE)
-                stream_tile(w, o, WIDE, 1, xp, xs, sf, mf, res);
-            else if (n == 1)
-                for (int c = 0; c < wr; c++) stream_tile(w, o + c, 1, 1, xp, xs, sf + c * g8, mf + c * g8, res + c);
-            else if (wr == WIDE / STREAM_MAX)
-                stream_tile(w, o, WIDE / STREAM_MAX, STREAM_MAX, xp, xs, sf, mf, res);
-            else
+            for (int64_t r0 = 0; r0 < n; r0 += CHUNK) {
+                const int nb = n - r0 < CHUNK ? (int)(n - r0) : CHUNK;
+                const float *xr = xp + r0 * w->kp, *sr = xs + r0 * g8;
+                // constant tile sizes: the accumulators stay in registers
+#define TILE(WR, NB) stream_tile(w, o, WR, NB, xr, sr, sf, mf, res)
+                switch (wr * 8 + nb) {
+                    case 4 * 8 + 1: TILE(4, 1); break;
+                    case 2 * 8 + 1: TILE(2, 1); break;
+                    case 2 * 8 + 2: TILE(2, 2); break;
+                    case 2 * 8 + 3: TILE(2, 3); break;
+                    case 2 * 8 + 4: TILE(2, 4); break;
+                    case 1 * 8 + 1: TILE(1, 1); break;
+                    case 1 * 8 + 2: TILE(1, 2); break;
+                    case 1 * 8 + 3: TILE(1, 3); break;
+                    case 1 * 8 + 4: TILE(1, 4); break;
+                    default:  // 3 rows left of a 4-row pass: one at a time
+                        for (int c = 0; c < wr; c++)
+                            stream_tile(w, o + c, 1, 1, xr, sr, sf + c * g8, mf + c * g8, res + c);
+                }
+#undef TILE
                 for (int c = 0; c < wr; c++)
-                    stream_tile(w, o + c, 1, STREAM_MAX, xp, xs, sf + c * g8, mf + c * g8, res + c);
-            for (int c = 0; c < wr; c++)
-                for (int64_t r = 0; r < n; r++) store(y + r * ldy + o + c, res[c][r], accumulate);
+                    for (int r = 0; r < nb; r++) store(y + (r0 + r) * ldy + o + c, res[c][r], accumulate);
+            }
         }
         free(sf);
         free(mf);
