@@ -271,15 +271,16 @@ def _write_gguf(
     model, path: Path, kinds: dict[str, str], shape_lie: bool = False, head: str | None = None
 ) -> Path:
     """The model's projections as GGUF blocks of ``kinds[module]`` (default Q4_1), q and k
-    permuted as llama.cpp's converter does; ``head``: the LM head as ``output.weight`` blocks of
-    that type too."""
+    permuted as llama.cpp's converter does; ``head``: the embedding and LM head as
+    ``token_embd.weight`` and ``output.weight`` blocks of that type too."""
     c = model.config
     writer = gguf.GGUFWriter(str(path), "llama")
     if head is not None:
         kind = getattr(gguf.GGMLQuantizationType, head)
-        writer.add_tensor(
-            "output.weight", quantize(model.lm_head.weight.detach().numpy(), kind), raw_dtype=kind
-        )
+        for name, matrix in (("token_embd", model.model.embed_tokens), ("output", model.lm_head)):
+            writer.add_tensor(
+                f"{name}.weight", quantize(matrix.weight.detach().numpy(), kind), raw_dtype=kind
+            )
     for i, layer in enumerate(model.model.layers):
         for module, short in GGUF_NAMES.items():
             part = "self_attn" if short.startswith("attn") else "mlp"
@@ -336,24 +337,33 @@ def test_gguf_blocks_are_served_as_shipped(gguf_base, kinds, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("head", ["Q8_0", "Q4_0", "F32"])
-def test_a_gguf_head_of_a_supported_type_serves_from_its_blocks(gguf_base, head, tmp_path) -> None:
-    """The LM head's blocks (a supported type) replace the float32 head: the logits are the dense
-    reference's with the head dequantized as gguf does; an F32 head leaves the float32 one."""
+def test_gguf_embedding_and_head_of_a_supported_type_serve_from_their_blocks(
+    gguf_base, head, tmp_path
+) -> None:
+    """The embedding's and LM head's blocks (a supported type) replace the float32 matrices: the
+    logits are the dense reference's with both dequantized as gguf does; F32 ones leave the
+    float32 matrices."""
     model, path = gguf_base
     file = _write_gguf(model, tmp_path / "m.gguf", {}, head=head)
     runner = NativeLlamaRunner(path, quantization="gguf", gguf_file=file, kv_cache_tokens=256)
     ref = _dequantized_reference(model, runner)
     if head == "F32":
-        assert runner.model.head_q is None
+        assert runner.model.head_q is None and runner.model.embed_q is None
     else:
         kind = getattr(gguf.GGMLQuantizationType, head)
-        assert runner.model.head_q is not None and runner.model.lm_head is None
-        expected = torch.from_numpy(dequantize(quantize(model.lm_head.weight.detach().numpy(), kind), kind))
-        assert torch.equal(runner.model.head_q.dequantize(), expected)
-        ref.lm_head = torch.nn.Linear(
-            expected.shape[1], expected.shape[0], bias=False
-        )  # untied from the embedding
-        ref.lm_head.weight.data = expected.clone()
+        assert runner.model.head_q is not None and runner.model.embed_q is not None
+        assert (
+            runner.model.lm_head is None
+            and runner.model.embed is not None
+            and runner.model.embed.numel() == 0
+        )
+        for module, weight in (
+            (ref.model.embed_tokens, runner.model.embed_q),
+            (ref.lm_head, runner.model.head_q),
+        ):
+            expected = torch.from_numpy(dequantize(quantize(module.weight.detach().numpy(), kind), kind))
+            assert torch.equal(weight.dequantize(), expected)
+            module.weight.data = expected.clone()
     for n in (1, 3):  # the kernel's streaming path, then its batched one
         logits = runner.prefill([PrefillInput(10 * n + i, PROMPTS[i], 0, BASE_SLOT) for i in range(n)]).logits
         with torch.no_grad():

@@ -78,6 +78,11 @@ class Int8Weight:
         m = None if self.min is None else self.min[start:end]
         return Int8Weight(self.q[start:end], self.scale[start:end], self.group, self.in_features, m)
 
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` [N] dequantized: [N, in] float32 (an embedding lookup)."""
+        m = None if self.min is None else self.min[index]
+        return Int8Weight(self.q[index], self.scale[index], self.group, self.in_features, m).dequantize()
+
 
 @dataclass
 class Q4Weight:
@@ -111,6 +116,11 @@ class Q4Weight:
     def rows(self, start: int, end: int) -> Q4Weight:
         m = None if self.min is None else self.min[start:end]
         return Q4Weight(self.q[start:end], self.scale[start:end], m, self.offset, self.in_features)
+
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` [N] dequantized: [N, in] float32 (an embedding lookup)."""
+        m = None if self.min is None else self.min[index]
+        return Q4Weight(self.q[index], self.scale[index], m, self.offset, self.in_features).dequantize()
 
 
 @dataclass
