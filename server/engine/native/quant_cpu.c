@@ -176,7 +176,7 @@ static void stream(const weights *w, int64_t n, const float *xp, float *y, int64
     {
         float *sf = alloc(sizeof(float) * WIDE * g8), *mf = alloc(sizeof(float) * WIDE * g8);
         float res[WIDE][CHUNK];
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
         for (int64_t p = 0; p < passes; p++) {
             const int64_t o = p * wide;
             const int wr = out - o < wide ? (int)(out - o) : wide;
@@ -274,7 +274,7 @@ static void batched(const weights *w, int64_t n, const float *xp, float *y, int6
     {
         float *panel = alloc(sizeof(float) * PANEL * kp);
         float res[ROWS][COLS];
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
         for (int64_t p = 0; p < panels; p++) {
             const int64_t o0 = p * PANEL, rows = out - o0 < PANEL ? out - o0 : PANEL;
             for (int64_t c = 0; c < rows; c++) dequantize_row(w, o0 + c, panel + c * kp);
