@@ -9,7 +9,9 @@ layout of GGUF's Q4_1, which ``--quantization gguf`` keeps as shipped) with an i
 gguf as the embedded Q4_1 file serves it (Q4_1 layers, a Q8_0 head: groups of 32, float16
 scales). Random weights (speed does not depend on the values).
 
-Every (form, batch, threads) measurement is interleaved with the others pass by pass; the
+Threads: every kernel runs on exactly the given number (the servers' kernels take one thread up
+to 4 rows: ``gemv_cpu.ONE_THREAD_ROWS``, ``quant_cpu.ONE_THREAD_ROWS``). Every (form, batch,
+threads) measurement is interleaved with the others pass by pass; the
 median of ``--passes`` passes is reported, with the ratio to float32 at the same batch and
 threads (the only figures that mean anything on a shared machine).
 
@@ -105,6 +107,7 @@ def main() -> None:
     parser.add_argument("--forms", nargs="+", default=["float32", "int8", "int4", "gguf"])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    quant_cpu.ONE_THREAD_ROWS = 0  # every kernel on exactly ``threads`` threads, whatever the batch
     gen = torch.Generator().manual_seed(0)
     forms = {f: w for f, w in build(gen).items() if f in args.forms}
     inputs = {b: {k: torch.randn(b, k, generator=gen) for k in (HIDDEN, INTER)} for b in args.batches}
