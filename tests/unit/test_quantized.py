@@ -57,12 +57,23 @@ def _forms(out: int, k: int, seed: int) -> dict[str, quantized.QuantizedWeight]:
             int4.q, torch.rand(out, groups, generator=gen), torch.randn(out, groups, generator=gen), 0, k
         ),
         "q8_0-like": Int8Weight(quantized.quantize_int8(w).q, torch.rand(out, groups, generator=gen), 32, k),
+        "q6_k-like": Int8Weight(  # groups of 16, float16 scales
+            quantized.quantize_int8(w).q, torch.rand(out, 2 * groups, generator=gen).half(), 16, k
+        ),
+        "q5_k-like": Int8Weight(  # a min per group
+            quantized.quantize_int8(w).q.abs() % 32,
+            torch.rand(out, groups, generator=gen),
+            32,
+            k,
+            -torch.rand(out, groups, generator=gen),
+        ),
+        "q4_1-half": Q4Weight(int4.q, int4.scale.half(), None if int4.min is None else int4.min.half(), 0, k),
     }
 
 
 @needs_kernel
 @pytest.mark.parametrize("out,k", [(1, 32), (5, 45), (13, 77), (64, 576), (33, 200)])
-@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 16, 33, 64])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 8, 9, 16, 33, 64, 65])
 def test_compiled_kernels_equal_the_dense_reference(out: int, k: int, n: int) -> None:
     kernel = quant_cpu.load()
     assert kernel is not None, "AVX2/FMA and a C compiler are here: the kernel must build"
@@ -256,11 +267,20 @@ def _llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _write_gguf(model, path: Path, kinds: dict[str, str], shape_lie: bool = False) -> Path:
+def _write_gguf(
+    model, path: Path, kinds: dict[str, str], shape_lie: bool = False, head: str | None = None
+) -> Path:
     """The model's projections as GGUF blocks of ``kinds[module]`` (default Q4_1), q and k
-    permuted as llama.cpp's converter does."""
+    permuted as llama.cpp's converter does; ``head``: the embedding and LM head as
+    ``token_embd.weight`` and ``output.weight`` blocks of that type too."""
     c = model.config
     writer = gguf.GGUFWriter(str(path), "llama")
+    if head is not None:
+        kind = getattr(gguf.GGMLQuantizationType, head)
+        for name, matrix in (("token_embd", model.model.embed_tokens), ("output", model.lm_head)):
+            writer.add_tensor(
+                f"{name}.weight", quantize(matrix.weight.detach().numpy(), kind), raw_dtype=kind
+            )
     for i, layer in enumerate(model.model.layers):
         for module, short in GGUF_NAMES.items():
             part = "self_attn" if short.startswith("attn") else "mlp"
@@ -314,6 +334,42 @@ def test_gguf_blocks_are_served_as_shipped(gguf_base, kinds, tmp_path) -> None:
         torch.testing.assert_close(
             logits[0], ref(torch.tensor([PROMPTS[0]])).logits[0, -1], rtol=1e-4, atol=1e-4
         )
+
+
+@pytest.mark.parametrize("head", ["Q8_0", "Q4_0", "F32"])
+def test_gguf_embedding_and_head_of_a_supported_type_serve_from_their_blocks(
+    gguf_base, head, tmp_path
+) -> None:
+    """The embedding's and LM head's blocks (a supported type) replace the float32 matrices: the
+    logits are the dense reference's with both dequantized as gguf does; F32 ones leave the
+    float32 matrices."""
+    model, path = gguf_base
+    file = _write_gguf(model, tmp_path / "m.gguf", {}, head=head)
+    runner = NativeLlamaRunner(path, quantization="gguf", gguf_file=file, kv_cache_tokens=256)
+    ref = _dequantized_reference(model, runner)
+    if head == "F32":
+        assert runner.model.head_q is None and runner.model.embed_q is None
+    else:
+        kind = getattr(gguf.GGMLQuantizationType, head)
+        assert runner.model.head_q is not None and runner.model.embed_q is not None
+        assert (
+            runner.model.lm_head is None
+            and runner.model.embed is not None
+            and runner.model.embed.numel() == 0
+        )
+        for module, weight in (
+            (ref.model.embed_tokens, runner.model.embed_q),
+            (ref.lm_head, runner.model.head_q),
+        ):
+            expected = torch.from_numpy(dequantize(quantize(module.weight.detach().numpy(), kind), kind))
+            assert torch.equal(weight.dequantize(), expected)
+            module.weight.data = expected.clone()
+    for n in (1, 3):  # the kernel's streaming path, then its batched one
+        logits = runner.prefill([PrefillInput(10 * n + i, PROMPTS[i], 0, BASE_SLOT) for i in range(n)]).logits
+        with torch.no_grad():
+            for i in range(n):
+                expected_logits = ref(torch.tensor([PROMPTS[i]])).logits[0, -1]
+                torch.testing.assert_close(logits[i], expected_logits, rtol=1e-4, atol=1e-4)
 
 
 def _tensor_type_offset(data: bytes, name: str) -> int:

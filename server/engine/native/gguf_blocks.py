@@ -40,6 +40,8 @@ import torch
 from server.engine.native.config import NativeConfig
 from server.engine.native.quantized import Int8Weight, Q4Weight, QuantizedWeight
 
+GGUF_EMBED = "embedding (GGUF blocks)"  # read_projection_blocks' key for token_embd
+GGUF_HEAD = "lm_head (GGUF blocks)"  # and for an untied LM head (output.weight)
 SUPPORTED = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 BLOCK_WEIGHTS = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
 BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
@@ -150,7 +152,11 @@ def blocks_to_weight(kind: str, data: np.ndarray, out: int, k: int) -> Quantized
 
 def read_projection_blocks(path: Path, config: NativeConfig) -> dict[str, QuantizedWeight]:
     """Every layer's q/k/v/o/gate/up/down weight from the GGUF file, by checkpoint name
-    (``model.layers.{i}.self_attn.q_proj.weight``)."""
+    (``model.layers.{i}.self_attn.q_proj.weight``); the embedding ``token_embd.weight`` under
+    ``GGUF_EMBED`` and an untied head ``output.weight`` under ``GGUF_HEAD`` when their blocks are of
+    a supported type (the embedded model's tied embedding is Q8_0: a quarter of its float32
+    bytes). One of another type (F16, F32, ...) is left out, and the checkpoint's float32 matrix
+    serves (the same values)."""
     import gguf
 
     try:
@@ -192,4 +198,17 @@ def read_projection_blocks(path: Path, config: NativeConfig) -> dict[str, Quanti
                 heads = config.num_heads if short == "attn_q" else config.num_kv_heads
                 data = _unpermute_rows(data, heads)
             weights[f"model.layers.{i}.{module}.weight"] = blocks_to_weight(kind, data, out, k)
+    for name, key in (("token_embd.weight", GGUF_EMBED), ("output.weight", GGUF_HEAD)):
+        tensor = tensors.get(name)
+        if tensor is None or tensor.tensor_type.name not in SUPPORTED:
+            continue
+        kind, out, k = tensor.tensor_type.name, config.vocab_size, config.hidden_size
+        size = out * (k // BLOCK_WEIGHTS[kind]) * BLOCK_BYTES[kind]
+        shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
+        if k % BLOCK_WEIGHTS[kind] or shape != (out, k) or tensor.data.size != size:
+            raise GgufError(
+                f"{path}: tensor {name} is {shape} with {tensor.data.size} bytes of {kind} blocks; "
+                f"the model's config needs ({out}, {k}), {size} bytes"
+            )
+        weights[key] = blocks_to_weight(kind, np.asarray(tensor.data).reshape(out, -1), out, k)
     return weights

@@ -20,6 +20,7 @@ from server.engine.lora import LoraBackend, LoraBatchContext
 from server.engine.lora.vocab import VocabAdapters
 from server.engine.native import fused_cpu, onednn, quantized
 from server.engine.native.config import NativeConfig
+from server.engine.native.gguf_blocks import GGUF_EMBED, GGUF_HEAD
 from server.engine.native.kv_cache import PagedKVCache
 from server.engine.native.layers import (
     FusedLinear,
@@ -33,7 +34,7 @@ from server.engine.native.layers import (
     rotate_in_place,
 )
 from server.engine.native.layouts import BlockedLayout, OneDnnLayout, PackedLayout
-from server.engine.native.quantized import Int8Weight, Quantization, QuantizedWeight
+from server.engine.native.quantized import Int8Weight, Q4Weight, Quantization, QuantizedWeight
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,8 @@ class LlamaModel:
 
         ``quantization`` int8/int4: the projections are quantized as they are read (``quantized.py``)
         and the embedding (and LM head) kept as per-row int8; gguf: the projections are ``blocks``
-        (a GGUF file's, by checkpoint name) and the embedding stays float32. Quantized projections
+        (a GGUF file's, by checkpoint name), and so are the embedding and LM head where the file's
+        are of a supported type (``gguf_blocks.GGUF_EMBED``/``GGUF_HEAD``). Quantized projections
         run their own kernels: the float32 layouts do not apply (``layout`` is ignored).
 
         ``names``: the checkpoint's tensor names (the model family's; ``families/``)."""
@@ -247,8 +249,8 @@ class LlamaModel:
         untied = not c.tie_word_embeddings and names.lm_head in tensors and embed_name != names.lm_head
         # int8/int4: the embedding and LM head as per-row int8 (a real-size vocabulary in float32
         # would be most of the memory); otherwise float32 [V, H]
-        self.embed_q: Int8Weight | None = None
-        self.head_q: Int8Weight | None = None
+        self.embed_q: Int8Weight | Q4Weight | None = None
+        self.head_q: QuantizedWeight | None = None
         self.embed: torch.Tensor | None
         self.lm_head: torch.Tensor | None
         # blocked: the head in the kernel's layout; a tied embedding is then read from it (one copy)
@@ -259,6 +261,18 @@ class LlamaModel:
             self.embed_q = quantized.quantize(tensors[embed_name], "int8")
             self.head_q = quantized.quantize(tensors[names.lm_head], "int8") if untied else self.embed_q
             self.embed = self.lm_head = torch.empty(0, c.hidden_size)
+        elif blocks is not None:
+            # gguf: the file's embedding and head blocks where their type is supported (the same
+            # values as the checkpoint's float32 matrices at a quarter of the bytes or less: the
+            # embedded model's tied embedding is Q8_0), else the float32 matrices
+            self.embed_q = blocks.get(GGUF_EMBED)  # type: ignore[assignment]
+            self.embed = get(embed_name) if self.embed_q is None else torch.empty(0, c.hidden_size)
+            if untied:
+                self.head_q = blocks.get(GGUF_HEAD)
+                self.lm_head = get(names.lm_head) if self.head_q is None else None
+            else:
+                self.head_q = self.embed_q
+                self.lm_head = self.embed if self.head_q is None else None
         else:
             self.embed = get(embed_name)  # [V, H]
             self.lm_head = get(names.lm_head) if untied else self.embed  # [V, H]
@@ -537,11 +551,10 @@ class LlamaModel:
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: [N] -> [N, H] float (int8 embedding: the rows dequantized; tied and blocked:
-        read from the packed head)."""
+        """tokens: [N] -> [N, H] float (quantized embedding: the rows dequantized; tied and
+        blocked: read from the packed head)."""
         if self.embed_q is not None:
-            q = self.embed_q
-            return q.q[tokens, : q.in_features].float() * q.scale[tokens]  # [N, H] * [N, 1]
+            return self.embed_q.gather(tokens)
         if self.embed is None:
             assert self.head_blocks is not None
             return gemv_cpu.packed_rows(self.head_blocks, tokens)
@@ -558,7 +571,8 @@ class LlamaModel:
         return logits
 
     def _base_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [N, H] -> [N, V]. int8/int4: the int8 head through the quantized kernel.
+        """hidden: [N, H] -> [N, V]. int8/int4: the int8 head through the quantized kernel; gguf: the
+        file's head blocks through it (``gguf_blocks.GGUF_HEAD``).
         Blocked: through the compiled kernel. oneDNN-packed: through oneDNN too, on the head's
         dense matrix (shared with the embedding; 14 ms against MKL's 25 ms at 16 rows, measured)."""
         if self.head_q is not None:

@@ -6,6 +6,14 @@ kernels directory, loaded with ctypes) and following its settings (``sgmv_cpu.co
 off; ``--cache-dir``). ``quantized.py`` checks it against the reference dequantizers once before
 using it; where it cannot build or disagrees, the weights are dequantized in chunks and multiplied
 by PyTorch (same results, slower). The ctypes call releases the GIL while it runs.
+
+Threads: up to ``ONE_THREAD_ROWS`` rows on the calling thread alone, above on PyTorch's OpenMP
+threads, as the float32 kernel does (``gemv_cpu.py``): on a loaded machine every parallel region
+waits for a time slice at its barrier, which at 120 calls a step outweighs the second core (the
+linear layers alone at batch 1, one thread: 3.1-3.5x float32's; two threads under load: every
+form 10-20x slower, ``bench/results/quant-kernels-cpu.md``). One core unpacks 4-bit weights at
+about 8 GB/s of packed bytes, so on a quiet machine two threads may pay at batch 1: measure
+with ``bench/quant_kernels.py`` (both thread counts) before raising it.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ FLAGS = (
 )  # weights computed exactly as the references do;
 # F16C (on every AVX2 CPU) widens float16 scales
 MAX_ROWS = 64  # larger batches (prompts) dequantize and use PyTorch's matmul
+ONE_THREAD_ROWS = 4  # up to this many rows the kernel runs on the calling thread (as gemv_cpu's)
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
@@ -82,11 +91,13 @@ class CompiledQuant:
         self._check(x, out, rows, k)
         assert q.is_contiguous() and (group == 16 or group % 32 == 0)
         half = self._scales(scale, minimum, (rows, kp // group))
-        self._q8(
+        rc = self._q8(
             x.data_ptr(), x.shape[0], x.stride(0), k, q.data_ptr(), kp, scale.data_ptr(),
             None if minimum is None else minimum.data_ptr(), group, half, out.data_ptr(), out.stride(0), rows,
-            int(acc), torch.get_num_threads(),
+            int(acc), _threads(x.shape[0]),
         )  # fmt: skip
+        if rc != 0:
+            raise MemoryError("quantized kernel: could not allocate its buffers")
 
     def q4(
         self,
@@ -104,11 +115,18 @@ class CompiledQuant:
         self._check(x, out, rows, k)
         assert q.is_contiguous()
         half = self._scales(scale, minimum, (rows, half_k // 16))
-        self._q4(
+        rc = self._q4(
             x.data_ptr(), x.shape[0], x.stride(0), k, q.data_ptr(), 2 * half_k, scale.data_ptr(),
             None if minimum is None else minimum.data_ptr(), offset, half, out.data_ptr(), out.stride(0), rows,
-            int(acc), torch.get_num_threads(),
+            int(acc), _threads(x.shape[0]),
         )  # fmt: skip
+        if rc != 0:
+            raise MemoryError("quantized kernel: could not allocate its buffers")
+
+
+def _threads(rows: int) -> int:
+    """One thread up to ``ONE_THREAD_ROWS`` rows, else PyTorch's (see the module docstring)."""
+    return 1 if rows <= ONE_THREAD_ROWS else torch.get_num_threads()
 
 
 def load() -> CompiledQuant | None:

@@ -78,6 +78,11 @@ class Int8Weight:
         m = None if self.min is None else self.min[start:end]
         return Int8Weight(self.q[start:end], self.scale[start:end], self.group, self.in_features, m)
 
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` [N] dequantized: [N, in] float32 (an embedding lookup)."""
+        m = None if self.min is None else self.min[index]
+        return Int8Weight(self.q[index], self.scale[index], self.group, self.in_features, m).dequantize()
+
 
 @dataclass
 class Q4Weight:
@@ -111,6 +116,11 @@ class Q4Weight:
     def rows(self, start: int, end: int) -> Q4Weight:
         m = None if self.min is None else self.min[start:end]
         return Q4Weight(self.q[start:end], self.scale[start:end], m, self.offset, self.in_features)
+
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` [N] dequantized: [N, in] float32 (an embedding lookup)."""
+        m = None if self.min is None else self.min[index]
+        return Q4Weight(self.q[index], self.scale[index], m, self.offset, self.in_features).dequantize()
 
 
 @dataclass
@@ -312,8 +322,9 @@ def run_kernel(
 
 
 def kernel_agrees(kernel: quant_cpu.CompiledQuant) -> bool:
-    """Every form on a ragged problem (an odd input width with a partial group, 1 to 6 rows, a
-    column-slice output, accumulate) against the dense product of the reference dequantization."""
+    """Every form on a ragged problem (an odd input width with a partial group, 1 to 13 rows: both
+    paths and every tile size, 13 outputs: partial passes and panels, a column-slice output,
+    accumulate) against the dense product of the reference dequantization."""
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(13, 77, generator=gen)
     forms: list[Int8Weight | Q4Weight] = [quantize_int8(weight), quantize_int4(weight)]
@@ -334,7 +345,7 @@ def kernel_agrees(kernel: quant_cpu.CompiledQuant) -> bool:
         )
     )
     for form in forms:
-        for n in (1, 5, 6):
+        for n in (1, 2, 3, 4, 5, 7, 9, 13):  # both paths, every tile size
             x = torch.randn(n, 77, generator=gen)
             base = torch.randn(n, 20, generator=gen)
             expected = base[:, 3:16] + x @ form.dequantize().t()
