@@ -52,7 +52,7 @@ from server.engine.detokenize import IncrementalDetokenizer
 from server.engine.errors import RequestRejected
 from server.engine.grammar import GrammarCompiler
 from server.engine.lora import BASE_SLOT
-from server.engine.lora_model import LOADING, AdapterSlots
+from server.engine.lora_model import AdapterSlots
 from server.engine.merge import BaseWeights, MergeManager
 from server.engine.outbox import Outbox
 from server.engine.output import OutputStage
@@ -60,7 +60,7 @@ from server.engine.requests import ErrorEvent, Event, FinishEvent, GenerationReq
 from server.engine.row import Row
 from server.engine.runner import ModelRunner, StepOutput, StepRow
 from server.engine.sampling import RowSampler
-from server.engine.scheduler import AdapterKey, AutoPolicy, key_of, plan_merged
+from server.engine.scheduler import AutoPolicy, Scheduler, key_of, prefix_identity, recompute_ids
 from server.engine.speculative import PromptLookup
 
 log = logging.getLogger(__name__)
@@ -181,6 +181,8 @@ class Engine:
         # --speculate: drafts per row and step, where the runner verifies them (the HF runner does not)
         self.speculate = config.speculate if runner.supports_speculation else 0
         self.auto = AutoPolicy(min_uniform_steps=config.auto_min_uniform_steps)
+        # admission, mode switching and preemption (scheduler.py)
+        self.scheduler = Scheduler(self)
         # --prefix-cache: on where the runner supports it (the HF runner does not)
         self.prefix_cache = config.prefix_cache and runner.supports_prefix_cache
         self.stats = EngineStats()
@@ -316,7 +318,7 @@ class Engine:
             if self.merger.merged is not None:
                 if self._rows or self._prefilling:
                     return RETRY
-                self._set_merged(None)
+                self.scheduler.set_merged(None)
             now = self.merger.digest()
             return {
                 "intact": now == self.merger.digest_at_load,
@@ -416,11 +418,11 @@ class Engine:
     def _step(self) -> None:
         self._run_controls()
         self._drop_cancelled()
-        admitted = self._admit_merged() if self.config.mode == "merged" else self._admit()
+        admitted = self.scheduler.admit_merged() if self.config.mode == "merged" else self.scheduler.admit()
         if self.config.mode == "auto":
-            self._auto_switch(admitted)
+            self.scheduler.auto_switch(admitted)
         self._prefilling.extend(admitted)
-        self._preempt_until_rows_fit()  # every running row can take its next token
+        self.scheduler.preempt_until_rows_fit()  # every running row can take its next token
         rows = list(self._rows)
         growth = {r.seq_id: 1 for r in rows}  # KV memory the step's rows take, in tokens
         chunks = self._prefill_chunks(growth) if self._prefilling else []
@@ -502,48 +504,6 @@ class Engine:
             return [r.slot for r in rows]
         return [BASE_SLOT if key_of(r.request) == merged.key else r.slot for r in rows]
 
-    def _set_merged(self, adapter) -> None:
-        seconds = self.merger.merge(adapter)
-        if seconds:
-            self.stats.swaps = self.merger.stats.swaps
-            self.stats.swap_seconds = self.merger.stats.swap_seconds
-            log.info("merged %s in %.3f s", adapter.adapter_id if adapter else "nothing (base)", seconds)
-
-    def _drain_requested(self) -> bool:
-        return any(c.needs_unmerged for c in self._controls) and self.merger.merged is not None
-
-    def _admit_merged(self) -> list[Row]:
-        merged = self.merger.merged
-        plan = plan_merged(
-            self._waiting, merged.key if merged else None, not self.num_running, self.config.switch_wait
-        )
-        if plan.switch_to is not None:
-            self._set_merged(plan.switch_to.served_adapter)
-        if not plan.admit or self._drain_requested():
-            return []
-        return self._admit(only_key=plan.admit_key)
-
-    def _auto_switch(self, admitted: list[Row]) -> None:
-        """Auto mode: merge the one adapter all traffic wants, unmerge when traffic mixes."""
-        merged = self.merger.merged
-        rows = [*self._rows, *self._prefilling, *admitted]  # every row of the next forwards
-        if self._drain_requested():
-            self._set_merged(None)  # rows in auto mode hold slots: they go on unmerged seamlessly
-            return
-        wanted: set[AdapterKey] = {key_of(r) for r in self._waiting} | {key_of(r.request) for r in rows}
-        if not wanted:
-            return
-        decision = self.auto.decide(
-            wanted, merged.key if merged else None, self.merger.stats.last_swap_seconds
-        )
-        if decision == "keep":
-            return
-        if decision is None:
-            self._set_merged(None)
-            return
-        candidates = [r.request for r in rows] + list(self._waiting)
-        self._set_merged(next(r.served_adapter for r in candidates if key_of(r) == decision))
-
     # ------------------------------------------------------------------ scheduling
 
     def _drop_cancelled(self) -> None:
@@ -558,72 +518,6 @@ class Engine:
                 row.request.emit(ErrorEvent("request cancelled", "cancelled"))
         self._remove_finished()
 
-    def _admit(self, only_key: AdapterKey | str = "any") -> list[Row]:
-        """Take waiting requests into free rows (:meth:`_admit_pass`). A request whose adapter is
-        still loading (``AdapterSlots.prepare``, on the loader thread) waits while other rows run;
-        when nothing runs, the engine waits here for the load rather than spinning."""
-        if not self.num_running and self.config.mode != "merged":  # no row to stall: load, then admit
-            wanted = [
-                r.adapter for r in list(self._waiting)[: self.config.max_batch] if r.adapter is not None
-            ]
-            if any(self.slots.prepare(adapter) == LOADING for adapter in wanted):
-                self.slots.wait_for_loads(_IDLE_LOAD_WAIT)
-        admitted = self._admit_pass(only_key)
-        self.slots.retain({r.adapter.key for r in self._waiting if r.adapter is not None})
-        return admitted
-
-    def _admit_pass(self, only_key: AdapterKey | str = "any") -> list[Row]:
-        """Take waiting requests into free rows, FIFO, while their prompts fit in free KV memory.
-
-        A runner without chunked prefill prefills whole prompts in the step that admits them, so
-        they must also fit the step's prefill token budget (the first one always does).
-        ``only_key``: in merged mode, only requests for the merged adapter (or None: the base).
-        """
-        free = self.config.max_batch - self.num_running
-        chunked = self.runner.supports_chunked_prefill
-        budget = self.config.max_prefill_tokens
-        admitted: list[Row] = []
-        still_waiting: deque[GenerationRequest] = deque()
-        needs_slot = self.config.mode != "merged"
-        # prompt tokens promised to admitted rows but not yet in the KV cache
-        kv_tokens = sum(len(r.prefill_ids) - r.prefilled for r in self._prefilling)
-        kv_sequences = len(self._prefilling)
-        while self._waiting:
-            request = self._waiting.popleft()
-            eligible = free > 0 and (only_key == "any" or key_of(request) == only_key)
-            if eligible and needs_slot and request.adapter is not None:
-                load = self.slots.prepare(request.adapter)  # None: resident or loaded
-                if isinstance(load, BaseException):  # its load failed: this request alone fails
-                    self._refuse_admission(request, load)
-                    continue
-                eligible = load is None and self.slots.can_acquire(request.adapter.key)
-            n = self._new_kv_tokens(request) if eligible else 0  # hashes the prompt: only when eligible
-            in_budget = chunked or not admitted or n <= budget
-            if not (eligible and in_budget and self.runner.can_admit(kv_tokens + n, kv_sequences + 1)):
-                still_waiting.append(request)
-                continue
-            try:
-                admitted.append(self._new_row(request))
-            except Exception as exc:  # this request's own data (its adapter, its sampling): fail it alone
-                self._refuse_admission(request, exc)
-                continue
-            free -= 1
-            budget -= n
-            kv_tokens += n
-            kv_sequences += 1
-        self._waiting = still_waiting
-        return admitted
-
-    def _new_kv_tokens(self, request: GenerationRequest) -> int:
-        """The KV memory a request's admission takes, in tokens: its prompt (and, when recomputed,
-        what it streamed), less a cached prefix it will reuse (``_start_sequence``), plus the part of
-        that prefix in blocks no one holds now (reviving them takes them from the free memory)."""
-        ids = _recompute_ids(request, self._preempted.get(request.request_id))
-        if not self.prefix_cache or (request.want_prompt_logprobs and request.prompt_logprobs is None):
-            return len(ids)
-        hit = self.runner.cached_prefix(prefix_identity(request), ids)
-        return len(ids) - hit.tokens + hit.revived_tokens
-
     def _start_sequence(self, row: Row, first: bool) -> None:
         """Create the row's sequence in the runner's KV memory, holding the longest cached prefix
         of what it prefills; the rest is prefilled from there. A row that wants its prompt's
@@ -635,15 +529,6 @@ class Engine:
         row.prefilled = self.runner.start_sequence(row.seq_id, prefix_identity(row.request), reuse)
         if first:
             row.cached_tokens = min(row.prefilled, len(row.request.prompt_ids))
-
-    def _refuse_admission(self, request: GenerationRequest, exc: Exception) -> None:
-        """A request whose admission raised ends with an error; the engine and other rows go on."""
-        log.exception("request %d failed at admission", request.request_id)
-        self._preempted.pop(request.request_id, None)
-        request.finished_at = time.perf_counter()
-        request.emit(
-            ErrorEvent(f"generation failed: this request could not be admitted: {exc}", "generation")
-        )
 
     def _new_row(self, request: GenerationRequest) -> Row:
         uses_slot = request.adapter is not None and self.config.mode != "merged"
@@ -672,7 +557,7 @@ class Engine:
                 grammar=self.grammars.matcher(request.grammar) if request.grammar is not None else None,
                 lookup=PromptLookup(request.prompt_ids) if self.speculate else None,
             )
-        row.prefill_ids = _recompute_ids(request, row)
+        row.prefill_ids = recompute_ids(request, row)
         row.prefilled = 0
         self._start_sequence(row, first)  # last: nothing after it may fail and leak the sequence
         return row
@@ -701,7 +586,7 @@ class Engine:
             growth[row.seq_id] = take
             total += take
         if not chunks and not self._rows and len(self._prefilling) > 1:
-            self._preempt(self._prefilling[-1])  # prefilling rows hold each other's room
+            self.scheduler.preempt(self._prefilling[-1])  # prefilling rows hold each other's room
         return chunks
 
     def _prefill_plan(self, chunks: list[tuple[Row, int]]) -> list[StepRow]:
@@ -760,29 +645,6 @@ class Engine:
         self.output.advance(joined, output.logits, first)
         self.stats.generated_tokens += len(joined)
 
-    def _preempt_until_rows_fit(self) -> None:
-        """Free KV memory for the next decode step by preempting the newest rows (recomputed later)."""
-        while self._rows and not self.runner.can_decode([r.seq_id for r in self._rows]):
-            if self._prefilling:
-                self._preempt(self._prefilling[-1])
-            elif len(self._rows) > 1:
-                self._preempt(self._rows[-1])
-            else:
-                break  # one row always fits: requests larger than the KV memory are refused
-
-    def _preempt(self, row: Row) -> None:
-        """Take a row's KV memory back; it waits at the head of the queue and is recomputed."""
-        if row in self._prefilling:
-            self._prefilling.remove(row)
-        else:
-            self._rows.remove(row)
-        self.runner.release([row.seq_id])
-        self._release(row)
-        self._preempted[row.request.request_id] = row
-        self.stats.preemptions += 1
-        self._waiting.appendleft(row.request)
-        log.info("preempted request %d (KV memory full); it will be recomputed", row.request.request_id)
-
     def _remove_finished(self) -> None:
         """Finished rows leave the batch at once: their slots and KV memory are released."""
         finished = [r for r in (*self._rows, *self._prefilling) if r.request.finished_at is not None]
@@ -809,27 +671,12 @@ class Engine:
         self._rows, self._prefilling = [], []
 
 
-def prefix_identity(request: GenerationRequest) -> str:
-    """What computes a request's K and V, as the prefix cache keys it: the bare base, or the adapter
-    version it is served (``id@version``: a stored adapter's version holds its sha256 and a sequence
-    number that never repeats; a composition's, its whole digest) at its ``adapter_scale``. Merged
-    and unmerged serving of one adapter have the same identity: see docs/prefix-caching.md."""
-    served = request.served_adapter
-    return "base" if served is None else f"adapter:{served.key}"
-
-
-_IDLE_LOAD_WAIT = 0.1  # seconds an idle engine waits for an adapter load before its next step
 _VOCAB_ALL = 1 << 30  # a top_n above any vocabulary: the runner returns every token (min(top_n, V))
 
 
 def _wants_prompt(row: Row) -> bool:
     """Prompt log-probabilities are computed at the first prefill only (not when recomputing)."""
     return row.request.want_prompt_logprobs and row.request.prompt_logprobs is None
-
-
-def _recompute_ids(request: GenerationRequest, row: Row | None) -> list[int]:
-    """The tokens to prefill: the prompt, plus what a preempted row (``row``) already streamed."""
-    return request.prompt_ids if row is None else [*request.prompt_ids, *row.generated_ids]
 
 
 def _token_ids(value: Any) -> frozenset[int]:
