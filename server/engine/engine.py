@@ -37,7 +37,7 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,22 +180,18 @@ class Engine:
         self.output = OutputStage(tokenizer, eos_ids, self.special_ids, self.grammars)
         # --speculate: drafts per row and step, where the runner verifies them (the HF runner does not)
         self.speculate = config.speculate if runner.supports_speculation else 0
-        self.auto = AutoPolicy(min_uniform_steps=config.auto_min_uniform_steps)
-        # admission, mode switching and preemption (scheduler.py)
-        self.scheduler = Scheduler(self)
         # --prefix-cache: on where the runner supports it (the HF runner does not)
         self.prefix_cache = config.prefix_cache and runner.supports_prefix_cache
         self.stats = EngineStats()
         self._inbox: queue.SimpleQueue[GenerationRequest | _Control] = queue.SimpleQueue()
-        self._waiting: deque[GenerationRequest] = deque()
-        # preempted rows waiting to be recomputed, by request id (their progress so far)
-        self._preempted: dict[int, Row] = {}
         self._controls: list[_Control] = []
         self._outbox = Outbox()  # events for asyncio consumers, handed over once per step
         self._rows: list[Row] = []  # the running batch, in the order the runner decodes it
         self._prefilling: list[Row] = []  # admitted, prompt not yet all in the KV cache (FIFO)
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        # the waiting queue; admission, mode switching and preemption (scheduler.py)
+        self.scheduler = Scheduler(self, AutoPolicy(min_uniform_steps=config.auto_min_uniform_steps))
 
     @classmethod
     def for_hf_model(
@@ -233,11 +229,11 @@ class Engine:
 
     @property
     def busy(self) -> bool:
-        return bool(self._rows or self._prefilling or self._waiting or self._controls)
+        return bool(self._rows or self._prefilling or self.scheduler.waiting or self._controls)
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting) + self._inbox.qsize()
+        return len(self.scheduler.waiting) + self._inbox.qsize()
 
     @property
     def eos_ids(self) -> frozenset[int]:
@@ -384,7 +380,7 @@ class Engine:
         if isinstance(item, _Control):
             self._controls.append(item)
         else:
-            self._waiting.append(item)
+            self.scheduler.waiting.append(item)
 
     def _run_controls(self) -> None:
         pending = []
@@ -436,7 +432,7 @@ class Engine:
                 self._fail_prefilling([row for row, _ in chunks], exc)
                 raise
             if rows and not chunks and self.merger.merged is None:
-                self.auto.observe_step(time.perf_counter() - start)
+                self.scheduler.auto.observe_step(time.perf_counter() - start)
             if rows:
                 self._decoded(rows, output, len(chunks), drafts)
             if chunks:
@@ -507,11 +503,7 @@ class Engine:
     # ------------------------------------------------------------------ scheduling
 
     def _drop_cancelled(self) -> None:
-        if any(r.cancelled.is_set() for r in self._waiting):
-            for request in self._waiting:
-                if request.cancelled.is_set():
-                    self._preempted.pop(request.request_id, None)
-            self._waiting = deque(r for r in self._waiting if not r.cancelled.is_set())
+        self.scheduler.drop_cancelled()
         for row in [*self._rows, *self._prefilling]:
             if row.request.cancelled.is_set() and row.request.finished_at is None:
                 row.request.finished_at = time.perf_counter()
@@ -541,7 +533,7 @@ class Engine:
             raise
 
     def _build_row(self, request: GenerationRequest, slot: int) -> Row:
-        row = self._preempted.pop(request.request_id, None)
+        row = self.scheduler.preempted.pop(request.request_id, None)
         first = row is None
         if row is not None:  # recompute: the row goes on where it stopped
             row.slot = slot

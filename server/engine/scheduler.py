@@ -134,7 +134,7 @@ class _Control(Protocol):
 
 class SchedulerHost(Protocol):
     """What the scheduler reads and changes of the engine (``engine.Engine``): its collaborators,
-    its queue and batch, and how it builds and releases a row. A protocol, so that this module
+    its batch, and how it builds and releases a row. A protocol, so that this module
     need not import the engine (which imports it)."""
 
     config: Any  # engine.EngineConfig
@@ -142,10 +142,7 @@ class SchedulerHost(Protocol):
     runner: ModelRunner
     slots: AdapterSlots
     merger: MergeManager
-    auto: AutoPolicy
     prefix_cache: bool
-    _waiting: deque[GenerationRequest]
-    _preempted: dict[int, Row]  # preempted rows waiting to be recomputed, by request id
     _rows: list[Row]
     _prefilling: list[Row]
     _controls: Sequence[_Control]
@@ -162,11 +159,25 @@ class Scheduler:
     """Which requests join the batch and when (admission), which adapter is merged (mode
     switching), and which rows give their KV memory back when it runs short (preemption).
 
-    Engine thread only. It decides over the engine's queue and batch; the engine runs the step.
+    It owns the waiting queue (FIFO; a preempted request goes back to its head) and the auto
+    mode's policy; it decides over the engine's batch, and the engine runs the step. Engine thread
+    only (the engine's inbox hands requests over).
     """
 
-    def __init__(self, engine: SchedulerHost) -> None:
+    def __init__(self, engine: SchedulerHost, auto: AutoPolicy) -> None:
         self.engine = engine
+        self.auto = auto
+        self.waiting: deque[GenerationRequest] = deque()
+        # preempted rows waiting to be recomputed, by request id (their progress so far)
+        self.preempted: dict[int, Row] = {}
+
+    def drop_cancelled(self) -> None:
+        """Waiting requests whose client went away leave the queue (and a preempted one its row)."""
+        if any(r.cancelled.is_set() for r in self.waiting):
+            for request in self.waiting:
+                if request.cancelled.is_set():
+                    self.preempted.pop(request.request_id, None)
+            self.waiting = deque(r for r in self.waiting if not r.cancelled.is_set())
 
     # ------------------------------------------------------------------ admission
 
@@ -178,14 +189,12 @@ class Scheduler:
             not self.engine.num_running and self.engine.config.mode != "merged"
         ):  # no row to stall: load, then admit
             wanted = [
-                r.adapter
-                for r in list(self.engine._waiting)[: self.engine.config.max_batch]
-                if r.adapter is not None
+                r.adapter for r in list(self.waiting)[: self.engine.config.max_batch] if r.adapter is not None
             ]
             if any(self.engine.slots.prepare(adapter) == LOADING for adapter in wanted):
                 self.engine.slots.wait_for_loads(_IDLE_LOAD_WAIT)
         admitted = self.admit_pass(only_key)
-        self.engine.slots.retain({r.adapter.key for r in self.engine._waiting if r.adapter is not None})
+        self.engine.slots.retain({r.adapter.key for r in self.waiting if r.adapter is not None})
         return admitted
 
     def admit_pass(self, only_key: AdapterKey | str = "any") -> list[Row]:
@@ -204,8 +213,8 @@ class Scheduler:
         # prompt tokens promised to admitted rows but not yet in the KV cache
         kv_tokens = sum(len(r.prefill_ids) - r.prefilled for r in self.engine._prefilling)
         kv_sequences = len(self.engine._prefilling)
-        while self.engine._waiting:
-            request = self.engine._waiting.popleft()
+        while self.waiting:
+            request = self.waiting.popleft()
             eligible = free > 0 and (only_key == "any" or key_of(request) == only_key)
             if eligible and needs_slot and request.adapter is not None:
                 load = self.engine.slots.prepare(request.adapter)  # None: resident or loaded
@@ -227,14 +236,14 @@ class Scheduler:
             budget -= n
             kv_tokens += n
             kv_sequences += 1
-        self.engine._waiting = still_waiting
+        self.waiting = still_waiting
         return admitted
 
     def new_kv_tokens(self, request: GenerationRequest) -> int:
         """The KV memory a request's admission takes, in tokens: its prompt (and, when recomputed,
         what it streamed), less a cached prefix it will reuse (``_start_sequence``), plus the part of
         that prefix in blocks no one holds now (reviving them takes them from the free memory)."""
-        ids = recompute_ids(request, self.engine._preempted.get(request.request_id))
+        ids = recompute_ids(request, self.preempted.get(request.request_id))
         if not self.engine.prefix_cache or (request.want_prompt_logprobs and request.prompt_logprobs is None):
             return len(ids)
         hit = self.engine.runner.cached_prefix(prefix_identity(request), ids)
@@ -243,7 +252,7 @@ class Scheduler:
     def refuse_admission(self, request: GenerationRequest, exc: Exception) -> None:
         """A request whose admission raised ends with an error; the engine and other rows go on."""
         log.exception("request %d failed at admission", request.request_id)
-        self.engine._preempted.pop(request.request_id, None)
+        self.preempted.pop(request.request_id, None)
         request.finished_at = time.perf_counter()
         request.emit(
             ErrorEvent(f"generation failed: this request could not be admitted: {exc}", "generation")
@@ -252,7 +261,7 @@ class Scheduler:
     def admit_merged(self) -> list[Row]:
         merged = self.engine.merger.merged
         plan = plan_merged(
-            self.engine._waiting,
+            self.waiting,
             merged.key if merged else None,
             not self.engine.num_running,
             self.engine.config.switch_wait,
@@ -273,12 +282,10 @@ class Scheduler:
         if self.drain_requested():
             self.set_merged(None)  # rows in auto mode hold slots: they go on unmerged seamlessly
             return
-        wanted: set[AdapterKey] = {key_of(r) for r in self.engine._waiting} | {
-            key_of(r.request) for r in rows
-        }
+        wanted: set[AdapterKey] = {key_of(r) for r in self.waiting} | {key_of(r.request) for r in rows}
         if not wanted:
             return
-        decision = self.engine.auto.decide(
+        decision = self.auto.decide(
             wanted, merged.key if merged else None, self.engine.merger.stats.last_swap_seconds
         )
         if decision == "keep":
@@ -286,7 +293,7 @@ class Scheduler:
         if decision is None:
             self.set_merged(None)
             return
-        candidates = [r.request for r in rows] + list(self.engine._waiting)
+        candidates = [r.request for r in rows] + list(self.waiting)
         self.set_merged(next(r.served_adapter for r in candidates if key_of(r) == decision))
 
     def set_merged(self, adapter) -> None:
@@ -314,7 +321,7 @@ class Scheduler:
             self.engine._rows.remove(row)
         self.engine.runner.release([row.seq_id])
         self.engine._release(row)
-        self.engine._preempted[row.request.request_id] = row
+        self.preempted[row.request.request_id] = row
         self.engine.stats.preemptions += 1
-        self.engine._waiting.appendleft(row.request)
+        self.waiting.appendleft(row.request)
         log.info("preempted request %d (KV memory full); it will be recomputed", row.request.request_id)
