@@ -1,30 +1,30 @@
 """The engine: one thread owns the model and runs continuous batching over many adapters.
 
-Every iteration (a *step*):
+The engine's one job is the loop. Every iteration (a *step*):
 
-1. drop rows and waiting requests whose client went away;
-2. admit waiting requests into free batch rows (FIFO, skipping those whose adapter cannot get
-   a slot yet or is still loading on the loader thread, ``slot_loader.py``), prefill them as one
-   small batch, sample their first token, join the batch;
-3. decode one token for every running row, each row with its own adapter slot (and, for
-   structured output, its own grammar: the tokens it may emit next, see ``grammar.py``);
-4. finished rows leave at once and their adapter slots are released.
+1. run admin calls (:meth:`Engine.call`) and drop rows and waiting requests whose client went away;
+2. the :class:`~server.engine.scheduler.Scheduler` admits waiting requests into free batch rows
+   (FIFO, skipping those whose adapter cannot get a slot yet or is still loading on the loader
+   thread, ``slot_loader.py``), switches the merged adapter (serving modes), and preempts the
+   newest rows when the KV memory cannot hold every running row's next token (a preempted row is
+   recomputed later from its prompt and the tokens it already streamed);
+3. the step plan: prompt chunks of admitted rows (within ``max_prefill_tokens``), one decode row
+   per running row (or a verify row with drafts: speculative decoding), each with its own adapter
+   slot and scale, run by the :class:`~server.engine.runner.ModelRunner` in one ``step`` call;
+4. the output stage (``output.py``) turns each row's logits into tokens and events (and, for
+   structured output, keeps each row in its grammar, ``grammar.py``);
+5. finished rows leave at once: their adapter slots and KV memory are released.
 
-The serving mode (unmerged, merged, auto; see ``scheduler.py``) decides which requests may join
-and which adapter, if any, is folded into the weights (``merge.py``). Rows of the merged adapter
-read no LoRA slot: the weights already hold their update.
-
-The engine knows nothing of the model's code: a :class:`~server.engine.runner.ModelRunner` owns
-the weights, the KV memory and the forward passes. When the runner's KV memory is full, new
-requests wait; when a running row cannot grow, the newest row is preempted (its KV memory freed)
-and recomputed later from its prompt and the tokens it already streamed.
+Rows of the merged adapter read no LoRA slot: the weights already hold their update. The engine
+knows nothing of the model's code: the runner owns the weights, the KV memory and the forward
+passes.
 
 Prefix caching (``--prefix-cache``, runners with ``supports_prefix_cache``): an admitted row's
 sequence starts on the longest cached prefix of what it prefills, computed by the same identity
 (``prefix_identity``: the base, or one adapter version at one scale); only the rest is prefilled,
 and a preempted row usually finds its own blocks again when it is recomputed.
 
-HTTP handlers never touch the model: they call :meth:`Engine.submit` and await events; admin
+HTTP handlers never run the model: they call :meth:`Engine.submit` and await events; admin
 operations run on the engine thread between steps through :meth:`Engine.call`.
 """
 
@@ -56,7 +56,7 @@ from server.engine.lora_model import AdapterSlots
 from server.engine.merge import BaseWeights, MergeManager
 from server.engine.outbox import Outbox
 from server.engine.output import OutputStage
-from server.engine.requests import ErrorEvent, Event, FinishEvent, GenerationRequest
+from server.engine.requests import ErrorEvent, Event, FinishEvent, GenerationRequest, PromptScores
 from server.engine.row import Row
 from server.engine.runner import ModelRunner, StepOutput, StepRow
 from server.engine.sampling import RowSampler
@@ -466,7 +466,7 @@ class Engine:
             if not proposed:
                 continue
             self.stats.speculation.count(row.request, len(proposed), taken)
-            if row.request.finished_at is None:
+            if not row.done:
                 self.runner.commit(row.seq_id, taken)
 
     def _drafts(self, rows: list[Row], growth: dict[int, int]) -> list[list[int]]:
@@ -505,8 +505,8 @@ class Engine:
     def _drop_cancelled(self) -> None:
         self.scheduler.drop_cancelled()
         for row in [*self._rows, *self._prefilling]:
-            if row.request.cancelled.is_set() and row.request.finished_at is None:
-                row.request.finished_at = time.perf_counter()
+            if row.request.cancelled.is_set() and not row.done:
+                row.finish()
                 row.request.emit(ErrorEvent("request cancelled", "cancelled"))
         self._remove_finished()
 
@@ -517,7 +517,7 @@ class Engine:
         blocks are cached for others."""
         if not self.prefix_cache:
             return
-        reuse = () if _wants_prompt(row) else row.prefill_ids
+        reuse = () if row.wants_prompt_scores else row.prefill_ids
         row.prefilled = self.runner.start_sequence(row.seq_id, prefix_identity(row.request), reuse)
         if first:
             row.cached_tokens = min(row.prefilled, len(row.request.prompt_ids))
@@ -568,7 +568,7 @@ class Engine:
         for row in self._prefilling:
             remaining = len(row.prefill_ids) - row.prefilled
             # prompt log-probabilities are computed over one whole-prompt pass: such a row is not chunked
-            whole = not chunked or _wants_prompt(row)
+            whole = not chunked or row.wants_prompt_scores
             take = remaining if whole else min(remaining, budget - total)
             if take <= 0 or (chunks and whole and total + take > budget):
                 break
@@ -590,7 +590,7 @@ class Engine:
                 row.prefilled,
                 slot,
                 row.request.adapter_scale,
-                want_token_logprobs=_wants_prompt(row),
+                want_token_logprobs=row.wants_prompt_scores,
                 top_n=_VOCAB_ALL if row.request.want_prompt_distributions else row.request.prompt_top_n,
             )
             for (row, take), slot in zip(chunks, self._slots_for(rows), strict=True)
@@ -600,30 +600,19 @@ class Engine:
         """A failed step: rows being prefilled are not in the batch yet (``_fail_all`` would not
         reach them): fail and release them here."""
         for row in rows:
-            row.request.finished_at = time.perf_counter()
+            row.finish()
             row.request.emit(ErrorEvent(f"generation failed: {exc}", "generation"))
             self._release(row)
         self.runner.release(r.seq_id for r in rows)
-        self._prefilling = [r for r in self._prefilling if r.request.finished_at is None]
+        self._prefilling = [r for r in self._prefilling if not r.done]
 
     def _prefilled(self, chunks: list[tuple[Row, int]], output: StepOutput) -> None:
         """Prompt chunks are in KV memory: rows whose prompt is complete choose their first token
         and join the running batch (they decode from the next step on)."""
         done: list[int] = []
         for i, (row, take) in enumerate(chunks):
-            if _wants_prompt(row):  # asked for: the whole prompt was prefilled at once
-                values = output.token_logprobs.get(row.seq_id)
-                row.request.prompt_logprobs = [] if values is None else values.float().tolist()
-                top = output.token_top.get(row.seq_id)  # ([n-1, k], [n-1, k])
-                if top is not None and row.request.want_prompt_distributions:  # k = V: put back in id order
-                    row.request.prompt_distributions = (
-                        torch.empty_like(top[0]).scatter_(1, top[1], top[0]).cpu()
-                    )
-                elif top is not None:
-                    row.request.prompt_top_tokens = [
-                        tuple(self.output.top_token(i, lp) for i, lp in zip(ids, lps, strict=True))
-                        for lps, ids in zip(top[0].tolist(), top[1].tolist(), strict=True)
-                    ]
+            if row.wants_prompt_scores:  # asked for: the whole prompt was prefilled at once
+                row.prompt = self._prompt_scores(row, output)
             row.prefilled += take
             if row.prefilled == len(row.prefill_ids):
                 done.append(i)
@@ -637,16 +626,34 @@ class Engine:
         self.output.advance(joined, output.logits, first)
         self.stats.generated_tokens += len(joined)
 
+    def _prompt_scores(self, row: Row, output: StepOutput) -> PromptScores:
+        """The prompt's log-probabilities from the prefill that scored it (``want_token_logprobs``),
+        with its most likely tokens (``prompt_top_n``) or whole distributions when asked."""
+        values = output.token_logprobs.get(row.seq_id)
+        logprobs = [] if values is None else values.float().tolist()
+        top = output.token_top.get(row.seq_id)  # ([n-1, k], [n-1, k])
+        if top is None:
+            return PromptScores(logprobs)
+        if row.request.want_prompt_distributions:  # k = V: put back in id order
+            return PromptScores(
+                logprobs, distributions=torch.empty_like(top[0]).scatter_(1, top[1], top[0]).cpu()
+            )
+        top_tokens = [
+            tuple(self.output.top_token(i, lp) for i, lp in zip(ids, lps, strict=True))
+            for lps, ids in zip(top[0].tolist(), top[1].tolist(), strict=True)
+        ]
+        return PromptScores(logprobs, top_tokens=top_tokens)
+
     def _remove_finished(self) -> None:
         """Finished rows leave the batch at once: their slots and KV memory are released."""
-        finished = [r for r in (*self._rows, *self._prefilling) if r.request.finished_at is not None]
+        finished = [r for r in (*self._rows, *self._prefilling) if r.done]
         if not finished:
             return
         for row in finished:
             self._release(row)
         self.runner.release(r.seq_id for r in finished)
-        self._rows = [r for r in self._rows if r.request.finished_at is None]
-        self._prefilling = [r for r in self._prefilling if r.request.finished_at is None]
+        self._rows = [r for r in self._rows if not r.done]
+        self._prefilling = [r for r in self._prefilling if not r.done]
 
     def _release(self, row: Row) -> None:
         if row.slot != BASE_SLOT and row.request.adapter is not None:
@@ -655,8 +662,8 @@ class Engine:
     def _fail_all(self, message: str) -> None:
         rows = [*self._rows, *self._prefilling]
         for row in rows:
-            if row.request.finished_at is None:
-                row.request.finished_at = time.perf_counter()
+            if not row.done:
+                row.finish()
                 row.request.emit(ErrorEvent(message, "generation"))
             self._release(row)
         self.runner.release(r.seq_id for r in rows)
@@ -664,11 +671,6 @@ class Engine:
 
 
 _VOCAB_ALL = 1 << 30  # a top_n above any vocabulary: the runner returns every token (min(top_n, V))
-
-
-def _wants_prompt(row: Row) -> bool:
-    """Prompt log-probabilities are computed at the first prefill only (not when recomputing)."""
-    return row.request.want_prompt_logprobs and row.request.prompt_logprobs is None
 
 
 def _token_ids(value: Any) -> frozenset[int]:

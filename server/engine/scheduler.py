@@ -243,8 +243,11 @@ class Scheduler:
         """The KV memory a request's admission takes, in tokens: its prompt (and, when recomputed,
         what it streamed), less a cached prefix it will reuse (``_start_sequence``), plus the part of
         that prefix in blocks no one holds now (reviving them takes them from the free memory)."""
-        ids = recompute_ids(request, self.preempted.get(request.request_id))
-        if not self.engine.prefix_cache or (request.want_prompt_logprobs and request.prompt_logprobs is None):
+        row = self.preempted.get(request.request_id)
+        ids = recompute_ids(request, row)
+        if not self.engine.prefix_cache or (
+            request.want_prompt_logprobs and (row is None or row.prompt is None)
+        ):
             return len(ids)
         hit = self.engine.runner.cached_prefix(prefix_identity(request), ids)
         return len(ids) - hit.tokens + hit.revived_tokens
