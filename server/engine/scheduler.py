@@ -1,4 +1,5 @@
-"""Serving-mode decisions: which requests may join the batch, and which adapter is merged.
+"""The scheduler: which waiting requests join the batch, which adapter is merged, which rows are
+preempted (:class:`Scheduler`), with the serving modes' pure decisions beside it.
 
 * ``unmerged``: everything may join; adapters are applied per row (LoRA layers).
 * ``merged``: one adapter (or none) is folded into the weights; only its requests join. When
@@ -182,12 +183,11 @@ class Scheduler:
     # ------------------------------------------------------------------ admission
 
     def admit(self, only_key: AdapterKey | str = "any") -> list[Row]:
-        """Take waiting requests into free rows (:meth:`_admit_pass`). A request whose adapter is
+        """Take waiting requests into free rows (:meth:`admit_pass`). A request whose adapter is
         still loading (``AdapterSlots.prepare``, on the loader thread) waits while other rows run;
         when nothing runs, the engine waits here for the load rather than spinning."""
-        if (
-            not self.engine.num_running and self.engine.config.mode != "merged"
-        ):  # no row to stall: load, then admit
+        # no row to stall: load, then admit
+        if not self.engine.num_running and self.engine.config.mode != "merged":
             wanted = [
                 r.adapter for r in list(self.waiting)[: self.engine.config.max_batch] if r.adapter is not None
             ]
@@ -241,7 +241,7 @@ class Scheduler:
 
     def new_kv_tokens(self, request: GenerationRequest) -> int:
         """The KV memory a request's admission takes, in tokens: its prompt (and, when recomputed,
-        what it streamed), less a cached prefix it will reuse (``_start_sequence``), plus the part of
+        what it streamed), less a cached prefix it will reuse (``Engine._start_sequence``), plus the part of
         that prefix in blocks no one holds now (reviving them takes them from the free memory)."""
         row = self.preempted.get(request.request_id)
         ids = recompute_ids(request, row)
@@ -260,6 +260,8 @@ class Scheduler:
         request.emit(
             ErrorEvent(f"generation failed: this request could not be admitted: {exc}", "generation")
         )
+
+    # ------------------------------------------------------------------ merged and auto modes
 
     def admit_merged(self) -> list[Row]:
         merged = self.engine.merger.merged
@@ -305,6 +307,8 @@ class Scheduler:
             self.engine.stats.swaps = self.engine.merger.stats.swaps
             self.engine.stats.swap_seconds = self.engine.merger.stats.swap_seconds
             log.info("merged %s in %.3f s", adapter.adapter_id if adapter else "nothing (base)", seconds)
+
+    # ------------------------------------------------------------------ preemption
 
     def preempt_until_rows_fit(self) -> None:
         """Free KV memory for the next decode step by preempting the newest rows (recomputed later)."""
