@@ -112,7 +112,9 @@ def build_engine(settings: Settings, base: LoadedBase, store: AdapterStore) -> E
             engine.describe().runner.name,
         )
     if settings.speculate and not engine.speculate:
-        log.info("speculative decoding is off: the %s runner does not verify drafts", engine.runner.name)
+        log.info(
+            "speculative decoding is off: the %s runner does not verify drafts", engine.describe().runner.name
+        )
     store.bind_base(engine.base_shapes, settings.max_rank)
     store.on_retire(engine.retire)  # a replaced or deleted version leaves its slot (the one subscriber)
     register_startup_adapters(settings, store)

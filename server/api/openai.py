@@ -60,7 +60,7 @@ from server.api.structured import response_grammar
 from server.engine.base_model import LoadedBase
 from server.engine.engine import Engine
 from server.engine.grammar import Grammar
-from server.engine.requests import ErrorEvent, FinishEvent, GenerationRequest, TokenEvent
+from server.engine.requests import ErrorEvent, FinishEvent, GenerationRequest, PromptScores, TokenEvent
 
 _STARTED = int(time.time())
 TGI_PLACEHOLDER_MODEL = "tgi"  # the model TGI's clients name; the base model unless an adapter has that id
@@ -509,9 +509,10 @@ class _Reply:
             yield sse(self.chunk(index, "", first=True))
         echo = self.wants.echo and not self.chat
         async for event in stream_events(engine, request):
-            if echo:  # the prompt first; its log-probabilities exist once the prefill ran
+            if echo:  # the prompt first; its log-probabilities come with the first token
                 echo = False
-                yield sse(self.chunk(index, prompt.text, logprobs=self._prompt_logprobs(request, prompt)))
+                scores = event.prompt if isinstance(event, TokenEvent) else None
+                yield sse(self.chunk(index, prompt.text, logprobs=self._prompt_logprobs(scores, prompt)))
             if isinstance(event, TokenEvent) and not self.wants.generate:
                 continue  # scoring only (max_tokens 0): the one token decoded is not part of the reply
             if isinstance(event, TokenEvent) and tools is not None:
@@ -552,11 +553,13 @@ class _Reply:
             return None
         return chat_logprobs([chat_entry(event.id, event.logprob, event.top_tokens, self.decode)])
 
-    def _prompt_logprobs(self, request: GenerationRequest, prompt: _Prompt) -> dict | None:
+    def _prompt_logprobs(self, scores: PromptScores | None, prompt: _Prompt) -> dict | None:
         if not self.wants.logprobs:
             return None
         logprobs = CompletionLogprobs(self.decode)
-        logprobs.add_prompt(prompt.ids, request.prompt_logprobs, request.prompt_top_tokens)
+        logprobs.add_prompt(
+            prompt.ids, scores.logprobs if scores else None, scores.top_tokens if scores else None
+        )
         return logprobs.take()
 
 

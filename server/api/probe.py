@@ -136,10 +136,10 @@ async def run_probe(
     for ids in prompt_ids:
         requests += [_probe_request(engine, ids, adapter), _probe_request(engine, ids, None)]
     track(requests[0], adapter)  # keep the version's files while the probe runs
-    await run_many(engine, requests, http_request)
+    finishes = await run_many(engine, requests, http_request)
     kls, agrees, per_prompt = [], [], []
     for i, text in enumerate(prompts):
-        mine, base = requests[2 * i].prompt_distributions, requests[2 * i + 1].prompt_distributions
+        mine, base = finishes[2 * i].prompt_distributions, finishes[2 * i + 1].prompt_distributions
         if len(prompt_ids[i]) < 2:  # no position predicts a prompt token
             kl, agree = torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.bool)
         elif mine is None or base is None:

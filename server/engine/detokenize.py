@@ -13,11 +13,12 @@ class IncrementalDetokenizer:
 
     Decodes a short window (``prefix_offset:``) instead of the whole output, and holds back a
     delta that ends in an incomplete UTF-8 sequence (U+FFFD) until the next token completes it.
-    Special tokens (EOS, ...) produce no text.
+    Special tokens (EOS, ...) produce no text. It keeps only that window of ids: the row's tokens
+    are kept once, in ``Row.generated_ids``.
     """
 
     tokenizer: PreTrainedTokenizerBase
-    ids: list[int] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)  # the window: ids from the last text boundary on
     text: str = ""
     prefix_offset: int = 0
     read_offset: int = 0
@@ -32,8 +33,8 @@ class IncrementalDetokenizer:
         new_text = self._decode(self.ids[self.prefix_offset :])
         if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
             delta = new_text[len(prefix_text) :]
-            self.prefix_offset = self.read_offset
-            self.read_offset = len(self.ids)
+            del self.ids[: self.read_offset]  # never read again: the window starts at read_offset
+            self.prefix_offset, self.read_offset = 0, len(self.ids)
             self.text += delta
             return delta
         return ""

@@ -1,30 +1,30 @@
 """The engine: one thread owns the model and runs continuous batching over many adapters.
 
-Every iteration (a *step*):
+The engine's one job is the loop. Every iteration (a *step*):
 
-1. drop rows and waiting requests whose client went away;
-2. admit waiting requests into free batch rows (FIFO, skipping those whose adapter cannot get
-   a slot yet or is still loading on the loader thread, ``slot_loader.py``), prefill them as one
-   small batch, sample their first token, join the batch;
-3. decode one token for every running row, each row with its own adapter slot (and, for
-   structured output, its own grammar: the tokens it may emit next, see ``grammar.py``);
-4. finished rows leave at once and their adapter slots are released.
+1. run admin calls (:meth:`Engine.call`) and drop rows and waiting requests whose client went away;
+2. the :class:`~server.engine.scheduler.Scheduler` admits waiting requests into free batch rows
+   (FIFO, skipping those whose adapter cannot get a slot yet or is still loading on the loader
+   thread, ``slot_loader.py``), switches the merged adapter (serving modes), and preempts the
+   newest rows when the KV memory cannot hold every running row's next token (a preempted row is
+   recomputed later from its prompt and the tokens it already streamed);
+3. the step plan: prompt chunks of admitted rows (within ``max_prefill_tokens``), one decode row
+   per running row (or a verify row with drafts: speculative decoding), each with its own adapter
+   slot and scale, run by the :class:`~server.engine.runner.ModelRunner` in one ``step`` call;
+4. the output stage (``output.py``) turns each row's logits into tokens and events (and, for
+   structured output, keeps each row in its grammar, ``grammar.py``);
+5. finished rows leave at once: their adapter slots and KV memory are released.
 
-The serving mode (unmerged, merged, auto; see ``scheduler.py``) decides which requests may join
-and which adapter, if any, is folded into the weights (``merge.py``). Rows of the merged adapter
-read no LoRA slot: the weights already hold their update.
-
-The engine knows nothing of the model's code: a :class:`~server.engine.runner.ModelRunner` owns
-the weights, the KV memory and the forward passes. When the runner's KV memory is full, new
-requests wait; when a running row cannot grow, the newest row is preempted (its KV memory freed)
-and recomputed later from its prompt and the tokens it already streamed.
+Rows of the merged adapter read no LoRA slot: the weights already hold their update. The engine
+knows nothing of the model's code: the runner owns the weights, the KV memory and the forward
+passes.
 
 Prefix caching (``--prefix-cache``, runners with ``supports_prefix_cache``): an admitted row's
 sequence starts on the longest cached prefix of what it prefills, computed by the same identity
 (``prefix_identity``: the base, or one adapter version at one scale); only the rest is prefilled,
 and a preempted row usually finds its own blocks again when it is recomputed.
 
-HTTP handlers never touch the model: they call :meth:`Engine.submit` and await events; admin
+HTTP handlers never run the model: they call :meth:`Engine.submit` and await events; admin
 operations run on the engine thread between steps through :meth:`Engine.call`.
 """
 
@@ -37,7 +37,7 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,15 +52,15 @@ from server.engine.detokenize import IncrementalDetokenizer
 from server.engine.errors import RequestRejected
 from server.engine.grammar import GrammarCompiler
 from server.engine.lora import BASE_SLOT
-from server.engine.lora_model import LOADING, AdapterSlots
+from server.engine.lora_model import AdapterSlots
 from server.engine.merge import BaseWeights, MergeManager
 from server.engine.outbox import Outbox
 from server.engine.output import OutputStage
-from server.engine.requests import ErrorEvent, Event, FinishEvent, GenerationRequest
+from server.engine.requests import ErrorEvent, Event, FinishEvent, GenerationRequest, PromptScores
 from server.engine.row import Row
 from server.engine.runner import ModelRunner, StepOutput, StepRow
 from server.engine.sampling import RowSampler
-from server.engine.scheduler import AdapterKey, AutoPolicy, key_of, plan_merged
+from server.engine.scheduler import AutoPolicy, Scheduler, key_of, prefix_identity, recompute_ids
 from server.engine.speculative import PromptLookup
 
 log = logging.getLogger(__name__)
@@ -182,20 +182,18 @@ class Engine:
         self.output = OutputStage(tokenizer, eos_ids, self.special_ids, self.grammars)
         # --speculate: drafts per row and step, where the runner verifies them (the HF runner does not)
         self.speculate = config.speculate if runner.supports_speculation else 0
-        self.auto = AutoPolicy(min_uniform_steps=config.auto_min_uniform_steps)
         # --prefix-cache: on where the runner supports it (the HF runner does not)
         self.prefix_cache = config.prefix_cache and runner.supports_prefix_cache
         self.stats = EngineStats()
         self._inbox: queue.SimpleQueue[GenerationRequest | _Control] = queue.SimpleQueue()
-        self._waiting: deque[GenerationRequest] = deque()
-        # preempted rows waiting to be recomputed, by request id (their progress so far)
-        self._preempted: dict[int, Row] = {}
         self._controls: list[_Control] = []
         self._outbox = Outbox()  # events for asyncio consumers, handed over once per step
         self._rows: list[Row] = []  # the running batch, in the order the runner decodes it
         self._prefilling: list[Row] = []  # admitted, prompt not yet all in the KV cache (FIFO)
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        # the waiting queue; admission, mode switching and preemption (scheduler.py)
+        self.scheduler = Scheduler(self, AutoPolicy(min_uniform_steps=config.auto_min_uniform_steps))
 
     @classmethod
     def for_hf_model(
@@ -233,11 +231,11 @@ class Engine:
 
     @property
     def busy(self) -> bool:
-        return bool(self._rows or self._prefilling or self._waiting or self._controls)
+        return bool(self._rows or self._prefilling or self.scheduler.waiting or self._controls)
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting) + self._inbox.qsize()
+        return len(self.scheduler.waiting) + self._inbox.qsize()
 
     @property
     def eos_ids(self) -> frozenset[int]:
@@ -318,7 +316,7 @@ class Engine:
             if self.merger.merged is not None:
                 if self._rows or self._prefilling:
                     return RETRY
-                self._set_merged(None)
+                self.scheduler.set_merged(None)
             now = self.merger.digest()
             return {
                 "intact": now == self.merger.digest_at_load,
@@ -384,7 +382,7 @@ class Engine:
         if isinstance(item, _Control):
             self._controls.append(item)
         else:
-            self._waiting.append(item)
+            self.scheduler.waiting.append(item)
 
     def _run_controls(self) -> None:
         pending = []
@@ -418,11 +416,11 @@ class Engine:
     def _step(self) -> None:
         self._run_controls()
         self._drop_cancelled()
-        admitted = self._admit_merged() if self.config.mode == "merged" else self._admit()
+        admitted = self.scheduler.admit_merged() if self.config.mode == "merged" else self.scheduler.admit()
         if self.config.mode == "auto":
-            self._auto_switch(admitted)
+            self.scheduler.auto_switch(admitted)
         self._prefilling.extend(admitted)
-        self._preempt_until_rows_fit()  # every running row can take its next token
+        self.scheduler.preempt_until_rows_fit()  # every running row can take its next token
         rows = list(self._rows)
         growth = {r.seq_id: 1 for r in rows}  # KV memory the step's rows take, in tokens
         chunks = self._prefill_chunks(growth) if self._prefilling else []
@@ -436,7 +434,7 @@ class Engine:
                 self._fail_prefilling([row for row, _ in chunks], exc)
                 raise
             if rows and not chunks and self.merger.merged is None:
-                self.auto.observe_step(time.perf_counter() - start)
+                self.scheduler.auto.observe_step(time.perf_counter() - start)
             if rows:
                 self._decoded(rows, output, len(chunks), drafts)
             if chunks:
@@ -471,7 +469,7 @@ class Engine:
                 continue
             self.stats.speculation.count(row.request, len(proposed), taken)
             row.draft_length.observe(len(proposed), taken)
-            if row.request.finished_at is None:
+            if not row.done:
                 self.runner.commit(row.seq_id, taken)
 
     def _drafts(self, rows: list[Row], growth: dict[int, int]) -> list[list[int]]:
@@ -507,127 +505,15 @@ class Engine:
             return [r.slot for r in rows]
         return [BASE_SLOT if key_of(r.request) == merged.key else r.slot for r in rows]
 
-    def _set_merged(self, adapter) -> None:
-        seconds = self.merger.merge(adapter)
-        if seconds:
-            self.stats.swaps = self.merger.stats.swaps
-            self.stats.swap_seconds = self.merger.stats.swap_seconds
-            log.info("merged %s in %.3f s", adapter.adapter_id if adapter else "nothing (base)", seconds)
-
-    def _drain_requested(self) -> bool:
-        return any(c.needs_unmerged for c in self._controls) and self.merger.merged is not None
-
-    def _admit_merged(self) -> list[Row]:
-        merged = self.merger.merged
-        plan = plan_merged(
-            self._waiting, merged.key if merged else None, not self.num_running, self.config.switch_wait
-        )
-        if plan.switch_to is not None:
-            self._set_merged(plan.switch_to.served_adapter)
-        if not plan.admit or self._drain_requested():
-            return []
-        return self._admit(only_key=plan.admit_key)
-
-    def _auto_switch(self, admitted: list[Row]) -> None:
-        """Auto mode: merge the one adapter all traffic wants, unmerge when traffic mixes."""
-        merged = self.merger.merged
-        rows = [*self._rows, *self._prefilling, *admitted]  # every row of the next forwards
-        if self._drain_requested():
-            self._set_merged(None)  # rows in auto mode hold slots: they go on unmerged seamlessly
-            return
-        wanted: set[AdapterKey] = {key_of(r) for r in self._waiting} | {key_of(r.request) for r in rows}
-        if not wanted:
-            return
-        decision = self.auto.decide(
-            wanted, merged.key if merged else None, self.merger.stats.last_swap_seconds
-        )
-        if decision == "keep":
-            return
-        if decision is None:
-            self._set_merged(None)
-            return
-        candidates = [r.request for r in rows] + list(self._waiting)
-        self._set_merged(next(r.served_adapter for r in candidates if key_of(r) == decision))
-
     # ------------------------------------------------------------------ scheduling
 
     def _drop_cancelled(self) -> None:
-        if any(r.cancelled.is_set() for r in self._waiting):
-            for request in self._waiting:
-                if request.cancelled.is_set():
-                    self._preempted.pop(request.request_id, None)
-            self._waiting = deque(r for r in self._waiting if not r.cancelled.is_set())
+        self.scheduler.drop_cancelled()
         for row in [*self._rows, *self._prefilling]:
-            if row.request.cancelled.is_set() and row.request.finished_at is None:
-                row.request.finished_at = time.perf_counter()
+            if row.request.cancelled.is_set() and not row.done:
+                row.finish()
                 row.request.emit(ErrorEvent("request cancelled", "cancelled"))
         self._remove_finished()
-
-    def _admit(self, only_key: AdapterKey | str = "any") -> list[Row]:
-        """Take waiting requests into free rows (:meth:`_admit_pass`). A request whose adapter is
-        still loading (``AdapterSlots.prepare``, on the loader thread) waits while other rows run;
-        when nothing runs, the engine waits here for the load rather than spinning."""
-        if not self.num_running and self.config.mode != "merged":  # no row to stall: load, then admit
-            wanted = [
-                r.adapter for r in list(self._waiting)[: self.config.max_batch] if r.adapter is not None
-            ]
-            if any(self.slots.prepare(adapter) == LOADING for adapter in wanted):
-                self.slots.wait_for_loads(_IDLE_LOAD_WAIT)
-        admitted = self._admit_pass(only_key)
-        self.slots.retain({r.adapter.key for r in self._waiting if r.adapter is not None})
-        return admitted
-
-    def _admit_pass(self, only_key: AdapterKey | str = "any") -> list[Row]:
-        """Take waiting requests into free rows, FIFO, while their prompts fit in free KV memory.
-
-        A runner without chunked prefill prefills whole prompts in the step that admits them, so
-        they must also fit the step's prefill token budget (the first one always does).
-        ``only_key``: in merged mode, only requests for the merged adapter (or None: the base).
-        """
-        free = self.config.max_batch - self.num_running
-        chunked = self.runner.supports_chunked_prefill
-        budget = self.config.max_prefill_tokens
-        admitted: list[Row] = []
-        still_waiting: deque[GenerationRequest] = deque()
-        needs_slot = self.config.mode != "merged"
-        # prompt tokens promised to admitted rows but not yet in the KV cache
-        kv_tokens = sum(len(r.prefill_ids) - r.prefilled for r in self._prefilling)
-        kv_sequences = len(self._prefilling)
-        while self._waiting:
-            request = self._waiting.popleft()
-            eligible = free > 0 and (only_key == "any" or key_of(request) == only_key)
-            if eligible and needs_slot and request.adapter is not None:
-                load = self.slots.prepare(request.adapter)  # None: resident or loaded
-                if isinstance(load, BaseException):  # its load failed: this request alone fails
-                    self._refuse_admission(request, load)
-                    continue
-                eligible = load is None and self.slots.can_acquire(request.adapter.key)
-            n = self._new_kv_tokens(request) if eligible else 0  # hashes the prompt: only when eligible
-            in_budget = chunked or not admitted or n <= budget
-            if not (eligible and in_budget and self.runner.can_admit(kv_tokens + n, kv_sequences + 1)):
-                still_waiting.append(request)
-                continue
-            try:
-                admitted.append(self._new_row(request))
-            except Exception as exc:  # this request's own data (its adapter, its sampling): fail it alone
-                self._refuse_admission(request, exc)
-                continue
-            free -= 1
-            budget -= n
-            kv_tokens += n
-            kv_sequences += 1
-        self._waiting = still_waiting
-        return admitted
-
-    def _new_kv_tokens(self, request: GenerationRequest) -> int:
-        """The KV memory a request's admission takes, in tokens: its prompt (and, when recomputed,
-        what it streamed), less a cached prefix it will reuse (``_start_sequence``), plus the part of
-        that prefix in blocks no one holds now (reviving them takes them from the free memory)."""
-        ids = _recompute_ids(request, self._preempted.get(request.request_id))
-        if not self.prefix_cache or (request.want_prompt_logprobs and request.prompt_logprobs is None):
-            return len(ids)
-        hit = self.runner.cached_prefix(prefix_identity(request), ids)
-        return len(ids) - hit.tokens + hit.revived_tokens
 
     def _start_sequence(self, row: Row, first: bool) -> None:
         """Create the row's sequence in the runner's KV memory, holding the longest cached prefix
@@ -636,19 +522,10 @@ class Engine:
         blocks are cached for others."""
         if not self.prefix_cache:
             return
-        reuse = () if _wants_prompt(row) else row.prefill_ids
+        reuse = () if row.wants_prompt_scores else row.prefill_ids
         row.prefilled = self.runner.start_sequence(row.seq_id, prefix_identity(row.request), reuse)
         if first:
             row.cached_tokens = min(row.prefilled, len(row.request.prompt_ids))
-
-    def _refuse_admission(self, request: GenerationRequest, exc: Exception) -> None:
-        """A request whose admission raised ends with an error; the engine and other rows go on."""
-        log.exception("request %d failed at admission", request.request_id)
-        self._preempted.pop(request.request_id, None)
-        request.finished_at = time.perf_counter()
-        request.emit(
-            ErrorEvent(f"generation failed: this request could not be admitted: {exc}", "generation")
-        )
 
     def _new_row(self, request: GenerationRequest) -> Row:
         uses_slot = request.adapter is not None and self.config.mode != "merged"
@@ -661,7 +538,7 @@ class Engine:
             raise
 
     def _build_row(self, request: GenerationRequest, slot: int) -> Row:
-        row = self._preempted.pop(request.request_id, None)
+        row = self.scheduler.preempted.pop(request.request_id, None)
         first = row is None
         if row is not None:  # recompute: the row goes on where it stopped
             row.slot = slot
@@ -677,7 +554,7 @@ class Engine:
                 grammar=self.grammars.matcher(request.grammar) if request.grammar is not None else None,
                 lookup=PromptLookup(request.prompt_ids) if self.speculate else None,
             )
-        row.prefill_ids = _recompute_ids(request, row)
+        row.prefill_ids = recompute_ids(request, row)
         row.prefilled = 0
         self._start_sequence(row, first)  # last: nothing after it may fail and leak the sequence
         return row
@@ -696,7 +573,7 @@ class Engine:
         for row in self._prefilling:
             remaining = len(row.prefill_ids) - row.prefilled
             # prompt log-probabilities are computed over one whole-prompt pass: such a row is not chunked
-            whole = not chunked or _wants_prompt(row)
+            whole = not chunked or row.wants_prompt_scores
             take = remaining if whole else min(remaining, budget - total)
             if take <= 0 or (chunks and whole and total + take > budget):
                 break
@@ -706,7 +583,7 @@ class Engine:
             growth[row.seq_id] = take
             total += take
         if not chunks and not self._rows and len(self._prefilling) > 1:
-            self._preempt(self._prefilling[-1])  # prefilling rows hold each other's room
+            self.scheduler.preempt(self._prefilling[-1])  # prefilling rows hold each other's room
         return chunks
 
     def _prefill_plan(self, chunks: list[tuple[Row, int]]) -> list[StepRow]:
@@ -718,7 +595,7 @@ class Engine:
                 row.prefilled,
                 slot,
                 row.request.adapter_scale,
-                want_token_logprobs=_wants_prompt(row),
+                want_token_logprobs=row.wants_prompt_scores,
                 top_n=_VOCAB_ALL if row.request.want_prompt_distributions else row.request.prompt_top_n,
             )
             for (row, take), slot in zip(chunks, self._slots_for(rows), strict=True)
@@ -728,30 +605,19 @@ class Engine:
         """A failed step: rows being prefilled are not in the batch yet (``_fail_all`` would not
         reach them): fail and release them here."""
         for row in rows:
-            row.request.finished_at = time.perf_counter()
+            row.finish()
             row.request.emit(ErrorEvent(f"generation failed: {exc}", "generation"))
             self._release(row)
         self.runner.release(r.seq_id for r in rows)
-        self._prefilling = [r for r in self._prefilling if r.request.finished_at is None]
+        self._prefilling = [r for r in self._prefilling if not r.done]
 
     def _prefilled(self, chunks: list[tuple[Row, int]], output: StepOutput) -> None:
         """Prompt chunks are in KV memory: rows whose prompt is complete choose their first token
         and join the running batch (they decode from the next step on)."""
         done: list[int] = []
         for i, (row, take) in enumerate(chunks):
-            if _wants_prompt(row):  # asked for: the whole prompt was prefilled at once
-                values = output.token_logprobs.get(row.seq_id)
-                row.request.prompt_logprobs = [] if values is None else values.float().tolist()
-                top = output.token_top.get(row.seq_id)  # ([n-1, k], [n-1, k])
-                if top is not None and row.request.want_prompt_distributions:  # k = V: put back in id order
-                    row.request.prompt_distributions = (
-                        torch.empty_like(top[0]).scatter_(1, top[1], top[0]).cpu()
-                    )
-                elif top is not None:
-                    row.request.prompt_top_tokens = [
-                        tuple(self.output.top_token(i, lp) for i, lp in zip(ids, lps, strict=True))
-                        for lps, ids in zip(top[0].tolist(), top[1].tolist(), strict=True)
-                    ]
+            if row.wants_prompt_scores:  # asked for: the whole prompt was prefilled at once
+                row.prompt = self._prompt_scores(row, output)
             row.prefilled += take
             if row.prefilled == len(row.prefill_ids):
                 done.append(i)
@@ -765,39 +631,34 @@ class Engine:
         self.output.advance(joined, output.logits, first)
         self.stats.generated_tokens += len(joined)
 
-    def _preempt_until_rows_fit(self) -> None:
-        """Free KV memory for the next decode step by preempting the newest rows (recomputed later)."""
-        while self._rows and not self.runner.can_decode([r.seq_id for r in self._rows]):
-            if self._prefilling:
-                self._preempt(self._prefilling[-1])
-            elif len(self._rows) > 1:
-                self._preempt(self._rows[-1])
-            else:
-                break  # one row always fits: requests larger than the KV memory are refused
-
-    def _preempt(self, row: Row) -> None:
-        """Take a row's KV memory back; it waits at the head of the queue and is recomputed."""
-        if row in self._prefilling:
-            self._prefilling.remove(row)
-        else:
-            self._rows.remove(row)
-        self.runner.release([row.seq_id])
-        self._release(row)
-        self._preempted[row.request.request_id] = row
-        self.stats.preemptions += 1
-        self._waiting.appendleft(row.request)
-        log.info("preempted request %d (KV memory full); it will be recomputed", row.request.request_id)
+    def _prompt_scores(self, row: Row, output: StepOutput) -> PromptScores:
+        """The prompt's log-probabilities from the prefill that scored it (``want_token_logprobs``),
+        with its most likely tokens (``prompt_top_n``) or whole distributions when asked."""
+        values = output.token_logprobs.get(row.seq_id)
+        logprobs = [] if values is None else values.float().tolist()
+        top = output.token_top.get(row.seq_id)  # ([n-1, k], [n-1, k])
+        if top is None:
+            return PromptScores(logprobs)
+        if row.request.want_prompt_distributions:  # k = V: put back in id order
+            return PromptScores(
+                logprobs, distributions=torch.empty_like(top[0]).scatter_(1, top[1], top[0]).cpu()
+            )
+        top_tokens = [
+            tuple(self.output.top_token(i, lp) for i, lp in zip(ids, lps, strict=True))
+            for lps, ids in zip(top[0].tolist(), top[1].tolist(), strict=True)
+        ]
+        return PromptScores(logprobs, top_tokens=top_tokens)
 
     def _remove_finished(self) -> None:
         """Finished rows leave the batch at once: their slots and KV memory are released."""
-        finished = [r for r in (*self._rows, *self._prefilling) if r.request.finished_at is not None]
+        finished = [r for r in (*self._rows, *self._prefilling) if r.done]
         if not finished:
             return
         for row in finished:
             self._release(row)
         self.runner.release(r.seq_id for r in finished)
-        self._rows = [r for r in self._rows if r.request.finished_at is None]
-        self._prefilling = [r for r in self._prefilling if r.request.finished_at is None]
+        self._rows = [r for r in self._rows if not r.done]
+        self._prefilling = [r for r in self._prefilling if not r.done]
 
     def _release(self, row: Row) -> None:
         if row.slot != BASE_SLOT and row.request.adapter is not None:
@@ -806,35 +667,15 @@ class Engine:
     def _fail_all(self, message: str) -> None:
         rows = [*self._rows, *self._prefilling]
         for row in rows:
-            if row.request.finished_at is None:
-                row.request.finished_at = time.perf_counter()
+            if not row.done:
+                row.finish()
                 row.request.emit(ErrorEvent(message, "generation"))
             self._release(row)
         self.runner.release(r.seq_id for r in rows)
         self._rows, self._prefilling = [], []
 
 
-def prefix_identity(request: GenerationRequest) -> str:
-    """What computes a request's K and V, as the prefix cache keys it: the bare base, or the adapter
-    version it is served (``id@version``: a stored adapter's version holds its sha256 and a sequence
-    number that never repeats; a composition's, its whole digest) at its ``adapter_scale``. Merged
-    and unmerged serving of one adapter have the same identity: see docs/prefix-caching.md."""
-    served = request.served_adapter
-    return "base" if served is None else f"adapter:{served.key}"
-
-
-_IDLE_LOAD_WAIT = 0.1  # seconds an idle engine waits for an adapter load before its next step
 _VOCAB_ALL = 1 << 30  # a top_n above any vocabulary: the runner returns every token (min(top_n, V))
-
-
-def _wants_prompt(row: Row) -> bool:
-    """Prompt log-probabilities are computed at the first prefill only (not when recomputing)."""
-    return row.request.want_prompt_logprobs and row.request.prompt_logprobs is None
-
-
-def _recompute_ids(request: GenerationRequest, row: Row | None) -> list[int]:
-    """The tokens to prefill: the prompt, plus what a preempted row (``row``) already streamed."""
-    return request.prompt_ids if row is None else [*request.prompt_ids, *row.generated_ids]
 
 
 def _token_ids(value: Any) -> frozenset[int]:

@@ -119,11 +119,12 @@ class OutputStage:
         if request.want_details:
             row.tokens.append({"id": record.id, "text": record.text, "logprob": record.logprob,
                                "special": record.special, "top_tokens": record.top_tokens})  # fmt: skip
+        prompt = row.prompt if row.generated == 1 else None  # with the first token, when asked
         request.emit(TokenEvent(id=token, text=record.text, logprob=logprob, special=special,
-                                top_tokens=record.top_tokens))  # fmt: skip
+                                top_tokens=record.top_tokens, prompt=prompt))  # fmt: skip
         if row.grammar is not None and (refused := row.grammar.consume(token)) is not None:
             # unreachable while the mask holds; a grammar bug fails this row, not the engine
-            request.finished_at = time.perf_counter()
+            row.finish()
             request.emit(ErrorEvent(f"structured output failed: {refused}", "generation"))
             return False
         return not self.maybe_finish(row, token, len(record.text))
@@ -148,8 +149,8 @@ class OutputStage:
             text += row.detokenizer.flush()
         else:
             return False
-        request = row.request
-        request.finished_at = time.perf_counter()
+        request, prompt = row.request, row.prompt
+        row.finish()
         request.emit(
             FinishEvent(
                 generated_text=text,
@@ -159,8 +160,9 @@ class OutputStage:
                 seed=row.sampler.seed,
                 tokens=row.tokens,
                 stop_at=stop_at,
-                prompt_logprobs=request.prompt_logprobs,
-                prompt_top_tokens=request.prompt_top_tokens,
+                prompt_logprobs=prompt.logprobs if prompt is not None else None,
+                prompt_top_tokens=prompt.top_tokens if prompt is not None else None,
+                prompt_distributions=prompt.distributions if prompt is not None else None,
                 cached_tokens=row.cached_tokens,
             )
         )

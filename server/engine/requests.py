@@ -33,12 +33,25 @@ class TopToken:
 
 
 @dataclass(frozen=True)
+class PromptScores:
+    """What the prefill tells of a prompt, for a request that asked (``want_prompt_logprobs``)."""
+
+    logprobs: list[float]  # log p(prompt[j] | prompt[:j]) for j >= 1
+    top_tokens: list[tuple[TopToken, ...]] | None = None  # the prompt_top_n most likely, when asked
+    # [n - 1, V] full next-token log-probabilities, with want_prompt_distributions (the adapter probe)
+    distributions: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     id: int
     text: str
     logprob: float
     special: bool
     top_tokens: tuple[TopToken, ...] = ()  # the request's top_n_tokens most likely, when asked
+    # on a request's first token, when it asked for its prompt's log-probabilities (a stream that
+    # echoes the prompt sends them before the tokens)
+    prompt: PromptScores | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +67,8 @@ class FinishEvent:
     prompt_logprobs: list[float] | None = None
     # the prompt_top_n most likely tokens at each of those positions, when asked
     prompt_top_tokens: list[tuple[TopToken, ...]] | None = None
+    # [n - 1, V] the full next-token log-probabilities at each prompt position, when asked
+    prompt_distributions: torch.Tensor | None = None
     cached_tokens: int = 0  # prompt tokens whose K and V came from the prefix cache (not prefilled)
 
 
@@ -68,7 +83,9 @@ Event = TokenEvent | FinishEvent | ErrorEvent
 
 @dataclass
 class GenerationRequest:
-    """Created by the HTTP layer, owned by the engine thread once submitted."""
+    """What a client asked for, created by the HTTP layer. Once submitted, the engine reads it and
+    writes only its timings; its progress (tokens, prompt scores, whether it is finished) is the
+    engine's (``row.Row``) and reaches the client through events."""
 
     prompt_ids: list[int]
     params: SamplingParams
@@ -88,10 +105,7 @@ class GenerationRequest:
     # events flow from the engine thread to whoever waits (an asyncio queue, or a list in tests)
     sink: Callable[[Event], None] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
-    prompt_logprobs: list[float] | None = None  # set by the engine at prefill, when asked
-    prompt_top_tokens: list[tuple[TopToken, ...]] | None = None  # likewise, with prompt_top_n
-    prompt_distributions: torch.Tensor | None = None  # [n - 1, V] log-probs, with want_prompt_distributions
-    # timings (time.perf_counter seconds)
+    # timings (time.perf_counter seconds), set by the engine; a timing, never the engine's state
     submitted_at: float = field(default_factory=time.perf_counter)
     admitted_at: float | None = None
     first_token_at: float | None = None

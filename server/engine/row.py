@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -13,7 +14,7 @@ from server.engine.speculative import DraftLength, PromptLookup
 
 if TYPE_CHECKING:
     from server.engine.grammar import RowGrammar
-    from server.engine.requests import GenerationRequest
+    from server.engine.requests import GenerationRequest, PromptScores
 
 
 @dataclass
@@ -32,6 +33,20 @@ class Row:
     grammar: RowGrammar | None = None  # structured output: where the row is in its grammar
     lookup: PromptLookup | None = None  # speculative decoding: the row's tokens, n-gram indexed
     draft_length: DraftLength = field(default_factory=DraftLength)  # how many tokens it drafts next
+    # the prompt's log-probabilities, from its first prefill (want_prompt_logprobs; a recomputed
+    # row keeps them and is not scored again)
+    prompt: PromptScores | None = None
+    done: bool = False  # finished, failed or cancelled: the row leaves the batch in this step
+
+    def finish(self) -> None:
+        """Mark the row done (its last event is sent by the caller) and time the request's end."""
+        self.done = True
+        self.request.finished_at = time.perf_counter()
+
+    @property
+    def wants_prompt_scores(self) -> bool:
+        """Prompt log-probabilities are computed at the first prefill only (not when recomputing)."""
+        return self.request.want_prompt_logprobs and self.prompt is None
 
     @property
     def generated(self) -> int:

@@ -217,6 +217,9 @@ def test_completion_logprobs_and_echo(client, tiny_base, tokenizer) -> None:
     assert "".join(c.choices[0].text for c in streamed) == choice.text
     tokens = [t for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
     assert tokens == logprobs.tokens
+    # the echoed prompt's chunk carries its log-probabilities (they come with the first token's event)
+    values = [v for c in streamed if c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs]
+    assert values[0] is None and values[1 : len(ids)] == pytest.approx(reference, abs=1e-4)
 
 
 def test_n_choices_stream_and_not(client) -> None:

@@ -12,7 +12,9 @@ from adapters.peft_format import load_adapter_dir
 from server.engine.engine import Engine, EngineConfig, RequestRejected
 from server.engine.hf_runner import HFRunner
 from server.engine.lora_linear import BASE_SLOT
+from server.engine.requests import GenerationRequest, TokenEvent
 from server.engine.runner import KvUsage, PrefillInput
+from server.engine.sampling import SamplingParams
 from tests.engine_helpers import outcome, run_many, run_one, submit
 from tests.lora_backends import LORA_BACKENDS
 
@@ -372,6 +374,49 @@ def test_requests_beyond_the_kv_memory_wait_or_are_preempted_and_still_equal_sol
     assert bounded.runner.peak <= 64 and bounded.runner.lengths == {}
     with pytest.raises(RequestRejected, match="KV memory of 64 tokens"):
         submit(bounded, _ids(tokenizer, PROMPTS[0]), None, max_new_tokens=70)
+
+
+def _scored(engine: Engine, prompt_ids: list[int], adapter) -> list:
+    """Submit a request that asks for its prompt's log-probabilities; its events."""
+    events: list = []
+    engine.submit(
+        GenerationRequest(
+            list(prompt_ids),
+            SamplingParams(max_new_tokens=24),
+            adapter,
+            want_prompt_logprobs=True,
+            sink=events.append,
+        )
+    )
+    return events
+
+
+def test_prompt_logprobs_are_computed_once_and_survive_preemption(setup, tiny_base, tokenizer) -> None:
+    """The prompt's log-probabilities come from a row's first prefill and stay with the row: a
+    preempted row recomputed over prompt + streamed tokens is not scored again. They reach the
+    client on the first TokenEvent (a stream that echoes the prompt) and on the FinishEvent, equal
+    to a solo run's."""
+    engine, adapters, _ = setup
+    jobs = [
+        (_ids(tokenizer, PROMPTS[i]), adapters.get([None, "qv", "patterns", "layers"][i])) for i in range(4)
+    ]
+    solo = []
+    for ids, adapter in jobs:
+        solo.append(_scored(engine, ids, adapter))
+        engine.run_until_idle()
+    bounded = Engine(
+        BoundedRunner(copy.deepcopy(tiny_base), capacity=64), tokenizer, EngineConfig(mode="unmerged")
+    )
+    pending = [_scored(bounded, ids, adapter) for ids, adapter in jobs]
+    bounded.run_until_idle()
+    assert bounded.stats.preemptions >= 1
+    for (ids, _), events, alone in zip(jobs, pending, solo, strict=True):
+        finish, tokens = outcome(events).finish, [e for e in events if isinstance(e, TokenEvent)]
+        assert [t.id for t in tokens] == outcome(alone).tokens
+        assert len(finish.prompt_logprobs) == len(ids) - 1
+        assert finish.prompt_logprobs == pytest.approx(outcome(alone).finish.prompt_logprobs, abs=1e-4)
+        assert tokens[0].prompt is not None and tokens[0].prompt.logprobs == finish.prompt_logprobs
+        assert all(t.prompt is None for t in tokens[1:])
 
 
 class ChunkingRunner(BoundedRunner):
