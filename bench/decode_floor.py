@@ -156,6 +156,13 @@ def main() -> None:
     parser.add_argument(
         "--llama-cpp", action="store_true", help="add llama.cpp's llama-server (F32, Q4_1) and loraplex gguf"
     )
+    parser.add_argument(
+        "--speculate",
+        type=int,
+        default=None,
+        help="--speculate N for every loraplex server (default: the server's own, 4); 0 measures the plain "
+        "decode step, as llama-server runs without a draft",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/decode-cpu.md")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -184,9 +191,11 @@ def main() -> None:
         try:
             if not args.no_http:
                 served = [name for name in layouts if name != "blocked-unfused"]
-                servers = {name: _start_server(name, adapter_dir, Path(tmp)) for name in served}
+                servers = {
+                    name: _start_server(name, adapter_dir, Path(tmp), args.speculate) for name in served
+                }
             if anchors:
-                servers["gguf"] = _start_server("gguf", adapter_dir, Path(tmp))
+                servers["gguf"] = _start_server("gguf", adapter_dir, Path(tmp), args.speculate)
             llama_servers = {
                 name: stack.enter_context(llamacpp.llama_server(bin_dir, gguf))
                 for name, (bin_dir, gguf) in anchors.items()
@@ -280,9 +289,11 @@ def _layout_engine(layout: str, model_dir: Path):
     return engine
 
 
-def _start_server(layout: str, adapter_dir: Path, root: Path) -> ServerProcess:
+def _start_server(layout: str, adapter_dir: Path, root: Path, speculate: int | None) -> ServerProcess:
     """``loraplex serve`` with ``layout`` (a float32 weight layout, or ``gguf``: the shipped blocks)."""
     form = ["--quantization", "gguf"] if layout == "gguf" else ["--weight-layout", layout.split("-")[0]]
+    if speculate is not None:
+        form += ["--speculate", str(speculate)]
     with _environment(LORAPLEX_DECODE_THREADS="2" if layout == "blocked-t2" else None):
         server = ServerProcess.start(
             [*form, "--mode", "unmerged", "--adapter", f"caps={adapter_dir}",
