@@ -11,6 +11,15 @@
  * prefetcher reads fastest. Rows of x are taken up to 6 at a time (6 rows x 2 vectors = 12
  * accumulators in registers); the same block is then re-read from the L2 cache for the next rows,
  * so W leaves memory once per call whatever the batch.
+ *
+ * From 2 rows on, a pass spends several FMAs per weight cache line (2 per row), and the hardware
+ * prefetcher alone no longer keeps the stream ahead of them: time grew with the rows (a pass over
+ * the embedded model's projections and head at 5 rows cost 1.8x one row, one thread). An explicit
+ * prefetch PREFETCH_LINES cache lines (one line: one k step of a block) ahead overlaps the stream
+ * with the arithmetic: 5 rows 1.06-1.30x, 8 rows 1.6-1.9x one row against 1.6-2.0x and 2.2-2.6x
+ * before (interleaved, one thread, 2-core EPYC under load ~2; 8, 16, 128 and 256 lines ahead were
+ * slower; bench/verify_step.py --kernel reports the curve). One row keeps its own two-chain loop
+ * (at the bandwidth already).
  */
 #include <immintrin.h>
 #include <omp.h>
@@ -18,6 +27,7 @@
 
 #define BLOCK 16 /* output columns per packed block */
 #define MAX_ROWS 6
+#define PREFETCH_LINES 64 /* how far ahead a multi-row pass prefetches the weights (see above) */
 
 /* acc[r][0:BLOCK] = sum_kk x_r[kk] * w[kk][0:BLOCK] for mr (<= MAX_ROWS, a constant after
  * inlining) rows of x; w: one packed block [k][BLOCK]. */
@@ -41,6 +51,7 @@ static inline __attribute__((always_inline)) void block_rows(int mr, const float
   }
   for (; kk < k; kk++) {
     const float* a = w + kk * BLOCK;
+    _mm_prefetch((const char*)(a + PREFETCH_LINES * BLOCK), _MM_HINT_T0); /* past the end: no fault */
     __m256 a0 = _mm256_loadu_ps(a), a1 = _mm256_loadu_ps(a + 8);
     for (int r = 0; r < mr; r++) {
       __m256 xr = _mm256_broadcast_ss(x + r * ldx + kk);
