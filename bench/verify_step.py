@@ -12,6 +12,13 @@ decode step of the same run:
 * ``pytorch``: the same steps with the compiled path switched off (PyTorch's ops between the
   linear layers: what verify steps ran before the compiled path took them).
 
+``--requests N`` adds the engine on bench/speculative.py's copying prompts, batch 1, greedy, one
+request at a time with the arms alternating request by request (a phase of several requests, as
+bench/speculative.py runs, spans tens of seconds, over which a shared machine's load swings far
+more than the effect): ``--speculate 0``, ``--speculate 4`` with verify steps on the compiled path,
+and ``--speculate 4`` with verify steps on PyTorch's ops (``fused_cpu.VERIFY_TOKENS`` = 0; decode
+steps stay compiled: what ran before). Ratios are of summed wall times per arm.
+
 ``--kernel`` adds the linear kernel alone (``gemv_cpu.c``) over the model's projection shapes and
 LM head at 1 .. 8 rows, one thread: how a pass's time grows with its rows.
 
@@ -72,6 +79,35 @@ def _kernel_seconds(weights: list[torch.Tensor], rows: int, reps: int = 3) -> fl
     return min(_timed(one_pass) for _ in range(reps))
 
 
+def _engine_arms(requests: int, rounds: int, max_new_tokens: int) -> dict[str, list[float]]:
+    """Seconds per copying request for each arm, the arms alternating request by request."""
+    from bench.speculative import Bench, Phase
+    from server.engine.native import fused_cpu
+
+    bench = Bench(4, max_new_tokens)
+    prompts = bench.prompts("copy", requests)
+    arms = {"off": (0, fused_cpu.VERIFY_TOKENS), "compiled": (4, fused_cpu.VERIFY_TOKENS), "pytorch": (4, 0)}
+    seconds: dict[str, list[float]] = {arm: [] for arm in arms}
+    outputs: dict[int, list[list[int]]] = {}
+    verify_tokens = fused_cpu.VERIFY_TOKENS
+    try:
+        for round_ in range(rounds + 1):  # round 0 warms up, untimed
+            for index, prompt in enumerate(prompts):
+                for arm, (speculate, tokens) in arms.items():
+                    bench.engine.speculate = speculate
+                    fused_cpu.VERIFY_TOKENS = tokens
+                    phase = Phase(speculate, "copy", 1)
+                    bench._run(phase, [prompt])
+                    outputs.setdefault(index, phase.outputs)
+                    if phase.outputs != outputs[index]:
+                        raise RuntimeError(f"{arm}: request {index} gave other tokens")
+                    if round_:
+                        seconds[arm].append(phase.wall)
+    finally:
+        fused_cpu.VERIFY_TOKENS = verify_tokens
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -80,6 +116,8 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=160, help="tokens in the sequence before the step")
     parser.add_argument("--max-drafts", type=int, default=7)
     parser.add_argument("--kernel", action="store_true", help="also time the linear kernel by rows")
+    parser.add_argument("--requests", type=int, default=0, help="engine arms: copying requests per round")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -106,8 +144,9 @@ def main() -> None:
         for rows in kernel:
             kernel[rows].append(_kernel_seconds(weights, rows, reps=1))
         torch.set_num_threads(threads)
+    engine = _engine_arms(args.requests, args.rounds, args.max_new_tokens) if args.requests else {}
     loads.append(Path("/proc/loadavg").read_text().split()[:3])
-    report = _report(args, times, kernel, variants, loads)
+    report = _report(args, times, kernel, variants, loads) + _engine_report(engine)
     print(report)
     if args.out:
         args.out.write_text(report)
@@ -139,6 +178,17 @@ def _report(args, times, kernel, variants, loads) -> str:
             lines.append(
                 f"| {rows} | {1000 * statistics.median(values):.1f} | {statistics.median(values) / one:.2f}x |"
             )
+    return "\n".join(lines) + "\n"
+
+
+def _engine_report(seconds: dict[str, list[float]]) -> str:
+    if not seconds:
+        return ""
+    off = sum(seconds["off"])
+    lines = ["", "Engine, copying prompts, batch 1, arms alternating request by request (same tokens):", "",
+             "| arm | requests | wall (s) | off / arm |", "| --- | ---: | ---: | ---: |"]  # fmt: skip
+    for arm, values in seconds.items():
+        lines.append(f"| {arm} | {len(values)} | {sum(values):.1f} | {off / sum(values):.2f}x |")
     return "\n".join(lines) + "\n"
 
 
