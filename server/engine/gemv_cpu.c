@@ -11,6 +11,15 @@
  * prefetcher reads fastest. Rows of x are taken up to 6 at a time (6 rows x 2 vectors = 12
  * accumulators in registers); the same block is then re-read from the L2 cache for the next rows,
  * so W leaves memory once per call whatever the batch.
+ *
+ * From 2 rows on, a pass spends several FMAs per weight cache line (2 per row), and the hardware
+ * prefetcher alone no longer keeps the stream ahead of them: time grew with the rows (a pass over
+ * the embedded model's projections and head at 5 rows cost 1.8x one row, one thread). An explicit
+ * prefetch PREFETCH_LINES cache lines (one line: one k step of a block) ahead overlaps the stream
+ * with the arithmetic: 5 rows 1.06-1.30x, 8 rows 1.6-1.9x one row against 1.6-2.0x and 2.2-2.6x
+ * before (interleaved, one thread, 2-core EPYC under load ~2; 8, 16, 128 and 256 lines ahead were
+ * slower; bench/verify_step.py --kernel reports the curve). One row keeps its own two-chain loop
+ * (at the bandwidth already).
  */
 #include <immintrin.h>
 #include <omp.h>
@@ -18,6 +27,7 @@
 
 #define BLOCK 16 /* output columns per packed block */
 #define MAX_ROWS 6
+#define PREFETCH_LINES 64 /* how far ahead a multi-row pass prefetches the weights (see above) */
 
 /* acc[r][0:BLOCK] = sum_kk x_r[kk] * w[kk][0:BLOCK] for mr (<= MAX_ROWS, a constant after
  * inlining) rows of x; w: one packed block [k][BLOCK]. */
@@ -41,6 +51,7 @@ static inline __attribute__((always_inline)) void block_rows(int mr, const float
   }
   for (; kk < k; kk++) {
     const float* a = w + kk * BLOCK;
+    _mm_prefetch((const char*)(a + PREFETCH_LINES * BLOCK), _MM_HINT_T0); /* past the end: no fault */
     __m256 a0 = _mm256_loadu_ps(a), a1 = _mm256_loadu_ps(a + 8);
     for (int r = 0; r < mr; r++) {
       __m256 xr = _mm256_broadcast_ss(x + r * ldx + kk);
@@ -146,17 +157,20 @@ void silu_mul_rows(const float* gu, int64_t ldg, int64_t m, int64_t inter, float
   }
 }
 
-/* One decode token per row: qkv[r] = [q (heads x d) | k (kvh x d) | v (kvh x d)]. q and k are
- * rotated in place (rotate-half convention; cos, sin: [m][d], two equal halves), k and v written
- * into the pools ([blocks][block_size][kvh][d]) at (write_blocks[r], write_offsets[r]), and each
- * query head attends to its KV head's (h / (heads / kvh)) first lengths[r] positions of the row's
- * blocks (table: [m][nb]). out[r]: [heads x d]. scores: scratch of nb * block_size floats. */
-void attend_decode(int64_t m, float* qkv, int64_t ldq, int64_t heads, int64_t kvh, int64_t d,
-                   const float* cos, const float* sin, float* k_pool, float* v_pool,
-                   int64_t block_size, const int64_t* write_blocks, const int64_t* write_offsets,
-                   const int64_t* table, int64_t nb, const int64_t* lengths, float scale,
-                   float* out, int64_t ldo, float* scores) {
-  int64_t half = d / 2, group = heads / kvh, token = kvh * d;
+/* Decode and verify tokens, one per row of qkv: qkv[r] = [q (heads x d) | k (kvh x d) | v (kvh x d)].
+ * A row is a token: several rows may be tokens of one sequence (a verify step's last sampled token
+ * and its drafts), each with its own position, its own slot and its own context length over its
+ * sequence's blocks. First every row's q and k are rotated in place (rotate-half convention; cos,
+ * sin: [m][d], two equal halves) and its k and v written into the pools ([blocks][block_size][kvh]
+ * [d]) at (write_blocks[r], write_offsets[r]); then each query head attends to its KV head's
+ * (h / (heads / kvh)) first lengths[r] positions of the row's blocks (table: [m][nb]), so a token
+ * sees the tokens of its own step before it (causal: lengths[r] = its position + 1) in any row
+ * order. out[r]: [heads x d]. scores: scratch of nb * block_size floats. */
+static void rotate_and_write(int64_t m, float* qkv, int64_t ldq, int64_t heads, int64_t kvh,
+                             int64_t d, const float* cos, const float* sin, float* k_pool,
+                             float* v_pool, int64_t block_size, const int64_t* write_blocks,
+                             const int64_t* write_offsets) {
+  int64_t half = d / 2, token = kvh * d;
   for (int64_t r = 0; r < m; r++) {
     float* q = qkv + r * ldq;
     const float* c = cos + r * d;
@@ -174,6 +188,19 @@ void attend_decode(int64_t m, float* qkv, int64_t ldq, int64_t heads, int64_t kv
       k_pool[slot + i] = q[heads * d + i];
       v_pool[slot + i] = q[heads * d + token + i];
     }
+  }
+}
+
+void attend_decode(int64_t m, float* qkv, int64_t ldq, int64_t heads, int64_t kvh, int64_t d,
+                   const float* cos, const float* sin, float* k_pool, float* v_pool,
+                   int64_t block_size, const int64_t* write_blocks, const int64_t* write_offsets,
+                   const int64_t* table, int64_t nb, const int64_t* lengths, float scale,
+                   float* out, int64_t ldo, float* scores) {
+  int64_t group = heads / kvh, token = kvh * d;
+  rotate_and_write(m, qkv, ldq, heads, kvh, d, cos, sin, k_pool, v_pool, block_size, write_blocks,
+                   write_offsets);
+  for (int64_t r = 0; r < m; r++) {
+    const float* q = qkv + r * ldq;
     int64_t length = lengths[r];
     const int64_t* blocks = table + r * nb;
     for (int64_t h = 0; h < heads; h++) {
@@ -202,7 +229,7 @@ void attend_decode(int64_t m, float* qkv, int64_t ldq, int64_t heads, int64_t kv
   }
 }
 
-/* Every layer of a decode step for m rows without adapters, in one call: per layer
+/* Every layer of a decode (or verify) step of m token rows without adapters, in one call: per layer
  *   h = norm(x); qkv = h @ Wqkv.T (+ b); attend_decode; x += attn @ Wo.T;
  *   h = norm(x); gu = h @ Wgu.T; act = silu(gate) * up; x += act @ Wdown.T
  * layers: [num_layers][9] addresses: input norm, packed qkv, qkv bias (0: none), packed o, post

@@ -57,9 +57,11 @@ class PromptLookup:
 
 
 # What one more drafted token adds to a batch-1 verify step, as a fraction of a one-token decode
-# step (the embedded model on the CPU: 1 + k tokens cost 1.16x, 1.28x, 1.38x, 1.48x for k = 1..4,
-# interleaved at load ~8: bench/results/speculative-cpu.md): the compiled linear
-# kernel's time grows with the rows it multiplies.
+# step. The embedded model on the CPU, interleaved on a loaded machine (bench/verify_step.py): 1 + k
+# tokens cost 1.16x, 1.28x, 1.38x, 1.48x for k = 1..4 while verify steps ran PyTorch's ops between
+# the layers (bench/results/speculative-cpu.md); through the compiled decode layer, with the linear
+# kernel prefetching in multi-row passes, about 1.0-1.1x, 1.0-1.2x, 1.1-1.3x, 1.0-1.4x
+# (docs/speculative-decoding.md#measured): the kernel's time still grows with the rows it multiplies.
 DRAFT_TOKEN_COST = 0.1
 DECAY = 0.5  # weight of the earlier verify steps against the latest in the acceptance estimate
 PRIOR = (3.0, 4.0)  # (accepted, examined) before a row's first verify step: p = 0.75, full drafts

@@ -17,7 +17,7 @@ from server.engine.lora_linear import BASE_SLOT
 from server.engine.lora_model import AdapterSlots
 from server.engine.merge import MergeManager
 from server.engine.native import NativeLlamaRunner, fused_cpu
-from server.engine.runner import DecodeInput, PrefillInput
+from server.engine.runner import DecodeInput, PrefillInput, StepRow
 
 SMALL = dict(
     hidden_size=48, intermediate_size=88, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
@@ -73,6 +73,53 @@ def test_attend_equals_rotary_kv_write_and_sdpa_over_the_blocks(
         block,
         blocks,
     )
+
+
+@pytest.mark.parametrize(
+    ("counts", "heads", "kv_heads", "head_dim", "block", "blocks"),
+    [
+        ((5,), 9, 3, 64, 16, 2),  # one verify row of 1 + 4 tokens across a block boundary
+        ((3, 3), 6, 2, 10, 4, 3),  # 2 rows x 3 tokens
+        ((2, 4, 1, 1), 4, 4, 6, 3, 4),  # ragged, no GQA, blocks of 3
+        ((8,), 4, 1, 8, 2, 6),  # 8 tokens over 4 blocks of 2
+    ],
+)
+def test_attend_of_verify_rows_equals_a_causal_reference(
+    kernel, counts: tuple[int, ...], heads: int, kv_heads: int, head_dim: int, block: int, blocks: int
+) -> None:
+    """Several new tokens per sequence, each a row of its own in a shuffled order (its sequence's
+    blocks, its own position and context): every token's K and V are written before any token
+    attends, so each sees exactly its sequence's positions up to its own."""
+    gen = torch.Generator().manual_seed(sum(counts) + block)
+    assert fused_cpu._verify_case(kernel, gen, counts, heads, kv_heads, head_dim, block, blocks)
+
+
+def test_verify_case_detects_tokens_attending_before_their_step_is_written(kernel, monkeypatch) -> None:
+    """A kernel that wrote and attended token by token (in the given, shuffled order) would let a
+    token miss an earlier token of its own step: the check fails for it."""
+    real = kernel.attend
+
+    def token_by_token(qkv, heads, cos, sin, k_pool, v_pool, index, scale, out):
+        for r in range(qkv.shape[0]):
+            one = fused_cpu.StepIndex(
+                *(t[r : r + 1] for t in (index.write_blocks, index.write_offsets, index.block_table, index.lengths)),
+                index.pool_blocks, index.block, index.scores,
+            )  # fmt: skip
+            real(
+                qkv[r : r + 1],
+                heads,
+                cos[r : r + 1],
+                sin[r : r + 1],
+                k_pool,
+                v_pool,
+                one,
+                scale,
+                out[r : r + 1],
+            )
+        return out
+
+    monkeypatch.setattr(kernel, "attend", token_by_token)
+    assert not fused_cpu._verify_case(kernel, torch.Generator().manual_seed(1), (5, 3), 4, 2, 8, 4, 3)
 
 
 def test_attend_case_detects_a_wrong_kernel(kernel, monkeypatch) -> None:
@@ -258,3 +305,63 @@ def test_small_steps_on_two_threads_give_the_same_logits(tmp_path_factory, monke
     torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(two, _logits(model, [*PROMPTS[2], 9]), rtol=1e-4, atol=1e-4)
     assert calls["layers"] == 2
+
+
+def _verify_step(runner: NativeLlamaRunner, plan, sequences: list[list[int]], slot: int) -> torch.Tensor:
+    """One step of verify rows: (sequence, new tokens, adapter?) each; -> every token's logits."""
+    rows = [
+        StepRow(seq, tokens, len(sequences[seq]), slot if lora else BASE_SLOT, logits=len(tokens),
+                drafts=len(tokens) - 1, decoding=True)
+        for seq, tokens, lora in plan
+    ]  # fmt: skip
+    logits = runner.step(rows).logits
+    for seq, tokens, _ in plan:  # keep all but the last draft of each row (a rollback each step)
+        if len(tokens) > 1:
+            runner.commit(seq, len(tokens) - 2)
+    return logits
+
+
+def test_verify_steps_equal_hugging_face_peft_and_the_pytorch_path(
+    arch, peft_adapter_factory, monkeypatch
+) -> None:
+    """Verify steps (rows of 1 + k tokens, speculative decoding) on the compiled path: one row of
+    5 tokens, 2 rows x 3, ragged rows mixing base and adapter rows and a row without drafts,
+    tokens crossing KV block boundaries and rolled back each step; every token's logits equal HF
+    or PEFT on the sequence up to it, and the same steps with the compiled path switched off. A
+    step of more than ``fused_cpu.VERIFY_TOKENS`` tokens keeps PyTorch's ops."""
+    name, model, path = arch
+    runners = [NativeLlamaRunner(path, weight_layout="blocked", kv_cache_tokens=512) for _ in range(2)]
+    calls = _counting(monkeypatch, runners[0].model.fused)
+    runners[1].model.fused = None  # the PyTorch path
+    adapter_dir, peft = peft_adapter_factory(
+        model, f"verify-{name}", r=4, lora_alpha=8, target_modules="all-linear"
+    )
+    slots = []
+    for runner in runners:
+        adapter = load_adapter_dir(adapter_dir, "all", runner.base_shapes)
+        slots.append(AdapterSlots(runner.lora_targets, 2, runner.slots_changed).acquire(adapter))
+    prompts = [[1, *range(20, 33)], [1, 7], [1, *range(40, 75)]]  # 14 (2 before a block end), 2, 36
+    for runner, slot in zip(runners, slots, strict=True):
+        runner.prefill([PrefillInput(i, p, 0, slot if i == 1 else BASE_SLOT) for i, p in enumerate(prompts)])
+    sequences = [list(p) for p in prompts]
+    plans = [  # (sequence, new tokens, adapter?) per row; 1 + k tokens: the last sampled one + k drafts
+        [(0, [11, 12, 13, 14, 15], False)],  # 5 tokens over positions 14-18: block 0 -> 1
+        [(1, [21, 22, 23], True), (2, [24, 25, 26], False)],
+        [(2, [31, 32, 33, 34], False), (0, [35], False), (1, [36, 37], True)],
+        [(0, [41, 42, 43], False), (2, [44, 45], False)],
+        [(1, [51, 52, 53, 54, 55], True), (0, [56, 57, 58, 59, 60], False)],  # 10 tokens: PyTorch's ops
+    ]
+    for plan in plans:
+        outputs = [
+            _verify_step(runner, plan, sequences, slot) for runner, slot in zip(runners, slots, strict=True)
+        ]
+        torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
+        first = 0
+        for seq, tokens, lora in plan:
+            for j in range(len(tokens)):
+                want = _logits(peft if lora else model, [*sequences[seq], *tokens[: j + 1]])
+                torch.testing.assert_close(outputs[0][first + j], want, rtol=1e-4, atol=1e-4)
+            first += len(tokens)
+            sequences[seq].extend(tokens[: max(1, len(tokens) - 1)])
+    assert calls["layers"] == 2  # the base-only steps within the token limit (plans 0 and 3)
+    assert calls["attend"] == 2 * SMALL["num_hidden_layers"]  # plans 1 and 2, per layer

@@ -13,8 +13,13 @@ loops on the calling thread:
 - ``layers``: every layer of the step in one call, the blocked linear kernel included, for a step
   whose rows read no adapter (the base model, or merged mode).
 
-The native model uses them for decode steps of up to ``gemv_cpu.ONE_THREAD_ROWS`` rows in the
-blocked layout (those run on one thread anyway); bigger batches keep PyTorch's parallel ops.
+A row here is a new token with its own position, KV slot, block table and context length (its
+position + 1): a verify step (speculative decoding: a sequence's last sampled token and its drafts)
+is several rows over one sequence's blocks, each token's K and V written before any token attends,
+so each sees the tokens of its step before it. The native model uses them for decode steps of up
+to ``gemv_cpu.ONE_THREAD_ROWS`` rows and verify steps of up to that many sequences and
+``VERIFY_TOKENS`` tokens in the blocked layout (those run on one thread anyway); bigger steps keep
+PyTorch's parallel ops.
 Built with the linear kernel (one library, ``cpu_build.py``), checked once against the PyTorch
 form of each function on ragged shapes (odd widths, several KV block counts, grouped-query
 heads); ``load`` returns None where that fails, and the model keeps its PyTorch ops.
@@ -36,6 +41,8 @@ from server.engine import cpu_build, gemv_cpu, sgmv_cpu
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
+VERIFY_TOKENS = 8  # a verify step of up to this many tokens in all runs the compiled path
+
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
@@ -51,10 +58,10 @@ class StepIndex:
     """Where a decode step's rows write and read in the KV pools, checked once for every layer
     (``CompiledDecode.step_index``): the C code indexes the pools with these values."""
 
-    write_blocks: torch.Tensor  # [B] int64, each < pool_blocks
-    write_offsets: torch.Tensor  # [B], each < block
-    block_table: torch.Tensor  # [B, nb] int64, each < pool_blocks
-    lengths: torch.Tensor  # [B] int64, in 1..nb * block
+    write_blocks: torch.Tensor  # [N] int64 per new token, each < pool_blocks
+    write_offsets: torch.Tensor  # [N], each < block
+    block_table: torch.Tensor  # [N, nb] int64, each < pool_blocks: the token's sequence's blocks
+    lengths: torch.Tensor  # [N] int64, in 1..nb * block: the token's position + 1
     pool_blocks: int  # the pools' first dimension
     block: int  # positions per block
     scores: torch.Tensor  # [nb * block] scratch
@@ -149,8 +156,9 @@ class CompiledDecode:
         scale: float,
         out: torch.Tensor,  # [B, heads D]
     ) -> torch.Tensor:
-        """One decode token per row: rotary on q and k, K and V written at the row's new slot, the
-        row's heads attending to its first ``lengths`` positions -> out."""
+        """One new token per row (decode or verify; see the module docstring): rotary on q and k,
+        every row's K and V written at its slot, then each row's heads attending to its first
+        ``lengths`` positions -> out."""
         b = qkv.shape[0]
         _, block, kvh, d = k_pool.shape
         nb = index.block_table.shape[1]
@@ -299,9 +307,45 @@ def _attend_case(kernel: CompiledDecode, gen: torch.Generator, b: int, heads: in
     )
 
 
+def _verify_case(kernel: CompiledDecode, gen: torch.Generator, counts: Sequence[int], heads: int, kvh: int,
+                 d: int, block: int, nb: int) -> bool:  # fmt: skip
+    """Sequences carrying ``counts[s]`` new tokens each (a verify step: a row of 1 + k tokens per
+    sequence), the tokens given to the kernel in a shuffled order: each token's row holds its
+    sequence's blocks and its own position; the first sequence's tokens cross a block boundary.
+    -> the kernel agrees with ``reference_attend`` (K and V written first, then a causal mask)."""
+    blocks = len(counts) * nb + 1
+    k_pool = torch.randn(blocks, block, kvh, d, generator=gen)
+    v_pool = torch.randn(blocks, block, kvh, d, generator=gen)
+    tables = torch.randperm(blocks, generator=gen)[: len(counts) * nb].view(len(counts), nb)
+    rows: list[tuple[int, int]] = []  # (sequence, position) of each new token
+    for seq, count in enumerate(counts):
+        # the first sequence's new tokens start just before a block boundary, the others anywhere
+        start = block - 1 if seq == 0 else int(torch.randint(0, nb * block - count + 1, (1,), generator=gen))
+        rows += [(seq, start + j) for j in range(count)]
+    order = torch.randperm(len(rows), generator=gen).tolist()
+    sequences = torch.tensor([rows[i][0] for i in order])
+    positions = torch.tensor([rows[i][1] for i in order])
+    table = tables.index_select(0, sequences).contiguous()  # [N, nb]
+    write_blocks = table.gather(1, (positions // block)[:, None])[:, 0].contiguous()
+    args = (write_blocks, (positions % block).contiguous(), table, positions + 1)
+    n = len(rows)
+    qkv = torch.randn(n, (heads + 2 * kvh) * d, generator=gen)
+    angles = torch.rand(n, d // 2, generator=gen) * 6
+    cos, sin = torch.cat((angles, angles), 1).cos(), torch.cat((angles, angles), 1).sin()
+    pools = (k_pool.clone(), v_pool.clone())
+    want_qkv = qkv.clone()
+    want = reference_attend(want_qkv, heads, cos, sin, *pools, *args, 0.29)
+    index = kernel.step_index(*args, blocks, block)
+    got = kernel.attend(qkv, heads, cos, sin, k_pool, v_pool, index, 0.29, out=torch.empty(n, heads * d))
+    return (
+        _close(got, want) and _close(qkv, want_qkv) and _close(k_pool, pools[0]) and _close(v_pool, pools[1])
+    )
+
+
 def agrees_with_reference(kernel: CompiledDecode) -> bool:
     """Each function against its PyTorch form: odd widths, row strides, partial KV blocks, one
-    and several blocks, grouped-query heads (and none), one to five rows; ``layers`` against the
+    and several blocks, grouped-query heads (and none), one to five rows, verify steps (several
+    tokens of a sequence, ragged over sequences); ``layers`` against the
     same steps done with the linear kernel and ``attend`` (which the lines above check)."""
     gen = torch.Generator().manual_seed(0)
     for rows, h in ((1, 37), (3, 64), (5, 9)):
@@ -313,7 +357,12 @@ def agrees_with_reference(kernel: CompiledDecode) -> bool:
         if not _close(kernel.silu_mul(gu, torch.empty(rows, h)), F.silu(gu[:, :h]) * gu[:, h:]):
             return False
     cases = ((1, 9, 3, 64, 16, 3), (2, 4, 4, 6, 5, 1), (3, 6, 2, 10, 4, 4), (1, 2, 1, 8, 16, 1))
-    return all(_attend_case(kernel, gen, *case) for case in cases) and _layers_agree(kernel, gen)
+    verify = (((5,), 9, 3, 64, 16, 2), ((2, 3, 1), 4, 2, 6, 4, 3))
+    return (
+        all(_attend_case(kernel, gen, *case) for case in cases)
+        and all(_verify_case(kernel, gen, *case) for case in verify)
+        and _layers_agree(kernel, gen)
+    )
 
 
 def _layers_agree(kernel: CompiledDecode, gen: torch.Generator) -> bool:

@@ -320,12 +320,7 @@ class LlamaModel:
             self.vocab.embed(tokens, x, slots, scales)
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.dtype)  # [N, 1, D]
         n = tokens.shape[0]
-        if (
-            self.fused is not None
-            and plan.decode
-            and plan.query_index is None
-            and n <= gemv_cpu.ONE_THREAD_ROWS
-        ):
+        if self.fused is not None and self._fused_fits(plan, n):
             return self._decode_fused(self.fused, x.contiguous(), positions, cos, sin, plan, kv)
         signed_sin = rope_signed_sin(sin)
         # The wide intermediates live in buffers made once per step and reused by every layer: on
@@ -358,27 +353,51 @@ class LlamaModel:
             layer.down.add_to(act, x)  # x += down(act)
         return rms_norm(x, self.final_norm, c.rms_norm_eps)
 
+    @staticmethod
+    def _fused_fits(plan: AttentionPlan, n: int) -> bool:
+        """Whether a step of ``n`` new tokens runs the compiled small-step path: a decode step of up
+        to ``gemv_cpu.ONE_THREAD_ROWS`` rows, or a verify step of up to that many rows carrying
+        up to ``fused_cpu.VERIFY_TOKENS`` tokens in all (both run on the engine thread alone)."""
+        if not plan.decode or plan.block_table is None:
+            return False
+        if plan.query_index is None:
+            return n <= gemv_cpu.ONE_THREAD_ROWS
+        return n <= fused_cpu.VERIFY_TOKENS and plan.block_table.shape[0] <= gemv_cpu.ONE_THREAD_ROWS
+
+    @staticmethod
+    def _token_table(plan: AttentionPlan) -> torch.Tensor:
+        """Each new token's block table: a decode row's own; a verify row's, repeated for each of
+        its tokens (-> [N, nb])."""
+        assert plan.block_table is not None
+        if plan.query_index is None:
+            return plan.block_table  # [B, nb]: one token per row
+        assert plan.attend is not None
+        queries = plan.attend.shape[2]  # Q: the padded queries per row
+        return plan.block_table.index_select(0, torch.div(plan.query_index, queries, rounding_mode="floor"))
+
     def _decode_fused(
         self,
         fused: fused_cpu.CompiledDecode,
-        x: torch.Tensor,  # [B, H] the embedded tokens: the residual stream, updated in place
-        positions: torch.Tensor,  # [B]
-        cos: torch.Tensor,  # [B, 1, D]
+        x: torch.Tensor,  # [N, H] the embedded tokens: the residual stream, updated in place
+        positions: torch.Tensor,  # [N]
+        cos: torch.Tensor,  # [N, 1, D]
         sin: torch.Tensor,
         plan: AttentionPlan,
         kv: PagedKVCache,
     ) -> torch.Tensor:
-        """``forward`` for a decode step of a few rows, its non-matmul work compiled
-        (``fused_cpu.py``): rows without adapters run every layer in one call; otherwise each
-        projection adds its rows' adapters as in ``forward``, between compiled norms, attention
-        and SiLU*mul. -> final hidden states [B, H]."""
+        """``forward`` for a decode or verify step of a few tokens, its non-matmul work compiled
+        (``fused_cpu.py``): every new token is a row of its own, with its own position, KV slot
+        and context (its position + 1 over its sequence's blocks), so a verify row of 1 + k
+        tokens is k + 1 rows here, each attending causally to the ones before it. Rows without
+        adapters run every layer in one call; otherwise each projection adds its rows' adapters
+        as in ``forward``, between compiled norms, attention and SiLU*mul. -> final hidden states
+        [N, H], one per new token."""
         c = self.config
-        assert plan.block_table is not None
-        lengths = positions + 1  # a decode row's new token sits at its position and sees all before it
+        lengths = positions + 1  # a token sits at its position and sees all before it
         index = fused.step_index(
             plan.write_blocks,
             plan.write_offsets,
-            plan.block_table,
+            self._token_table(plan),
             lengths,
             kv.k_pool[0].shape[0],
             kv.block_size,
@@ -403,13 +422,13 @@ class LlamaModel:
                 self._layer_table = fused.layer_table(layers, dims)  # checked once per set of weights
             fused.layers(self._layer_table, eps, self.scale, x, cos, sin, index, gemv_cpu.SMALL_STEP_THREADS)
             return fused.rms_norm(x, self.final_norm, eps, torch.empty_like(x))
-        h = torch.empty_like(x)  # [B, H]
+        h = torch.empty_like(x)  # [N, H]
         qkv_buffer = x.new_empty(n, c.q_size + 2 * c.kv_size)
         attn = x.new_empty(n, c.num_heads * c.head_dim)
         gate_up_buffer = x.new_empty(n, 2 * c.intermediate_size)
         act = x.new_empty(n, c.intermediate_size)
         for i, layer in enumerate(self.layers):
-            qkv = layer.qkv(fused.rms_norm(x, layer.input_norm, eps, h), out=qkv_buffer)  # [B, q + 2 kv]
+            qkv = layer.qkv(fused.rms_norm(x, layer.input_norm, eps, h), out=qkv_buffer)  # [N, q + 2 kv]
             fused.attend(qkv, c.num_heads, cos, sin, kv.k_pool[i], kv.v_pool[i], index, self.scale, attn)
             layer.o_proj.add_to(attn, x)  # x += o_proj(attn)
             gate_up = layer.gate_up(fused.rms_norm(x, layer.post_norm, eps, h), out=gate_up_buffer)
