@@ -23,7 +23,9 @@ rate of LRU (the server's) against LFU and Belady's optimum (the bound no policy
 
 Run (minutes on 2 cores): `python bench/many_adapters.py`; the issue's configuration is the
 default (200 adapters of ranks 8-64 on q/k/v/o, 32 slots); growth: `--adapters 200,1000
---stored 1000`, `--targets all-linear --ranks 64`.
+--stored 1000`, `--targets all-linear --ranks 64`. The cold-start probe alone (about a minute):
+`--only cold`: ``--slots`` adapters are stored and each used once, so every slot is taken (as after
+the traffic rounds) and each probe evicts one; no traffic rounds, no uploads, no simulation.
 """
 
 from __future__ import annotations
@@ -375,10 +377,18 @@ def main() -> None:
         "--output-tokens", type=lambda s: tuple(int(x) for x in s.split("-")), default=(8, 32)
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--only",
+        choices=("all", "cold"),
+        default="all",
+        help="cold: the cold-start probe alone, after filling every slot (see above)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "many-adapters-cpu.md")
     args = parser.parse_args()
+    if args.only == "cold":
+        args.stored, args.adapters, args.http_uploads = args.stored or args.slots, [], 0
     args.stored = args.stored or max(args.adapters)
-    if max(args.adapters) > args.stored:
+    if max(args.adapters, default=0) > args.stored:
         parser.error("--stored must be at least the largest --adapters")
 
     config = AutoConfig.from_pretrained(embedded_model_dir(Path("~/.cache/loraplex").expanduser()))
@@ -386,10 +396,12 @@ def main() -> None:
     rows: list[Row] = []
     load_before = os.getloadavg()
     # the slot policies first: simulated, seconds; a failure here must not cost a run's measurements
-    trace = [
-        q.adapter for q in workload([f"a{i}" for i in range(max(args.adapters))], _long(args), seed=args.seed)
-    ]
-    policies = simulate_policies(trace, args.slots)
+    policies: dict[str, float] = {}
+    if args.adapters:
+        trace = [
+            q.adapter for q in workload([f"a{i}" for i in range(max(args.adapters))], _long(args), seed=args.seed)
+        ]
+        policies = simulate_policies(trace, args.slots)
     with tempfile.TemporaryDirectory() as tmp:
         stored, store_rate = preload(Path(tmp) / "data", config, args, rng)
         print(f"stored {len(stored)} adapters at {store_rate:.1f} MB/s", flush=True)
@@ -416,6 +428,9 @@ def main() -> None:
                     rows += [base, row]
                     print(f"round {round_}: {row.name}: {row.tokens_per_s:.1f} tok/s vs {base.tokens_per_s:.1f}",
                           flush=True)  # fmt: skip
+            if args.only == "cold":  # every slot taken, as after the rounds: each probe evicts one
+                fill = [Request(0.0, a, f"fill {a} with the river story", 2) for a in stored[: args.slots]]
+                asyncio.run(_replay(server.url, fill))
             probes = [cold_probe(server, f"probe{i}-r64") for i in range(args.probes)]
         finally:
             server.stop()
@@ -433,6 +448,11 @@ def write_report(args, rows: list[Row], probes, policies: dict[str, float], stor
         return f"{percentile(values, q) * 1000:.0f}" if values else "-"
 
     load_after = os.getloadavg()
+    table = [
+        "| round | configuration | tok/s | vs one adapter | TTFT p50/p99 ms | ITL p50/p99 ms | slot loads | "
+        "evictions | disk reads |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]  # fmt: skip
     lines = [
         f"## Run of {dt.datetime.now():%Y-%m-%d %H:%M}", "",
         f"`{' '.join(sys.argv)}`; {machine_description()}; load average {load_before[0]:.1f} at the start, "
@@ -445,9 +465,7 @@ def write_report(args, rows: list[Row], probes, policies: dict[str, float], stor
         f"configuration and round, Poisson at {args.rate}/s, popularity ∝ 1/i^{args.alpha}, prompts of "
         f"{args.prompt_words} words, {args.output_tokens} new tokens (EOS ignored). Each round sends the same "
         "arrivals to one rank-16 adapter, then to the N adapters.", "",
-        "| round | configuration | tok/s | vs one adapter | TTFT p50/p99 ms | ITL p50/p99 ms | slot loads | "
-        "evictions | disk reads |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *(table if rows else ["(`--only cold`: no traffic rounds; every slot was filled before the probe.)"]),
     ]  # fmt: skip
     ratios: dict[int, list[float]] = {}
     for i, row in enumerate(rows):
@@ -473,11 +491,14 @@ def write_report(args, rows: list[Row], probes, policies: dict[str, float], stor
         f"({reads:.0f} read from disk, parsed, staged on the loader thread, installed in a slot): TTFT "
         f"{', '.join(f'{p[0] * 1000:.0f}' for p in probes)} ms; the next requests to each (warm, best of 3): "
         f"{', '.join(f'{p[1] * 1000:.0f}' for p in probes)} ms; **median cold/warm {cold / warm:.2f}x**.",
-        f"- Slot policy, simulated on 20,000 requests of the same popularity over {max(args.adapters)} adapters "
-        f"and {args.slots} slots (one request at a time): hit rate "
-        + ", ".join(f"{name} {rate:.1%}" for name, rate in policies.items()) + ".",
-        "",
     ]  # fmt: skip
+    if policies:
+        lines.append(
+            f"- Slot policy, simulated on 20,000 requests of the same popularity over {max(args.adapters)} "
+            f"adapters and {args.slots} slots (one request at a time): hit rate "
+            + ", ".join(f"{name} {rate:.1%}" for name, rate in policies.items()) + "."
+        )
+    lines.append("")
     text = "\n".join(lines)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
