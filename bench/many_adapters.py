@@ -238,19 +238,24 @@ def run_traffic(server: ServerProcess, name: str, stored: int, requests: list[Re
     return row
 
 
-def cold_probe(server: ServerProcess, adapter: str) -> tuple[float, float, float]:
+def cold_probe(server: ServerProcess, adapter: str) -> tuple[float, float, float, float, float]:
     """TTFT of the first request to ``adapter`` and the best of the next three (warm), each with a
-    prompt of its own (no prefix-cache hit); and the disk reads the first one caused (1: it was
-    not in host memory, as intended)."""
+    prompt of its own (no prefix-cache hit); the disk reads the first one caused (1: it was not in
+    host memory, as intended); and the merged-mode swaps (``--mode auto``: merge or unmerge) during
+    the cold request and during the warm ones. Sequential requests to one adapter make auto mode
+    merge it (the warm ones may then run merged, and the next probe's cold request first unmerges):
+    a swap is not the adapter's load, so the report counts them."""
 
     def ttft(prompt: str) -> float:
         return asyncio.run(_replay(server.url, [Request(0.0, adapter, prompt, 4)]))[0][0].ttft
 
-    reads = metric(server.url, COUNTERS["disk_reads"])
+    reads, swaps = metric(server.url, COUNTERS["disk_reads"]), metric(server.url, "loraplex_swaps")
     cold = ttft("the model serves a request about a river")
     reads = metric(server.url, COUNTERS["disk_reads"]) - reads
+    cold_swaps = metric(server.url, "loraplex_swaps") - swaps
     warm = min(ttft(f"the server reads story {i} about memory and code") for i in range(3))
-    return cold, warm, reads
+    warm_swaps = metric(server.url, "loraplex_swaps") - swaps - cold_swaps
+    return cold, warm, reads, cold_swaps, warm_swaps
 
 
 # --------------------------------------------------------------------------- slot policy
@@ -378,6 +383,9 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--mode", choices=("auto", "unmerged", "merged"), default="auto", help="the server's --mode"
+    )
+    parser.add_argument(
         "--only",
         choices=("all", "cold"),
         default="all",
@@ -399,14 +407,16 @@ def main() -> None:
     policies: dict[str, float] = {}
     if args.adapters:
         trace = [
-            q.adapter for q in workload([f"a{i}" for i in range(max(args.adapters))], _long(args), seed=args.seed)
+            q.adapter
+            for q in workload([f"a{i}" for i in range(max(args.adapters))], _long(args), seed=args.seed)
         ]
         policies = simulate_policies(trace, args.slots)
     with tempfile.TemporaryDirectory() as tmp:
         stored, store_rate = preload(Path(tmp) / "data", config, args, rng)
         print(f"stored {len(stored)} adapters at {store_rate:.1f} MB/s", flush=True)
         server = ServerProcess.start(["--data-dir", f"{tmp}/data", "--max-loaded-adapters", str(args.slots),
-                                      "--host-cache-mb", str(args.host_cache_mb), "--max-batch", "32"])  # fmt: skip
+                                      "--host-cache-mb", str(args.host_cache_mb), "--max-batch", "32",
+                                      "--mode", args.mode])  # fmt: skip
         try:
             started, sent = time.perf_counter(), 0
             for i in range(args.http_uploads):
@@ -486,17 +496,24 @@ def write_report(args, rows: list[Row], probes, policies: dict[str, float], stor
     cold = statistics.median(p[0] for p in probes)
     warm = statistics.median(p[1] for p in probes)
     reads = sum(p[2] for p in probes)
+    swaps = (
+        f"; merged-mode swaps (`--mode {args.mode}`) during the cold requests: "
+        + ", ".join(f"{p[3]:.0f}" for p in probes)
+        + ", during the warm ones: "
+        + ", ".join(f"{p[4]:.0f}" for p in probes)
+    )
     lines += [
         f"- Cold start, idle server: the first request to each of {len(probes)} rank-64 adapters never used "
         f"({reads:.0f} read from disk, parsed, staged on the loader thread, installed in a slot): TTFT "
         f"{', '.join(f'{p[0] * 1000:.0f}' for p in probes)} ms; the next requests to each (warm, best of 3): "
-        f"{', '.join(f'{p[1] * 1000:.0f}' for p in probes)} ms; **median cold/warm {cold / warm:.2f}x**.",
+        f"{', '.join(f'{p[1] * 1000:.0f}' for p in probes)} ms{swaps}; **median cold/warm {cold / warm:.2f}x**.",
     ]  # fmt: skip
     if policies:
         lines.append(
             f"- Slot policy, simulated on 20,000 requests of the same popularity over {max(args.adapters)} "
             f"adapters and {args.slots} slots (one request at a time): hit rate "
-            + ", ".join(f"{name} {rate:.1%}" for name, rate in policies.items()) + "."
+            + ", ".join(f"{name} {rate:.1%}" for name, rate in policies.items())
+            + "."
         )
     lines.append("")
     text = "\n".join(lines)
