@@ -256,3 +256,27 @@ def test_slots_laid_out_by_the_loader_serve_what_first_use_layouts_serve(
     first_use, rebuilt_at_first_use = serve()
     assert sum(rebuilt_at_first_use) > 0
     assert prebuilt == first_use
+
+
+def test_a_queued_requests_adapter_loads_while_the_batch_is_full(
+    engine_and_adapters, tiny_base, tokenizer
+) -> None:
+    """With every row taken, a waiting request's adapter is staged meanwhile (its load overlaps the
+    queueing), and the request is served as when loaded at once."""
+    _, (a0, a1, _) = engine_and_adapters
+    engine = _engine(copy.deepcopy(tiny_base), tokenizer, max_loaded_adapters=2, max_batch=1)
+    ids = _ids(tokenizer)
+    solo = run_one(engine, ids, a1, max_new_tokens=4, ignore_eos=True).tokens
+    engine.slots.evict(a1.key)
+    gated = GatedStage(engine.slots.loader._stage)
+    engine.slots.loader._stage = gated
+    gated.gate.set()  # loads run at once; `entered` says when one began
+
+    running = submit(engine, ids, a0, max_new_tokens=12, ignore_eos=True)[1]
+    _step(engine)
+    queued = submit(engine, ids, a1, max_new_tokens=4, ignore_eos=True)[1]
+    _step(engine)
+    assert gated.entered.wait(10), "the queued request's adapter did not start loading"
+    assert engine.num_waiting == 1 and outcome(running).finish is None  # still queued behind a0's row
+    engine.run_until_idle()
+    assert outcome(queued).tokens == solo and len(outcome(running).tokens) == 12
