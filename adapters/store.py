@@ -376,7 +376,7 @@ class AdapterStore:
         try:
             adapter = self._parse_record_files(record, files)
         except Exception:
-            self._check_digest(record, digest.result())
+            self._check_digest(record, digest.result(), sha256_hex(files.config))
             raise
         self._check_digest(record, digest.result(), sha256_hex(files.config))
         return adapter

@@ -524,9 +524,16 @@ def test_corrupt_weights_or_config_are_refused_on_the_short_read(open_store, fil
     assert info.value.error_type == "store_corrupt"
     weights.write_bytes(good)
     config = folder / "adapter_config.json"
-    config.write_bytes(config.read_bytes().replace(b'"lora_alpha": 16', b'"lora_alpha": 17'))
+    good_config = config.read_bytes()
+    config.write_bytes(good_config.replace(b'"lora_alpha": 16', b'"lora_alpha": 17'))
     with pytest.raises(AdapterError, match="corrupt"):
         _cold(store, "a")
+    config.write_bytes(good_config[:-1] + b"!")  # no longer JSON: reported as corrupt, not invalid
+    with pytest.raises(AdapterError, match="corrupt") as info:
+        _cold(store, "a")
+    assert info.value.error_type == "store_corrupt"
+    config.write_bytes(good_config)
+    assert _cold(store, "a").version == record.version
 
 
 def test_an_index_written_before_the_checks_column_rechecks_values_on_read(
