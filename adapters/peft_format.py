@@ -515,8 +515,26 @@ def load_stored_safetensors(data: bytes) -> dict[str, torch.Tensor]:
         with warnings.catch_warnings():  # read-only bytes: the view is only read, then copied
             warnings.simplefilter("ignore", UserWarning)
             flat = torch.frombuffer(chunk, dtype=dtype)  # a view of data: [n]
-        tensors[name] = flat.view(shape).to(torch.float32, copy=True)  # owns its memory
+        tensors[name] = _cast_on_this_thread(flat).view(shape)  # owns its memory
     return tensors
+
+
+# PyTorch's parallel grain (at::internal::GRAIN_SIZE): an elementwise op on fewer elements runs on
+# the calling thread alone, without an OpenMP region
+_SERIAL_ELEMENTS = 32768
+
+
+def _cast_on_this_thread(flat: torch.Tensor) -> torch.Tensor:
+    """``flat`` ([n]) as a new float32 tensor, copied in pieces below PyTorch's parallel grain.
+
+    A cold read casts while the file's sha256 runs on another thread, often beside other processes
+    on few cores: one copy per tensor opens an OpenMP region whose threads wait on each other there
+    (a rank-64 q/k/v/o adapter's cast took 4-200 ms beside the hash on 2 loaded cores, in pieces
+    5-29 ms). The values are the same: the same conversion, element by element."""
+    out = torch.empty(flat.numel(), dtype=torch.float32)
+    for start in range(0, flat.numel(), _SERIAL_ELEMENTS):
+        out[start : start + _SERIAL_ELEMENTS].copy_(flat[start : start + _SERIAL_ELEMENTS])
+    return out
 
 
 # --------------------------------------------------------------------------- building
