@@ -471,10 +471,12 @@ def write_report(args, rows: list[Row], probes, policies: dict[str, float], stor
         f"adapters on {args.targets} of ranks {args.ranks} (float16 files); {args.stored} stored (+ "
         f"{args.probes} probes and the baseline), written at {store_rate:.1f} MB/s through `AdapterStore.put` "
         f"(fsync off), "
-        f"{args.http_uploads} more uploaded over HTTP at {upload_rate:.1f} MB/s; {args.requests} requests per "
-        f"configuration and round, Poisson at {args.rate}/s, popularity ∝ 1/i^{args.alpha}, prompts of "
-        f"{args.prompt_words} words, {args.output_tokens} new tokens (EOS ignored). Each round sends the same "
-        "arrivals to one rank-16 adapter, then to the N adapters.", "",
+        f"{args.http_uploads} more uploaded over HTTP at {upload_rate:.1f} MB/s; " + (
+            f"{args.requests} requests per configuration and round, Poisson at {args.rate}/s, popularity ∝ "
+            f"1/i^{args.alpha}, prompts of {args.prompt_words} words, {args.output_tokens} new tokens (EOS "
+            "ignored). Each round sends the same arrivals to one rank-16 adapter, then to the N adapters."
+            if rows else f"server `--mode {args.mode}`; no traffic rounds."
+        ), "",
         *(table if rows else ["(`--only cold`: no traffic rounds; every slot was filled before the probe.)"]),
     ]  # fmt: skip
     ratios: dict[int, list[float]] = {}
