@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 INDEX_FILE = "index.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the ``checks`` column
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS adapters (
     id             TEXT PRIMARY KEY,
@@ -35,14 +35,15 @@ CREATE TABLE IF NOT EXISTS adapters (
     use_rslora     INTEGER NOT NULL,
     target_modules TEXT NOT NULL,   -- JSON: a list of names, or a regex / 'all-linear' string
     layers         INTEGER NOT NULL,
-    parameters     INTEGER NOT NULL
+    parameters     INTEGER NOT NULL,
+    checks         INTEGER NOT NULL DEFAULT 0  -- peft_format.VALUE_CHECKS the weights passed when stored
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS pending (folder TEXT PRIMARY KEY);  -- files that may lack a row on purpose
 """
 _COLUMNS = (
     "id, version, folder, sha256, config_sha256, bytes, created_at, rank, lora_alpha, use_rslora, "
-    "target_modules, layers, parameters"
+    "target_modules, layers, parameters, checks"
 )
 
 
@@ -66,6 +67,11 @@ class AdapterRecord:
     target_modules: list[str] | str
     layers: int  # adapted modules
     parameters: int  # LoRA parameters, A and B of every module
+    # The value checks (``adapters.peft_format.VALUE_CHECKS``: every entry finite, the update bounded)
+    # the stored weights passed when they were written; 0: unknown (an index written before this
+    # column), so reads check them again. Reads of a version at the current checks skip them: the
+    # sha256 of both files is compared with the recorded one before the parse is served.
+    checks: int = 0
 
     @property
     def key(self) -> str:
@@ -90,7 +96,7 @@ class AdapterRecord:
         return (
             self.adapter_id, self.version, self.folder, self.sha256, self.config_sha256, self.bytes,
             self.created_at, self.rank, self.lora_alpha, int(self.use_rslora),
-            json.dumps(self.target_modules), self.layers, self.parameters,
+            json.dumps(self.target_modules), self.layers, self.parameters, self.checks,
         )  # fmt: skip
 
     @classmethod
@@ -109,10 +115,11 @@ class AdapterRecord:
             targets,
             layers,
             params,
+            checks,
         ) = row
         return cls(
             aid, version, folder, sha, config_sha, size, created, rank, alpha, bool(rslora),
-            json.loads(targets), layers, params,
+            json.loads(targets), layers, params, checks,
         )  # fmt: skip
 
 
@@ -124,6 +131,9 @@ class AdapterIndex:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(adapters)")}
+        if "checks" not in columns:  # an index of schema 1: its versions are checked on every read
+            self._db.execute("ALTER TABLE adapters ADD COLUMN checks INTEGER NOT NULL DEFAULT 0")
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def records(self) -> list[AdapterRecord]:
@@ -143,7 +153,7 @@ class AdapterIndex:
         with self._transaction() as db:
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('seq', ?)", (seq,))
             db.execute(
-                f"INSERT OR REPLACE INTO adapters ({_COLUMNS}) VALUES ({', '.join('?' * 13)})", record._row()
+                f"INSERT OR REPLACE INTO adapters ({_COLUMNS}) VALUES ({', '.join('?' * 14)})", record._row()
             )
             db.execute("DELETE FROM pending WHERE folder = ?", (record.folder,))
             if retired is not None:

@@ -21,6 +21,8 @@ import json
 import math
 import re
 import struct
+import sys
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +44,12 @@ MAX_SAFETENSORS_HEADER_BYTES = 32 * 1024 * 1024
 # finite value, so every serving dtype (float16, bfloat16, float32) holds what the engine computes
 # from it, and no engine step overflows on an adapter's numbers.
 MAX_MAGNITUDE = 65504.0
+# The rules on tensor values (every entry finite; factors, magnitudes and replacements within
+# MAX_MAGNITUDE; the update scale·B@A bounded) as a number, recorded with each stored version
+# (``AdapterRecord.checks``): a read of a version whose files match their recorded sha256 and that
+# passed these rules when stored skips the scans (``build_adapter(check_values=False)``). Raise it
+# when a value rule changes, so versions stored under the old rules are checked again on read.
+VALUE_CHECKS = 1
 SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "F64": (torch.float64, 8),
     "F32": (torch.float32, 4),
@@ -481,6 +489,54 @@ def load_safetensors_bytes(data: bytes) -> dict[str, torch.Tensor]:
     return {name: t.to(torch.float32) for name, t in raw.items()}
 
 
+def load_stored_safetensors(data: bytes) -> dict[str, torch.Tensor]:
+    """:func:`load_safetensors_bytes` for a blob that passed it before (a stored version, whose
+    sha256 the caller checks before using the result): each tensor is read in place from ``data``
+    and cast to float32 in one pass (one copy per tensor; the library's parse copies every tensor,
+    then the cast copies it again). The header is still checked here (offsets inside the blob), so a
+    corrupt blob is refused, not read out of bounds. Returns tensors that own their memory."""
+    if sys.byteorder != "little":  # pragma: no cover (safetensors is little-endian, as torch reads it here)
+        return load_safetensors_bytes(data)
+    entries = check_safetensors_header(data)
+    (header_len,) = struct.unpack("<Q", bytes(data[:8]))
+    body = 8 + header_len
+    view = memoryview(data)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, info in entries.items():
+        dtype, size = SAFETENSORS_DTYPES[info["dtype"]]
+        start, end = info["data_offsets"]
+        chunk = view[body + start : body + end]
+        if (body + start) % size:  # not aligned to its element size: read from an aligned copy
+            chunk = memoryview(bytearray(chunk))
+        shape = info["shape"]
+        if end == start:
+            tensors[name] = torch.zeros(shape, dtype=torch.float32)
+            continue
+        with warnings.catch_warnings():  # read-only bytes: the view is only read, then copied
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(chunk, dtype=dtype)  # a view of data: [n]
+        tensors[name] = _cast_on_this_thread(flat).view(shape)  # owns its memory
+    return tensors
+
+
+# PyTorch's parallel grain (at::internal::GRAIN_SIZE): an elementwise op on fewer elements runs on
+# the calling thread alone, without an OpenMP region
+_SERIAL_ELEMENTS = 32768
+
+
+def _cast_on_this_thread(flat: torch.Tensor) -> torch.Tensor:
+    """``flat`` ([n]) as a new float32 tensor, copied in pieces below PyTorch's parallel grain.
+
+    A cold read casts while the file's sha256 runs on another thread, often beside other processes
+    on few cores: one copy per tensor opens an OpenMP region whose threads wait on each other there
+    (a rank-64 q/k/v/o adapter's cast took 4-200 ms beside the hash on 2 loaded cores, in pieces
+    5-29 ms). The values are the same: the same conversion, element by element."""
+    out = torch.empty(flat.numel(), dtype=torch.float32)
+    for start in range(0, flat.numel(), _SERIAL_ELEMENTS):
+        out[start : start + _SERIAL_ELEMENTS].copy_(flat[start : start + _SERIAL_ELEMENTS])
+    return out
+
+
 # --------------------------------------------------------------------------- building
 
 
@@ -492,14 +548,18 @@ def build_adapter(
     *,
     max_rank: int = 256,
     version: str = "1",
+    check_values: bool = True,
 ) -> LoraAdapter:
     """Match the tensors to the base model's linear layers (and its token embedding and LM head)
     and check every shape.
 
     ``base_shapes`` lists the linear layers of the base model LoRA may target, by module name,
     and (``kind``) the embedding and the head when the runner serves adapters of those.
+    ``check_values=False`` skips the scans of the values (:data:`VALUE_CHECKS`), for tensors known
+    to have passed them: a stored version whose files match the sha256 recorded when it was
+    checked (``AdapterStore``). Every structural check (names, shapes, ranks, targets) still runs.
     """
-    tensors, vocab = _vocab_layers(tensors, config, base_shapes, max_rank)
+    tensors, vocab = _vocab_layers(tensors, config, base_shapes, max_rank, check_values)
     pairs, magnitudes = _pair_tensors(tensors)
     stray = sorted(set(magnitudes) - set(pairs))
     if stray:
@@ -528,13 +588,13 @@ def build_adapter(
                 "the config and the weights disagree.",
                 "incompatible",
             )
-        layer = _check_layer(module, A, B, config, shape, max_rank)
+        layer = _check_layer(module, A, B, config, shape, max_rank, check_values)
         if shape.kind == "head":
             _no_vocab_dora(module, config, module in magnitudes)
             _one_change(module, vocab)
             vocab[module] = VocabLayer("head", A=layer.A, B=layer.B, scale=layer.scale)
             continue
-        magnitude = _check_magnitude(module, magnitudes.get(module), config, shape)
+        magnitude = _check_magnitude(module, magnitudes.get(module), config, shape, check_values)
         layers[module] = dataclasses.replace(layer, magnitude=magnitude)
 
     if not layers and not vocab:
@@ -571,6 +631,7 @@ def _vocab_layers(
     config: LoraConfigSpec,
     base_shapes: Mapping[str, BaseLinearShape],
     max_rank: int,
+    check_values: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, VocabLayer]]:
     """Take out the embedding's and the head's tensors: modules_to_save replacements and embedding
     LoRA (head LoRA is paired with the linear layers). Returns the other tensors and the changes."""
@@ -596,7 +657,7 @@ def _vocab_layers(
         elif whole is not None and whole["module"] in vocab_shapes:
             if whole["base"] is None:  # base_layer: the base's own weights, which the base serves
                 vocab[whole["module"]] = _replacement(
-                    whole["module"], tensor, config, vocab_shapes[whole["module"]]
+                    whole["module"], tensor, config, vocab_shapes[whole["module"]], check_values
                 )
         else:
             rest[key] = tensor
@@ -620,13 +681,17 @@ def _vocab_layers(
             raise AdapterError(f"module {module!r} has no {lacking} tensor.", "invalid_weights")
         _no_vocab_dora(module, config, False)
         _one_change(module, vocab)
-        layer = _check_layer(module, parts["A"], parts["B"], config, shape, max_rank)
+        layer = _check_layer(module, parts["A"], parts["B"], config, shape, max_rank, check_values)
         vocab[module] = VocabLayer("embedding", A=layer.A, B=layer.B, scale=layer.scale)
     return rest, vocab
 
 
 def _replacement(
-    module: str, tensor: torch.Tensor, config: LoraConfigSpec, shape: BaseLinearShape
+    module: str,
+    tensor: torch.Tensor,
+    config: LoraConfigSpec,
+    shape: BaseLinearShape,
+    check_values: bool = True,
 ) -> VocabLayer:
     """A modules_to_save matrix for the embedding or the head: [V, H], as the base's."""
     if not config.saves(module):
@@ -648,7 +713,7 @@ def _replacement(
             "and tokenizer with the same vocabulary.",
             "incompatible",
         )
-    if not torch.isfinite(tensor).all() or tensor.abs().max().item() > MAX_MAGNITUDE:
+    if check_values and not _bounded(tensor):
         raise AdapterError(
             f"tensor '{module}.weight' contains NaN, Inf or values above {MAX_MAGNITUDE:g}.",
             "invalid_weights",
@@ -731,7 +796,11 @@ def _pair_tensors(
 
 
 def _check_magnitude(
-    module: str, magnitude: torch.Tensor | None, config: LoraConfigSpec, base: BaseLinearShape
+    module: str,
+    magnitude: torch.Tensor | None,
+    config: LoraConfigSpec,
+    base: BaseLinearShape,
+    check_values: bool = True,
 ) -> torch.Tensor | None:
     """DoRA's m for one module: [out_features], finite and bounded; required iff ``use_dora``."""
     if not config.use_dora:
@@ -754,7 +823,7 @@ def _check_magnitude(
             f"(out={base.out_features}) needs [{base.out_features}]; was it trained for another base model?",
             "incompatible",
         )
-    if not torch.isfinite(magnitude).all() or magnitude.abs().max().item() > MAX_MAGNITUDE:
+    if check_values and not _bounded(magnitude):
         raise AdapterError(
             f"tensor '{module}.lora_magnitude_vector' contains NaN, Inf or values above {MAX_MAGNITUDE:g}.",
             "invalid_weights",
@@ -769,6 +838,7 @@ def _check_layer(
     config: LoraConfigSpec,
     base: BaseLinearShape,
     max_rank: int,
+    check_values: bool = True,
 ) -> LoraLayerWeights:
     r = config.rank_for(module)
     if r > max_rank:
@@ -787,6 +857,8 @@ def _check_layer(
                 "the adapter was trained for another base model or with another rank.",
                 "incompatible",
             )
+        if not check_values:
+            continue
         # one pass and no temporary (the inf-norm is the max of |entries|, NaN or Inf when one
         # is): cold loads parse on the request's path; this was isfinite, all and max, then abs, max
         peak = float(torch.linalg.vector_norm(tensor, float("inf"))) if tensor.numel() else 0.0
@@ -796,6 +868,8 @@ def _check_layer(
             )
         peaks.append(peak)
     scale = config.scale_for(module)
+    if not check_values:  # checked when stored (VALUE_CHECKS), with this config (its sha256 matched)
+        return LoraLayerWeights(A=A.contiguous(), B=B.contiguous(), scale=scale)
     # bound on |ΔW| entries: |scale| · r · max|B| · max|A| (each entry sums r products)
     largest = peaks[0] * peaks[1] * r
     if not (math.isfinite(scale) and abs(scale) <= MAX_MAGNITUDE and abs(scale) * largest <= MAX_MAGNITUDE):
@@ -806,6 +880,15 @@ def _check_layer(
             "invalid_weights",
         )
     return LoraLayerWeights(A=A.contiguous(), B=B.contiguous(), scale=scale)
+
+
+def _bounded(tensor: torch.Tensor) -> bool:
+    """Every entry finite and of magnitude at most ``MAX_MAGNITUDE`` (one pass: the inf-norm is NaN
+    or Inf when an entry is)."""
+    if not tensor.numel():
+        return True
+    peak = float(torch.linalg.vector_norm(tensor, float("inf")))
+    return math.isfinite(peak) and peak <= MAX_MAGNITUDE
 
 
 def _examples(base_shapes: Mapping[str, BaseLinearShape]) -> str:

@@ -71,10 +71,12 @@ from adapters.errors import (
 from adapters.host_cache import HostCache
 from adapters.index import INDEX_FILE, AdapterIndex, AdapterRecord
 from adapters.peft_format import (
+    VALUE_CHECKS,
     BaseLinearShape,
     LoraAdapter,
     build_adapter,
     load_safetensors_bytes,
+    load_stored_safetensors,
     parse_adapter_config,
 )
 from adapters.tenants import SEPARATOR, TenantTable, check_tenant_id
@@ -350,8 +352,8 @@ class AdapterStore:
         return files
 
     @staticmethod
-    def _check_digest(record: AdapterRecord, digest: str) -> None:
-        if digest != record.sha256:
+    def _check_digest(record: AdapterRecord, digest: str, config_digest: str | None = None) -> None:
+        if digest != record.sha256 or config_digest not in (None, record.config_sha256):
             raise AdapterError(
                 f"the stored files of adapter {record.adapter_id!r} are corrupt (sha256 mismatch); "
                 "upload it again with ?replace=true.",
@@ -361,19 +363,38 @@ class AdapterStore:
     def _parse_stored(self, record: AdapterRecord) -> LoraAdapter:
         """Read a stored version and parse it while its sha256 is checked against the one recorded
         at upload on another thread (hashlib and the parse's tensor work release the GIL): a cold
-        load costs the longer of the two, not their sum. Corrupt files are reported as such even
-        when the parse fails on them first."""
+        load costs the longer of the two, not their sum. Nothing parsed is returned before both
+        files' digests matched, so corrupt files are never served, and they are reported as such
+        even when the parse fails on them first.
+
+        A version stored under the current value rules (``record.checks``) is parsed the short
+        way: tensors read in place and cast once (``load_stored_safetensors``), values not scanned
+        again (``build_adapter(check_values=False)``): the digests prove the bytes are those that
+        passed every check at upload. Older versions get the full parse of an upload."""
         files = self.blobs.read(record.folder)
         digest = _hasher().submit(sha256_hex, files.weights)
         try:
-            adapter = parse_adapter_files(
+            adapter = self._parse_record_files(record, files)
+        except Exception:
+            self._check_digest(record, digest.result(), sha256_hex(files.config))
+            raise
+        self._check_digest(record, digest.result(), sha256_hex(files.config))
+        return adapter
+
+    def _parse_record_files(self, record: AdapterRecord, files: AdapterFiles) -> LoraAdapter:
+        if record.checks < VALUE_CHECKS:  # stored before the value rules were recorded: every check
+            return parse_adapter_files(
                 files, record.adapter_id, self._shapes(), max_rank=self.max_rank, version=record.version
             )
-        except Exception:
-            self._check_digest(record, digest.result())
-            raise
-        self._check_digest(record, digest.result())
-        return adapter
+        return build_adapter(
+            record.adapter_id,
+            parse_adapter_config(files.config),
+            load_stored_safetensors(files.weights),
+            self._shapes(),
+            max_rank=self.max_rank,
+            version=record.version,
+            check_values=False,
+        )
 
     def _load(self, record: AdapterRecord) -> LoraAdapter:
         with self._state:
@@ -541,6 +562,7 @@ class AdapterStore:
             target_modules=adapter.config.target_modules,
             layers=len(adapter.layers),
             parameters=adapter.num_parameters,
+            checks=VALUE_CHECKS,  # validate() ran every check on these bytes
         )
         self.index.add_pending(record.folder)
         self.blobs.commit(staged, record.folder)

@@ -23,7 +23,9 @@ rate of LRU (the server's) against LFU and Belady's optimum (the bound no policy
 
 Run (minutes on 2 cores): `python bench/many_adapters.py`; the issue's configuration is the
 default (200 adapters of ranks 8-64 on q/k/v/o, 32 slots); growth: `--adapters 200,1000
---stored 1000`, `--targets all-linear --ranks 64`.
+--stored 1000`, `--targets all-linear --ranks 64`. The cold-start probe alone (about a minute):
+`--only cold`: ``--slots`` adapters are stored and each used once, so every slot is taken (as after
+the traffic rounds) and each probe evicts one; no traffic rounds, no uploads, no simulation.
 """
 
 from __future__ import annotations
@@ -236,19 +238,24 @@ def run_traffic(server: ServerProcess, name: str, stored: int, requests: list[Re
     return row
 
 
-def cold_probe(server: ServerProcess, adapter: str) -> tuple[float, float, float]:
+def cold_probe(server: ServerProcess, adapter: str) -> tuple[float, float, float, float, float]:
     """TTFT of the first request to ``adapter`` and the best of the next three (warm), each with a
-    prompt of its own (no prefix-cache hit); and the disk reads the first one caused (1: it was
-    not in host memory, as intended)."""
+    prompt of its own (no prefix-cache hit); the disk reads the first one caused (1: it was not in
+    host memory, as intended); and the merged-mode swaps (``--mode auto``: merge or unmerge) during
+    the cold request and during the warm ones. Sequential requests to one adapter make auto mode
+    merge it (the warm ones may then run merged, and the next probe's cold request first unmerges):
+    a swap is not the adapter's load, so the report counts them."""
 
     def ttft(prompt: str) -> float:
         return asyncio.run(_replay(server.url, [Request(0.0, adapter, prompt, 4)]))[0][0].ttft
 
-    reads = metric(server.url, COUNTERS["disk_reads"])
+    reads, swaps = metric(server.url, COUNTERS["disk_reads"]), metric(server.url, "loraplex_swaps")
     cold = ttft("the model serves a request about a river")
     reads = metric(server.url, COUNTERS["disk_reads"]) - reads
+    cold_swaps = metric(server.url, "loraplex_swaps") - swaps
     warm = min(ttft(f"the server reads story {i} about memory and code") for i in range(3))
-    return cold, warm, reads
+    warm_swaps = metric(server.url, "loraplex_swaps") - swaps - cold_swaps
+    return cold, warm, reads, cold_swaps, warm_swaps
 
 
 # --------------------------------------------------------------------------- slot policy
@@ -375,10 +382,21 @@ def main() -> None:
         "--output-tokens", type=lambda s: tuple(int(x) for x in s.split("-")), default=(8, 32)
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--mode", choices=("auto", "unmerged", "merged"), default="auto", help="the server's --mode"
+    )
+    parser.add_argument(
+        "--only",
+        choices=("all", "cold"),
+        default="all",
+        help="cold: the cold-start probe alone, after filling every slot (see above)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "many-adapters-cpu.md")
     args = parser.parse_args()
+    if args.only == "cold":
+        args.stored, args.adapters, args.http_uploads = args.stored or args.slots, [], 0
     args.stored = args.stored or max(args.adapters)
-    if max(args.adapters) > args.stored:
+    if max(args.adapters, default=0) > args.stored:
         parser.error("--stored must be at least the largest --adapters")
 
     config = AutoConfig.from_pretrained(embedded_model_dir(Path("~/.cache/loraplex").expanduser()))
@@ -386,15 +404,19 @@ def main() -> None:
     rows: list[Row] = []
     load_before = os.getloadavg()
     # the slot policies first: simulated, seconds; a failure here must not cost a run's measurements
-    trace = [
-        q.adapter for q in workload([f"a{i}" for i in range(max(args.adapters))], _long(args), seed=args.seed)
-    ]
-    policies = simulate_policies(trace, args.slots)
+    policies: dict[str, float] = {}
+    if args.adapters:
+        trace = [
+            q.adapter
+            for q in workload([f"a{i}" for i in range(max(args.adapters))], _long(args), seed=args.seed)
+        ]
+        policies = simulate_policies(trace, args.slots)
     with tempfile.TemporaryDirectory() as tmp:
         stored, store_rate = preload(Path(tmp) / "data", config, args, rng)
         print(f"stored {len(stored)} adapters at {store_rate:.1f} MB/s", flush=True)
         server = ServerProcess.start(["--data-dir", f"{tmp}/data", "--max-loaded-adapters", str(args.slots),
-                                      "--host-cache-mb", str(args.host_cache_mb), "--max-batch", "32"])  # fmt: skip
+                                      "--host-cache-mb", str(args.host_cache_mb), "--max-batch", "32",
+                                      "--mode", args.mode])  # fmt: skip
         try:
             started, sent = time.perf_counter(), 0
             for i in range(args.http_uploads):
@@ -416,6 +438,9 @@ def main() -> None:
                     rows += [base, row]
                     print(f"round {round_}: {row.name}: {row.tokens_per_s:.1f} tok/s vs {base.tokens_per_s:.1f}",
                           flush=True)  # fmt: skip
+            if args.only == "cold":  # every slot taken, as after the rounds: each probe evicts one
+                fill = [Request(0.0, a, f"fill {a} with the river story", 2) for a in stored[: args.slots]]
+                asyncio.run(_replay(server.url, fill))
             probes = [cold_probe(server, f"probe{i}-r64") for i in range(args.probes)]
         finally:
             server.stop()
@@ -433,6 +458,11 @@ def write_report(args, rows: list[Row], probes, policies: dict[str, float], stor
         return f"{percentile(values, q) * 1000:.0f}" if values else "-"
 
     load_after = os.getloadavg()
+    table = [
+        "| round | configuration | tok/s | vs one adapter | TTFT p50/p99 ms | ITL p50/p99 ms | slot loads | "
+        "evictions | disk reads |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]  # fmt: skip
     lines = [
         f"## Run of {dt.datetime.now():%Y-%m-%d %H:%M}", "",
         f"`{' '.join(sys.argv)}`; {machine_description()}; load average {load_before[0]:.1f} at the start, "
@@ -441,13 +471,13 @@ def write_report(args, rows: list[Row], probes, policies: dict[str, float], stor
         f"adapters on {args.targets} of ranks {args.ranks} (float16 files); {args.stored} stored (+ "
         f"{args.probes} probes and the baseline), written at {store_rate:.1f} MB/s through `AdapterStore.put` "
         f"(fsync off), "
-        f"{args.http_uploads} more uploaded over HTTP at {upload_rate:.1f} MB/s; {args.requests} requests per "
-        f"configuration and round, Poisson at {args.rate}/s, popularity ∝ 1/i^{args.alpha}, prompts of "
-        f"{args.prompt_words} words, {args.output_tokens} new tokens (EOS ignored). Each round sends the same "
-        "arrivals to one rank-16 adapter, then to the N adapters.", "",
-        "| round | configuration | tok/s | vs one adapter | TTFT p50/p99 ms | ITL p50/p99 ms | slot loads | "
-        "evictions | disk reads |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"{args.http_uploads} more uploaded over HTTP at {upload_rate:.1f} MB/s; " + (
+            f"{args.requests} requests per configuration and round, Poisson at {args.rate}/s, popularity ∝ "
+            f"1/i^{args.alpha}, prompts of {args.prompt_words} words, {args.output_tokens} new tokens (EOS "
+            "ignored). Each round sends the same arrivals to one rank-16 adapter, then to the N adapters."
+            if rows else f"server `--mode {args.mode}`; no traffic rounds."
+        ), "",
+        *(table if rows else ["(`--only cold`: no traffic rounds; every slot was filled before the probe.)"]),
     ]  # fmt: skip
     ratios: dict[int, list[float]] = {}
     for i, row in enumerate(rows):
@@ -468,16 +498,26 @@ def write_report(args, rows: list[Row], probes, policies: dict[str, float], stor
     cold = statistics.median(p[0] for p in probes)
     warm = statistics.median(p[1] for p in probes)
     reads = sum(p[2] for p in probes)
+    swaps = (
+        f"; merged-mode swaps (`--mode {args.mode}`) during the cold requests: "
+        + ", ".join(f"{p[3]:.0f}" for p in probes)
+        + ", during the warm ones: "
+        + ", ".join(f"{p[4]:.0f}" for p in probes)
+    )
     lines += [
         f"- Cold start, idle server: the first request to each of {len(probes)} rank-64 adapters never used "
         f"({reads:.0f} read from disk, parsed, staged on the loader thread, installed in a slot): TTFT "
         f"{', '.join(f'{p[0] * 1000:.0f}' for p in probes)} ms; the next requests to each (warm, best of 3): "
-        f"{', '.join(f'{p[1] * 1000:.0f}' for p in probes)} ms; **median cold/warm {cold / warm:.2f}x**.",
-        f"- Slot policy, simulated on 20,000 requests of the same popularity over {max(args.adapters)} adapters "
-        f"and {args.slots} slots (one request at a time): hit rate "
-        + ", ".join(f"{name} {rate:.1%}" for name, rate in policies.items()) + ".",
-        "",
+        f"{', '.join(f'{p[1] * 1000:.0f}' for p in probes)} ms{swaps}; **median cold/warm {cold / warm:.2f}x**.",
     ]  # fmt: skip
+    if policies:
+        lines.append(
+            f"- Slot policy, simulated on 20,000 requests of the same popularity over {max(args.adapters)} "
+            f"adapters and {args.slots} slots (one request at a time): hit rate "
+            + ", ".join(f"{name} {rate:.1%}" for name, rate in policies.items())
+            + "."
+        )
+    lines.append("")
     text = "\n".join(lines)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

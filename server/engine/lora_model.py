@@ -223,6 +223,8 @@ class AdapterSlots:
             if self.vocab is not None:
                 self.vocab.clear_slot(slot)
             raise
+        for reader, layout in staged.layouts:  # laid out by the loader: nothing to pack at first use
+            reader.adopt(slot, layout)
         self._resident[adapter.key] = _Resident(adapter=adapter, slot=slot)
         self.on_change()
         self.loads += 1

@@ -185,13 +185,17 @@ class Scheduler:
     def admit(self, only_key: AdapterKey | str = "any") -> list[Row]:
         """Take waiting requests into free rows (:meth:`admit_pass`). A request whose adapter is
         still loading (``AdapterSlots.prepare``, on the loader thread) waits while other rows run;
-        when nothing runs, the engine waits here for the load rather than spinning."""
-        # no row to stall: load, then admit
-        if not self.engine.num_running and self.engine.config.mode != "merged":
+        when nothing runs, the engine waits here for the load rather than spinning.
+
+        The loads of the first ``max_batch`` waiting requests start here even while the batch is
+        full (at most a slot's worth staged ahead: ``prepare``), so an adapter loads while its
+        request queues instead of after it reaches the head with a free row."""
+        if self.engine.config.mode != "merged":
             wanted = [
                 r.adapter for r in list(self.waiting)[: self.engine.config.max_batch] if r.adapter is not None
             ]
-            if any(self.engine.slots.prepare(adapter) == LOADING for adapter in wanted):
+            loading = [self.engine.slots.prepare(adapter) == LOADING for adapter in wanted]
+            if any(loading) and not self.engine.num_running:  # no row to stall: load, then admit
                 self.engine.slots.wait_for_loads(_IDLE_LOAD_WAIT)
         admitted = self.admit_pass(only_key)
         self.engine.slots.retain({r.adapter.key for r in self.waiting if r.adapter is not None})

@@ -159,6 +159,34 @@ def pack_blocks(matrix: torch.Tensor) -> torch.Tensor:
     return padded.view(rows, -1, BLOCK).transpose(0, 1).contiguous()
 
 
+def pack_row_blocks(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Row blocks [r_i, k] stacked along the rank (R = Σ r_i), packed as :func:`pack_blocks` packs
+    their transpose [k, R]: [ceil(R / BLOCK), k, BLOCK], where ``out[b, i, c] = rows[16b + c, i]``.
+    One copy per entry (no transposed, concatenated or padded intermediate) when every r_i is a
+    multiple of BLOCK, as ranks usually are; else through :func:`pack_blocks`."""
+    if any(r.shape[0] % BLOCK for r in rows):
+        return pack_blocks(torch.cat(list(rows)).t())
+    k = int(rows[0].shape[1])
+    out = rows[0].new_empty(sum(int(r.shape[0]) for r in rows) // BLOCK, k, BLOCK)
+    block = 0
+    for r in rows:
+        n = int(r.shape[0]) // BLOCK
+        out[block : block + n].copy_(r.unflatten(0, (n, BLOCK)).transpose(1, 2))  # [n, k, 16]
+        block += n
+    return out
+
+
+def pack_scaled_columns(B: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """B [d, r] times ``scale`` (a 0-d tensor), packed as :func:`pack_blocks` packs (scale·B)ᵀ
+    [r, d]: [ceil(d / BLOCK), r, BLOCK], in one pass (the product written into place) when d is a
+    multiple of BLOCK; else through :func:`pack_blocks`."""
+    d, r = B.shape
+    if d % BLOCK:
+        return pack_blocks((B.t() * scale).contiguous())
+    out = B.new_empty(d // BLOCK, r, BLOCK)
+    return torch.mul(B.unflatten(0, (d // BLOCK, BLOCK)).transpose(1, 2), scale, out=out)
+
+
 class SlotPlan:
     """One slot's factors for one projection, packed as the C kernel reads them (built once, when
     the slot's contents change)."""
@@ -171,16 +199,45 @@ class SlotPlan:
         tensors = [A, *(p[2] for p in parts)]
         if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
             raise ValueError("the compiled kernel reads float32 CPU factors")
-        self.k = int(A.shape[0])
-        self.widths = {p[0]: int(p[2].shape[1]) for p in parts}
-        packed_A = pack_blocks(A)  # [R/16, k, 16]
+        packed = [(index, start, pack_blocks(B), *map(int, B.shape)) for index, start, B in parts]
+        self._build(pack_blocks(A), int(A.shape[0]), packed, num_parts)  # A: [R/16, k, 16]
+
+    @classmethod
+    def from_staged(
+        cls, parts: Sequence[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]], num_parts: int
+    ) -> SlotPlan:
+        """The plan of a slot's factors as the banks hold them, packed straight from them:
+        ``parts``: (part index, A [r, k], B [d_p, r], scale as a 0-d tensor) per part the slot
+        adapts, in part order, float32 on the CPU. Equal to ``SlotPlan(Aᵀ concatenated, [(index,
+        start, (scale·B)ᵀ)])``, with one copy of each factor instead of four."""
+        tensors = [t for p in parts for t in p[1:]]
+        if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+            raise ValueError("the compiled kernel reads float32 CPU factors")
+        plan = cls.__new__(cls)
+        packed, start = [], 0
+        for index, A, B, scale in parts:
+            packed.append((index, start, pack_scaled_columns(B, scale), int(A.shape[0]), int(B.shape[0])))
+            start += int(A.shape[0])
+        plan._build(pack_row_blocks([p[1] for p in parts]), int(parts[0][1].shape[1]), packed, num_parts)
+        return plan
+
+    def _build(
+        self,
+        packed_A: torch.Tensor,
+        k: int,
+        packed_parts: Sequence[tuple[int, int, torch.Tensor, int, int]],
+        num_parts: int,
+    ) -> None:
+        """``packed_A``: [R/16, k, 16]; ``packed_parts``: (part index, first rank column of h,
+        packed B [d_p/16, r, 16], r, d_p) per part."""
+        self.k = k
+        self.widths = {index: d for index, _, _, _, d in packed_parts}
         rank_start, rank = [0] * num_parts, [0] * num_parts
         B_pointers = [0] * num_parts
         packed_B = []
-        for index, start, B in parts:
-            packed = pack_blocks(B)  # [d/16, r, 16]
+        for index, start, packed, r, _ in packed_parts:
             packed_B.append(packed)
-            rank_start[index], rank[index], B_pointers[index] = start, int(B.shape[0]), packed.data_ptr()
+            rank_start[index], rank[index], B_pointers[index] = start, r, packed.data_ptr()
         self._rank_start = torch.tensor(rank_start, dtype=torch.int64)
         self._rank = torch.tensor(rank, dtype=torch.int64)
         self._b_pointers = (ctypes.c_void_p * num_parts)(*B_pointers)

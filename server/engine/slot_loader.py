@@ -5,8 +5,11 @@ every factor cast, moved to the device and zero-padded to the bank's rank, and s
 slot of every layer reallocated (a higher rank, one more slot), while every running row waited.
 Now admission asks the :class:`SlotLoader` for the adapter and keeps the request waiting; the
 loader thread builds the staged factors (``LoraSlotBank.stage``) and, when the adapter needs
-bigger stacks, the grown stacks (``LoraSlotBank.grown``); a later step's admission installs them
-(``AdapterSlots.install``): a copy per layer and a pointer swap. Other rows decode meanwhile.
+bigger stacks, the grown stacks (``LoraSlotBank.grown``), and each projection's layout of the
+adapter's factors for its LoRA kernel (``LoraSlotBank.reader``: ``prebuild``; the compiled CPU
+kernel's packed blocks), which the engine thread used to build at the slot's first step; a later
+step's admission installs them (``AdapterSlots._load``): a copy per layer, a pointer swap, the
+layouts adopted. Other rows decode meanwhile.
 
 Parsing and validating an adapter (and fetching it from disk or an adapter source) happen before
 the request reaches the engine, in the API's worker threads (``server/api/deps.py``); the
@@ -19,11 +22,12 @@ import concurrent.futures
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from adapters.peft_format import LoraAdapter, LoraLayerWeights
-from server.engine.lora.slots import GrownStacks, LoraSlotBank
+from server.engine.lora.slots import GrownStacks, LoraSlotBank, SlotLayoutReader, StagedPart
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,8 @@ class StagedAdapter:
     adapter: LoraAdapter
     layers: dict[str, StagedLayer]
     seconds: float  # time the loader thread spent building it
+    # each projection's layout of the staged factors (``SlotLayoutReader.prebuild``), adopted at install
+    layouts: tuple[tuple[SlotLayoutReader, Any], ...] = ()
 
 
 def bank_of(target: object) -> LoraSlotBank | None:
@@ -88,7 +94,26 @@ def stage_adapter(
         A, B = bank.stage(weights.A, weights.B, g) if grown is None else _stage_at(bank, weights, grown, g)
         staged[name] = StagedLayer(A, B, weights.scale, grown, g, rank=int(weights.A.shape[0]))
     _sync_device(staged.values())
-    return StagedAdapter(adapter, staged, time.perf_counter() - started)
+    layouts = prebuild_layouts(layers, staged)
+    return StagedAdapter(adapter, staged, time.perf_counter() - started, layouts)
+
+
+def prebuild_layouts(
+    layers: Mapping[str, object], staged: Mapping[str, StagedLayer]
+) -> tuple[tuple[SlotLayoutReader, Any], ...]:
+    """Each projection's layout of the staged factors, grouped by the projection that reads the
+    banks (a fused q/k/v projection lays out its parts together); projections whose backend builds
+    nothing ahead (``prebuild`` None) build theirs at the slot's first use, as before."""
+    parts: dict[int, tuple[SlotLayoutReader, dict[int, StagedPart]]] = {}
+    for name, layer in staged.items():
+        bank = bank_of(layers[name])
+        if bank is None or bank.reader is None or layer.rank is None:
+            continue
+        reader, by_part = parts.setdefault(id(bank.reader), (bank.reader, {}))
+        index = next(i for i, b in enumerate(reader.banks) if b is bank)
+        by_part[index] = StagedPart(layer.A, layer.B, layer.scale, layer.rank)
+    built = ((reader, reader.prebuild(by_part)) for reader, by_part in parts.values())
+    return tuple((reader, layout) for reader, layout in built if layout is not None)
 
 
 def _stage_at(

@@ -19,6 +19,7 @@ import torch
 from server.engine import cpu_build, sgmv_cpu
 from server.engine.lora import BASE_SLOT, LoraBatchContext, LoraProjection, LoraSlotBank, choose_backend
 from server.engine.lora.compiled_cpu import CompiledCpuBackend
+from server.engine.lora.slot_layouts import slot_factors
 from server.engine.native.graphed import graph_lora_form
 from tests.lora_backends import LORA_BACKENDS, lora_backend
 
@@ -224,3 +225,36 @@ def test_graph_steps_take_a_graph_form_of_the_runners_backend() -> None:
         delta = form.step_part(bank, ctx).delta(x, rows, scales)  # [2, 6]
         torch.testing.assert_close(delta[0], bank.delta_weight(0) @ x[0])
         torch.testing.assert_close(delta[1], torch.zeros(6))
+
+
+@pytest.mark.parametrize(
+    ("ranks", "widths"),
+    [((64, 64, 16), (576, 192, 192)), ((12, 0, 4), (24, 9, 40)), ((32,), (20,))],
+)
+def test_a_plan_packed_straight_from_staged_factors_equals_the_first_use_one(ranks, widths) -> None:
+    """The slot loader packs a slot from its staged factors (``SlotPlan.from_staged``); the plan is
+    the one the first step would build from the banks, entry for entry (multiples of the 16-column
+    blocks take the one-copy path, the others the padded one)."""
+    k = 48
+    g = torch.Generator().manual_seed(5)
+    banks = [LoraSlotBank(k, d, torch.float32, torch.device("cpu")) for d in widths]
+    staged = []
+    for p, (r, d) in enumerate(zip(ranks, widths, strict=True)):
+        if r == 0:
+            continue
+        A, B, scale = torch.randn(r, k, generator=g), torch.randn(d, r, generator=g), 0.3 + p
+        banks[p].set_slot(2, A, B, scale)
+        staged.append((p, A, B, torch.tensor(scale, dtype=torch.float32)))
+    factors = slot_factors(banks, 2)
+    assert factors is not None
+    first_use = sgmv_cpu.SlotPlan(
+        factors.A, [(q.index, q.rank_start, q.B) for q in factors.parts], len(banks)
+    )
+    direct = sgmv_cpu.SlotPlan.from_staged(staged, len(banks))
+    assert direct.k == first_use.k and direct.widths == first_use.widths
+    assert len(direct._tensors) == len(first_use._tensors)
+    for ours, theirs in zip(direct._tensors, first_use._tensors, strict=True):
+        assert ours.shape == theirs.shape and torch.equal(ours, theirs)
+    assert torch.equal(direct._rank_start, first_use._rank_start) and torch.equal(
+        direct._rank, first_use._rank
+    )

@@ -14,9 +14,12 @@ from adapters.peft_format import (
     BaseLinearShape,
     check_safetensors_header,
     load_adapter_dir,
+    load_safetensors_bytes,
+    load_stored_safetensors,
     parse_adapter_config,
 )
 from server.engine.hf_runner import HFRunner
+from tests.adapter_files import raw_safetensors
 
 
 @pytest.fixture
@@ -229,3 +232,38 @@ def test_unknown_dtype_and_bad_offsets() -> None:
         raw = json.dumps(bad_header).encode()
         with pytest.raises(AdapterError, match=words):
             check_safetensors_header(struct.pack("<Q", len(raw)) + raw + good[8 + n :])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_the_stored_read_equals_the_uploads_parse(dtype) -> None:
+    """``load_stored_safetensors`` (a stored version's short read: in place, cast in pieces) gives
+    the tensors ``load_safetensors_bytes`` gives, for tensors of many pieces, empty ones and scalars."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "big": (torch.randn(300, 333, generator=g) * 100).to(dtype),  # 99,900 entries: 4 pieces
+        "small": torch.randn(3, 5, generator=g).to(dtype),
+        "empty": torch.zeros(0, 7, dtype=dtype),
+        "scalar": torch.tensor(1.5, dtype=dtype),
+    }
+    blob = save(tensors)
+    full, short = load_safetensors_bytes(blob), load_stored_safetensors(blob)
+    assert full.keys() == short.keys() == tensors.keys()
+    for name in tensors:
+        assert short[name].dtype == torch.float32 and short[name].shape == full[name].shape
+        assert torch.equal(short[name], full[name])
+
+
+def test_the_stored_read_copes_with_an_unaligned_tensor_and_refuses_a_bad_header() -> None:
+    """A tensor whose bytes start at an odd address offset is read from an aligned copy; offsets
+    outside the blob are refused before anything is read."""
+    values = torch.tensor([1.0, -2.5, 3.25], dtype=torch.float16)
+    header = {"pad": {"dtype": "F16", "shape": [0], "data_offsets": [0, 0]},
+              "x": {"dtype": "F16", "shape": [3], "data_offsets": [1, 7]}}  # fmt: skip
+    text = json.dumps(header).encode()
+    text += b" " * (len(text) % 2)  # an even header: the body starts even, the tensor at an odd offset
+    blob = struct.pack("<Q", len(text)) + text + b"\x00" + values.numpy().tobytes()
+    assert (8 + len(text) + 1) % 2 == 1
+    assert torch.equal(load_stored_safetensors(blob)["x"], values.float())
+    bad = raw_safetensors({"x": {"dtype": "F16", "shape": [3], "data_offsets": [1, 9]}}, b"\x00" * 7)
+    with pytest.raises(AdapterError, match="outside the file"):
+        load_stored_safetensors(bad)

@@ -13,7 +13,8 @@ import torch
 from adapters.peft_format import load_adapter_dir
 from server.engine.engine import Engine, EngineConfig
 from server.engine.lora.slots import LoraSlotBank
-from server.engine.slot_loader import StagedAdapter
+from server.engine.requests import TokenEvent
+from server.engine.slot_loader import StagedAdapter, bank_of
 from tests.engine_helpers import outcome, run_one, submit
 
 PROMPT = "Once upon a time in a land far away"
@@ -213,3 +214,69 @@ def test_a_burst_of_cold_adapters_does_not_evict_a_hot_one() -> None:
     in_use = slots.acquire(_fake("c3"))  # held by a running row: never evicted, whatever its count
     slots.acquire(_fake("c4"))
     assert in_use == slots._resident["c3"].slot and "hot" not in slots
+
+
+def test_slots_laid_out_by_the_loader_serve_what_first_use_layouts_serve(
+    tiny_base, tiny_base_dir, tokenizer, peft_adapter_factory, monkeypatch
+) -> None:
+    """The native runner's fused q/k/v projections with the compiled kernel: the loader thread
+    packs each slot (``CompiledCpuBackend.prebuild``) and the install adopts it, so the first step
+    packs nothing; every token and log-probability equals those of an engine whose slots are
+    packed at first use (the way before), for adapters of every fused-part combination."""
+    from server.engine import cpu_build, sgmv_cpu
+    from server.engine.base_model import build_engine_for_dir
+    from server.engine.lora.compiled_cpu import CompiledCpuBackend
+
+    if not cpu_build.cpu_supports_avx2_fma():
+        pytest.fail("this test needs a C compiler and an AVX2/FMA CPU, as CI has")
+    sgmv_cpu.configure("auto")
+    targets = [["q_proj", "k_proj", "v_proj", "o_proj"], ["q_proj", "v_proj"], ["k_proj", "down_proj"]]
+    paths = [
+        peft_adapter_factory(tiny_base, f"l{i}", seed=i, r=r, target_modules=t)[0]
+        for i, (r, t) in enumerate(zip((16, 12, 8), targets, strict=True))
+    ]
+
+    def serve() -> tuple[list[tuple[list[int], list[float]]], list[int]]:
+        config = EngineConfig(mode="unmerged", max_loaded_adapters=2)  # the third load evicts
+        engine = build_engine_for_dir(tiny_base_dir, "native", torch.float32, torch.device("cpu"), config)
+        assert engine.runner.lora_backend.name == "compiled-cpu"
+        adapters = [load_adapter_dir(p, f"l{i}", engine.base_shapes) for i, p in enumerate(paths)]
+        results = []
+        for adapter in [*adapters, adapters[0]]:
+            _, events = submit(engine, _ids(tokenizer), adapter, max_new_tokens=6, ignore_eos=True)
+            engine.run_until_idle()
+            tokens = [e for e in events if isinstance(e, TokenEvent)]
+            results.append(([e.id for e in tokens], [e.logprob for e in tokens]))
+        projections = {id(b.reader): b.reader for b in map(bank_of, engine.runner.lora_targets.values()) if b}
+        return results, [p.state.layouts.rebuilt for p in projections.values()]
+
+    prebuilt, rebuilt = serve()
+    assert sum(rebuilt) == 0  # every slot's layout came from the loader thread
+    monkeypatch.setattr(CompiledCpuBackend, "prebuild", lambda self, projection, parts: None)
+    first_use, rebuilt_at_first_use = serve()
+    assert sum(rebuilt_at_first_use) > 0
+    assert prebuilt == first_use
+
+
+def test_a_queued_requests_adapter_loads_while_the_batch_is_full(
+    engine_and_adapters, tiny_base, tokenizer
+) -> None:
+    """With every row taken, a waiting request's adapter is staged meanwhile (its load overlaps the
+    queueing), and the request is served as when loaded at once."""
+    _, (a0, a1, _) = engine_and_adapters
+    engine = _engine(copy.deepcopy(tiny_base), tokenizer, max_loaded_adapters=2, max_batch=1)
+    ids = _ids(tokenizer)
+    solo = run_one(engine, ids, a1, max_new_tokens=4, ignore_eos=True).tokens
+    engine.slots.evict(a1.key)
+    gated = GatedStage(engine.slots.loader._stage)
+    engine.slots.loader._stage = gated
+    gated.gate.set()  # loads run at once; `entered` says when one began
+
+    running = submit(engine, ids, a0, max_new_tokens=12, ignore_eos=True)[1]
+    _step(engine)
+    queued = submit(engine, ids, a1, max_new_tokens=4, ignore_eos=True)[1]
+    _step(engine)
+    assert gated.entered.wait(10), "the queued request's adapter did not start loading"
+    assert engine.num_waiting == 1 and outcome(running).finish is None  # still queued behind a0's row
+    engine.run_until_idle()
+    assert outcome(queued).tokens == solo and len(outcome(running).tokens) == 12

@@ -24,8 +24,8 @@ from adapters.errors import (
     UnknownAdapter,
 )
 from adapters.host_cache import HostCache, adapter_nbytes
-from adapters.peft_format import LoraAdapter, LoraConfigSpec, LoraLayerWeights
-from adapters.store import AdapterStore, DataDirLocked, check_adapter_id, derive_adapter_id
+from adapters.peft_format import VALUE_CHECKS, LoraAdapter, LoraConfigSpec, LoraLayerWeights
+from adapters.store import AdapterStore, DataDirLocked, check_adapter_id, derive_adapter_id, sha256_hex
 from tests.adapter_files import linear_shapes, make_adapter
 
 SUMMARY_FIELDS = [
@@ -458,3 +458,109 @@ def test_index_holds_the_summary(open_store, files, tmp_path) -> None:
         .fetchone()
     )
     assert row == (4, 2, json.dumps(["q_proj"]), record.folder)
+
+
+# --------------------------------------------------------------------------- cold reads (issue 29)
+
+
+def _cold(store: AdapterStore, adapter_id: str) -> LoraAdapter:
+    """``adapter_id`` read back from disk (the host cache forgets it first)."""
+    store.cache.drop(store.record(adapter_id).key)
+    adapter = store.get(adapter_id)
+    assert adapter is not None
+    return adapter
+
+
+def _assert_same_tensors(a: LoraAdapter, b: LoraAdapter) -> None:
+    assert a.layers.keys() == b.layers.keys()
+    for name, layer in a.layers.items():
+        other = b.layers[name]
+        assert layer.scale == other.scale and layer.A.dtype == other.A.dtype == torch.float32
+        assert torch.equal(layer.A, other.A) and torch.equal(layer.B, other.B)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_a_stored_version_is_read_the_short_way_with_the_uploads_tensors(
+    open_store, tiny_base, dtype, monkeypatch
+) -> None:
+    """A version stored under the current value rules is read in place, cast once and not scanned
+    again, and gives exactly the tensors the upload's full parse gave."""
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    import adapters.store as store_module
+
+    config, weights = make_adapter(tiny_base, seed=3, r=4)
+    weights = st_save({k: t.to(dtype) for k, t in st_load(weights).items()})
+    store = open_store()
+    record = store.put("a", AdapterFiles(config, weights))
+    assert record.checks == VALUE_CHECKS
+    uploaded = store.get("a")  # what the upload's parse put in the host cache
+    flags: list[bool] = []
+    real = store_module.build_adapter
+
+    def spy(*args, **kwargs):
+        flags.append(kwargs.get("check_values", True))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store_module, "build_adapter", spy)
+    _assert_same_tensors(_cold(store, "a"), uploaded)
+    assert flags == [False]
+
+
+def test_corrupt_weights_or_config_are_refused_on_the_short_read(open_store, files) -> None:
+    """The short read still compares both files with their recorded sha256: a flipped bit inside a
+    tensor (which the parse alone would accept) or a changed config is never served."""
+    store = open_store()
+    record = store.put("a", files())
+    folder = store.blobs.versions_dir / record.folder
+    weights = folder / "adapter_model.safetensors"
+    good = weights.read_bytes()
+    corrupt = bytearray(good)
+    corrupt[len(corrupt) // 2] ^= 0x01  # inside the tensors' bytes: still parses
+    weights.write_bytes(bytes(corrupt))
+    with pytest.raises(AdapterError, match="corrupt") as info:
+        _cold(store, "a")
+    assert info.value.error_type == "store_corrupt"
+    weights.write_bytes(good)
+    config = folder / "adapter_config.json"
+    good_config = config.read_bytes()
+    config.write_bytes(good_config.replace(b'"lora_alpha": 16', b'"lora_alpha": 17'))
+    with pytest.raises(AdapterError, match="corrupt"):
+        _cold(store, "a")
+    config.write_bytes(good_config[:-1] + b"!")  # no longer JSON: reported as corrupt, not invalid
+    with pytest.raises(AdapterError, match="corrupt") as info:
+        _cold(store, "a")
+    assert info.value.error_type == "store_corrupt"
+    config.write_bytes(good_config)
+    assert _cold(store, "a").version == record.version
+
+
+def test_an_index_written_before_the_checks_column_rechecks_values_on_read(
+    open_store, files, tiny_base, tmp_path
+) -> None:
+    """Rows of a schema-1 index get ``checks`` 0: their reads run every check of an upload, so a
+    version whose recorded sha256 matches but whose values were never checked is refused."""
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    store = open_store()
+    record = store.put("a", files())
+    store.close()
+    weights = tmp_path / "data" / "adapters" / record.folder / "adapter_model.safetensors"
+    tensors = st_load(weights.read_bytes())
+    first = sorted(tensors)[0]
+    tensors[first][0, 0] = float("nan")
+    poisoned = st_save(tensors)
+    weights.write_bytes(poisoned)
+    db = sqlite3.connect(tmp_path / "data" / "index.sqlite3")
+    with db:  # back to schema 1: no checks column, the poisoned file's digest recorded
+        db.execute("ALTER TABLE adapters DROP COLUMN checks")
+        db.execute("UPDATE adapters SET sha256 = ?, bytes = ?", (sha256_hex(poisoned), record.bytes))
+        db.execute("PRAGMA user_version=1")
+    db.close()
+    store = open_store()
+    assert store.record("a").checks == 0
+    with pytest.raises(AdapterError, match="NaN") as info:
+        store.get("a")
+    assert info.value.error_type == "invalid_weights"

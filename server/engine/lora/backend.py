@@ -27,13 +27,13 @@ this package and add it to ``BACKENDS`` in ``choose.py``; the tests parametrised
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 
 from server.engine.lora.batch import LoraBatchContext
-from server.engine.lora.slots import LoraSlotBank
+from server.engine.lora.slots import LoraSlotBank, StagedPart
 
 
 class LoraBackend(ABC):
@@ -68,6 +68,17 @@ class LoraBackend(ABC):
         """State the backend keeps for one projection (``projection.state``; default: none)."""
         return None
 
+    def prebuild(self, projection: LoraProjection, parts: Mapping[int, StagedPart]) -> Any | None:
+        """A slot's layout built from an adapter's staged ``parts`` (by part index) on the slot
+        loader's thread, before the install (default: None, nothing prebuilt); see :meth:`adopt`."""
+        return None
+
+    def adopt(self, projection: LoraProjection, slot: int, layout: Any) -> None:
+        """Take ``layout`` (:meth:`prebuild`) as ``slot``'s, on the engine thread right after its
+        install, instead of building it at the slot's first use. Only called with what this
+        backend's own :meth:`prebuild` returned, so the default (which prebuilds nothing) never is."""
+        raise NotImplementedError(f"the {self.name} LoRA backend prebuilds no slot layout")
+
     @abstractmethod
     def add_delta(
         self, projection: LoraProjection, x: torch.Tensor, y: torch.Tensor, batch: LoraBatchContext
@@ -95,6 +106,16 @@ class LoraProjection:
         self.spans = list(spans)  # part p writes output columns [spans[p][0], spans[p][1])
         self.backend = backend
         self.state = backend.bind(self)
+        for bank in self.banks:
+            bank.reader = self  # the slot loader finds the projection of a bank it stages for
+
+    def prebuild(self, parts: Mapping[int, StagedPart]) -> Any | None:
+        """See :meth:`LoraBackend.prebuild` (``SlotLayoutReader``)."""
+        return self.backend.prebuild(self, parts)
+
+    def adopt(self, slot: int, layout: Any) -> None:
+        """See :meth:`LoraBackend.adopt` (``SlotLayoutReader``)."""
+        self.backend.adopt(self, slot, layout)
 
     def applies_to(self, batch: LoraBatchContext) -> bool:
         """True when some row of the batch reads an adapter that adapts one of the parts."""

@@ -11,7 +11,7 @@ builds and passes its check against the dense formula (a C compiler, AVX2/FMA).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -19,6 +19,7 @@ from server.engine import sgmv_cpu
 from server.engine.lora.backend import LoraBackend, LoraProjection
 from server.engine.lora.batch import LoraBatchContext
 from server.engine.lora.slot_layouts import SlotFactors, SlotLayouts
+from server.engine.lora.slots import StagedPart
 
 
 class _Groups:
@@ -89,6 +90,27 @@ class CompiledCpuBackend(LoraBackend):
 
     def bind(self, projection: LoraProjection) -> _Factors:
         return _Factors(projection)
+
+    def prebuild(
+        self, projection: LoraProjection, parts: Mapping[int, StagedPart]
+    ) -> sgmv_cpu.SlotPlan | None:
+        """The slot's packed plan straight from the staged factors (the slot loader's thread): the
+        plan :func:`slot_factors` and :class:`sgmv_cpu.SlotPlan` would build from the banks at the
+        slot's first step, entry for entry (B times the scale as the bank holds it, float32)."""
+        staged = [
+            (index, part.A[: part.rank], part.B[:, : part.rank], torch.tensor(part.scale, dtype=part.B.dtype))
+            for index, part in sorted(parts.items())
+            if part.rank > 0
+        ]
+        if not staged or any(
+            t.dtype != torch.float32 or t.device.type != "cpu" for p in staged for t in p[1:3]
+        ):
+            return None  # nothing adapted here, or not what the kernel reads: built at first use
+        return sgmv_cpu.SlotPlan.from_staged(staged, len(projection.banks))
+
+    def adopt(self, projection: LoraProjection, slot: int, layout: sgmv_cpu.SlotPlan | None) -> None:
+        factors: _Factors = projection.state
+        factors.layouts.adopt(slot, layout)
 
     def add_delta(
         self, projection: LoraProjection, x: torch.Tensor, y: torch.Tensor, batch: LoraBatchContext

@@ -10,6 +10,11 @@ style: per-segment slot indices into the per-slot layouts).
 
 Each slot keeps its own rank (``LoraSlotBank.slot_ranks``): a rank-8 adapter's rows do rank-8 work
 even when the bank is padded to rank 64 for another slot.
+
+A slot filled by the slot loader gets its layout built on the loader's thread from the staged
+factors (``LoraSlotBank.reader``, ``LoraBackend.prebuild``) and handed over at install
+(:meth:`SlotLayouts.adopt`): the engine thread packs nothing at the slot's first use (it did, 40-50
+ms per rank-64 q/k/v/o adapter on the embedded model, stalling every running row).
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ class SlotLayouts(Generic[T]):
         self._layouts: dict[int, tuple[tuple[int | None, ...], T | None]] = {}
         self._versions: tuple[int, ...] = ()  # the banks' versions when `_checked` was last cleared
         self._checked: set[int] = set()  # slots known current at those versions
-        self.rebuilt = 0  # slot layouts built so far (tests, profiling)
+        self.rebuilt = 0  # slot layouts built here so far, not counting empty ones (tests, profiling)
 
     def get(self, slot: int) -> T | None:
         """``slot``'s layout, None when it adapts no part of the projection."""
@@ -84,6 +89,12 @@ class SlotLayouts(Generic[T]):
         if cached is None or cached[0] != key:
             factors = slot_factors(self._banks, slot)
             cached = self._layouts[slot] = (key, None if factors is None else self._make(factors))
-            self.rebuilt += 1
+            self.rebuilt += factors is not None
         self._checked.add(slot)
         return cached[1]
+
+    def adopt(self, slot: int, layout: T | None) -> None:
+        """Take ``layout``, built elsewhere from the factors just installed in ``slot``, as the
+        slot's layout for its current contents (engine thread, right after the install)."""
+        self._layouts[slot] = (tuple(bank.slot_contents.get(slot) for bank in self._banks), layout)
+        self._checked.discard(slot)

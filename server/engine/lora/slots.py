@@ -17,13 +17,14 @@ Loading an adapter is split so that the engine thread does only the last, cheap 
 from __future__ import annotations
 
 import itertools
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
 from server.engine.lora.batch import BASE_SLOT, LoraBatchContext
 
-__all__ = ["BASE_SLOT", "GrownStacks", "LoraSlotBank"]
+__all__ = ["BASE_SLOT", "GrownStacks", "LoraSlotBank", "SlotLayoutReader", "StagedPart"]
 
 _slot_contents = itertools.count(1)  # numbers each slot content ever installed, in every bank
 
@@ -35,6 +36,29 @@ class GrownStacks(NamedTuple):
     B_stack: torch.Tensor  # [S', d, r']
     scale: torch.Tensor  # [S']
     version: int  # the bank's version when the snapshot was taken: stale once it changed
+
+
+class StagedPart(NamedTuple):
+    """One bank's part of an adapter as staged for a slot (``LoraSlotBank.stage``), before install."""
+
+    A: torch.Tensor  # [r', k] in the bank's dtype and device; rows past ``rank`` are padding
+    B: torch.Tensor  # [d, r'] (a DoRA layer's g ⊙ B)
+    scale: float
+    rank: int  # the adapter's own rank r <= r'
+
+
+class SlotLayoutReader(Protocol):
+    """What reads a bank's slots in a layout of its own (a ``LoraProjection``, ``backend.py``): the
+    slot loader has it lay out a staged adapter off the engine thread (``prebuild``), and the
+    install hands the result over (``adopt``), so the engine thread builds no layout at first use."""
+
+    banks: list[LoraSlotBank]
+
+    def prebuild(self, parts: Mapping[int, StagedPart]) -> Any | None:
+        """The layout of an adapter's staged ``parts`` (by part index), or None (nothing to build)."""
+
+    def adopt(self, slot: int, layout: Any) -> None:
+        """Use ``layout`` (from :meth:`prebuild`) for ``slot``, just installed from those parts."""
 
 
 class LoraSlotBank:
@@ -66,6 +90,7 @@ class LoraSlotBank:
         # adapter is placed. Its slots' B_stack holds g ⊙ B (see server/engine/dora.py).
         self.magnitude_stack: torch.Tensor | None = None  # [S, d]
         self.dora_slots: set[int] = set()
+        self.reader: SlotLayoutReader | None = None  # the projection reading this bank (set by it)
 
     @property
     def r_max(self) -> int:
