@@ -48,6 +48,11 @@ SMALL_STEP_THREADS = max(1, int(os.environ.get("LORAPLEX_DECODE_THREADS") or 1))
 BLOCK = sgmv_cpu.BLOCK  # output columns per packed block (BLOCK in gemv_cpu.c)
 
 
+def small_step_threads() -> int:
+    """The thread count of decode steps up to ``ONE_THREAD_ROWS`` rows (read at each call)."""
+    return SMALL_STEP_THREADS
+
+
 def pack(weight: torch.Tensor) -> torch.Tensor:
     """weight: [out, in] float32 -> [ceil(out / BLOCK), in, BLOCK], zero-padded (W.T in blocks of
     BLOCK output columns, each contiguous). One copy, no temporaries: the LM head is large."""

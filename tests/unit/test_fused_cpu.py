@@ -16,7 +16,7 @@ from server.engine import gemv_cpu
 from server.engine.lora_linear import BASE_SLOT
 from server.engine.lora_model import AdapterSlots
 from server.engine.merge import MergeManager
-from server.engine.native import NativeLlamaRunner, fused_cpu
+from server.engine.native import NativeLlamaRunner, fused_cpu, quant_cpu
 from server.engine.runner import DecodeInput, PrefillInput
 
 SMALL = dict(
@@ -258,3 +258,66 @@ def test_small_steps_on_two_threads_give_the_same_logits(tmp_path_factory, monke
     torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(two, _logits(model, [*PROMPTS[2], 9]), rtol=1e-4, atol=1e-4)
     assert calls["layers"] == 2
+
+
+# ----------------------------------------------------------------------------- quantized projections
+
+
+@pytest.fixture(scope="module")
+def quant() -> quant_cpu.CompiledQuant:
+    built = quant_cpu.load()
+    assert built is not None, "CI's machine has a C compiler and AVX2/FMA"
+    return built
+
+
+def test_quantized_layers_in_one_call_equal_the_steps(kernel, quant) -> None:
+    """Every projection form (int8, int4, Q4_0-like, Q6_K-like, float32 blocked, a stack of
+    forms) in the one-call step, one and three rows, against the dequantized dense steps."""
+    assert fused_cpu.parts_agree(kernel, quant)
+    assert fused_cpu.load_parts() is not None
+
+
+def test_the_quantized_check_detects_a_wrong_table(kernel, quant, monkeypatch) -> None:
+    """The parts' mins dropped (the C code reads them wrong): the check at load says no."""
+    real = fused_cpu._part_rows
+
+    def without_mins(*args):
+        return [[*row[:4], 0, *row[5:]] for row in real(*args)]
+
+    monkeypatch.setattr(fused_cpu, "_part_rows", without_mins)
+    assert not fused_cpu.parts_agree(kernel, quant)
+
+
+def test_a_parts_table_refuses_weights_that_do_not_fit(kernel, quant) -> None:
+    gen = torch.Generator().manual_seed(3)
+    hidden, heads, kvh, d, inter, block = 21, 4, 2, 6, 13, 4
+    width = (heads + 2 * kvh) * d
+
+    def layer(**changed):
+        entries = dict(
+            norm=torch.randn(hidden), qkv=fused_cpu.sample_projection(gen, width, hidden, 5), bias=None,
+            o=fused_cpu.sample_projection(gen, hidden, heads * d, 1), post=torch.randn(hidden),
+            gu=fused_cpu.sample_projection(gen, 2 * inter, hidden, 0),
+            down=fused_cpu.sample_projection(gen, hidden, inter, 4),
+            k=torch.zeros(3, block, kvh, d), v=torch.zeros(3, block, kvh, d),
+        )  # fmt: skip
+        return list({**entries, **changed}.values())
+
+    dims = (hidden, heads, kvh, d, inter, block)
+    good = layer()
+    table = kernel.parts_table([good], dims, quant)
+    assert table.layers.shape == (1, 13) and table.parts.shape == (6, 9)  # qkv: a stack of 3
+    assert table.holds(good) and not table.holds(layer())
+    wrong = (
+        dict(qkv=fused_cpu.sample_projection(gen, width, hidden + 1, 0)),  # another input size
+        dict(o=fused_cpu.sample_projection(gen, hidden + 1, heads * d, 2)),  # more outputs
+        dict(gu=gemv_cpu.pack(torch.randn(2 * inter, hidden + 3))),
+        dict(down=torch.randn(hidden, inter)),  # dense, not packed
+        dict(k=torch.zeros(3, block + 1, kvh, d)),
+        dict(norm=None),
+    )
+    for changed in wrong:
+        with pytest.raises(ValueError, match="decode layers"):
+            kernel.parts_table([layer(**changed)], dims, quant)
+    with pytest.raises(ValueError, match="without the compiled quantized kernels"):
+        kernel.parts_table([good], dims, None)

@@ -57,6 +57,16 @@ class CompiledQuant:
         ]  # fmt: skip
         self._q4.restype = ctypes.c_int
 
+    @property
+    def q8_address(self) -> int:
+        """``q8_linear``'s address, for compiled code that calls it (``fused_cpu.parts_table``)."""
+        return ctypes.cast(self._q8, _ptr).value or 0
+
+    @property
+    def q4_address(self) -> int:
+        """``q4_linear``'s address (as ``q8_address``)."""
+        return ctypes.cast(self._q4, _ptr).value or 0
+
     @staticmethod
     def _check(x: torch.Tensor, out: torch.Tensor, rows: int, k: int) -> None:
         fits = all(t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(1) == 1 for t in (x, out))
