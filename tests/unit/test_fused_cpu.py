@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from adapters.peft_format import load_adapter_dir
 from server.engine import gemv_cpu
+from server.engine.decode_threads import DecodeThreads
 from server.engine.lora_linear import BASE_SLOT
 from server.engine.lora_model import AdapterSlots
 from server.engine.merge import MergeManager
@@ -247,13 +248,14 @@ def test_a_layer_table_refuses_weights_of_the_wrong_shape(kernel) -> None:
 
 
 def test_small_steps_on_two_threads_give_the_same_logits(tmp_path_factory, monkeypatch) -> None:
-    """``LORAPLEX_DECODE_THREADS`` (``gemv_cpu.SMALL_STEP_THREADS``) changes who computes, not what."""
+    """``LORAPLEX_DECODE_THREADS`` (the runner's ``decode_threads``) changes who computes, not what."""
     model, path = _saved(tmp_path_factory, LlamaConfig(**SMALL), "threads")
     runner = NativeLlamaRunner(path, weight_layout="blocked", kv_cache_tokens=512)
     calls = _counting(monkeypatch, runner.model.fused)
     runner.prefill([PrefillInput(i, PROMPTS[2], 0, BASE_SLOT) for i in range(2)])
+    runner.decode_threads = DecodeThreads(1, 2)  # pinned, as LORAPLEX_DECODE_THREADS=1
     one = runner.decode([DecodeInput(0, 9, BASE_SLOT)])[0]
-    monkeypatch.setattr(gemv_cpu, "SMALL_STEP_THREADS", 2)
+    runner.decode_threads = DecodeThreads(2, 2)  # pinned, as LORAPLEX_DECODE_THREADS=2
     two = runner.decode([DecodeInput(1, 9, BASE_SLOT)])[0]
     torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(two, _logits(model, [*PROMPTS[2], 9]), rtol=1e-4, atol=1e-4)
