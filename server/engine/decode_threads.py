@@ -9,13 +9,16 @@ load changes while a server runs, so ``auto`` (the default of ``LORAPLEX_DECODE_
 the steps with each count and runs the faster:
 
 - one thread and all of PyTorch's (``torch.get_num_threads()`` when the runner starts) are the
-  two candidates; the estimates are kept per row count (1 to ``ONE_THREAD_ROWS``: a 4-row step
+  two candidates; the timings are kept per row count (1 to ``ONE_THREAD_ROWS``: a 4-row step
   costs more than a 1-row one whatever the threads);
 - each candidate's first ``WARM_UP`` steps are run and not counted (the first step builds the
-  layer tables), then its next one starts its estimate; later steps move it by
-  ``ALPHA`` of the difference (an exponential moving average);
-- then the faster estimate runs, and one step in ``RETRY_EVERY`` runs the other, moving its
-  estimate by ``RETRY_ALPHA`` (larger: those samples are rare), so the choice follows the load.
+  layer tables; a new thread count starts its OpenMP threads), then it runs until it has
+  ``SAMPLES`` timings; a count's estimate is the median of its last ``WINDOW`` timings (a median:
+  on a loaded machine one step in many waits a whole time slice, measured at 20x the others, and
+  one such outlier must not decide the count for the next hundred steps);
+- then the faster estimate runs, and one step in ``RETRY_EVERY`` runs the other, so that its
+  estimate follows the load too: after a change of load the running count's estimate moves
+  within ``WINDOW // 2 + 1`` steps, the other one's within as many retries.
 
 A number pins the count (no timing): 1 is what the server ran before ``auto``.
 """
@@ -24,15 +27,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 ENV = "LORAPLEX_DECODE_THREADS"
-WARM_UP = 1  # steps per candidate run before any is timed
-ALPHA = 0.2  # how far one timed step moves its count's estimate
+WARM_UP = 1  # steps per candidate run and not timed
+SAMPLES = 3  # timings per candidate before the faster is chosen
+WINDOW = 5  # a count's estimate: the median of its last this many timings
 RETRY_EVERY = 32  # one step in this many runs the count that is not the faster
-RETRY_ALPHA = 0.5  # ... and moves its estimate this far
 
 
 def parse(value: str | None) -> int | None:
@@ -51,11 +56,17 @@ def parse(value: str | None) -> int | None:
 
 @dataclass
 class _Rows:
-    """The estimates for steps of one row count."""
+    """The timings of steps of one row count."""
 
     steps: int = 0  # steps chosen for
     runs: dict[int, int] = field(default_factory=dict)  # threads -> steps run (warm-up included)
-    seconds: dict[int, float] = field(default_factory=dict)  # threads -> moving estimate
+    seconds: dict[int, deque[float]] = field(default_factory=dict)  # threads -> last WINDOW timings
+
+    def estimate(self, threads: int) -> float:
+        return statistics.median(self.seconds[threads])
+
+    def measured(self, threads: int) -> bool:
+        return len(self.seconds.get(threads, ())) >= SAMPLES
 
 
 class DecodeThreads:
@@ -87,10 +98,10 @@ class DecodeThreads:
             return self.pinned or 1
         state = self._rows.setdefault(rows, _Rows())
         state.steps += 1
-        untimed = [n for n in self.candidates if n not in state.seconds]
-        if untimed:  # warming up, or not timed yet: run it
-            return untimed[0]
-        best = self._faster(state)
+        unmeasured = [n for n in self.candidates if not state.measured(n)]
+        if unmeasured:  # warming up, or not timed enough yet: run it
+            return unmeasured[0]
+        best = min(self.candidates, key=state.estimate)
         if state.steps % self.retry_every == 0:
             return next(n for n in self.candidates if n != best)
         return best
@@ -101,14 +112,8 @@ class DecodeThreads:
             return
         state = self._rows.setdefault(rows, _Rows())
         state.runs[threads] = runs = state.runs.get(threads, 0) + 1
-        if runs <= WARM_UP:
-            return
-        estimate = state.seconds.get(threads)
-        if estimate is None:
-            state.seconds[threads] = seconds
-            return
-        retried = len(state.seconds) == len(self.candidates) and threads != self._faster(state)
-        state.seconds[threads] = estimate + (RETRY_ALPHA if retried else ALPHA) * (seconds - estimate)
+        if runs > WARM_UP:
+            state.seconds.setdefault(threads, deque(maxlen=WINDOW)).append(seconds)
 
     @contextlib.contextmanager
     def step(self, rows: int) -> Iterator[int]:
@@ -125,10 +130,7 @@ class DecodeThreads:
             "setting": "auto" if self.pinned is None else self.pinned,
             "threads": self.current,
             "step_ms": {
-                str(rows): {str(n): round(s * 1e3, 2) for n, s in sorted(state.seconds.items())}
+                str(rows): {str(n): round(state.estimate(n) * 1e3, 2) for n in sorted(state.seconds)}
                 for rows, state in sorted(self._rows.items())
             },
         }
-
-    def _faster(self, state: _Rows) -> int:
-        return min(state.seconds, key=state.seconds.__getitem__)

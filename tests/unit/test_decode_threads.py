@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from server.engine import decode_threads
-from server.engine.decode_threads import RETRY_EVERY, DecodeThreads
+from server.engine.decode_threads import RETRY_EVERY, SAMPLES, WARM_UP, WINDOW, DecodeThreads
 
 
 class FakeClock:
@@ -58,23 +58,33 @@ def test_auto_warms_up_each_count_then_runs_the_faster_and_retries_the_other() -
     clock = FakeClock()
     chooser = DecodeThreads(None, 2, clock)
     chosen = _run(chooser, clock, {1: 0.030, 2: 0.010}, 4 * RETRY_EVERY + 1)
-    assert chosen[:4] == [1, 1, 2, 2]  # one untimed step and one timed step each
-    later = chosen[4:]
-    retries = [i for i, n in enumerate(later, start=5) if n == 1]
+    warm = WARM_UP + SAMPLES
+    assert chosen[: 2 * warm] == [1] * warm + [2] * warm  # untimed steps, then timed ones, each
+    retries = [i for i, n in enumerate(chosen[2 * warm :], start=2 * warm + 1) if n == 1]
     assert retries == [RETRY_EVERY * k for k in (1, 2, 3, 4)]  # one step in RETRY_EVERY
     assert chooser.describe() == {"setting": "auto", "threads": 2, "step_ms": {"1": {"1": 30.0, "2": 10.0}}}
 
 
+def test_one_slow_step_does_not_decide_the_count() -> None:
+    """A loaded machine's outlier (a step waiting a whole time slice, 20x the others) among the
+    faster count's timings: the median ignores it."""
+    clock = FakeClock()
+    chooser = DecodeThreads(None, 2, clock)
+    _run(chooser, clock, {1: 0.030, 2: 0.010}, 2 * (WARM_UP + SAMPLES) + 2)
+    _run(chooser, clock, {1: 0.030, 2: 0.200}, 1)  # the outlier
+    assert _run(chooser, clock, {1: 0.030, 2: 0.010}, 10) == [2] * 10
+
+
 def test_auto_follows_the_load_both_ways() -> None:
     """Two threads get slow (a loaded machine): one thread within a few steps; the load goes:
-    two threads again after at most two retries."""
+    two threads again within a few retries."""
     clock = FakeClock()
     chooser = DecodeThreads(None, 2, clock)
     _run(chooser, clock, {1: 0.030, 2: 0.010}, 10)
     loaded = _run(chooser, clock, {1: 0.030, 2: 0.060}, 2 * RETRY_EVERY)
     first_one = loaded.index(1)
-    assert first_one <= 3 and loaded[first_one:].count(2) <= 2  # then only the retries
-    quiet = _run(chooser, clock, {1: 0.030, 2: 0.010}, 3 * RETRY_EVERY + 1)
+    assert first_one <= WINDOW // 2 + 1 and loaded[first_one:].count(2) <= 2  # then only the retries
+    quiet = _run(chooser, clock, {1: 0.030, 2: 0.010}, (WINDOW // 2 + 2) * RETRY_EVERY)
     assert quiet[-(RETRY_EVERY + 2) :].count(1) <= 1  # two threads again, one thread only retried
     assert chooser.current == 2
 
@@ -83,7 +93,8 @@ def test_each_row_count_has_its_own_estimates() -> None:
     """Four-row steps cost more than one-row steps on any count: their timings do not mix."""
     clock = FakeClock()
     chooser = DecodeThreads(None, 2, clock)
-    _run(chooser, clock, {1: 0.020, 2: 0.010}, 8, rows=1)
-    assert _run(chooser, clock, {1: 0.040, 2: 0.060}, 8, rows=4)[4:] == [1] * 4
+    warm = 2 * (WARM_UP + SAMPLES)
+    _run(chooser, clock, {1: 0.020, 2: 0.010}, warm, rows=1)
+    assert _run(chooser, clock, {1: 0.040, 2: 0.060}, warm + 4, rows=4)[warm:] == [1] * 4
     assert _run(chooser, clock, {1: 0.020, 2: 0.010}, 4, rows=1) == [2] * 4
     assert chooser.describe()["step_ms"] == {"1": {"1": 20.0, "2": 10.0}, "4": {"1": 40.0, "2": 60.0}}
