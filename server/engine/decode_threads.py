@@ -16,9 +16,14 @@ the steps with each count and runs the faster:
   ``SAMPLES`` timings; a count's estimate is the median of its last ``WINDOW`` timings (a median:
   on a loaded machine one step in many waits a whole time slice, measured at 20x the others, and
   one such outlier must not decide the count for the next hundred steps);
-- then the faster estimate runs, and one step in ``RETRY_EVERY`` runs the other, so that its
-  estimate follows the load too: after a change of load the running count's estimate moves
-  within ``WINDOW // 2 + 1`` steps, the other one's within as many retries.
+- then the faster estimate runs, and now and then a step runs the other, so that its estimate
+  follows the load too: ``RETRY_EVERY`` steps after the choice changed, then at twice the
+  previous interval each time a retry is slower than the running count's estimate (up to
+  ``MAX_RETRY_EVERY``), and again ``RETRY_EVERY`` steps later when one is faster. On a loaded
+  machine a 2-thread step took 30-90x a 1-thread one (measured): a retry every 32 steps would
+  cost more than the choice saves, backed off it costs at most a few percent. After a change of
+  load the running count's estimate moves within ``WINDOW // 2 + 1`` steps; the other one's
+  within one retry interval and ``WINDOW // 2`` quick retries.
 
 A number pins the count (no timing): 1 is what the server ran before ``auto``.
 """
@@ -37,7 +42,8 @@ ENV = "LORAPLEX_DECODE_THREADS"
 WARM_UP = 1  # steps per candidate run and not timed
 SAMPLES = 3  # timings per candidate before the faster is chosen
 WINDOW = 5  # a count's estimate: the median of its last this many timings
-RETRY_EVERY = 32  # one step in this many runs the count that is not the faster
+RETRY_EVERY = 32  # the first retry of the count that is not the faster, this many steps on
+MAX_RETRY_EVERY = 1024  # the longest interval between retries (each slow retry doubles it)
 
 
 def parse(value: str | None) -> int | None:
@@ -61,6 +67,9 @@ class _Rows:
     steps: int = 0  # steps chosen for
     runs: dict[int, int] = field(default_factory=dict)  # threads -> steps run (warm-up included)
     seconds: dict[int, deque[float]] = field(default_factory=dict)  # threads -> last WINDOW timings
+    best: int = 0  # the faster count when last chosen (0: none yet)
+    interval: int = RETRY_EVERY  # steps between retries of the other count
+    next_retry: int = 0  # the step (``steps``) of the next retry
 
     def estimate(self, threads: int) -> float:
         return statistics.median(self.seconds[threads])
@@ -78,13 +87,14 @@ class DecodeThreads:
         most: int,
         clock: Callable[[], float] = time.perf_counter,
         retry_every: int = RETRY_EVERY,
+        max_retry_every: int = MAX_RETRY_EVERY,
     ) -> None:
         """``pinned``: a fixed count (None: ``auto``); ``most``: the count ``auto`` tries beside
         one (PyTorch's threads)."""
         self.pinned = pinned
         self.candidates = (1,) if most <= 1 else (1, most)
         self.clock = clock
-        self.retry_every = retry_every
+        self.retry_every, self.max_retry_every = retry_every, max_retry_every
         self.current = pinned or 1  # the count the last small step ran on
         self._rows: dict[int, _Rows] = {}
 
@@ -102,7 +112,11 @@ class DecodeThreads:
         if unmeasured:  # warming up, or not timed enough yet: run it
             return unmeasured[0]
         best = min(self.candidates, key=state.estimate)
-        if state.steps % self.retry_every == 0:
+        if best != state.best:  # a new choice: try the other again soon
+            state.best, state.interval = best, self.retry_every
+            state.next_retry = state.steps + self.retry_every
+        if state.steps >= state.next_retry:
+            state.next_retry = state.steps + state.interval  # (``record`` sets the next interval)
             return next(n for n in self.candidates if n != best)
         return best
 
@@ -112,8 +126,13 @@ class DecodeThreads:
             return
         state = self._rows.setdefault(rows, _Rows())
         state.runs[threads] = runs = state.runs.get(threads, 0) + 1
-        if runs > WARM_UP:
-            state.seconds.setdefault(threads, deque(maxlen=WINDOW)).append(seconds)
+        if runs <= WARM_UP:
+            return
+        if state.best and threads != state.best:  # a retry: back off unless it was faster
+            faster = seconds < state.estimate(state.best)
+            state.interval = self.retry_every if faster else min(2 * state.interval, self.max_retry_every)
+            state.next_retry = state.steps + state.interval
+        state.seconds.setdefault(threads, deque(maxlen=WINDOW)).append(seconds)
 
     @contextlib.contextmanager
     def step(self, rows: int) -> Iterator[int]:

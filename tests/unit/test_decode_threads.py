@@ -3,6 +3,8 @@ test here times anything real."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from server.engine import decode_threads
@@ -54,15 +56,29 @@ def test_one_thread_only_when_pytorch_has_one() -> None:
     assert _run(chooser, clock, {1: 0.01}, 10) == [1] * 10
 
 
-def test_auto_warms_up_each_count_then_runs_the_faster_and_retries_the_other() -> None:
+def test_auto_warms_up_each_count_then_runs_the_faster_and_retries_the_other_less_and_less() -> None:
+    """While the other count stays slower, each retry doubles the interval to the next."""
     clock = FakeClock()
     chooser = DecodeThreads(None, 2, clock)
-    chosen = _run(chooser, clock, {1: 0.030, 2: 0.010}, 4 * RETRY_EVERY + 1)
+    chosen = _run(chooser, clock, {1: 0.030, 2: 0.010}, 16 * RETRY_EVERY)
     warm = WARM_UP + SAMPLES
     assert chosen[: 2 * warm] == [1] * warm + [2] * warm  # untimed steps, then timed ones, each
-    retries = [i for i, n in enumerate(chosen[2 * warm :], start=2 * warm + 1) if n == 1]
-    assert retries == [RETRY_EVERY * k for k in (1, 2, 3, 4)]  # one step in RETRY_EVERY
+    retries = [i for i, n in enumerate(chosen, start=1) if n == 1][warm:]
+    assert retries[0] == 2 * warm + 1 + RETRY_EVERY
+    assert [b - a for a, b in itertools.pairwise(retries)] == [
+        2 * RETRY_EVERY,
+        4 * RETRY_EVERY,
+        8 * RETRY_EVERY,
+    ]
     assert chooser.describe() == {"setting": "auto", "threads": 2, "step_ms": {"1": {"1": 30.0, "2": 10.0}}}
+
+
+def test_the_retry_interval_is_capped() -> None:
+    clock = FakeClock()
+    chooser = DecodeThreads(None, 2, clock, retry_every=4, max_retry_every=16)
+    chosen = _run(chooser, clock, {1: 0.010, 2: 0.030}, 200)
+    retries = [i for i, n in enumerate(chosen, start=1) if n == 2][WARM_UP + SAMPLES :]
+    assert [b - a for a, b in itertools.pairwise(retries)][:4] == [8, 16, 16, 16]
 
 
 def test_one_slow_step_does_not_decide_the_count() -> None:
@@ -77,14 +93,15 @@ def test_one_slow_step_does_not_decide_the_count() -> None:
 
 def test_auto_follows_the_load_both_ways() -> None:
     """Two threads get slow (a loaded machine): one thread within a few steps; the load goes:
-    two threads again within a few retries."""
+    two threads again within a retry interval and a few quick retries (a faster retry is
+    followed by another soon)."""
     clock = FakeClock()
     chooser = DecodeThreads(None, 2, clock)
     _run(chooser, clock, {1: 0.030, 2: 0.010}, 10)
     loaded = _run(chooser, clock, {1: 0.030, 2: 0.060}, 2 * RETRY_EVERY)
     first_one = loaded.index(1)
     assert first_one <= WINDOW // 2 + 1 and loaded[first_one:].count(2) <= 2  # then only the retries
-    quiet = _run(chooser, clock, {1: 0.030, 2: 0.010}, (WINDOW // 2 + 2) * RETRY_EVERY)
+    quiet = _run(chooser, clock, {1: 0.030, 2: 0.010}, 6 * RETRY_EVERY)
     assert quiet[-(RETRY_EVERY + 2) :].count(1) <= 1  # two threads again, one thread only retried
     assert chooser.current == 2
 
