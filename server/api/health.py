@@ -112,7 +112,10 @@ def _decode(runner: RunnerInfo) -> dict:
     """How decode steps run (``--compile``): eager, compile (CPU) or cuda_graphs, and the graphs made;
     ``weights``: the projections' layout (native runner: ``packed`` for oneDNN on the CPU, or
     ``dense``, or ``quantized``; the HF runner's are dense); ``quantization``: ``--quantization``;
-    ``lora_backend``: the LoRA backend graph-run steps use (eager steps: the runner's)."""
+    ``lora_backend``: the LoRA backend graph-run steps use (eager steps: the runner's);
+    ``threads`` (native runner): the compiled kernels' threads in steps of up to 4 rows
+    (``LORAPLEX_DECODE_THREADS``: ``setting`` auto or a number, ``threads`` the count the last
+    such step ran on, ``step_ms`` auto's estimates by rows and threads; ``decode_threads.py``)."""
     return {
         "kind": runner.decode_kind,
         "weights": runner.weight_layout,
@@ -120,6 +123,7 @@ def _decode(runner: RunnerInfo) -> dict:
         "lora_backend": runner.decode_lora_backend,
         "graphs": runner.graphs,
         "warm_up_seconds": round(runner.warm_up_seconds, 2),
+        **({"threads": dict(runner.decode_threads)} if runner.decode_threads else {}),
     }
 
 

@@ -24,6 +24,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:  # the snapshot's types import no torch: a reader needs none of the engine's code
+    from server.engine.decode_threads import DecodeThreads
     from server.engine.lora_model import AdapterSlots
     from server.engine.merge import MergeManager
     from server.engine.runner import ModelRunner
@@ -47,6 +48,8 @@ class RunnerInfo:
     quantization: str  # --quantization: "none", "int8", "int4", "gguf"
     vocab_size: int  # logits per position; token ids are 0 .. vocab_size - 1
     supports_prefix_cache: bool  # whether the runner can cache prompt prefixes at all
+    # the compiled kernels' threads in small decode steps (``decode_threads.py``; {}: none chosen)
+    decode_threads: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True)
@@ -229,7 +232,13 @@ def _runner_info(runner: ModelRunner) -> RunnerInfo:
         quantization=getattr(runner, "quantization", "none"),
         vocab_size=runner.vocab_size,
         supports_prefix_cache=runner.supports_prefix_cache,
+        decode_threads=_decode_threads(runner),
     )
+
+
+def _decode_threads(runner: ModelRunner) -> Mapping[str, Any]:
+    chooser: DecodeThreads | None = getattr(runner, "decode_threads", None)  # the native runner's
+    return MappingProxyType({}) if chooser is None else MappingProxyType(_copied(chooser.describe))
 
 
 def _kv_info(runner: ModelRunner) -> KvInfo:

@@ -265,3 +265,101 @@ void decode_layers(int64_t num_layers, const int64_t* layers, const int64_t* dim
     linear_blocked(act, inter, m, (const float*)p[6], inter, hidden, 0, x, hidden, 1, num_threads);
   }
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * decode_layers with each projection described by parts, so that quantized weights (int8, 4-bit:
+ * server/engine/native/quant_cpu.c's kernels, called through the addresses the Python side reads
+ * from that library) run in the same single call as float32 blocked ones. A projection is a run
+ * of parts stacked along its output (a GGUF file may mix block types within a fused projection).
+ * ------------------------------------------------------------------------------------------- */
+
+/* quant_cpu.c's entries: q8_linear and q4_linear (the same arguments but the 9th: int8's group,
+ * 4-bit's offset). Nonzero: a buffer could not be allocated. */
+typedef int (*q8_linear_fn)(const float* x, int64_t n, int64_t ldx, int64_t k, const int8_t* q,
+                            int64_t kp, const void* scale, const void* min, int64_t group, int half,
+                            float* y, int64_t ldy, int64_t out, int accumulate, int threads);
+typedef int (*q4_linear_fn)(const float* x, int64_t n, int64_t ldx, int64_t k, const uint8_t* q,
+                            int64_t kp, const void* scale, const void* min, int offset, int half,
+                            float* y, int64_t ldy, int64_t out, int accumulate, int threads);
+
+enum { PART_BLOCKED = 0, PART_Q8 = 1, PART_Q4 = 2 };
+/* One part: [PART_FIELDS] int64: kind, weights (packed float32 [ceil(rows/16)][k][16], or q),
+ * kp, scale, min (0: none), group (int8) or offset (4-bit), half (float16 scales), rows, the
+ * kernel's address (quantized kinds). */
+#define PART_FIELDS 9
+/* One layer: [QLAYER_FIELDS] int64: input norm, qkv bias (0: none), post norm, k pool, v pool,
+ * then (first part, part count) for qkv, o, gate_up, down. */
+#define QLAYER_FIELDS 13
+
+/* y[:, 0:sum of rows] (=|+=) x @ W.T (+ bias) for the parts [first, first + count). */
+static int project_parts(const int64_t* parts, int64_t first, int64_t count, const float* x,
+                         int64_t ldx, int64_t m, int64_t k, const float* bias, float* y,
+                         int64_t ldy, int accumulate, int num_threads) {
+  int64_t col = 0;
+  for (int64_t i = first; i < first + count; i++) {
+    const int64_t* p = parts + PART_FIELDS * i;
+    int64_t rows = p[7];
+    int rc = 0;
+    switch (p[0]) {
+      case PART_BLOCKED:
+        linear_blocked(x, ldx, m, (const float*)p[1], k, rows, 0, y + col, ldy, accumulate,
+                       num_threads);
+        break;
+      case PART_Q8:
+        rc = ((q8_linear_fn)p[8])(x, m, ldx, k, (const int8_t*)p[1], p[2], (const void*)p[3],
+                                  (const void*)p[4], p[5], (int)p[6], y + col, ldy, rows,
+                                  accumulate, num_threads);
+        break;
+      case PART_Q4:
+        rc = ((q4_linear_fn)p[8])(x, m, ldx, k, (const uint8_t*)p[1], p[2], (const void*)p[3],
+                                  (const void*)p[4], (int)p[5], (int)p[6], y + col, ldy, rows,
+                                  accumulate, num_threads);
+        break;
+      default:
+        rc = 2;
+    }
+    if (rc) return rc;
+    col += rows;
+  }
+  if (bias)
+    for (int64_t r = 0; r < m; r++)
+      for (int64_t c = 0; c < col; c++) y[r * ldy + c] += bias[c];
+  return 0;
+}
+
+/* decode_layers (same arithmetic, same work layout) with projections as parts: layers:
+ * [num_layers][QLAYER_FIELDS], parts: [*][PART_FIELDS]. Returns 0, or a quantized kernel's
+ * nonzero code (x is then partly updated). */
+int decode_layers_parts(int64_t num_layers, const int64_t* layers, const int64_t* parts,
+                        const int64_t* dims, float eps, float scale, int64_t m, float* x,
+                        const float* cos, const float* sin, const int64_t* write_blocks,
+                        const int64_t* write_offsets, const int64_t* table, int64_t nb,
+                        const int64_t* lengths, float* work, int num_threads) {
+  int64_t hidden = dims[0], heads = dims[1], kvh = dims[2], d = dims[3], inter = dims[4];
+  int64_t block_size = dims[5], qkv_width = (heads + 2 * kvh) * d, q_size = heads * d;
+  float* h = work;
+  float* qkv = h + m * hidden;
+  float* attn = qkv + m * qkv_width;
+  float* gu = attn + m * q_size;
+  float* act = gu + m * 2 * inter;
+  float* scores = act + m * inter;
+  int rc = 0;
+  for (int64_t l = 0; l < num_layers && !rc; l++) {
+    const int64_t* p = layers + QLAYER_FIELDS * l;
+    rms_norm_rows(x, hidden, m, hidden, (const float*)p[0], eps, h, hidden);
+    rc = project_parts(parts, p[5], p[6], h, hidden, m, hidden, (const float*)p[1], qkv, qkv_width,
+                       0, num_threads);
+    if (rc) break;
+    attend_decode(m, qkv, qkv_width, heads, kvh, d, cos, sin, (float*)p[3], (float*)p[4],
+                  block_size, write_blocks, write_offsets, table, nb, lengths, scale, attn, q_size,
+                  scores);
+    rc = project_parts(parts, p[7], p[8], attn, q_size, m, q_size, 0, x, hidden, 1, num_threads);
+    if (rc) break;
+    rms_norm_rows(x, hidden, m, hidden, (const float*)p[2], eps, h, hidden);
+    rc = project_parts(parts, p[9], p[10], h, hidden, m, hidden, 0, gu, 2 * inter, 0, num_threads);
+    if (rc) break;
+    silu_mul_rows(gu, 2 * inter, m, inter, act, inter);
+    rc = project_parts(parts, p[11], p[12], act, inter, m, inter, 0, x, hidden, 1, num_threads);
+  }
+  return rc;
+}

@@ -14,17 +14,17 @@ and the native runner keeps oneDNN's layout (``--weight-layout packed`` or ``den
 anyway). ``--lora-backend`` chooses how adapters are applied only: the blocked layout runs with every
 LoRA backend (the tests run it with each). The call releases the GIL.
 
-Threads: up to ``ONE_THREAD_ROWS`` rows the kernel runs on the calling thread alone, above on
-PyTorch's OpenMP threads. At those sizes it is bound by memory, and one core of the 2-core CI
-machine reads at the machine's bandwidth (a streaming read: 30 GB/s with 1 thread, 31 with 2), so
-a second thread adds little, while a parallel region waits at its barrier for its slowest thread:
-on a loaded machine that wait is a scheduler time slice per call (one pass over the embedded
-model's layers at batch 1 under load: 127 ms median with 1 thread against 490 ms with 2,
-interleaved), and the other core stays free for the server's event loop. (A many-core server,
-where one core reads far below the socket's bandwidth, would want this measured.)
-``LORAPLEX_DECODE_THREADS`` (default 1) sets the thread count of those small steps instead (also
-the one-call decode of ``native/fused_cpu.py``): on a quiet machine 2 threads read the embedded
-model's layers faster (19.1 against 22.6 ms a pass), under load a step took 6x longer (measured).
+Threads: up to ``ONE_THREAD_ROWS`` rows the kernel runs on ``SMALL_STEP_THREADS`` threads (also
+the one-call decode of ``native/fused_cpu.py`` and the quantized kernels), above on PyTorch's
+OpenMP threads. Neither one thread nor all is right everywhere: on a quiet 2-core machine two
+threads read the embedded model's layers faster (19.1 against 22.6 ms a pass; the batch-1 engine
+step 18.9 against 29.2 ms), while on a loaded one a parallel region waits at its barrier for its
+slowest thread, a scheduler time slice per call (one pass over the layers at batch 1 under load:
+127 ms median with 1 thread against 490 ms with 2, interleaved; a step took 6x longer). So the
+native runner sets ``SMALL_STEP_THREADS`` for each such step from ``LORAPLEX_DECODE_THREADS``:
+``auto`` (the default) times the steps on one thread and on all and runs the faster, re-trying
+the other now and then to follow the machine's load (``decode_threads.py``); a number pins the
+count (1: what the server ran before ``auto``). Outside the runner's steps it is that number, or 1.
 """
 
 from __future__ import annotations
@@ -38,14 +38,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from server.engine import cpu_build, sgmv_cpu
+from server.engine import cpu_build, decode_threads, sgmv_cpu
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("gemv_cpu.c")
 ONE_THREAD_ROWS = 4  # up to this many rows the kernel runs on the calling thread (see above)
-SMALL_STEP_THREADS = max(1, int(os.environ.get("LORAPLEX_DECODE_THREADS") or 1))  # ... or on these
+# ... or on these: the native runner sets it for each such step (``decode_threads.py``)
+SMALL_STEP_THREADS = decode_threads.parse(os.environ.get(decode_threads.ENV)) or 1
 BLOCK = sgmv_cpu.BLOCK  # output columns per packed block (BLOCK in gemv_cpu.c)
+
+
+def small_step_threads() -> int:
+    """The thread count of decode steps up to ``ONE_THREAD_ROWS`` rows (read at each call)."""
+    return SMALL_STEP_THREADS
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:

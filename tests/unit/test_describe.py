@@ -70,6 +70,7 @@ def _info_from(snap) -> dict:
             "lora_backend": snap.runner.decode_lora_backend,
             "graphs": snap.runner.graphs,
             "warm_up_seconds": round(snap.runner.warm_up_seconds, 2),
+            **({"threads": dict(snap.runner.decode_threads)} if snap.runner.decode_threads else {}),
         },
         "kv_cache": {
             "used_tokens": snap.kv.used_tokens,

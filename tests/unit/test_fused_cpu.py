@@ -13,10 +13,11 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from adapters.peft_format import load_adapter_dir
 from server.engine import gemv_cpu
+from server.engine.decode_threads import DecodeThreads
 from server.engine.lora_linear import BASE_SLOT
 from server.engine.lora_model import AdapterSlots
 from server.engine.merge import MergeManager
-from server.engine.native import NativeLlamaRunner, fused_cpu
+from server.engine.native import NativeLlamaRunner, fused_cpu, quant_cpu
 from server.engine.runner import DecodeInput, PrefillInput, StepRow
 
 SMALL = dict(
@@ -294,13 +295,14 @@ def test_a_layer_table_refuses_weights_of_the_wrong_shape(kernel) -> None:
 
 
 def test_small_steps_on_two_threads_give_the_same_logits(tmp_path_factory, monkeypatch) -> None:
-    """``LORAPLEX_DECODE_THREADS`` (``gemv_cpu.SMALL_STEP_THREADS``) changes who computes, not what."""
+    """``LORAPLEX_DECODE_THREADS`` (the runner's ``decode_threads``) changes who computes, not what."""
     model, path = _saved(tmp_path_factory, LlamaConfig(**SMALL), "threads")
     runner = NativeLlamaRunner(path, weight_layout="blocked", kv_cache_tokens=512)
     calls = _counting(monkeypatch, runner.model.fused)
     runner.prefill([PrefillInput(i, PROMPTS[2], 0, BASE_SLOT) for i in range(2)])
+    runner.decode_threads = DecodeThreads(1, 2)  # pinned, as LORAPLEX_DECODE_THREADS=1
     one = runner.decode([DecodeInput(0, 9, BASE_SLOT)])[0]
-    monkeypatch.setattr(gemv_cpu, "SMALL_STEP_THREADS", 2)
+    runner.decode_threads = DecodeThreads(2, 2)  # pinned, as LORAPLEX_DECODE_THREADS=2
     two = runner.decode([DecodeInput(1, 9, BASE_SLOT)])[0]
     torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(two, _logits(model, [*PROMPTS[2], 9]), rtol=1e-4, atol=1e-4)
@@ -365,3 +367,66 @@ def test_verify_steps_equal_hugging_face_peft_and_the_pytorch_path(
             sequences[seq].extend(tokens[: max(1, len(tokens) - 1)])
     assert calls["layers"] == 2  # the base-only steps within the token limit (plans 0 and 3)
     assert calls["attend"] == 2 * SMALL["num_hidden_layers"]  # plans 1 and 2, per layer
+
+
+# ----------------------------------------------------------------------------- quantized projections
+
+
+@pytest.fixture(scope="module")
+def quant() -> quant_cpu.CompiledQuant:
+    built = quant_cpu.load()
+    assert built is not None, "CI's machine has a C compiler and AVX2/FMA"
+    return built
+
+
+def test_quantized_layers_in_one_call_equal_the_steps(kernel, quant) -> None:
+    """Every projection form (int8, int4, Q4_0-like, Q6_K-like, float32 blocked, a stack of
+    forms) in the one-call step, one and three rows, against the dequantized dense steps."""
+    assert fused_cpu.parts_agree(kernel, quant)
+    assert fused_cpu.load_parts() is not None
+
+
+def test_the_quantized_check_detects_a_wrong_table(kernel, quant, monkeypatch) -> None:
+    """The parts' mins dropped (the C code reads them wrong): the check at load says no."""
+    real = fused_cpu._part_rows
+
+    def without_mins(*args):
+        return [[*row[:4], 0, *row[5:]] for row in real(*args)]
+
+    monkeypatch.setattr(fused_cpu, "_part_rows", without_mins)
+    assert not fused_cpu.parts_agree(kernel, quant)
+
+
+def test_a_parts_table_refuses_weights_that_do_not_fit(kernel, quant) -> None:
+    gen = torch.Generator().manual_seed(3)
+    hidden, heads, kvh, d, inter, block = 21, 4, 2, 6, 13, 4
+    width = (heads + 2 * kvh) * d
+
+    def layer(**changed):
+        entries = dict(
+            norm=torch.randn(hidden), qkv=fused_cpu.sample_projection(gen, width, hidden, 5), bias=None,
+            o=fused_cpu.sample_projection(gen, hidden, heads * d, 1), post=torch.randn(hidden),
+            gu=fused_cpu.sample_projection(gen, 2 * inter, hidden, 0),
+            down=fused_cpu.sample_projection(gen, hidden, inter, 4),
+            k=torch.zeros(3, block, kvh, d), v=torch.zeros(3, block, kvh, d),
+        )  # fmt: skip
+        return list({**entries, **changed}.values())
+
+    dims = (hidden, heads, kvh, d, inter, block)
+    good = layer()
+    table = kernel.parts_table([good], dims, quant)
+    assert table.layers.shape == (1, 13) and table.parts.shape == (6, 9)  # qkv: a stack of 3
+    assert table.holds(good) and not table.holds(layer())
+    wrong = (
+        dict(qkv=fused_cpu.sample_projection(gen, width, hidden + 1, 0)),  # another input size
+        dict(o=fused_cpu.sample_projection(gen, hidden + 1, heads * d, 2)),  # more outputs
+        dict(gu=gemv_cpu.pack(torch.randn(2 * inter, hidden + 3))),
+        dict(down=torch.randn(hidden, inter)),  # dense, not packed
+        dict(k=torch.zeros(3, block + 1, kvh, d)),
+        dict(norm=None),
+    )
+    for changed in wrong:
+        with pytest.raises(ValueError, match="decode layers"):
+            kernel.parts_table([layer(**changed)], dims, quant)
+    with pytest.raises(ValueError, match="without the compiled quantized kernels"):
+        kernel.parts_table([good], dims, None)

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 
 from adapters.peft_format import load_adapter_dir
 from server.engine import gemv_cpu
+from server.engine.decode_threads import SAMPLES, WARM_UP, DecodeThreads
 from server.engine.engine import Engine, EngineConfig
 from server.engine.hf_runner import HFRunner
 from server.engine.lora_linear import BASE_SLOT
@@ -394,6 +395,40 @@ def test_more_requests_than_the_kv_memory_holds_all_complete_correctly(llama, to
         peak = max(peak, small.kv.used_tokens)
     assert [outcome(events).tokens for events in pending] == solo
     assert engine.stats.preemptions >= 1 and peak <= 96 and small.kv.free_blocks == 6
+
+
+@pytest.mark.parametrize("kwargs", [dict(weight_layout="blocked"), dict(quantization="int8")])
+def test_small_decode_steps_run_the_kernels_on_the_chosen_count(
+    tmp_path_factory, monkeypatch, kwargs
+) -> None:
+    """``LORAPLEX_DECODE_THREADS=auto``: each decode step of up to ``ONE_THREAD_ROWS`` rows runs
+    PyTorch's ops on one thread and the kernels on the chooser's count (each count warmed up),
+    timed; the counts are restored after the step; ``describe`` shows the estimates."""
+    _, path = _saved(tmp_path_factory, "llama")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runner = _runner(path, **kwargs)
+        ticks = iter(range(1000))
+        runner.decode_threads = DecodeThreads(None, torch.get_num_threads(), lambda: float(next(ticks)))
+        runner.prefill([PrefillInput(0, PROMPTS[0], 0, BASE_SLOT)])
+        seen: list[tuple[int, int]] = []
+        forward = runner.model.forward
+        monkeypatch.setattr(
+            runner.model,
+            "forward",
+            lambda *a: seen.append((torch.get_num_threads(), gemv_cpu.SMALL_STEP_THREADS)) or forward(*a),
+        )
+        kernels = gemv_cpu.SMALL_STEP_THREADS
+        warm = WARM_UP + SAMPLES
+        for step in range(2 * warm + 1):
+            runner.decode([DecodeInput(0, 5 + step, BASE_SLOT)])
+            assert (torch.get_num_threads(), gemv_cpu.SMALL_STEP_THREADS) == (2, kernels)
+        assert seen == [(1, 1)] * warm + [(1, 2)] * warm + [(1, 1)]  # then the faster: equal, the first
+        info = runner.decode_threads.describe()
+        assert info["setting"] == "auto" and info["step_ms"] == {"1": {"1": 1000.0, "2": 1000.0}}
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_small_blocked_decode_steps_run_on_one_thread_and_restore_the_count(

@@ -441,3 +441,78 @@ def test_serve_refuses_merged_mode_with_quantization_before_loading_anything(mon
     result = CliRunner().invoke(app, ["serve", "--mode", "merged", "--port", "18999"])
     assert result.exit_code == 2
     assert "--mode merged cannot be used with --quantization gguf" in " ".join(result.output.split())
+
+
+# ------------------------------------------------------------------ the compiled small decode step
+
+
+def _count_parts_layers(monkeypatch, runner: NativeLlamaRunner) -> list[int]:
+    assert runner.model.fused is not None and runner.model.fused_parts is not None
+    calls: list[int] = []
+    fused = runner.model.fused
+    real = fused.parts_layers
+    monkeypatch.setattr(fused, "parts_layers", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def _three_paths_agree(runners: list[NativeLlamaRunner], adapter_slot: int) -> None:
+    """runners: the one-call path, the compiled steps with the projections from Python, PyTorch's
+    ops. Five sequences, 2 and 4 with an adapter; base-only steps, steps with adapter rows, and one
+    above ``ONE_THREAD_ROWS``: equal logits."""
+    slots = [BASE_SLOT, BASE_SLOT, adapter_slot, BASE_SLOT, adapter_slot]
+    plans = [[0], [1, 3], [0, 2], [3, 4, 1], [0, 1, 2, 3, 4]]  # sequences per step
+    for runner in runners:
+        runner.prefill([PrefillInput(i, PROMPTS[i % 3], 0, slots[i]) for i in range(5)])
+    for step, plan in enumerate(plans * 2):
+        rows = [DecodeInput(seq, 9 + step, slots[seq]) for seq in plan]
+        outputs = [runner.decode(rows) for runner in runners]
+        for other in outputs[1:]:
+            torch.testing.assert_close(outputs[0], other, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_small_quantized_decode_steps_in_one_call_equal_the_unfused_steps(
+    saved, kind, peft_adapter_factory, monkeypatch
+) -> None:
+    model, path = saved
+    runners = [NativeLlamaRunner(path, quantization=kind, kv_cache_tokens=1024) for _ in range(3)]
+    calls = _count_parts_layers(monkeypatch, runners[0])
+    runners[1].model.fused_parts = None  # the compiled steps between projections run from Python
+    runners[2].model.fused = None  # PyTorch's ops
+    adapter_dir, _ = peft_adapter_factory(model, f"one-call-{kind}", **ADAPTERS["all"])
+    slot = [
+        AdapterSlots(r.lora_targets, 2, r.slots_changed).acquire(
+            load_adapter_dir(adapter_dir, "all", r.base_shapes)
+        )
+        for r in runners
+    ]
+    assert len(set(slot)) == 1
+    _three_paths_agree(runners, slot[0])
+    assert len(calls) == 2 * 2  # the base-only steps: [0] and [1, 3], twice
+
+
+@needs_kernel
+def test_small_gguf_decode_steps_in_one_call_equal_the_unfused_steps(
+    gguf_base, tmp_path, peft_adapter_factory, monkeypatch
+) -> None:
+    """A GGUF file mixing block types inside a fused projection (Q4_1 q and v beside a Q8_0 k: a
+    stacked qkv; a Q4_0 down): the one-call step equals the unfused ones."""
+    model, path = gguf_base
+    file = _write_gguf(model, tmp_path / "m.gguf", {"k_proj": "Q8_0", "down_proj": "Q4_0"})
+    runners = [
+        NativeLlamaRunner(path, quantization="gguf", gguf_file=file, kv_cache_tokens=1024) for _ in range(3)
+    ]
+    assert isinstance(runners[0].model.layers[0].qkv.quantized_weight(), quantized.StackedWeight)
+    calls = _count_parts_layers(monkeypatch, runners[0])
+    runners[1].model.fused_parts = None
+    runners[2].model.fused = None
+    adapter_dir, _ = peft_adapter_factory(model, "one-call-gguf", **ADAPTERS["qv"])
+    slot = [
+        AdapterSlots(r.lora_targets, 2, r.slots_changed).acquire(
+            load_adapter_dir(adapter_dir, "qv", r.base_shapes)
+        )
+        for r in runners
+    ]
+    _three_paths_agree(runners, slot[0])
+    assert len(calls) == 2 * 2

@@ -11,14 +11,20 @@ loops on the calling thread:
   grouped-query heads read from their KV head, never repeated): the steps of a layer whose
   projections add adapters in between (the LoRA backends run as before);
 - ``layers``: every layer of the step in one call, the blocked linear kernel included, for a step
-  whose rows read no adapter (the base model, or merged mode).
+  whose rows read no adapter (the base model, or merged mode);
+- ``parts_layers``: the same with each projection described by parts (``parts_table``: a kind
+  and its pointers per part), so that quantized projections (``--quantization``: int8, 4-bit, a
+  GGUF file's mixed block types stacked in one projection) run in that one call too, the C code
+  calling ``quant_cpu.c``'s kernels through their addresses. Checked once (``parts_agree``:
+  every form against the dense product of its reference dequantization) before a model uses it
+  (``load_parts``); where that fails the projections run from Python between the compiled steps.
 
 A row here is a new token with its own position, KV slot, block table and context length (its
 position + 1): a verify step (speculative decoding: a sequence's last sampled token and its drafts)
 is several rows over one sequence's blocks, each token's K and V written before any token attends,
 so each sees the tokens of its step before it. The native model uses them for decode steps of up
 to ``gemv_cpu.ONE_THREAD_ROWS`` rows and verify steps of up to that many sequences and
-``VERIFY_TOKENS`` tokens in the blocked layout (those run on one thread anyway); bigger steps keep
+``VERIFY_TOKENS`` tokens, in the blocked layout or with quantized weights; bigger steps keep
 PyTorch's parallel ops.
 Built with the linear kernel (one library, ``cpu_build.py``), checked once against the PyTorch
 form of each function on ragged shapes (odd widths, several KV block counts, grouped-query
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,8 +45,11 @@ import torch
 import torch.nn.functional as F
 
 from server.engine import cpu_build, gemv_cpu, sgmv_cpu
+from server.engine.native import quant_cpu, quantized
+from server.engine.native.quantized import Int8Weight, Q4Weight, QuantizedWeight, StackedWeight
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+log = logging.getLogger(__name__)
 
 VERIFY_TOKENS = 8  # a verify step of up to this many tokens in all runs the compiled path
 
@@ -83,6 +93,71 @@ class LayerTable:
         return len(tensors) == len(self.tensors) and all(map(operator.is_, tensors, self.tensors))
 
 
+Projection = torch.Tensor | QuantizedWeight  # a packed float32 weight (``gemv_cpu.pack``) or a quantized one
+_KINDS = {"blocked": 0, "int8": 1, "q4": 2}  # a part's kind (PART_* in gemv_cpu.c)
+
+
+@dataclass(frozen=True)
+class PartsTable:
+    """A model's layers as ``CompiledDecode.parts_layers`` reads them (``parts_table``): each
+    projection a run of parts, float32 blocked or quantized (the float32-only ``LayerTable``'s
+    counterpart for ``--quantization``)."""
+
+    entries: list[object]  # [L * 9], layer by layer (kept: the addresses stay valid)
+    dims: tuple[int, int, int, int, int, int]
+    layers: torch.Tensor  # [L, 13] int64: norms, bias, pools, (first part, count) per projection
+    parts: torch.Tensor  # [P, 9] int64: kind, weights, kp, scale, min, group/offset, half, rows, kernel
+
+    def holds(self, entries: Sequence[object]) -> bool:
+        """True when ``entries`` (layer by layer) are these very objects."""
+        return len(entries) == len(self.entries) and all(map(operator.is_, entries, self.entries))
+
+
+def _part_rows(
+    weight: Projection, out: int, k: int, quant: quant_cpu.CompiledQuant | None
+) -> list[list[int]]:
+    """``weight`` ([out, k]) as parts' rows of ``PartsTable.parts``, checked (the C code trusts
+    them): a packed float32 tensor, an int8 or 4-bit matrix (``quantized.py``'s layouts), or a
+    stack of those."""
+
+    def refuse(what: str) -> ValueError:
+        return ValueError(f"decode layers: {what} where a [{out}, {k}] projection was due")
+
+    if isinstance(weight, torch.Tensor):
+        shape = (-(-out // gemv_cpu.BLOCK), k, gemv_cpu.BLOCK)
+        ok = weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.is_contiguous()
+        if not ok or tuple(weight.shape) != shape:
+            raise refuse(f"a packed weight of shape {tuple(weight.shape)}")
+        return [[_KINDS["blocked"], weight.data_ptr(), 0, 0, 0, 0, 0, out, 0]]
+    if isinstance(weight, StackedWeight):
+        rows = [r for _, _, p in weight.spans() for r in _part_rows(p, p.shape[0], k, quant)]
+        if sum(r[7] for r in rows) != out:
+            raise refuse(f"parts of {sum(r[7] for r in rows)} rows")
+        return rows
+    if quant is None:
+        raise refuse("a quantized weight without the compiled quantized kernels")
+    rows_out, width = weight.q.shape
+    kp = width if isinstance(weight, Int8Weight) else 2 * width
+    group = weight.group if isinstance(weight, Int8Weight) else quantized.GROUP
+    dtype = torch.int8 if isinstance(weight, Int8Weight) else torch.uint8
+    ok = weight.q.dtype == dtype and weight.q.is_contiguous() and weight.q.device.type == "cpu"
+    ok = ok and rows_out == out and weight.in_features == k and kp % 32 == 0 and k <= kp < k + 32
+    ok = ok and (group == 16 or group % 32 == 0) and kp % group == 0
+    scales = [t for t in (weight.scale, weight.min) if t is not None]
+    ok = ok and all(t.is_contiguous() and t.dtype == weight.scale.dtype for t in scales)
+    ok = ok and weight.scale.dtype in (torch.float32, torch.float16)
+    ok = ok and all(tuple(t.shape) == (out, kp // group) for t in scales)
+    if not ok:
+        raise refuse(f"a {type(weight).__name__} of shape {tuple(weight.q.shape)}")
+    half = int(weight.scale.dtype == torch.float16)
+    minimum = 0 if weight.min is None else weight.min.data_ptr()
+    if isinstance(weight, Int8Weight):
+        kind, extra, fn = _KINDS["int8"], group, quant.q8_address
+    else:
+        kind, extra, fn = _KINDS["q4"], weight.offset, quant.q4_address
+    return [[kind, weight.q.data_ptr(), kp, weight.scale.data_ptr(), minimum, extra, half, out, fn]]
+
+
 class CompiledDecode:
     """The loaded library's decode-layer functions (the C code trusts shapes: checked here)."""
 
@@ -97,6 +172,9 @@ class CompiledDecode:
         self._layers.argtypes = [_I, _P, _P, _F, _F, _I, _P, _P, _P, _P, _P, _P, _I, _P, _P, ctypes.c_int]
         for fn in (self._norm, self._silu, self._attend, self._layers):
             fn.restype = None
+        self._parts = library.decode_layers_parts
+        self._parts.argtypes = [_I, _P, _P, _P, _F, _F, _I, _P, _P, _P, _P, _P, _P, _I, _P, _P, ctypes.c_int]
+        self._parts.restype = ctypes.c_int
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
         """x: [N, H] -> out: [N, H] = ``F.rms_norm(x, (H,), weight, eps)``."""
@@ -238,6 +316,86 @@ class CompiledDecode:
                     raise ValueError(f"decode layers: a weight of shape {where} where {shape} was due")
         addresses = torch.tensor([[_ptr(t) or 0 for t in layer] for layer in layers], dtype=torch.int64)
         return LayerTable([t for layer in layers for t in layer], dims, addresses)
+
+    def parts_table(
+        self,
+        layers: Sequence[Sequence[object]],
+        dims: tuple[int, int, int, int, int, int],
+        quant: quant_cpu.CompiledQuant | None,
+    ) -> PartsTable:
+        """``layer_table`` for projections that may be quantized: ``layers[l]``: input norm, qkv,
+        qkv bias or None, o, post norm, gate_up, down, k pool, v pool, each projection a packed
+        float32 tensor or a ``QuantizedWeight`` (``quant``: the kernels those run on). Checked ->
+        what ``parts_layers`` takes, valid while these objects are the model's."""
+        hidden, heads, kvh, d, inter, block = dims
+        projections = {1: ((heads + 2 * kvh) * d, hidden), 3: (hidden, heads * d), 5: (2 * inter, hidden),
+                       6: (hidden, inter)}  # fmt: skip
+        vectors = {0: hidden, 2: (heads + 2 * kvh) * d, 4: hidden}
+        layer_rows: list[list[int]] = []
+        parts: list[list[int]] = []
+        for layer in layers:
+            if len(layer) != 9:
+                raise ValueError(f"decode layers: a layer of {len(layer)} entries where 9 were due")
+            spans: list[int] = []
+            for index, (out, k) in projections.items():
+                rows = _part_rows(layer[index], out, k, quant)  # type: ignore[arg-type]
+                spans += [len(parts), len(rows)]
+                parts += rows
+            tensors = [layer[i] for i in (0, 2, 4, 7, 8)]
+            for index, t in zip((0, 2, 4, 7, 8), tensors, strict=True):
+                if t is None and index == 2:
+                    continue
+                ok = isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device.type == "cpu"
+                ok = ok and t.is_contiguous()  # type: ignore[union-attr]
+                if index in vectors:
+                    ok = ok and tuple(t.shape) == (vectors[index],)  # type: ignore[union-attr]
+                else:
+                    ok = ok and t.dim() == 4 and tuple(t.shape[1:]) == (block, kvh, d)  # type: ignore[union-attr]
+                if not ok:
+                    where = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                    raise ValueError(f"decode layers: entry {index} of shape {where} does not fit")
+            if layer[8].shape != layer[7].shape:  # type: ignore[union-attr]
+                raise ValueError("decode layers: the k and v pools differ")
+            layer_rows.append([_ptr(t) or 0 for t in tensors] + spans)  # type: ignore[arg-type]
+        return PartsTable(
+            [e for layer in layers for e in layer], dims, torch.tensor(layer_rows, dtype=torch.int64),
+            torch.tensor(parts, dtype=torch.int64).view(-1, 9),
+        )  # fmt: skip
+
+    def parts_layers(
+        self,
+        table: PartsTable,
+        eps: float,
+        scale: float,
+        x: torch.Tensor,  # [B, hidden], updated in place
+        cos: torch.Tensor,  # [B, 1, D]
+        sin: torch.Tensor,
+        index: StepIndex,
+        threads: int = 1,
+    ) -> None:
+        """``layers`` over a ``PartsTable``: every layer of a decode step without adapters in one
+        call, quantized projections included."""
+        hidden, heads, kvh, d, inter, block = table.dims
+        b, nb = x.shape[0], index.block_table.shape[1]
+        pools = table.entries[7]
+        assert isinstance(pools, torch.Tensor)
+        fits = x.is_contiguous() and _float_rows(x) and x.shape[1] == hidden and cos.is_contiguous()
+        fits = fits and sin.is_contiguous() and cos.numel() == sin.numel() == b * d
+        fits = fits and index.fits(pools) and index.block_table.shape[0] == b
+        if not fits:
+            raise ValueError(
+                f"decode layers: x {tuple(x.shape)}, table {tuple(index.block_table.shape)} do not fit"
+            )
+        sizes = torch.tensor(table.dims, dtype=torch.int64)
+        work = torch.empty(b * (hidden + (heads + 2 * kvh) * d + heads * d + 3 * inter) + nb * block)
+        rc = self._parts(
+            len(table.layers), table.layers.data_ptr(), table.parts.data_ptr(), sizes.data_ptr(), eps, scale,
+            b, x.data_ptr(), cos.data_ptr(), sin.data_ptr(), index.write_blocks.data_ptr(),
+            index.write_offsets.data_ptr(), index.block_table.data_ptr(), nb, index.lengths.data_ptr(),
+            work.data_ptr(), threads,
+        )  # fmt: skip
+        if rc != 0:
+            raise MemoryError("decode layers: a quantized kernel could not allocate its buffers")
 
 
 # ----------------------------------------------------------------------------- references
@@ -415,9 +573,108 @@ def _layers_agree(kernel: CompiledDecode, gen: torch.Generator) -> bool:
     return _close(x, want) and pools_agree
 
 
+def _dense(weight: Projection, out: int) -> torch.Tensor:
+    """A projection's weight as a dense [out, in] float32 matrix (the reference's)."""
+    return gemv_cpu.unpack(weight, out) if isinstance(weight, torch.Tensor) else weight.dequantize()
+
+
+def sample_projection(gen: torch.Generator, out: int, k: int, form: int) -> Projection:
+    """A [out, k] projection in one of six forms: int8 per channel (float16 scale), int4 (float16
+    min and scale), Q4_0-like (offset -8, float32 scale, no min), Q6_K-like int8 (groups of 16,
+    a min), a float32 packed one, or a stack of the first three (a GGUF file's mixed parts)."""
+    w = torch.randn(out, k, generator=gen) / 4
+    if form == 0:
+        return quantized.quantize_int8(w)
+    if form == 1:
+        return quantized.quantize_int4(w)
+    if form == 2:
+        q4 = quantized.quantize_int4(w, half=False)
+        return Q4Weight(q4.q, q4.scale, None, -8, k)
+    if form == 3:
+        int8 = quantized.quantize_int8(w)
+        groups = int8.q.shape[1] // 16
+        scale, low = torch.rand(out, groups, generator=gen) / 50, torch.randn(out, groups, generator=gen) / 9
+        return Int8Weight(int8.q, scale, 16, k, low)
+    if form == 4:
+        return gemv_cpu.pack(w)
+    third = out // 3
+    return StackedWeight([quantized.quantize_int8(w[:third]), quantized.quantize_int4(w[third : 2 * third]),
+                          sample_projection(gen, out - 2 * third, k, 2)])  # type: ignore[list-item]  # fmt: skip
+
+
+def parts_agree(kernel: CompiledDecode, quant: quant_cpu.CompiledQuant) -> bool:
+    """Two layers of a tiny model (GQA, odd sizes, a qkv bias on one) whose projections take
+    every form (``sample_projection``) through ``parts_layers``, one and three rows, against
+    the dense product of each weight's reference dequantization step by step."""
+    gen = torch.Generator().manual_seed(1)
+    hidden, heads, kvh, d, inter, block, nb = 37, 4, 2, 6, 45, 4, 3
+    width = (heads + 2 * kvh) * d
+    for b in (1, 3):
+        layers: list[list[object]] = []
+        for index in range(2):
+            forms = [(index * 4 + j) % 6 for j in range(4)]
+            layers.append([
+                torch.randn(hidden, generator=gen),
+                sample_projection(gen, width, hidden, forms[0]),
+                torch.randn(width, generator=gen) if index else None,
+                sample_projection(gen, hidden, heads * d, forms[1]),
+                torch.randn(hidden, generator=gen),
+                sample_projection(gen, 2 * inter, hidden, forms[2]),
+                sample_projection(gen, hidden, inter, 5 if index else forms[3]),
+                torch.randn(b * nb + 1, block, kvh, d, generator=gen),
+                torch.randn(b * nb + 1, block, kvh, d, generator=gen),
+            ])  # fmt: skip
+        table = torch.arange(b * nb).view(b, nb)
+        lengths = torch.tensor([nb * block - 1, 2, nb * block][:b])
+        write_blocks = table.gather(1, ((lengths - 1) // block)[:, None])[:, 0].contiguous()
+        write_offsets = (lengths - 1) % block
+        angles = torch.rand(b, 1, d // 2, generator=gen) * 6
+        cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+        x = torch.randn(b, hidden, generator=gen)
+        want = x.clone()
+        expected_pools = [(w[7].clone(), w[8].clone()) for w in layers]  # type: ignore[union-attr]
+        for w, (k_pool, v_pool) in zip(layers, expected_pools, strict=True):
+            h = F.rms_norm(want, (hidden,), w[0], 1e-6)  # type: ignore[arg-type]
+            qkv = h @ _dense(w[1], width).t() + (0 if w[2] is None else w[2])  # type: ignore[arg-type,operator]
+            attn = reference_attend(
+                qkv, heads, cos, sin, k_pool, v_pool, write_blocks, write_offsets, table, lengths, 0.4
+            )
+            want += attn @ _dense(w[3], hidden).t()  # type: ignore[arg-type]
+            gu = F.rms_norm(want, (hidden,), w[4], 1e-6) @ _dense(w[5], 2 * inter).t()  # type: ignore[arg-type]
+            want += (F.silu(gu[:, :inter]) * gu[:, inter:]) @ _dense(w[6], hidden).t()  # type: ignore[arg-type]
+        dims = (hidden, heads, kvh, d, inter, block)
+        index = kernel.step_index(write_blocks, write_offsets, table, lengths, b * nb + 1, block)
+        kernel.parts_layers(kernel.parts_table(layers, dims, quant), 1e-6, 0.4, x, cos, sin, index)
+        pools_agree = all(
+            _close(w[7], k) and _close(w[8], v)  # type: ignore[arg-type]
+            for w, (k, v) in zip(layers, expected_pools, strict=True)
+        )
+        if not (torch.allclose(x, want, rtol=1e-4, atol=1e-4) and pools_agree):
+            return False
+    return True
+
+
 def load() -> CompiledDecode | None:
     """The compiled decode-layer functions, or None where they cannot be built or checked here."""
     return _build(sgmv_cpu.current()[1])
+
+
+def load_parts() -> tuple[CompiledDecode, quant_cpu.CompiledQuant] | None:
+    """The decode-layer functions with the quantized kernels their ``parts_layers`` calls, once
+    ``parts_agree`` holds here; None where either is missing or it does not (then a quantized
+    model runs its projections from Python between the compiled steps)."""
+    return _build_parts(sgmv_cpu.current()[1])
+
+
+@functools.cache
+def _build_parts(cache_dir: Path) -> tuple[CompiledDecode, quant_cpu.CompiledQuant] | None:
+    kernel, quant = _build(cache_dir), quant_cpu.load()
+    if kernel is None or quant is None:
+        return None
+    if not parts_agree(kernel, quant):
+        log.warning("compiled decode layers with quantized projections disagree with PyTorch: not used")
+        return None
+    return kernel, quant
 
 
 @functools.cache

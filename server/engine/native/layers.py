@@ -280,6 +280,10 @@ class FusedLinear:
             self.flush()
         return self._packed
 
+    def quantized_weight(self) -> QuantizedWeight | None:
+        """The quantized weight the forward reads (``fused_cpu.parts_table``); None unless quantized."""
+        return self._quant
+
     def write_rows(self, start: int, end: int, values: torch.Tensor) -> None:
         """Set rows [start, end) of the weight. Packed: written into a dense copy that ``flush`` (or
         the next forward, or a write to other projections) packs again."""

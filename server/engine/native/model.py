@@ -18,7 +18,7 @@ from safetensors import safe_open
 from server.engine import gemv_cpu
 from server.engine.lora import LoraBackend, LoraBatchContext
 from server.engine.lora.vocab import VocabAdapters
-from server.engine.native import fused_cpu, onednn, quantized
+from server.engine.native import fused_cpu, onednn, quant_cpu, quantized
 from server.engine.native.config import NativeConfig
 from server.engine.native.gguf_blocks import GGUF_EMBED, GGUF_HEAD
 from server.engine.native.kv_cache import PagedKVCache
@@ -296,9 +296,13 @@ class LlamaModel:
                     down=fused(mlp, [(n.down, c.hidden_size)], False),
                 )
             )
-        # the compiled non-matmul layer work for small decode steps (blocked layout only)
-        self.fused = fused_cpu.load() if isinstance(layout, BlockedLayout) else None
+        # the compiled non-matmul layer work for small decode steps (blocked layout or quantized)
+        compiled = isinstance(layout, BlockedLayout) or quantization != "none"
+        self.fused = fused_cpu.load() if compiled else None
         self._layer_table: fused_cpu.LayerTable | None = None  # its addresses of the layers' tensors
+        # quantized: the one-call step with the quantized kernels (None: projections from Python)
+        self.fused_parts = fused_cpu.load_parts() if quantization != "none" and self.fused else None
+        self._parts_table: fused_cpu.PartsTable | None = None
         self.inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling).to(device)
         self.scale = c.head_dim**-0.5
         self.dtype, self.device = dtype, device
@@ -403,7 +407,11 @@ class LlamaModel:
             kv.block_size,
         )  # checked once for every layer
         eps, n = c.rms_norm_eps, x.shape[0]
-        if self.ctx.row_slots is None:  # no adapter in the step: the whole model in one call
+        if self.ctx.row_slots is None and self.fused_parts is not None:  # quantized, in one call
+            table = self._quantized_table(self.fused_parts, kv)
+            fused.parts_layers(table, eps, self.scale, x, cos, sin, index, gemv_cpu.small_step_threads())
+            return fused.rms_norm(x, self.final_norm, eps, torch.empty_like(x))
+        if self.ctx.row_slots is None and self.layout is not None:  # blocked: the whole model in one call
             layers = [
                 (layer.input_norm, layer.qkv.blocked_weight(), layer.qkv.bias, layer.o_proj.blocked_weight(),
                  layer.post_norm, layer.gate_up.blocked_weight(), layer.down.blocked_weight(),
@@ -420,7 +428,9 @@ class LlamaModel:
                     kv.block_size,
                 )
                 self._layer_table = fused.layer_table(layers, dims)  # checked once per set of weights
-            fused.layers(self._layer_table, eps, self.scale, x, cos, sin, index, gemv_cpu.SMALL_STEP_THREADS)
+            fused.layers(
+                self._layer_table, eps, self.scale, x, cos, sin, index, gemv_cpu.small_step_threads()
+            )
             return fused.rms_norm(x, self.final_norm, eps, torch.empty_like(x))
         h = torch.empty_like(x)  # [N, H]
         qkv_buffer = x.new_empty(n, c.q_size + 2 * c.kv_size)
@@ -434,6 +444,30 @@ class LlamaModel:
             gate_up = layer.gate_up(fused.rms_norm(x, layer.post_norm, eps, h), out=gate_up_buffer)
             layer.down.add_to(fused.silu_mul(gate_up, act), x)  # x += down(silu(gate) * up)
         return fused.rms_norm(x, self.final_norm, eps, torch.empty_like(x))
+
+    def _quantized_table(
+        self, compiled: tuple[fused_cpu.CompiledDecode, quant_cpu.CompiledQuant], kv: PagedKVCache
+    ) -> fused_cpu.PartsTable:
+        """The layers as ``parts_layers`` reads them, checked once per set of weights and pools."""
+        fused, quant = compiled
+        layers = [
+            (layer.input_norm, layer.qkv.quantized_weight(), layer.qkv.bias, layer.o_proj.quantized_weight(),
+             layer.post_norm, layer.gate_up.quantized_weight(), layer.down.quantized_weight(),
+             kv.k_pool[i], kv.v_pool[i])
+            for i, layer in enumerate(self.layers)
+        ]  # fmt: skip
+        if self._parts_table is None or not self._parts_table.holds([t for lay in layers for t in lay]):
+            c = self.config
+            dims = (
+                c.hidden_size,
+                c.num_heads,
+                c.num_kv_heads,
+                c.head_dim,
+                c.intermediate_size,
+                kv.block_size,
+            )
+            self._parts_table = fused.parts_table(layers, dims, quant)
+        return self._parts_table
 
     def decode_logits(
         self,

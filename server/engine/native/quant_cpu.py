@@ -7,13 +7,14 @@ off; ``--cache-dir``). ``quantized.py`` checks it against the reference dequanti
 using it; where it cannot build or disagrees, the weights are dequantized in chunks and multiplied
 by PyTorch (same results, slower). The ctypes call releases the GIL while it runs.
 
-Threads: up to ``ONE_THREAD_ROWS`` rows on the calling thread alone, above on PyTorch's OpenMP
-threads, as the float32 kernel does (``gemv_cpu.py``): on a loaded machine every parallel region
-waits for a time slice at its barrier, which at 120 calls a step outweighs the second core (the
-linear layers alone at batch 1, one thread: 3.1-3.5x float32's; two threads under load: every
-form 10-20x slower, ``bench/results/quant-kernels-cpu.md``). One core unpacks 4-bit weights at
-about 8 GB/s of packed bytes, so on a quiet machine two threads may pay at batch 1: measure
-with ``bench/quant_kernels.py`` (both thread counts) before raising it.
+Threads: up to ``ONE_THREAD_ROWS`` rows on ``gemv_cpu.SMALL_STEP_THREADS`` (which the native
+runner chooses per step by timing one thread against all, ``decode_threads.py``), above on
+PyTorch's OpenMP threads, as the float32 kernel does (``gemv_cpu.py``): on a loaded machine every
+parallel region waits for a time slice at its barrier, which at 120 calls a step outweighs the
+second core (the linear layers alone at batch 1, one thread: 3.1-3.5x float32's; two threads
+under load: every form 10-20x slower, ``bench/results/quant-kernels-cpu.md``), while one core
+unpacks 4-bit weights at about 8 GB/s of packed bytes, so on a quiet machine two threads may pay
+at batch 1 (``bench/quant_kernels.py`` measures both thread counts).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from server.engine import cpu_build, sgmv_cpu
+from server.engine import cpu_build, gemv_cpu, sgmv_cpu
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,16 @@ class CompiledQuant:
             ctypes.c_int, ctypes.c_int,
         ]  # fmt: skip
         self._q4.restype = ctypes.c_int
+
+    @property
+    def q8_address(self) -> int:
+        """``q8_linear``'s address, for compiled code that calls it (``fused_cpu.parts_table``)."""
+        return ctypes.cast(self._q8, _ptr).value or 0
+
+    @property
+    def q4_address(self) -> int:
+        """``q4_linear``'s address (as ``q8_address``)."""
+        return ctypes.cast(self._q4, _ptr).value or 0
 
     @staticmethod
     def _check(x: torch.Tensor, out: torch.Tensor, rows: int, k: int) -> None:
@@ -125,8 +136,9 @@ class CompiledQuant:
 
 
 def _threads(rows: int) -> int:
-    """One thread up to ``ONE_THREAD_ROWS`` rows, else PyTorch's (see the module docstring)."""
-    return 1 if rows <= ONE_THREAD_ROWS else torch.get_num_threads()
+    """Up to ``ONE_THREAD_ROWS`` rows the small steps' count (``gemv_cpu.SMALL_STEP_THREADS``,
+    which the native runner chooses), else PyTorch's (see the module docstring)."""
+    return gemv_cpu.SMALL_STEP_THREADS if rows <= ONE_THREAD_ROWS else torch.get_num_threads()
 
 
 def load() -> CompiledQuant | None:

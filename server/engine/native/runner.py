@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 
 from server.engine import gemv_cpu
+from server.engine.decode_threads import DecodeThreads
 from server.engine.lora import LoraBatchContext, choose_backend
 from server.engine.native import onednn
 from server.engine.native.families import family_for
@@ -107,6 +108,8 @@ class NativeLlamaRunner(ModelRunner):
         self.device = torch.device(device)
         self.dtype = dtype
         self.ctx = LoraBatchContext()
+        # small decode steps' kernel threads: LORAPLEX_DECODE_THREADS, auto by default (timed)
+        self.decode_threads = DecodeThreads.from_env(torch.get_num_threads())
         self.lora_backend = choose_backend(lora_backend, self.device, dtype)  # server/engine/lora/
         self.decode_kind = decode_kind(compile, self.device)
         self.quantization = self._check_quantization(quantization, weight_layout)
@@ -423,26 +426,36 @@ class NativeLlamaRunner(ModelRunner):
         return logits
 
     def decode(self, inputs: Sequence[DecodeInput]) -> torch.Tensor:
-        with self._threads_for(len(inputs)):
+        with self._threads_for(len(inputs), timed=True):
             return self._decode_in_order(inputs)
 
     @contextlib.contextmanager
-    def _threads_for(self, rows: int) -> Iterator[None]:
-        """Blocked weights, up to ``gemv_cpu.ONE_THREAD_ROWS`` rows: the whole step on the engine
-        thread alone. The weights' stream dominates it and one core reads at the bandwidth here
-        (``gemv_cpu.py``); the step's other ops are tiny at these sizes, and every parallel one
-        waits at its barrier for a descheduled thread when the machine is loaded (a batch-1 step
-        of the embedded model under load, interleaved: 66 ms median with 1 thread against 390 ms
-        with 2). The count is the calling thread's own (OpenMP), restored after the step."""
-        if self.weight_layout != "blocked" or rows > gemv_cpu.ONE_THREAD_ROWS:
+    def _threads_for(self, rows: int, timed: bool = False) -> Iterator[None]:
+        """Blocked or quantized weights, up to ``gemv_cpu.ONE_THREAD_ROWS`` rows: PyTorch's ops
+        of the step on the engine thread alone, the compiled kernels on ``decode_threads``' count.
+        The weights' stream dominates the step (``gemv_cpu.py``); its other ops are tiny at these
+        sizes, and every parallel one waits at its barrier for a descheduled thread when the
+        machine is loaded (a batch-1 step of the embedded model under load, interleaved: 66 ms
+        median with 1 thread against 390 ms with 2). ``timed``: a decode step, which the kernels'
+        count is chosen for and timed (``decode_threads.py``); other steps (verify) run on the
+        current choice. PyTorch's count is the calling thread's own (OpenMP), restored after the
+        step, and so is the kernels'."""
+        if self.weight_layout not in ("blocked", "quantized") or rows > gemv_cpu.ONE_THREAD_ROWS:
             yield
             return
-        threads = torch.get_num_threads()
+        threads, kernels = torch.get_num_threads(), gemv_cpu.SMALL_STEP_THREADS
         torch.set_num_threads(1)
         try:
-            yield
+            if timed:
+                with self.decode_threads.step(rows) as chosen:
+                    gemv_cpu.SMALL_STEP_THREADS = chosen
+                    yield
+            else:
+                gemv_cpu.SMALL_STEP_THREADS = self.decode_threads.current
+                yield
         finally:
             torch.set_num_threads(threads)
+            gemv_cpu.SMALL_STEP_THREADS = kernels
 
     def _decode_in_order(self, inputs: Sequence[DecodeInput]) -> torch.Tensor:
         order = self._slot_order(inputs)
