@@ -430,3 +430,39 @@ def test_a_parts_table_refuses_weights_that_do_not_fit(kernel, quant) -> None:
             kernel.parts_table([layer(**changed)], dims, quant)
     with pytest.raises(ValueError, match="without the compiled quantized kernels"):
         kernel.parts_table([good], dims, None)
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantized_verify_steps_in_one_call_equal_the_pytorch_path(arch, quantization, monkeypatch) -> None:
+    """Verify steps (1 + k tokens a row) of base rows on quantized weights run the one-call parts
+    path; every token's logits equal the same steps with the compiled path switched off (the same
+    quantized weights through PyTorch's ops), rolled back each step."""
+    _, _, path = arch
+    runners = [NativeLlamaRunner(path, quantization=quantization, kv_cache_tokens=512) for _ in range(2)]
+    assert runners[0].model.fused_parts is not None
+    fused, _ = runners[0].model.fused_parts
+    calls = {"parts_layers": 0}
+    real = fused.parts_layers
+
+    def counted(*args, **kwargs):
+        calls["parts_layers"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fused, "parts_layers", counted)
+    runners[1].model.fused = runners[1].model.fused_parts = None  # the PyTorch path
+    prompts = [[1, *range(20, 33)], [1, *range(40, 75)]]
+    for runner in runners:
+        runner.prefill([PrefillInput(i, p, 0, BASE_SLOT) for i, p in enumerate(prompts)])
+    sequences = [list(p) for p in prompts]
+    plans = [
+        [(0, [11, 12, 13, 14, 15], False)],
+        [(0, [21, 22, 23], False), (1, [24, 25, 26], False)],
+        [(1, [31], False), (0, [32, 33], False)],
+    ]
+    for plan in plans:
+        outputs = [_verify_step(runner, plan, sequences, BASE_SLOT) for runner in runners]
+        assert outputs[0].shape[0] == sum(len(tokens) for _, tokens, _ in plan)
+        torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
+        for seq, tokens, _ in plan:
+            sequences[seq].extend(tokens[: max(1, len(tokens) - 1)])
+    assert calls["parts_layers"] == len(plans)
