@@ -158,6 +158,29 @@ def _part_rows(
     return [[kind, weight.q.data_ptr(), kp, weight.scale.data_ptr(), minimum, extra, half, out, fn]]
 
 
+def _layers_step(
+    dims: tuple[int, int, int, int, int, int],
+    x: torch.Tensor,  # [B, hidden]
+    cos: torch.Tensor,  # [B, 1, D]
+    sin: torch.Tensor,
+    index: StepIndex,
+    pools: torch.Tensor,  # a layer's K pool: [blocks, block, kvh, D]
+) -> tuple[int, int, torch.Tensor]:
+    """What both one-call paths check before C reads the step, and the scratch memory they give
+    it: (rows, blocks per row, work buffer). A step that does not fit is a ValueError."""
+    hidden, heads, kvh, d, inter, block = dims
+    b, nb = x.shape[0], index.block_table.shape[1]
+    fits = x.is_contiguous() and _float_rows(x) and x.shape[1] == hidden and cos.is_contiguous()
+    fits = fits and sin.is_contiguous() and cos.numel() == sin.numel() == b * d
+    fits = fits and index.fits(pools) and index.block_table.shape[0] == b
+    if not fits:
+        raise ValueError(
+            f"decode layers: x {tuple(x.shape)}, table {tuple(index.block_table.shape)} do not fit"
+        )
+    work = torch.empty(b * (hidden + (heads + 2 * kvh) * d + heads * d + 3 * inter) + nb * block)
+    return b, nb, work
+
+
 class CompiledDecode:
     """The loaded library's decode-layer functions (the C code trusts shapes: checked here)."""
 
@@ -272,20 +295,10 @@ class CompiledDecode:
     ) -> None:
         """Every layer of a decode step without adapters, in one call."""
         dims = table.dims
-        hidden, heads, kvh, d, inter, block = dims
-        b, nb = x.shape[0], index.block_table.shape[1]
-        width = (heads + 2 * kvh) * d
         pools = table.tensors[7]
         assert pools is not None
-        fits = x.is_contiguous() and _float_rows(x) and x.shape[1] == hidden and cos.is_contiguous()
-        fits = fits and sin.is_contiguous() and cos.numel() == sin.numel() == b * d
-        fits = fits and index.fits(pools) and index.block_table.shape[0] == b
-        if not fits:
-            raise ValueError(
-                f"decode layers: x {tuple(x.shape)}, table {tuple(index.block_table.shape)} do not fit"
-            )
+        b, nb, work = _layers_step(dims, x, cos, sin, index, pools)
         sizes = torch.tensor(dims, dtype=torch.int64)
-        work = torch.empty(b * (hidden + width + heads * d + 3 * inter) + nb * block)
         self._layers(
             len(table.addresses), table.addresses.data_ptr(), sizes.data_ptr(), eps, scale, b, x.data_ptr(),
             cos.data_ptr(), sin.data_ptr(), index.write_blocks.data_ptr(), index.write_offsets.data_ptr(),
@@ -375,19 +388,10 @@ class CompiledDecode:
     ) -> None:
         """``layers`` over a ``PartsTable``: every layer of a decode step without adapters in one
         call, quantized projections included."""
-        hidden, heads, kvh, d, inter, block = table.dims
-        b, nb = x.shape[0], index.block_table.shape[1]
         pools = table.entries[7]
         assert isinstance(pools, torch.Tensor)
-        fits = x.is_contiguous() and _float_rows(x) and x.shape[1] == hidden and cos.is_contiguous()
-        fits = fits and sin.is_contiguous() and cos.numel() == sin.numel() == b * d
-        fits = fits and index.fits(pools) and index.block_table.shape[0] == b
-        if not fits:
-            raise ValueError(
-                f"decode layers: x {tuple(x.shape)}, table {tuple(index.block_table.shape)} do not fit"
-            )
+        b, nb, work = _layers_step(table.dims, x, cos, sin, index, pools)
         sizes = torch.tensor(table.dims, dtype=torch.int64)
-        work = torch.empty(b * (hidden + (heads + 2 * kvh) * d + heads * d + 3 * inter) + nb * block)
         rc = self._parts(
             len(table.layers), table.layers.data_ptr(), table.parts.data_ptr(), sizes.data_ptr(), eps, scale,
             b, x.data_ptr(), cos.data_ptr(), sin.data_ptr(), index.write_blocks.data_ptr(),

@@ -419,15 +419,8 @@ class LlamaModel:
                 for i, layer in enumerate(self.layers)
             ]  # fmt: skip
             if self._layer_table is None or not self._layer_table.holds([t for lay in layers for t in lay]):
-                dims = (
-                    c.hidden_size,
-                    c.num_heads,
-                    c.num_kv_heads,
-                    c.head_dim,
-                    c.intermediate_size,
-                    kv.block_size,
-                )
-                self._layer_table = fused.layer_table(layers, dims)  # checked once per set of weights
+                # checked once per set of weights
+                self._layer_table = fused.layer_table(layers, self._decode_dims(kv))
             fused.layers(
                 self._layer_table, eps, self.scale, x, cos, sin, index, gemv_cpu.small_step_threads()
             )
@@ -457,17 +450,14 @@ class LlamaModel:
             for i, layer in enumerate(self.layers)
         ]  # fmt: skip
         if self._parts_table is None or not self._parts_table.holds([t for lay in layers for t in lay]):
-            c = self.config
-            dims = (
-                c.hidden_size,
-                c.num_heads,
-                c.num_kv_heads,
-                c.head_dim,
-                c.intermediate_size,
-                kv.block_size,
-            )
-            self._parts_table = fused.parts_table(layers, dims, quant)
+            self._parts_table = fused.parts_table(layers, self._decode_dims(kv), quant)
         return self._parts_table
+
+    def _decode_dims(self, kv: PagedKVCache) -> tuple[int, int, int, int, int, int]:
+        """The sizes the one-call decode paths are built for: hidden, heads, KV heads, head
+        size, intermediate size, KV block size."""
+        c = self.config
+        return c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, kv.block_size
 
     def decode_logits(
         self,
