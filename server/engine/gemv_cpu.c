@@ -229,6 +229,19 @@ void attend_decode(int64_t m, float* qkv, int64_t ldq, int64_t heads, int64_t kv
   }
 }
 
+/* The one-call decode paths' scratch, laid out in work (the size fused_cpu._layers_step gives):
+ * h [m][hidden], qkv [m][qkv_width], attn [m][q_size], gu [m][2 inter], act [m][inter], scores. */
+static void split_work(float* work, int64_t m, int64_t hidden, int64_t qkv_width, int64_t q_size,
+                       int64_t inter, float** h, float** qkv, float** attn, float** gu,
+                       float** act, float** scores) {
+  *h = work;
+  *qkv = *h + m * hidden;
+  *attn = *qkv + m * qkv_width;
+  *gu = *attn + m * q_size;
+  *act = *gu + m * 2 * inter;
+  *scores = *act + m * inter;
+}
+
 /* Every layer of a decode (or verify) step of m token rows without adapters, in one call: per layer
  *   h = norm(x); qkv = h @ Wqkv.T (+ b); attend_decode; x += attn @ Wo.T;
  *   h = norm(x); gu = h @ Wgu.T; act = silu(gate) * up; x += act @ Wdown.T
@@ -243,12 +256,8 @@ void decode_layers(int64_t num_layers, const int64_t* layers, const int64_t* dim
                    int num_threads) {
   int64_t hidden = dims[0], heads = dims[1], kvh = dims[2], d = dims[3], inter = dims[4];
   int64_t block_size = dims[5], qkv_width = (heads + 2 * kvh) * d, q_size = heads * d;
-  float* h = work;
-  float* qkv = h + m * hidden;
-  float* attn = qkv + m * qkv_width;
-  float* gu = attn + m * q_size;
-  float* act = gu + m * 2 * inter;
-  float* scores = act + m * inter;
+  float *h, *qkv, *attn, *gu, *act, *scores;
+  split_work(work, m, hidden, qkv_width, q_size, inter, &h, &qkv, &attn, &gu, &act, &scores);
   for (int64_t l = 0; l < num_layers; l++) {
     const int64_t* p = layers + 9 * l;
     rms_norm_rows(x, hidden, m, hidden, (const float*)p[0], eps, h, hidden);
@@ -337,12 +346,8 @@ int decode_layers_parts(int64_t num_layers, const int64_t* layers, const int64_t
                         const int64_t* lengths, float* work, int num_threads) {
   int64_t hidden = dims[0], heads = dims[1], kvh = dims[2], d = dims[3], inter = dims[4];
   int64_t block_size = dims[5], qkv_width = (heads + 2 * kvh) * d, q_size = heads * d;
-  float* h = work;
-  float* qkv = h + m * hidden;
-  float* attn = qkv + m * qkv_width;
-  float* gu = attn + m * q_size;
-  float* act = gu + m * 2 * inter;
-  float* scores = act + m * inter;
+  float *h, *qkv, *attn, *gu, *act, *scores;
+  split_work(work, m, hidden, qkv_width, q_size, inter, &h, &qkv, &attn, &gu, &act, &scores);
   int rc = 0;
   for (int64_t l = 0; l < num_layers && !rc; l++) {
     const int64_t* p = layers + QLAYER_FIELDS * l;

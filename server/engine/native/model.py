@@ -7,7 +7,7 @@ Shapes: ``N`` tokens of a step (a decode step: one per sequence), ``H`` hidden s
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -412,18 +412,8 @@ class LlamaModel:
             fused.parts_layers(table, eps, self.scale, x, cos, sin, index, gemv_cpu.small_step_threads())
             return fused.rms_norm(x, self.final_norm, eps, torch.empty_like(x))
         if self.ctx.row_slots is None and self.layout is not None:  # blocked: the whole model in one call
-            layers = [
-                (layer.input_norm, layer.qkv.blocked_weight(), layer.qkv.bias, layer.o_proj.blocked_weight(),
-                 layer.post_norm, layer.gate_up.blocked_weight(), layer.down.blocked_weight(),
-                 kv.k_pool[i], kv.v_pool[i])
-                for i, layer in enumerate(self.layers)
-            ]  # fmt: skip
-            if self._layer_table is None or not self._layer_table.holds([t for lay in layers for t in lay]):
-                # checked once per set of weights
-                self._layer_table = fused.layer_table(layers, self._decode_dims(kv))
-            fused.layers(
-                self._layer_table, eps, self.scale, x, cos, sin, index, gemv_cpu.small_step_threads()
-            )
+            table = self._blocked_table(fused, kv)
+            fused.layers(table, eps, self.scale, x, cos, sin, index, gemv_cpu.small_step_threads())
             return fused.rms_norm(x, self.final_norm, eps, torch.empty_like(x))
         h = torch.empty_like(x)  # [N, H]
         qkv_buffer = x.new_empty(n, c.q_size + 2 * c.kv_size)
@@ -443,15 +433,30 @@ class LlamaModel:
     ) -> fused_cpu.PartsTable:
         """The layers as ``parts_layers`` reads them, checked once per set of weights and pools."""
         fused, quant = compiled
-        layers = [
-            (layer.input_norm, layer.qkv.quantized_weight(), layer.qkv.bias, layer.o_proj.quantized_weight(),
-             layer.post_norm, layer.gate_up.quantized_weight(), layer.down.quantized_weight(),
-             kv.k_pool[i], kv.v_pool[i])
-            for i, layer in enumerate(self.layers)
-        ]  # fmt: skip
+        layers = self._layer_entries(kv, lambda linear: linear.quantized_weight())
         if self._parts_table is None or not self._parts_table.holds([t for lay in layers for t in lay]):
             self._parts_table = fused.parts_table(layers, self._decode_dims(kv), quant)
         return self._parts_table
+
+    def _blocked_table(self, fused: fused_cpu.CompiledDecode, kv: PagedKVCache) -> fused_cpu.LayerTable:
+        """The layers as ``layers`` reads them (blocked weights), checked once per set of weights
+        and pools (rebuilt when a merge packs a projection again)."""
+        layers = self._layer_entries(kv, lambda linear: linear.blocked_weight())
+        if self._layer_table is None or not self._layer_table.holds([t for lay in layers for t in lay]):
+            self._layer_table = fused.layer_table(layers, self._decode_dims(kv))
+        return self._layer_table
+
+    def _layer_entries(
+        self, kv: PagedKVCache, weight: Callable[[FusedLinear], object]
+    ) -> list[tuple[object, ...]]:
+        """Per layer, what the one-call decode paths read: input norm, qkv weight, qkv bias, o
+        weight, post norm, gate_up weight, down weight, K pool, V pool (``weight``: a projection's
+        blocked or quantized form)."""
+        return [
+            (layer.input_norm, weight(layer.qkv), layer.qkv.bias, weight(layer.o_proj), layer.post_norm,
+             weight(layer.gate_up), weight(layer.down), kv.k_pool[i], kv.v_pool[i])
+            for i, layer in enumerate(self.layers)
+        ]  # fmt: skip
 
     def _decode_dims(self, kv: PagedKVCache) -> tuple[int, int, int, int, int, int]:
         """The sizes the one-call decode paths are built for: hidden, heads, KV heads, head
