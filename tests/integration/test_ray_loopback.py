@@ -79,7 +79,14 @@ def test_a_loopback_cluster_listens_only_on_loopback(servers) -> None:
     # ServerProcess passes --host 127.0.0.1; Ray's workers import this checkout's server package
     server = servers("--ray", "--replicas", "2", ready=False, env={"PYTHONPATH": str(REPO)})
     try:
-        server.wait_ready(timeout=300)
+        server.wait_ready(timeout=300)  # 200 once one replica serves ("degraded" until both do)
+
+        def both_replicas_ready() -> bool:
+            # Both replicas load the model at once on CI's 2 cores; the second can lag the first by
+            # more than a minute, and only then does its actor open its sockets.
+            return httpx.get(server.url + "/health", timeout=10).json().get("status") == "ok"
+
+        wait_until(both_replicas_ready, 300, "both replicas to report ready", poll=0.5)
         r = httpx.post(server.url + "/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 4}}, timeout=120)  # fmt: skip
         assert r.status_code == 200, r.text
 
