@@ -453,12 +453,8 @@ class Engine:
             except Exception as exc:
                 self._fail_prefilling([row for row, _ in chunks], exc)
                 raise
-            if rows and not chunks:  # a decode step: what the auto mode's ski rental weighs
-                seconds = time.perf_counter() - start
-                if self.merger.merged is None:
-                    self.scheduler.auto.observe_step(seconds)
-                elif all(key_of(r.request) == self.merger.merged.key for r in rows):
-                    self.scheduler.auto.observe_merged_step(seconds)
+            if rows and not chunks and self.merger.merged is None:
+                self.scheduler.auto.observe_step(time.perf_counter() - start)
             if rows:
                 self._decoded(rows, output, len(chunks), drafts)
             if chunks:

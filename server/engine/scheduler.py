@@ -9,9 +9,9 @@ preempted (:class:`Scheduler`), with the serving modes' pure decisions beside it
   at most ``switch_wait`` + one batch drain + one swap per adapter ahead of it: no starvation.
 * ``auto``: unmerged by default; merged while every running and waiting request wants the same
   adapter. Merging is a bet that the traffic stays uniform, so it is placed like a ski rental:
-  only after the traffic has been uniform for as long as a merge and the later unmerge cost in
-  what merged steps save over unmerged ones, as timed (at least ``min_uniform_steps`` steps).
-  Mixed traffic unmerges at once, since otherwise the other requests would wait.
+  only after the traffic has been uniform for as long as a merge and the later unmerge cost
+  (at least ``min_uniform_steps`` steps). Mixed traffic unmerges at once, since otherwise the
+  other requests would wait.
 """
 
 from __future__ import annotations
@@ -84,9 +84,6 @@ def plan_merged(
     return MergedPlan(merged_key, False, None)
 
 
-MIN_MERGED_SAVING = 0.02  # the least share of an unmerged step a merged one is taken to save
-
-
 @dataclass
 class AutoPolicy:
     """Auto mode's merge decision, with ski-rental hysteresis."""
@@ -95,30 +92,18 @@ class AutoPolicy:
     uniform_steps: int = 0
     uniform_key: AdapterKey = None
     mean_step_seconds: float = 0.0
-    mean_merged_step_seconds: float = 0.0  # 0: no merged decode step seen yet
 
     def observe_step(self, seconds: float) -> None:
         """Feed the duration of an unmerged decode step (exponential moving average)."""
-        self.mean_step_seconds = _ema(self.mean_step_seconds, seconds)
-
-    def observe_merged_step(self, seconds: float) -> None:
-        """Feed the duration of a decode step on merged weights (exponential moving average)."""
-        self.mean_merged_step_seconds = _ema(self.mean_merged_step_seconds, seconds)
+        self.mean_step_seconds = (
+            seconds if self.mean_step_seconds == 0 else 0.9 * self.mean_step_seconds + 0.1 * seconds
+        )
 
     def steps_needed(self, swap_seconds: float) -> int:
-        """Uniform steps before merging: a merge plus the later unmerge, in what a merged step saves.
-
-        Until a merged step has been timed, it is taken to save a whole unmerged step (so the
-        first merge comes early); then the measured saving counts, at least
-        :data:`MIN_MERGED_SAVING` of a step (issue 29: a rank-64 adapter's LoRA work is a small
-        share of the embedded model's step, so short runs of one adapter's requests, each merged
-        and unmerged, cost the next other adapter's request a swap longer than its load)."""
+        """Uniform steps before merging: a merge plus the later unmerge, in step durations."""
         if self.mean_step_seconds <= 0:
             return self.min_uniform_steps
-        saving = self.mean_step_seconds
-        if self.mean_merged_step_seconds > 0:
-            saving = max(saving - self.mean_merged_step_seconds, MIN_MERGED_SAVING * saving)
-        return max(self.min_uniform_steps, math.ceil(2 * swap_seconds / saving))
+        return max(self.min_uniform_steps, math.ceil(2 * swap_seconds / self.mean_step_seconds))
 
     def decide(
         self, wanted: set[AdapterKey], merged_key: AdapterKey, swap_seconds: float
@@ -142,10 +127,6 @@ class AutoPolicy:
 
 
 _IDLE_LOAD_WAIT = 0.1  # seconds an idle engine waits for an adapter load before its next step
-
-
-def _ema(mean: float, sample: float) -> float:
-    return sample if mean == 0 else 0.9 * mean + 0.1 * sample
 
 
 class _Control(Protocol):
