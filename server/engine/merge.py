@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import statistics
 import struct
 import time
 from collections.abc import Callable, Mapping
@@ -120,6 +121,13 @@ class SwapStats:
     swap_seconds: float = 0.0
     last_swap_seconds: float = 0.0
     history: list[float] = field(default_factory=list, repr=False)  # recent swap durations
+
+    def typical_swap_seconds(self, recent: int = 5) -> float:
+        """What a swap costs, for auto mode's merge decision: the lower median of the last
+        ``recent`` swaps (0 before the first). One slow swap (the first merge touching fresh pages,
+        a busy neighbour process, a garbage-collection pause) must not postpone every later merge
+        by hundreds of steps, as the last swap's duration alone would."""
+        return statistics.median_low(self.history[-recent:]) if self.history else 0.0
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ preempted (:class:`Scheduler`), with the serving modes' pure decisions beside it
 * ``auto``: unmerged by default; merged while every running and waiting request wants the same
   adapter. Merging is a bet that the traffic stays uniform, so it is placed like a ski rental:
   only after the traffic has been uniform for as long as a merge and the later unmerge cost
-  (at least ``min_uniform_steps`` steps). Mixed traffic unmerges at once, since otherwise the
+  (at least ``min_uniform_steps`` steps; a swap's cost is the lower median of the recent swaps,
+  so that one slow swap does not postpone every later merge). Mixed traffic unmerges at once, since otherwise the
   other requests would wait.
 """
 
@@ -295,7 +296,7 @@ class Scheduler:
         if not wanted:
             return
         decision = self.auto.decide(
-            wanted, merged.key if merged else None, self.engine.merger.stats.last_swap_seconds
+            wanted, merged.key if merged else None, self.engine.merger.stats.typical_swap_seconds()
         )
         if decision == "keep":
             return

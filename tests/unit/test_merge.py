@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from adapters.peft_format import load_adapter_dir
 from server.engine.engine import Engine, EngineConfig
 from server.engine.hf_runner import HFRunner
-from server.engine.merge import MergeManager
+from server.engine.merge import MergeManager, SwapStats
 from server.engine.requests import GenerationRequest
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import AutoPolicy, plan_merged
@@ -266,3 +266,19 @@ def test_auto_policy_hysteresis() -> None:
     assert policy.decide({None}, None, 0.0) == "keep"  # base-only traffic: nothing to merge
     policy.observe_step(0.01)
     assert policy.steps_needed(swap_seconds=0.5) == 100  # ski rental: merge + unmerge = 100 steps
+
+
+def test_one_slow_swap_does_not_postpone_later_merges() -> None:
+    """Auto mode prices a swap at the lower median of the recent ones: a single outlier (a busy
+    neighbour, a first merge touching fresh pages) is ignored once there are other swaps, and the
+    estimate still follows swaps that really are slower."""
+    stats = SwapStats()
+    assert stats.typical_swap_seconds() == 0.0
+    stats.history = [0.02, 1.5]
+    assert stats.typical_swap_seconds() == 0.02  # the last swap alone would say 1.5 s
+    stats.history = [0.02, 1.5, 0.03]
+    assert stats.typical_swap_seconds() == 0.03
+    stats.history = [0.02, 0.9, 1.0, 1.1]  # swaps got dearer for good (a bigger adapter): follow them
+    assert stats.typical_swap_seconds() == 0.9
+    stats.history = [0.01] * 10 + [2.0, 2.0, 2.0]  # only the last five count
+    assert stats.typical_swap_seconds() == 2.0
