@@ -113,9 +113,11 @@ def _decode(runner: RunnerInfo) -> dict:
     ``weights``: the projections' layout (native runner: ``packed`` for oneDNN on the CPU, or
     ``dense``, or ``quantized``; the HF runner's are dense); ``quantization``: ``--quantization``;
     ``lora_backend``: the LoRA backend graph-run steps use (eager steps: the runner's);
-    ``threads`` (native runner): the compiled kernels' threads in steps of up to 4 rows
+    ``threads`` (native runner): the compiled kernels' threads in steps of up to 4 rows (and
+    verify steps of up to 8 tokens)
     (``LORAPLEX_DECODE_THREADS``: ``setting`` auto or a number, ``threads`` the count the last
-    such step ran on, ``step_ms`` auto's estimates by rows and threads; ``decode_threads.py``)."""
+    such step ran on, ``step_ms`` auto's estimates by tokens in the step and threads;
+    ``decode_threads.py``)."""
     return {
         "kind": runner.decode_kind,
         "weights": runner.weight_layout,

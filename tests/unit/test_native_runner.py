@@ -11,14 +11,14 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 
 from adapters.peft_format import load_adapter_dir
 from server.engine import gemv_cpu
-from server.engine.decode_threads import SAMPLES, WARM_UP, DecodeThreads
+from server.engine.decode_threads import WARM_UP, WINDOW, DecodeThreads
 from server.engine.engine import Engine, EngineConfig
 from server.engine.hf_runner import HFRunner
 from server.engine.lora_linear import BASE_SLOT
 from server.engine.lora_model import AdapterSlots
 from server.engine.merge import MergeManager
 from server.engine.native import NativeLlamaRunner, onednn, supports
-from server.engine.runner import DecodeInput, PrefillInput
+from server.engine.runner import DecodeInput, PrefillInput, StepRow
 from tests.engine_helpers import outcome, run_many, run_one, submit
 from tests.lora_backends import LORA_BACKENDS
 
@@ -402,8 +402,9 @@ def test_small_decode_steps_run_the_kernels_on_the_chosen_count(
     tmp_path_factory, monkeypatch, kwargs
 ) -> None:
     """``LORAPLEX_DECODE_THREADS=auto``: each decode step of up to ``ONE_THREAD_ROWS`` rows runs
-    PyTorch's ops on one thread and the kernels on the chooser's count (each count warmed up),
-    timed; the counts are restored after the step; ``describe`` shows the estimates."""
+    PyTorch's ops on one thread and the kernels on the chooser's count (each count warmed up,
+    then timed in turn), timed; the counts are restored after the step; ``describe`` shows the
+    estimates."""
     _, path = _saved(tmp_path_factory, "llama")
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -420,13 +421,52 @@ def test_small_decode_steps_run_the_kernels_on_the_chosen_count(
             lambda *a: seen.append((torch.get_num_threads(), gemv_cpu.SMALL_STEP_THREADS)) or forward(*a),
         )
         kernels = gemv_cpu.SMALL_STEP_THREADS
-        warm = WARM_UP + SAMPLES
-        for step in range(2 * warm + 1):
+        sampling = 2 * WARM_UP + 2 * WINDOW  # every step takes 1 s: equal, so WINDOW timings each
+        for step in range(sampling + 1):
             runner.decode([DecodeInput(0, 5 + step, BASE_SLOT)])
             assert (torch.get_num_threads(), gemv_cpu.SMALL_STEP_THREADS) == (2, kernels)
-        assert seen == [(1, 1)] * warm + [(1, 2)] * warm + [(1, 1)]  # then the faster: equal, the first
+        expected = [(1, 1)] * WARM_UP + [(1, 2)] * WARM_UP + [(1, 1), (1, 2)] * WINDOW
+        assert seen == [*expected, (1, 1)]  # then the faster: equal, the first
         info = runner.decode_threads.describe()
         assert info["setting"] == "auto" and info["step_ms"] == {"1": {"1": 1000.0, "2": 1000.0}}
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_verify_steps_are_timed_by_their_tokens(tmp_path_factory, monkeypatch) -> None:
+    """A speculative verify step (a row of 1 + k tokens) is a small step too: its kernels run on
+    the chooser's count for its tokens, timed apart from 1-token decode steps (``step_ms`` by
+    tokens); a step of more than 8 tokens keeps PyTorch's threads."""
+    _, path = _saved(tmp_path_factory, "llama")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runner = _runner(path, weight_layout="blocked")
+        runner.decode_threads = DecodeThreads(None, 2, lambda: 0.0)
+        runner.prefill([PrefillInput(0, PROMPTS[0], 0, BASE_SLOT)])
+        seen: list[tuple[int, int]] = []
+        forward = runner.model.forward
+        monkeypatch.setattr(
+            runner.model,
+            "forward",
+            lambda *a: seen.append((torch.get_num_threads(), gemv_cpu.SMALL_STEP_THREADS)) or forward(*a),
+        )
+        start = len(PROMPTS[0])
+        for tokens in (1, 5, 5, 9):
+            row = StepRow(0, list(range(5, 5 + tokens)), start, BASE_SLOT, logits=tokens, drafts=tokens - 1,
+                          decoding=True)  # fmt: skip
+            runner.step([row])
+            if tokens > 1:
+                runner.commit(0, 0)  # the drafts rejected: the next step starts one token on
+            start += 1
+        assert seen == [
+            (1, 1),
+            (1, 2),
+            (1, 1),
+            (2, 1),
+        ]  # warm-ups (1 token: 1, 5 tokens: 2), in turn, PyTorch's
+        assert torch.get_num_threads() == 2
+        assert runner.decode_threads.describe()["step_ms"] == {"5": {"1": 0.0}}
     finally:
         torch.set_num_threads(before)
 

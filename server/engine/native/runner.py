@@ -45,10 +45,12 @@ BLOCK_SIZE = 16
 DEFAULT_CPU_KV_BYTES = 384 << 20  # keeps the embedded model's server under ~1.6 GB RSS
 DEFAULT_GPU_KV_FRACTION = 0.9  # of the GPU memory free after the weights
 
-# A verify step of up to this many tokens runs on the engine thread alone (blocked weights), like a
-# small decode step (``_threads_for``): on the loaded 2-core machine, a batch-1 step of the
-# embedded model with 5 tokens took 144-308 ms on one thread against 1.7-3.8 s on two (a parallel
-# region waiting at its barrier for a descheduled thread; one decode token: 92-140 ms).
+# A verify step of up to this many tokens (and ``gemv_cpu.ONE_THREAD_ROWS`` rows) is a small step
+# like a small decode step (``_threads_for``): PyTorch's ops on the engine thread alone, the kernels
+# on the count ``decode_threads`` chooses for its tokens. On the loaded 2-core machine a batch-1
+# step of the embedded model with 5 tokens took 144-308 ms on one thread against 1.7-3.8 s with
+# PyTorch's ops on two (a parallel region waiting at its barrier for a descheduled thread; one
+# decode token: 92-140 ms).
 VERIFY_ONE_THREAD_TOKENS = 8
 
 WeightLayout = Literal["auto", "blocked", "packed", "dense"]
@@ -415,7 +417,7 @@ class NativeLlamaRunner(ModelRunner):
             attend=attend[:, None],  # [B, 1, Q, T]
             query_index=torch.tensor(query_index, dtype=torch.long, device=self.device),
         )
-        with self._threads_for(len(rows) if len(tokens) <= VERIFY_ONE_THREAD_TOKENS else len(tokens)):
+        with self._threads_for(len(rows), len(tokens)):
             hidden = self._forward(tokens, positions, token_slots, plan, token_scales)  # [N, H]
             logits = self.model.logits(hidden, token_slots, token_scales)  # [N, V]
         for row in rows:  # K and V written; the drafts are recorded once accepted (commit)
@@ -426,32 +428,31 @@ class NativeLlamaRunner(ModelRunner):
         return logits
 
     def decode(self, inputs: Sequence[DecodeInput]) -> torch.Tensor:
-        with self._threads_for(len(inputs), timed=True):
+        with self._threads_for(len(inputs)):
             return self._decode_in_order(inputs)
 
     @contextlib.contextmanager
-    def _threads_for(self, rows: int, timed: bool = False) -> Iterator[None]:
-        """Blocked or quantized weights, up to ``gemv_cpu.ONE_THREAD_ROWS`` rows: PyTorch's ops
-        of the step on the engine thread alone, the compiled kernels on ``decode_threads``' count.
-        The weights' stream dominates the step (``gemv_cpu.py``); its other ops are tiny at these
-        sizes, and every parallel one waits at its barrier for a descheduled thread when the
-        machine is loaded (a batch-1 step of the embedded model under load, interleaved: 66 ms
-        median with 1 thread against 390 ms with 2). ``timed``: a decode step, which the kernels'
-        count is chosen for and timed (``decode_threads.py``); other steps (verify) run on the
-        current choice. PyTorch's count is the calling thread's own (OpenMP), restored after the
-        step, and so is the kernels'."""
-        if self.weight_layout not in ("blocked", "quantized") or rows > gemv_cpu.ONE_THREAD_ROWS:
+    def _threads_for(self, rows: int, tokens: int | None = None) -> Iterator[None]:
+        """Blocked or quantized weights, a small step (up to ``gemv_cpu.ONE_THREAD_ROWS`` rows,
+        a verify step's up to ``VERIFY_ONE_THREAD_TOKENS`` ``tokens`` in all): PyTorch's ops of
+        the step on the engine thread alone, the compiled kernels on ``decode_threads``' count,
+        chosen for and timed by the step's tokens (``decode_threads.py``: a verify row's 1 + k
+        tokens are k + 1 rows of the kernels' products, so a 5-token verify step is timed apart
+        from a 1-token decode step). The weights' stream dominates the step (``gemv_cpu.py``); its
+        other ops are tiny at these sizes, and every parallel one waits at its barrier for a
+        descheduled thread when the machine is loaded (a batch-1 step of the embedded model under
+        load, interleaved: 66 ms median with 1 thread against 390 ms with 2). PyTorch's count is
+        the calling thread's own (OpenMP), restored after the step, and so is the kernels'."""
+        tokens = rows if tokens is None else tokens
+        small = rows <= gemv_cpu.ONE_THREAD_ROWS and tokens <= VERIFY_ONE_THREAD_TOKENS
+        if self.weight_layout not in ("blocked", "quantized") or not small:
             yield
             return
         threads, kernels = torch.get_num_threads(), gemv_cpu.SMALL_STEP_THREADS
         torch.set_num_threads(1)
         try:
-            if timed:
-                with self.decode_threads.step(rows) as chosen:
-                    gemv_cpu.SMALL_STEP_THREADS = chosen
-                    yield
-            else:
-                gemv_cpu.SMALL_STEP_THREADS = self.decode_threads.current
+            with self.decode_threads.step(tokens) as chosen:
+                gemv_cpu.SMALL_STEP_THREADS = chosen
                 yield
         finally:
             torch.set_num_threads(threads)
