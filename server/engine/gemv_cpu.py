@@ -25,6 +25,9 @@ native runner sets ``SMALL_STEP_THREADS`` for each such step from ``LORAPLEX_DEC
 ``auto`` (the default) times the steps on one thread and on all and runs the faster, re-trying
 the other now and then to follow the machine's load (``decode_threads.py``); a number pins the
 count (1: what the server ran before ``auto``). Outside the runner's steps it is that number, or 1.
+The one-call decode step (``native/fused_cpu.py``) runs its whole step in one OpenMP region on
+that many threads, each taking its share of every projection, the threads meeting between the
+layer's stages (``gemv_cpu.c``: ``step_wait``); a call from Python runs one region per product.
 """
 
 from __future__ import annotations

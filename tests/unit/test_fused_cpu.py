@@ -134,8 +134,11 @@ def test_attend_case_detects_a_wrong_kernel(kernel, monkeypatch) -> None:
     assert not fused_cpu._attend_case(kernel, torch.Generator().manual_seed(0), 2, 4, 2, 8, 4, 2)
 
 
-def test_whole_layers_in_one_call_equal_the_steps(kernel) -> None:
-    assert fused_cpu._layers_agree(kernel, torch.Generator().manual_seed(3))
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_whole_layers_in_one_call_equal_the_steps(kernel, threads) -> None:
+    """On one thread, and shared out over 2 or 3 (each its run of every projection's blocks,
+    meeting between the stages of the step)."""
+    assert fused_cpu._layers_agree(kernel, torch.Generator().manual_seed(3), threads)
 
 
 def test_shapes_that_do_not_fit_are_refused_before_the_c_code_runs(kernel) -> None:
@@ -381,8 +384,9 @@ def quant() -> quant_cpu.CompiledQuant:
 
 def test_quantized_layers_in_one_call_equal_the_steps(kernel, quant) -> None:
     """Every projection form (int8, int4, Q4_0-like, Q6_K-like, float32 blocked, a stack of
-    forms) in the one-call step, one and three rows, against the dequantized dense steps."""
-    assert fused_cpu.parts_agree(kernel, quant)
+    forms) in the one-call step, one and three rows, against the dequantized dense steps, on 1, 2
+    and 3 threads (each thread its run of every part's rows)."""
+    assert fused_cpu.parts_agree(kernel, quant, threads=(1, 2, 3))
     assert fused_cpu.load_parts() is not None
 
 

@@ -25,10 +25,15 @@ is several rows over one sequence's blocks, each token's K and V written before 
 so each sees the tokens of its step before it. The native model uses them for decode steps of up
 to ``gemv_cpu.ONE_THREAD_ROWS`` rows and verify steps of up to that many sequences and
 ``VERIFY_TOKENS`` tokens, in the blocked layout or with quantized weights; bigger steps keep
-PyTorch's parallel ops.
+PyTorch's parallel ops. ``layers`` and ``parts_layers`` run on ``threads`` threads (the runner's
+``decode_threads`` choice) in one OpenMP region for the whole step: each thread takes its run of
+every projection's rows and its share of the attention's heads and SiLU's columns, and norms the
+rows itself into its own scratch (``_layers_step`` sizes the work buffer for every thread); the
+threads meet between the stages, spinning briefly, then asleep (``gemv_cpu.c``: ``step_wait``).
 Built with the linear kernel (one library, ``cpu_build.py``), checked once against the PyTorch
 form of each function on ragged shapes (odd widths, several KV block counts, grouped-query
-heads); ``load`` returns None where that fails, and the model keeps its PyTorch ops.
+heads, the one-call layers on one and two threads); ``load`` returns None where that fails,
+and the model keeps its PyTorch ops.
 """
 
 from __future__ import annotations
@@ -165,9 +170,11 @@ def _layers_step(
     sin: torch.Tensor,
     index: StepIndex,
     pools: torch.Tensor,  # a layer's K pool: [blocks, block, kvh, D]
+    threads: int,
 ) -> tuple[int, int, torch.Tensor]:
     """What both one-call paths check before C reads the step, and the scratch memory they give
-    it: (rows, blocks per row, work buffer). A step that does not fit is a ValueError."""
+    it: (rows, blocks per row, work buffer; each thread past the first has its own normed rows
+    and attention scores in it). A step that does not fit is a ValueError."""
     hidden, heads, kvh, d, inter, block = dims
     b, nb = x.shape[0], index.block_table.shape[1]
     fits = x.is_contiguous() and _float_rows(x) and x.shape[1] == hidden and cos.is_contiguous()
@@ -177,7 +184,8 @@ def _layers_step(
         raise ValueError(
             f"decode layers: x {tuple(x.shape)}, table {tuple(index.block_table.shape)} do not fit"
         )
-    work = torch.empty(b * (hidden + (heads + 2 * kvh) * d + heads * d + 3 * inter) + nb * block)
+    own = b * hidden + nb * block  # a thread's normed rows and scores (split_work in gemv_cpu.c)
+    work = torch.empty(b * ((heads + 2 * kvh) * d + heads * d + 3 * inter) + max(threads, 1) * own)
     return b, nb, work
 
 
@@ -297,7 +305,7 @@ class CompiledDecode:
         dims = table.dims
         pools = table.tensors[7]
         assert pools is not None
-        b, nb, work = _layers_step(dims, x, cos, sin, index, pools)
+        b, nb, work = _layers_step(dims, x, cos, sin, index, pools, threads)
         sizes = torch.tensor(dims, dtype=torch.int64)
         self._layers(
             len(table.addresses), table.addresses.data_ptr(), sizes.data_ptr(), eps, scale, b, x.data_ptr(),
@@ -390,7 +398,7 @@ class CompiledDecode:
         call, quantized projections included."""
         pools = table.entries[7]
         assert isinstance(pools, torch.Tensor)
-        b, nb, work = _layers_step(table.dims, x, cos, sin, index, pools)
+        b, nb, work = _layers_step(table.dims, x, cos, sin, index, pools, threads)
         sizes = torch.tensor(table.dims, dtype=torch.int64)
         rc = self._parts(
             len(table.layers), table.layers.data_ptr(), table.parts.data_ptr(), sizes.data_ptr(), eps, scale,
@@ -523,17 +531,24 @@ def agrees_with_reference(kernel: CompiledDecode) -> bool:
     return (
         all(_attend_case(kernel, gen, *case) for case in cases)
         and all(_verify_case(kernel, gen, *case) for case in verify)
-        and _layers_agree(kernel, gen)
+        and all(_layers_agree(kernel, gen, threads) for threads in (1, 2))
     )
 
 
-def _layers_agree(kernel: CompiledDecode, gen: torch.Generator) -> bool:
-    """Two layers of a tiny model (GQA, odd sizes, a qkv bias on one) through ``layers`` against
-    the same arithmetic step by step."""
+def _layers_agree(kernel: CompiledDecode, gen: torch.Generator, threads: int = 1) -> bool:
+    """Two layers of a tiny model (GQA, odd sizes, a qkv bias on one) through ``layers`` on
+    ``threads`` threads (each takes its share of every projection's blocks, partial ones
+    included, and of the attention's heads) against the same arithmetic step by step: a decode
+    step of two sequences, and a verify step (two tokens of one sequence, the second attending
+    to the first, beside a token of another)."""
+    return all(_layers_case(kernel, gen, threads, verify) for verify in (False, True))
+
+
+def _layers_case(kernel: CompiledDecode, gen: torch.Generator, threads: int, verify: bool) -> bool:
     linear = gemv_cpu.load()
     if linear is None:
         return False
-    b, hidden, heads, kvh, d, inter, block, nb = 2, 21, 4, 2, 6, 13, 4, 3
+    b, hidden, heads, kvh, d, inter, block, nb = 2 + verify, 21, 4, 2, 6, 13, 4, 3
     width = (heads + 2 * kvh) * d
     weights = []
     for index in range(2):
@@ -551,7 +566,9 @@ def _layers_agree(kernel: CompiledDecode, gen: torch.Generator) -> bool:
             ]
         )
     table = torch.arange(b * nb).view(b, nb)
-    lengths = torch.tensor([nb * block - 1, 2])
+    lengths = torch.tensor([nb * block - 1, 2, 3][:b])
+    if verify:  # rows 1 and 2: a sequence's tokens at positions 1 and 2 (the second sees the first)
+        table[2] = table[1]
     write_blocks = table.gather(1, ((lengths - 1) // block)[:, None])[:, 0].contiguous()
     write_offsets = (lengths - 1) % block
     angles = torch.rand(b, 1, d // 2, generator=gen) * 6
@@ -570,7 +587,7 @@ def _layers_agree(kernel: CompiledDecode, gen: torch.Generator) -> bool:
         want += linear.linear(F.silu(gu[:, :inter]) * gu[:, inter:], w[6], hidden)
     dims = (hidden, heads, kvh, d, inter, block)
     index = kernel.step_index(write_blocks, write_offsets, table, lengths, b * nb + 1, block)
-    kernel.layers(kernel.layer_table(weights, dims), 1e-6, 0.4, x, cos, sin, index)
+    kernel.layers(kernel.layer_table(weights, dims), 1e-6, 0.4, x, cos, sin, index, threads)
     pools_agree = all(
         _close(w[7], k) and _close(w[8], v) for w, (k, v) in zip(weights, expected_pools, strict=True)
     )
@@ -606,14 +623,17 @@ def sample_projection(gen: torch.Generator, out: int, k: int, form: int) -> Proj
                           sample_projection(gen, out - 2 * third, k, 2)])  # type: ignore[list-item]  # fmt: skip
 
 
-def parts_agree(kernel: CompiledDecode, quant: quant_cpu.CompiledQuant) -> bool:
+def parts_agree(
+    kernel: CompiledDecode, quant: quant_cpu.CompiledQuant, threads: Sequence[int] = (1, 2)
+) -> bool:
     """Two layers of a tiny model (GQA, odd sizes, a qkv bias on one) whose projections take
-    every form (``sample_projection``) through ``parts_layers``, one and three rows, against
-    the dense product of each weight's reference dequantization step by step."""
+    every form (``sample_projection``) through ``parts_layers``, one and three rows, on each of
+    ``threads`` (each thread takes its share of every part's rows), against the dense product of
+    each weight's reference dequantization step by step."""
     gen = torch.Generator().manual_seed(1)
     hidden, heads, kvh, d, inter, block, nb = 37, 4, 2, 6, 45, 4, 3
     width = (heads + 2 * kvh) * d
-    for b in (1, 3):
+    for b, count in ((b, count) for b in (1, 3) for count in threads):
         layers: list[list[object]] = []
         for index in range(2):
             forms = [(index * 4 + j) % 6 for j in range(4)]
@@ -648,7 +668,7 @@ def parts_agree(kernel: CompiledDecode, quant: quant_cpu.CompiledQuant) -> bool:
             want += (F.silu(gu[:, :inter]) * gu[:, inter:]) @ _dense(w[6], hidden).t()  # type: ignore[arg-type]
         dims = (hidden, heads, kvh, d, inter, block)
         index = kernel.step_index(write_blocks, write_offsets, table, lengths, b * nb + 1, block)
-        kernel.parts_layers(kernel.parts_table(layers, dims, quant), 1e-6, 0.4, x, cos, sin, index)
+        kernel.parts_layers(kernel.parts_table(layers, dims, quant), 1e-6, 0.4, x, cos, sin, index, count)
         pools_agree = all(
             _close(w[7], k) and _close(w[8], v)  # type: ignore[arg-type]
             for w, (k, v) in zip(layers, expected_pools, strict=True)

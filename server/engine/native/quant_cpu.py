@@ -14,7 +14,9 @@ parallel region waits for a time slice at its barrier, which at 120 calls a step
 second core (the linear layers alone at batch 1, one thread: 3.1-3.5x float32's; two threads
 under load: every form 10-20x slower, ``bench/results/quant-kernels-cpu.md``), while one core
 unpacks 4-bit weights at about 8 GB/s of packed bytes, so on a quiet machine two threads may pay
-at batch 1 (``bench/quant_kernels.py`` measures both thread counts).
+at batch 1 (``bench/quant_kernels.py`` measures both thread counts). In the one-call decode step
+(``native/fused_cpu.py``) each of the step's threads calls these on its own run of a projection's
+rows with one thread (the step shares one OpenMP region out, ``gemv_cpu.c``).
 """
 
 from __future__ import annotations
