@@ -10,15 +10,45 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
+
+
+def on_engine_thread(fn: Callable[[], T]) -> T:
+    """``fn()`` on a thread of its own, as `loraplex serve` runs its engine (``Engine.start``), not
+    on this process's main thread, which loaded the models. OpenMP's threads wait differently in
+    the two places: libgomp spins only while the process has no more OpenMP threads than cores,
+    so a thread's team beside the main thread's (the server's engine thread) sleeps on a futex at
+    once, while the main thread's own team spins (300000 pauses: ~15 ms on the 2-core CI machine,
+    50 ns a pause). Measured at load ~3.5, batch-1 float32 steps, 2 threads: with an OpenMP region
+    per projection (before the one-call step shared one region out) 28 ms or 967 ms on the main
+    thread from one run to the next against 31-34 ms on a thread of its own; with one region a
+    step 37-39 ms against 30-31 ms. A measurement of what the server does runs here."""
+    results: list[T] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            results.append(fn())
+        except BaseException as exc:  # re-raised on the caller's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="bench-engine")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return results[0]
 
 
 def machine_description() -> str:

@@ -21,8 +21,9 @@ the engine's batch-1 step, and one request's tokens/s over HTTP, per weight layo
 
 Besides the weight layouts, ``--layouts`` takes two variants of ``blocked``, for A/B runs:
 ``blocked-unfused`` (engine only: the PyTorch ops between the linear layers, as before
-``native/fused_cpu.py``) and ``blocked-t2`` (small steps on 2 threads, ``LORAPLEX_DECODE_THREADS=2``;
-its own server).
+``native/fused_cpu.py``) and ``blocked-t2`` (small steps on 2 threads, ``LORAPLEX_DECODE_THREADS=2``: its engine here and
+its own server). The engine rows run on a thread of their own, as the server's engine does
+(``bench.common.on_engine_thread``: OpenMP's threads wait differently on the main thread).
 
 Run: ``nice .venv/bin/python bench/decode_floor.py [--rounds 3] [--llama-cpp]``; results in
 bench/results/decode-cpu.md.
@@ -49,10 +50,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapters.peft_format import load_adapter_dir
 from bench import llamacpp
-from bench.common import ROOT, ServerProcess, machine_description, write_random_adapter
+from bench.common import ROOT, ServerProcess, machine_description, on_engine_thread, write_random_adapter
 from bench.efficiency import PROMPT, decode_step_seconds, linear_weights
 from server.engine import gemv_cpu
 from server.engine.base_model import embedded_gguf_path, embedded_model_dir
+from server.engine.decode_threads import DecodeThreads
 from server.engine.native import onednn
 from server.engine.requests import GenerationRequest
 from server.engine.sampling import SamplingParams
@@ -230,23 +232,15 @@ VARIANTS = {"blocked-unfused", "blocked-t2"}  # of blocked: see the module docst
 
 
 def _measure_round(name, engine, server, prompt_ids, adapter, steps: int, timed: dict) -> None:
-    """One round for one layout: decode steps, one request in the engine, the same over HTTP."""
-    threads = gemv_cpu.SMALL_STEP_THREADS
-    gemv_cpu.SMALL_STEP_THREADS = 2 if name == "blocked-t2" else threads
-    try:
-        _measure_layout(name, engine, server, prompt_ids, adapter, steps, timed)
-    finally:
-        gemv_cpu.SMALL_STEP_THREADS = threads
-
-
-def _measure_layout(name, engine, server, prompt_ids, adapter, steps: int, timed: dict) -> None:
+    """One round for one layout: decode steps, one request in the engine (on a thread of its own,
+    as the server's: ``bench.common.on_engine_thread``), the same over HTTP."""
     for batch in (1, 16):
         for kind, rows in (("base", [None] * batch), ("lora", [adapter] * batch)):
-            seconds = decode_step_seconds(engine, prompt_ids, rows, steps)
+            seconds = on_engine_thread(lambda rows=rows: decode_step_seconds(engine, prompt_ids, rows, steps))
             timed.setdefault((name, f"step-{kind}-{batch}"), []).append(seconds)
     for kind, row_adapter in (("base", None), ("lora", adapter)):
         timed.setdefault((name, f"engine-{kind}"), []).append(
-            engine_request_seconds(engine, prompt_ids, row_adapter)
+            on_engine_thread(lambda a=row_adapter: engine_request_seconds(engine, prompt_ids, a))
         )
         if server is None:
             continue
@@ -286,6 +280,8 @@ def _layout_engine(layout: str, model_dir: Path):
     )  # fmt: skip
     if layout == "blocked-unfused":
         engine.runner.model.fused = None
+    if layout == "blocked-t2":  # as its server's LORAPLEX_DECODE_THREADS=2
+        engine.runner.decode_threads = DecodeThreads(2, torch.get_num_threads())
     return engine
 
 

@@ -13,8 +13,12 @@ load hits both alike):
 
 With ``--compare-fixed`` a third phase runs ``--speculate N`` with every row drafting N tokens
 whenever it has a match (the draft length not adapted to the row's acceptance: ``DraftLength``),
-so the adaptation's effect is measured in the same run.
+so the adaptation's effect is measured in the same run. With ``--threads 1,2`` more ``--speculate N``
+phases run with the small steps' kernel threads pinned to each of those counts (``LORAPLEX_DECODE_THREADS``;
+the other phases run ``auto``, the default, each setting keeping its own timings across its
+phases), so what the decode threads' choice costs or gives speculation is measured in the same run.
 
+The engine's steps run on a thread of their own, as the server's do (``bench.common.on_engine_thread``).
 Tokens per second are generated tokens over wall time; greedy outputs are the same with and
 without (checked here for every request), so both sides generate the same tokens.
 
@@ -31,7 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import machine_description
+from bench.common import machine_description, on_engine_thread
 
 PASSAGES = [
     "Delivery note 4471. Sender: Harbour Freight Ltd, 12 Quay Street, Portsmouth PO1 3AX. Recipient: "
@@ -66,6 +70,7 @@ class Phase:
     workload: str
     batch: int
     fixed: bool = False  # every row drafts --speculate tokens (no adaptation to its acceptance)
+    threads: str = "auto"  # the small steps' kernel threads (LORAPLEX_DECODE_THREADS)
     wall: float = 0.0
     tokens: int = 0
     outputs: list[list[int]] = field(default_factory=list)
@@ -87,6 +92,21 @@ class Bench:
         )
         self.speculate = speculate
         self.max_new_tokens = max_new_tokens
+        self.threads: dict[str, object] = {}  # setting -> its DecodeThreads, kept across phases
+
+    def decode_threads(self, setting: str):
+        """The runner's thread chooser for ``setting`` (``auto`` or a count), one per setting."""
+        import torch
+
+        from server.engine.decode_threads import DecodeThreads, parse
+
+        if setting not in self.threads:
+            self.threads[setting] = (
+                self.engine.runner.decode_threads
+                if setting == "auto"
+                else DecodeThreads(parse(setting), torch.get_num_threads())
+            )
+        return self.threads[setting]
 
     def prompts(self, workload: str, count: int) -> list[list[int]]:
         out = []
@@ -103,6 +123,7 @@ class Bench:
     def run(self, phase: Phase, requests: int) -> None:
         engine = self.engine
         engine.speculate = phase.speculate
+        engine.runner.decode_threads = self.decode_threads(phase.threads)
         stats = engine.stats
         drafted, accepted, steps = stats.speculation.drafted, stats.speculation.accepted, stats.steps
         prompts = self.prompts(phase.workload, requests)
@@ -128,7 +149,7 @@ class Bench:
                     GenerationRequest(prompt_ids=ids, params=params, adapter=None, sink=events.append)
                 )
                 pending.append(events)
-            engine.run_until_idle()
+            on_engine_thread(engine.run_until_idle)  # where the server steps (bench.common)
             for events in pending:
                 if not isinstance(events[-1], FinishEvent):
                     raise RuntimeError(f"request failed: {events[-1]}")
@@ -153,7 +174,9 @@ def _fixed_drafts(fixed: bool) -> Iterator[None]:
         DraftLength.limit = adapted  # type: ignore[method-assign]
 
 
-def _report(phases: list[Phase], args: argparse.Namespace, command: str, loads: list[str]) -> str:
+def _report(
+    phases: list[Phase], args: argparse.Namespace, command: str, loads: list[str], chosen: object
+) -> str:
     lines = [
         "# Speculative decoding (prompt lookup) on the embedded model (CPU)",
         "",
@@ -164,6 +187,12 @@ def _report(phases: list[Phase], args: argparse.Namespace, command: str, loads: 
         f"up to {args.max_new_tokens} new tokens (EOS ends a row); `--speculate {args.speculate}` against 0"
         + (" and against fixed-length drafts (`fixed`: no adaptation)" if args.compare_fixed else ""),
         f"- load average (`uptime`) before and after: {loads[0]} / {loads[1]}",
+        f"- small steps' kernel threads: `auto` (the default), chosen: {chosen}"
+        + (
+            f"; and `--speculate {args.speculate}` pinned to {', '.join(args.threads)}"
+            if args.threads
+            else ""
+        ),
         f"- phases alternate off / on, {args.rounds} rounds; batch 1: {args.requests} requests one after "
         f"another; batch 16: {args.requests_16} requests, 16 at a time",
         "- every request's tokens are the same with and without speculation (checked in the run)",
@@ -179,13 +208,14 @@ def _report(phases: list[Phase], args: argparse.Namespace, command: str, loads: 
             off = [p for p in mine if not p.speculate]
             rate_off = sum(p.tokens for p in off) / sum(p.wall for p in off)
             steps_off = sum(p.steps for p in off)
-            for fixed in sorted({p.fixed for p in mine if p.speculate}):
-                on = [p for p in mine if p.speculate and p.fixed == fixed]
+            for fixed, threads in sorted({(p.fixed, p.threads) for p in mine if p.speculate}):
+                on = [p for p in mine if p.speculate and (p.fixed, p.threads) == (fixed, threads)]
                 rate_on = sum(p.tokens for p in on) / sum(p.wall for p in on)
                 drafted, accepted = sum(p.drafted for p in on), sum(p.accepted for p in on)
                 steps_on = sum(p.steps for p in on)
                 lines.append(
-                    f"| {workload} | {batch} | {'fixed' if fixed else 'adaptive'} | {rate_off:.1f} | "
+                    f"| {workload} | {batch} | {'fixed' if fixed else 'adaptive'}"
+                    f"{'' if threads == 'auto' else f', threads {threads}'} | {rate_off:.1f} | "
                     f"{rate_on:.1f} | **{rate_on / rate_off:.2f}x** | "
                     f"{accepted / drafted if drafted else 0:.0%} ({accepted}/{drafted}) | {steps_off / steps_on:.2f} |"
                 )
@@ -200,7 +230,8 @@ def _report(phases: list[Phase], args: argparse.Namespace, command: str, loads: 
     ]
     for i, p in enumerate(phases):
         lines.append(
-            f"| {i} | {p.workload} | {p.batch} | {p.speculate}{' fixed' if p.fixed else ''} | {p.wall:.1f} | {p.tokens} | "
+            f"| {i} | {p.workload} | {p.batch} | {p.speculate}{' fixed' if p.fixed else ''}"
+            f"{'' if p.threads == 'auto' else f' threads {p.threads}'} | {p.wall:.1f} | {p.tokens} | "
             f"{p.tokens / p.wall:.1f} | {p.steps} | {p.drafted} | {p.accepted} |"
         )
     lines.append("")
@@ -224,6 +255,10 @@ def main() -> None:
         "--compare-fixed", action="store_true",
         help="also run --speculate N with every row drafting N tokens (no adaptation), same run",
     )  # fmt: skip
+    parser.add_argument(
+        "--threads", type=lambda text: [t for t in text.split(",") if t], default=[],
+        help="comma-separated counts: also run --speculate N with the small steps' threads pinned to each",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     bench = Bench(args.speculate, args.max_new_tokens)
@@ -234,12 +269,15 @@ def main() -> None:
     for _ in range(args.rounds):
         for workload in ("copy", "free"):
             for batch in args.batches:
-                arms = [(0, False), (args.speculate, False)] + [(args.speculate, True)] * args.compare_fixed
-                for speculate, fixed in arms:
-                    phase = Phase(speculate, workload, batch, fixed)
+                arms = [(0, False, "auto"), (args.speculate, False, "auto")]
+                arms += [(args.speculate, True, "auto")] * args.compare_fixed
+                arms += [(args.speculate, False, threads) for threads in args.threads]
+                for speculate, fixed, threads in arms:
+                    phase = Phase(speculate, workload, batch, fixed, threads)
                     bench.run(phase, args.requests if batch == 1 else args.requests_16)
                     phases.append(phase)
-                    print(f"{workload} batch {batch} speculate {speculate}{' fixed' if fixed else ''}: "
+                    print(f"{workload} batch {batch} speculate {speculate}{' fixed' if fixed else ''}"
+                          f"{'' if threads == 'auto' else f' threads {threads}'}: "
                           f"{phase.tokens / phase.wall:.1f} tok/s", flush=True)  # fmt: skip
     for a in phases:
         for b in phases:
@@ -252,9 +290,10 @@ def main() -> None:
         f"--{k.replace('_', '-')}"
         + ("" if v is True else f" {','.join(map(str, v)) if isinstance(v, list) else v}")
         for k, v in vars(args).items()
-        if k != "out" and v is not None and v is not False
+        if k != "out" and v is not None and v is not False and v != []
     )
-    report = _report(phases, args, command, loads)
+    chosen = bench.decode_threads("auto").describe()["step_ms"]  # type: ignore[attr-defined]
+    report = _report(phases, args, command, loads, chosen)
     print(report)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
