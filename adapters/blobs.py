@@ -11,6 +11,10 @@ Local layout::
 
 ``stage`` writes and fsyncs into ``tmp/``; ``commit`` renames into ``adapters/`` and fsyncs the
 directory: a crash leaves either no version or a whole one.
+
+A local version's files also have a **stamp** (``adapters.stamps``): what ``fstat`` says of them
+(size, mtime, ctime, inode, device). ``read_stamped`` and ``open_version`` give it with what was read,
+so the store can tell whether the files changed since their sha256 last matched.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Protocol
 
 from adapters.archive import AdapterFiles
 from adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
+from adapters.stamps import Stamp, file_stamp
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +105,36 @@ class LocalBlobBackend:
             config=(folder / CONFIG_FILE).read_bytes(), weights=(folder / WEIGHTS_FILE).read_bytes()
         )
 
+    def read_stamped(self, key: str) -> tuple[AdapterFiles, Stamp | None]:
+        """:meth:`read`, with the files' stamp while they were read: None when either changed
+        during its read (``fstat`` before and after disagree, or fewer bytes than its size)."""
+        folder = self.versions_dir / key
+        data: list[bytes] = []
+        stamps: list = []
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            with open(folder / name, "rb") as f:
+                before = os.fstat(f.fileno())
+                content = f.read()
+                after = os.fstat(f.fileno())
+            data.append(content)
+            same = file_stamp(before) == file_stamp(after) and len(content) == after.st_size
+            stamps.append(file_stamp(after) if same else None)
+        stamp = None if None in stamps else (stamps[0], stamps[1])
+        return AdapterFiles(config=data[0], weights=data[1]), stamp
+
+    def stamp(self, key: str) -> Stamp | None:
+        """The files' stamp now (``stat``), None when either is missing."""
+        folder = self.versions_dir / key
+        try:
+            return file_stamp(os.stat(folder / CONFIG_FILE)), file_stamp(os.stat(folder / WEIGHTS_FILE))
+        except OSError:
+            return None
+
+    def open_version(self, key: str) -> OpenVersion:
+        """Both files of ``key`` held open (a context manager): the config read, the weights to read
+        with ``pread`` (``peft_format.read_stored_safetensors``). FileNotFoundError when gone."""
+        return OpenVersion(self.versions_dir / key)
+
     def size(self, key: str) -> int | None:
         folder = self.versions_dir / key
         try:
@@ -137,6 +172,40 @@ class LocalBlobBackend:
         fsync_dir(self.quarantine_dir)
         fsync_dir(self.versions_dir)
         return str(target.relative_to(self.root))
+
+
+class OpenVersion:
+    """A local version's two files, open: ``config`` (read whole), ``weights_fd`` and
+    ``weights_size`` (read by the caller), and :meth:`stamp`, the stamp of the open files now: the
+    files read are the ones opened, even if another file is renamed into their place meanwhile."""
+
+    def __init__(self, folder: Path) -> None:
+        self._config_fd = os.open(folder / CONFIG_FILE, os.O_RDONLY)
+        try:
+            self.weights_fd = os.open(folder / WEIGHTS_FILE, os.O_RDONLY)
+        except BaseException:
+            os.close(self._config_fd)
+            raise
+        self.weights_size = os.fstat(self.weights_fd).st_size
+        self.config = b""
+
+    def stamp(self) -> Stamp:
+        return file_stamp(os.fstat(self._config_fd)), file_stamp(os.fstat(self.weights_fd))
+
+    def read_config(self) -> bytes:
+        size = os.fstat(self._config_fd).st_size
+        self.config = os.pread(self._config_fd, size, 0)
+        return self.config
+
+    def close(self) -> None:
+        os.close(self.weights_fd)
+        os.close(self._config_fd)
+
+    def __enter__(self) -> OpenVersion:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def remove(path: Path) -> None:

@@ -7,6 +7,11 @@ It also lists the blob keys whose files may lie on disk without a row *on purpos
 (``pending``): a version being committed (between the rename and its row) and a replaced or
 deleted version waiting for its last request. Start-up repair removes those; files without a
 row that are not listed there did not come from this store's writes and are quarantined.
+
+And each version's **stamp** (``stamps``; ``adapters.stamps``): the size, mtime, ctime, inode and
+device of both files as they were when their sha256 last matched the recorded one, NULL while
+that check is still to be made (a version just committed). A read whose files still show the
+stamp skips the sha256 (see ``AdapterStore._parse_stored``).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 INDEX_FILE = "index.sqlite3"
-SCHEMA_VERSION = 2  # 2: the ``checks`` column
+SCHEMA_VERSION = 3  # 2: the ``checks`` column; 3: the ``stamps`` table
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS adapters (
     id             TEXT PRIMARY KEY,
@@ -40,6 +45,8 @@ CREATE TABLE IF NOT EXISTS adapters (
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS pending (folder TEXT PRIMARY KEY);  -- files that may lack a row on purpose
+-- the files' stat when their sha256 last matched (adapters.stamps); NULL: to be checked
+CREATE TABLE IF NOT EXISTS stamps (folder TEXT PRIMARY KEY, stamp TEXT);
 """
 _COLUMNS = (
     "id, version, folder, sha256, config_sha256, bytes, created_at, rank, lora_alpha, use_rslora, "
@@ -147,8 +154,9 @@ class AdapterIndex:
     def save(self, record: AdapterRecord, seq: int, retired: str | None = None) -> None:
         """Insert or replace ``record`` and remember ``seq``, in one transaction.
 
-        ``record.folder`` stops being pending (it has its row now); ``retired``, the folder of the
-        version it replaces, becomes pending until its files are removed.
+        ``record.folder`` stops being pending (it has its row now) and gets a stamp to check (NULL);
+        ``retired``, the folder of the version it replaces, becomes pending until its files are
+        removed, and loses its stamp.
         """
         with self._transaction() as db:
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('seq', ?)", (seq,))
@@ -156,8 +164,10 @@ class AdapterIndex:
                 f"INSERT OR REPLACE INTO adapters ({_COLUMNS}) VALUES ({', '.join('?' * 14)})", record._row()
             )
             db.execute("DELETE FROM pending WHERE folder = ?", (record.folder,))
+            db.execute("INSERT OR REPLACE INTO stamps (folder, stamp) VALUES (?, NULL)", (record.folder,))
             if retired is not None:
                 db.execute("INSERT OR IGNORE INTO pending (folder) VALUES (?)", (retired,))
+                db.execute("DELETE FROM stamps WHERE folder = ?", (retired,))
 
     def delete(self, adapter_id: str, retired: str | None = None) -> None:
         """Drop ``adapter_id``'s row; its folder ``retired`` becomes pending in the same transaction."""
@@ -165,6 +175,26 @@ class AdapterIndex:
             db.execute("DELETE FROM adapters WHERE id = ?", (adapter_id,))
             if retired is not None:
                 db.execute("INSERT OR IGNORE INTO pending (folder) VALUES (?)", (retired,))
+                db.execute("DELETE FROM stamps WHERE folder = ?", (retired,))
+
+    def stamps(self) -> dict[str, str | None]:
+        """Every version's stamp by folder (None: its files are still to be checked)."""
+        return dict(self._db.execute("SELECT folder, stamp FROM stamps"))
+
+    def set_stamp(self, folder: str, stamp: str | None) -> None:
+        """Record ``folder``'s stamp (None: check its files again); only for a folder that has a row."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO stamps (folder, stamp) SELECT ?, ? WHERE EXISTS "
+                "(SELECT 1 FROM adapters WHERE folder = ?)",
+                (folder, stamp, folder),
+            )
+
+    def forget_stamps(self, keep: set[str]) -> None:
+        """Drop the stamps of every folder not in ``keep`` (start-up repair)."""
+        with self._transaction() as db:
+            stale = [(f,) for (f,) in db.execute("SELECT folder FROM stamps") if f not in keep]
+            db.executemany("DELETE FROM stamps WHERE folder = ?", stale)
 
     def add_pending(self, folder: str) -> None:
         """``folder``'s files are about to appear before their row (a commit's rename)."""

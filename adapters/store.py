@@ -51,12 +51,14 @@ import logging
 import re
 import sqlite3
 import threading
+import time
 import weakref
 from collections import Counter
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 
+from adapters import stamps as stamp_rules
 from adapters.archive import AdapterFiles
 from adapters.blobs import BlobBackend, LocalBlobBackend
 from adapters.errors import (
@@ -78,7 +80,9 @@ from adapters.peft_format import (
     load_safetensors_bytes,
     load_stored_safetensors,
     parse_adapter_config,
+    read_stored_safetensors,
 )
+from adapters.stamps import BackgroundChecks, Stamp
 from adapters.tenants import SEPARATOR, TenantTable, check_tenant_id
 
 try:  # POSIX only; elsewhere the single-server rule is not enforced
@@ -161,8 +165,9 @@ def sha256_hex(data: bytes) -> str:
 
 @functools.cache
 def _hasher() -> concurrent.futures.ThreadPoolExecutor:
-    """The threads that check stored files' sha256 beside their parse (``AdapterStore._parse_stored``)."""
-    return concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-sha256")
+    """The threads that help a cold read (``AdapterStore._parse_stored``): the sha256 beside the
+    parse, or, for a stamped version, half the tensors' reads and casts."""
+    return concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-read")
 
 
 def _utc_now() -> str:
@@ -197,6 +202,11 @@ class AdapterStore:
         self._retired: dict[str, str] = {}  # adapter key -> blob key to delete when its last user ends
         self._load_locks: dict[str, threading.Lock] = {}
         self.disk_loads = 0  # adapters read back from the blob backend into host memory
+        self.trusted_loads = 0  # ... of which by their stamp, without hashing (adapters/stamps.py)
+        self._stamps: dict[str, str | None] = {}  # folder -> stamp its files had when their sha256 matched
+        self._hashed: dict[str, Stamp] = {}  # folder -> stamp of files a read just hashed (to record)
+        self._checked_at: dict[str, float] = {}  # folder -> monotonic time its files were last hashed
+        self._closed = False
         self.repairs: list[dict[str, str]] = []  # what start-up repair set aside, and why
         self._retire_listeners: list[Callable[[str], None]] = []  # see on_retire
         try:
@@ -206,6 +216,10 @@ class AdapterStore:
         except BaseException:
             self._release_lock()
             raise
+        self.checks = BackgroundChecks(self._check_stamp)  # stamps to record, re-checks (stamps.py)
+        for folder, stamp in self._stamps.items():
+            if stamp is None and hasattr(self.blobs, "read_stamped"):  # committed, not yet checked
+                self.checks.schedule(folder)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -219,7 +233,9 @@ class AdapterStore:
         return self.base_shapes is not None
 
     def close(self) -> None:
+        self.checks.close()
         with self._write_lock:
+            self._closed = True
             self.index.close()
             self._release_lock()
 
@@ -284,6 +300,8 @@ class AdapterStore:
             self.repairs.append({"key": key, "action": "quarantined", "reason": problem, "to": where})
         self.index.forget_pending()
         self._records = kept
+        self.index.forget_stamps(keys)
+        self._stamps = {f: s for f, s in self.index.stamps().items() if f in keys}
 
     # ------------------------------------------------------------------ reading
 
@@ -361,17 +379,29 @@ class AdapterStore:
             )
 
     def _parse_stored(self, record: AdapterRecord) -> LoraAdapter:
-        """Read a stored version and parse it while its sha256 is checked against the one recorded
-        at upload on another thread (hashlib and the parse's tensor work release the GIL): a cold
+        """Read a stored version and parse it, serving nothing its sha256 does not vouch for.
+
+        A version whose files still show the stamp recorded when their sha256 last matched
+        (``adapters/stamps.py``) is read without hashing: straight from the files, half the
+        tensors on another thread (:meth:`_parse_stamped`). Any other read hashes both files beside
+        the parse, on another thread (hashlib and the parse's tensor work release the GIL): a cold
         load costs the longer of the two, not their sum. Nothing parsed is returned before both
         files' digests matched, so corrupt files are never served, and they are reported as such
-        even when the parse fails on them first.
+        even when the parse fails on them first; files that matched are stamped in the background.
 
         A version stored under the current value rules (``record.checks``) is parsed the short
         way: tensors read in place and cast once (``load_stored_safetensors``), values not scanned
         again (``build_adapter(check_values=False)``): the digests prove the bytes are those that
         passed every check at upload. Older versions get the full parse of an upload."""
-        files = self.blobs.read(record.folder)
+        trusted = self._stamps.get(record.folder)
+        if trusted is not None and record.checks >= VALUE_CHECKS and hasattr(self.blobs, "open_version"):
+            adapter = self._parse_stamped(record, trusted)
+            if adapter is not None:
+                return adapter
+        stamped = hasattr(self.blobs, "read_stamped")
+        files, seen = (
+            self.blobs.read_stamped(record.folder) if stamped else (self.blobs.read(record.folder), None)
+        )
         digest = _hasher().submit(sha256_hex, files.weights)
         try:
             adapter = self._parse_record_files(record, files)
@@ -379,7 +409,109 @@ class AdapterStore:
             self._check_digest(record, digest.result(), sha256_hex(files.config))
             raise
         self._check_digest(record, digest.result(), sha256_hex(files.config))
+        if seen is not None:  # these files are the ones uploaded: stamp them (off this thread)
+            with self._state:
+                self._checked_at[record.folder] = time.monotonic()
+                if stamp_rules.settled(seen):  # else a write in the same tick could hide: hash again
+                    self._hashed[record.folder] = seen
+            self.checks.schedule(record.folder, stamp_rules.seconds_to_settle(seen))
         return adapter
+
+    def _parse_stamped(self, record: AdapterRecord, trusted: str) -> LoraAdapter | None:
+        """``record``'s files parsed without hashing, if they show the stamp ``trusted`` before and
+        after they are read; None (hash them) when they do not, or when they fail to parse (their
+        digest then says whether they are corrupt)."""
+        try:
+            with self.blobs.open_version(record.folder) as opened:  # type: ignore[attr-defined]
+                if stamp_rules.encode(opened.stamp()) != trusted:
+                    return None
+                config = parse_adapter_config(opened.read_config())
+                tensors = read_stored_safetensors(opened.weights_fd, opened.weights_size, helper=_hasher())
+                if stamp_rules.encode(opened.stamp()) != trusted:  # written while it was read
+                    return None
+            adapter = build_adapter(
+                record.adapter_id, config, tensors, self._shapes(), max_rank=self.max_rank,
+                version=record.version, check_values=False,
+            )  # fmt: skip
+        except (FileNotFoundError, StoreNotReady):
+            raise
+        except Exception:
+            log.warning("adapter %s: its stamped files did not parse; checking their sha256", record.key)
+            return None
+        with self._state:
+            self.trusted_loads += 1
+            due = time.monotonic() - self._checked_at.get(record.folder, -stamp_rules.RECHECK_SECONDS)
+        if due >= stamp_rules.RECHECK_SECONDS:  # now and then, re-hash in the background (bit rot)
+            self.checks.schedule(record.folder, stamp_rules.RECHECK_DELAY_SECONDS)
+        return adapter
+
+    def _check_stamp(self, folder: str) -> float | None:
+        """The background check of one version's files (``BackgroundChecks``, nice 19): hash them
+        (unless a read just did, and they have not changed since), stamp them once they are
+        settled; a mismatch drops the version from memory. Returns seconds to try again, or None."""
+        record = self._record_of(folder)
+        if record is None:  # replaced or deleted meanwhile
+            return None
+        with self._state:
+            hashed = self._hashed.pop(folder, None)
+        now = self.blobs.stamp(folder)  # type: ignore[attr-defined]
+        if now is None:
+            return None
+        if not stamp_rules.settled(now):  # too young to stamp: written within the margin
+            if hashed is not None and hashed == now:
+                with self._state:
+                    self._hashed.setdefault(folder, hashed)
+            return stamp_rules.seconds_to_settle(now) + 0.05
+        if hashed is None or hashed != now:
+            try:
+                files, seen = self.blobs.read_stamped(folder)  # type: ignore[attr-defined]
+            except FileNotFoundError:
+                return None
+            if seen is None:  # written while read
+                return stamp_rules.STAMP_MARGIN_SECONDS
+            try:
+                self._check_digest(record, sha256_hex(files.weights), sha256_hex(files.config))
+            except AdapterError:
+                self._found_corrupt(record)
+                return None
+            with self._state:
+                self._checked_at[folder] = time.monotonic()
+            if not stamp_rules.settled(seen):
+                return stamp_rules.seconds_to_settle(seen) + 0.05
+            now = seen
+        self._set_stamp(record, stamp_rules.encode(now))
+        return None
+
+    def _record_of(self, folder: str) -> AdapterRecord | None:
+        adapter_id = folder.rpartition("@")[0]
+        record = self._records.get(adapter_id)
+        return record if record is not None and record.folder == folder else None
+
+    def _set_stamp(self, record: AdapterRecord, stamp: str | None) -> None:
+        with self._write_lock:
+            if self._closed or self._record_of(record.folder) is None:
+                return
+            self.index.set_stamp(record.folder, stamp)
+            with self._state:
+                self._stamps[record.folder] = stamp
+
+    def _found_corrupt(self, record: AdapterRecord) -> None:
+        """A background check found ``record``'s files changed under their stamp (or corrupt): no
+        read trusts them again, the parsed adapter leaves host memory and the engine's slot (the
+        retire listeners), and the next read hashes them and refuses them (``store_corrupt``)."""
+        log.error(
+            "adapter %s: its stored files no longer match their sha256 (changed on disk or corrupt); it is "
+            "dropped from memory and refused until uploaded again with ?replace=true", record.key,
+        )  # fmt: skip
+        with self._state:
+            self._stamps.pop(record.folder, None)
+        self._set_stamp(record, None)
+        self.cache.drop(record.key)
+        for listener in self._retire_listeners:
+            try:
+                listener(record.key)
+            except Exception:
+                log.exception("retire listener failed for %s", record.key)
 
     def _parse_record_files(self, record: AdapterRecord, files: AdapterFiles) -> LoraAdapter:
         if record.checks < VALUE_CHECKS:  # stored before the value rules were recorded: every check
@@ -453,6 +585,9 @@ class AdapterStore:
         """Forget a version (its folder is pending in the index already); delete its files now, or
         when its last running request ends. Publishes the retire event (:meth:`on_retire`)."""
         self.cache.drop(record.key)
+        with self._state:
+            for table in (self._stamps, self._hashed, self._checked_at):
+                table.pop(record.folder, None)
         for listener in self._retire_listeners:
             try:
                 listener(record.key)
@@ -574,6 +709,9 @@ class AdapterStore:
         self.cache.put(dataclasses.replace(adapter, version=version))
         with self._state:
             self._records[adapter_id] = record
+            self._stamps[record.folder] = None  # hashed and stamped once settled, in the background
+        if hasattr(self.blobs, "read_stamped"):
+            self.checks.schedule(record.folder, stamp_rules.STAMP_MARGIN_SECONDS + 0.05)
         if previous is not None:
             self._retire(previous)
         log.info("adapter %s stored as %s (%d bytes)", adapter_id, version, record.bytes)

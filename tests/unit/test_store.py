@@ -564,3 +564,224 @@ def test_an_index_written_before_the_checks_column_rechecks_values_on_read(
     with pytest.raises(AdapterError, match="NaN") as info:
         store.get("a")
     assert info.value.error_type == "invalid_weights"
+
+
+# --------------------------------------------------------------------------- stamps (issue 29)
+
+
+@pytest.fixture
+def settle_at_once(monkeypatch):
+    """Files count as settled as soon as they are written (the margin is a test's clock tick)."""
+    import adapters.stamps as stamps
+
+    monkeypatch.setattr(stamps, "STAMP_MARGIN_SECONDS", 0.0)
+    return stamps
+
+
+def _hashes(monkeypatch) -> list[int]:
+    """Counts the sha256 the store computes from now on."""
+    import adapters.store as store_module
+
+    calls: list[int] = []
+    real = store_module.sha256_hex
+
+    def counting(data: bytes) -> str:
+        calls.append(len(data))
+        return real(data)
+
+    monkeypatch.setattr(store_module, "sha256_hex", counting)
+    return calls
+
+
+def _stamped(store: AdapterStore, adapter_id: str) -> bool:
+    assert store.checks.wait_idle(10)
+    return store._stamps.get(store.record(adapter_id).folder) is not None
+
+
+def _tick() -> None:
+    """Let the file system's clock move on (its timestamps are coarse: a jiffy), so that the next
+    write gives a new mtime and ctime, as any write after the stamp was recorded does."""
+    time.sleep(0.05)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_a_stamped_version_is_read_without_hashing_and_gives_the_uploads_tensors(
+    open_store, tiny_base, dtype, settle_at_once, monkeypatch
+) -> None:
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    config, weights = make_adapter(tiny_base, seed=5, r=4)
+    weights = st_save({k: t.to(dtype) for k, t in st_load(weights).items()}, metadata={"x": "odd" * 3})
+    store = open_store()
+    store.put("a", AdapterFiles(config, weights))
+    uploaded = store.get("a")  # the upload's full parse, in the host cache
+    assert _stamped(store, "a")  # hashed in the background once the files settled, and stamped
+    hashes = _hashes(monkeypatch)
+    _assert_same_tensors(_cold(store, "a"), uploaded)
+    assert hashes == [] and store.trusted_loads == 1 and store.disk_loads == 1
+
+
+def test_read_stored_safetensors_equals_the_in_memory_read(tiny_base, tmp_path) -> None:
+    import concurrent.futures
+    import os
+
+    from adapters.peft_format import load_stored_safetensors, read_stored_safetensors
+
+    _, weights = make_adapter(tiny_base, seed=6, r=8)
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(weights)
+    expected = load_stored_safetensors(weights)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as helper:
+            reads = [read_stored_safetensors(fd, len(weights), helper=h) for h in (None, helper)]
+            for got in reads:
+                assert got.keys() == expected.keys()
+                assert all(torch.equal(got[k], expected[k]) and got[k].dtype == torch.float32 for k in got)
+    finally:
+        os.close(fd)
+    path.write_bytes(weights[:-100])  # cut short after its size was taken: the read refuses it
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(AdapterError, match="truncated"):
+            read_stored_safetensors(fd, len(weights))
+    finally:
+        os.close(fd)
+
+
+def test_a_file_changed_behind_the_stores_back_is_never_served_unchecked(
+    open_store, files, settle_at_once, monkeypatch
+) -> None:
+    """Whatever changes a stamped file (in place, with its mtime put back, by renaming another file
+    of the same size into its place, its config), the read sees a stamp other than the recorded one,
+    hashes, and refuses it; good files again are served, hashed once, then stamped anew."""
+    import os
+
+    store = open_store()
+    record = store.put("a", files())
+    folder = store.blobs.versions_dir / record.folder
+    weights, config = folder / "adapter_model.safetensors", folder / "adapter_config.json"
+    good, good_config = weights.read_bytes(), config.read_bytes()
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0x01  # inside a tensor: still parses, same size
+
+    def in_place() -> None:
+        with open(weights, "r+b") as f:
+            f.seek(len(bad) // 2)
+            f.write(bad[len(bad) // 2 : len(bad) // 2 + 1])
+
+    def mtime_put_back() -> None:
+        before = os.stat(weights)
+        in_place()
+        os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+    def renamed_into_place() -> None:
+        before = os.stat(weights)
+        other = folder / "other"
+        other.write_bytes(bytes(bad))
+        os.utime(other, ns=(before.st_atime_ns, before.st_mtime_ns))
+        os.rename(other, weights)
+
+    def config_changed() -> None:
+        config.write_bytes(good_config.replace(b'"lora_alpha": 16', b'"lora_alpha": 17'))
+
+    for change in (in_place, mtime_put_back, renamed_into_place, config_changed):
+        assert _stamped(store, "a")
+        trusted = store.trusted_loads
+        assert _cold(store, "a").version == record.version and store.trusted_loads == trusted + 1
+        _tick()
+        change()
+        with pytest.raises(AdapterError, match="corrupt") as info:
+            _cold(store, "a")
+        assert info.value.error_type == "store_corrupt", change.__name__
+        assert store.trusted_loads == trusted + 1, change.__name__
+        _tick()
+        weights.write_bytes(good)
+        config.write_bytes(good_config)
+        hashes = _hashes(monkeypatch)
+        assert _cold(store, "a").version == record.version and len(hashes) == 2  # hashed, served
+        monkeypatch.undo()
+        settle_at_once.STAMP_MARGIN_SECONDS = 0.0  # undo() restored the module's margin too
+
+
+def test_young_files_are_hashed_until_they_settle(open_store, files, monkeypatch) -> None:
+    """A file written within the margin could hide a same-tick write from its mtime: it is not
+    stamped, and reads hash it."""
+    import adapters.stamps as stamps
+
+    monkeypatch.setattr(stamps, "STAMP_MARGIN_SECONDS", 3600.0)
+    store = open_store()
+    record = store.put("a", files())
+    hashes = _hashes(monkeypatch)
+    assert _cold(store, "a").version == record.version and len(hashes) == 2
+    assert store._stamps[record.folder] is None and store.trusted_loads == 0
+
+
+def test_stamps_survive_a_restart_and_an_old_index_gets_them(
+    open_store, files, settle_at_once, tmp_path, monkeypatch
+) -> None:
+    store = open_store()
+    record = store.put("a", files())
+    assert _stamped(store, "a")
+    store.close()
+    store = open_store()
+    hashes = _hashes(monkeypatch)
+    assert _cold(store, "a").version == record.version and hashes == [] and store.trusted_loads == 1
+    store.close()
+    db = sqlite3.connect(tmp_path / "data" / "index.sqlite3")
+    with db:  # back to schema 2: no stamps
+        db.execute("DROP TABLE stamps")
+        db.execute("PRAGMA user_version=2")
+    db.close()
+    store = open_store()
+    assert _cold(store, "a").version == record.version and len(hashes) == 2  # hashed: no stamp yet
+    assert _stamped(store, "a")  # stamped from that read (no second hash) ...
+    assert len(hashes) == 2
+    assert _cold(store, "a").version == record.version and len(hashes) == 2  # ... and trusted next time
+
+
+def test_the_background_recheck_catches_what_the_stamp_cannot_see(
+    open_store, files, settle_at_once, monkeypatch
+) -> None:
+    """Bits that change under an unchanged stamp (a failing disk) are served once by a trusted read,
+    found by its background re-hash, and the version leaves memory: the next read refuses it."""
+    import os
+
+    import adapters.stamps as stamps
+
+    monkeypatch.setattr(stamps, "RECHECK_DELAY_SECONDS", 0.0)
+    store = open_store()
+    retired: list[str] = []
+    store.on_retire(retired.append)
+    record = store.put("a", files())
+    assert _stamped(store, "a")
+    weights = store.blobs.versions_dir / record.folder / "adapter_model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    _tick()
+    weights.write_bytes(bytes(blob))
+    store._stamps[record.folder] = stamps.encode(store.blobs.stamp(record.folder))  # the rot's stamp
+    store._checked_at.clear()  # never re-hashed in this process: the trusted read queues a re-check
+    assert _cold(store, "a").version == record.version and store.trusted_loads == 1
+    assert store.checks.wait_idle(10)
+    assert retired == [record.key] and record.key not in store.cache
+    assert store._stamps[record.folder] is None
+    with pytest.raises(AdapterError, match="corrupt"):
+        _cold(store, "a")
+    assert os.path.exists(weights)  # kept as it is: nothing is deleted
+
+
+def test_replaced_and_deleted_versions_lose_their_stamps(open_store, files, settle_at_once, tmp_path) -> None:
+    store = open_store()
+    first = store.put("a", files())
+    assert _stamped(store, "a")
+    second = store.put("a", files(seed=1), replace=True)
+    assert _stamped(store, "a")
+    store.put("b", files(seed=2))
+    assert _stamped(store, "b")
+    store.delete("b")
+    rows = dict(
+        sqlite3.connect(tmp_path / "data" / "index.sqlite3").execute("SELECT folder, stamp FROM stamps")
+    )
+    assert list(rows) == [second.folder] and first.folder not in store._stamps
