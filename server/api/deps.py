@@ -12,7 +12,7 @@ from adapters.peft_format import LoraAdapter
 from adapters.registry import AdapterRepository
 from server.api.adapter_sources import fetch_named, requested_source
 from server.api.errors import ApiError
-from server.api.named_adapters import json_object, requested_adapters
+from server.api.named_adapters import body_adapters, json_object, merged_adapters, requested_adapters
 from server.api.security import principal_of
 from server.api.tenancy import view_for
 from server.config import Settings
@@ -53,13 +53,42 @@ async def get_adapter_scope(request: Request) -> AdapterScope:
         body = await request.body()
     scope.names = requested_adapters(request.url.path, request.query_params, body, request.method)
     if scope.names and hasattr(store, "aget"):
-        await fetch_named(request, scope.names, requested_source(json_object(body) if body else None))
+        data = json_object(body) if body else None
+        await fetch_named(request, scope.names, requested_source(data))
+        served = _generation_adapter(request, data)
+        engine = getattr(request.app.state, "engine", None) if served is not None else None
+        if not (isinstance(engine, Engine) and engine.running):
+            engine = None
         for name in scope.names:
             if name in store:
+                if engine is not None and name == served and not store.is_cached(name):
+                    _expect(engine, store, name)
                 adapter = await _timed_aget(request, store, name)
                 if adapter is not None:
                     scope.held[name] = adapter
+                    if engine is not None and name == served and adapter.key not in engine.slots:
+                        engine.prefetch(adapter)  # its slot loads while the prompt is tokenized
     return scope
+
+
+def _generation_adapter(request: Request, data: dict[str, Any] | None) -> str | None:
+    """The adapter a generation request's JSON body asks to be served with (``parameters.adapter_id``,
+    ``adapter_id`` or ``model``), or None: not such a request (GET, the ``/adapters`` routes), or a
+    composition (``merged_adapters``: its sources are not what is served)."""
+    if request.method != "POST" or data is None or request.url.path.startswith("/adapters"):
+        return None
+    if merged_adapters(data) is not None:
+        return None
+    names = body_adapters(data)
+    return names[0] if names else None
+
+
+def _expect(engine: Engine, store: AdapterRepository, name: str) -> None:
+    """Tell the engine which version a request is about to need (``Engine.expect``), before that
+    version is read from disk: an auto-mode engine unmerges another adapter meanwhile."""
+    record = store.record(name)
+    if record is not None:
+        engine.expect(record.version)
 
 
 async def get_registry(scope: Annotated[AdapterScope, Depends(get_adapter_scope)]) -> AdapterRepository:

@@ -46,7 +46,7 @@ from typing import Any, Literal
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from adapters.peft_format import BaseLinearShape
+from adapters.peft_format import BaseLinearShape, LoraAdapter
 from server.engine.describe import EngineSnapshot, describe
 from server.engine.detokenize import IncrementalDetokenizer
 from server.engine.errors import RequestRejected
@@ -308,6 +308,26 @@ class Engine:
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._inbox.put(_Control(fn, future, needs_unmerged))
         return future
+
+    def expect(self, version: str) -> None:
+        """A request for the stored adapter version ``version`` is on its way (thread-safe; the API
+        calls it as soon as it knows the version, before reading the adapter from disk): auto mode
+        unmerges another adapter now if the engine is idle (``Scheduler.expect``)."""
+        if self.config.mode == "auto":
+            self.call(lambda: self.scheduler.expect(version))
+
+    def prefetch(self, adapter: LoraAdapter) -> None:
+        """A request for ``adapter`` is on its way (thread-safe; the API calls it once the adapter is
+        read, before tokenizing and submitting): its slot load starts now on the loader thread, and
+        is kept for it a few seconds (``AdapterSlots.expect``)."""
+        if self.config.mode == "merged":
+            return
+
+        def start() -> None:
+            self.scheduler.expect(adapter.version)
+            self.slots.expect(adapter)
+
+        self.call(start)
 
     def verify_base(self) -> concurrent.futures.Future:
         """Unmerge as soon as no merged row runs, then compare the weights' digest with the one at load."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from server.engine.slot_loader import SlotLoader, StagedAdapter, bank_of, stage_
 
 _AGING_ROUNDS = 64  # use counts are halved every capacity * this many acquisitions
 LOADING = "loading"  # AdapterSlots.prepare: the adapter's load is still under way
+EXPECT_SECONDS = 5.0  # how long a load begun for a request on its way (AdapterSlots.expect) is kept
 
 
 @dataclass
@@ -74,6 +76,7 @@ class AdapterSlots:
         )
         self._staged: dict[str, StagedAdapter] = {}  # loads done, waiting for their request's admission
         self._failed: dict[str, BaseException] = {}  # loads that raised, while requests still want them
+        self._expected: dict[str, float] = {}  # loads begun for requests on their way: key -> until when
 
     def __contains__(self, key: str) -> bool:
         return key in self._resident
@@ -120,13 +123,26 @@ class AdapterSlots:
             self.loader.request(adapter, min(self.capacity, len(self._resident) + in_flight + 1))
         return LOADING
 
+    def expect(self, adapter: LoraAdapter, seconds: float = EXPECT_SECONDS) -> None:
+        """Begin loading ``adapter`` for a request not yet submitted (``Engine.prefetch``), and keep
+        the load for it ``seconds`` even while no waiting request wants it (:meth:`retain`)."""
+        if adapter.key in self._resident:
+            return
+        self._expected[adapter.key] = time.monotonic() + seconds
+        self.prepare(adapter)
+
     def wait_for_loads(self, timeout: float) -> None:
         """Block until the loads under way are done (at most ``timeout`` seconds): only where no
         running row would be stalled."""
         self.loader.wait(timeout)
 
     def retain(self, keys: set[str]) -> None:
-        """Forget finished loads and failures that no waiting request wants any more."""
+        """Forget finished loads and failures that no waiting request wants any more (nor one on
+        its way: :meth:`expect`)."""
+        if self._expected:
+            now = time.monotonic()
+            self._expected = {k: until for k, until in self._expected.items() if until > now}
+            keys = keys | self._expected.keys()
         for key in [k for k in self._staged if k not in keys]:
             del self._staged[key]
         for key in [k for k in self._failed if k not in keys]:
@@ -142,6 +158,7 @@ class AdapterSlots:
         get the new one.
         """
         resident = self._resident.get(adapter.key)
+        self._expected.pop(adapter.key, None)
         if resident is None:
             staged = self._staged.pop(adapter.key, None)
             slot = self._free_slot()

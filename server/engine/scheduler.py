@@ -192,15 +192,34 @@ class Scheduler:
         full (at most a slot's worth staged ahead: ``prepare``), so an adapter loads while its
         request queues instead of after it reaches the head with a free row."""
         if self.engine.config.mode != "merged":
-            wanted = [
-                r.adapter for r in list(self.waiting)[: self.engine.config.max_batch] if r.adapter is not None
-            ]
+            head = list(self.waiting)[: self.engine.config.max_batch]
+            wanted = [r.adapter for r in head if r.adapter is not None]
             loading = [self.engine.slots.prepare(adapter) == LOADING for adapter in wanted]
             if any(loading) and not self.engine.num_running:  # no row to stall: load, then admit
+                merged = self.engine.merger.merged
+                if merged is not None and any(key_of(r) != merged.key for r in head):
+                    self.unmerge_idle()  # the swap their admission makes anyway, beside their loads
                 self.engine.slots.wait_for_loads(_IDLE_LOAD_WAIT)
         admitted = self.admit_pass(only_key)
         self.engine.slots.retain({r.adapter.key for r in self.waiting if r.adapter is not None})
         return admitted
+
+    def expect(self, version: str) -> None:
+        """A request for adapter version ``version`` is on its way (its HTTP body was just read;
+        the adapter may still be read from disk). Auto mode, idle, with another adapter merged: the
+        request could not run beside the merged weights, so its admission would unmerge first, after
+        its adapter's load; unmerging now does it while the adapter is read and staged instead."""
+        merged = self.engine.merger.merged
+        if self.engine.config.mode != "auto" or merged is None or merged.version == version:
+            return
+        if self.engine.num_running or self.waiting:  # not idle: admission decides, as ever
+            return
+        self.unmerge_idle()
+
+    def unmerge_idle(self) -> None:
+        """Auto mode, nothing running: unmerge (the next requests want another adapter)."""
+        self.auto.uniform_steps = 0
+        self.set_merged(None)
 
     def admit_pass(self, only_key: AdapterKey | str = "any") -> list[Row]:
         """Take waiting requests into free rows, FIFO, while their prompts fit in free KV memory.

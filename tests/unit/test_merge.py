@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import time
@@ -208,6 +209,43 @@ def test_auto_merges_uniform_traffic_and_unmerges_for_mixed(saved, tokenizer) ->
     engine.run_until_idle()
     assert outcome(events).tokens == solo.tokens
     assert outcome(other).tokens == run_one(engine, ids, adapters[1], max_new_tokens=5).tokens
+
+
+def test_auto_unmerges_for_an_expected_adapter_before_its_request_arrives(saved, tokenizer) -> None:
+    """Issue 29: a request for another adapter, announced while the engine is idle with an adapter
+    merged (``Engine.expect``: the API does it before reading the adapter from disk), unmerges at
+    once, so its admission finds the base and swaps nothing; announcing the merged adapter itself,
+    or announcing while rows run, changes nothing. Outputs equal those without the announcement."""
+    engine, adapters = _engine(saved, tokenizer, "auto", auto_min_uniform_steps=3)
+    adapters = [dataclasses.replace(a, version=f"v{i}") for i, a in enumerate(adapters)]  # as a store's
+    ids = tokenizer(PROMPTS[0])["input_ids"]
+    run_one(engine, ids, adapters[0], max_new_tokens=20)
+    assert engine.merged_adapter_id == "a0"
+    engine.expect(adapters[0].version)  # the merged one: stays
+    engine._drain_inbox(block=False)
+    engine.step()
+    assert engine.merged_adapter_id == "a0"
+    _, running = submit(engine, ids, adapters[0], max_new_tokens=20)
+    engine._drain_inbox(block=False)
+    engine.step()
+    engine.expect(adapters[1].version)  # rows run: admission decides when the request comes
+    engine._drain_inbox(block=False)
+    engine.step()
+    assert engine.merged_adapter_id == "a0"
+    engine.run_until_idle()
+    swaps = engine.stats.swaps
+    engine.expect(adapters[1].version)  # idle, another adapter: unmerged now
+    engine._drain_inbox(block=False)
+    engine.step()
+    assert engine.merged_adapter_id is None and engine.stats.swaps == swaps + 1
+    _, expected = submit(engine, ids, adapters[1], max_new_tokens=5)
+    engine._drain_inbox(block=False)
+    engine.step()
+    assert engine.stats.swaps == swaps + 1  # its admission (and prefill) swapped nothing
+    engine.run_until_idle()
+    reference, reference_adapters = _engine(saved, tokenizer, "unmerged")
+    assert outcome(expected).tokens == run_one(reference, ids, reference_adapters[1], max_new_tokens=5).tokens
+    assert outcome(running).tokens == run_one(reference, ids, reference_adapters[0], max_new_tokens=20).tokens
 
 
 def test_verify_base_drains_a_merged_batch_first(saved, tokenizer) -> None:

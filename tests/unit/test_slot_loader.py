@@ -280,3 +280,33 @@ def test_a_queued_requests_adapter_loads_while_the_batch_is_full(
     assert engine.num_waiting == 1 and outcome(running).finish is None  # still queued behind a0's row
     engine.run_until_idle()
     assert outcome(queued).tokens == solo and len(outcome(running).tokens) == 12
+
+
+def test_a_prefetched_adapter_is_staged_before_its_request_and_kept_for_it(
+    engine_and_adapters, tiny_base, tokenizer
+) -> None:
+    """``Engine.prefetch`` (the API calls it once the adapter is read, before tokenizing): the load
+    begins at once on the loader thread and survives steps that no waiting request wants it in, so
+    the request, submitted later, installs what was staged and stages nothing itself."""
+    engine, (a0, _, _) = engine_and_adapters
+    ids = _ids(tokenizer)
+    solo = run_one(_engine(copy.deepcopy(tiny_base), tokenizer), ids, a0, max_new_tokens=4, ignore_eos=True)
+    engine.prefetch(a0)
+    _step(engine)
+    assert a0.key in engine.slots.loader and engine.slots.loader.started == 1
+    engine.slots.wait_for_loads(10)
+    for _ in range(3):  # steps with nothing waiting: the staged load is kept for the request on its way
+        _step(engine)
+    assert engine.slots.prepare(a0) is None and a0.key not in engine.slots  # staged, not installed
+    served = run_one(engine, ids, a0, max_new_tokens=4, ignore_eos=True)
+    assert served.tokens == solo.tokens and engine.slots.loader.started == 1 and engine.slots.loads == 1
+    assert not engine.slots._expected
+
+
+def test_a_prefetch_nobody_claims_is_dropped_after_a_while(engine_and_adapters) -> None:
+    engine, (a0, _, _) = engine_and_adapters
+    engine.slots.expect(a0, seconds=0.0)
+    engine.slots.wait_for_loads(10)
+    engine.slots.prepare(a0)  # takes the finished load from the loader
+    engine.slots.retain(set())
+    assert a0.key not in engine.slots._staged and not engine.slots._expected
