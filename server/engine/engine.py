@@ -186,6 +186,10 @@ class Engine:
         self.prefix_cache = config.prefix_cache and runner.supports_prefix_cache
         self.stats = EngineStats()
         self._inbox: queue.SimpleQueue[GenerationRequest | _Control] = queue.SimpleQueue()
+        # requests in the inbox, not yet in the scheduler's queue: what --max-queue counts (controls,
+        # such as prefetch and expect, are also in the inbox and must not count)
+        self._inbox_requests = 0
+        self._inbox_lock = threading.Lock()
         self._controls: list[_Control] = []
         self._outbox = Outbox()  # events for asyncio consumers, handed over once per step
         self._rows: list[Row] = []  # the running batch, in the order the runner decodes it
@@ -235,7 +239,7 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.scheduler.waiting) + self._inbox.qsize()
+        return len(self.scheduler.waiting) + self._inbox_requests
 
     @property
     def eos_ids(self) -> frozenset[int]:
@@ -301,6 +305,8 @@ class Engine:
     def submit(self, request: GenerationRequest) -> None:
         self.validate(request)
         request.submitted_at = time.perf_counter()
+        with self._inbox_lock:
+            self._inbox_requests += 1
         self._inbox.put(request)
 
     def call(self, fn: Callable[[], Any], *, needs_unmerged: bool = False) -> concurrent.futures.Future:
@@ -402,6 +408,8 @@ class Engine:
         if isinstance(item, _Control):
             self._controls.append(item)
         else:
+            with self._inbox_lock:  # before the append: a moment's undercount, never a spurious 429
+                self._inbox_requests -= 1
             self.scheduler.waiting.append(item)
 
     def _run_controls(self) -> None:

@@ -182,6 +182,23 @@ def test_max_batch_is_respected(setup, tokenizer) -> None:
     assert all(len(outcome(e).tokens) == 4 for e in pending)
 
 
+def test_queued_requests_count_for_max_queue_and_controls_do_not(setup, tokenizer) -> None:
+    """``num_waiting`` (what --max-queue counts) is the requests queued, in the inbox or the
+    scheduler's queue; calls waiting in the same inbox (the API's prefetch and expect hints,
+    one or two a request) never count, or sequential requests met a 429 at --max-queue 2."""
+    engine, adapters, _ = setup
+    hints = [engine.call(lambda: None) for _ in range(3)]
+    engine.prefetch(adapters["qv"])
+    assert engine.num_waiting == 0
+    pending = [submit(engine, _ids(tokenizer, PROMPTS[i]), None, max_new_tokens=2)[1] for i in range(2)]
+    assert engine.num_waiting == 2
+    engine._drain_inbox(block=False)
+    assert engine.num_waiting == 2  # now in the scheduler's queue
+    engine.run_until_idle()
+    assert engine.num_waiting == 0 and all(h.done() for h in hints)
+    assert all(len(outcome(e).tokens) == 2 for e in pending)
+
+
 def test_slot_lru_eviction_never_evicts_in_use(tiny_base, tokenizer, peft_adapter_factory) -> None:
     engine = _engine(copy.deepcopy(tiny_base), tokenizer, max_loaded_adapters=2)
     adapters = [
