@@ -19,6 +19,9 @@ from server.engine.lora_model import AdapterSlots
 from server.engine.merge import MergeManager
 from server.engine.native import NativeLlamaRunner, fused_cpu, quant_cpu
 from server.engine.runner import DecodeInput, PrefillInput, StepRow
+from tests.unit.test_quantized import dot, tolerance
+
+__all__ = ["dot"]  # the --quant-dot fixture (float, then int)
 
 SMALL = dict(
     hidden_size=48, intermediate_size=88, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
@@ -385,7 +388,9 @@ def quant() -> quant_cpu.CompiledQuant:
 def test_quantized_layers_in_one_call_equal_the_steps(kernel, quant) -> None:
     """Every projection form (int8, int4, Q4_0-like, Q6_K-like, float32 blocked, a stack of
     forms) in the one-call step, one and three rows, against the dequantized dense steps, on 1, 2
-    and 3 threads (each thread its run of every part's rows)."""
+    and 3 threads (each thread its run of every part's rows): with float inputs, and with the
+    integer kernels against the same steps on int8-quantized inputs."""
+    assert quant.int_checked  # parts_agree then checks both dot products
     assert fused_cpu.parts_agree(kernel, quant, threads=(1, 2, 3))
     assert fused_cpu.load_parts() is not None
 
@@ -437,10 +442,13 @@ def test_a_parts_table_refuses_weights_that_do_not_fit(kernel, quant) -> None:
 
 
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
-def test_quantized_verify_steps_in_one_call_equal_the_pytorch_path(arch, quantization, monkeypatch) -> None:
+def test_quantized_verify_steps_in_one_call_equal_the_pytorch_path(
+    arch, quantization, dot, monkeypatch
+) -> None:
     """Verify steps (1 + k tokens a row) of base rows on quantized weights run the one-call parts
     path; every token's logits equal the same steps with the compiled path switched off (the same
-    quantized weights through PyTorch's ops), rolled back each step."""
+    quantized weights through PyTorch's ops), rolled back each step (with int8 inputs: within
+    ``INT_PATHS_TOL``, the two paths' inputs differing by float32 rounding)."""
     _, _, path = arch
     runners = [NativeLlamaRunner(path, quantization=quantization, kv_cache_tokens=512) for _ in range(2)]
     assert runners[0].model.fused_parts is not None
@@ -466,7 +474,7 @@ def test_quantized_verify_steps_in_one_call_equal_the_pytorch_path(arch, quantiz
     for plan in plans:
         outputs = [_verify_step(runner, plan, sequences, BASE_SLOT) for runner in runners]
         assert outputs[0].shape[0] == sum(len(tokens) for _, tokens, _ in plan)
-        torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(outputs[0], outputs[1], **tolerance(dot))
         for seq, tokens, _ in plan:
             sequences[seq].extend(tokens[: max(1, len(tokens) - 1)])
     assert calls["parts_layers"] == len(plans)
