@@ -270,7 +270,7 @@ def main() -> None:
     )
     parser.add_argument("--forms", nargs="+", default=list(FORMS), choices=FORMS)
     parser.add_argument(
-        "--dots", nargs="+", default=[os.environ.get("LORAPLEX_QUANT_DOT", "int")], choices=("float", "int")
+        "--dots", nargs="+", default=[os.environ.get("LORAPLEX_QUANT_DOT", "float")], choices=("float", "int")
     )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cache-dir", type=Path, default=Path("~/.cache/loraplex").expanduser())

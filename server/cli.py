@@ -94,7 +94,7 @@ def serve(
     ] = None,
     quant_dot: Annotated[
         str | None,
-        typer.Option(help="With --quantization: int (default: int8 inputs, integer dot products) or float."),
+        typer.Option(help="With --quantization: float (default, float32 inputs) or int (int8 inputs)."),
     ] = None,
     prefix_cache: Annotated[
         str | None,

@@ -119,11 +119,13 @@ class Settings(BaseSettings):
         "Adapters stay float32, unmerged; --mode merged is refused.",
     )
     quant_dot: Literal["int", "float"] = Field(
-        "int",
-        description="With --quantization: int quantizes each projection's input rows to int8 blocks of 32 "
-        "and multiplies with integer dot products (faster, as llama.cpp does); float keeps float32 inputs "
-        "(the dequantized weights' exact products). Both are checked at load; int falls back to float where "
-        "its kernels cannot be used.",
+        "float",
+        description="With --quantization: float (the default) keeps float32 inputs (the dequantized weights' "
+        "exact products: greedy text does not depend on the batch or the prefix cache); int quantizes each "
+        "projection's input rows to int8 blocks of 32 and multiplies with integer dot products (faster, as "
+        "llama.cpp does, at a small cost in accuracy; near-tied greedy tokens can differ from float's and "
+        "between two paths to the same logits). Both are checked at load; int falls back to float where its "
+        "kernels cannot be used.",
     )
     data_dir: Path = Field(Path("./data"), description="Where adapters are stored (folders + SQLite index).")
     max_upload_mb: int = Field(

@@ -1,11 +1,11 @@
 """--quantization on the embedded model, through the real loader and the HTTP API.
 
 gguf serves the shipped Q4_1 blocks, the values float32 serves (converted from the same blocks):
-with --quant-dot float (float32 inputs) greedy tokens equal float32's, bare and with adapters (and
-adapter_scale). int8 and int4 start, report themselves in /info, and generate; with float inputs
-int4 still answers the capital of France. With --quant-dot int (the default: each projection's
-inputs quantized to int8 blocks) every form starts, reports it and generates, bare and with
-adapters. Greedy text is not compared there: int8 inputs move the logits by a few hundredths,
+with --quant-dot float (the default: float32 inputs; named explicitly here) greedy tokens equal
+float32's, bare and with adapters (and adapter_scale). int8 and int4 start, report themselves in
+/info, and generate; with float inputs int4 still answers the capital of France. With --quant-dot
+int (each projection's inputs quantized to int8 blocks) every form starts, reports it and
+generates, bare and with adapters. Greedy text is not compared there: int8 inputs move the logits by a few hundredths,
 and the France prompt's first token is a near tie in float32 itself ("The" against "L", 0.08 nats
 apart), which int4 with int8 inputs turns ("L'Étoile, ..."); a rounding difference between two
 paths to the same logits (the prompt's prefix from the prefix cache the second time: other
@@ -41,7 +41,7 @@ def adapter_specs(embedded_model, tmp_path_factory) -> list[str]:
     return [f"{name}={root / name}" for name in ADAPTERS]
 
 
-def _serve(quantization: str, embedded_dir, adapter_specs, tmp_path, quant_dot: str = "int") -> TestClient:
+def _serve(quantization: str, embedded_dir, adapter_specs, tmp_path, quant_dot: str = "float") -> TestClient:
     settings = Settings(
         quantization=quantization, device="cpu", cache_dir=embedded_dir.parent, data_dir=tmp_path / quantization,
         adapter=adapter_specs, kv_cache_tokens=2048, quant_dot=quant_dot,
@@ -116,11 +116,11 @@ def test_int8_and_int4_serve_with_adapters(
 def test_every_form_serves_with_int8_inputs(
     quantization, embedded_dir, adapter_specs, tmp_path, tokenizer
 ) -> None:
-    """--quant-dot int (the default): the integer kernels serve (/info says which instruction set),
+    """--quant-dot int: the integer kernels serve (/info says which instruction set),
     bare and with adapters (see the module docstring for why the text is not compared)."""
     from server.engine.native import quant_cpu
 
-    client = _serve(quantization, embedded_dir, adapter_specs, tmp_path)  # quant_dot int
+    client = _serve(quantization, embedded_dir, adapter_specs, tmp_path, quant_dot="int")
     try:
         decode = client.get("/info").json()["decode"]
         assert decode["quantization"] == quantization

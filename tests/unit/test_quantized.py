@@ -375,15 +375,18 @@ def test_settings_refuse_merged_with_quantization() -> None:
 
 
 def test_the_dot_product_is_a_setting(monkeypatch) -> None:
-    """--quant-dot / LORAPLEX_QUANT_DOT: int by default, float on request, anything else refused;
-    the kernels follow ``quant_cpu.DOT`` (what the server configures at start-up)."""
+    """--quant-dot / LORAPLEX_QUANT_DOT: float by default (the dequantized weights' exact products;
+    int8 inputs can turn near-tied greedy tokens, docs/quantization.md), int on request, anything
+    else refused; the kernels follow ``quant_cpu.DOT`` (what the server configures at start-up)."""
     from pydantic import ValidationError
 
     from server.config import Settings
 
-    assert Settings().quant_dot == "int" and Settings(quant_dot="float").quant_dot == "float"
-    monkeypatch.setenv("LORAPLEX_QUANT_DOT", "float")
-    assert Settings().quant_dot == "float"
+    monkeypatch.delenv("LORAPLEX_QUANT_DOT", raising=False)
+    assert Settings().quant_dot == "float" and Settings(quant_dot="int").quant_dot == "int"
+    assert quant_cpu._dot_from_env() == "float"
+    monkeypatch.setenv("LORAPLEX_QUANT_DOT", "int")
+    assert Settings().quant_dot == "int" and quant_cpu._dot_from_env() == "int"
     with pytest.raises(ValidationError, match="quant_dot"):
         Settings(quant_dot="int4")
     kernel = quant_cpu.load()

@@ -22,12 +22,15 @@ rows with one thread (the step shares one OpenMP region out, ``gemv_cpu.c``); th
 kernels there each quantize the whole input (a few rows of k floats, against their run of
 out / threads weight rows), so the threads need not meet once more per projection.
 
-Dot products (``DOT``, ``--quant-dot`` / ``LORAPLEX_QUANT_DOT``): ``int`` (the default) quantizes
-each input row to int8 in blocks of 32 and multiplies with integer multiply-adds
+Dot products (``DOT``, ``--quant-dot`` / ``LORAPLEX_QUANT_DOT``): ``float`` (the default) keeps
+float32 inputs and dequantizes the weights in registers (``q8_linear`` / ``q4_linear``); ``int``
+quantizes each input row to int8 in blocks of 32 and multiplies with integer multiply-adds
 (``q8_linear_int`` / ``q4_linear_int`` on AVX2, ``q8_linear_vnni`` / ``q4_linear_vnni`` where the
-CPU has AVX-512 VNNI); ``float`` keeps float32 inputs and dequantizes the weights in registers
-(``q8_linear`` / ``q4_linear``). Every kernel this CPU runs is checked at load
-(``quantized.kernel_agrees``): the best integer set that passes serves (``int_isa``), the float
+CPU has AVX-512 VNNI): faster, but a rounding difference between two paths to the same logits (a
+prompt prefix from the prefix cache, another batch) can move an input across an int8 step, so
+near-tied greedy tokens may differ between runs of one request (``docs/quantization.md``), hence
+not the default. Every kernel this CPU runs is checked at load
+(``quantized.kernel_agrees``): with ``int`` the best integer set that passes serves (``int_isa``), the float
 ones where none does. The choice is read at each call (``quantized.linear``) and each one-call
 decode step (``fused_cpu.parts_table``: a model keeps a table per dot product).
 """
@@ -66,11 +69,11 @@ Isa = Literal["avx2", "vnni"]  # the integer kernels' instruction sets
 
 def _dot_from_env() -> Dot:
     """``LORAPLEX_QUANT_DOT`` for library use (the server's ``Settings`` read and validate it too,
-    and ``configure_dot`` it at start-up); ``int`` when unset or unknown (logged)."""
-    value = os.environ.get("LORAPLEX_QUANT_DOT", "int").strip().lower() or "int"
+    and ``configure_dot`` it at start-up); ``float`` when unset or unknown (logged)."""
+    value = os.environ.get("LORAPLEX_QUANT_DOT", "float").strip().lower() or "float"
     if value not in DOTS:
-        log.warning("LORAPLEX_QUANT_DOT=%r is neither int nor float; int is used", value)
-        return "int"
+        log.warning("LORAPLEX_QUANT_DOT=%r is neither int nor float; float is used", value)
+        return "float"
     return value  # type: ignore[return-value]
 
 
