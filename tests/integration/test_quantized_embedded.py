@@ -41,6 +41,15 @@ def adapter_specs(embedded_model, tmp_path_factory) -> list[str]:
     return [f"{name}={root / name}" for name in ADAPTERS]
 
 
+@pytest.fixture(autouse=True)
+def _dot_restored(monkeypatch) -> None:
+    """The server sets ``quant_cpu.DOT`` process-wide at start-up (``configure_dot``): put back
+    what it was after each test, so that an int test leaves no int8 inputs to later tests."""
+    from server.engine.native import quant_cpu
+
+    monkeypatch.setattr(quant_cpu, "DOT", quant_cpu.DOT)
+
+
 def _serve(quantization: str, embedded_dir, adapter_specs, tmp_path, quant_dot: str = "float") -> TestClient:
     settings = Settings(
         quantization=quantization, device="cpu", cache_dir=embedded_dir.parent, data_dir=tmp_path / quantization,
@@ -71,6 +80,7 @@ CASES = [(None, 1.0), ("qv", 1.0), ("all", 1.0), ("all", 0.5)]
 def float32_tokens(embedded_dir, adapter_specs, tmp_path_factory, tokenizer) -> dict:
     client = _serve("none", embedded_dir, adapter_specs, tmp_path_factory.mktemp("none"))
     try:
+        assert "quant_dot" not in client.get("/info").json()["decode"]  # no quantization: no dot product
         return {(q, a, s): _greedy(client, chat(tokenizer, q), a, s) for q in QUESTIONS[:2] for a, s in CASES}
     finally:
         client.__exit__(None, None, None)
