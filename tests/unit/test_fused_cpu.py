@@ -315,6 +315,41 @@ def test_small_steps_on_two_threads_give_the_same_logits(tmp_path_factory, monke
     assert calls["layers"] == 2
 
 
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantized_small_steps_on_two_threads_give_the_same_logits(
+    tmp_path_factory, quantization, dot, monkeypatch
+) -> None:
+    """The one-region step (each thread its run of every projection's rows, ``gemv_cpu.c``) with
+    either dot product's quantized kernels: a base row's logits on one thread and on two are the
+    same (each output row's sums are its own, whichever thread computes them), and the step ran
+    ``dot``'s kernels (the parts table holds their addresses; switching the dot product changes
+    the logits: int8 inputs against float ones)."""
+    _, path = _saved(tmp_path_factory, LlamaConfig(**SMALL), f"threads-{quantization}")
+    runner = NativeLlamaRunner(path, quantization=quantization, kv_cache_tokens=512)
+    fused = runner.model.fused
+    assert fused is not None and runner.model.fused_parts is not None
+    seen: list[tuple[str, int]] = []  # (the parts table's dot product, threads) per one-call step
+    real = fused.parts_layers
+
+    def counted(table: fused_cpu.PartsTable, *args) -> None:
+        seen.append((table.dot, args[-1]))
+        real(table, *args)
+
+    monkeypatch.setattr(fused, "parts_layers", counted)
+    runner.prefill([PrefillInput(i, PROMPTS[2], 0, BASE_SLOT) for i in range(3)])  # 3 same prompts
+    runner.decode_threads = DecodeThreads(1, 2)  # pinned, as LORAPLEX_DECODE_THREADS=1
+    one = runner.decode([DecodeInput(0, 9, BASE_SLOT)])[0]
+    runner.decode_threads = DecodeThreads(2, 2)  # pinned, as LORAPLEX_DECODE_THREADS=2
+    two = runner.decode([DecodeInput(1, 9, BASE_SLOT)])[0]
+    torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-5)
+    assert seen == [(dot, 1), (dot, 2)]
+    other_dot = "float" if dot == "int" else "int"
+    monkeypatch.setattr(quant_cpu, "DOT", other_dot)
+    other = runner.decode([DecodeInput(2, 9, BASE_SLOT)])[0]
+    assert seen[-1] == (other_dot, 2)
+    assert (other - two).abs().max() > 1e-5  # the other kernels ran
+
+
 def _verify_step(runner: NativeLlamaRunner, plan, sequences: list[list[int]], slot: int) -> torch.Tensor:
     """One step of verify rows: (sequence, new tokens, adapter?) each; -> every token's logits."""
     rows = [
