@@ -9,8 +9,13 @@ layout of GGUF's Q4_1, which ``--quantization gguf`` keeps as shipped) with an i
 gguf as the embedded Q4_1 file serves it (Q4_1 layers, a Q8_0 head: groups of 32, float16
 scales). Random weights (speed does not depend on the values).
 
+Dot products (``--dots``): each quantized form runs with ``float`` inputs (the weights dequantized
+in registers) and ``int`` ones (the inputs quantized to int8 blocks, integer dot products) on each
+instruction set this CPU runs (AVX2, and AVX-512 VNNI where it has it: the row names it), all in
+the same run.
+
 Threads: every kernel runs on exactly the given number (the servers' kernels take one thread up
-to 4 rows: ``gemv_cpu.ONE_THREAD_ROWS``, ``quant_cpu.ONE_THREAD_ROWS``). Every (form, batch,
+to 4 rows: ``gemv_cpu.ONE_THREAD_ROWS``, ``quant_cpu.ONE_THREAD_ROWS``). Every (form, dot, batch,
 threads) measurement is interleaved with the others pass by pass; the
 median of ``--passes`` passes is reported, with the ratio to float32 at the same batch and
 threads (the only figures that mean anything on a shared machine).
@@ -72,14 +77,24 @@ def _copy(w: quantized.Int8Weight | quantized.Q4Weight) -> quantized.Int8Weight 
 
 
 def one_pass(
-    form: str, weights: list[tuple[object, int]], xs: dict[int, torch.Tensor], threads: int
+    form: str,
+    weights: list[tuple[object, int]],
+    xs: dict[int, torch.Tensor],
+    threads: int,
+    dot: str = "float",
+    isa: str | None = None,
 ) -> tuple[float, float]:
-    """(wall, CPU) seconds for every weight once at this batch (x: [batch, in] per input width).
-    CPU time counts the process's threads: on a loaded machine it leaves out the time spent
-    waiting for a core, which the wall time includes."""
+    """(wall, CPU) seconds for every weight once at this batch (x: [batch, in] per input width),
+    quantized forms with ``dot``'s kernels (``isa``: the integer ones' instruction set). CPU time
+    counts the process's threads: on a loaded machine it leaves out the time spent waiting for a
+    core, which the wall time includes."""
     gemv = gemv_cpu.load()
     quant = quant_cpu.load()
     assert gemv is not None and quant is not None, "the compiled kernels did not build"
+    assert dot == "float" or quant.int_checked, "the integer kernels did not pass their check"
+    quant_cpu.configure_dot(dot)  # type: ignore[arg-type]
+    if isa is not None:  # every instruction set this CPU runs passed its check (main asserts it)
+        quant.int_isa = isa  # type: ignore[assignment]
     torch.set_num_threads(threads)
     start, cpu = time.perf_counter(), time.process_time()
     for weight, out_features in weights:
@@ -105,32 +120,56 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--forms", nargs="+", default=["float32", "int8", "int4", "gguf"])
+    parser.add_argument("--dots", nargs="+", default=["float", "int"], choices=quant_cpu.DOTS)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     quant_cpu.ONE_THREAD_ROWS = 0  # every kernel on exactly ``threads`` threads, whatever the batch
+    quant = quant_cpu.load()
+    assert quant is not None, "the compiled kernels did not build"
+    assert "int" not in args.dots or quant.int_isa == quant.isas[-1], (
+        "every integer kernel must pass its check"
+    )
     gen = torch.Generator().manual_seed(0)
-    forms = {f: w for f, w in build(gen).items() if f in args.forms}
+    weights = {f: w for f, w in build(gen).items() if f in args.forms}
+    # (name, form, dot, instruction set): float32 once, each quantized form with each dot product
+    # (int: on each instruction set this CPU runs, AVX2 and, where it has it, VNNI)
+    variants = [(f, f, "float", None) for f in weights if f == "float32"] + [
+        (f"{f} {dot}" if dot == "float" else f"{f} int ({isa})", f, dot, isa)
+        for f in weights
+        if f != "float32"
+        for dot in args.dots
+        for isa in ([None] if dot == "float" else quant.isas)
+    ]
+    best = quant.int_isa
+    forms = {name: (form, dot, isa) for name, form, dot, isa in variants}
     inputs = {b: {k: torch.randn(b, k, generator=gen) for k in (HIDDEN, INTER)} for b in args.batches}
     cases = [(f, b, t) for b in args.batches for t in args.threads for f in forms]
     times: dict[tuple[str, int, int], list[tuple[float, float]]] = {c: [] for c in cases}
+
+    def run(case: tuple[str, int, int]) -> tuple[float, float]:
+        form, dot, isa = forms[case[0]]
+        return one_pass(form, weights[form], inputs[case[1]], case[2], dot, isa)
+
     for case in cases:  # warm-up (builds the kernels, faults the pages in)
-        one_pass(case[0], forms[case[0]], inputs[case[1]], case[2])
+        run(case)
     load_before = os.getloadavg()
     for _ in range(args.passes):
         for case in cases:
-            times[case].append(one_pass(case[0], forms[case[0]], inputs[case[1]], case[2]))
+            times[case].append(run(case))
     load_after = os.getloadavg()
-    nbytes = {
+    quant.int_isa = best
+    form_bytes = {
         f: sum(w.numel() * 4 if isinstance(w, torch.Tensor) else w.nbytes for w, _ in ws)  # type: ignore[attr-defined]
-        for f, ws in forms.items()
+        for f, ws in weights.items()
     }
+    nbytes = {name: form_bytes[form] for name, (form, _, _) in forms.items()}
     lines = [
         "# Quantized linear kernels alone against float32 (one decode step's linear layers)",
         "",
         f"- command: `python -m bench.quant_kernels --passes {args.passes}`",
         f"- load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} "
         f"({os.cpu_count()} CPUs), torch {torch.__version__}",
-        "- bytes per pass: " + ", ".join(f"{f} {nbytes[f] / 1e6:.0f} MB" for f in forms),
+        "- bytes per pass: " + ", ".join(f"{f} {form_bytes[f] / 1e6:.0f} MB" for f in weights),
         "",
         "| batch | threads | form | wall ms per pass (median) | GB/s | vs float32 | CPU ms | vs float32 (CPU) |",
         "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",

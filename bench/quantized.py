@@ -1,11 +1,15 @@
 """Quantized base weights on the CPU: decode tokens/s, perplexity and peak RSS per --quantization.
 
-One child process per form (none, int8, int4, gguf) loads the embedded model on the native runner
-the way the server does (``load_native``) and measures its peak RSS (``ru_maxrss``), RSS once
-loaded and the perplexity of a fixed English text (the prompt's token log-probabilities, one
-prefill). Then one process loads every form and times decode steps at batch 1 and 16 (runner
-level: one step = every row's next token), the forms alternating step by step so that a shared
-machine's load hits each alike; the median of ``--steps`` steps after two warm-up steps.
+One child process per form (none, int8, int4, gguf) and dot product (``--dots``: the quantized
+kernels' ``float`` inputs or ``int`` ones, quantized to int8 blocks; ``--quant-dot``) loads the
+embedded model on the native runner the way the server does (``load_native``) and measures its
+peak RSS (``ru_maxrss``), RSS once loaded and the perplexity of a fixed English text (the
+prompt's token log-probabilities): once in one prefill ("perplexity": its 127 rows exceed the
+kernels' 64, so PyTorch multiplies the dequantized weights, whatever the dot product) and once
+in prefill chunks of 32 tokens ("kernel perplexity": every projection on the compiled kernels, as
+decode steps run). Then one process loads every variant and times decode steps at batch 1 and 16
+(runner level: one step = every row's next token), the variants alternating step by step so that
+a shared machine's load hits each alike; the median of ``--steps`` steps after two warm-up steps.
 
     nice python -m bench.quantized --steps 20 --out bench/results/quantized-cpu.md
 
@@ -45,33 +49,68 @@ def _rss_mib() -> float:
     return float("nan")
 
 
-def _load(form: str, cache_dir: Path, kv_tokens: int):
-    from server.engine.base_model import load_native
+CHUNK = 32  # prefill chunk of the kernel perplexity (at most quant_cpu.MAX_ROWS rows a call)
 
+
+def variant(form: str, dot: str) -> str:
+    """A row's name: the form, and for a quantized one its dot product (``int4/int``)."""
+    return form if form == "none" else f"{form}/{dot}"
+
+
+def _parse(name: str) -> tuple[str, str]:
+    form, _, dot = name.partition("/")
+    return form, dot or "float"
+
+
+def _load(name: str, cache_dir: Path, kv_tokens: int):
+    from server.engine.base_model import load_native
+    from server.engine.native import quant_cpu
+
+    form, dot = _parse(name)
+    quant_cpu.configure_dot(dot)  # type: ignore[arg-type]
     return load_native(None, "float32", "cpu", cache_dir, quantization=form, kv_cache_tokens=kv_tokens)
 
 
-def child(form: str, cache_dir: Path) -> dict:
-    """Load one form alone: its load time, RSS and perplexity (memory figures need a process each)."""
+def _perplexity(runner, ids: list[int], seq: int, chunk: int) -> float:
+    """exp(-mean log p(token | before)) over ids[1:], prefilled ``chunk`` tokens at a time."""
     import torch
 
     from server.engine.lora_linear import BASE_SLOT
     from server.engine.runner import PrefillInput
 
+    logprobs: list[torch.Tensor] = []
+    last = torch.zeros(0)  # the previous chunk's next-token log-probabilities
+    for start in range(0, len(ids), chunk):
+        part = ids[start : start + chunk]
+        out = runner.prefill([PrefillInput(seq, part, start, BASE_SLOT, want_token_logprobs=True)])
+        if start:  # the chunk's first token, from the previous chunk's last logits
+            logprobs.append(last[ids[start]].reshape(1))
+        logprobs.append(out.token_logprobs[seq].double())
+        last = out.logits[0].double().log_softmax(-1)
+    runner.release([seq])
+    return float(torch.exp(-torch.cat(logprobs).mean()))
+
+
+def child(name: str, cache_dir: Path) -> dict:
+    """Load one variant alone: its load time, RSS and perplexities (memory figures need a process each)."""
+    import torch
+
+    from server.engine.native import quant_cpu
+
     start = time.perf_counter()
-    base = _load(form, cache_dir, 1024)  # a small KV budget: the figures are the weights and the runtime
+    base = _load(name, cache_dir, 1024)  # a small KV budget: the figures are the weights and the runtime
     load_s = time.perf_counter() - start
     runner = base.runner
     assert runner is not None
     loaded_rss = _rss_mib()
     ids = base.tokenizer(TEXT)["input_ids"]
-    out = runner.prefill([PrefillInput(0, ids, 0, BASE_SLOT, want_token_logprobs=True)])
-    perplexity = float(torch.exp(-out.token_logprobs[0].double().mean()))
     return {
-        "form": form,
+        "form": name,
         "load_s": load_s,
         "loaded_rss_mib": loaded_rss,
-        "perplexity": perplexity,
+        "perplexity": _perplexity(runner, ids, 0, len(ids)),
+        "kernel_perplexity": _perplexity(runner, ids, 1, CHUNK),
+        "dot": quant_cpu.describe() if _parse(name)[0] != "none" else "-",
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads(),
     }
@@ -81,6 +120,7 @@ def speed(forms: list[str], steps: int, cache_dir: Path) -> dict[str, dict[str, 
     """Every form loaded in one process; decode steps alternate between forms, round by round, so
     each form sees the same machine load (a shared machine's noise hits every form alike)."""
     from server.engine.lora_linear import BASE_SLOT
+    from server.engine.native import quant_cpu
     from server.engine.runner import DecodeInput, PrefillInput
 
     bases = {form: _load(form, cache_dir, 2048) for form in forms}
@@ -90,9 +130,11 @@ def speed(forms: list[str], steps: int, cache_dir: Path) -> dict[str, dict[str, 
         seqs = list(range(100, 100 + batch))
         times: dict[str, list[float]] = {form: [] for form in forms}
         for form in forms:
+            quant_cpu.configure_dot(_parse(form)[1])  # type: ignore[arg-type]
             bases[form].runner.prefill([PrefillInput(s, prompt, 0, BASE_SLOT) for s in seqs])
         for i in range(steps + 2):
             for form in forms if i % 2 == 0 else reversed(forms):
+                quant_cpu.configure_dot(_parse(form)[1])  # type: ignore[arg-type]
                 t = time.perf_counter()
                 bases[form].runner.decode([DecodeInput(s, 5 + i, BASE_SLOT) for s in seqs])
                 times[form].append(time.perf_counter() - t)
@@ -200,21 +242,23 @@ def render(results: list[dict], args: argparse.Namespace) -> str:
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"{ref['threads'] if ref else '?'} torch threads; shared with other jobs (noisy): compare ratios "
         "within this run only.",
-        f"Command: `nice python -m bench.quantized --steps {args.steps}` (RSS and perplexity: one process per "
+        f"Command: `nice python -m bench.quantized --steps {args.steps} --dots {' '.join(args.dots)}` "
+        "(RSS and perplexity: one process per "
         "form; decode: runner-level steps, forms alternating in one process, median; no adapters).",
         "",
-        "| form | batch 1 tok/s | x float32 | batch 16 tok/s | x float32 | perplexity | x float32 | "
-        "peak RSS MiB | x float32 | RSS loaded MiB | load s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| form | dot | batch 1 tok/s | x float32 | batch 16 tok/s | x float32 | perplexity | x float32 | "
+        "kernel perplexity | x float32 | peak RSS MiB | x float32 | RSS loaded MiB | load s |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
 
-        def ratio(key: str, r: dict = r) -> str:
-            return f"{r[key] / ref[key]:.2f}" if ref else "-"
+        def ratio(key: str, digits: int = 2, r: dict = r) -> str:
+            return f"{r[key] / ref[key]:.{digits}f}" if ref else "-"
 
         lines.append(
-            f"| {r['form']} | {r['tok_s_b1']:.1f} | {ratio('tok_s_b1')} | {r['tok_s_b16']:.1f} | "
-            f"{ratio('tok_s_b16')} | {r['perplexity']:.3f} | {ratio('perplexity')} | {r['peak_rss_mib']:.0f} | "
+            f"| {r['form']} | {r['dot']} | {r['tok_s_b1']:.1f} | {ratio('tok_s_b1')} | {r['tok_s_b16']:.1f} | "
+            f"{ratio('tok_s_b16')} | {r['perplexity']:.3f} | {ratio('perplexity')} | "
+            f"{r['kernel_perplexity']:.3f} | {ratio('kernel_perplexity', 3)} | {r['peak_rss_mib']:.0f} | "
             f"{ratio('peak_rss_mib')} | {r['loaded_rss_mib']:.0f} | {r['load_s']:.1f} |"
         )
     return "\n".join(lines) + "\n"
@@ -225,10 +269,13 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--forms", nargs="+", default=list(FORMS), choices=FORMS)
+    parser.add_argument(
+        "--dots", nargs="+", default=[os.environ.get("LORAPLEX_QUANT_DOT", "float")], choices=("float", "int")
+    )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cache-dir", type=Path, default=Path("~/.cache/loraplex").expanduser())
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--child", choices=FORMS, help=argparse.SUPPRESS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument(
         "--llama8b", type=Path, default=None,
         help="also serve a random Llama-3-8B-shaped checkpoint made in this directory (16 GB of disk) with int4",
@@ -242,20 +289,21 @@ def main() -> None:
         print(json.dumps(child(args.child, args.cache_dir)))
         return
     results = []
-    for form in args.forms:
+    names = list(dict.fromkeys(variant(form, dot) for form in args.forms for dot in args.dots))
+    for name in names:
         command = [
             sys.executable,
             "-m",
             "bench.quantized",
             "--child",
-            form,
+            name,
             "--cache-dir",
             str(args.cache_dir),
         ]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(results[-1]), file=sys.stderr)
-    for form, figures in speed(args.forms, args.steps, args.cache_dir).items():
+    for form, figures in speed(names, args.steps, args.cache_dir).items():
         next(r for r in results if r["form"] == form).update(figures)
     table = render(results, args)
     if args.llama8b:

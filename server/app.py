@@ -45,6 +45,7 @@ from server.engine import sgmv_cpu
 from server.engine.base_model import LoadedBase, choose_runner, load_base, load_native, model_dir_of
 from server.engine.describe import EngineSnapshot
 from server.engine.engine import Engine, EngineConfig
+from server.engine.native import quant_cpu
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,7 @@ def create_app(settings: Settings | None = None, loader: BaseLoader = default_lo
         def load() -> None:
             try:
                 sgmv_cpu.configure("auto", settings.cache_dir)  # compiled kernels build under cache_dir
+                quant_cpu.configure_dot(settings.quant_dot)  # the quantized kernels' dot product
                 base = loader(settings)
                 app.state.base = base
                 app.state.engine = build_engine(settings, base, store)

@@ -92,6 +92,10 @@ def serve(
         str | None,
         typer.Option(help="Native runner, CPU: none (default), int8, int4 or gguf (the GGUF file's blocks)."),
     ] = None,
+    quant_dot: Annotated[
+        str | None,
+        typer.Option(help="With --quantization: float (default, float32 inputs) or int (int8 inputs)."),
+    ] = None,
     prefix_cache: Annotated[
         str | None,
         typer.Option(help="Native runner: on (default: reuse cached KV blocks of a prompt prefix) or off."),
@@ -148,7 +152,8 @@ def serve(
         "kv_cache_tokens": kv_cache_tokens, "kv_cache_memory": kv_cache_memory, "compile": compile,
         "weight_layout": weight_layout, "max_prefill_tokens": max_prefill_tokens, "shutdown_timeout": shutdown_timeout,
         "upload_timeout": upload_timeout, "adapter_source": adapter_source,
-        "adapter_source_refresh": adapter_source_refresh, "quantization": quantization, "prefix_cache": prefix_cache,
+        "adapter_source_refresh": adapter_source_refresh, "quantization": quantization, "quant_dot": quant_dot,
+        "prefix_cache": prefix_cache,
         "speculate": speculate, "speculate_max_batch": speculate_max_batch,
         "max_body_kb": max_body_kb, "max_prompt_chars": max_prompt_chars, "allowed_hosts": allowed_hosts,
     }  # fmt: skip

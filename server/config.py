@@ -118,6 +118,15 @@ class Settings(BaseSettings):
         "at load; gguf: the GGUF file's blocks as shipped (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K). "
         "Adapters stay float32, unmerged; --mode merged is refused.",
     )
+    quant_dot: Literal["int", "float"] = Field(
+        "float",
+        description="With --quantization: float (the default) keeps float32 inputs (the dequantized weights' "
+        "exact products; two paths to the same logits agree to float32 rounding); int quantizes each "
+        "projection's input rows to int8 blocks of 32 and multiplies with integer dot products (faster, as "
+        "llama.cpp does, at a small cost in accuracy; near-tied greedy tokens can differ from float's and "
+        "between two paths to the same logits, e.g. with and without the prefix cache). Both are checked at "
+        "load; int falls back to float where its kernels cannot be used.",
+    )
     data_dir: Path = Field(Path("./data"), description="Where adapters are stored (folders + SQLite index).")
     max_upload_mb: int = Field(
         512, ge=1, description="Largest adapter upload (request body and unpacked archive), MiB."

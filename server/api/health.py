@@ -112,6 +112,8 @@ def _decode(runner: RunnerInfo) -> dict:
     """How decode steps run (``--compile``): eager, compile (CPU) or cuda_graphs, and the graphs made;
     ``weights``: the projections' layout (native runner: ``packed`` for oneDNN on the CPU, or
     ``dense``, or ``quantized``; the HF runner's are dense); ``quantization``: ``--quantization``;
+    ``quant_dot`` (with a quantization): the quantized kernels' dot products, ``int (vnni)``,
+    ``int (avx2)`` or ``float`` (``--quant-dot``, ``quant_cpu.py``);
     ``lora_backend``: the LoRA backend graph-run steps use (eager steps: the runner's);
     ``threads`` (native runner): the compiled kernels' threads in steps of up to 4 rows (and
     verify steps of up to 8 tokens)
@@ -122,6 +124,7 @@ def _decode(runner: RunnerInfo) -> dict:
         "kind": runner.decode_kind,
         "weights": runner.weight_layout,
         "quantization": runner.quantization,
+        **({"quant_dot": runner.quant_dot} if runner.quant_dot else {}),
         "lora_backend": runner.decode_lora_backend,
         "graphs": runner.graphs,
         "warm_up_seconds": round(runner.warm_up_seconds, 2),

@@ -50,6 +50,9 @@ class RunnerInfo:
     supports_prefix_cache: bool  # whether the runner can cache prompt prefixes at all
     # the compiled kernels' threads in small decode steps (``decode_threads.py``; {}: none chosen)
     decode_threads: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    # with --quantization: the kernels' dot products, "int (vnni)", "int (avx2)" or "float"
+    # (``quant_cpu.CompiledQuant.describe``); "" without quantization
+    quant_dot: str = ""
 
 
 @dataclass(frozen=True)
@@ -233,6 +236,7 @@ def _runner_info(runner: ModelRunner) -> RunnerInfo:
         vocab_size=runner.vocab_size,
         supports_prefix_cache=runner.supports_prefix_cache,
         decode_threads=_decode_threads(runner),
+        quant_dot=getattr(runner, "quant_dot", ""),
     )
 
 

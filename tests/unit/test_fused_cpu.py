@@ -19,6 +19,9 @@ from server.engine.lora_model import AdapterSlots
 from server.engine.merge import MergeManager
 from server.engine.native import NativeLlamaRunner, fused_cpu, quant_cpu
 from server.engine.runner import DecodeInput, PrefillInput, StepRow
+from tests.unit.test_quantized import dot, tolerance
+
+__all__ = ["dot"]  # the --quant-dot fixture (float, then int)
 
 SMALL = dict(
     hidden_size=48, intermediate_size=88, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
@@ -312,6 +315,41 @@ def test_small_steps_on_two_threads_give_the_same_logits(tmp_path_factory, monke
     assert calls["layers"] == 2
 
 
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantized_small_steps_on_two_threads_give_the_same_logits(
+    tmp_path_factory, quantization, dot, monkeypatch
+) -> None:
+    """The one-region step (each thread its run of every projection's rows, ``gemv_cpu.c``) with
+    either dot product's quantized kernels: a base row's logits on one thread and on two are the
+    same (each output row's sums are its own, whichever thread computes them), and the step ran
+    ``dot``'s kernels (the parts table holds their addresses; switching the dot product changes
+    the logits: int8 inputs against float ones)."""
+    _, path = _saved(tmp_path_factory, LlamaConfig(**SMALL), f"threads-{quantization}")
+    runner = NativeLlamaRunner(path, quantization=quantization, kv_cache_tokens=512)
+    fused = runner.model.fused
+    assert fused is not None and runner.model.fused_parts is not None
+    seen: list[tuple[str, int]] = []  # (the parts table's dot product, threads) per one-call step
+    real = fused.parts_layers
+
+    def counted(table: fused_cpu.PartsTable, *args) -> None:
+        seen.append((table.dot, args[-1]))
+        real(table, *args)
+
+    monkeypatch.setattr(fused, "parts_layers", counted)
+    runner.prefill([PrefillInput(i, PROMPTS[2], 0, BASE_SLOT) for i in range(3)])  # 3 same prompts
+    runner.decode_threads = DecodeThreads(1, 2)  # pinned, as LORAPLEX_DECODE_THREADS=1
+    one = runner.decode([DecodeInput(0, 9, BASE_SLOT)])[0]
+    runner.decode_threads = DecodeThreads(2, 2)  # pinned, as LORAPLEX_DECODE_THREADS=2
+    two = runner.decode([DecodeInput(1, 9, BASE_SLOT)])[0]
+    torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-5)
+    assert seen == [(dot, 1), (dot, 2)]
+    other_dot = "float" if dot == "int" else "int"
+    monkeypatch.setattr(quant_cpu, "DOT", other_dot)
+    other = runner.decode([DecodeInput(2, 9, BASE_SLOT)])[0]
+    assert seen[-1] == (other_dot, 2)
+    assert (other - two).abs().max() > 1e-5  # the other kernels ran
+
+
 def _verify_step(runner: NativeLlamaRunner, plan, sequences: list[list[int]], slot: int) -> torch.Tensor:
     """One step of verify rows: (sequence, new tokens, adapter?) each; -> every token's logits."""
     rows = [
@@ -385,7 +423,9 @@ def quant() -> quant_cpu.CompiledQuant:
 def test_quantized_layers_in_one_call_equal_the_steps(kernel, quant) -> None:
     """Every projection form (int8, int4, Q4_0-like, Q6_K-like, float32 blocked, a stack of
     forms) in the one-call step, one and three rows, against the dequantized dense steps, on 1, 2
-    and 3 threads (each thread its run of every part's rows)."""
+    and 3 threads (each thread its run of every part's rows): with float inputs, and with the
+    integer kernels against the same steps on int8-quantized inputs."""
+    assert quant.int_checked  # parts_agree then checks both dot products
     assert fused_cpu.parts_agree(kernel, quant, threads=(1, 2, 3))
     assert fused_cpu.load_parts() is not None
 
@@ -437,10 +477,13 @@ def test_a_parts_table_refuses_weights_that_do_not_fit(kernel, quant) -> None:
 
 
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
-def test_quantized_verify_steps_in_one_call_equal_the_pytorch_path(arch, quantization, monkeypatch) -> None:
+def test_quantized_verify_steps_in_one_call_equal_the_pytorch_path(
+    arch, quantization, dot, monkeypatch
+) -> None:
     """Verify steps (1 + k tokens a row) of base rows on quantized weights run the one-call parts
     path; every token's logits equal the same steps with the compiled path switched off (the same
-    quantized weights through PyTorch's ops), rolled back each step."""
+    quantized weights through PyTorch's ops), rolled back each step (with int8 inputs: within
+    ``INT_PATHS_TOL``, the two paths' inputs differing by float32 rounding)."""
     _, _, path = arch
     runners = [NativeLlamaRunner(path, quantization=quantization, kv_cache_tokens=512) for _ in range(2)]
     assert runners[0].model.fused_parts is not None
@@ -466,7 +509,7 @@ def test_quantized_verify_steps_in_one_call_equal_the_pytorch_path(arch, quantiz
     for plan in plans:
         outputs = [_verify_step(runner, plan, sequences, BASE_SLOT) for runner in runners]
         assert outputs[0].shape[0] == sum(len(tokens) for _, tokens, _ in plan)
-        torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(outputs[0], outputs[1], **tolerance(dot))
         for seq, tokens, _ in plan:
             sequences[seq].extend(tokens[: max(1, len(tokens) - 1)])
     assert calls["parts_layers"] == len(plans)

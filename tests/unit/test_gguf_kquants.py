@@ -25,10 +25,18 @@ from server.engine.native.gguf_blocks import BLOCK_BYTES, GgufError, blocks_to_w
 from server.engine.native.quantized import StackedWeight
 from server.engine.runner import DecodeInput, PrefillInput
 from tests.conftest import tiny_llama_config
-from tests.unit.test_quantized import GGUF_NAMES, _avx2_fma_present, _llama_cpp_permute, needs_kernel
+from tests.unit.test_quantized import (
+    GGUF_NAMES,
+    _avx2_fma_present,
+    _llama_cpp_permute,
+    dot,
+    int8_inputs,
+    needs_kernel,
+)
 
 F32 = np.float32
-__all__ = ["_avx2_fma_present"]  # the kernel tests' fixture (fails, never skips, without AVX2/FMA)
+# the kernel tests' fixture (fails, never skips, without AVX2/FMA); --quant-dot float, then int
+__all__ = ["_avx2_fma_present", "dot"]
 KQUANTS = ("Q4_K", "Q5_K", "Q6_K")
 
 # ------------------------------------------------------------------------ reference (the spec)
@@ -129,26 +137,30 @@ def test_repacked_k_quants_equal_the_spec_reference(kind: str) -> None:
 
 @needs_kernel
 @pytest.mark.parametrize("n", [1, 3, 4, 5, 16, 64, 65])
-def test_k_quant_kernels_equal_the_dense_product(n: int) -> None:
+def test_k_quant_kernels_equal_the_dense_product(n: int, dot: str) -> None:
+    """The repacked K-quants through the kernels (float and integer dot products) equal the dense
+    product of the reference weights (with the integer ones: on the inputs quantized to int8 as
+    they are, ``quantized.quantized_activations``)."""
     rng = np.random.default_rng(n)
     out, k = 11, 512
     x = torch.randn(n, k)
+    xs = quantized.quantized_activations(x) if dot == "int" and n <= 64 else x  # 65 rows: PyTorch's matmul
     for kind in KQUANTS:
         blocks = random_blocks(kind, out * k // 256, rng, size=1e-2)
         dense = torch.from_numpy(REFERENCE[kind](blocks).reshape(out, k))
         weight = blocks_to_weight(kind, blocks.reshape(out, -1), out, k)
-        torch.testing.assert_close(quantized.linear(x, weight), x @ dense.t(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(quantized.linear(x, weight), xs @ dense.t(), rtol=1e-4, atol=1e-4)
         base = torch.randn(n, out + 4)
         got = base.clone()
         quantized.linear(x, weight, out=got[:, 2 : 2 + out], accumulate=True)
         torch.testing.assert_close(
-            got[:, 2 : 2 + out], base[:, 2 : 2 + out] + x @ dense.t(), rtol=1e-4, atol=1e-4
+            got[:, 2 : 2 + out], base[:, 2 : 2 + out] + xs @ dense.t(), rtol=1e-4, atol=1e-4
         )
         assert torch.equal(got[:, :2], base[:, :2]) and torch.equal(got[:, 2 + out :], base[:, 2 + out :])
 
 
 @needs_kernel
-def test_parts_of_different_types_stack_into_one_projection() -> None:
+def test_parts_of_different_types_stack_into_one_projection(dot: str) -> None:
     rng = np.random.default_rng(3)
     parts = [(kind, 5 + i) for i, kind in enumerate(("Q4_K", "Q6_K", "Q4_K"))]  # q, k, v-like
     weights, dense = [], []
@@ -161,7 +173,8 @@ def test_parts_of_different_types_stack_into_one_projection() -> None:
     expected = torch.cat(dense)
     assert torch.equal(fused.dequantize(), expected) and torch.equal(fused.dequantize(3, 14), expected[3:14])
     x = torch.randn(3, 256)
-    torch.testing.assert_close(quantized.linear(x, fused), x @ expected.t(), rtol=1e-4, atol=1e-4)
+    xs = quantized.quantized_activations(x) if dot == "int" else x  # the integer kernels' inputs
+    torch.testing.assert_close(quantized.linear(x, fused), xs @ expected.t(), rtol=1e-4, atol=1e-4)
     assert torch.equal(fused.rows(5, 11).dequantize(), expected[5:11])
 
 
@@ -200,7 +213,9 @@ def _write_k_gguf(model, path: Path, rng: np.random.Generator) -> dict[str, torc
     return weights
 
 
-def test_a_k_quant_gguf_file_loads_and_generates_what_the_dense_model_does(tmp_path) -> None:
+def test_a_k_quant_gguf_file_loads_and_generates_what_the_dense_model_does(tmp_path, dot) -> None:
+    """The dense model's greedy tokens and logits (float32 rounding); with --quant-dot int, the
+    dense model with its projections' inputs quantized to int8 as the integer kernels do."""
     torch.manual_seed(7)
     config = tiny_llama_config(512, hidden_size=256, intermediate_size=512)  # rows of 256-blocks
     model = AutoModelForCausalLM.from_config(config).eval()
@@ -212,6 +227,8 @@ def test_a_k_quant_gguf_file_loads_and_generates_what_the_dense_model_does(tmp_p
     for name, target in runner.weight_targets.items():
         assert torch.equal(target.read(), weights[name]), name  # exactly the shipped values, unpermuted
         dense.get_submodule(name).weight.data = weights[name].clone()
+    if dot == "int":
+        int8_inputs(dense, list(runner.weight_targets))
     qkv = runner.model.layers[0].qkv._quant
     assert isinstance(qkv, StackedWeight)  # Q4_K q/k beside a Q6_K v
     prompt = [1, 15, 27, 300, 41, 9]

@@ -112,6 +112,7 @@ class PartsTable:
     dims: tuple[int, int, int, int, int, int]
     layers: torch.Tensor  # [L, 13] int64: norms, bias, pools, (first part, count) per projection
     parts: torch.Tensor  # [P, 9] int64: kind, weights, kp, scale, min, group/offset, half, rows, kernel
+    dot: quant_cpu.Dot = "float"  # the quantized kernels' dot product (``quant_cpu.CompiledQuant.dot``)
 
     def holds(self, entries: Sequence[object]) -> bool:
         """True when ``entries`` (layer by layer) are these very objects."""
@@ -119,11 +120,11 @@ class PartsTable:
 
 
 def _part_rows(
-    weight: Projection, out: int, k: int, quant: quant_cpu.CompiledQuant | None
+    weight: Projection, out: int, k: int, quant: quant_cpu.CompiledQuant | None, dot: quant_cpu.Dot = "float"
 ) -> list[list[int]]:
     """``weight`` ([out, k]) as parts' rows of ``PartsTable.parts``, checked (the C code trusts
     them): a packed float32 tensor, an int8 or 4-bit matrix (``quantized.py``'s layouts), or a
-    stack of those."""
+    stack of those; quantized parts call the ``dot`` kernels."""
 
     def refuse(what: str) -> ValueError:
         return ValueError(f"decode layers: {what} where a [{out}, {k}] projection was due")
@@ -135,7 +136,7 @@ def _part_rows(
             raise refuse(f"a packed weight of shape {tuple(weight.shape)}")
         return [[_KINDS["blocked"], weight.data_ptr(), 0, 0, 0, 0, 0, out, 0]]
     if isinstance(weight, StackedWeight):
-        rows = [r for _, _, p in weight.spans() for r in _part_rows(p, p.shape[0], k, quant)]
+        rows = [r for _, _, p in weight.spans() for r in _part_rows(p, p.shape[0], k, quant, dot)]
         if sum(r[7] for r in rows) != out:
             raise refuse(f"parts of {sum(r[7] for r in rows)} rows")
         return rows
@@ -157,9 +158,9 @@ def _part_rows(
     half = int(weight.scale.dtype == torch.float16)
     minimum = 0 if weight.min is None else weight.min.data_ptr()
     if isinstance(weight, Int8Weight):
-        kind, extra, fn = _KINDS["int8"], group, quant.q8_address
+        kind, extra, fn = _KINDS["int8"], group, quant.q8_address(dot)
     else:
-        kind, extra, fn = _KINDS["q4"], weight.offset, quant.q4_address
+        kind, extra, fn = _KINDS["q4"], weight.offset, quant.q4_address(dot)
     return [[kind, weight.q.data_ptr(), kp, weight.scale.data_ptr(), minimum, extra, half, out, fn]]
 
 
@@ -343,12 +344,15 @@ class CompiledDecode:
         layers: Sequence[Sequence[object]],
         dims: tuple[int, int, int, int, int, int],
         quant: quant_cpu.CompiledQuant | None,
+        dot: quant_cpu.Dot | None = None,
     ) -> PartsTable:
         """``layer_table`` for projections that may be quantized: ``layers[l]``: input norm, qkv,
         qkv bias or None, o, post norm, gate_up, down, k pool, v pool, each projection a packed
-        float32 tensor or a ``QuantizedWeight`` (``quant``: the kernels those run on). Checked ->
-        what ``parts_layers`` takes, valid while these objects are the model's."""
+        float32 tensor or a ``QuantizedWeight`` (``quant``: the kernels those run on, with ``dot``'s
+        products, default ``quant_cpu.DOT``: ``quant.dot``). Checked -> what ``parts_layers``
+        takes, valid while these objects are the model's."""
         hidden, heads, kvh, d, inter, block = dims
+        dot = quant.dot(dot) if quant is not None else "float"
         projections = {1: ((heads + 2 * kvh) * d, hidden), 3: (hidden, heads * d), 5: (2 * inter, hidden),
                        6: (hidden, inter)}  # fmt: skip
         vectors = {0: hidden, 2: (heads + 2 * kvh) * d, 4: hidden}
@@ -359,7 +363,7 @@ class CompiledDecode:
                 raise ValueError(f"decode layers: a layer of {len(layer)} entries where 9 were due")
             spans: list[int] = []
             for index, (out, k) in projections.items():
-                rows = _part_rows(layer[index], out, k, quant)  # type: ignore[arg-type]
+                rows = _part_rows(layer[index], out, k, quant, dot)  # type: ignore[arg-type]
                 spans += [len(parts), len(rows)]
                 parts += rows
             tensors = [layer[i] for i in (0, 2, 4, 7, 8)]
@@ -380,7 +384,7 @@ class CompiledDecode:
             layer_rows.append([_ptr(t) or 0 for t in tensors] + spans)  # type: ignore[arg-type]
         return PartsTable(
             [e for layer in layers for e in layer], dims, torch.tensor(layer_rows, dtype=torch.int64),
-            torch.tensor(parts, dtype=torch.int64).view(-1, 9),
+            torch.tensor(parts, dtype=torch.int64).view(-1, 9), dot,
         )  # fmt: skip
 
     def parts_layers(
@@ -599,6 +603,14 @@ def _dense(weight: Projection, out: int) -> torch.Tensor:
     return gemv_cpu.unpack(weight, out) if isinstance(weight, torch.Tensor) else weight.dequantize()
 
 
+def _project(x: torch.Tensor, weight: Projection, out: int, dot: quant_cpu.Dot) -> torch.Tensor:
+    """The reference of a projection: x @ W.T with the dense weight, x quantized to int8 blocks
+    first where a quantized weight runs the integer kernels (``quantized.reference_linear``)."""
+    if isinstance(weight, torch.Tensor):
+        return x @ _dense(weight, out).t()
+    return quantized.reference_linear(x, weight, dot)
+
+
 def sample_projection(gen: torch.Generator, out: int, k: int, form: int) -> Projection:
     """A [out, k] projection in one of six forms: int8 per channel (float16 scale), int4 (float16
     min and scale), Q4_0-like (offset -8, float32 scale, no min), Q6_K-like int8 (groups of 16,
@@ -629,11 +641,14 @@ def parts_agree(
     """Two layers of a tiny model (GQA, odd sizes, a qkv bias on one) whose projections take
     every form (``sample_projection``) through ``parts_layers``, one and three rows, on each of
     ``threads`` (each thread takes its share of every part's rows), against the dense product of
-    each weight's reference dequantization step by step."""
+    each weight's reference dequantization step by step (with the input rows quantized to int8
+    blocks for the integer kernels: both dot products where both pass)."""
     gen = torch.Generator().manual_seed(1)
     hidden, heads, kvh, d, inter, block, nb = 37, 4, 2, 6, 45, 4, 3
     width = (heads + 2 * kvh) * d
-    for b, count in ((b, count) for b in (1, 3) for count in threads):
+    dots: list[quant_cpu.Dot] = ["float", "int"] if quant.int_checked else ["float"]
+    cases = ((dot, b, count) for dot in dots for b in (1, 3) for count in threads)
+    for dot, b, count in cases:
         layers: list[list[object]] = []
         for index in range(2):
             forms = [(index * 4 + j) % 6 for j in range(4)]
@@ -659,16 +674,17 @@ def parts_agree(
         expected_pools = [(w[7].clone(), w[8].clone()) for w in layers]  # type: ignore[union-attr]
         for w, (k_pool, v_pool) in zip(layers, expected_pools, strict=True):
             h = F.rms_norm(want, (hidden,), w[0], 1e-6)  # type: ignore[arg-type]
-            qkv = h @ _dense(w[1], width).t() + (0 if w[2] is None else w[2])  # type: ignore[arg-type,operator]
+            qkv = _project(h, w[1], width, dot) + (0 if w[2] is None else w[2])  # type: ignore[arg-type,operator]
             attn = reference_attend(
                 qkv, heads, cos, sin, k_pool, v_pool, write_blocks, write_offsets, table, lengths, 0.4
             )
-            want += attn @ _dense(w[3], hidden).t()  # type: ignore[arg-type]
-            gu = F.rms_norm(want, (hidden,), w[4], 1e-6) @ _dense(w[5], 2 * inter).t()  # type: ignore[arg-type]
-            want += (F.silu(gu[:, :inter]) * gu[:, inter:]) @ _dense(w[6], hidden).t()  # type: ignore[arg-type]
+            want += _project(attn, w[3], hidden, dot)  # type: ignore[arg-type]
+            gu = _project(F.rms_norm(want, (hidden,), w[4], 1e-6), w[5], 2 * inter, dot)  # type: ignore[arg-type]
+            want += _project(F.silu(gu[:, :inter]) * gu[:, inter:], w[6], hidden, dot)  # type: ignore[arg-type]
         dims = (hidden, heads, kvh, d, inter, block)
         index = kernel.step_index(write_blocks, write_offsets, table, lengths, b * nb + 1, block)
-        kernel.parts_layers(kernel.parts_table(layers, dims, quant), 1e-6, 0.4, x, cos, sin, index, count)
+        parts = kernel.parts_table(layers, dims, quant, dot)
+        kernel.parts_layers(parts, 1e-6, 0.4, x, cos, sin, index, count)
         pools_agree = all(
             _close(w[7], k) and _close(w[8], v)  # type: ignore[arg-type]
             for w, (k, v) in zip(layers, expected_pools, strict=True)

@@ -302,7 +302,7 @@ class LlamaModel:
         self._layer_table: fused_cpu.LayerTable | None = None  # its addresses of the layers' tensors
         # quantized: the one-call step with the quantized kernels (None: projections from Python)
         self.fused_parts = fused_cpu.load_parts() if quantization != "none" and self.fused else None
-        self._parts_table: fused_cpu.PartsTable | None = None
+        self._parts_tables: dict[str, fused_cpu.PartsTable] = {}  # by the quantized kernels' dot product
         self.inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling).to(device)
         self.scale = c.head_dim**-0.5
         self.dtype, self.device = dtype, device
@@ -431,12 +431,16 @@ class LlamaModel:
     def _quantized_table(
         self, compiled: tuple[fused_cpu.CompiledDecode, quant_cpu.CompiledQuant], kv: PagedKVCache
     ) -> fused_cpu.PartsTable:
-        """The layers as ``parts_layers`` reads them, checked once per set of weights and pools."""
+        """The layers as ``parts_layers`` reads them, checked once per set of weights and pools
+        and per dot product of the quantized kernels (``quant_cpu.DOT``: the table holds their
+        addresses)."""
         fused, quant = compiled
         layers = self._layer_entries(kv, lambda linear: linear.quantized_weight())
-        if self._parts_table is None or not self._parts_table.holds([t for lay in layers for t in lay]):
-            self._parts_table = fused.parts_table(layers, self._decode_dims(kv), quant)
-        return self._parts_table
+        dot = quant.dot()
+        table = self._parts_tables.get(dot)
+        if table is None or not table.holds([t for lay in layers for t in lay]):
+            table = self._parts_tables[dot] = fused.parts_table(layers, self._decode_dims(kv), quant)
+        return table
 
     def _blocked_table(self, fused: fused_cpu.CompiledDecode, kv: PagedKVCache) -> fused_cpu.LayerTable:
         """The layers as ``layers`` reads them (blocked weights), checked once per set of weights

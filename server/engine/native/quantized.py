@@ -29,6 +29,7 @@ quantized bytes stay resident.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,6 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from server.engine.native import quant_cpu
+
+log = logging.getLogger(__name__)
 
 Quantization = Literal["none", "int8", "int4", "gguf"]
 QUANTIZATIONS: tuple[Quantization, ...] = ("none", "int8", "int4", "gguf")
@@ -313,15 +316,152 @@ def linear(
 
 
 def run_kernel(
-    kernel: quant_cpu.CompiledQuant, x: torch.Tensor, w: Int8Weight | Q4Weight, out: torch.Tensor, acc: bool
+    kernel: quant_cpu.CompiledQuant,
+    x: torch.Tensor,
+    w: Int8Weight | Q4Weight,
+    out: torch.Tensor,
+    acc: bool,
+    dot: quant_cpu.Dot | None = None,
+    isa: quant_cpu.Isa | None = None,
 ) -> None:
+    """The compiled kernel (``dot``: its dot product, default ``quant_cpu.DOT``; ``isa``: the
+    integer kernels' instruction set, default the one that passed the check)."""
     if isinstance(w, Int8Weight):
-        kernel.int8(x, w.q, w.scale, w.min, w.group, w.in_features, out, acc)
+        kernel.int8(x, w.q, w.scale, w.min, w.group, w.in_features, out, acc, dot, isa)
     else:
-        kernel.q4(x, w.q, w.scale, w.min, w.offset, w.in_features, out, acc)
+        kernel.q4(x, w.q, w.scale, w.min, w.offset, w.in_features, out, acc, dot, isa)
+
+
+ACTIVATION_BLOCK = 32  # input values per int8 activation scale (the integer kernels)
+TINY = 1e-30  # a block whose largest |x| is below this is quantized to zeros (quant_cpu.c's TINY)
+
+
+def quantize_activations(x: torch.Tensor, kp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The integer kernels' input quantization, in PyTorch (the reference): x [n, k] float32 ->
+    (int8 [n, kp], scales float32 [n, kp / 32]), per block of 32 along the input (zero past k):
+    ``d = max|x| / 127``, ``q = round(x * (1 / d))`` (half to even), as llama.cpp's Q8_0 with a
+    float32 scale; a block below ``TINY`` gets d = 0 and q = 0, a block holding an inf or NaN
+    d = NaN and q = 0. The same float32 operations as ``quant_cpu.c``: the results are equal."""
+    n, k = x.shape
+    blocks = F.pad(x.float(), (0, kp - k)).view(n, kp // ACTIVATION_BLOCK, ACTIVATION_BLOCK)
+    amax = blocks.abs().amax(dim=2)  # [n, blocks]
+    finite = torch.isfinite(blocks).all(dim=2)
+    big = finite & (amax >= TINY)
+    d = torch.where(big, amax / 127, torch.zeros_like(amax))
+    inverse = torch.where(big, 1.0 / torch.where(big, d, torch.ones_like(d)), torch.zeros_like(d))
+    q = torch.round(torch.where(big[:, :, None], blocks, torch.zeros_like(blocks)) * inverse[:, :, None])
+    d = torch.where(finite, d, torch.full_like(d, float("nan")))
+    return q.to(torch.int8).view(n, kp), d
+
+
+def quantized_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [n, k] as the integer kernels see it: quantized to int8 blocks and back to float32."""
+    kp = _padded(x.shape[1])
+    q, d = quantize_activations(x, kp)
+    values = q.float().view(x.shape[0], -1, ACTIVATION_BLOCK) * d[:, :, None]
+    return values.view(x.shape[0], kp)[:, : x.shape[1]]
+
+
+def reference_linear(x: torch.Tensor, weight: QuantizedWeight, dot: quant_cpu.Dot = "float") -> torch.Tensor:
+    """What the compiled kernels compute, up to float32 summation order: x @ W.T with W the
+    reference dequantization, x quantized to int8 blocks first for ``dot="int"``."""
+    if dot == "int":
+        x = quantized_activations(x)
+    return x @ weight.dequantize().t()
+
+
+def activation_error_bound(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
+    """[n, out]: the most the int8 activations can move x @ W.T: each input moves by at most half
+    its block's step (``d / 2``), so |Σ w (x' - x)| <= Σ |w| d / 2."""
+    kp = _padded(x.shape[1])
+    _, d = quantize_activations(x, kp)
+    steps = d.repeat_interleave(ACTIVATION_BLOCK, dim=1)[:, : x.shape[1]]
+    return (steps / 2) @ weight.dequantize().abs().t()
 
 
 def kernel_agrees(kernel: quant_cpu.CompiledQuant) -> bool:
+    """The float kernels (``_float_kernels_agree``; False where they disagree: no compiled
+    kernel), then the integer ones for each instruction set this CPU runs (``_int_kernels_agree``;
+    ``kernel.int_isa``: the best that passes, logged where one disagrees; none: the float ones
+    serve)."""
+    if not _float_kernels_agree(kernel):
+        return False
+    passed = [isa for isa in kernel.isas if _int_kernels_agree(kernel, isa)]
+    kernel.int_isa = passed[-1] if passed else None  # the best that passed (VNNI over AVX2)
+    if len(passed) < len(kernel.isas):
+        log.warning(
+            "quantized kernel: the integer dot products (%s) disagree with the reference; %s serve",
+            ", ".join(i for i in kernel.isas if i not in passed),
+            kernel.int_isa or "the float ones",
+        )
+    return True
+
+
+def _check_forms(gen: torch.Generator, out: int, k: int) -> list[Int8Weight | Q4Weight]:
+    """Every layout on one [out, k] weight: int8 per channel, int4, Q4_0-like, Q8_0-like, Q6_K-like
+    (groups of 16), int8 with mins, float16 4-bit, float16 groups of 16 with mins."""
+    weight = torch.randn(out, k, generator=gen)
+    groups = _padded(k) // 32
+    int8, q4 = quantize_int8(weight), quantize_int4(weight)
+    assert q4.min is not None
+    return [
+        int8,
+        q4,
+        Q4Weight(q4.q, q4.scale.float(), None, -8, k),
+        Int8Weight(int8.q, torch.rand(out, groups, generator=gen), 32, k),
+        Int8Weight(int8.q, torch.rand(out, 2 * groups, generator=gen), 16, k),
+        Int8Weight(
+            int8.q, torch.rand(out, groups, generator=gen), 32, k, torch.randn(out, groups, generator=gen)
+        ),
+        Q4Weight(q4.q, q4.scale.half(), q4.min.half(), 0, k),
+        Int8Weight(
+            int8.q,
+            torch.rand(out, 2 * groups, generator=gen).half(),
+            16,
+            k,
+            torch.randn(out, 2 * groups, generator=gen).half(),
+        ),
+    ]
+
+
+def _int_kernels_agree(kernel: quant_cpu.CompiledQuant, isa: quant_cpu.Isa) -> bool:
+    """The integer kernels: their input quantization equals ``quantize_activations`` exactly
+    (ragged rows, a zero block, a tiny one); every form (``_check_forms``) on 13 outputs and an
+    input width of 77 (three blocks: pairs only) and 333 (a superblock of eight blocks, then a
+    pair and a single block), 1 to 13 rows (the streaming path's passes and row tiles, the
+    batched path's tiles and their remainders), accumulating into a column slice: equal to
+    ``reference_linear(x, W, "int")`` within float32 rounding, and to the float product within
+    ``activation_error_bound``."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 333, generator=gen) * torch.logspace(-3, 3, 5)[:, None]
+    x[1, 32:64] = 0
+    x[2, 64:96] *= 1e-32
+    q, d = kernel.quantize_activations(x, 352)
+    want_q, want_d = quantize_activations(x, 352)
+    if not (torch.equal(q, want_q) and torch.equal(d, want_d)):
+        return False
+    for k in (77, 333):
+        for form in _check_forms(gen, 13, k):
+            dense = form.dequantize()
+            for n in (1, 2, 3, 4, 5, 8, 9, 10, 11, 13):  # the batched tiles' remainders: 1, 2, 3 rows
+                x = torch.randn(n, k, generator=gen)
+                base = torch.randn(n, 20, generator=gen)
+                got = base.clone()
+                run_kernel(kernel, x, form, got[:, 3:16], True, "int", isa)
+                y = got[:, 3:16] - base[:, 3:16]
+                exact = x @ dense.t()
+                q, d = quantize_activations(x, _padded(k))
+                steps = d.repeat_interleave(ACTIVATION_BLOCK, dim=1)
+                xq = (q.float() * steps)[:, :k]  # quantized_activations(x), from the same q and d
+                bound = (steps[:, :k] / 2) @ dense.abs().t() * 1.001 + 1e-4 * (1 + exact.abs())
+                if not torch.allclose(y, xq @ dense.t(), rtol=1e-4, atol=1e-4):  # reference_linear's
+                    return False
+                if not ((y - exact).abs() <= bound).all() or not torch.equal(got[:, :3], base[:, :3]):
+                    return False
+    return True
+
+
+def _float_kernels_agree(kernel: quant_cpu.CompiledQuant) -> bool:
     """Every form on a ragged problem (an odd input width with a partial group, 1 to 13 rows: both
     paths and every tile size, 13 outputs: partial passes and panels, a column-slice output,
     accumulate) against the dense product of the reference dequantization."""
@@ -350,7 +490,7 @@ def kernel_agrees(kernel: quant_cpu.CompiledQuant) -> bool:
             base = torch.randn(n, 20, generator=gen)
             expected = base[:, 3:16] + x @ form.dequantize().t()
             got = base.clone()
-            run_kernel(kernel, x, form, got[:, 3:16], True)
+            run_kernel(kernel, x, form, got[:, 3:16], True, "float")
             if not torch.allclose(got[:, 3:16], expected, rtol=1e-4, atol=1e-4) or not torch.equal(
                 got[:, :3], base[:, :3]
             ):

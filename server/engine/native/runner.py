@@ -17,7 +17,7 @@ import torch
 from server.engine import gemv_cpu
 from server.engine.decode_threads import DecodeThreads
 from server.engine.lora import LoraBatchContext, choose_backend
-from server.engine.native import onednn
+from server.engine.native import onednn, quant_cpu
 from server.engine.native.families import family_for
 from server.engine.native.graphed import CompileMode, GraphedDecode, StepRows, StepTensors, decode_kind
 from server.engine.native.kv_cache import PagedKVCache
@@ -198,6 +198,12 @@ class NativeLlamaRunner(ModelRunner):
                 f"--weight-layout {layout} keeps float32 weights: it cannot be used with --quantization {quantization}"
             )
         return quantization
+
+    @property
+    def quant_dot(self) -> str:
+        """With a quantization: the quantized kernels' dot products now (``quant_cpu.describe``:
+        ``int (vnni)``, ``int (avx2)`` or ``float``); "" without."""
+        return "" if self.quantization == "none" else quant_cpu.describe()
 
     def _weight_layout(
         self, wanted: WeightLayout
