@@ -90,12 +90,21 @@ def test_a_loopback_cluster_listens_only_on_loopback(servers) -> None:
         r = httpx.post(server.url + "/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 4}}, timeout=120)  # fmt: skip
         assert r.status_code == 200, r.text
 
+        seen: list[list[tuple[str, str]]] = [[]]
+
         def replicas_up() -> list[tuple[str, str]] | None:
-            rows = _listening(server.proc.pid)
+            seen[0] = rows = _listening(server.proc.pid)
             replicas = {name for name, _ in rows if "ServeReplica:loraplex:LoraplexReplica" in name}
             return rows if len(replicas) == 2 else None
 
-        rows = wait_until(replicas_up, 60, "both replicas' sockets")
+        # Up to 300 s, as for /health: on CI's 2 loaded cores Serve can restart a replica whose
+        # health check timed out while it loaded, and the new one loads the model again.
+        try:
+            rows = wait_until(replicas_up, 300, "both replicas' sockets", poll=0.5)
+        except AssertionError as exc:
+            names = sorted({name for name, _ in seen[0]})
+            health = httpx.get(server.url + "/health", timeout=10).text
+            raise AssertionError(f"{exc}; listening processes: {names}; /health: {health}") from None
         assert isinstance(rows, list)
         names = " | ".join(name for name, _ in rows)
         for part in (
