@@ -27,14 +27,15 @@ def _loopback(ip: str) -> bool:
     return (mapped or address).is_loopback
 
 
-def _listening(root: int) -> list[tuple[str, str]]:
-    """(process name and command, ip:port) of every listening TCP/UDP socket under ``root``."""
+def _listening(root: int) -> list[tuple[int, str, str]]:
+    """(pid, process name and command, ip:port) of every listening TCP/UDP socket under ``root``.
+    The pid tells processes apart: Ray's workers of one deployment share one title."""
     parent = psutil.Process(root)
     rows = []
     for proc in [parent, *parent.children(recursive=True)]:
         try:
-            name = " ".join(proc.cmdline())[:120]
-            rows += [(name, f"{c.laddr.ip}:{c.laddr.port}") for c in proc.net_connections("inet") if c.status == psutil.CONN_LISTEN]  # fmt: skip
+            name = " ".join(proc.cmdline())[:120].rstrip()
+            rows += [(proc.pid, name, f"{c.laddr.ip}:{c.laddr.port}") for c in proc.net_connections("inet") if c.status == psutil.CONN_LISTEN]  # fmt: skip
         except psutil.Error:  # a worker that exited meanwhile
             continue
     return rows
@@ -90,11 +91,14 @@ def test_a_loopback_cluster_listens_only_on_loopback(servers) -> None:
         r = httpx.post(server.url + "/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 4}}, timeout=120)  # fmt: skip
         assert r.status_code == 200, r.text
 
-        seen: list[list[tuple[str, str]]] = [[]]
+        seen: list[list[tuple[int, str, str]]] = [[]]
 
-        def replicas_up() -> list[tuple[str, str]] | None:
+        def replicas_up() -> list[tuple[int, str, str]] | None:
             seen[0] = rows = _listening(server.proc.pid)
-            replicas = {name for name, _ in rows if "ServeReplica:loraplex:LoraplexReplica" in name}
+            # count processes, not titles: both replicas' workers are titled
+            # "ray::ServeReplica:loraplex:LoraplexReplica" (a set of titles made this wait pass only
+            # when the two titles' padding happened to differ)
+            replicas = {pid for pid, name, _ in rows if "ServeReplica:loraplex:LoraplexReplica" in name}
             return rows if len(replicas) == 2 else None
 
         # Up to 300 s, as for /health: on CI's 2 loaded cores Serve can restart a replica whose
@@ -102,11 +106,11 @@ def test_a_loopback_cluster_listens_only_on_loopback(servers) -> None:
         try:
             rows = wait_until(replicas_up, 300, "both replicas' sockets", poll=0.5)
         except AssertionError as exc:
-            names = sorted({name for name, _ in seen[0]})
+            names = sorted((name, pid) for pid, name, _ in seen[0])
             health = httpx.get(server.url + "/health", timeout=10).text
             raise AssertionError(f"{exc}; listening processes: {names}; /health: {health}") from None
         assert isinstance(rows, list)
-        names = " | ".join(name for name, _ in rows)
+        names = " | ".join(name for _, name, _ in rows)
         for part in (
             "gcs_server",
             "raylet",
@@ -116,8 +120,8 @@ def test_a_loopback_cluster_listens_only_on_loopback(servers) -> None:
             "LoraplexIngress",
         ):
             assert part in names, f"{part} not found among the listening processes: {names}"
-        assert any(address.endswith(f":{server.port}") for _, address in rows)  # Serve's HTTP proxy
-        exposed = [(name, address) for name, address in rows if not _loopback(address.rsplit(":", 1)[0])]
+        assert any(address.endswith(f":{server.port}") for _, _, address in rows)  # Serve's HTTP proxy
+        exposed = [(name, address) for _, name, address in rows if not _loopback(address.rsplit(":", 1)[0])]
         assert not exposed, f"{len(exposed)} of {len(rows)} listening sockets are not loopback: {exposed}"
     finally:
         server.stop()  # SIGTERM: the CLI shuts Serve and its local Ray down
