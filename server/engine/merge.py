@@ -119,7 +119,6 @@ def _delta(target: WeightTarget, A: torch.Tensor, B: torch.Tensor, scale: float)
 class SwapStats:
     swaps: int = 0  # changes of the merged adapter (merge, unmerge or both)
     swap_seconds: float = 0.0
-    last_swap_seconds: float = 0.0
     history: list[float] = field(default_factory=list, repr=False)  # recent swap durations
 
     def typical_swap_seconds(self, recent: int = 5) -> float:
@@ -269,7 +268,6 @@ class MergeManager:
         seconds = time.perf_counter() - start
         self.stats.swaps += 1
         self.stats.swap_seconds += seconds
-        self.stats.last_swap_seconds = seconds
         self.stats.history = [*self.stats.history[-31:], seconds]
         return seconds
 
