@@ -30,7 +30,6 @@ threads other requests read adapters with).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -55,6 +54,7 @@ from adapters.errors import (
 from adapters.index import AdapterRecord
 from adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE
 from adapters.store import AdapterStore, sha256_hex
+from adapters.torch_threads import one_thread_pool
 
 log = logging.getLogger(__name__)
 
@@ -319,7 +319,7 @@ class AdapterSources:
         self.fetches = 0  # adapters (or new versions) read from a source
         self._locks: dict[str, _IdLock] = {}
         self._locks_lock = threading.Lock()
-        self._pool = concurrent.futures.ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="adapter-source")
+        self._pool = one_thread_pool(FETCH_THREADS, "adapter-source")  # torch_threads.py
 
     @classmethod
     def from_uris(cls, store: AdapterStore, uris: list[str], **options: Any) -> AdapterSources:

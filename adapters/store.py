@@ -84,6 +84,7 @@ from adapters.peft_format import (
 )
 from adapters.stamps import BackgroundChecks, Stamp
 from adapters.tenants import SEPARATOR, TenantTable, check_tenant_id
+from adapters.torch_threads import one_thread_pool
 
 try:  # POSIX only; elsewhere the single-server rule is not enforced
     import fcntl
@@ -167,7 +168,7 @@ def sha256_hex(data: bytes) -> str:
 def _hasher() -> concurrent.futures.ThreadPoolExecutor:
     """The threads that help a cold read (``AdapterStore._parse_stored``): the sha256 beside the
     parse, or, for a stamped version, half the tensors' reads and casts."""
-    return concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-read")
+    return one_thread_pool(2, "adapter-read")  # PyTorch on one thread each: torch_threads.py
 
 
 def _utc_now() -> str:

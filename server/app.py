@@ -18,6 +18,7 @@ from fastapi import Depends, FastAPI
 from adapters.archive import read_adapter_dir
 from adapters.sources import AdapterSources
 from adapters.store import AdapterStore
+from adapters.torch_threads import confined_thread, in_passing_thread, one_thread_pool
 from server import __version__
 from server.api import (
     adapters,
@@ -164,6 +165,15 @@ def create_app(settings: Settings | None = None, loader: BaseLoader = default_lo
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # the engine thread's OpenMP team must be the process's only one (adapters/torch_threads.py):
+        # this loop's thread and the workers behind asyncio.to_thread run PyTorch on one thread
+        asyncio.get_running_loop().set_default_executor(one_thread_pool(None, "loraplex-worker"))
+        with confined_thread():
+            async with _serving(app):
+                yield
+
+    @asynccontextmanager
+    async def _serving(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings
         warn_if_open(settings)
         store = await asyncio.to_thread(
@@ -186,7 +196,8 @@ def create_app(settings: Settings | None = None, loader: BaseLoader = default_lo
                 app.state.load_error = str(exc)
                 log.exception("start-up failed")
 
-        loading = asyncio.create_task(asyncio.to_thread(load))
+        # on a thread that ends with the load: its OpenMP team (the weights' conversion) ends with it
+        loading = asyncio.create_task(asyncio.to_thread(in_passing_thread, load, "loraplex-load"))
         app.state.loading = loading
         try:
             yield

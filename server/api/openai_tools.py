@@ -39,6 +39,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
+from adapters.torch_threads import confined
 from server.api.errors import ApiError
 from server.engine.engine import Engine
 from server.engine.grammar import JSON_OPTIONS, Grammar, GrammarError
@@ -253,7 +254,9 @@ def tool_lark(plan: ToolPlan) -> str:
 
 async def tool_grammar(engine: Engine, plan: ToolPlan) -> Grammar:
     try:
-        return await run_in_threadpool(engine.grammars.compile_lark, tool_lark(plan), call_schema(plan))
+        return await run_in_threadpool(
+            confined(engine.grammars.compile_lark), tool_lark(plan), call_schema(plan)
+        )
     except GrammarError as exc:
         raise ApiError(422, f"tools: {exc}", "validation") from exc
 

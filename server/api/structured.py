@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from starlette.concurrency import run_in_threadpool
 
+from adapters.torch_threads import confined
 from server.api.errors import ApiError
 from server.engine.engine import Engine
 from server.engine.grammar import Grammar, GrammarError
@@ -35,6 +36,6 @@ async def response_grammar(engine: Engine, response_format: ResponseFormatLike |
         return None
     schema = response_format.output_schema()
     try:
-        return await run_in_threadpool(engine.grammars.compile_json_schema, schema)
+        return await run_in_threadpool(confined(engine.grammars.compile_json_schema), schema)
     except GrammarError as exc:
         raise ApiError(422, f"response_format: {exc}", "validation") from exc

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from adapters.peft_format import LoraAdapter, LoraLayerWeights
+from adapters.torch_threads import one_thread_pool
 from server.engine.lora.slots import GrownStacks, LoraSlotBank, SlotLayoutReader, StagedPart
 
 
@@ -141,7 +142,7 @@ def prebuild_layouts(
 @functools.cache
 def _packer() -> concurrent.futures.ThreadPoolExecutor:
     """The thread that lays out half of a staged adapter's projections beside the loader thread."""
-    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="loraplex-slot-pack")
+    return one_thread_pool(1, "loraplex-slot-pack")
 
 
 def _stage_at(
@@ -191,7 +192,7 @@ class SlotLoader:
         if adapter.key in self._loads:
             return
         if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="loraplex-slot-loader")
+            self._pool = one_thread_pool(1, "loraplex-slot-loader")  # adapters/torch_threads.py
         future = self._pool.submit(self._stage, adapter, slots_needed)
         self._loads[adapter.key] = future
         self.started += 1
