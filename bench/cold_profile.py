@@ -36,6 +36,7 @@ from adapters.archive import AdapterFiles
 from adapters.blobs import LocalBlobBackend
 from adapters.host_cache import HostCache
 from adapters.store import AdapterStore
+from adapters.torch_threads import confine_this_thread, in_passing_thread
 from bench.many_adapters import TARGETS, adapter_files
 from server.engine import lora_model, scheduler, sgmv_cpu
 from server.engine.base_model import build_engine_for_dir, embedded_model_dir
@@ -112,7 +113,12 @@ def main() -> None:
 
     model_dir = embedded_model_dir(Path("~/.cache/loraplex").expanduser())
     config = EngineConfig(max_batch=32, max_loaded_adapters=args.slots, speculate=4, mode=args.mode)
-    engine = build_engine_for_dir(model_dir, "native", torch.float32, torch.device("cpu"), config)
+    # as the server: the model loads on a thread that ends, the engine thread's team is the only
+    # one, and store.get runs on this (confined) thread as on an API worker (adapters/torch_threads.py)
+    confine_this_thread()
+    engine = in_passing_thread(
+        lambda: build_engine_for_dir(model_dir, "native", torch.float32, torch.device("cpu"), config), "load"
+    )
     shapes = AutoConfig.from_pretrained(model_dir)
     engine.start()
     try:

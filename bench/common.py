@@ -10,7 +10,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,35 +19,27 @@ from typing import TypeVar
 import httpx
 import torch
 
+from adapters.torch_threads import confine_this_thread, in_passing_thread
+
 ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
 
 
 def on_engine_thread(fn: Callable[[], T]) -> T:
-    """``fn()`` on a thread of its own, as `loraplex serve` runs its engine (``Engine.start``), not
-    on this process's main thread, which loaded the models. OpenMP's threads wait differently in
-    the two places: libgomp spins only while the process has no more OpenMP threads than cores,
-    so a thread's team beside the main thread's (the server's engine thread) sleeps on a futex at
-    once, while the main thread's own team spins (300000 pauses: ~15 ms on the 2-core CI machine,
-    50 ns a pause). Measured at load ~3.5, batch-1 float32 steps, 2 threads: with an OpenMP region
-    per projection (before the one-call step shared one region out) 28 ms or 967 ms on the main
-    thread from one run to the next against 31-34 ms on a thread of its own; with one region a
-    step 37-39 ms against 30-31 ms. A measurement of what the server does runs here."""
-    results: list[T] = []
-    errors: list[BaseException] = []
+    """``fn()`` on a thread of its own, as `loraplex serve` steps its engine (``Engine.start``):
+    the process's only OpenMP team (``adapters/torch_threads.py``). libgomp spins at a region's end
+    only while the process holds no more OpenMP threads than cores, so a bench that loaded its
+    models with a team on the main thread and stepped beside it measured every parallel op with a
+    futex wake-up (a batch-16 step of the embedded model 66-74 ms against 46 ms), which the server
+    no longer pays. So a bench calls :func:`teamless_main_thread` first and runs its loads and
+    measurements here: the thread ends, and its team with it."""
+    return in_passing_thread(fn, "bench-engine")
 
-    def run() -> None:
-        try:
-            results.append(fn())
-        except BaseException as exc:  # re-raised on the caller's thread
-            errors.append(exc)
 
-    thread = threading.Thread(target=run, name="bench-engine")
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
-    return results[0]
+def teamless_main_thread() -> None:
+    """The main thread runs PyTorch on one thread from here on: it opens no OpenMP team beside the
+    measured threads' (:func:`on_engine_thread`)."""
+    confine_this_thread()
 
 
 def machine_description() -> str:
@@ -90,19 +81,22 @@ class ServerProcess:
 
     process: subprocess.Popen
     url: str
+    log: Path  # the server's stderr (its log): a file, never a pipe nobody reads
 
     @classmethod
     def start(cls, args: list[str], timeout: float = 180.0) -> ServerProcess:
+        """The log goes to a temporary file: a pipe read by no one fills after ~64 KiB of access
+        lines, and the server then blocks on its next log write (a long bench's requests stall)."""
         port = free_port()
         cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
-        process = subprocess.Popen(
-            cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
-        server = cls(process, f"http://127.0.0.1:{port}")
+        log = Path(tempfile.mkstemp(prefix="loraplex-bench-server-", suffix=".log")[1])
+        with log.open("w") as stderr:
+            process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        server = cls(process, f"http://127.0.0.1:{port}", log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise RuntimeError(f"server exited: {process.stderr.read() if process.stderr else ''}")
+                raise RuntimeError(f"server exited: {log.read_text()[-4000:]}")
             try:
                 if httpx.get(server.url + "/health", timeout=2).status_code == 200:
                     return server
@@ -125,6 +119,8 @@ class ServerProcess:
             self.process.wait(15)
         except subprocess.TimeoutExpired:
             self.process.kill()
+            self.process.wait()
+        self.log.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

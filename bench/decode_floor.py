@@ -22,8 +22,8 @@ the engine's batch-1 step, and one request's tokens/s over HTTP, per weight layo
 Besides the weight layouts, ``--layouts`` takes two variants of ``blocked``, for A/B runs:
 ``blocked-unfused`` (engine only: the PyTorch ops between the linear layers, as before
 ``native/fused_cpu.py``) and ``blocked-t2`` (small steps on 2 threads, ``LORAPLEX_DECODE_THREADS=2``: its engine here and
-its own server). The engine rows run on a thread of their own, as the server's engine does
-(``bench.common.on_engine_thread``: OpenMP's threads wait differently on the main thread).
+its own server). The loads and measurements run on threads of their own; each is the process's only OpenMP team
+while it runs, as the server's engine thread is (``bench.common.on_engine_thread``).
 
 Run: ``nice .venv/bin/python bench/decode_floor.py [--rounds 3] [--llama-cpp]``; results in
 bench/results/decode-cpu.md.
@@ -50,7 +50,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapters.peft_format import load_adapter_dir
 from bench import llamacpp
-from bench.common import ROOT, ServerProcess, machine_description, on_engine_thread, write_random_adapter
+from bench.common import (
+    ROOT,
+    ServerProcess,
+    machine_description,
+    on_engine_thread,
+    teamless_main_thread,
+    write_random_adapter,
+)
 from bench.efficiency import PROMPT, decode_step_seconds, linear_weights
 from server.engine import gemv_cpu
 from server.engine.base_model import embedded_gguf_path, embedded_model_dir
@@ -168,12 +175,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/decode-cpu.md")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    teamless_main_thread()  # every load and measurement below runs on_engine_thread
     layouts = [name for name in args.layouts.split(",") if name]
     device, dtype = torch.device("cpu"), torch.float32
     model_dir = embedded_model_dir(Path("~/.cache/loraplex").expanduser())
     prompt_ids = AutoTokenizer.from_pretrained(model_dir)(PROMPT)["input_ids"]
 
-    weights = linear_weights(model_dir, dtype, device)
+    weights = on_engine_thread(lambda: linear_weights(model_dir, dtype, device))
     step_bytes = sum(w.numel() * w.element_size() for w in weights)
     bandwidth: dict[int, list[float]] = {1: [], 2: []}
     passes: dict[str, list[float]] = {
@@ -183,7 +191,7 @@ def main() -> None:
     servers: dict[str, ServerProcess] = {}
     anchors = _llama_cpp_files() if args.llama_cpp and not args.no_http else {}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        engines = {name: _layout_engine(name, model_dir) for name in layouts}
+        engines = on_engine_thread(lambda: {name: _layout_engine(name, model_dir) for name in layouts})
         adapter_dir = write_random_adapter(
             engines[layouts[0]].base_shapes, Path(tmp) / "all-linear-r16", seed=0, r=16, lora_alpha=32
         )
@@ -204,9 +212,9 @@ def main() -> None:
             }
             for _ in range(args.rounds):  # everything interleaved: this machine's load drifts
                 for threads in bandwidth:
-                    bandwidth[threads].append(read_bandwidth(threads))
+                    bandwidth[threads].append(on_engine_thread(lambda t=threads: read_bandwidth(t)))
                 for name in passes:
-                    passes[name].append(linear_pass_seconds(weights, name))
+                    passes[name].append(on_engine_thread(lambda n=name: linear_pass_seconds(weights, n)))
                 for name, engine in engines.items():
                     _measure_round(
                         name, engine, servers.get(name), prompt_ids, adapters[name], args.steps, timed

@@ -19,9 +19,8 @@ that a shared machine's load hits all alike; median of ``--steps``):
 with its own thread setting and its own sequence, switched before each step: runners of their
 own differ by themselves (four runners all pinned to one thread, interleaved in one process:
 46.1, 44.4, 40.5, 40.7 ms a step at load ~7, the first loaded the slowest), which a comparison
-between thread settings must not pick up. The steps run on a thread of their own, as the
-server's engine does (``bench.common.on_engine_thread``: OpenMP's threads wait differently on
-the main thread). ``--verify K``: the steps are verify steps of 1 + K tokens (speculative
+between thread settings must not pick up. The loads and steps run on a thread of their own, as the
+server's engine does: the process's only OpenMP team (``bench.common.on_engine_thread``). ``--verify K``: the steps are verify steps of 1 + K tokens (speculative
 decoding; all drafts rejected, so every sequence grows by one token a step) instead of 1-token
 decode steps. ``--trace``: print the count each ``auto`` step ran on.
 
@@ -40,7 +39,7 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.common import on_engine_thread
+from bench.common import on_engine_thread, teamless_main_thread
 
 FORMS = ("none", "int8", "int4", "gguf")
 VARIANTS = ("before", "pieces", "pin1", "pin2", "auto", "ref1", "ref2")
@@ -145,7 +144,7 @@ def measure(
                     times[key].append(time.perf_counter() - start)
                 chosen[key].append(runner.decode_threads.current)
 
-    on_engine_thread(rounds)  # where the server steps (bench.common.on_engine_thread)
+    rounds()  # on the thread that loaded the runners: main() runs measure() on_engine_thread
     for key, (runner, setting, _, _) in arms.items():
         if key[1] == "auto":
             print(f"{key[0]} auto: {(setting or runner.decode_threads).describe()}")
@@ -168,8 +167,11 @@ def main() -> None:
     )
     parser.add_argument("--cache-dir", type=Path, default=Path("~/.cache/loraplex").expanduser())
     args = parser.parse_args()
-    ms = measure(
-        args.forms, args.variants, args.steps, args.cache_dir, args.verify, args.trace, args.reference
+    teamless_main_thread()  # the loads and steps: one thread, the process's only OpenMP team (bench.common)
+    ms = on_engine_thread(
+        lambda: measure(
+            args.forms, args.variants, args.steps, args.cache_dir, args.verify, args.trace, args.reference
+        )
     )
     for (form, variant), value in ms.items():
         print(

@@ -238,6 +238,20 @@ def run_traffic(server: ServerProcess, name: str, stored: int, requests: list[Re
     return row
 
 
+def settle_checks(server: ServerProcess, timeout: float = 300.0) -> None:
+    """Wait until the store's background sha256 checks are done: the adapters written before the
+    server started are new versions to it, and it hashes each once (``adapters/stamps.py``) before
+    trusting its stamp. The cold-start probe is of an idle server, not of one still checking
+    its store: those checks compete for the cores and hold the GIL in turns with the engine."""
+    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    while metric(server.url, "loraplex_adapter_checks_pending") > 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"background checks still pending after {timeout:.0f} s")
+        time.sleep(0.5)
+    print(f"background checks settled after {time.monotonic() - started:.1f} s", flush=True)
+
+
 def cold_probe(server: ServerProcess, adapter: str) -> tuple[float, float, float, float, float]:
     """TTFT of the first request to ``adapter`` and the best of the next three (warm), each with a
     prompt of its own (no prefix-cache hit); the disk reads the first one caused (1: it was not in
@@ -441,6 +455,7 @@ def main() -> None:
             if args.only == "cold":  # every slot taken, as after the rounds: each probe evicts one
                 fill = [Request(0.0, a, f"fill {a} with the river story", 2) for a in stored[: args.slots]]
                 asyncio.run(_replay(server.url, fill))
+            settle_checks(server)
             probes = [cold_probe(server, f"probe{i}-r64") for i in range(args.probes)]
         finally:
             server.stop()

@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import machine_description, on_engine_thread
+from bench.common import machine_description, on_engine_thread, teamless_main_thread
 
 PASSAGES = [
     "Delivery note 4471. Sender: Harbour Freight Ltd, 12 Quay Street, Portsmouth PO1 3AX. Recipient: "
@@ -261,7 +261,8 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    bench = Bench(args.speculate, args.max_new_tokens)
+    teamless_main_thread()  # the load and the phases' steps run on_engine_thread (bench.common)
+    bench = on_engine_thread(lambda: Bench(args.speculate, args.max_new_tokens))
     loads = [" ".join(f"{x:.2f}" for x in os.getloadavg())]
     phases: list[Phase] = []
     bench.run(Phase(0, "copy", 1), 1)  # warm-up: first-call costs out of the measured phases

@@ -174,6 +174,12 @@ class EngineCollector(Collector):
         yield _gauge(
             "loraplex_adapters_stored", "Adapters in the store.", len(store.ids()) if store is not None else 0
         )
+        checks = getattr(store, "checks", None)  # a cluster's store view has none
+        yield _gauge(
+            "loraplex_adapter_checks_pending",
+            "Stored versions queued or being re-hashed by the store's background check (lowest CPU priority).",
+            checks.pending() if checks is not None else 0,
+        )
         yield _counter(
             "loraplex_adapter_slot_loads", "Adapters copied into a memory slot.", slots.loads if slots else 0
         )

@@ -93,7 +93,8 @@ def test_the_server_confines_its_loop_and_workers(tiny_base, tokenizer, tiny_bas
     try:
         assert client.portal.call(torch.get_num_threads) == 1  # the event loop's thread
         assert client.portal.call(asyncio.to_thread, torch.get_num_threads) == 1  # the API's workers
-        assert client.post("/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 2}}).status_code == 200
+        body = {"inputs": "hi", "parameters": {"max_new_tokens": 2}}
+        assert client.post("/generate", json=body).status_code == 200
         assert not [t for t in threading.enumerate() if t.name == "loraplex-load"]  # the load's thread ended
     finally:
         client.__exit__(None, None, None)
