@@ -52,10 +52,11 @@ def machine_description() -> str:
     except OSError:
         pass
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    # PyTorch's count on a new thread (the engine's): a bench's main thread may be confined to one
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     return (
         f"{cpu}, {os.cpu_count()} cores, {mem_gb:.0f} GiB RAM{gpu}, Python {platform.python_version()}, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
+        f"torch {torch.__version__} ({in_passing_thread(torch.get_num_threads, 'probe')} threads)"
     )
 
 
@@ -84,14 +85,14 @@ class ServerProcess:
     log: Path  # the server's stderr (its log): a file, never a pipe nobody reads
 
     @classmethod
-    def start(cls, args: list[str], timeout: float = 180.0) -> ServerProcess:
+    def start(cls, args: list[str], timeout: float = 180.0, cwd: Path = ROOT) -> ServerProcess:
         """The log goes to a temporary file: a pipe read by no one fills after ~64 KiB of access
         lines, and the server then blocks on its next log write (a long bench's requests stall)."""
         port = free_port()
         cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
         log = Path(tempfile.mkstemp(prefix="loraplex-bench-server-", suffix=".log")[1])
         with log.open("w") as stderr:
-            process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+            process = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
         server = cls(process, f"http://127.0.0.1:{port}", log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

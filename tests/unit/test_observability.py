@@ -132,3 +132,18 @@ def test_chat_messages_flatten_text_parts() -> None:
         {"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"}]  # fmt: skip
     with pytest.raises(ValidationError):
         ChatCompletionRequest(model="m", messages=[{"role": "user", "content": [{"type": "image_url"}]}])
+
+
+def test_the_stores_pending_background_checks_are_a_gauge(tmp_path) -> None:
+    """``loraplex_adapter_checks_pending``: versions queued for the store's background sha256 check
+    (a bench waits for 0 before measuring an idle server); 0 without a store."""
+    from adapters.store import AdapterStore
+
+    with AdapterStore(tmp_path / "data") as store:
+        store.checks.schedule("some-folder", delay=60.0)  # queued, not due for a minute
+        text = Metrics(lambda: (None, store)).exposition().decode()
+        assert metric_value(text, "loraplex_adapter_checks_pending") == 1
+    assert (
+        metric_value(Metrics(lambda: (None, None)).exposition().decode(), "loraplex_adapter_checks_pending")
+        == 0
+    )
