@@ -252,24 +252,33 @@ def settle_checks(server: ServerProcess, timeout: float = 300.0) -> None:
     print(f"background checks settled after {time.monotonic() - started:.1f} s", flush=True)
 
 
-def cold_probe(server: ServerProcess, adapter: str) -> tuple[float, float, float, float, float]:
+def cold_probe(server: ServerProcess, adapter: str) -> tuple[float, float, float, float, float, float, float]:
     """TTFT of the first request to ``adapter`` and the best of the next three (warm), each with a
     prompt of its own (no prefix-cache hit); the disk reads the first one caused (1: it was not in
     host memory, as intended); and the merged-mode swaps (``--mode auto``: merge or unmerge) during
     the cold request and during the warm ones. Sequential requests to one adapter make auto mode
     merge it (the warm ones may then run merged, and the next probe's cold request first unmerges):
-    a swap is not the adapter's load, so the report counts them."""
+    a swap is not the adapter's load, so the report counts them. Last, the server's own account
+    of the cold request's two loads, in seconds: the read from disk on an API worker
+    (``loraplex_adapter_load_seconds``) and the slot contents built on the loader thread
+    (``loraplex_adapter_slot_load_seconds``)."""
 
     def ttft(prompt: str) -> float:
         return asyncio.run(_replay(server.url, [Request(0.0, adapter, prompt, 4)]))[0][0].ttft
 
     reads, swaps = metric(server.url, COUNTERS["disk_reads"]), metric(server.url, "loraplex_swaps")
+    read_s, stage_s = (metric(server.url, m) for m in (READ_SECONDS, STAGE_SECONDS))
     cold = ttft("the model serves a request about a river")
     reads = metric(server.url, COUNTERS["disk_reads"]) - reads
+    read_s, stage_s = metric(server.url, READ_SECONDS) - read_s, metric(server.url, STAGE_SECONDS) - stage_s
     cold_swaps = metric(server.url, "loraplex_swaps") - swaps
     warm = min(ttft(f"the server reads story {i} about memory and code") for i in range(3))
     warm_swaps = metric(server.url, "loraplex_swaps") - swaps - cold_swaps
-    return cold, warm, reads, cold_swaps, warm_swaps
+    return cold, warm, reads, cold_swaps, warm_swaps, read_s, stage_s
+
+
+READ_SECONDS = "loraplex_adapter_load_seconds_sum"  # the API worker's read from disk (histogram)
+STAGE_SECONDS = "loraplex_adapter_slot_load_seconds"  # the loader thread's staging (counter)
 
 
 # --------------------------------------------------------------------------- slot policy
@@ -523,7 +532,10 @@ def write_report(args, rows: list[Row], probes, policies: dict[str, float], stor
         f"- Cold start, idle server: the first request to each of {len(probes)} rank-64 adapters never used "
         f"({reads:.0f} read from disk, parsed, staged on the loader thread, installed in a slot): TTFT "
         f"{', '.join(f'{p[0] * 1000:.0f}' for p in probes)} ms; the next requests to each (warm, best of 3): "
-        f"{', '.join(f'{p[1] * 1000:.0f}' for p in probes)} ms{swaps}; **median cold/warm {cold / warm:.2f}x**.",
+        f"{', '.join(f'{p[1] * 1000:.0f}' for p in probes)} ms{swaps}; **median cold/warm {cold / warm:.2f}x**. "
+        f"The server's account of each cold request: the read from disk (`loraplex_adapter_load_seconds`) "
+        f"{', '.join(f'{p[5] * 1000:.0f}' for p in probes)} ms, the staging on the loader thread "
+        f"(`loraplex_adapter_slot_load_seconds`) {', '.join(f'{p[6] * 1000:.0f}' for p in probes)} ms.",
     ]  # fmt: skip
     if policies:
         lines.append(
