@@ -28,15 +28,8 @@ from bench.efficiency import _http_round
 def measure(tree: Path, new_tokens: int) -> tuple[list[float], list[float]]:
     """(16-stream tok/s, one-stream tok/s), three each, of ``tree``'s server."""
     with tempfile.TemporaryDirectory() as tmp:
-        env_tree = os.environ.get("PYTHONPATH")
-        os.environ["PYTHONPATH"] = str(tree)  # the server imports this tree's sources
-        try:
-            server = ServerProcess.start(["--data-dir", tmp, "--speculate", "0"], cwd=tree)
-        finally:
-            if env_tree is None:
-                os.environ.pop("PYTHONPATH")
-            else:
-                os.environ["PYTHONPATH"] = env_tree
+        # `python -m server.cli` run in ``tree`` imports that tree's sources: -m puts the cwd first
+        server = ServerProcess.start(["--data-dir", tmp, "--speculate", "0"], cwd=tree)
         try:
             asyncio.run(_http_round(server.url, 16, 8))  # warm-up
             many = [16 * new_tokens / asyncio.run(_http_round(server.url, 16, new_tokens)) for _ in range(3)]
