@@ -219,10 +219,9 @@ def load_native(
     path, name = model_dir_of(model, cache_dir)
     if runner_options.get("quantization") == "gguf":
         runner_options["gguf_file"] = gguf_file_of(model, path)
+    tokenizer = load_tokenizer(path)  # first: its parse's temporaries come and go before the weights arrive
     runner = NativeLlamaRunner(path, dtype=resolved_dtype, device=resolved_device, **runner_options)
-    return LoadedBase(
-        None, load_tokenizer(path), name, path, resolved_dtype, resolved_device, runner, eos_ids_of(path)
-    )
+    return LoadedBase(None, tokenizer, name, path, resolved_dtype, resolved_device, runner, eos_ids_of(path))
 
 
 def build_engine_for_dir(

@@ -32,6 +32,8 @@ config is a ``GgufError`` naming the file and the tensor.
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -126,11 +128,14 @@ def _q6_k(blocks: torch.Tensor, out: int, k: int) -> Int8Weight:
 
 
 def blocks_to_weight(kind: str, data: np.ndarray, out: int, k: int) -> QuantizedWeight:
-    """data: uint8 [out, k / block weights * block bytes] -> the weight (see the module docstring)."""
-    blocks = torch.from_numpy(np.array(data, dtype=np.uint8)).view(out, -1, BLOCK_BYTES[kind])  # a copy
-    if kind == "Q6_K":
-        return _q6_k(blocks, out, k)
-    if kind in ("Q4_K", "Q5_K"):
+    """data: uint8 [out, k / block weights * block bytes] -> the weight (see the module docstring).
+    Q8_0/Q4_0/Q4_1 copy only the parts they keep, each once, from ``data`` (often a view of the
+    file); the K-quants copy the blocks whole first, then repack them."""
+    raw = data.reshape(out, -1, BLOCK_BYTES[kind])  # [out, blocks, bytes]; a view where data is one
+    if kind in ("Q6_K", "Q4_K", "Q5_K"):
+        blocks = _owned(raw)  # a copy
+        if kind == "Q6_K":
+            return _q6_k(blocks, out, k)
         scale, minimum = _k_scale_min(blocks)  # [out, k / 32]
         if kind == "Q4_K":
             values = _nibble_pairs(blocks[:, :, 16:144])  # [out, k / 32, 32]
@@ -140,14 +145,18 @@ def blocks_to_weight(kind: str, data: np.ndarray, out: int, k: int) -> Quantized
         fifth = torch.cat([(qh >> i) & 1 for i in range(8)], dim=2).reshape(out, -1, 32)
         values = _nibble_pairs(blocks[:, :, 48:176]) | (fifth << 4)  # [out, k / 32, 32], 0..31
         return Int8Weight(values.to(torch.int8).reshape(out, k), scale, 32, k, minimum)
-    d = blocks[:, :, 0:2].contiguous().view(torch.float16)[..., 0].contiguous()  # [out, groups] float16
+    d = _owned(raw[:, :, 0:2]).view(torch.float16)[..., 0].contiguous()  # [out, groups] float16
     if kind == "Q8_0":
-        q = blocks[:, :, 2:].contiguous().view(torch.int8).reshape(out, k)
-        return Int8Weight(q, d, 32, k)
+        return Int8Weight(_owned(raw[:, :, 2:]).view(torch.int8).reshape(out, k), d, 32, k)
     if kind == "Q4_0":
-        return Q4Weight(blocks[:, :, 2:].reshape(out, k // 2), d, None, -8, k)
-    m = blocks[:, :, 2:4].contiguous().view(torch.float16)[..., 0].contiguous()
-    return Q4Weight(blocks[:, :, 4:].reshape(out, k // 2), d, m, 0, k)
+        return Q4Weight(_owned(raw[:, :, 2:]).reshape(out, k // 2), d, None, -8, k)
+    m = _owned(raw[:, :, 2:4]).view(torch.float16)[..., 0].contiguous()
+    return Q4Weight(_owned(raw[:, :, 4:]).reshape(out, k // 2), d, m, 0, k)
+
+
+def _owned(part: np.ndarray) -> torch.Tensor:
+    """A contiguous uint8 copy of ``part`` (a slice of a read-only file map, often) as a tensor."""
+    return torch.from_numpy(np.array(part, dtype=np.uint8, order="C"))
 
 
 def read_projection_blocks(path: Path, config: NativeConfig) -> dict[str, QuantizedWeight]:
@@ -198,6 +207,7 @@ def read_projection_blocks(path: Path, config: NativeConfig) -> dict[str, Quanti
                 heads = config.num_heads if short == "attn_q" else config.num_kv_heads
                 data = _unpermute_rows(data, heads)
             weights[f"model.layers.{i}.{module}.weight"] = blocks_to_weight(kind, data, out, k)
+        _drop_file_pages(reader)
     for name, key in (("token_embd.weight", GGUF_EMBED), ("output.weight", GGUF_HEAD)):
         tensor = tensors.get(name)
         if tensor is None or tensor.tensor_type.name not in SUPPORTED:
@@ -211,4 +221,19 @@ def read_projection_blocks(path: Path, config: NativeConfig) -> dict[str, Quanti
                 f"the model's config needs ({out}, {k}), {size} bytes"
             )
         weights[key] = blocks_to_weight(kind, np.asarray(tensor.data).reshape(out, -1), out, k)
+        _drop_file_pages(reader)
     return weights
+
+
+def _drop_file_pages(reader) -> None:
+    """Unmap the pages of the file read so far from this process (they stay in the page cache).
+
+    ``blocks_to_weight`` copies what it keeps; the reader's memory map would otherwise hold every
+    page read resident until it is closed, all of the file at the end of the read: the embedded
+    model's 93 MB counted in the process's peak RSS beside the copies (``--quantization gguf``'s
+    peak RSS 764 MB, against 1471 with float32 weights, measured by ``bench/quantized.py``). A map
+    read again later faults its pages back in from the page cache: nothing is lost."""
+    mapping = getattr(reader.data, "_mmap", None)  # numpy.memmap's mmap.mmap (the reader's file)
+    if mapping is not None:
+        with contextlib.suppress(AttributeError, OSError, ValueError):  # madvise: Unix, Python 3.8+
+            mapping.madvise(mmap.MADV_DONTNEED)

@@ -225,7 +225,7 @@ class LlamaModel:
             names = [(f"{prefix}.{p}", n) for p, n in parts]
             if blocks is not None:  # GGUF blocks as shipped
                 try:
-                    weight = quantized.cat_rows([blocks[f"{prefix}.{p}.weight"] for p, _ in parts])
+                    weight = quantized.cat_rows([blocks.pop(f"{prefix}.{p}.weight") for p, _ in parts])
                 except ValueError as error:
                     raise ValueError(
                         f"{prefix}: {error} (the GGUF file's parts of this projection disagree)"
