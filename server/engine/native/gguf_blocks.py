@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -225,7 +226,7 @@ def read_projection_blocks(path: Path, config: NativeConfig) -> dict[str, Quanti
     return weights
 
 
-def _drop_file_pages(reader) -> None:
+def _drop_file_pages(reader: Any) -> None:
     """Unmap the pages of the file read so far from this process (they stay in the page cache).
 
     ``blocks_to_weight`` copies what it keeps; the reader's memory map would otherwise hold every

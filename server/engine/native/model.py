@@ -7,7 +7,7 @@ Shapes: ``N`` tokens of a step (a decode step: one per sequence), ``H`` hidden s
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,7 +186,7 @@ class LlamaModel:
         lora_backend: LoraBackend,
         layout: PackedLayout | None = None,
         quantization: Quantization = "none",
-        blocks: Mapping[str, QuantizedWeight] | None = None,
+        blocks: MutableMapping[str, QuantizedWeight] | None = None,
         names: WeightNames = WeightNames(),
     ) -> None:
         """``layout``: keep the projections in this packed layout (CPU, float32; ``layouts.py``)
@@ -194,9 +194,11 @@ class LlamaModel:
 
         ``quantization`` int8/int4: the projections are quantized as they are read (``quantized.py``)
         and the embedding (and LM head) kept as per-row int8; gguf: the projections are ``blocks``
-        (a GGUF file's, by checkpoint name), and so are the embedding and LM head where the file's
-        are of a supported type (``gguf_blocks.GGUF_EMBED``/``GGUF_HEAD``). Quantized projections
-        run their own kernels: the float32 layouts do not apply (``layout`` is ignored).
+        (a GGUF file's, by checkpoint name; each projection's parts are taken out of it as they are
+        concatenated, so the parts are freed while the model is built), and so are the embedding
+        and LM head where the file's are of a supported type (``gguf_blocks.GGUF_EMBED``/
+        ``GGUF_HEAD``). Quantized projections run their own kernels: the float32 layouts do not
+        apply (``layout`` is ignored).
 
         ``names``: the checkpoint's tensor names (the model family's; ``families/``)."""
         if quantization != "none":
