@@ -252,7 +252,9 @@ def settle_checks(server: ServerProcess, timeout: float = 300.0) -> None:
     print(f"background checks settled after {time.monotonic() - started:.1f} s", flush=True)
 
 
-def cold_probe(server: ServerProcess, adapter: str) -> tuple[float, float, float, float, float, float, float]:
+def cold_probe(
+    server: ServerProcess, adapter: str
+) -> tuple[float, float, float, float, float, float, float, float]:
     """TTFT of the first request to ``adapter`` and the best of the next three (warm), each with a
     prompt of its own (no prefix-cache hit); the disk reads the first one caused (1: it was not in
     host memory, as intended); and the merged-mode swaps (``--mode auto``: merge or unmerge) during
@@ -261,23 +263,27 @@ def cold_probe(server: ServerProcess, adapter: str) -> tuple[float, float, float
     a swap is not the adapter's load, so the report counts them. Last, the server's own account
     of the cold request's two loads, in seconds: the read from disk on an API worker
     (``loraplex_adapter_load_seconds``) and the slot contents built on the loader thread
-    (``loraplex_adapter_slot_load_seconds``)."""
+    (``loraplex_adapter_slot_load_seconds``), and the process's minor page faults during it
+    (``loraplex_process_minor_page_faults``: the new memory the load wrote)."""
 
     def ttft(prompt: str) -> float:
         return asyncio.run(_replay(server.url, [Request(0.0, adapter, prompt, 4)]))[0][0].ttft
 
     reads, swaps = metric(server.url, COUNTERS["disk_reads"]), metric(server.url, "loraplex_swaps")
     read_s, stage_s = (metric(server.url, m) for m in (READ_SECONDS, STAGE_SECONDS))
+    faults = metric(server.url, FAULTS)
     cold = ttft("the model serves a request about a river")
+    faults = metric(server.url, FAULTS) - faults
     reads = metric(server.url, COUNTERS["disk_reads"]) - reads
     read_s, stage_s = metric(server.url, READ_SECONDS) - read_s, metric(server.url, STAGE_SECONDS) - stage_s
     cold_swaps = metric(server.url, "loraplex_swaps") - swaps
     warm = min(ttft(f"the server reads story {i} about memory and code") for i in range(3))
     warm_swaps = metric(server.url, "loraplex_swaps") - swaps - cold_swaps
-    return cold, warm, reads, cold_swaps, warm_swaps, read_s, stage_s
+    return cold, warm, reads, cold_swaps, warm_swaps, read_s, stage_s, faults
 
 
 READ_SECONDS = "loraplex_adapter_load_seconds_sum"  # the API worker's read from disk (histogram)
+FAULTS = "loraplex_process_minor_page_faults_total"  # new memory touched (the server's whole process)
 STAGE_SECONDS = "loraplex_adapter_slot_load_seconds"  # the loader thread's staging (counter)
 
 
@@ -535,7 +541,9 @@ def write_report(args, rows: list[Row], probes, policies: dict[str, float], stor
         f"{', '.join(f'{p[1] * 1000:.0f}' for p in probes)} ms{swaps}; **median cold/warm {cold / warm:.2f}x**. "
         f"The server's account of each cold request: the read from disk (`loraplex_adapter_load_seconds`) "
         f"{', '.join(f'{p[5] * 1000:.0f}' for p in probes)} ms, the staging on the loader thread "
-        f"(`loraplex_adapter_slot_load_seconds`) {', '.join(f'{p[6] * 1000:.0f}' for p in probes)} ms.",
+        f"(`loraplex_adapter_slot_load_seconds`) {', '.join(f'{p[6] * 1000:.0f}' for p in probes)} ms; the "
+        f"process's minor page faults during it (`loraplex_process_minor_page_faults`: new memory touched) "
+        f"{', '.join(f'{p[7]:.0f}' for p in probes)}.",
     ]  # fmt: skip
     if policies:
         lines.append(

@@ -208,6 +208,12 @@ class EngineCollector(Collector):
             "Slot banks reallocated on the engine thread (the loader's grown stacks were stale).",
             slots.inline_grows if slots else 0,
         )
+        yield _counter(
+            "loraplex_process_minor_page_faults",
+            "Page faults of this process that read nothing from disk: mostly memory touched for the first "
+            "time (a cold adapter's new tensors); on a VM each can be a host fault too.",
+            minor_page_faults(),
+        )
         yield _counter("loraplex_engine_steps", "Engine steps.", stats.steps if stats else 0)
         yield _counter(
             "loraplex_preemptions",
@@ -323,6 +329,15 @@ def _tally(batch_sizes: Mapping[int, int] | Iterable[int] | None) -> TallyCounte
         except RuntimeError:
             continue
     return TallyCounter()
+
+
+def minor_page_faults() -> int:
+    """This process's minor page faults since it started (``getrusage``; 0 where there is none)."""
+    try:
+        import resource
+    except ImportError:  # not Unix
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

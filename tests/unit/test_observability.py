@@ -147,3 +147,21 @@ def test_the_stores_pending_background_checks_are_a_gauge(tmp_path) -> None:
         metric_value(Metrics(lambda: (None, None)).exposition().decode(), "loraplex_adapter_checks_pending")
         == 0
     )
+
+
+def test_minor_page_faults_count_memory_touched_for_the_first_time() -> None:
+    """``loraplex_process_minor_page_faults``: a new anonymous mapping written page by page adds
+    faults (at least one, whatever the page size the kernel backs it with)."""
+    import mmap
+
+    before = metric_value(
+        Metrics(lambda: (None, None)).exposition().decode(), "loraplex_process_minor_page_faults_total"
+    )
+    fresh = mmap.mmap(-1, 8 << 20)
+    for offset in range(0, len(fresh), mmap.PAGESIZE):
+        fresh[offset] = 1
+    after = metric_value(
+        Metrics(lambda: (None, None)).exposition().decode(), "loraplex_process_minor_page_faults_total"
+    )
+    fresh.close()
+    assert after >= before + 1
